@@ -1,0 +1,113 @@
+//! Authenticating requests and managing API keys.
+
+use crate::domain::auth::generate_key;
+use crate::domain::{ApiKeyRecord, KeyHash, Principal, Scope, ValidationError};
+use crate::ports::{KeyStore, StoreError};
+use chrono::Utc;
+use uuid::Uuid;
+
+/// Why a key was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The principal a presented key stands for, or `None` for an unknown or revoked key.
+///
+/// # Errors
+/// When the key store fails.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate(
+    keys: &dyn KeyStore,
+    presented: &str,
+) -> Result<Option<Principal>, StoreError> {
+    let hash = KeyHash::of(presented);
+    Ok(keys
+        .find_key(&hash)
+        .await?
+        .filter(|k| k.hash.matches(&hash))
+        .map(Principal::from))
+}
+
+/// Creates a key with a name and scopes; answers the record and the key, which is shown only here.
+///
+/// # Errors
+/// A bad name or scope, or a store failure.
+pub async fn create_key(
+    keys: &dyn KeyStore,
+    name: &str,
+    scopes: &[String],
+) -> Result<(ApiKeyRecord, String), KeyError> {
+    if name.trim().is_empty() || name.len() > 100 {
+        return Err(ValidationError::Parameter {
+            name: "name",
+            reason: "must be 1 to 100 characters".into(),
+        }
+        .into());
+    }
+    if scopes.is_empty() {
+        return Err(ValidationError::Parameter {
+            name: "scopes",
+            reason: "a key needs at least one scope".into(),
+        }
+        .into());
+    }
+    let mut parsed = scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    parsed.sort();
+    parsed.dedup();
+    let key = generate_key();
+    let record = ApiKeyRecord {
+        id: Uuid::now_v7(),
+        name: name.to_owned(),
+        scopes: parsed,
+        hash: KeyHash::of(&key),
+        created_at: Utc::now(),
+    };
+    keys.insert_key(&record).await?;
+    Ok((record, key))
+}
+
+/// Makes sure an admin key exists. A configured key is stored (once) and nothing is returned; with
+/// none configured and no admin key stored, a new key is generated and returned to be printed once.
+///
+/// # Errors
+/// When the key store fails.
+pub async fn bootstrap_admin(
+    keys: &dyn KeyStore,
+    configured: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let admin = vec![Scope::parse(Scope::ADMIN).map_err(|e| StoreError::Unavailable(e.to_string()))?];
+    if let Some(key) = configured {
+        let hash = KeyHash::of(key);
+        if keys.find_key(&hash).await?.is_none() {
+            keys.insert_key(&ApiKeyRecord {
+                id: Uuid::now_v7(),
+                name: "bootstrap-admin".into(),
+                scopes: admin,
+                hash,
+                created_at: Utc::now(),
+            })
+            .await?;
+        }
+        return Ok(None);
+    }
+    if keys.count_admin_keys().await? > 0 {
+        return Ok(None);
+    }
+    let key = generate_key();
+    keys.insert_key(&ApiKeyRecord {
+        id: Uuid::now_v7(),
+        name: "bootstrap-admin".into(),
+        scopes: admin,
+        hash: KeyHash::of(&key),
+        created_at: Utc::now(),
+    })
+    .await?;
+    Ok(Some(key))
+}

@@ -1,0 +1,6 @@
+//! Use cases: the decisions, with the ports they need passed in.
+
+pub mod append;
+pub mod auth;
+pub mod group_commit;
+pub mod subscribe;
