@@ -1,1 +1,8 @@
+//! Request and response bodies of Concord's HTTP API v1 and the table of error codes, shared by
+//! the server (which answers them) and the sdk (which sends and parses them).
 
+pub mod error;
+pub mod events;
+pub mod keys;
+
+pub use error::{ErrorCode, Problem};

@@ -1,1 +1,132 @@
+//! SQLite adapters of Concord's ports: the embedded default, nothing to install.
+//!
+//! One connection writes (SQLite has one writer anyway, and a dedicated connection never waits on
+//! a busy lock); a small pool reads concurrently thanks to WAL mode.
 
+mod events;
+mod idempotency;
+mod keys;
+
+use concord_core::app::group_commit::{GroupCommitLimits, GroupCommitter};
+use concord_core::ports::StoreError;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlSafeStr as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Settings of the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// `sqlite://PATH` (created when missing) or `sqlite::memory:`.
+    pub url: String,
+    /// Connections that read; writes use one more.
+    pub read_connections: u32,
+    /// `FULL` syncs the WAL on every commit: an acknowledged append survives power loss.
+    pub synchronous_full: bool,
+    pub group_commit: GroupCommitLimits,
+}
+
+impl SqliteConfig {
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            read_connections: 4,
+            synchronous_full: true,
+            group_commit: GroupCommitLimits::default(),
+        }
+    }
+}
+
+/// Every port on one SQLite database.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+    committer: GroupCommitter,
+}
+
+struct Inner {
+    write: SqlitePool,
+    read: SqlitePool,
+    head: watch::Sender<u64>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        include_str!("../migrations/0001_init.sql").into_sql_str(),
+        false,
+    )])
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database and applies migrations.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or a migration fails.
+    pub async fn connect(config: &SqliteConfig) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(&config.url)
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if config.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let in_memory = config.url.contains(":memory:");
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await
+            .map_err(unavailable)?;
+        migrator().run(&write).await.map_err(unavailable)?;
+        // An in-memory database lives in one connection: readers must share the writer's.
+        let read = if in_memory {
+            write.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(config.read_connections.max(1))
+                .connect_with(options.read_only(true))
+                .await
+                .map_err(unavailable)?
+        };
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&read)
+            .await
+            .map_err(unavailable)?;
+        let inner = Arc::new(Inner {
+            write,
+            read,
+            head: watch::channel(u64::try_from(last).unwrap_or(0)).0,
+        });
+        let committer = GroupCommitter::spawn(Arc::new(events::Writer(Arc::clone(&inner))), config.group_commit);
+        Ok(Self { inner, committer })
+    }
+
+    /// The writer's pool, for the benchmark's baseline (raw INSERTs on the same database).
+    #[must_use]
+    pub fn write_pool(&self) -> &SqlitePool {
+        &self.inner.write
+    }
+
+    /// Closes both pools.
+    pub async fn close(&self) {
+        self.inner.write.close().await;
+        self.inner.read.close().await;
+    }
+}

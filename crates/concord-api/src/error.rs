@@ -1,0 +1,144 @@
+//! The one table of stable error codes. A code never changes meaning once released; clients
+//! branch on `code`, never on `title` or `detail`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = ($code:literal, $status:literal, $title:literal), )*) => {
+        /// Every error Concord answers, with its HTTP status and title.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode { $( $(#[$doc])* $variant, )* }
+
+        impl ErrorCode {
+            /// All codes, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[ $( ErrorCode::$variant, )* ];
+
+            /// The stable machine code, `snake_case`.
+            #[must_use]
+            pub fn code(self) -> &'static str { match self { $( ErrorCode::$variant => $code, )* } }
+
+            /// The HTTP status it is answered with.
+            #[must_use]
+            pub fn status(self) -> u16 { match self { $( ErrorCode::$variant => $status, )* } }
+
+            /// A short human summary, the same for every occurrence.
+            #[must_use]
+            pub fn title(self) -> &'static str { match self { $( ErrorCode::$variant => $title, )* } }
+
+            /// The code with this machine name.
+            #[must_use]
+            pub fn from_code(code: &str) -> Option<Self> {
+                match code { $( $code => Some(ErrorCode::$variant), )* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The body is not JSON, or not the JSON the route takes. Fix the request.
+    MalformedJson = ("malformed_json", 400, "Malformed JSON body"),
+    /// A stream name outside the alphabet `[A-Za-z0-9-_.:@]` (optional leading `$`) or over 200 characters.
+    InvalidStreamName = ("invalid_stream_name", 400, "Invalid stream name"),
+    /// An event type outside `[A-Za-z0-9-_.:/]` or over 200 characters.
+    InvalidEventType = ("invalid_event_type", 400, "Invalid event type"),
+    /// `expected_version` is none of `any`, `no_stream`, `exists` or a non-negative integer.
+    InvalidExpectedVersion = ("invalid_expected_version", 400, "Invalid expected_version"),
+    /// One event's data and metadata exceed the configured size (default 1 MiB).
+    EventTooLarge = ("event_too_large", 400, "Event too large"),
+    /// More events in one append than the configured limit.
+    BatchTooLarge = ("batch_too_large", 400, "Too many events in one append"),
+    /// An append without events.
+    EmptyAppend = ("empty_append", 400, "Append without events"),
+    /// Two events of one append share an id.
+    DuplicateEventId = ("duplicate_event_id", 400, "Duplicate event id in one append"),
+    /// Event metadata that is not a JSON object.
+    InvalidMetadata = ("invalid_metadata", 400, "Invalid event metadata"),
+    /// A query or body parameter out of its range.
+    InvalidParameter = ("invalid_parameter", 400, "Invalid parameter"),
+    /// A scope that Concord does not know.
+    InvalidScope = ("invalid_scope", 400, "Unknown scope"),
+    /// An `Idempotency-Key` header that is empty, too long or not visible ASCII.
+    InvalidIdempotencyKey = ("invalid_idempotency_key", 400, "Invalid Idempotency-Key"),
+    /// The request body is larger than the server accepts at all.
+    BodyTooLarge = ("body_too_large", 413, "Request body too large"),
+    /// The body is not `application/json`.
+    UnsupportedMediaType = ("unsupported_media_type", 415, "Unsupported media type"),
+    /// No API key, or an unknown or revoked one. Send `Authorization: Bearer <key>`.
+    Unauthorized = ("unauthorized", 401, "Unauthorized"),
+    /// The key lacks the scope this route needs.
+    Forbidden = ("forbidden", 403, "Forbidden"),
+    /// No such route or resource.
+    NotFound = ("not_found", 404, "Not found"),
+    /// The stream has no events.
+    StreamNotFound = ("stream_not_found", 404, "Stream not found"),
+    /// No live key with that id.
+    KeyNotFound = ("key_not_found", 404, "Key not found"),
+    /// The route exists but not with this method.
+    MethodNotAllowed = ("method_not_allowed", 405, "Method not allowed"),
+    /// The stream is not at the expected version. Re-read, decide again, retry.
+    WrongExpectedVersion = ("wrong_expected_version", 409, "Wrong expected version"),
+    /// An event id of the append exists, but not as this same append. Use fresh ids.
+    EventIdConflict = ("event_id_conflict", 409, "Event id already used"),
+    /// The first request with this `Idempotency-Key` is still running. Retry later.
+    IdempotencyKeyInFlight = ("idempotency_key_in_flight", 409, "Idempotency-Key in flight"),
+    /// The `Idempotency-Key` was used with a different request. Use a new key.
+    IdempotencyKeyReused = ("idempotency_key_reused", 422, "Idempotency-Key reused with a different request"),
+    /// The database failed or is unreachable. Retry with backoff.
+    StoreUnavailable = ("store_unavailable", 503, "Store unavailable"),
+    /// A bug. Nothing of the request was written that a retry would duplicate.
+    Internal = ("internal", 500, "Internal error"),
+}
+
+/// An RFC 9457 problem: the body of every error, `application/problem+json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// `urn:concord:error:<code>`.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The stable machine code from the error table.
+    pub code: String,
+    /// For `wrong_expected_version`: the stream's current version.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub current_version: Option<u64>,
+}
+
+impl Problem {
+    #[must_use]
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            problem_type: format!("urn:concord:error:{}", code.code()),
+            title: code.title().to_owned(),
+            status: code.status(),
+            detail: detail.into(),
+            code: code.code().to_owned(),
+            current_version: None,
+        }
+    }
+
+    /// The code as a known variant, if it is one.
+    #[must_use]
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_code(&self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_snake_case_and_round_trip() {
+        let mut seen = HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.code()), "duplicate code {}", c.code());
+            assert!(c.code().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert_eq!(ErrorCode::from_code(c.code()), Some(*c));
+            assert!((400..600).contains(&c.status()));
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The SQLite adapters pass the ports' conformance suites, on a file in WAL mode like production.
+
+use concord_core::testkit;
+use concord_store_sqlite::{SqliteConfig, SqliteStore};
+
+async fn fresh(dir: &tempfile::TempDir) -> SqliteStore {
+    let path = dir.path().join(format!("{}.db", uuid::Uuid::now_v7()));
+    SqliteStore::connect(&SqliteConfig::new(format!("sqlite://{}", path.display())))
+        .await
+        .expect("open sqlite store")
+}
+
+#[tokio::test]
+async fn sqlite_passes_the_event_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::event_store_suite(|| fresh(&dir)).await;
+}
+
+#[tokio::test]
+async fn sqlite_passes_the_key_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::key_store_suite(fresh(&dir).await).await;
+}
+
+#[tokio::test]
+async fn sqlite_passes_the_idempotency_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::idempotency_store_suite(fresh(&dir).await).await;
+}
+
+#[tokio::test]
+async fn events_survive_reopening_the_file() {
+    use concord_core::domain::ExpectedVersion;
+    use concord_core::ports::EventStore;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keep.db").display());
+    let store = SqliteStore::connect(&SqliteConfig::new(&url)).await.unwrap();
+    let o = store.append(testkit::append("a-1", ExpectedVersion::NoStream, &["E", "F"])).await.unwrap();
+    store.close().await;
+    let reopened = SqliteStore::connect(&SqliteConfig::new(&url)).await.unwrap();
+    assert_eq!(reopened.head_position().await.unwrap(), o.position);
+    let next = reopened.append(testkit::append("a-1", ExpectedVersion::Exact(2), &["G"])).await.unwrap();
+    assert_eq!(next.position, o.position + 1, "positions continue after a restart");
+}
