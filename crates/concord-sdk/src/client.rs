@@ -272,11 +272,11 @@ impl Client {
             .request(Method::GET, url)
             .header(ACCEPT, "text/event-stream");
         let response = check(request.send().await?).await?;
-        let content_type = media_type(response.headers());
-        if content_type.is_some_and(|t| t != "text/event-stream") {
+        if let Some(content_type) = media_type(response.headers())
+            && content_type != "text/event-stream"
+        {
             return Err(ClientError::Decode(format!(
-                "expected text/event-stream, got {}",
-                content_type.unwrap_or_default()
+                "expected text/event-stream, got {content_type}"
             )));
         }
         Ok(Subscription {
@@ -710,9 +710,13 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
 
+    fn install_provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
     /// Serves one connection: reads one request, writes `parts` with pauses between them, closes.
     async fn serve_once(parts: Vec<Vec<u8>>) -> (Client, JoinHandle<String>) {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_provider();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client =
             Client::new(format!("http://{}/", listener.local_addr().unwrap()), "k1").unwrap();
@@ -865,6 +869,7 @@ mod tests {
 
     #[tokio::test]
     async fn dot_segments_are_refused_locally() {
+        install_provider();
         let client = Client::with_http("http://127.0.0.1:9", "k", reqwest::Client::new());
         for name in ["", ".", ".."] {
             let err = client.read_stream(name, 1, 10).await.unwrap_err();

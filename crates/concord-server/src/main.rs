@@ -1,1 +1,46 @@
-fn main() {}
+//! The `concord` binary: parses the command line and hands over to the library.
+
+use clap::Parser as _;
+use concord_server::cli::{Cli, Command};
+use concord_server::startup::{Application, shutdown_signal};
+use concord_server::{bench, cli, telemetry};
+
+fn main() -> std::process::ExitCode {
+    // reqwest is built without a default crypto provider: choose ring, once, for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = args.settings()?;
+            let _telemetry = telemetry::init(settings.log_json);
+            let app = Application::build(settings).await?;
+            if let Some(key) = &app.generated_admin_key {
+                // Printed once, to the terminal only: never through the log pipeline.
+                println!("Generated admin API key (shown once, store it now): {key}");
+            }
+            tracing::info!(addr = %app.local_addr()?, "concord listening");
+            app.run_until(shutdown_signal()).await?;
+        }
+        Command::Keys { remote, command } => cli::run_keys(&remote, command).await?,
+        Command::Events { remote, command } => cli::run_events(&remote, command).await?,
+        Command::Bench(args) => return bench::run(args).await,
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,6 +1,7 @@
 //! Logs, traces and metrics: the tracing subscriber, OpenTelemetry export, W3C trace context, Prometheus.
 
 use std::fmt::{self, Write as _};
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -58,8 +59,17 @@ pub fn init(json: bool) -> TelemetryGuard {
 
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    // Escape codes are noise in journald/docker logs; NO_COLOR is honoured as usual.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let fmt = if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
+    };
 
     let (provider, otlp_error) = match otlp_provider() {
         Ok(provider) => (provider, None),
@@ -95,9 +105,12 @@ pub fn init(json: bool) -> TelemetryGuard {
 fn otlp_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::WithExportConfig as _;
 
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
     if !configured {
         return Ok(None);
     }
@@ -180,7 +193,11 @@ pub struct TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", self.trace_id, self.parent_id, self.flags)
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
     }
 }
 
@@ -297,12 +314,15 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
+    // `otel.*` fields are read by tracing-opentelemetry: span kind feeds backends' service maps.
     let span = tracing::info_span!(
         "http",
         method,
         route = route.as_str(),
         status = Empty,
-        trace_id = Empty
+        trace_id = Empty,
+        otel.kind = "server",
+        otel.status_code = Empty
     );
 
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
@@ -334,6 +354,9 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 
     let status = response.status().as_u16();
     span.record("status", status);
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     metrics::counter!(
         REQUESTS_TOTAL,
         "method" => method,
@@ -428,7 +451,9 @@ mod tests {
 
         let text = handle.render();
         assert!(
-            text.contains(r#"concord_http_requests_total{method="GET",route="/t/items/{id}",status="200"}"#),
+            text.contains(
+                r#"concord_http_requests_total{method="GET",route="/t/items/{id}",status="200"}"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");

@@ -31,6 +31,12 @@ impl LogFollower {
         self.query.after
     }
 
+    /// The newest position this node has heard of; with [`Self::position`] it gives the lag.
+    #[must_use]
+    pub fn known_head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
     /// The next events after the last one returned, waiting up to `wait` for some to commit.
     /// Empty when none came in time.
     ///

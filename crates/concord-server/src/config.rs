@@ -1,0 +1,119 @@
+//! Settings: defaults, then `concord.toml` (or `--config FILE`), then `CONCORD_*` variables,
+//! then command-line flags. Every limit lives here, explicit and configurable.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// All server settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: String,
+    /// `sqlite://PATH` or `postgres://...`.
+    pub database_url: String,
+    /// The vault's own database (used by the vault; separate so card data can be segmented).
+    pub vault_database_url: String,
+    /// Bootstrap admin key; when unset and no admin key exists, one is generated and printed once.
+    #[serde(skip_serializing)]
+    pub admin_key: Option<String>,
+    /// JSON log lines instead of human-readable ones.
+    pub log_json: bool,
+    /// Largest `data` + `metadata` of one event, bytes.
+    pub max_event_bytes: usize,
+    /// Most events in one append.
+    pub max_events_per_append: usize,
+    /// Largest request body, bytes; above it the answer is 413 before parsing.
+    pub max_body_bytes: usize,
+    /// Most events one read returns.
+    pub max_read_limit: usize,
+    /// Longest long-poll of a consumer group read, milliseconds.
+    pub max_wait_ms: u64,
+    /// Most events written in one group-commit transaction.
+    pub max_batch_events: usize,
+    /// How long a completed idempotent request is replayed, seconds.
+    pub idempotency_ttl_s: u64,
+    /// How long an in-flight idempotency key is held before another request may take it over.
+    pub idempotency_lock_s: u64,
+    /// How long shutdown waits for in-flight requests, seconds.
+    pub shutdown_grace_s: u64,
+    /// Database connections (PostgreSQL pool size; SQLite readers).
+    pub db_connections: u32,
+    /// SQLite `synchronous=FULL` (an acknowledged append survives power loss). Off: NORMAL.
+    pub sqlite_synchronous_full: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7400".into(),
+            database_url: "sqlite://concord.db".into(),
+            vault_database_url: "sqlite://concord-vault.db".into(),
+            admin_key: None,
+            log_json: false,
+            max_event_bytes: 1024 * 1024,
+            max_events_per_append: 1000,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_read_limit: 1000,
+            max_wait_ms: 30_000,
+            max_batch_events: 2000,
+            idempotency_ttl_s: 24 * 3600,
+            idempotency_lock_s: 60,
+            shutdown_grace_s: 30,
+            db_connections: 16,
+            sqlite_synchronous_full: true,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, the config file and the environment. A file named explicitly must exist;
+    /// `concord.toml` in the working directory is read when present.
+    ///
+    /// # Errors
+    /// A missing explicit file or a value of the wrong type.
+    pub fn load(config_file: Option<&str>) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        match config_file {
+            Some(path) => {
+                anyhow::ensure!(std::path::Path::new(path).exists(), "config file {path} not found");
+                fig = fig.merge(Toml::file_exact(path));
+            }
+            None => fig = fig.merge(Toml::file_exact("concord.toml")),
+        }
+        let settings: Settings = fig
+            .merge(Env::prefixed("CONCORD_").ignore(&["url", "key"]))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        Ok(settings)
+    }
+
+    #[must_use]
+    pub fn limits(&self) -> concord_core::domain::Limits {
+        concord_core::domain::Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_events_per_append: self.max_events_per_append,
+            max_read_limit: self.max_read_limit,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::default();
+        assert_eq!(s.listen, "127.0.0.1:7400");
+        assert_eq!(s.database_url, "sqlite://concord.db");
+        assert_eq!(s.max_event_bytes, 1024 * 1024);
+        assert!(s.max_body_bytes > s.max_event_bytes, "an oversized event must reach validation");
+    }
+
+    #[test]
+    fn an_explicit_missing_config_file_is_an_error() {
+        assert!(Settings::load(Some("/nonexistent/concord.toml")).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! The Concord server: HTTP API, background work, configuration, telemetry, CLI and benchmarks.
+//! `main.rs` only parses the command line; [`startup`] builds a running application.
+
+pub mod auth;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod idempotency;
+pub mod openapi;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

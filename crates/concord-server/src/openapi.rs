@@ -1,0 +1,89 @@
+//! The OpenAPI document of the whole API, served at `GET /v1/openapi.json`.
+//!
+//! The operations are declared on stubs here rather than on the handlers, so the handlers stay
+//! plain functions and the whole API reads in one page.
+#![allow(dead_code)]
+
+use concord_api::Problem;
+use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
+use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
+use utoipa::OpenApi;
+
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "The store answers", body = Health)))]
+fn health() {}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+fn metrics() {}
+
+#[utoipa::path(post, path = "/v1/streams/{stream}", request_body = AppendBody,
+    params(("stream" = String, Path, description = "1-200 of [A-Za-z0-9-_.:@], optional leading $"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 200, description = "Appended, or the original answer of a re-sent append", body = AppendResponse),
+              (status = 400, description = "Invalid request; nothing written", body = Problem),
+              (status = 409, description = "wrong_expected_version or event_id_conflict", body = Problem)))]
+fn append() {}
+
+#[utoipa::path(get, path = "/v1/streams/{stream}",
+    params(("stream" = String, Path), ("from" = Option<u64>, Query), ("limit" = Option<u32>, Query)),
+    responses((status = 200, description = "Events in version order", body = EventsPage),
+              (status = 404, description = "stream_not_found", body = Problem)))]
+fn read_stream() {}
+
+#[utoipa::path(get, path = "/v1/events",
+    params(("after" = Option<u64>, Query), ("limit" = Option<u32>, Query), ("category" = Option<String>, Query)),
+    responses((status = 200, description = "The global log in position order", body = EventsPage)))]
+fn read_log() {}
+
+#[utoipa::path(get, path = "/v1/events/subscribe",
+    params(("after" = Option<u64>, Query), ("category" = Option<String>, Query),
+           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position")),
+    responses((status = 200, description = "text/event-stream; each event's id is its position, data an EventOut")))]
+fn subscribe() {}
+
+#[utoipa::path(get, path = "/v1/subscriptions/{group}/events",
+    params(("group" = String, Path), ("member" = Option<u32>, Query), ("size" = Option<u32>, Query),
+           ("category" = Option<String>, Query), ("wait_ms" = Option<u64>, Query), ("limit" = Option<u32>, Query)),
+    responses((status = 200, description = "The member's next events after its checkpoint", body = EventsPage)))]
+fn group_events() {}
+
+#[utoipa::path(put, path = "/v1/subscriptions/{group}/checkpoint", request_body = CheckpointBody,
+    params(("group" = String, Path)),
+    responses((status = 204, description = "Saved")))]
+fn save_checkpoint() {}
+
+#[utoipa::path(post, path = "/v1/keys", request_body = CreateKeyBody,
+    responses((status = 201, description = "Created; the key is shown only here", body = CreatedKey),
+              (status = 400, description = "invalid_scope or invalid_parameter", body = Problem)))]
+fn create_key() {}
+
+#[utoipa::path(delete, path = "/v1/keys/{id}", params(("id" = String, Path)),
+    responses((status = 204, description = "Revoked"), (status = 404, description = "key_not_found", body = Problem)))]
+fn revoke_key() {}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault."),
+    paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key),
+    components(schemas(Problem, AppendBody, EventInput, AppendResponse, EventOut, EventsPage, CheckpointBody,
+                       CreateKeyBody, CreatedKey, Health)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(c) = doc.components.as_mut() {
+            c.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        }
+    }
+}
+
+/// The document.
+#[must_use]
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

@@ -1,0 +1,136 @@
+//! Appending and reading events.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use concord_api::events::{AppendBody, AppendResponse, EventOut, EventsPage};
+use concord_core::domain::event::UncheckedEvent;
+use concord_core::domain::stream::Partition;
+use concord_core::domain::{AppendRequest, Category, ExpectedVersion, RecordedEvent, StreamName};
+use concord_core::ports::LogQuery;
+use serde::Deserialize;
+
+pub async fn append(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    body: Result<Json<AppendBody>, JsonRejection>,
+) -> Result<Json<AppendResponse>, ApiError> {
+    let stream = StreamName::parse(&stream)?;
+    let Json(body) = body?;
+    let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
+    let events = body
+        .events
+        .into_iter()
+        .map(|e| UncheckedEvent {
+            id: e.id,
+            event_type: e.event_type,
+            data: e.data,
+            metadata: e.metadata,
+        })
+        .collect();
+    let request = AppendRequest::new(stream.clone(), expected, events, &state.limits)?;
+    let count = request.events.len();
+    let outcome = state.events.append(request).await;
+    metrics::counter!("concord_appends_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
+        .increment(1);
+    let outcome = outcome?;
+    metrics::counter!("concord_events_appended_total").increment(count as u64);
+    Ok(Json(AppendResponse {
+        stream: stream.to_string(),
+        first_version: outcome.first_version,
+        last_version: outcome.last_version,
+        position: outcome.position,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamParams {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn read_stream(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    params: Result<Query<StreamParams>, QueryRejection>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let stream = StreamName::parse(&stream)?;
+    let Query(p) = params?;
+    let from = p.from.unwrap_or(1);
+    if from == 0 {
+        return Err(ApiError::parameter("from", "versions start at 1"));
+    }
+    let limit = read_limit(p.limit, &state)?;
+    let events = state.events.read_stream(&stream, from, limit).await?;
+    let next = (events.len() == limit).then(|| events.last().map_or(from, |e| e.version + 1));
+    Ok(Json(EventsPage {
+        events: events.into_iter().map(to_api).collect(),
+        next,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogParams {
+    after: Option<u64>,
+    limit: Option<usize>,
+    category: Option<String>,
+}
+
+pub async fn read_log(
+    State(state): State<AppState>,
+    params: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let Query(p) = params?;
+    let query = log_query(p.after, p.limit, p.category.as_deref(), None, &state)?;
+    let events = state.events.read_log(&query).await?;
+    Ok(Json(page_after(events, query.after)))
+}
+
+/// Builds a validated log query from request parameters.
+pub fn log_query(
+    after: Option<u64>,
+    limit: Option<usize>,
+    category: Option<&str>,
+    partition: Option<Partition>,
+    state: &AppState,
+) -> Result<LogQuery, ApiError> {
+    Ok(LogQuery {
+        after: after.unwrap_or(0),
+        limit: read_limit(limit, state)?,
+        category: category.map(Category::parse).transpose()?,
+        partition,
+    })
+}
+
+fn read_limit(limit: Option<usize>, state: &AppState) -> Result<usize, ApiError> {
+    let max = state.limits.max_read_limit;
+    match limit.unwrap_or(100.min(max)) {
+        0 => Err(ApiError::parameter("limit", "must be at least 1")),
+        n if n > max => Err(ApiError::parameter("limit", format!("must be at most {max}"))),
+        n => Ok(n),
+    }
+}
+
+/// A page of the log; `next` is the `after` to continue from.
+pub fn page_after(events: Vec<RecordedEvent>, after: u64) -> EventsPage {
+    let next = Some(events.last().map_or(after, |e| e.position));
+    EventsPage {
+        events: events.into_iter().map(to_api).collect(),
+        next,
+    }
+}
+
+pub fn to_api(e: RecordedEvent) -> EventOut {
+    EventOut {
+        id: e.id,
+        stream: e.stream.to_string(),
+        version: e.version,
+        position: e.position,
+        event_type: e.event_type,
+        data: e.data,
+        metadata: e.metadata,
+        recorded_at: e.recorded_at,
+    }
+}

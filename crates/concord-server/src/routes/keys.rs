@@ -1,0 +1,46 @@
+//! Creating and revoking API keys.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use concord_api::ErrorCode;
+use concord_api::keys::{CreateKeyBody, CreatedKey};
+use concord_core::app::auth::{KeyError, create_key};
+use concord_core::domain::Scope;
+use uuid::Uuid;
+
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<CreateKeyBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let Json(body) = body?;
+    let (record, key) = create_key(state.keys.as_ref(), &body.name, &body.scopes)
+        .await
+        .map_err(|e| match e {
+            KeyError::Invalid(v) => ApiError::from(v),
+            KeyError::Store(s) => ApiError::from(s),
+        })?;
+    tracing::info!(key_id = %record.id, name = %record.name, "api key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            id: record.id,
+            name: record.name,
+            scopes: record.scopes.iter().map(Scope::as_str).map(str::to_owned).collect(),
+            key,
+        }),
+    ))
+}
+
+pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::parameter("id", "must be a UUID"))?;
+    if state.keys.revoke_key(id).await? {
+        tracing::info!(key_id = %id, "api key revoked");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(ErrorCode::KeyNotFound, format!("no live key {id}")))
+    }
+}

@@ -1,0 +1,133 @@
+//! Live subscriptions (SSE) and consumer groups with server-side checkpoints.
+
+use crate::error::ApiError;
+use crate::routes::events::{log_query, page_after, to_api};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use concord_api::events::{CheckpointBody, EventsPage};
+use concord_core::app::subscribe::LogFollower;
+use concord_core::domain::StreamName;
+use concord_core::domain::stream::Partition;
+use futures::{Stream, StreamExt, stream};
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+pub struct SubscribeParams {
+    after: Option<u64>,
+    category: Option<String>,
+}
+
+/// How long one wait for new events lasts before the loop checks for shutdown again.
+const WAIT_SLICE: Duration = Duration::from_secs(5);
+
+/// Server-Sent Events: every event after `after` (or `Last-Event-ID`), then live ones. Each SSE
+/// `id` is the event's position, so a client that reconnects resumes exactly where it stopped.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<SubscribeParams>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(p) = params?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let after = p.after.max(resume);
+    let mut query = log_query(after, None, p.category.as_deref(), None, &state)?;
+    query.limit = state.limits.max_read_limit;
+    let follower = LogFollower::new(state.events.clone(), query);
+    let mut shutdown = state.shutdown.clone();
+    let gauge = metrics::gauge!("concord_subscribers", "kind" => "sse");
+    gauge.increment(1.0);
+    let guard = SubscriberGuard(gauge);
+    let events = stream::unfold((follower, guard), |(mut follower, guard)| async move {
+        let batch = follower.next_batch(WAIT_SLICE).await;
+        match batch {
+            Ok(batch) => {
+                if let Some(last) = batch.last() {
+                    let head = follower.known_head();
+                    metrics::histogram!("concord_subscriber_lag_events", "kind" => "sse")
+                        .record(head.saturating_sub(last.position) as f64);
+                }
+                let items: Vec<Result<Event, Infallible>> = batch.into_iter().map(|e| Ok(sse_event(e))).collect();
+                Some((stream::iter(items), (follower, guard)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "subscription ended by a store error");
+                None
+            }
+        }
+    })
+    .flatten()
+    .take_until(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn sse_event(e: concord_core::domain::RecordedEvent) -> Event {
+    let position = e.position;
+    let body = serde_json::to_string(&to_api(e)).unwrap_or_default();
+    Event::default().id(position.to_string()).event("event").data(body)
+}
+
+/// Keeps the subscriber gauge right however the stream ends.
+struct SubscriberGuard(metrics::Gauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GroupParams {
+    category: Option<String>,
+    member: Option<u32>,
+    size: Option<u32>,
+    wait_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn group_name(raw: &str) -> Result<StreamName, ApiError> {
+    StreamName::parse(raw).map_err(|e| ApiError::parameter("group", e.to_string()))
+}
+
+/// The next events of a group member's share after its checkpoint, waiting up to `wait_ms` for
+/// some. Reading does not move the checkpoint: a member saves it once it has processed the page.
+pub async fn group_events(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    params: Result<Query<GroupParams>, QueryRejection>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let group = group_name(&group)?;
+    let Query(p) = params?;
+    let partition = Partition::new(p.member.unwrap_or(0), p.size.unwrap_or(1))?;
+    let wait = p.wait_ms.unwrap_or(0);
+    if wait > state.settings.max_wait_ms {
+        return Err(ApiError::parameter("wait_ms", format!("must be at most {}", state.settings.max_wait_ms)));
+    }
+    let after = state.checkpoints.load_checkpoint(group.as_str(), partition.member).await?;
+    let query = log_query(Some(after.unwrap_or(0)), p.limit, p.category.as_deref(), Some(partition), &state)?;
+    let start = query.after;
+    let mut follower = LogFollower::new(state.events.clone(), query);
+    let events = follower.next_batch(Duration::from_millis(wait)).await?;
+    Ok(Json(page_after(events, start)))
+}
+
+pub async fn save_checkpoint(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Result<Json<CheckpointBody>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let group = group_name(&group)?;
+    let Json(body) = body?;
+    state.checkpoints.save_checkpoint(group.as_str(), body.member, body.position).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,176 @@
+//! Building and running the application: stores, bootstrap, router, background work, shutdown.
+
+use crate::config::Settings;
+use crate::routes;
+use crate::state::AppState;
+use anyhow::Context as _;
+use concord_core::app::auth::bootstrap_admin;
+use concord_core::app::group_commit::GroupCommitLimits;
+use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore};
+use concord_store_postgres::{PostgresConfig, PostgresStore};
+use concord_store_sqlite::{SqliteConfig, SqliteStore};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The ports, all on one database.
+#[derive(Clone)]
+pub struct Stores {
+    pub events: Arc<dyn EventStore>,
+    pub checkpoints: Arc<dyn CheckpointStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
+}
+
+impl Stores {
+    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore>(s: S) -> Self {
+        let s = Arc::new(s);
+        Self {
+            events: s.clone(),
+            checkpoints: s.clone(),
+            keys: s.clone(),
+            idempotency: s,
+        }
+    }
+}
+
+/// Opens the database the URL names (`sqlite://` or `postgres://`) and applies its migrations.
+///
+/// # Errors
+/// An unknown scheme or an unreachable database.
+pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
+    let url = settings.database_url.as_str();
+    let group_commit = GroupCommitLimits {
+        max_batch_events: settings.max_batch_events,
+        ..GroupCommitLimits::default()
+    };
+    if url.starts_with("sqlite:") {
+        let mut config = SqliteConfig::new(url);
+        config.read_connections = settings.db_connections.clamp(1, 8);
+        config.synchronous_full = settings.sqlite_synchronous_full;
+        config.group_commit = group_commit;
+        Ok(Stores::from(SqliteStore::connect(&config).await.context("opening SQLite")?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let mut config = PostgresConfig::new(url);
+        config.max_connections = settings.db_connections;
+        config.group_commit = group_commit;
+        Ok(Stores::from(PostgresStore::connect(&config).await.context("opening PostgreSQL")?))
+    } else {
+        anyhow::bail!("database URL must start with sqlite:// or postgres://")
+    }
+}
+
+/// A built application, bound to its address, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown: watch::Sender<bool>,
+    /// A generated admin key to print once (none when one was configured or already existed).
+    pub generated_admin_key: Option<String>,
+}
+
+impl Application {
+    /// Opens the stores, makes sure an admin key exists and binds the listener.
+    ///
+    /// # Errors
+    /// When the database or the address is unavailable.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let stores = open_stores(&settings).await?;
+        let generated_admin_key = bootstrap_admin(stores.keys.as_ref(), settings.admin_key.as_deref()).await?;
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = AppState {
+            events: stores.events,
+            checkpoints: stores.checkpoints,
+            keys: stores.keys,
+            idempotency: stores.idempotency,
+            limits: settings.limits(),
+            settings: Arc::new(settings),
+            shutdown: shutdown_rx,
+        };
+        Ok(Self {
+            listener,
+            state,
+            shutdown,
+            generated_admin_key,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `signal` completes, then stops accepting, ends live subscriptions and lets
+    /// in-flight requests finish (up to the configured grace period).
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self { listener, state, shutdown, .. } = self;
+        let grace = Duration::from_secs(state.settings.shutdown_grace_s);
+        spawn_idempotency_purge(&state);
+        let mut stopping = state.shutdown.clone();
+        let app = routes::router(state);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            signal.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = shutdown.send(true);
+        });
+        tokio::select! {
+            r = server.into_future() => r.context("serving")?,
+            () = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("grace period over; closing remaining connections"),
+        }
+        Ok(())
+    }
+}
+
+fn spawn_idempotency_purge(state: &AppState) {
+    let store = state.idempotency.clone();
+    let mut stopping = state.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            match store.purge_expired(chrono::Utc::now()).await {
+                Ok(n) => metrics::counter!("concord_idempotency_purged_total").increment(n),
+                Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
+            }
+        }
+    });
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

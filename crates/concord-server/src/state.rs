@@ -1,0 +1,20 @@
+//! What every handler shares: the ports, the limits and the shutdown signal.
+
+use crate::config::Settings;
+use concord_core::domain::Limits;
+use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Shared application state.
+#[derive(Clone)]
+pub struct AppState {
+    pub events: Arc<dyn EventStore>,
+    pub checkpoints: Arc<dyn CheckpointStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    pub limits: Limits,
+    pub settings: Arc<Settings>,
+    /// Turns true when the server starts shutting down, so long-lived streams end.
+    pub shutdown: watch::Receiver<bool>,
+}
