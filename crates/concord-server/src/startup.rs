@@ -78,6 +78,8 @@ impl Application {
     /// # Errors
     /// When the database or the address is unavailable.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Install the recorder before anything counts, so no early sample is lost.
+        crate::telemetry::metrics_handle();
         let stores = open_stores(&settings).await?;
         let generated_admin_key = bootstrap_admin(stores.keys.as_ref(), settings.admin_key.as_deref()).await?;
         let listener = TcpListener::bind(&settings.listen)
@@ -99,6 +101,12 @@ impl Application {
             shutdown,
             generated_admin_key,
         })
+    }
+
+    /// The shared state, for tests that reach past the HTTP API.
+    #[must_use]
+    pub fn state(&self) -> &AppState {
+        &self.state
     }
 
     /// The bound address (useful with port 0).

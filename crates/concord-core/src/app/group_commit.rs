@@ -87,11 +87,79 @@ async fn run<W: BatchWriter>(writer: Arc<W>, mut rx: mpsc::Receiver<Job>, max_ev
         }
         let results = writer.write_batch(&requests).await;
         debug_assert_eq!(results.len(), requests.len());
-        tracing::trace!(appends = requests.len(), events, "group commit");
+        metrics::histogram!("concord_group_commit_batch_appends").record(requests.len() as f64);
+        metrics::counter!("concord_group_commit_transactions_total").increment(1);
         for (reply, result) in replies.drain(..).zip(results) {
             // A caller that gave up waiting is no reason to stop the writer.
             let _ = reply.send(result);
         }
         requests.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ExpectedVersion;
+    use crate::testkit;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+
+    /// Records batch sizes as they enter; every batch waits for a permit, so appends queue behind it.
+    struct GatedWriter {
+        gate: Semaphore,
+        entered: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl BatchWriter for GatedWriter {
+        async fn write_batch(&self, batch: &[AppendRequest]) -> Vec<Result<AppendOutcome, StoreError>> {
+            self.entered.lock().unwrap().push(batch.len());
+            let _permit = self.gate.acquire().await.expect("gate open");
+            let ok = AppendOutcome { first_version: 1, last_version: 1, position: 1 };
+            batch.iter().map(|_| Ok(ok)).collect()
+        }
+    }
+
+    async fn run_gated(appends: usize, limits: GroupCommitLimits) -> Vec<usize> {
+        let writer = Arc::new(GatedWriter { gate: Semaphore::new(0), entered: Mutex::new(Vec::new()) });
+        let committer = GroupCommitter::spawn(writer.clone(), limits);
+        let tasks: Vec<_> = (0..appends)
+            .map(|i| {
+                let c = committer.clone();
+                tokio::spawn(async move { c.append(testkit::append(&format!("s-{i}"), ExpectedVersion::Any, &["E"])).await })
+            })
+            .collect();
+        // Wait until the first commit is in flight and every other append is queued behind it.
+        loop {
+            let first = writer.entered.lock().unwrap().first().copied();
+            let queued = limits.queue_len - committer.queue.capacity();
+            if first.is_some_and(|f| f + queued == appends) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        writer.gate.add_permits(1000);
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let entered = writer.entered.lock().unwrap().clone();
+        assert_eq!(entered.iter().sum::<usize>(), appends);
+        entered
+    }
+
+    #[tokio::test]
+    async fn appends_waiting_behind_a_commit_share_the_next_transaction() {
+        let batches = run_gated(20, GroupCommitLimits::default()).await;
+        // At most one commit in flight alone, then one for everything that waited behind it.
+        assert!(batches.len() <= 2, "{batches:?}");
+        assert!(batches.last().is_some_and(|b| *b >= 10), "{batches:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_never_exceeds_the_event_limit() {
+        let batches = run_gated(12, GroupCommitLimits { max_batch_events: 5, queue_len: 100 }).await;
+        assert!(batches.iter().all(|b| *b <= 5), "{batches:?}");
+        assert!(batches.len() >= 3);
     }
 }

@@ -1,0 +1,120 @@
+use crate::both_backends;
+use crate::helpers::{Backend, assert_problem, spawn_app};
+use reqwest::Method;
+use serde_json::json;
+
+async fn every_v1_route_refuses_a_missing_or_unknown_key(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let routes = [
+        (Method::POST, "/v1/streams/a-1"),
+        (Method::GET, "/v1/streams/a-1"),
+        (Method::GET, "/v1/events"),
+        (Method::GET, "/v1/events/subscribe"),
+        (Method::GET, "/v1/subscriptions/g/events"),
+        (Method::PUT, "/v1/subscriptions/g/checkpoint"),
+        (Method::POST, "/v1/keys"),
+        (Method::DELETE, "/v1/keys/00000000-0000-0000-0000-000000000000"),
+        (Method::GET, "/v1/openapi.json"),
+    ];
+    for (m, path) in routes {
+        let r = app.request(m.clone(), path, None).send().await.unwrap();
+        assert_problem(r, 401, "unauthorized").await;
+        let r = app.request(m.clone(), path, Some("ck_not-a-key")).send().await.unwrap();
+        assert_problem(r, 401, "unauthorized").await;
+    }
+    let r = app.request(Method::GET, "/health", None).send().await.unwrap();
+    assert_eq!(r.status(), 200, "health needs no key");
+    let r = app.request(Method::GET, "/metrics", None).send().await.unwrap();
+    assert_eq!(r.status(), 200, "metrics needs no key");
+}
+both_backends!(every_v1_route_refuses_a_missing_or_unknown_key);
+
+async fn a_key_without_the_scope_is_forbidden(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let reader = app.create_key(&["events:read"]).await;
+    let writer = app.create_key(&["events:write"]).await;
+    let body = json!({"events": [{"type": "E", "data": {}}]});
+    let r = app.request(Method::POST, "/v1/streams/a-1", Some(&reader)).json(&body).send().await.unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.request(Method::POST, "/v1/streams/a-1", Some(&writer)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.request(Method::GET, "/v1/streams/a-1", Some(&writer)).send().await.unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.request(Method::GET, "/v1/streams/a-1", Some(&reader)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .request(Method::POST, "/v1/keys", Some(&writer))
+        .json(&json!({"name": "x", "scopes": ["admin"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+}
+both_backends!(a_key_without_the_scope_is_forbidden);
+
+async fn a_revoked_key_stops_working(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let r = app
+        .admin(Method::POST, "/v1/keys")
+        .json(&json!({"name": "temp", "scopes": ["events:read"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(created["name"], "temp");
+    assert_eq!(created["scopes"], json!(["events:read"]));
+    let key = created["key"].as_str().unwrap();
+    let id = created["id"].as_str().unwrap();
+    let r = app.request(Method::GET, "/v1/events", Some(key)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.admin(Method::DELETE, &format!("/v1/keys/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = app.request(Method::GET, "/v1/events", Some(key)).send().await.unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+    let r = app.admin(Method::DELETE, &format!("/v1/keys/{id}")).send().await.unwrap();
+    assert_problem(r, 404, "key_not_found").await;
+    let r = app.admin(Method::DELETE, "/v1/keys/not-a-uuid").send().await.unwrap();
+    assert_problem(r, 400, "invalid_parameter").await;
+}
+both_backends!(a_revoked_key_stops_working);
+
+async fn key_creation_rejects_unknown_scopes_and_empty_names(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    for (body, code) in [
+        (json!({"name": "x", "scopes": ["root"]}), "invalid_scope"),
+        (json!({"name": "x", "scopes": []}), "invalid_parameter"),
+        (json!({"name": "", "scopes": ["admin"]}), "invalid_parameter"),
+        (json!({"name": "x"}), "malformed_json"),
+    ] {
+        let r = app.admin(Method::POST, "/v1/keys").json(&body).send().await.unwrap();
+        assert_problem(r, 400, code).await;
+    }
+}
+both_backends!(key_creation_rejects_unknown_scopes_and_empty_names);
+
+#[tokio::test]
+async fn keys_are_stored_hashed_never_in_plaintext() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let key = app.create_key(&["events:read"]).await;
+    let path = app.database_url.trim_start_matches("sqlite://").to_owned();
+    // Read every byte of the database and its WAL: neither key may appear anywhere.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+    for secret in [key.as_bytes(), app.admin_key.as_bytes()] {
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret), "a key is stored in plaintext");
+    }
+}
+
+#[tokio::test]
+async fn admin_does_not_imply_revealing_vault_values() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    // The scope is accepted for a key, but admin alone never grants it.
+    let r = app
+        .admin(Method::POST, "/v1/keys")
+        .json(&json!({"name": "payments", "scopes": ["vault:detokenize:card"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}

@@ -1,0 +1,157 @@
+//! `spawn_app()`: the real router on port 0 with a fresh database, SQLite or PostgreSQL.
+
+use concord_server::config::Settings;
+use concord_server::startup::Application;
+use concord_server::state::AppState;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub admin_key: String,
+    pub http: reqwest::Client,
+    pub state: AppState,
+    pub database_url: String,
+    _dir: Option<tempfile::TempDir>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// The PostgreSQL URL for tests, or `None` (after printing that the test skipped).
+pub fn postgres_url() -> Option<String> {
+    let url = std::env::var("CONCORD_TEST_POSTGRES_URL").ok();
+    if url.is_none() {
+        eprintln!("skipped: CONCORD_TEST_POSTGRES_URL is not set");
+    }
+    url
+}
+
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A fresh database URL for a backend; `None` when PostgreSQL is not configured.
+pub async fn fresh_database(backend: Backend) -> Option<(String, Option<tempfile::TempDir>)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+            Some((url, Some(dir)))
+        }
+        Backend::Postgres => {
+            let base = postgres_url()?;
+            let url = concord_store_postgres::create_scratch_database(&base, "concord_t").await.unwrap();
+            Some((url, None))
+        }
+    }
+}
+
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> Option<TestApp> {
+    init_crypto();
+    let (database_url, dir) = fresh_database(backend).await?;
+    let admin_key = format!("test-admin-{}", uuid::Uuid::now_v7());
+    let mut settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        database_url: database_url.clone(),
+        admin_key: Some(admin_key.clone()),
+        db_connections: 4,
+        ..Settings::default()
+    };
+    tweak(&mut settings);
+    let app = Application::build(settings).await.expect("build app");
+    let address = format!("http://{}", app.local_addr().unwrap());
+    let state = app.state().clone();
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    Some(TestApp {
+        address,
+        admin_key,
+        http: reqwest::Client::new(),
+        state,
+        database_url,
+        _dir: dir,
+        _stop: stop,
+    })
+}
+
+impl TestApp {
+    pub fn request(&self, method: Method, path: &str, key: Option<&str>) -> RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.address, path));
+        match key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path, Some(&self.admin_key))
+    }
+
+    pub async fn append(&self, stream: &str, body: Value) -> Response {
+        self.admin(Method::POST, &format!("/v1/streams/{stream}")).json(&body).send().await.unwrap()
+    }
+
+    pub async fn append_one(&self, stream: &str, event_type: &str) -> Value {
+        let r = self.append(stream, json!({"events": [{"type": event_type, "data": {"at": stream}}]})).await;
+        assert_eq!(r.status(), 200, "append to {stream}");
+        r.json().await.unwrap()
+    }
+
+    pub async fn create_key(&self, scopes: &[&str]) -> String {
+        let r = self
+            .admin(Method::POST, "/v1/keys")
+            .json(&json!({"name": "test", "scopes": scopes}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn log_len(&self) -> usize {
+        let r = self.admin(Method::GET, "/v1/events?limit=1000").send().await.unwrap();
+        r.json::<Value>().await.unwrap()["events"].as_array().unwrap().len()
+    }
+}
+
+/// Asserts an error answer: status, problem+json content type and stable code.
+pub async fn assert_problem(r: Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status(), status, "status for {code}");
+    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    assert_eq!(ct, "application/problem+json", "content type for {code}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string() && body["detail"].is_string() && body["type"].is_string());
+    body
+}
+
+/// Declares a test that runs on SQLite and, when configured, on PostgreSQL.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::helpers::Backend::Postgres).await;
+            }
+        }
+    };
+}

@@ -1,0 +1,11 @@
+//! Black-box tests of the HTTP API, each against the real router on port 0 with a fresh
+//! database, on SQLite and on PostgreSQL.
+
+mod helpers;
+
+mod auth;
+mod errors;
+mod events;
+mod idempotency;
+mod subscriptions;
+mod system;
