@@ -143,7 +143,6 @@ pub async fn assert_problem(r: Response, status: u16, code: &str) -> Value {
 macro_rules! both_backends {
     ($name:ident) => {
         mod $name {
-            use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
                 super::$name($crate::helpers::Backend::Sqlite).await;
