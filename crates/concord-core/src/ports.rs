@@ -3,8 +3,8 @@
 
 use crate::domain::stream::Partition;
 use crate::domain::{
-    ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint,
-    IdempotencyKey, KeyHash, RecordedEvent, StreamName,
+    ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint, IdempotencyKey, KeyHash,
+    RecordedEvent, StreamName,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -56,12 +56,8 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Reads a stream forward from `from` (a version, 1-based). [`StoreError::StreamNotFound`]
     /// when the stream has no events at all.
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError>;
+    async fn read_stream(&self, stream: &StreamName, from: u64, limit: usize)
+    -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Reads the global log in position order.
     async fn read_log(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>, StoreError>;
@@ -79,12 +75,7 @@ pub trait EventStore: Send + Sync + 'static {
 #[async_trait]
 pub trait CheckpointStore: Send + Sync + 'static {
     async fn load_checkpoint(&self, group: &str, member: u32) -> Result<Option<u64>, StoreError>;
-    async fn save_checkpoint(
-        &self,
-        group: &str,
-        member: u32,
-        position: u64,
-    ) -> Result<(), StoreError>;
+    async fn save_checkpoint(&self, group: &str, member: u32, position: u64) -> Result<(), StoreError>;
 }
 
 /// API keys, stored by hash.
@@ -141,12 +132,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Claims the key atomically, even across nodes.
     async fn begin(&self, claim: &IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError>;
     /// Stores the response of the request that holds the key.
-    async fn complete(
-        &self,
-        owner: Uuid,
-        key: &IdempotencyKey,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError>;
+    async fn complete(&self, owner: Uuid, key: &IdempotencyKey, response: &StoredResponse) -> Result<(), StoreError>;
     /// Gives the key up without a response (the request failed in a way worth retrying).
     async fn release(&self, owner: Uuid, key: &IdempotencyKey) -> Result<(), StoreError>;
     /// Deletes records past their expiry; returns how many.

@@ -7,12 +7,12 @@ use crate::app::append::{StoredId, plan_batch};
 use crate::domain::event::UncheckedEvent;
 use crate::domain::stream::Partition;
 use crate::domain::{
-    ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint,
-    IdempotencyKey, KeyHash, Limits, RecordedEvent, Scope, StreamName,
+    ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint, IdempotencyKey, KeyHash,
+    Limits, RecordedEvent, Scope, StreamName,
 };
 use crate::ports::{
-    CheckpointStore, EventStore, IdempotencyBegin, IdempotencyClaim, IdempotencyStore, KeyStore,
-    LogQuery, StoreError, StoredResponse,
+    CheckpointStore, EventStore, IdempotencyBegin, IdempotencyClaim, IdempotencyStore, KeyStore, LogQuery, StoreError,
+    StoredResponse,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
@@ -343,10 +343,17 @@ async fn expected_version_is_enforced<S: EventStore>(s: S) {
     };
     wrong(s.append(append("acc-1", ExpectedVersion::Exists, &["A"])).await, 0);
     wrong(s.append(append("acc-1", ExpectedVersion::Exact(1), &["A"])).await, 0);
-    s.append(append("acc-1", ExpectedVersion::Exact(0), &["A"])).await.unwrap();
+    s.append(append("acc-1", ExpectedVersion::Exact(0), &["A"]))
+        .await
+        .unwrap();
     wrong(s.append(append("acc-1", ExpectedVersion::NoStream, &["A"])).await, 1);
-    wrong(s.append(append("acc-1", ExpectedVersion::Exact(5), &["A", "B"])).await, 1);
-    s.append(append("acc-1", ExpectedVersion::Exists, &["B"])).await.unwrap();
+    wrong(
+        s.append(append("acc-1", ExpectedVersion::Exact(5), &["A", "B"])).await,
+        1,
+    );
+    s.append(append("acc-1", ExpectedVersion::Exists, &["B"]))
+        .await
+        .unwrap();
     s.append(append("acc-1", ExpectedVersion::Any, &["C"])).await.unwrap();
     // Nothing of a rejected append was written.
     let events = s.read_stream(&stream("acc-1"), 1, 100).await.unwrap();
@@ -368,7 +375,9 @@ async fn a_resent_append_answers_the_original_outcome<S: EventStore>(s: S) {
     elsewhere.stream = stream("cart-2");
     assert!(matches!(s.append(elsewhere).await, Err(StoreError::EventIdConflict(_))));
     let mut mixed = req.clone();
-    mixed.events.push(append("cart-1", ExpectedVersion::Any, &["D"]).events.remove(0));
+    mixed
+        .events
+        .push(append("cart-1", ExpectedVersion::Any, &["D"]).events.remove(0));
     assert!(matches!(s.append(mixed).await, Err(StoreError::EventIdConflict(_))));
     assert!(matches!(
         s.read_stream(&stream("cart-2"), 1, 10).await,
@@ -388,7 +397,9 @@ async fn reads_of_unknown_streams_are_not_found<S: EventStore>(s: S) {
 async fn the_log_filters_by_position_category_and_partition<S: EventStore>(s: S) {
     for i in 0..12 {
         let cat = if i % 3 == 0 { "invoice" } else { "order" };
-        s.append(append(&format!("{cat}-{i}"), ExpectedVersion::Any, &["E"])).await.unwrap();
+        s.append(append(&format!("{cat}-{i}"), ExpectedVersion::Any, &["E"]))
+            .await
+            .unwrap();
     }
     let all = s.read_log(&log_query(0)).await.unwrap();
     assert_eq!(all.len(), 12);
@@ -405,7 +416,9 @@ async fn the_log_filters_by_position_category_and_partition<S: EventStore>(s: S)
     assert_eq!(got.len(), 4);
     assert!(got.iter().all(|e| e.stream.category() == "invoice"));
     // A category is not a prefix match: `order` must not match `orderline-1`.
-    s.append(append("orderline-1", ExpectedVersion::Any, &["E"])).await.unwrap();
+    s.append(append("orderline-1", ExpectedVersion::Any, &["E"]))
+        .await
+        .unwrap();
     let mut orders = log_query(0);
     orders.category = Some(Category::parse("order").unwrap());
     assert_eq!(s.read_log(&orders).await.unwrap().len(), 8);
@@ -419,8 +432,17 @@ async fn the_log_filters_by_position_category_and_partition<S: EventStore>(s: S)
         seen.extend(part.into_iter().map(|e| e.position));
     }
     seen.sort_unstable();
-    let everything: Vec<u64> = s.read_log(&log_query(0)).await.unwrap().iter().map(|e| e.position).collect();
-    assert_eq!(seen, everything, "members of a group together see every event exactly once");
+    let everything: Vec<u64> = s
+        .read_log(&log_query(0))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(
+        seen, everything,
+        "members of a group together see every event exactly once"
+    );
 }
 
 async fn the_head_signal_moves_on_append<S: EventStore>(s: S) {
@@ -444,15 +466,25 @@ async fn concurrent_appends_never_share_a_version_or_position<S: EventStore>(s: 
             let mut won = 0;
             for i in 0..per_writer {
                 // Half the writers contend on one stream with optimistic concurrency.
-                let name = if w % 2 == 0 { "hot-1".to_owned() } else { format!("cold-{w}") };
+                let name = if w % 2 == 0 {
+                    "hot-1".to_owned()
+                } else {
+                    format!("cold-{w}")
+                };
                 loop {
                     let current = match s.read_stream(&stream(&name), 1, 10_000).await {
                         Ok(ev) => ev.last().map_or(0, |e| e.version),
                         Err(StoreError::StreamNotFound(_)) => 0,
                         Err(e) => panic!("{e}"),
                     };
-                    match s.append(append(&name, ExpectedVersion::Exact(current), &["T"; 2][..1 + i % 2])).await {
-                        Ok(_) => { won += 1; break; }
+                    match s
+                        .append(append(&name, ExpectedVersion::Exact(current), &["T"; 2][..1 + i % 2]))
+                        .await
+                    {
+                        Ok(_) => {
+                            won += 1;
+                            break;
+                        }
                         Err(StoreError::WrongExpectedVersion { .. }) => {}
                         Err(e) => panic!("{e}"),
                     }
@@ -547,9 +579,18 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
         body: br#"{"ok":true}"#.to_vec(),
     };
 
-    assert_eq!(s.begin(&claim(owner, b"a", now)).await.unwrap(), IdempotencyBegin::Started);
-    assert_eq!(s.begin(&claim(owner, b"a", now)).await.unwrap(), IdempotencyBegin::InFlight);
-    assert_eq!(s.begin(&claim(owner, b"b", now)).await.unwrap(), IdempotencyBegin::Mismatch);
+    assert_eq!(
+        s.begin(&claim(owner, b"a", now)).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        s.begin(&claim(owner, b"a", now)).await.unwrap(),
+        IdempotencyBegin::InFlight
+    );
+    assert_eq!(
+        s.begin(&claim(owner, b"b", now)).await.unwrap(),
+        IdempotencyBegin::Mismatch
+    );
     assert_eq!(
         s.begin(&claim(other_owner, b"b", now)).await.unwrap(),
         IdempotencyBegin::Started,
@@ -560,25 +601,39 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
         s.begin(&claim(owner, b"a", now)).await.unwrap(),
         IdempotencyBegin::Replay(response.clone())
     );
-    assert_eq!(s.begin(&claim(owner, b"b", now)).await.unwrap(), IdempotencyBegin::Mismatch);
+    assert_eq!(
+        s.begin(&claim(owner, b"b", now)).await.unwrap(),
+        IdempotencyBegin::Mismatch
+    );
 
     // A released key can be claimed again.
     s.release(other_owner, &key).await.unwrap();
-    assert_eq!(s.begin(&claim(other_owner, b"c", now)).await.unwrap(), IdempotencyBegin::Started);
+    assert_eq!(
+        s.begin(&claim(other_owner, b"c", now)).await.unwrap(),
+        IdempotencyBegin::Started
+    );
     // An in-flight record whose holder died is taken over once its lock expires.
     let later = now + ChronoDuration::seconds(31);
-    assert_eq!(s.begin(&claim(other_owner, b"c", later)).await.unwrap(), IdempotencyBegin::Started);
+    assert_eq!(
+        s.begin(&claim(other_owner, b"c", later)).await.unwrap(),
+        IdempotencyBegin::Started
+    );
     // A completed record is not taken over when its lock time passes, only when it expires.
     assert_eq!(
         s.begin(&claim(owner, b"a", later)).await.unwrap(),
         IdempotencyBegin::Replay(response.clone())
     );
     let expired = now + ChronoDuration::hours(2);
-    assert_eq!(s.begin(&claim(owner, b"z", expired)).await.unwrap(), IdempotencyBegin::Started);
+    assert_eq!(
+        s.begin(&claim(owner, b"z", expired)).await.unwrap(),
+        IdempotencyBegin::Started
+    );
 
     assert!(s.purge_expired(now + ChronoDuration::hours(10)).await.unwrap() >= 1);
     assert_eq!(
-        s.begin(&claim(other_owner, b"q", now + ChronoDuration::hours(10))).await.unwrap(),
+        s.begin(&claim(other_owner, b"q", now + ChronoDuration::hours(10)))
+            .await
+            .unwrap(),
         IdempotencyBegin::Started
     );
 }

@@ -3,9 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use concord_api::events::{
-    AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage,
-};
+use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
 use concord_api::{ErrorCode, Problem};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
@@ -122,10 +120,7 @@ impl Client {
     /// [`ClientError::Config`] when `base_url` is not an absolute URL or when the process has no
     /// rustls crypto provider installed (see the crate docs); [`ClientError::Transport`] when
     /// reqwest cannot build its client.
-    pub fn new(
-        base_url: impl Into<String>,
-        api_key: impl Into<String>,
-    ) -> Result<Self, ClientError> {
+    pub fn new(base_url: impl Into<String>, api_key: impl Into<String>) -> Result<Self, ClientError> {
         let base_url = base_url.into();
         endpoint(&base_url, &[])?;
         if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -142,11 +137,7 @@ impl Client {
     /// A client over a `reqwest::Client` built by the caller (timeouts, proxies, TLS roots).
     /// A `base_url` that does not parse makes every call answer [`ClientError::Config`].
     #[must_use]
-    pub fn with_http(
-        base_url: impl Into<String>,
-        api_key: impl Into<String>,
-        http: reqwest::Client,
-    ) -> Self {
+    pub fn with_http(base_url: impl Into<String>, api_key: impl Into<String>, http: reqwest::Client) -> Self {
         Self {
             base_url: base_url.into(),
             api_key: api_key.into(),
@@ -210,12 +201,7 @@ impl Client {
     /// # Errors
     ///
     /// `stream_not_found` (404) for a stream without events; see [`ClientError`].
-    pub async fn read_stream(
-        &self,
-        stream: &str,
-        from: u64,
-        limit: u32,
-    ) -> Result<EventsPage, ClientError> {
+    pub async fn read_stream(&self, stream: &str, from: u64, limit: u32) -> Result<EventsPage, ClientError> {
         let stream = segment(stream, ErrorCode::InvalidStreamName)?;
         let mut url = endpoint(&self.base_url, &["v1", "streams", stream])?;
         url.query_pairs_mut()
@@ -229,12 +215,7 @@ impl Client {
     /// # Errors
     ///
     /// See [`ClientError`].
-    pub async fn read_log(
-        &self,
-        after: u64,
-        limit: u32,
-        category: Option<&str>,
-    ) -> Result<EventsPage, ClientError> {
+    pub async fn read_log(&self, after: u64, limit: u32, category: Option<&str>) -> Result<EventsPage, ClientError> {
         let mut url = endpoint(&self.base_url, &["v1", "events"])?;
         {
             let mut query = url.query_pairs_mut();
@@ -255,11 +236,7 @@ impl Client {
     /// # Errors
     ///
     /// A non-2xx answer, or a 2xx that is not `text/event-stream` ([`ClientError::Decode`]).
-    pub async fn subscribe(
-        &self,
-        after: u64,
-        category: Option<&str>,
-    ) -> Result<Subscription, ClientError> {
+    pub async fn subscribe(&self, after: u64, category: Option<&str>) -> Result<Subscription, ClientError> {
         let mut url = endpoint(&self.base_url, &["v1", "events", "subscribe"])?;
         {
             let mut query = url.query_pairs_mut();
@@ -268,9 +245,7 @@ impl Client {
                 query.append_pair("category", category);
             }
         }
-        let request = self
-            .request(Method::GET, url)
-            .header(ACCEPT, "text/event-stream");
+        let request = self.request(Method::GET, url).header(ACCEPT, "text/event-stream");
         let response = check(request.send().await?).await?;
         if let Some(content_type) = media_type(response.headers())
             && content_type != "text/event-stream"
@@ -325,17 +300,9 @@ impl Client {
     /// # Errors
     ///
     /// See [`ClientError`].
-    pub async fn save_checkpoint(
-        &self,
-        group: &str,
-        member: u32,
-        position: u64,
-    ) -> Result<(), ClientError> {
+    pub async fn save_checkpoint(&self, group: &str, member: u32, position: u64) -> Result<(), ClientError> {
         let group = segment(group, ErrorCode::InvalidParameter)?;
-        let url = endpoint(
-            &self.base_url,
-            &["v1", "subscriptions", group, "checkpoint"],
-        )?;
+        let url = endpoint(&self.base_url, &["v1", "subscriptions", group, "checkpoint"])?;
         let body = CheckpointBody { member, position };
         empty(self.request(Method::PUT, url).json(&body)).await
     }
@@ -422,8 +389,7 @@ impl Subscription {
 }
 
 fn endpoint(base_url: &str, segments: &[&str]) -> Result<Url, ClientError> {
-    let mut url = Url::parse(base_url)
-        .map_err(|e| ClientError::Config(format!("base URL {base_url:?}: {e}")))?;
+    let mut url = Url::parse(base_url).map_err(|e| ClientError::Config(format!("base URL {base_url:?}: {e}")))?;
     url.set_query(None);
     url.set_fragment(None);
     url.path_segments_mut()
@@ -461,8 +427,7 @@ async fn check(response: Response) -> Result<Response, ClientError> {
     if status.is_success() {
         return Ok(response);
     }
-    let is_json = media_type(response.headers())
-        .is_some_and(|t| t == "application/json" || t.ends_with("+json"));
+    let is_json = media_type(response.headers()).is_some_and(|t| t == "application/json" || t.ends_with("+json"));
     let body = response.bytes().await.unwrap_or_default();
     Err(ClientError::Problem(problem_from(status, is_json, &body)))
 }
@@ -590,11 +555,7 @@ mod sse {
             data.pop();
             frames.push(Frame {
                 id: self.id.clone(),
-                event: if event.is_empty() {
-                    "message".to_owned()
-                } else {
-                    event
-                },
+                event: if event.is_empty() { "message".to_owned() } else { event },
                 data,
             });
         }
@@ -624,10 +585,7 @@ mod sse {
         fn parses_events_and_skips_comments() {
             assert_eq!(
                 feed_all(&[TWO]),
-                [
-                    frame("1", "event", "{\"a\":1}"),
-                    frame("2", "event", "{\"b\":2}")
-                ]
+                [frame("1", "event", "{\"a\":1}"), frame("2", "event", "{\"b\":2}")]
             );
         }
 
@@ -644,8 +602,7 @@ mod sse {
 
         #[test]
         fn crlf_lf_and_cr_line_endings_mix() {
-            let input: &[u8] =
-                b"id: 7\r\nevent: event\rdata: x\n\r\nid: 8\revent: event\r\ndata: y\r\r";
+            let input: &[u8] = b"id: 7\r\nevent: event\rdata: x\n\r\nid: 8\revent: event\r\ndata: y\r\r";
             let expected = [frame("7", "event", "x"), frame("8", "event", "y")];
             assert_eq!(feed_all(&[input]), expected);
             for at in 0..=input.len() {
@@ -718,8 +675,7 @@ mod tests {
     async fn serve_once(parts: Vec<Vec<u8>>) -> (Client, JoinHandle<String>) {
         install_provider();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client =
-            Client::new(format!("http://{}/", listener.local_addr().unwrap()), "k1").unwrap();
+        let client = Client::new(format!("http://{}/", listener.local_addr().unwrap()), "k1").unwrap();
         let server = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
@@ -775,10 +731,7 @@ mod tests {
                 metadata: None,
             }],
         };
-        let appended = client
-            .append_with("$audit:a/b", &body, Some("idem-1"))
-            .await
-            .unwrap();
+        let appended = client.append_with("$audit:a/b", &body, Some("idem-1")).await.unwrap();
         assert_eq!(appended.position, 5);
         let request = server.await.unwrap();
         assert!(
@@ -786,17 +739,9 @@ mod tests {
             "{request}"
         );
         let lower = request.to_lowercase();
-        assert!(
-            lower.contains("\r\nauthorization: bearer k1\r\n"),
-            "{request}"
-        );
-        assert!(
-            lower.contains("\r\nidempotency-key: idem-1\r\n"),
-            "{request}"
-        );
-        assert!(request.ends_with(
-            r#"{"expected_version":"no_stream","events":[{"type":"Noted","data":{"n":1}}]}"#
-        ));
+        assert!(lower.contains("\r\nauthorization: bearer k1\r\n"), "{request}");
+        assert!(lower.contains("\r\nidempotency-key: idem-1\r\n"), "{request}");
+        assert!(request.ends_with(r#"{"expected_version":"no_stream","events":[{"type":"Noted","data":{"n":1}}]}"#));
     }
 
     #[tokio::test]
@@ -807,16 +752,12 @@ mod tests {
             r#"{"events":[],"next":null}"#,
         )])
         .await;
-        let page = client
-            .group_events("g 1", 2, 3, Some("a&b"), 500, 10)
-            .await
-            .unwrap();
+        let page = client.group_events("g 1", 2, 3, Some("a&b"), 500, 10).await.unwrap();
         assert!(page.events.is_empty());
         let request = server.await.unwrap();
         assert!(
-            request.starts_with(
-                "GET /v1/subscriptions/g%201/events?member=2&size=3&category=a%26b&wait_ms=500&limit=10 "
-            ),
+            request
+                .starts_with("GET /v1/subscriptions/g%201/events?member=2&size=3&category=a%26b&wait_ms=500&limit=10 "),
             "{request}"
         );
     }
@@ -845,12 +786,8 @@ mod tests {
 
     #[tokio::test]
     async fn other_bodies_become_problems_from_the_status() {
-        let (client, _server) = serve_once(vec![answer(
-            "502 Bad Gateway",
-            "text/html",
-            "<h1>upstream down</h1>",
-        )])
-        .await;
+        let (client, _server) =
+            serve_once(vec![answer("502 Bad Gateway", "text/html", "<h1>upstream down</h1>")]).await;
         let err = client.health().await.unwrap_err();
         assert_eq!(err.code(), None);
         assert_eq!(err.status(), Some(502));
@@ -891,8 +828,7 @@ mod tests {
         );
         let (head, tail) = body.as_bytes().split_at(40);
         let (client, server) = serve_once(vec![
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-                .to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n".to_vec(),
             head.to_vec(),
             tail.to_vec(),
         ])
@@ -910,10 +846,6 @@ mod tests {
             request.starts_with("GET /v1/events/subscribe?after=0&category=order "),
             "{request}"
         );
-        assert!(
-            request
-                .to_lowercase()
-                .contains("\r\naccept: text/event-stream\r\n")
-        );
+        assert!(request.to_lowercase().contains("\r\naccept: text/event-stream\r\n"));
     }
 }

@@ -43,8 +43,6 @@ mod client;
 
 pub use client::{Client, ClientError, ExpectedVersion, Subscription};
 pub use concord_api as api;
-pub use concord_api::events::{
-    AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage,
-};
+pub use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 pub use concord_api::keys::{CreatedKey, Health};
 pub use concord_api::{ErrorCode, Problem};

@@ -29,7 +29,11 @@ pub const ROUTE_SCOPES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/events/subscribe", Need::Scope("events:read")),
     ("GET", "/v1/subscriptions/{group}/events", Need::Scope("events:read")),
     // A consumer moves its own group's cursor: part of reading.
-    ("PUT", "/v1/subscriptions/{group}/checkpoint", Need::Scope("events:read")),
+    (
+        "PUT",
+        "/v1/subscriptions/{group}/checkpoint",
+        Need::Scope("events:read"),
+    ),
     ("POST", "/v1/keys", Need::Scope("admin")),
     ("DELETE", "/v1/keys/{id}", Need::Scope("admin")),
     ("GET", "/v1/openapi.json", Need::AnyKey),
@@ -65,7 +69,10 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
         Some(Need::AnyKey) => {}
         Some(Need::Scope(scope)) if principal.allows(scope) => {}
         Some(Need::Scope(scope)) => {
-            return Err(ApiError::new(ErrorCode::Forbidden, format!("this route needs the scope {scope}")));
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("this route needs the scope {scope}"),
+            ));
         }
         None => return Err(ApiError::new(ErrorCode::Forbidden, "no scope grants this route")),
     }
@@ -81,6 +88,9 @@ mod tests {
     fn unlisted_routes_need_something_no_key_has() {
         assert_eq!(need_of(&Method::GET, "/v1/secret"), None);
         assert_eq!(need_of(&Method::DELETE, "/v1/streams/{stream}"), None);
-        assert_eq!(need_of(&Method::POST, "/v1/streams/{stream}"), Some(Need::Scope("events:write")));
+        assert_eq!(
+            need_of(&Method::POST, "/v1/streams/{stream}"),
+            Some(Need::Scope("events:write"))
+        );
     }
 }

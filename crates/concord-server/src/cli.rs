@@ -171,14 +171,26 @@ pub async fn run_keys(remote: &Remote, command: KeysCommand) -> anyhow::Result<(
 pub async fn run_events(remote: &Remote, command: EventsCommand) -> anyhow::Result<()> {
     let client = remote.client()?;
     match command {
-        EventsCommand::Append { stream, event_type, data, metadata, expected_version, id } => {
+        EventsCommand::Append {
+            stream,
+            event_type,
+            data,
+            metadata,
+            expected_version,
+            id,
+        } => {
             let expected = parse_expected(&expected_version)?;
             let data = serde_json::from_str(&data).context("--data must be JSON")?;
             let metadata = metadata
                 .map(|m| serde_json::from_str(&m))
                 .transpose()
                 .context("--metadata must be JSON")?;
-            let event = EventInput { id, event_type, data, metadata };
+            let event = EventInput {
+                id,
+                event_type,
+                data,
+                metadata,
+            };
             let answer = client.append(&stream, expected, vec![event]).await?;
             println!("{}", serde_json::to_string(&answer)?);
         }

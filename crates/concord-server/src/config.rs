@@ -109,7 +109,10 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:7400");
         assert_eq!(s.database_url, "sqlite://concord.db");
         assert_eq!(s.max_event_bytes, 1024 * 1024);
-        assert!(s.max_body_bytes > s.max_event_bytes, "an oversized event must reach validation");
+        assert!(
+            s.max_body_bytes > s.max_event_bytes,
+            "an oversized event must reach validation"
+        );
     }
 
     #[test]

@@ -22,7 +22,10 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 const MAX_STORED_RESPONSE: usize = 4 * 1024 * 1024;
 
 pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
-    let mutating = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let mutating = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
     let Some(raw) = req.headers().get(HEADER).filter(|_| mutating) else {
         return Ok(next.run(req).await);
     };
@@ -108,6 +111,7 @@ fn replay(stored: StoredResponse) -> Response {
     if let Some(ct) = stored.content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    resp.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     resp
 }

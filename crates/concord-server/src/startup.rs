@@ -52,12 +52,16 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         config.read_connections = settings.db_connections.clamp(1, 8);
         config.synchronous_full = settings.sqlite_synchronous_full;
         config.group_commit = group_commit;
-        Ok(Stores::from(SqliteStore::connect(&config).await.context("opening SQLite")?))
+        Ok(Stores::from(
+            SqliteStore::connect(&config).await.context("opening SQLite")?,
+        ))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let mut config = PostgresConfig::new(url);
         config.max_connections = settings.db_connections;
         config.group_commit = group_commit;
-        Ok(Stores::from(PostgresStore::connect(&config).await.context("opening PostgreSQL")?))
+        Ok(Stores::from(
+            PostgresStore::connect(&config).await.context("opening PostgreSQL")?,
+        ))
     } else {
         anyhow::bail!("database URL must start with sqlite:// or postgres://")
     }
@@ -123,7 +127,12 @@ impl Application {
     /// # Errors
     /// When the server fails.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, state, shutdown, .. } = self;
+        let Self {
+            listener,
+            state,
+            shutdown,
+            ..
+        } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
         let mut stopping = state.shutdown.clone();

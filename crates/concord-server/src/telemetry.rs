@@ -57,19 +57,13 @@ impl Drop for TelemetryGuard {
 pub fn init(json: bool) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     // Escape codes are noise in journald/docker logs; NO_COLOR is honoured as usual.
-    let ansi = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    let fmt = if json {
-        fmt.json().boxed()
-    } else {
-        fmt.boxed()
-    };
+    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
 
     let (provider, otlp_error) = match otlp_provider() {
         Ok(provider) => (provider, None),
@@ -105,12 +99,9 @@ pub fn init(json: bool) -> TelemetryGuard {
 fn otlp_provider() -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::WithExportConfig as _;
 
-    let configured = [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    ]
-    .iter()
-    .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()));
     if !configured {
         return Ok(None);
     }
@@ -152,11 +143,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 }
             };
             metrics::describe_counter!(REQUESTS_TOTAL, "HTTP requests served.");
-            metrics::describe_histogram!(
-                REQUEST_DURATION,
-                metrics::Unit::Seconds,
-                "HTTP request latency."
-            );
+            metrics::describe_histogram!(REQUEST_DURATION, metrics::Unit::Seconds, "HTTP request latency.");
             // install_recorder() spawns no upkeep task, and without one histogram samples pile up
             // between scrapes.
             let upkeep = handle.clone();
@@ -193,11 +180,7 @@ pub struct TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            self.trace_id, self.parent_id, self.flags
-        )
+        write!(f, "00-{}-{}-{:02x}", self.trace_id, self.parent_id, self.flags)
     }
 }
 
@@ -215,8 +198,7 @@ pub fn parse_traceparent(v: &str) -> Option<TraceParent> {
         return None;
     }
     let mut parts = v.split('-');
-    let (version, trace_id, parent_id, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let well_formed = parts.next().is_none()
         && lower_hex(version, 2)
         && version != "ff"
@@ -241,12 +223,7 @@ pub fn outgoing_traceparent(incoming: Option<&TraceParent>) -> String {
     let otel_span = cx.span();
     let sc = otel_span.span_context();
     if sc.is_valid() {
-        return format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        );
+        return format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8());
     }
     let next = match incoming {
         Some(tp) => TraceParent {
@@ -325,9 +302,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         otel.status_code = Empty
     );
 
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&HeaderExtractor(req.headers()))
-    });
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
     // Fails only when no OpenTelemetry layer is installed, which is a supported setup.
     let _ = span.set_parent(parent);
 
@@ -364,8 +339,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         "status" => status.to_string()
     )
     .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route)
-        .record(start.elapsed().as_secs_f64());
+    metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route).record(start.elapsed().as_secs_f64());
     response
 }
 
@@ -443,17 +417,12 @@ mod tests {
         let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
         assert_eq!(&body[..], b"4bf92f3577b34da6a3ce929d0e0e4736");
 
-        let req = Request::builder()
-            .uri("/nowhere/42")
-            .body(Body::empty())
-            .unwrap();
+        let req = Request::builder().uri("/nowhere/42").body(Body::empty()).unwrap();
         let _ = app.oneshot(req).await.unwrap();
 
         let text = handle.render();
         assert!(
-            text.contains(
-                r#"concord_http_requests_total{method="GET",route="/t/items/{id}",status="200"}"#
-            ),
+            text.contains(r#"concord_http_requests_total{method="GET",route="/t/items/{id}",status="200"}"#),
             "{text}"
         );
         assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");

@@ -50,11 +50,12 @@ impl Writer {
             .map_err(unavailable)?;
 
         let streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
-        let rows = sqlx::query("SELECT stream, MAX(version) FROM concord_events WHERE stream = ANY($1) GROUP BY stream")
-            .bind(&streams)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let rows =
+            sqlx::query("SELECT stream, MAX(version) FROM concord_events WHERE stream = ANY($1) GROUP BY stream")
+                .bind(&streams)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         let mut heads = HashMap::new();
         for row in rows {
             let name: String = row.get(0);
@@ -82,7 +83,13 @@ impl Writer {
         let plans = plan_batch(batch, &heads, &stored, to_u64(last));
         let mut cols = Columns::default();
         for (req, plan) in batch.iter().zip(&plans) {
-            let Plan::Write { first_version, first_position } = plan else { continue };
+            let Plan::Write {
+                first_version,
+                first_position,
+            } = plan
+            else {
+                continue;
+            };
             for (i, e) in req.events.iter().enumerate() {
                 cols.position.push(to_i64(first_position + i as u64));
                 cols.id.push(e.id);
@@ -204,8 +211,14 @@ fn event_from_row(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         version: to_u64(row.try_get(2).map_err(unavailable)?),
         position: to_u64(row.try_get(3).map_err(unavailable)?),
         event_type: row.try_get(4).map_err(unavailable)?,
-        data: row.try_get::<sqlx::types::Json<serde_json::Value>, _>(5).map_err(unavailable)?.0,
-        metadata: row.try_get::<sqlx::types::Json<serde_json::Value>, _>(6).map_err(unavailable)?.0,
+        data: row
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>(5)
+            .map_err(unavailable)?
+            .0,
+        metadata: row
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>(6)
+            .map_err(unavailable)?
+            .0,
         recorded_at: row.try_get::<DateTime<Utc>, _>(7).map_err(unavailable)?,
     })
 }
@@ -217,7 +230,12 @@ impl EventStore for PostgresStore {
         self.committer.append(request).await
     }
 
-    async fn read_stream(&self, stream: &StreamName, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT_EVENT} WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
         )))
@@ -274,12 +292,13 @@ impl EventStore for PostgresStore {
 #[async_trait]
 impl CheckpointStore for PostgresStore {
     async fn load_checkpoint(&self, group: &str, member: u32) -> Result<Option<u64>, StoreError> {
-        let p: Option<i64> = sqlx::query_scalar("SELECT position FROM concord_checkpoints WHERE grp = $1 AND member = $2")
-            .bind(group)
-            .bind(i64::from(member))
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(unavailable)?;
+        let p: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM concord_checkpoints WHERE grp = $1 AND member = $2")
+                .bind(group)
+                .bind(i64::from(member))
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(unavailable)?;
         Ok(p.map(to_u64))
     }
 

@@ -62,15 +62,17 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn complete(&self, owner: Uuid, key: &IdempotencyKey, r: &StoredResponse) -> Result<(), StoreError> {
-        sqlx::query("UPDATE concord_idempotency SET status = $1, content_type = $2, body = $3 WHERE owner = $4 AND key = $5")
-            .bind(i32::from(r.status))
-            .bind(r.content_type.as_deref())
-            .bind(&r.body[..])
-            .bind(owner)
-            .bind(key.as_str())
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE concord_idempotency SET status = $1, content_type = $2, body = $3 WHERE owner = $4 AND key = $5",
+        )
+        .bind(i32::from(r.status))
+        .bind(r.content_type.as_deref())
+        .bind(&r.body[..])
+        .bind(owner)
+        .bind(key.as_str())
+        .execute(&self.inner.pool)
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
 

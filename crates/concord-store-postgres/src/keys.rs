@@ -41,8 +41,16 @@ impl KeyStore for PostgresStore {
         Ok(Some(ApiKeyRecord {
             id: row.get::<Uuid, _>(0),
             name: row.get(1),
-            scopes: scopes.iter().map(|s| Scope::parse(s)).collect::<Result<_, _>>().map_err(unavailable)?,
-            hash: KeyHash(stored.try_into().map_err(|_| unavailable("stored key hash is not 32 bytes"))?),
+            scopes: scopes
+                .iter()
+                .map(|s| Scope::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?,
+            hash: KeyHash(
+                stored
+                    .try_into()
+                    .map_err(|_| unavailable("stored key hash is not 32 bytes"))?,
+            ),
             created_at: row.get::<DateTime<Utc>, _>(4),
         }))
     }

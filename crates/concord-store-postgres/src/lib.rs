@@ -115,7 +115,12 @@ pub async fn create_scratch_database(base_url: &str, prefix: &str) -> Result<Str
         .execute(&mut conn)
         .await
         .map_err(unavailable)?;
-    let (head, _) = base_url.rsplit_once('/').ok_or_else(|| unavailable("database URL has no path"))?;
-    let query = base_url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let (head, _) = base_url
+        .rsplit_once('/')
+        .ok_or_else(|| unavailable("database URL has no path"))?;
+    let query = base_url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     Ok(format!("{head}/{name}{query}"))
 }

@@ -13,8 +13,12 @@ fn base_url() -> Option<String> {
 }
 
 async fn fresh(base: &str) -> PostgresStore {
-    let url = create_scratch_database(base, "concord_t").await.expect("create test database");
-    PostgresStore::connect(&PostgresConfig::new(url)).await.expect("connect")
+    let url = create_scratch_database(base, "concord_t")
+        .await
+        .expect("create test database");
+    PostgresStore::connect(&PostgresConfig::new(url))
+        .await
+        .expect("connect")
 }
 
 #[tokio::test]
@@ -45,7 +49,10 @@ async fn a_second_node_on_the_same_database_is_woken_by_notify() {
     let b = PostgresStore::connect(&PostgresConfig::new(&url)).await.unwrap();
     let mut rx = b.watch_head();
     rx.borrow_and_update();
-    let o = a.append(testkit::append("x-1", ExpectedVersion::Any, &["E"])).await.unwrap();
+    let o = a
+        .append(testkit::append("x-1", ExpectedVersion::Any, &["E"]))
+        .await
+        .unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(5), rx.wait_for(|p| *p >= o.position))
         .await
         .expect("node b hears node a's commit")

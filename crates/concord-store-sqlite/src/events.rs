@@ -71,7 +71,13 @@ impl Writer {
         let now = Utc::now();
         let mut new_head = None;
         for (req, plan) in batch.iter().zip(&plans) {
-            let Plan::Write { first_version, first_position } = plan else { continue };
+            let Plan::Write {
+                first_version,
+                first_position,
+            } = plan
+            else {
+                continue;
+            };
             let category = req.stream.category();
             let hash = i64::from(req.stream.partition_hash());
             for (i, e) in req.events.iter().enumerate() {
@@ -112,8 +118,7 @@ pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const SELECT_EVENT: &str =
-    "SELECT id, stream, version, position, event_type, data, metadata, recorded_at FROM events";
+const SELECT_EVENT: &str = "SELECT id, stream, version, position, event_type, data, metadata, recorded_at FROM events";
 
 fn event_from_row(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
     let stream: String = row.try_get(1).map_err(unavailable)?;
@@ -138,7 +143,12 @@ impl EventStore for SqliteStore {
         self.committer.append(request).await
     }
 
-    async fn read_stream(&self, stream: &StreamName, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT_EVENT} WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
         )))

@@ -32,12 +32,13 @@ impl IdempotencyStore for SqliteStore {
         if claimed.rows_affected() > 0 {
             return Ok(IdempotencyBegin::Started);
         }
-        let row = sqlx::query("SELECT fingerprint, status, content_type, body FROM idempotency WHERE owner = ? AND key = ?")
-            .bind(c.owner)
-            .bind(c.key.as_str())
-            .fetch_one(&self.inner.write)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query("SELECT fingerprint, status, content_type, body FROM idempotency WHERE owner = ? AND key = ?")
+                .bind(c.owner)
+                .bind(c.key.as_str())
+                .fetch_one(&self.inner.write)
+                .await
+                .map_err(unavailable)?;
         let fingerprint: Vec<u8> = row.get(0);
         if fingerprint != c.fingerprint.0 {
             return Ok(IdempotencyBegin::Mismatch);

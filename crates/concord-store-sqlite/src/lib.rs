@@ -9,9 +9,9 @@ mod keys;
 
 use concord_core::app::group_commit::{GroupCommitLimits, GroupCommitter};
 use concord_core::ports::StoreError;
+use sqlx::SqlSafeStr as _;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlSafeStr as _;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;

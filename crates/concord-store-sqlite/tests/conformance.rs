@@ -35,10 +35,16 @@ async fn events_survive_reopening_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("keep.db").display());
     let store = SqliteStore::connect(&SqliteConfig::new(&url)).await.unwrap();
-    let o = store.append(testkit::append("a-1", ExpectedVersion::NoStream, &["E", "F"])).await.unwrap();
+    let o = store
+        .append(testkit::append("a-1", ExpectedVersion::NoStream, &["E", "F"]))
+        .await
+        .unwrap();
     store.close().await;
     let reopened = SqliteStore::connect(&SqliteConfig::new(&url)).await.unwrap();
     assert_eq!(reopened.head_position().await.unwrap(), o.position);
-    let next = reopened.append(testkit::append("a-1", ExpectedVersion::Exact(2), &["G"])).await.unwrap();
+    let next = reopened
+        .append(testkit::append("a-1", ExpectedVersion::Exact(2), &["G"]))
+        .await
+        .unwrap();
     assert_eq!(next.position, o.position + 1, "positions continue after a restart");
 }

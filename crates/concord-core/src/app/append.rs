@@ -22,10 +22,7 @@ pub struct StoredId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Write the request's events with versions `first_version..` and positions `first_position..`.
-    Write {
-        first_version: u64,
-        first_position: u64,
-    },
+    Write { first_version: u64, first_position: u64 },
     /// The same events are already stored: answer the original outcome, write nothing.
     Replay(AppendOutcome),
     /// Refuse the request, write nothing.
@@ -34,7 +31,9 @@ pub enum Plan {
 
 impl Plan {
     /// The outcome the caller gets once the batch commits.
-    #[must_use]
+    ///
+    /// # Errors
+    /// The rejection, for a rejected request.
     pub fn outcome(&self, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
         match self {
             Self::Write {
@@ -161,13 +160,7 @@ mod tests {
                 metadata: None,
             })
             .collect();
-        AppendRequest::new(
-            StreamName::parse(stream).unwrap(),
-            expected,
-            events,
-            &Limits::default(),
-        )
-        .unwrap()
+        AppendRequest::new(StreamName::parse(stream).unwrap(), expected, events, &Limits::default()).unwrap()
     }
 
     fn outcomes(reqs: &[AppendRequest], plans: &[Plan]) -> Vec<Result<AppendOutcome, StoreError>> {
@@ -186,9 +179,21 @@ mod tests {
         assert_eq!(
             o,
             vec![
-                Ok(AppendOutcome { first_version: 1, last_version: 2, position: 12 }),
-                Ok(AppendOutcome { first_version: 1, last_version: 1, position: 13 }),
-                Ok(AppendOutcome { first_version: 3, last_version: 3, position: 14 }),
+                Ok(AppendOutcome {
+                    first_version: 1,
+                    last_version: 2,
+                    position: 12
+                }),
+                Ok(AppendOutcome {
+                    first_version: 1,
+                    last_version: 1,
+                    position: 13
+                }),
+                Ok(AppendOutcome {
+                    first_version: 3,
+                    last_version: 3,
+                    position: 14
+                }),
             ]
         );
     }
@@ -208,7 +213,10 @@ mod tests {
         ));
         assert_eq!(
             plans[1],
-            Plan::Write { first_version: 4, first_position: 6 }
+            Plan::Write {
+                first_version: 4,
+                first_position: 6
+            }
         );
         assert!(matches!(
             &plans[2],
@@ -221,14 +229,25 @@ mod tests {
         let first = req("a-1", ExpectedVersion::NoStream, &[1, 2]);
         let retry = req("a-1", ExpectedVersion::NoStream, &[1, 2]);
         let plans = plan_batch(&[first.clone(), retry.clone()], &HashMap::new(), &HashMap::new(), 0);
-        assert_eq!(plans[1], Plan::Replay(AppendOutcome { first_version: 1, last_version: 2, position: 2 }));
+        assert_eq!(
+            plans[1],
+            Plan::Replay(AppendOutcome {
+                first_version: 1,
+                last_version: 2,
+                position: 2
+            })
+        );
     }
 
     #[test]
     fn given_stored_ids_when_they_are_reused_differently_then_it_conflicts() {
         let stored = HashMap::from([(
             Uuid::from_u128(1),
-            StoredId { stream: StreamName::parse("a-1").unwrap(), version: 1, position: 1 },
+            StoredId {
+                stream: StreamName::parse("a-1").unwrap(),
+                version: 1,
+                position: 1,
+            },
         )]);
         let heads = HashMap::from([(StreamName::parse("a-1").unwrap(), 1)]);
         for r in [
@@ -237,7 +256,10 @@ mod tests {
             req("a-1", ExpectedVersion::Any, &[9, 1]), // new id first
         ] {
             let plans = plan_batch(std::slice::from_ref(&r), &heads, &stored, 1);
-            assert!(matches!(plans[0], Plan::Reject(StoreError::EventIdConflict(_))), "{r:?}");
+            assert!(
+                matches!(plans[0], Plan::Reject(StoreError::EventIdConflict(_))),
+                "{r:?}"
+            );
         }
     }
 }

@@ -20,10 +20,7 @@ pub enum KeyError {
 /// # Errors
 /// When the key store fails.
 #[tracing::instrument(skip_all)]
-pub async fn authenticate(
-    keys: &dyn KeyStore,
-    presented: &str,
-) -> Result<Option<Principal>, StoreError> {
+pub async fn authenticate(keys: &dyn KeyStore, presented: &str) -> Result<Option<Principal>, StoreError> {
     let hash = KeyHash::of(presented);
     Ok(keys
         .find_key(&hash)
@@ -55,10 +52,7 @@ pub async fn create_key(
         }
         .into());
     }
-    let mut parsed = scopes
-        .iter()
-        .map(|s| Scope::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut parsed = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
     parsed.sort();
     parsed.dedup();
     let key = generate_key();
@@ -78,10 +72,7 @@ pub async fn create_key(
 ///
 /// # Errors
 /// When the key store fails.
-pub async fn bootstrap_admin(
-    keys: &dyn KeyStore,
-    configured: Option<&str>,
-) -> Result<Option<String>, StoreError> {
+pub async fn bootstrap_admin(keys: &dyn KeyStore, configured: Option<&str>) -> Result<Option<String>, StoreError> {
     let admin = vec![Scope::parse(Scope::ADMIN).map_err(|e| StoreError::Unavailable(e.to_string()))?];
     if let Some(key) = configured {
         let hash = KeyHash::of(key);

@@ -116,18 +116,28 @@ mod tests {
         async fn write_batch(&self, batch: &[AppendRequest]) -> Vec<Result<AppendOutcome, StoreError>> {
             self.entered.lock().unwrap().push(batch.len());
             let _permit = self.gate.acquire().await.expect("gate open");
-            let ok = AppendOutcome { first_version: 1, last_version: 1, position: 1 };
+            let ok = AppendOutcome {
+                first_version: 1,
+                last_version: 1,
+                position: 1,
+            };
             batch.iter().map(|_| Ok(ok)).collect()
         }
     }
 
     async fn run_gated(appends: usize, limits: GroupCommitLimits) -> Vec<usize> {
-        let writer = Arc::new(GatedWriter { gate: Semaphore::new(0), entered: Mutex::new(Vec::new()) });
+        let writer = Arc::new(GatedWriter {
+            gate: Semaphore::new(0),
+            entered: Mutex::new(Vec::new()),
+        });
         let committer = GroupCommitter::spawn(writer.clone(), limits);
         let tasks: Vec<_> = (0..appends)
             .map(|i| {
                 let c = committer.clone();
-                tokio::spawn(async move { c.append(testkit::append(&format!("s-{i}"), ExpectedVersion::Any, &["E"])).await })
+                tokio::spawn(async move {
+                    c.append(testkit::append(&format!("s-{i}"), ExpectedVersion::Any, &["E"]))
+                        .await
+                })
             })
             .collect();
         // Wait until the first commit is in flight and every other append is queued behind it.
@@ -158,7 +168,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_never_exceeds_the_event_limit() {
-        let batches = run_gated(12, GroupCommitLimits { max_batch_events: 5, queue_len: 100 }).await;
+        let batches = run_gated(
+            12,
+            GroupCommitLimits {
+                max_batch_events: 5,
+                queue_len: 100,
+            },
+        )
+        .await;
         assert!(batches.iter().all(|b| *b <= 5), "{batches:?}");
         assert!(batches.len() >= 3);
     }

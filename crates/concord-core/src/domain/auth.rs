@@ -88,10 +88,7 @@ impl std::fmt::Debug for KeyHash {
 pub fn generate_key() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!(
-        "ck_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
+    format!("ck_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
 /// A stored key: never the key itself, only its hash.
@@ -116,9 +113,9 @@ impl Principal {
     /// Whether this principal may use a route that needs `needed`.
     #[must_use]
     pub fn allows(&self, needed: &str) -> bool {
-        self.scopes.iter().any(|s| {
-            s.as_str() == needed || (s.as_str() == Scope::ADMIN && Scope::implied_by_admin(needed))
-        })
+        self.scopes
+            .iter()
+            .any(|s| s.as_str() == needed || (s.as_str() == Scope::ADMIN && Scope::implied_by_admin(needed)))
     }
 }
 

@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn expected_version_parses_every_contract_form() {
         assert_eq!(ExpectedVersion::from_json(None), Ok(ExpectedVersion::Any));
-        assert_eq!(ExpectedVersion::from_json(Some(&json!("any"))), Ok(ExpectedVersion::Any));
+        assert_eq!(
+            ExpectedVersion::from_json(Some(&json!("any"))),
+            Ok(ExpectedVersion::Any)
+        );
         assert_eq!(
             ExpectedVersion::from_json(Some(&json!("no_stream"))),
             Ok(ExpectedVersion::NoStream)
@@ -252,7 +255,14 @@ mod tests {
             ExpectedVersion::from_json(Some(&json!(7))),
             Ok(ExpectedVersion::Exact(7))
         );
-        for bad in [json!(-1), json!(1.5), json!("latest"), json!([1]), json!(true), json!("7x")] {
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("latest"),
+            json!([1]),
+            json!(true),
+            json!("7x"),
+        ] {
             assert!(ExpectedVersion::from_json(Some(&bad)).is_err(), "{bad}");
         }
     }

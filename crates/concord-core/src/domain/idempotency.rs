@@ -16,10 +16,7 @@ impl IdempotencyKey {
     /// # Errors
     /// [`ValidationError::IdempotencyKey`] when empty, too long or not visible ASCII.
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let v = raw
-            .strip_prefix('"')
-            .and_then(|r| r.strip_suffix('"'))
-            .unwrap_or(raw);
+        let v = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(raw);
         if v.is_empty() || v.len() > MAX_IDEMPOTENCY_KEY_LEN {
             return Err(ValidationError::IdempotencyKey(format!(
                 "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"

@@ -7,9 +7,7 @@ pub mod limits;
 pub mod stream;
 
 pub use auth::{ApiKeyRecord, KeyHash, Principal, Scope};
-pub use event::{
-    AppendOutcome, AppendRequest, EventType, ExpectedVersion, NewEvent, RecordedEvent,
-};
+pub use event::{AppendOutcome, AppendRequest, EventType, ExpectedVersion, NewEvent, RecordedEvent};
 pub use idempotency::{Fingerprint, IdempotencyKey};
 pub use limits::Limits;
 pub use stream::{Category, StreamName};

@@ -34,9 +34,7 @@ impl StreamName {
             )));
         }
         if body.starts_with('-') {
-            return Err(ValidationError::StreamName(
-                "must not start with '-'".into(),
-            ));
+            return Err(ValidationError::StreamName("must not start with '-'".into()));
         }
         Ok(Self(raw.to_owned()))
     }
@@ -91,9 +89,7 @@ impl Category {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let name = StreamName::parse(raw)?;
         if raw.contains('-') {
-            return Err(ValidationError::StreamName(
-                "a category must not contain '-'".into(),
-            ));
+            return Err(ValidationError::StreamName("a category must not contain '-'".into()));
         }
         Ok(Self(name.0))
     }

@@ -33,8 +33,7 @@ pub async fn append(
     let request = AppendRequest::new(stream.clone(), expected, events, &state.limits)?;
     let count = request.events.len();
     let outcome = state.events.append(request).await;
-    metrics::counter!("concord_appends_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
-        .increment(1);
+    metrics::counter!("concord_appends_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" }).increment(1);
     let outcome = outcome?;
     metrics::counter!("concord_events_appended_total").increment(count as u64);
     Ok(Json(AppendResponse {

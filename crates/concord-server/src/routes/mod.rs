@@ -19,7 +19,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", get(events::read_log))
         .route("/v1/events/subscribe", get(subscriptions::subscribe))
         .route("/v1/subscriptions/{group}/events", get(subscriptions::group_events))
-        .route("/v1/subscriptions/{group}/checkpoint", put(subscriptions::save_checkpoint))
+        .route(
+            "/v1/subscriptions/{group}/checkpoint",
+            put(subscriptions::save_checkpoint),
+        )
         .route("/v1/keys", post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/openapi.json", get(system::openapi))

@@ -111,10 +111,22 @@ pub async fn group_events(
     let partition = Partition::new(p.member.unwrap_or(0), p.size.unwrap_or(1))?;
     let wait = p.wait_ms.unwrap_or(0);
     if wait > state.settings.max_wait_ms {
-        return Err(ApiError::parameter("wait_ms", format!("must be at most {}", state.settings.max_wait_ms)));
+        return Err(ApiError::parameter(
+            "wait_ms",
+            format!("must be at most {}", state.settings.max_wait_ms),
+        ));
     }
-    let after = state.checkpoints.load_checkpoint(group.as_str(), partition.member).await?;
-    let query = log_query(Some(after.unwrap_or(0)), p.limit, p.category.as_deref(), Some(partition), &state)?;
+    let after = state
+        .checkpoints
+        .load_checkpoint(group.as_str(), partition.member)
+        .await?;
+    let query = log_query(
+        Some(after.unwrap_or(0)),
+        p.limit,
+        p.category.as_deref(),
+        Some(partition),
+        &state,
+    )?;
     let start = query.after;
     let mut follower = LogFollower::new(state.events.clone(), query);
     let events = follower.next_batch(Duration::from_millis(wait)).await?;
@@ -128,6 +140,9 @@ pub async fn save_checkpoint(
 ) -> Result<StatusCode, ApiError> {
     let group = group_name(&group)?;
     let Json(body) = body?;
-    state.checkpoints.save_checkpoint(group.as_str(), body.member, body.position).await?;
+    state
+        .checkpoints
+        .save_checkpoint(group.as_str(), body.member, body.position)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -34,13 +34,31 @@ async fn a_key_without_the_scope_is_forbidden(b: Backend) {
     let reader = app.create_key(&["events:read"]).await;
     let writer = app.create_key(&["events:write"]).await;
     let body = json!({"events": [{"type": "E", "data": {}}]});
-    let r = app.request(Method::POST, "/v1/streams/a-1", Some(&reader)).json(&body).send().await.unwrap();
+    let r = app
+        .request(Method::POST, "/v1/streams/a-1", Some(&reader))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 403, "forbidden").await;
-    let r = app.request(Method::POST, "/v1/streams/a-1", Some(&writer)).json(&body).send().await.unwrap();
+    let r = app
+        .request(Method::POST, "/v1/streams/a-1", Some(&writer))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.request(Method::GET, "/v1/streams/a-1", Some(&writer)).send().await.unwrap();
+    let r = app
+        .request(Method::GET, "/v1/streams/a-1", Some(&writer))
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 403, "forbidden").await;
-    let r = app.request(Method::GET, "/v1/streams/a-1", Some(&reader)).send().await.unwrap();
+    let r = app
+        .request(Method::GET, "/v1/streams/a-1", Some(&reader))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let r = app
         .request(Method::POST, "/v1/keys", Some(&writer))
@@ -68,11 +86,19 @@ async fn a_revoked_key_stops_working(b: Backend) {
     let id = created["id"].as_str().unwrap();
     let r = app.request(Method::GET, "/v1/events", Some(key)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.admin(Method::DELETE, &format!("/v1/keys/{id}")).send().await.unwrap();
+    let r = app
+        .admin(Method::DELETE, &format!("/v1/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     let r = app.request(Method::GET, "/v1/events", Some(key)).send().await.unwrap();
     assert_problem(r, 401, "unauthorized").await;
-    let r = app.admin(Method::DELETE, &format!("/v1/keys/{id}")).send().await.unwrap();
+    let r = app
+        .admin(Method::DELETE, &format!("/v1/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 404, "key_not_found").await;
     let r = app.admin(Method::DELETE, "/v1/keys/not-a-uuid").send().await.unwrap();
     assert_problem(r, 400, "invalid_parameter").await;
@@ -95,20 +121,27 @@ both_backends!(key_creation_rejects_unknown_scopes_and_empty_names);
 
 #[tokio::test]
 async fn keys_are_stored_hashed_never_in_plaintext() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
     let key = app.create_key(&["events:read"]).await;
     let path = app.database_url.trim_start_matches("sqlite://").to_owned();
     // Read every byte of the database and its WAL: neither key may appear anywhere.
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
     for secret in [key.as_bytes(), app.admin_key.as_bytes()] {
-        assert!(!bytes.windows(secret.len()).any(|w| w == secret), "a key is stored in plaintext");
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret),
+            "a key is stored in plaintext"
+        );
     }
 }
 
 #[tokio::test]
 async fn admin_does_not_imply_revealing_vault_values() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
     // The scope is accepted for a key, but admin alone never grants it.
     let r = app
         .admin(Method::POST, "/v1/keys")

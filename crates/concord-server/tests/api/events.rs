@@ -17,7 +17,10 @@ async fn an_append_is_atomic_numbered_and_read_back(b: Backend) {
     assert_eq!(r.status(), 200);
     let a: Value = r.json().await.unwrap();
     assert_eq!(a["stream"], "order-42");
-    assert_eq!((a["first_version"].as_u64(), a["last_version"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (a["first_version"].as_u64(), a["last_version"].as_u64()),
+        (Some(1), Some(2))
+    );
     let r = app.admin(Method::GET, "/v1/streams/order-42").send().await.unwrap();
     assert_eq!(r.status(), 200);
     let page: Value = r.json().await.unwrap();
@@ -32,7 +35,11 @@ async fn an_append_is_atomic_numbered_and_read_back(b: Backend) {
     assert!(events[0]["recorded_at"].is_string() && events[0]["id"].is_string());
     assert_eq!(page["next"], Value::Null);
 
-    let r = app.admin(Method::GET, "/v1/streams/order-42?from=2&limit=1").send().await.unwrap();
+    let r = app
+        .admin(Method::GET, "/v1/streams/order-42?from=2&limit=1")
+        .send()
+        .await
+        .unwrap();
     let page: Value = r.json().await.unwrap();
     assert_eq!(page["events"][0]["type"], "Paid");
     assert_eq!(page["next"], 3);
@@ -84,15 +91,39 @@ async fn the_global_log_reads_by_position_and_category(b: Backend) {
         positions.push(a["position"].as_u64().unwrap());
     }
     assert!(positions.windows(2).all(|w| w[0] < w[1]));
-    let page: Value = app.admin(Method::GET, "/v1/events").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .admin(Method::GET, "/v1/events")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["events"].as_array().unwrap().len(), 6);
     let url = format!("/v1/events?after={}&limit=2", positions[1]);
     let page: Value = app.admin(Method::GET, &url).send().await.unwrap().json().await.unwrap();
-    let got: Vec<u64> = page["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+    let got: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_u64().unwrap())
+        .collect();
     assert_eq!(got, positions[2..4]);
     assert_eq!(page["next"], positions[3]);
-    let page: Value = app.admin(Method::GET, "/v1/events?category=invoice").send().await.unwrap().json().await.unwrap();
-    let streams: Vec<&str> = page["events"].as_array().unwrap().iter().map(|e| e["stream"].as_str().unwrap()).collect();
+    let page: Value = app
+        .admin(Method::GET, "/v1/events?category=invoice")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let streams: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["stream"].as_str().unwrap())
+        .collect();
     assert_eq!(streams, ["invoice-1", "invoice-3", "invoice-5"]);
     let url = format!("/v1/events?after={}", positions[5]);
     let page: Value = app.admin(Method::GET, &url).send().await.unwrap().json().await.unwrap();
@@ -116,8 +147,24 @@ async fn concurrent_appends_are_all_stored_once_in_order(b: Backend) {
     for t in tasks {
         t.await.unwrap();
     }
-    let page: Value = app.admin(Method::GET, "/v1/events?limit=1000").send().await.unwrap().json().await.unwrap();
-    let positions: Vec<u64> = page["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
-    assert_eq!(positions, (1..=160).collect::<Vec<u64>>(), "positions are contiguous, no gaps");
+    let page: Value = app
+        .admin(Method::GET, "/v1/events?limit=1000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let positions: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        positions,
+        (1..=160).collect::<Vec<u64>>(),
+        "positions are contiguous, no gaps"
+    );
 }
 both_backends!(concurrent_appends_are_all_stored_once_in_order);

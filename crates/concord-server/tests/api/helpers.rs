@@ -46,7 +46,9 @@ pub async fn fresh_database(backend: Backend) -> Option<(String, Option<tempfile
         }
         Backend::Postgres => {
             let base = postgres_url()?;
-            let url = concord_store_postgres::create_scratch_database(&base, "concord_t").await.unwrap();
+            let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+                .await
+                .unwrap();
             Some((url, None))
         }
     }
@@ -100,11 +102,20 @@ impl TestApp {
     }
 
     pub async fn append(&self, stream: &str, body: Value) -> Response {
-        self.admin(Method::POST, &format!("/v1/streams/{stream}")).json(&body).send().await.unwrap()
+        self.admin(Method::POST, &format!("/v1/streams/{stream}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn append_one(&self, stream: &str, event_type: &str) -> Value {
-        let r = self.append(stream, json!({"events": [{"type": event_type, "data": {"at": stream}}]})).await;
+        let r = self
+            .append(
+                stream,
+                json!({"events": [{"type": event_type, "data": {"at": stream}}]}),
+            )
+            .await;
         assert_eq!(r.status(), 200, "append to {stream}");
         r.json().await.unwrap()
     }
@@ -129,7 +140,12 @@ impl TestApp {
 /// Asserts an error answer: status, problem+json content type and stable code.
 pub async fn assert_problem(r: Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status(), status, "status for {code}");
-    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     assert_eq!(ct, "application/problem+json", "content type for {code}");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], code, "{body}");

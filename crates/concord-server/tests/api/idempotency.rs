@@ -13,7 +13,10 @@ fn body(n: u32) -> Value {
 async fn a_completed_request_is_replayed_not_run_again(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     let send = |b: Value, key: &'static str| {
-        app.admin(Method::POST, "/v1/streams/pay-1").header("Idempotency-Key", key).json(&b).send()
+        app.admin(Method::POST, "/v1/streams/pay-1")
+            .header("Idempotency-Key", key)
+            .json(&b)
+            .send()
     };
     let first = send(body(1), "k-1").await.unwrap();
     assert_eq!(first.status(), 200);
@@ -48,7 +51,11 @@ both_backends!(a_completed_request_is_replayed_not_run_again);
 async fn a_key_in_flight_answers_409(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     // Another node holds the key right now: claim it directly in the store.
-    let owner = authenticate(app.state.keys.as_ref(), &app.admin_key).await.unwrap().unwrap().key_id;
+    let owner = authenticate(app.state.keys.as_ref(), &app.admin_key)
+        .await
+        .unwrap()
+        .unwrap()
+        .key_id;
     let key = IdempotencyKey::parse("busy").unwrap();
     let raw = serde_json::to_vec(&body(1)).unwrap();
     let now = chrono::Utc::now();
@@ -60,7 +67,10 @@ async fn a_key_in_flight_answers_409(b: Backend) {
         locked_until: now + chrono::Duration::seconds(60),
         expires_at: now + chrono::Duration::hours(1),
     };
-    assert_eq!(app.state.idempotency.begin(&claim).await.unwrap(), IdempotencyBegin::Started);
+    assert_eq!(
+        app.state.idempotency.begin(&claim).await.unwrap(),
+        IdempotencyBegin::Started
+    );
     let r = app
         .admin(Method::POST, "/v1/streams/pay-1")
         .header("Idempotency-Key", "busy")
@@ -86,7 +96,10 @@ async fn keys_are_scoped_per_api_key(b: Backend) {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        assert!(r.headers().get("idempotent-replayed").is_none(), "another caller's key is not replayed");
+        assert!(
+            r.headers().get("idempotent-replayed").is_none(),
+            "another caller's key is not replayed"
+        );
     }
     assert_eq!(app.log_len().await, 2);
 }
@@ -94,7 +107,9 @@ both_backends!(keys_are_scoped_per_api_key);
 
 #[tokio::test]
 async fn concurrent_duplicates_run_the_request_once() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
     let app = std::sync::Arc::new(app);
     let mut tasks = Vec::new();
     for _ in 0..16 {

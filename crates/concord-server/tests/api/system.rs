@@ -4,7 +4,9 @@ use serde_json::Value;
 
 #[tokio::test]
 async fn health_answers_ok() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
     let r = app.request(Method::GET, "/health", None).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "ok");
@@ -12,10 +14,19 @@ async fn health_answers_ok() {
 
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status_and_appends() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
     app.append_one("m-1", "E").await;
     let _ = app.request(Method::GET, "/v1/events", None).send().await.unwrap();
-    let text = app.request(Method::GET, "/metrics", None).send().await.unwrap().text().await.unwrap();
+    let text = app
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         r#"concord_http_requests_total{method="POST",route="/v1/streams/{stream}",status="200"}"#,
         r#"concord_http_requests_total{method="GET",route="/v1/events",status="401"}"#,
@@ -30,8 +41,17 @@ async fn metrics_count_requests_by_route_and_status_and_appends() {
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() {
-    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
-    let doc: Value = app.admin(Method::GET, "/v1/openapi.json").send().await.unwrap().json().await.unwrap();
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
+    let doc: Value = app
+        .admin(Method::GET, "/v1/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with('3'));
     for (method, path, _) in concord_server::auth::ROUTE_SCOPES {
         if *path == "/v1/openapi.json" {
