@@ -1,17 +1,397 @@
-//! `concord bench <area>`: our figure beside a baseline measured in the same run.
+//! `concord bench <area>`: our figure beside a baseline measured in the same run, on the same
+//! database, at the same concurrency. With `--json` the last line is one JSON object.
 
-use clap::Args;
+use crate::config::Settings;
+use crate::startup::Application;
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use concord_sdk::{Client, EventInput, ExpectedVersion};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::Executor as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchArea {
+    /// Appends over HTTP against raw single-row INSERT transactions; append→subscriber latency.
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchBackend {
+    Sqlite,
+    Postgres,
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The area to measure: `events`.
-    pub area: String,
+    pub area: BenchArea,
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub backend: BenchBackend,
+    /// For postgres: the server to create a scratch database on [default: CONCORD_TEST_POSTGRES_URL].
+    /// For sqlite: the file to use [default: a fresh file in a temporary directory].
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Seconds for each throughput measurement.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Rate of the append→subscriber latency measurement, events per second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Runs a benchmark.
+#[derive(Debug, Serialize)]
+struct Figure {
+    name: &'static str,
+    ops_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    area: &'static str,
+    backend: BenchBackend,
+    clients: usize,
+    seconds: u64,
+    ours: Figure,
+    baseline: Figure,
+    ratio: f64,
+    extra: serde_json::Value,
+}
+
+/// Runs a benchmark and prints its report.
 ///
 /// # Errors
-/// When the benchmark cannot run.
-pub async fn run(_args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("not yet")
+/// When the database or the server cannot be set up.
+pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(
+        args.clients > 0 && args.seconds > 0 && args.rate > 0,
+        "clients, seconds and rate must be positive"
+    );
+    let BenchArea::Events = args.area;
+    let (database_url, _dir) = match args.backend {
+        BenchBackend::Sqlite => match &args.database_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let dir = tempfile::tempdir()?;
+                (format!("sqlite://{}", dir.path().join("bench.db").display()), Some(dir))
+            }
+        },
+        BenchBackend::Postgres => {
+            let base = args
+                .database_url
+                .clone()
+                .or_else(|| std::env::var("CONCORD_TEST_POSTGRES_URL").ok())
+                .context("--database-url (a PostgreSQL server) is needed for --backend postgres")?;
+            let url = concord_store_postgres::create_scratch_database(&base, "concord_bench").await?;
+            (url, None)
+        }
+    };
+    let report = events(&args, &database_url).await?;
+    print_report(&report, args.json)?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
+    let admin = concord_core::domain::auth::generate_key();
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        database_url: database_url.to_owned(),
+        admin_key: Some(admin.clone()),
+        db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
+        sqlite_synchronous_full: true,
+        ..Settings::default()
+    };
+    let app = Application::build(settings).await?;
+    let address = format!("http://{}", app.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .build()?;
+    let client = Client::with_http(address, admin, http);
+    let duration = Duration::from_secs(args.seconds);
+    let payload = json!({"customer": "c-0001", "items": [{"sku": "sku-1", "qty": 2}], "total_cents": 12_345, "note": "x".repeat(120)});
+
+    eprintln!(
+        "bench: {} clients append over HTTP for {}s ...",
+        args.clients, args.seconds
+    );
+    let (c2, p2) = (client.clone(), payload.clone());
+    let ours = run_clients(args.clients, duration, move |c, i| {
+        let client = c2.clone();
+        let payload = p2.clone();
+        async move {
+            let event = EventInput {
+                id: None,
+                event_type: "OrderPlaced".into(),
+                data: payload,
+                metadata: None,
+            };
+            client
+                .append(&format!("bench{c}-{}", i / 1000), ExpectedVersion::Any, vec![event])
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+
+    eprintln!(
+        "bench: {} clients run raw single-row INSERT transactions for {}s ...",
+        args.clients, args.seconds
+    );
+    let raw = RawInserts::open(database_url, args.clients).await?;
+    let body = payload.to_string();
+    let raw2 = raw.clone();
+    let baseline = run_clients(args.clients, duration, move |c, _| {
+        let raw = raw2.clone();
+        let body = body.clone();
+        async move { raw.insert(&format!("raw{c}"), &body).await }
+    })
+    .await?;
+    raw.close().await;
+
+    eprintln!("bench: append→subscriber latency at {} events/s ...", args.rate);
+    let latency = subscriber_latency(&client, args.rate, duration.min(Duration::from_secs(5))).await?;
+
+    let _ = stop.send(());
+    let _ = server.await;
+    let ours = figure("append via HTTP", &ours, duration);
+    let baseline = figure("raw single-row INSERT", &baseline, duration);
+    let ratio = if baseline.ops_per_s > 0.0 {
+        ours.ops_per_s / baseline.ops_per_s
+    } else {
+        0.0
+    };
+    Ok(Report {
+        area: "events",
+        backend: args.backend,
+        clients: args.clients,
+        seconds: args.seconds,
+        ours,
+        baseline,
+        ratio,
+        extra: latency,
+    })
+}
+
+/// Runs `clients` loops of `op` until `duration` passes; answers every operation's latency.
+async fn run_clients<F, Fut>(clients: usize, duration: Duration, op: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let start = Instant::now();
+    let op = Arc::new(op);
+    let loops: Vec<_> = (0..clients)
+        .map(|c| {
+            let op = Arc::clone(&op);
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = 0;
+                while start.elapsed() < duration {
+                    let t = Instant::now();
+                    op(c, i).await?;
+                    latencies.push(t.elapsed());
+                    i += 1;
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for l in loops {
+        all.extend(l.await??);
+    }
+    Ok(all)
+}
+
+fn figure(name: &'static str, latencies: &[Duration], duration: Duration) -> Figure {
+    let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    Figure {
+        name,
+        ops_per_s: round(ms.len() as f64 / duration.as_secs_f64()),
+        p50_ms: round(percentile(&ms, 0.50)),
+        p99_ms: round(percentile(&ms, 0.99)),
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Appends at a fixed rate while an SSE subscriber receives; latency from the moment the append
+/// is sent to the moment the subscriber has the event (commit and delivery included).
+async fn subscriber_latency(client: &Client, rate: u64, duration: Duration) -> anyhow::Result<serde_json::Value> {
+    let head = client.read_log(u64::MAX - 1, 1, None).await?.next.unwrap_or(0);
+    let mut sub = client.subscribe(head, Some("lat")).await?;
+    let start = Instant::now();
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut inflight = Vec::with_capacity(total);
+            for i in 0..total {
+                tick.tick().await;
+                let client = client.clone();
+                let sent_us = start.elapsed().as_micros() as u64;
+                inflight.push(tokio::spawn(async move {
+                    let event = EventInput {
+                        id: None,
+                        event_type: "Tick".into(),
+                        data: json!({"sent_us": sent_us}),
+                        metadata: None,
+                    };
+                    client
+                        .append(&format!("lat-{}", i % 64), ExpectedVersion::Any, vec![event])
+                        .await
+                }));
+            }
+            for f in inflight {
+                f.await??;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut lat_ms = Vec::with_capacity(total);
+    while lat_ms.len() < total {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .context("the subscriber stalled")?
+            .context("the subscription ended")??;
+        let sent = e.data["sent_us"].as_u64().context("event without sent_us")?;
+        let now = start.elapsed().as_micros() as u64;
+        lat_ms.push(now.saturating_sub(sent) as f64 / 1000.0);
+    }
+    sender.await??;
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    lat_ms.sort_by(f64::total_cmp);
+    Ok(json!({
+        "subscriber_rate_target": rate,
+        "subscriber_rate_achieved": round(achieved),
+        "subscriber_events": lat_ms.len(),
+        "append_to_subscriber_p50_ms": round(percentile(&lat_ms, 0.50)),
+        "append_to_subscriber_p99_ms": round(percentile(&lat_ms, 0.99)),
+    }))
+}
+
+/// The baseline: one INSERT of an event-sized row per transaction, straight to the same database.
+#[derive(Clone)]
+enum RawInserts {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl RawInserts {
+    async fn open(url: &str, clients: usize) -> anyhow::Result<Self> {
+        let max = u32::try_from(clients).unwrap_or(32);
+        if url.starts_with("sqlite:") {
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+            use std::str::FromStr as _;
+            let opts = SqliteConnectOptions::from_str(url)?
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
+            pool.execute(
+                "CREATE TABLE IF NOT EXISTS bench_raw (position INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, \
+                 stream TEXT NOT NULL, event_type TEXT NOT NULL, data TEXT NOT NULL, metadata TEXT NOT NULL, recorded_at TEXT NOT NULL)",
+            )
+            .await?;
+            Ok(Self::Sqlite(pool))
+        } else {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(max)
+                .connect(url)
+                .await?;
+            pool.execute(
+                "CREATE TABLE IF NOT EXISTS bench_raw (position BIGSERIAL PRIMARY KEY, id UUID NOT NULL UNIQUE, \
+                 stream TEXT NOT NULL, event_type TEXT NOT NULL, data JSONB NOT NULL, metadata JSONB NOT NULL, recorded_at TIMESTAMPTZ NOT NULL)",
+            )
+            .await?;
+            Ok(Self::Postgres(pool))
+        }
+    }
+
+    async fn insert(&self, stream: &str, data: &str) -> anyhow::Result<()> {
+        let id = uuid::Uuid::now_v7();
+        match self {
+            Self::Sqlite(pool) => {
+                // BEGIN IMMEDIATE takes the write lock up front, as any correct SQLite writer must.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::query(
+                    "INSERT INTO bench_raw (id, stream, event_type, data, metadata, recorded_at) VALUES (?, ?, 'OrderPlaced', ?, '{}', ?)",
+                )
+                .bind(id)
+                .bind(stream)
+                .bind(data)
+                .bind(chrono::Utc::now())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            Self::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO bench_raw (id, stream, event_type, data, metadata, recorded_at) VALUES ($1, $2, 'OrderPlaced', $3::jsonb, '{}', now())",
+                )
+                .bind(id)
+                .bind(stream)
+                .bind(data)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        match self {
+            Self::Sqlite(p) => p.close().await,
+            Self::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
+    println!(
+        "area {} · backend {:?} · {} clients · {} s",
+        r.area, r.backend, r.clients, r.seconds
+    );
+    println!("{:<24} {:>12} {:>10} {:>10}", "", "ops/s", "p50 ms", "p99 ms");
+    for f in [&r.ours, &r.baseline] {
+        println!(
+            "{:<24} {:>12.1} {:>10.3} {:>10.3}",
+            f.name, f.ops_per_s, f.p50_ms, f.p99_ms
+        );
+    }
+    println!("ratio (ours / baseline): {:.2}", r.ratio);
+    println!("{}", serde_json::to_string_pretty(&r.extra)?);
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
 }

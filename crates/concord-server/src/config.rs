@@ -80,7 +80,9 @@ impl Settings {
                 anyhow::ensure!(std::path::Path::new(path).exists(), "config file {path} not found");
                 fig = fig.merge(Toml::file_exact(path));
             }
-            None => fig = fig.merge(Toml::file_exact("concord.toml")),
+            // Only this directory's file: a plain `Toml::file` would also search parent directories.
+            None if std::path::Path::new("concord.toml").exists() => fig = fig.merge(Toml::file_exact("concord.toml")),
+            None => {}
         }
         let settings: Settings = fig
             .merge(Env::prefixed("CONCORD_").ignore(&["url", "key"]))

@@ -38,11 +38,16 @@ async fn subscribers_on_two_nodes_see_exactly_the_committed_log_in_order() {
         return;
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let db = concord_store_postgres::create_scratch_database(&base, "concord_t").await.unwrap();
+    let db = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
     let admin = format!("torture-{}", uuid::Uuid::now_v7());
     let (a, _stop_a) = start_node(&db, &admin).await;
     let (b, _stop_b) = start_node(&db, &admin).await;
-    let nodes = [Client::new(a, admin.clone()).unwrap(), Client::new(b, admin.clone()).unwrap()];
+    let nodes = [
+        Client::new(a, admin.clone()).unwrap(),
+        Client::new(b, admin.clone()).unwrap(),
+    ];
 
     // Subscribers start before any write, one SSE stream on each node and one poller.
     let mut subscribers = Vec::new();
@@ -87,12 +92,22 @@ async fn subscribers_on_two_nodes_see_exactly_the_committed_log_in_order() {
             for i in 0..APPENDS_EACH {
                 let (delay, node, n, contend) = {
                     let mut rng = rand::rng();
-                    (rng.random_range(0..4u64), rng.random_range(0..2usize), rng.random_range(1..=3usize), rng.random_bool(0.3))
+                    (
+                        rng.random_range(0..4u64),
+                        rng.random_range(0..2usize),
+                        rng.random_range(1..=3usize),
+                        rng.random_bool(0.3),
+                    )
                 };
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 let client = &nodes[node];
                 let events = (0..n)
-                    .map(|k| EventInput { id: None, event_type: "T".into(), data: json!({"w": w, "i": i, "k": k}), metadata: None })
+                    .map(|k| EventInput {
+                        id: None,
+                        event_type: "T".into(),
+                        data: json!({"w": w, "i": i, "k": k}),
+                        metadata: None,
+                    })
                     .collect();
                 // Some appends race on shared streams with a guessed version and may lose.
                 let (stream, expected) = if contend {
@@ -139,14 +154,27 @@ async fn subscribers_on_two_nodes_see_exactly_the_committed_log_in_order() {
     }
     assert!(stored.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(stored.first().map(|e| e.0), Some(1));
-    assert_eq!(stored.last().map(|e| e.0), Some(stored.len() as u64), "positions have no holes");
+    assert_eq!(
+        stored.last().map(|e| e.0),
+        Some(stored.len() as u64),
+        "positions have no holes"
+    );
 
     for (i, s) in subscribers.into_iter().enumerate() {
         let seen = s.await.unwrap();
-        assert_eq!(seen.len(), stored.len(), "SSE subscriber {i} saw {} of {}", seen.len(), stored.len());
+        assert_eq!(
+            seen.len(),
+            stored.len(),
+            "SSE subscriber {i} saw {} of {}",
+            seen.len(),
+            stored.len()
+        );
         assert!(seen == stored, "SSE subscriber {i} saw a different sequence");
     }
     let seen = poller.await.unwrap();
     assert!(seen == stored, "the polling reader saw a different sequence");
-    eprintln!("torture: {ok} appends committed, {conflicts} refused, {} events", stored.len());
+    eprintln!(
+        "torture: {ok} appends committed, {conflicts} refused, {} events",
+        stored.len()
+    );
 }
