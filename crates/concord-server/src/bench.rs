@@ -245,7 +245,17 @@ fn round(v: f64) -> f64 {
 /// Appends at a fixed rate while an SSE subscriber receives; latency from the moment the append
 /// is sent to the moment the subscriber has the event (commit and delivery included).
 async fn subscriber_latency(client: &Client, rate: u64, duration: Duration) -> anyhow::Result<serde_json::Value> {
-    let head = client.read_log(u64::MAX - 1, 1, None).await?.next.unwrap_or(0);
+    // The position of a marker event is the head: subscribe right after it.
+    let marker = EventInput {
+        id: None,
+        event_type: "Start".into(),
+        data: json!({}),
+        metadata: None,
+    };
+    let head = client
+        .append("latmark-1", ExpectedVersion::Any, vec![marker])
+        .await?
+        .position;
     let mut sub = client.subscribe(head, Some("lat")).await?;
     let start = Instant::now();
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
@@ -268,13 +278,16 @@ async fn subscriber_latency(client: &Client, rate: u64, duration: Duration) -> a
                     };
                     client
                         .append(&format!("lat-{}", i % 64), ExpectedVersion::Any, vec![event])
-                        .await
+                        .await?;
+                    anyhow::Ok((start.elapsed().as_micros() as u64).saturating_sub(sent_us) as f64 / 1000.0)
                 }));
             }
+            let mut acked = Vec::with_capacity(total);
             for f in inflight {
-                f.await??;
+                acked.push(f.await??);
             }
-            anyhow::Ok(())
+            acked.sort_by(f64::total_cmp);
+            anyhow::Ok(acked)
         })
     };
     let mut lat_ms = Vec::with_capacity(total);
@@ -287,7 +300,7 @@ async fn subscriber_latency(client: &Client, rate: u64, duration: Duration) -> a
         let now = start.elapsed().as_micros() as u64;
         lat_ms.push(now.saturating_sub(sent) as f64 / 1000.0);
     }
-    sender.await??;
+    let acked = sender.await??;
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     lat_ms.sort_by(f64::total_cmp);
     Ok(json!({
@@ -296,6 +309,8 @@ async fn subscriber_latency(client: &Client, rate: u64, duration: Duration) -> a
         "subscriber_events": lat_ms.len(),
         "append_to_subscriber_p50_ms": round(percentile(&lat_ms, 0.50)),
         "append_to_subscriber_p99_ms": round(percentile(&lat_ms, 0.99)),
+        "append_acknowledged_p50_ms": round(percentile(&acked, 0.50)),
+        "append_acknowledged_p99_ms": round(percentile(&acked, 0.99)),
     }))
 }
 

@@ -137,6 +137,11 @@ impl Application {
         spawn_idempotency_purge(&state);
         let mut stopping = state.shutdown.clone();
         let app = routes::router(state);
+        // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's
+        // delayed ACK: tens of milliseconds of subscriber latency for nothing.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             signal.await;
             tracing::info!("shutting down: finishing in-flight requests");
