@@ -40,6 +40,9 @@ pub struct Settings {
     pub shutdown_grace_s: u64,
     /// Database connections (PostgreSQL pool size; SQLite readers).
     pub db_connections: u32,
+    /// How long a verified API key is trusted without asking the database again, milliseconds
+    /// (0: always ask). Bounds how long a key revoked on another node still works here.
+    pub auth_cache_ttl_ms: u64,
     /// SQLite `synchronous=FULL` (an acknowledged append survives power loss). Off: NORMAL.
     pub sqlite_synchronous_full: bool,
 }
@@ -62,6 +65,7 @@ impl Default for Settings {
             idempotency_lock_s: 60,
             shutdown_grace_s: 30,
             db_connections: 16,
+            auth_cache_ttl_ms: 1000,
             sqlite_synchronous_full: true,
         }
     }

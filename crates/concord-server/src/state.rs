@@ -17,4 +17,5 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Turns true when the server starts shutting down, so long-lived streams end.
     pub shutdown: watch::Receiver<bool>,
+    pub key_cache: Arc<crate::auth::KeyCache>,
 }

@@ -49,35 +49,41 @@ impl Writer {
             .await
             .map_err(unavailable)?;
 
+        // One round trip for both lookups, in a statement that starts after the lock is held, so
+        // its snapshot includes every batch committed before ours.
         let streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
-        let rows =
-            sqlx::query("SELECT stream, MAX(version) FROM concord_events WHERE stream = ANY($1) GROUP BY stream")
-                .bind(&streams)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        let mut heads = HashMap::new();
-        for row in rows {
-            let name: String = row.get(0);
-            heads.insert(StreamName::parse(&name).map_err(unavailable)?, to_u64(row.get(1)));
-        }
         let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.id)).collect();
-        let rows = sqlx::query("SELECT id, stream, version, position FROM concord_events WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let rows = sqlx::query(
+            "SELECT NULL::uuid, stream, MAX(version), NULL::bigint FROM concord_events WHERE stream = ANY($1) GROUP BY stream \
+             UNION ALL \
+             SELECT id, stream, version, position FROM concord_events WHERE id = ANY($2)",
+        )
+        .bind(&streams)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut heads = HashMap::new();
         let mut stored = HashMap::new();
         for row in rows {
             let name: String = row.get(1);
-            stored.insert(
-                row.get::<Uuid, _>(0),
-                StoredId {
-                    stream: StreamName::parse(&name).map_err(unavailable)?,
-                    version: to_u64(row.get(2)),
-                    position: to_u64(row.get(3)),
-                },
-            );
+            let stream = StreamName::parse(&name).map_err(unavailable)?;
+            match row.get::<Option<Uuid>, _>(0) {
+                None => {
+                    heads.insert(stream, to_u64(row.get(2)));
+                }
+                Some(id) => {
+                    let position: Option<i64> = row.get(3);
+                    stored.insert(
+                        id,
+                        StoredId {
+                            stream,
+                            version: to_u64(row.get(2)),
+                            position: position.map_or(0, to_u64),
+                        },
+                    );
+                }
+            }
         }
 
         let plans = plan_batch(batch, &heads, &stored, to_u64(last));
@@ -104,11 +110,17 @@ impl Writer {
         }
         let new_head = cols.position.last().copied();
         if let Some(head) = new_head {
+            // Insert, move the head and notify in one round trip; NOTIFY is delivered at COMMIT to
+            // every node's listener, this one included.
             sqlx::query(
-                "INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
-                 SELECT p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
-                 FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
-                   AS u(p, i, s, v, c, h, t, d, m)",
+                "WITH ins AS ( \
+                   INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
+                   SELECT p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
+                   FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
+                     AS u(p, i, s, v, c, h, t, d, m) \
+                   RETURNING 1), \
+                 upd AS (UPDATE concord_log_head SET last_position = $10 WHERE id = 1 RETURNING 1) \
+                 SELECT pg_notify($11, $10::text), (SELECT count(*) FROM ins), (SELECT count(*) FROM upd)",
             )
             .bind(&cols.position)
             .bind(&cols.id)
@@ -119,21 +131,11 @@ impl Writer {
             .bind(&cols.event_type)
             .bind(&cols.data)
             .bind(&cols.metadata)
+            .bind(head)
+            .bind(EVENTS_CHANNEL)
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-            sqlx::query("UPDATE concord_log_head SET last_position = $1 WHERE id = 1")
-                .bind(head)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            // Delivered at COMMIT, to every node's listener, this one included.
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(EVENTS_CHANNEL)
-                .bind(head.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)?;
         if let Some(head) = new_head {

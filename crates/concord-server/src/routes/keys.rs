@@ -38,6 +38,7 @@ pub async fn create(
 pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::parameter("id", "must be a UUID"))?;
     if state.keys.revoke_key(id).await? {
+        state.key_cache.forget(id);
         tracing::info!(key_id = %id, "api key revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {
