@@ -167,6 +167,10 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
     eprintln!("bench: append→subscriber latency at {} events/s ...", args.rate);
     let latency = subscriber_latency(&client, args.rate, duration.min(Duration::from_secs(5))).await?;
 
+    let mut latency = latency;
+    if let Some(extra) = latency.as_object_mut() {
+        extra.extend(group_commit_figures());
+    }
     let _ = stop.send(());
     let _ = server.await;
     let ours = figure("append via HTTP", &ours, duration);
@@ -217,6 +221,33 @@ where
         all.extend(l.await??);
     }
     Ok(all)
+}
+
+/// Average batch size and transaction time of the group committer over the whole run, read from
+/// this process's own metrics.
+fn group_commit_figures() -> serde_json::Map<String, serde_json::Value> {
+    let text = crate::telemetry::metrics_handle().render();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    let batches = value("concord_group_commit_batch_appends_count ");
+    let mut out = serde_json::Map::new();
+    if batches > 0.0 {
+        out.insert("group_commits".into(), json!(batches));
+        out.insert(
+            "group_commit_avg_appends".into(),
+            json!(round(value("concord_group_commit_batch_appends_sum ") / batches)),
+        );
+        out.insert(
+            "group_commit_avg_ms".into(),
+            json!(round(
+                1000.0 * value("concord_group_commit_duration_seconds_sum ") / batches
+            )),
+        );
+    }
+    out
 }
 
 fn figure(name: &'static str, latencies: &[Duration], duration: Duration) -> Figure {

@@ -85,7 +85,9 @@ async fn run<W: BatchWriter>(writer: Arc<W>, mut rx: mpsc::Receiver<Job>, max_ev
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let results = writer.write_batch(&requests).await;
+        metrics::histogram!("concord_group_commit_duration_seconds").record(started.elapsed().as_secs_f64());
         debug_assert_eq!(results.len(), requests.len());
         metrics::histogram!("concord_group_commit_batch_appends").record(requests.len() as f64);
         metrics::counter!("concord_group_commit_transactions_total").increment(1);
