@@ -779,3 +779,71 @@ async fn acknowledged_events_survive_sigkill() {
         "{answer}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a short `concord bench events --json` and checks the contract's JSON on the last line.
+fn bench_prints_the_contract_json(backend: &str, database_url: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = concord(dir.path());
+    cmd.args([
+        "bench",
+        "events",
+        "--backend",
+        backend,
+        "--clients",
+        "2",
+        "--seconds",
+        "1",
+        "--rate",
+        "100",
+        "--json",
+    ]);
+    if let Some(url) = database_url {
+        cmd.args(["--database-url", url]);
+    }
+    let out = cmd.output().expect("bench runs");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let report = json_line(stdout.lines().last().expect("bench prints lines"));
+    assert_eq!(report["area"], "events");
+    assert_eq!(report["backend"], backend);
+    assert_eq!(report["clients"], 2);
+    assert_eq!(report["seconds"], 1);
+    for side in ["ours", "baseline"] {
+        assert!(report[side]["name"].is_string(), "{report}");
+        for field in ["ops_per_s", "p50_ms", "p99_ms"] {
+            assert!(
+                report[side][field].as_f64().is_some_and(|v| v >= 0.0),
+                "{side}.{field} in {report}"
+            );
+        }
+        assert!(
+            report[side]["ops_per_s"].as_f64().unwrap() > 0.0,
+            "{side} did some work"
+        );
+    }
+    let ratio = report["ratio"].as_f64().unwrap();
+    let expected = report["ours"]["ops_per_s"].as_f64().unwrap() / report["baseline"]["ops_per_s"].as_f64().unwrap();
+    assert!((ratio - expected).abs() < 1e-6, "ratio is ours / baseline");
+    assert_eq!(report["extra"]["subscriber_events"], 100);
+    assert!(report["extra"]["append_to_subscriber_p99_ms"].as_f64().is_some());
+}
+
+#[test]
+fn bench_events_on_sqlite_prints_the_contract_json() {
+    bench_prints_the_contract_json("sqlite", None);
+}
+
+#[test]
+fn bench_events_on_postgres_prints_the_contract_json() {
+    let Ok(url) = std::env::var("CONCORD_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: CONCORD_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    bench_prints_the_contract_json("postgres", Some(&url));
+}
