@@ -16,7 +16,7 @@ use crate::ports::{
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -636,12 +636,6 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
             .unwrap(),
         IdempotencyBegin::Started
     );
-}
-
-/// A JSON value for tests that need some data.
-#[must_use]
-pub fn sample_data(n: usize) -> Value {
-    json!({ "n": n })
 }
 
 #[cfg(test)]

@@ -68,6 +68,35 @@ fn migrator() -> Migrator {
     )])
 }
 
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the WAL from its own connection. SQLite's automatic checkpoint runs inside the
+/// commit that crosses the threshold, so one append in a thousand would pay for copying and
+/// syncing the database file; here no append waits for it. PASSIVE never blocks the writer.
+async fn spawn_checkpointer(inner: &Arc<Inner>, options: SqliteConnectOptions) -> Result<(), StoreError> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(unavailable)?;
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CHECKPOINT_EVERY).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.write.is_closed() {
+                return;
+            }
+            drop(inner);
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                tracing::warn!(error = %e, "WAL checkpoint failed");
+            }
+        }
+    });
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the database and applies migrations.
     ///
@@ -91,7 +120,11 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.clone())
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" }),
+            )
             .await
             .map_err(unavailable)?;
         migrator().run(&write).await.map_err(unavailable)?;
@@ -101,7 +134,7 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new()
                 .max_connections(config.read_connections.max(1))
-                .connect_with(options.read_only(true))
+                .connect_with(options.clone().read_only(true))
                 .await
                 .map_err(unavailable)?
         };
@@ -114,6 +147,9 @@ impl SqliteStore {
             read,
             head: watch::channel(u64::try_from(last).unwrap_or(0)).0,
         });
+        if !in_memory {
+            spawn_checkpointer(&inner, options).await?;
+        }
         let committer = GroupCommitter::spawn(Arc::new(events::Writer(Arc::clone(&inner))), config.group_commit);
         Ok(Self { inner, committer })
     }

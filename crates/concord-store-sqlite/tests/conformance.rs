@@ -48,3 +48,29 @@ async fn events_survive_reopening_the_file() {
         .unwrap();
     assert_eq!(next.position, o.position + 1, "positions continue after a restart");
 }
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_into_the_database_file_in_the_background() {
+    use concord_core::domain::ExpectedVersion;
+    use concord_core::ports::EventStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.db");
+    let store = SqliteStore::connect(&SqliteConfig::new(format!("sqlite://{}", path.display())))
+        .await
+        .unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    for i in 0..100 {
+        let mut req = testkit::append(&format!("big-{i}"), ExpectedVersion::Any, &["E"]);
+        req.events[0].data = serde_json::json!({ "pad": "x".repeat(4000) });
+        store.append(req).await.unwrap();
+    }
+    // Commits never checkpoint inline; the background checkpointer must move the pages.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&path).unwrap().len() < before + 300_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file never received the WAL's pages"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
