@@ -79,6 +79,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "clients, seconds and rate must be positive"
     );
     let BenchArea::Events = args.area;
+    let mut scratch = None;
     let (database_url, _dir) = match args.backend {
         BenchBackend::Sqlite => match &args.database_url {
             Some(url) => (url.clone(), None),
@@ -94,10 +95,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 .or_else(|| std::env::var("CONCORD_TEST_POSTGRES_URL").ok())
                 .context("--database-url (a PostgreSQL server) is needed for --backend postgres")?;
             let url = concord_store_postgres::create_scratch_database(&base, "concord_bench").await?;
+            scratch = Some(base);
             (url, None)
         }
     };
-    let report = events(&args, &database_url).await?;
+    let report = events(&args, &database_url).await;
+    if let Some(base) = scratch {
+        concord_store_postgres::drop_scratch_database(&base, &database_url).await?;
+    }
+    let report = report?;
     print_report(&report, args.json)?;
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -124,3 +124,25 @@ pub async fn create_scratch_database(base_url: &str, prefix: &str) -> Result<Str
         .unwrap_or_default();
     Ok(format!("{head}/{name}{query}"))
 }
+
+/// Drops a database made by [`create_scratch_database`], closing its remaining connections.
+///
+/// # Errors
+/// When the server refuses.
+pub async fn drop_scratch_database(base_url: &str, scratch_url: &str) -> Result<(), StoreError> {
+    use sqlx::Connection as _;
+    let name = scratch_url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.split('?').next())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .ok_or_else(|| unavailable("not a scratch database URL"))?;
+    let mut conn = sqlx::PgConnection::connect(base_url).await.map_err(unavailable)?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
