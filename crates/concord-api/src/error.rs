@@ -48,6 +48,8 @@ error_codes! {
     EventTooLarge = ("event_too_large", 400, "Event too large"),
     /// More events in one append than the configured limit.
     BatchTooLarge = ("batch_too_large", 400, "Too many events in one append"),
+    /// Event data or metadata holds U+0000, which no store can keep.
+    InvalidEventData = ("invalid_event_data", 400, "Event data cannot be stored"),
     /// An append without events.
     EmptyAppend = ("empty_append", 400, "Append without events"),
     /// Two events of one append share an id.

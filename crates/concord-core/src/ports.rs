@@ -132,9 +132,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Claims the key atomically, even across nodes.
     async fn begin(&self, claim: &IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError>;
     /// Stores the response of the request that holds the key.
-    async fn complete(&self, owner: Uuid, key: &IdempotencyKey, response: &StoredResponse) -> Result<(), StoreError>;
+    ///
+    /// Only the claim that still holds the key is heard: after a takeover, a late first holder
+    /// neither overwrites nor releases the new holder's record (the claim is the fencing token).
+    async fn complete(&self, claim: &IdempotencyClaim<'_>, response: &StoredResponse) -> Result<(), StoreError>;
     /// Gives the key up without a response (the request failed in a way worth retrying).
-    async fn release(&self, owner: Uuid, key: &IdempotencyKey) -> Result<(), StoreError>;
+    async fn release(&self, claim: &IdempotencyClaim<'_>) -> Result<(), StoreError>;
     /// Deletes records past their expiry; returns how many.
     async fn purge_expired(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 }

@@ -231,14 +231,26 @@ impl IdempotencyStore for MemoryStore {
         );
         Ok(IdempotencyBegin::Started)
     }
-    async fn complete(&self, owner: Uuid, key: &IdempotencyKey, response: &StoredResponse) -> Result<(), StoreError> {
-        if let Some(r) = self.lock().idem.get_mut(&(owner, key.as_str().to_owned())) {
+    async fn complete(&self, c: &IdempotencyClaim<'_>, response: &StoredResponse) -> Result<(), StoreError> {
+        if let Some(r) = self.lock().idem.get_mut(&(c.owner, c.key.as_str().to_owned()))
+            && r.response.is_none()
+            && r.fingerprint == c.fingerprint
+            && r.locked_until == c.locked_until
+        {
             r.response = Some(response.clone());
         }
         Ok(())
     }
-    async fn release(&self, owner: Uuid, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.lock().idem.remove(&(owner, key.as_str().to_owned()));
+    async fn release(&self, c: &IdempotencyClaim<'_>) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let slot = (c.owner, c.key.as_str().to_owned());
+        if st
+            .idem
+            .get(&slot)
+            .is_some_and(|r| r.response.is_none() && r.fingerprint == c.fingerprint && r.locked_until == c.locked_until)
+        {
+            st.idem.remove(&slot);
+        }
         Ok(())
     }
     async fn purge_expired(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -596,7 +608,7 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
         IdempotencyBegin::Started,
         "keys are scoped per owner"
     );
-    s.complete(owner, &key, &response).await.unwrap();
+    s.complete(&claim(owner, b"a", now), &response).await.unwrap();
     assert_eq!(
         s.begin(&claim(owner, b"a", now)).await.unwrap(),
         IdempotencyBegin::Replay(response.clone())
@@ -607,7 +619,7 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
     );
 
     // A released key can be claimed again.
-    s.release(other_owner, &key).await.unwrap();
+    s.release(&claim(other_owner, b"b", now)).await.unwrap();
     assert_eq!(
         s.begin(&claim(other_owner, b"c", now)).await.unwrap(),
         IdempotencyBegin::Started
@@ -617,6 +629,19 @@ pub async fn idempotency_store_suite<S: IdempotencyStore>(s: S) {
     assert_eq!(
         s.begin(&claim(other_owner, b"c", later)).await.unwrap(),
         IdempotencyBegin::Started
+    );
+    // The holder that lost the key to a takeover can neither complete nor release it.
+    s.complete(&claim(other_owner, b"c", now), &response).await.unwrap();
+    s.release(&claim(other_owner, b"c", now)).await.unwrap();
+    assert_eq!(
+        s.begin(&claim(other_owner, b"c", later)).await.unwrap(),
+        IdempotencyBegin::InFlight,
+        "the new holder still holds the key"
+    );
+    s.complete(&claim(other_owner, b"c", later), &response).await.unwrap();
+    assert_eq!(
+        s.begin(&claim(other_owner, b"c", later)).await.unwrap(),
+        IdempotencyBegin::Replay(response.clone())
     );
     // A completed record is not taken over when its lock time passes, only when it expires.
     assert_eq!(

@@ -61,6 +61,7 @@ impl From<ValidationError> for ApiError {
             ValidationError::EmptyAppend => ErrorCode::EmptyAppend,
             ValidationError::DuplicateEventId(_) => ErrorCode::DuplicateEventId,
             ValidationError::Metadata(_) => ErrorCode::InvalidMetadata,
+            ValidationError::NulCharacter(_) => ErrorCode::InvalidEventData,
             ValidationError::Scope(_) => ErrorCode::InvalidScope,
             ValidationError::IdempotencyKey(_) => ErrorCode::InvalidIdempotencyKey,
             ValidationError::Parameter { .. } => ErrorCode::InvalidParameter,

@@ -15,6 +15,11 @@ use concord_core::domain::{Fingerprint, IdempotencyKey, Principal};
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim, StoredResponse};
 
 pub const HEADER: &str = "idempotency-key";
+
+/// Marks a response whose body holds a secret, so that it is never kept for replay: stored
+/// responses sit in the database in plaintext.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretResponse;
 /// Set on a response that is a replay of a stored one.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
@@ -69,16 +74,26 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     // holding a half-finished request until its lock expires.
     let req = Request::from_parts(parts, Body::from(bytes));
     let store = state.idempotency.clone();
+    let (fingerprint, locked_until, expires_at) = (claim.fingerprint, claim.locked_until, claim.expires_at);
     let finished = tokio::spawn(async move {
+        let claim = IdempotencyClaim {
+            owner,
+            key: &key,
+            fingerprint,
+            now,
+            locked_until,
+            expires_at,
+        };
         let resp = next.run(req).await;
         let (parts, body) = resp.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_STORED_RESPONSE).await else {
-            let _ = store.release(owner, &key).await;
+            let _ = store.release(&claim).await;
             return ApiError::new(ErrorCode::Internal, "response too large to keep").into_response();
         };
         // A server error may be transient: give the key back so a retry runs the request again.
-        let outcome = if parts.status.is_server_error() {
-            store.release(owner, &key).await
+        // A response carrying a secret (a new API key) is never stored: a retry runs again.
+        let outcome = if parts.status.is_server_error() || parts.extensions.get::<SecretResponse>().is_some() {
+            store.release(&claim).await
         } else {
             let stored = StoredResponse {
                 status: parts.status.as_u16(),
@@ -89,7 +104,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
                     .map(str::to_owned),
                 body: bytes.to_vec(),
             };
-            store.complete(owner, &key, &stored).await
+            store.complete(&claim, &stored).await
         };
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "could not record the idempotent response");

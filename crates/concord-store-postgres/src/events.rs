@@ -137,7 +137,25 @@ impl Writer {
             .await
             .map_err(unavailable)?;
         }
-        tx.commit().await.map_err(unavailable)?;
+        if let Err(e) = tx.commit().await {
+            // A COMMIT whose answer was lost (the connection broke) may have committed anyway.
+            // Answering "unavailable" then would invite a retry that writes the events twice, so
+            // look: the batch's last event id is there exactly when the whole batch committed.
+            let committed = match cols.id.last() {
+                Some(id) => sqlx::query_scalar::<_, i64>("SELECT position FROM concord_events WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.0.pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some(),
+                None => false,
+            };
+            if !committed {
+                return Err(unavailable(e));
+            }
+            tracing::warn!(error = %e, "COMMIT answered an error but the batch is stored");
+        }
         if let Some(head) = new_head {
             advance(&self.0.head, to_u64(head));
         }

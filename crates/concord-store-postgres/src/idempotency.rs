@@ -3,10 +3,8 @@
 use crate::{PostgresStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use concord_core::domain::IdempotencyKey;
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoreError, StoredResponse};
 use sqlx::Row as _;
-use uuid::Uuid;
 
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
@@ -61,25 +59,28 @@ impl IdempotencyStore for PostgresStore {
         Ok(IdempotencyBegin::InFlight)
     }
 
-    async fn complete(&self, owner: Uuid, key: &IdempotencyKey, r: &StoredResponse) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE concord_idempotency SET status = $1, content_type = $2, body = $3 WHERE owner = $4 AND key = $5",
-        )
-        .bind(i32::from(r.status))
-        .bind(r.content_type.as_deref())
-        .bind(&r.body[..])
-        .bind(owner)
-        .bind(key.as_str())
-        .execute(&self.inner.pool)
-        .await
-        .map_err(unavailable)?;
+    async fn complete(&self, c: &IdempotencyClaim<'_>, r: &StoredResponse) -> Result<(), StoreError> {
+        // The claim's fingerprint and lock time fence out a holder whose key was taken over.
+        sqlx::query("UPDATE concord_idempotency SET status = $1, content_type = $2, body = $3 WHERE owner = $4 AND key = $5 AND status IS NULL AND fingerprint = $6 AND locked_until = $7")
+            .bind(i32::from(r.status))
+            .bind(r.content_type.as_deref())
+            .bind(&r.body[..])
+            .bind(c.owner)
+            .bind(c.key.as_str())
+            .bind(&c.fingerprint.0[..])
+            .bind(c.locked_until.timestamp_millis())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn release(&self, owner: Uuid, key: &IdempotencyKey) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM concord_idempotency WHERE owner = $1 AND key = $2 AND status IS NULL")
-            .bind(owner)
-            .bind(key.as_str())
+    async fn release(&self, c: &IdempotencyClaim<'_>) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM concord_idempotency WHERE owner = $1 AND key = $2 AND status IS NULL AND fingerprint = $3 AND locked_until = $4")
+            .bind(c.owner)
+            .bind(c.key.as_str())
+            .bind(&c.fingerprint.0[..])
+            .bind(c.locked_until.timestamp_millis())
             .execute(&self.inner.pool)
             .await
             .map_err(unavailable)?;

@@ -165,7 +165,13 @@ impl AppendRequest {
                 Some(m @ Value::Object(_)) => m,
                 Some(_) => return Err(ValidationError::Metadata(index)),
             };
-            let size = json_len(&e.data) + json_len(&metadata);
+            let (data_json, meta_json) = (json_text(&e.data), json_text(&metadata));
+            // PostgreSQL's jsonb cannot hold U+0000; refusing it here keeps the two stores alike
+            // and keeps one caller's value from failing a whole group commit.
+            if data_json.contains("\\u0000") || meta_json.contains("\\u0000") {
+                return Err(ValidationError::NulCharacter(index));
+            }
+            let size = data_json.len() + meta_json.len();
             if size > limits.max_event_bytes {
                 return Err(ValidationError::EventTooLarge {
                     index,
@@ -192,9 +198,9 @@ impl AppendRequest {
     }
 }
 
-fn json_len(v: &Value) -> usize {
-    // Serializing a Value cannot fail; the length is what the store will hold.
-    serde_json::to_vec(v).map_or(0, |b| b.len())
+fn json_text(v: &Value) -> String {
+    // Serializing a Value cannot fail; this text is what the store will hold.
+    v.to_string()
 }
 
 /// What an append did: the versions its events took and the global position of the last one.
@@ -311,6 +317,10 @@ mod tests {
         assert_eq!(
             AppendRequest::new(stream(), any, vec![a, b], &limits),
             Err(ValidationError::DuplicateEventId(id))
+        );
+        assert_eq!(
+            AppendRequest::new(stream(), any, vec![ev(json!({"x": "a\u{0}b"}))], &limits),
+            Err(ValidationError::NulCharacter(0))
         );
         let mut bad_type = ev(json!(1));
         bad_type.event_type = "has space".into();

@@ -33,6 +33,9 @@ pub enum ValidationError {
     /// An append without events.
     #[error("an append needs at least one event")]
     EmptyAppend,
+    /// Event data or metadata contains U+0000, which a JSON column cannot store.
+    #[error("event {0} contains the character U+0000, which cannot be stored")]
+    NulCharacter(usize),
     /// Two events of one append share an id.
     #[error("event id {0} appears twice in one append")]
     DuplicateEventId(uuid::Uuid),

@@ -1,11 +1,13 @@
 //! Creating and revoking API keys.
 
 use crate::error::ApiError;
+use crate::idempotency::SecretResponse;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use concord_api::ErrorCode;
 use concord_api::keys::{CreateKeyBody, CreatedKey};
 use concord_core::app::auth::{KeyError, create_key};
@@ -15,7 +17,7 @@ use uuid::Uuid;
 pub async fn create(
     State(state): State<AppState>,
     body: Result<Json<CreateKeyBody>, JsonRejection>,
-) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let (record, key) = create_key(state.keys.as_ref(), &body.name, &body.scopes)
         .await
@@ -24,15 +26,15 @@ pub async fn create(
             KeyError::Store(s) => ApiError::from(s),
         })?;
     tracing::info!(key_id = %record.id, name = %record.name, "api key created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKey {
-            id: record.id,
-            name: record.name,
-            scopes: record.scopes.iter().map(Scope::as_str).map(str::to_owned).collect(),
-            key,
-        }),
-    ))
+    let created = CreatedKey {
+        id: record.id,
+        name: record.name,
+        scopes: record.scopes.iter().map(Scope::as_str).map(str::to_owned).collect(),
+        key,
+    };
+    let mut resp = (StatusCode::CREATED, Json(created)).into_response();
+    resp.extensions_mut().insert(SecretResponse);
+    Ok(resp)
 }
 
 pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {

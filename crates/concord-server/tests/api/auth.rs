@@ -125,11 +125,26 @@ async fn keys_are_stored_hashed_never_in_plaintext() {
         return;
     };
     let key = app.create_key(&["events:read"]).await;
+    // Even when created with an Idempotency-Key, the response is not kept for replay.
+    let created = |k: &'static str| {
+        app.admin(Method::POST, "/v1/keys")
+            .header("Idempotency-Key", k)
+            .json(&json!({"name": "idem", "scopes": ["events:read"]}))
+            .send()
+    };
+    let first: serde_json::Value = created("create-1").await.unwrap().json().await.unwrap();
+    let second = created("create-1").await.unwrap();
+    assert_eq!(second.status(), 201);
+    assert!(
+        second.headers().get("idempotent-replayed").is_none(),
+        "a secret is never replayed"
+    );
+    let idem_key = first["key"].as_str().unwrap().to_owned();
     let path = app.database_url.trim_start_matches("sqlite://").to_owned();
     // Read every byte of the database and its WAL: neither key may appear anywhere.
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
-    for secret in [key.as_bytes(), app.admin_key.as_bytes()] {
+    for secret in [key.as_bytes(), app.admin_key.as_bytes(), idem_key.as_bytes()] {
         assert!(
             !bytes.windows(secret.len()).any(|w| w == secret),
             "a key is stored in plaintext"

@@ -108,6 +108,10 @@ async fn limits_are_enforced_and_nothing_of_the_request_is_written(b: Backend) {
         .await;
     assert_problem(r, 400, "invalid_metadata").await;
     let r = app
+        .append("a-1", json!({"events": [{"type": "E", "data": {"x": "nul\u{0}"}}]}))
+        .await;
+    assert_problem(r, 400, "invalid_event_data").await;
+    let r = app
         .append("a-1", json!({"events": [{"type": "has space", "data": {}}]}))
         .await;
     assert_problem(r, 400, "invalid_event_type").await;
