@@ -71,12 +71,25 @@ impl GroupCommitter {
 async fn run<W: BatchWriter>(writer: Arc<W>, mut rx: mpsc::Receiver<Job>, max_events: usize) {
     let mut requests = Vec::new();
     let mut replies = Vec::new();
-    while let Some((req, reply)) = rx.recv().await {
-        let mut events = req.events.len();
-        requests.push(req);
-        replies.push(reply);
+    // An append that would have pushed a batch over the limit opens the next one.
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut events = first.0.events.len();
+        requests.push(first.0);
+        replies.push(first.1);
         while events < max_events {
             match rx.try_recv() {
+                Ok((req, reply)) if events + req.events.len() > max_events => {
+                    carried = Some((req, reply));
+                    break;
+                }
                 Ok((req, reply)) => {
                     events += req.events.len();
                     requests.push(req);
@@ -111,12 +124,17 @@ mod tests {
     struct GatedWriter {
         gate: Semaphore,
         entered: Mutex<Vec<usize>>,
+        events: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
     impl BatchWriter for GatedWriter {
         async fn write_batch(&self, batch: &[AppendRequest]) -> Vec<Result<AppendOutcome, StoreError>> {
             self.entered.lock().unwrap().push(batch.len());
+            self.events
+                .lock()
+                .unwrap()
+                .push(batch.iter().map(|r| r.events.len()).sum());
             let _permit = self.gate.acquire().await.expect("gate open");
             let ok = AppendOutcome {
                 first_version: 1,
@@ -131,6 +149,7 @@ mod tests {
         let writer = Arc::new(GatedWriter {
             gate: Semaphore::new(0),
             entered: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
         });
         let committer = GroupCommitter::spawn(writer.clone(), limits);
         let tasks: Vec<_> = (0..appends)
@@ -180,5 +199,36 @@ mod tests {
         .await;
         assert!(batches.iter().all(|b| *b <= 5), "{batches:?}");
         assert!(batches.len() >= 3);
+    }
+
+    #[tokio::test]
+    async fn an_append_that_would_overflow_a_batch_waits_for_the_next_one() {
+        let writer = Arc::new(GatedWriter {
+            gate: Semaphore::new(1000),
+            entered: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
+        });
+        let committer = GroupCommitter::spawn(
+            writer.clone(),
+            GroupCommitLimits {
+                max_batch_events: 5,
+                queue_len: 100,
+            },
+        );
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let c = committer.clone();
+                tokio::spawn(async move {
+                    c.append(testkit::append(&format!("s-{i}"), ExpectedVersion::Any, &["E", "F"]))
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let events = writer.events.lock().unwrap().clone();
+        assert_eq!(events.iter().sum::<usize>(), 24);
+        assert!(events.iter().all(|e| *e <= 5), "{events:?}");
     }
 }

@@ -2,22 +2,33 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::Extension;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use concord_api::ErrorCode;
 use concord_api::events::{AppendBody, AppendResponse, EventOut, EventsPage};
 use concord_core::domain::event::UncheckedEvent;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{AppendRequest, Category, ExpectedVersion, RecordedEvent, StreamName};
+use concord_core::domain::{Principal, Scope};
 use concord_core::ports::LogQuery;
 use serde::Deserialize;
 
 pub async fn append(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(stream): Path<String>,
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
+    // System streams (`$...`: audit trails, saga logs) are written by Concord itself.
+    if stream.as_str().starts_with('$') && !principal.allows(Scope::ADMIN) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "system streams ($...) need the admin scope",
+        ));
+    }
     let Json(body) = body?;
     let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
     let events = body

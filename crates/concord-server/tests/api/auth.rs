@@ -166,3 +166,21 @@ async fn admin_does_not_imply_revealing_vault_values() {
         .unwrap();
     assert_eq!(r.status(), 201);
 }
+
+#[tokio::test]
+async fn system_streams_are_written_only_with_admin() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
+    let writer = app.create_key(&["events:write"]).await;
+    let body = json!({"events": [{"type": "E", "data": {}}]});
+    let r = app
+        .request(Method::POST, "/v1/streams/$audit-1", Some(&writer))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.append("$audit-1", body).await;
+    assert_eq!(r.status(), 200, "admin may write a system stream");
+}
