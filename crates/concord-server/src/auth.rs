@@ -110,7 +110,7 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
     let principal = match state.key_cache.get(&hash) {
         Some(p) => p,
         None => {
-            let p = authenticate(state.keys.as_ref(), presented)
+            let p = authenticate(state.keys.as_ref(), &hash)
                 .await?
                 .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown or revoked API key"))?;
             state.key_cache.put(&hash, &p);

@@ -91,12 +91,6 @@ impl PostgresStore {
         Ok(Self { inner, committer })
     }
 
-    /// The pool, for the benchmark's baseline (raw INSERTs on the same database).
-    #[must_use]
-    pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
     pub async fn close(&self) {
         self.inner.pool.close().await;
     }

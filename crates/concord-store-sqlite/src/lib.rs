@@ -154,12 +154,6 @@ impl SqliteStore {
         Ok(Self { inner, committer })
     }
 
-    /// The writer's pool, for the benchmark's baseline (raw INSERTs on the same database).
-    #[must_use]
-    pub fn write_pool(&self) -> &SqlitePool {
-        &self.inner.write
-    }
-
     /// Closes both pools.
     pub async fn close(&self) {
         self.inner.write.close().await;

@@ -15,17 +15,17 @@ pub enum KeyError {
     Store(#[from] StoreError),
 }
 
-/// The principal a presented key stands for, or `None` for an unknown or revoked key.
+/// The principal whose key has this hash (see [`KeyHash::of`]), or `None` for an unknown or
+/// revoked key. The caller hashes once and may use the hash as a cache key too.
 ///
 /// # Errors
 /// When the key store fails.
 #[tracing::instrument(skip_all)]
-pub async fn authenticate(keys: &dyn KeyStore, presented: &str) -> Result<Option<Principal>, StoreError> {
-    let hash = KeyHash::of(presented);
+pub async fn authenticate(keys: &dyn KeyStore, hash: &KeyHash) -> Result<Option<Principal>, StoreError> {
     Ok(keys
-        .find_key(&hash)
+        .find_key(hash)
         .await?
-        .filter(|k| k.hash.matches(&hash))
+        .filter(|k| k.hash.matches(hash))
         .map(Principal::from))
 }
 

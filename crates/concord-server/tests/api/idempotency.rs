@@ -1,7 +1,7 @@
 use crate::both_backends;
 use crate::helpers::{Backend, assert_problem, spawn_app};
 use concord_core::app::auth::authenticate;
-use concord_core::domain::{Fingerprint, IdempotencyKey};
+use concord_core::domain::{Fingerprint, IdempotencyKey, KeyHash};
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -51,7 +51,7 @@ both_backends!(a_completed_request_is_replayed_not_run_again);
 async fn a_key_in_flight_answers_409(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     // Another node holds the key right now: claim it directly in the store.
-    let owner = authenticate(app.state.keys.as_ref(), &app.admin_key)
+    let owner = authenticate(app.state.keys.as_ref(), &KeyHash::of(&app.admin_key))
         .await
         .unwrap()
         .unwrap()
