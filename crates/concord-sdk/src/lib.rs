@@ -1,6 +1,7 @@
 //! Concord's Rust sdk: today the typed client of the Concord server ([`Client`]); the service-side
 //! kit (outbox, inbox, idempotency layer, projection runner, 2PC participant, read-through cache)
 //! comes later.
+//! [`barrier`] is the first piece of that kit: the saga participant barrier.
 //!
 //! # TLS crypto provider
 //!
@@ -39,6 +40,7 @@
 //! # }
 //! ```
 
+pub mod barrier;
 mod client;
 
 pub use client::{Client, ClientError, ExpectedVersion, Subscription};

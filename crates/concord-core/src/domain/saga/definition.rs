@@ -1,0 +1,681 @@
+//! Saga definitions: the steps a saga runs, validated once when the definition is stored, and
+//! the templates their HTTP calls are filled from when a step runs.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A definition rejected at the edge. Each variant maps to one stable error code in the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    /// A name (definition, step or saga id) outside its alphabet or length.
+    #[error("invalid name: {0}")]
+    Name(String),
+    /// Two steps share a name.
+    #[error("step name {0} appears twice")]
+    DuplicateStep(String),
+    /// A `{{...}}` that names nothing a step can see.
+    #[error("step {step}: unknown template variable {{{{{var}}}}}: {reason}")]
+    Template { step: String, var: String, reason: String },
+    /// A URL that is not `http://` or `https://` with a fixed host.
+    #[error("step {step}: invalid url {url}: {reason}")]
+    Url { step: String, url: String, reason: String },
+    /// A method other than GET, POST, PUT, PATCH, DELETE.
+    #[error("step {step}: unsupported method {method}")]
+    Method { step: String, method: String },
+    /// A header that is malformed or that Concord sets itself.
+    #[error("step {step}: invalid header {header}: {reason}")]
+    Header { step: String, header: String, reason: String },
+    /// A size, count or duration beyond its configured limit.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// Limits on definitions and instances, all configurable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SagaLimits {
+    pub max_steps: usize,
+    pub max_definition_bytes: usize,
+    pub max_input_bytes: usize,
+    /// Largest participant answer kept as a step's output; a larger one is an error of the step.
+    pub max_output_bytes: usize,
+    pub max_attempts: u32,
+    pub max_timeout_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for SagaLimits {
+    fn default() -> Self {
+        Self {
+            max_steps: 32,
+            max_definition_bytes: 64 * 1024,
+            max_input_bytes: 64 * 1024,
+            max_output_bytes: 64 * 1024,
+            max_attempts: 100,
+            max_timeout_ms: 300_000,
+            max_backoff_ms: 3_600_000,
+        }
+    }
+}
+
+/// When and how often a call is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Delay before the second attempt; each later delay doubles, up to `max_backoff_ms`.
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Fraction (0 to 1) of each delay drawn at random and taken off, so retries spread out.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+fn default_jitter() -> f64 {
+    0.2
+}
+
+impl RetryPolicy {
+    /// The default for actions: 3 attempts, 100 ms doubling up to 10 s.
+    pub const ACTION: Self = Self {
+        max_attempts: 3,
+        backoff_ms: 100,
+        max_backoff_ms: 10_000,
+        jitter: 0.2,
+    };
+    /// The default for compensations: 10 attempts, 100 ms doubling up to 30 s.
+    pub const COMPENSATION: Self = Self {
+        max_attempts: 10,
+        backoff_ms: 100,
+        max_backoff_ms: 30_000,
+        jitter: 0.2,
+    };
+
+    /// The delay after the `tries`-th failed attempt (1-based); `random` is uniform in `[0, 1)`.
+    #[must_use]
+    pub fn delay(&self, tries: u32, random: f64) -> Duration {
+        let exp = tries.saturating_sub(1).min(32);
+        let base = self.backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = (base as f64 * (1.0 - self.jitter * random.clamp(0.0, 1.0))).max(0.0) as u64;
+        Duration::from_millis(ms)
+    }
+
+    fn validate(&self, what: &str, limits: &SagaLimits) -> Result<(), DefinitionError> {
+        let bad = |reason: String| Err(DefinitionError::Limit(format!("{what}: {reason}")));
+        if self.max_attempts == 0 || self.max_attempts > limits.max_attempts {
+            return bad(format!("max_attempts must be 1 to {}", limits.max_attempts));
+        }
+        if self.max_backoff_ms > limits.max_backoff_ms || self.backoff_ms > self.max_backoff_ms {
+            return bad(format!(
+                "backoff_ms must be at most max_backoff_ms, which must be at most {}",
+                limits.max_backoff_ms
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return bad("jitter must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP call to a participant; its strings may hold `{{...}}` templates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCall {
+    pub method: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+/// One step as written by the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    pub name: String,
+    pub action: HttpCall,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<HttpCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A definition as written by the user (the body of `PUT /v1/saga-definitions/{name}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionSpec {
+    pub steps: Vec<StepSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_retry: Option<RetryPolicy>,
+}
+
+/// A validated step with its defaults resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub action: HttpCall,
+    pub compensation: Option<HttpCall>,
+    pub retry: RetryPolicy,
+    pub timeout: Duration,
+}
+
+/// A validated, versioned definition. Instances keep the version they started with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaDefinition {
+    pub name: String,
+    pub version: u32,
+    pub steps: Vec<Step>,
+    pub compensation_retry: RetryPolicy,
+    /// The spec it was made from, as stored.
+    pub spec: DefinitionSpec,
+}
+
+/// Default step timeout when a step sets none.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+/// Headers Concord sets on every participant call; a definition may not set them.
+const RESERVED_HEADERS: &[&str] = &[
+    "idempotency-key",
+    "concord-saga-id",
+    "traceparent",
+    "tracestate",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
+
+/// Checks a definition or step name: 1–64 of `[A-Za-z0-9_.-]`.
+///
+/// # Errors
+/// [`DefinitionError::Name`] when it breaks the rule.
+pub fn check_definition_name(name: &str) -> Result<(), DefinitionError> {
+    check_name(name, 64, |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Checks a saga id: 1–128 of letters, digits and `-_.:`.
+///
+/// # Errors
+/// [`DefinitionError::Name`] when it breaks the rule.
+pub fn check_saga_id(id: &str) -> Result<(), DefinitionError> {
+    check_name(id, 128, |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+fn check_step_name(name: &str) -> Result<(), DefinitionError> {
+    check_name(name, 64, |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+fn check_name(name: &str, max: usize, ok: impl Fn(u8) -> bool) -> Result<(), DefinitionError> {
+    if name.is_empty() || name.len() > max || !name.bytes().all(ok) {
+        return Err(DefinitionError::Name(format!(
+            "{name:?} must be 1 to {max} characters of the allowed alphabet"
+        )));
+    }
+    Ok(())
+}
+
+impl SagaDefinition {
+    /// Validates a spec: names, methods, URLs, headers, every template variable, every limit.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn new(name: &str, version: u32, spec: DefinitionSpec, limits: &SagaLimits) -> Result<Self, DefinitionError> {
+        check_definition_name(name)?;
+        let size = serde_json::to_vec(&spec).map_or(usize::MAX, |v| v.len());
+        if size > limits.max_definition_bytes {
+            return Err(DefinitionError::Limit(format!(
+                "definition is {size} bytes, over the limit of {}",
+                limits.max_definition_bytes
+            )));
+        }
+        if spec.steps.is_empty() || spec.steps.len() > limits.max_steps {
+            return Err(DefinitionError::Limit(format!(
+                "a definition has 1 to {} steps",
+                limits.max_steps
+            )));
+        }
+        let compensation_retry = spec.compensation_retry.unwrap_or(RetryPolicy::COMPENSATION);
+        compensation_retry.validate("compensation_retry", limits)?;
+        let mut steps: Vec<Step> = Vec::with_capacity(spec.steps.len());
+        for s in &spec.steps {
+            check_step_name(&s.name)?;
+            if steps.iter().any(|p| p.name == s.name) {
+                return Err(DefinitionError::DuplicateStep(s.name.clone()));
+            }
+            let retry = s.retry.unwrap_or(RetryPolicy::ACTION);
+            retry.validate(&format!("step {} retry", s.name), limits)?;
+            let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+            if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
+                return Err(DefinitionError::Limit(format!(
+                    "step {}: timeout_ms must be 1 to {}",
+                    s.name, limits.max_timeout_ms
+                )));
+            }
+            let earlier: Vec<&str> = steps.iter().map(|p| p.name.as_str()).collect();
+            check_call(&s.name, &s.action, &earlier)?;
+            if let Some(c) = &s.compensation {
+                // A compensation runs after its own step, so it may read that step's output.
+                let mut visible = earlier.clone();
+                visible.push(&s.name);
+                check_call(&s.name, c, &visible)?;
+            }
+            steps.push(Step {
+                name: s.name.clone(),
+                action: s.action.clone(),
+                compensation: s.compensation.clone(),
+                retry,
+                timeout: Duration::from_millis(timeout_ms),
+            });
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            version,
+            steps,
+            compensation_retry,
+            spec,
+        })
+    }
+}
+
+fn check_call(step: &str, call: &HttpCall, visible: &[&str]) -> Result<(), DefinitionError> {
+    if !METHODS.contains(&call.method.as_str()) {
+        return Err(DefinitionError::Method {
+            step: step.into(),
+            method: call.method.clone(),
+        });
+    }
+    check_url(step, &call.url)?;
+    for (name, value) in &call.headers {
+        let bad = |reason: &str| {
+            Err(DefinitionError::Header {
+                step: step.into(),
+                header: name.clone(),
+                reason: reason.into(),
+            })
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+            return bad("not a valid header name");
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return bad("Concord sets this header itself");
+        }
+        if value.bytes().any(|b| b.is_ascii_control()) {
+            return bad("control characters in the value");
+        }
+        check_templates(step, value, visible)?;
+    }
+    check_templates(step, &call.url, visible)?;
+    if let Some(body) = &call.body {
+        check_json_templates(step, body, visible)?;
+    }
+    Ok(())
+}
+
+fn check_url(step: &str, url: &str) -> Result<(), DefinitionError> {
+    let bad = |reason: &str| {
+        Err(DefinitionError::Url {
+            step: step.into(),
+            url: url.into(),
+            reason: reason.into(),
+        })
+    };
+    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+        return bad("must start with http:// or https://");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() {
+        return bad("has no host");
+    }
+    if authority.contains("{{") || authority.contains('@') {
+        return bad("the host must be fixed (no templates, no user info)");
+    }
+    if !authority
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    {
+        return bad("invalid characters in the host");
+    }
+    if url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return bad("whitespace or control characters");
+    }
+    Ok(())
+}
+
+fn check_json_templates(step: &str, v: &Value, visible: &[&str]) -> Result<(), DefinitionError> {
+    match v {
+        Value::String(s) => check_templates(step, s, visible),
+        Value::Array(a) => a.iter().try_for_each(|x| check_json_templates(step, x, visible)),
+        Value::Object(o) => o.values().try_for_each(|x| check_json_templates(step, x, visible)),
+        _ => Ok(()),
+    }
+}
+
+fn check_templates(step: &str, s: &str, visible: &[&str]) -> Result<(), DefinitionError> {
+    for piece in parse_template(s) {
+        let var = match piece {
+            Piece::Text(_) => continue,
+            Piece::Var(v) => v,
+            Piece::Unclosed => {
+                return Err(DefinitionError::Template {
+                    step: step.into(),
+                    var: s.into(),
+                    reason: "a {{ without its }}".into(),
+                });
+            }
+        };
+        let bad = |reason: &str| {
+            Err(DefinitionError::Template {
+                step: step.into(),
+                var: var.into(),
+                reason: reason.into(),
+            })
+        };
+        let parts: Vec<&str> = var.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return bad("empty path segment");
+        }
+        match parts.as_slice() {
+            ["saga", "id"] | ["input", ..] => {}
+            ["saga", ..] => return bad("the saga offers only saga.id"),
+            ["steps", name, "output", ..] => {
+                if !visible.contains(name) {
+                    return bad("names no earlier step");
+                }
+            }
+            ["steps", ..] => return bad("use steps.<name>.output[.field]"),
+            _ => return bad("variables start with input., steps.<name>.output or saga.id"),
+        }
+    }
+    Ok(())
+}
+
+enum Piece<'a> {
+    Text(&'a str),
+    Var(&'a str),
+    Unclosed,
+}
+
+fn parse_template(s: &str) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        if start > 0 {
+            out.push(Piece::Text(&rest[..start]));
+        }
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push(Piece::Unclosed);
+            return out;
+        };
+        out.push(Piece::Var(after[..end].trim()));
+        rest = &after[end + 2..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    out
+}
+
+/// What templates are filled from when a step runs.
+pub struct TemplateContext<'a> {
+    pub saga_id: &'a str,
+    pub input: &'a Value,
+    /// Outputs of the steps that succeeded, by step name.
+    pub outputs: &'a BTreeMap<String, Value>,
+}
+
+/// A template whose variable has no value at run time (an output lacks the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("template variable {{{{{0}}}}} has no value")]
+pub struct MissingValue(pub String);
+
+impl TemplateContext<'_> {
+    fn lookup(&self, var: &str) -> Result<Value, MissingValue> {
+        let missing = || MissingValue(var.to_owned());
+        let parts: Vec<&str> = var.split('.').collect();
+        let (root, path) = match parts.as_slice() {
+            ["saga", "id"] => return Ok(Value::String(self.saga_id.to_owned())),
+            ["input", path @ ..] => (self.input, path),
+            ["steps", name, "output", path @ ..] => (self.outputs.get(*name).ok_or_else(missing)?, path),
+            _ => return Err(missing()),
+        };
+        let mut v = root;
+        for p in path {
+            v = match v {
+                Value::Object(o) => o.get(*p),
+                Value::Array(a) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
+                _ => None,
+            }
+            .ok_or_else(missing)?;
+        }
+        Ok(v.clone())
+    }
+
+    /// Fills a string. `encode` percent-encodes every substituted value (for URLs).
+    ///
+    /// # Errors
+    /// A variable without a value.
+    pub fn render_str(&self, s: &str, encode: bool) -> Result<String, MissingValue> {
+        let mut out = String::with_capacity(s.len());
+        for piece in parse_template(s) {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var(v) => {
+                    let text = match self.lookup(v)? {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    if encode {
+                        percent_encode(&text, &mut out);
+                    } else {
+                        out.push_str(&text);
+                    }
+                }
+                Piece::Unclosed => out.push_str("{{"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fills a JSON body: a string that is one whole `{{x}}` takes x's JSON value (keeping its
+    /// type); other strings are filled as text.
+    ///
+    /// # Errors
+    /// A variable without a value.
+    pub fn render_json(&self, v: &Value) -> Result<Value, MissingValue> {
+        Ok(match v {
+            Value::String(s) => match parse_template(s).as_slice() {
+                [Piece::Var(var)] => self.lookup(var)?,
+                _ => Value::String(self.render_str(s, false)?),
+            },
+            Value::Array(a) => Value::Array(a.iter().map(|x| self.render_json(x)).collect::<Result<_, _>>()?),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| Ok((k.clone(), self.render_json(x)?)))
+                    .collect::<Result<_, MissingValue>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+
+    /// Fills a whole call.
+    ///
+    /// # Errors
+    /// A variable without a value.
+    pub fn render_call(&self, call: &HttpCall) -> Result<HttpCall, MissingValue> {
+        Ok(HttpCall {
+            method: call.method.clone(),
+            url: self.render_str(&call.url, true)?,
+            headers: call
+                .headers
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), self.render_str(v, false)?)))
+                .collect::<Result<_, MissingValue>>()?,
+            body: call.body.as_ref().map(|b| self.render_json(b)).transpose()?,
+        })
+    }
+}
+
+fn percent_encode(s: &str, out: &mut String) {
+    use std::fmt::Write as _;
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: Value) -> DefinitionSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn two_steps() -> Value {
+        json!({"steps": [
+            {"name": "reserve", "action": {"method": "POST", "url": "http://inv.local/reserve",
+              "body": {"sku": "{{input.sku}}", "qty": "{{input.qty}}"}},
+             "compensation": {"method": "POST", "url": "http://inv.local/release/{{steps.reserve.output.id}}"}},
+            {"name": "charge", "action": {"method": "POST", "url": "http://pay.local/charge",
+              "headers": {"X-Order": "{{saga.id}}"}, "body": {"reservation": "{{steps.reserve.output.id}}"}},
+             "retry": {"max_attempts": 5, "backoff_ms": 10, "max_backoff_ms": 100}, "timeout_ms": 500}
+        ]})
+    }
+
+    #[test]
+    fn a_valid_definition_resolves_defaults() {
+        let d = SagaDefinition::new("order", 1, spec(two_steps()), &SagaLimits::default()).unwrap();
+        assert_eq!(d.steps.len(), 2);
+        assert_eq!(d.steps[0].retry, RetryPolicy::ACTION);
+        assert_eq!(d.steps[0].timeout, Duration::from_millis(DEFAULT_TIMEOUT_MS));
+        assert_eq!(d.steps[1].retry.max_attempts, 5);
+        assert_eq!(d.steps[1].timeout, Duration::from_millis(500));
+        assert_eq!(d.compensation_retry, RetryPolicy::COMPENSATION);
+    }
+
+    #[test]
+    fn each_kind_of_bad_definition_is_named() {
+        let l = SagaLimits::default();
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = two_steps();
+            f(&mut v);
+            SagaDefinition::new("order", 1, spec(v), &l).unwrap_err()
+        };
+        assert!(matches!(
+            with(&|v| v["steps"][1]["name"] = json!("reserve")),
+            DefinitionError::DuplicateStep(_)
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["method"] = json!("TRACE")),
+            DefinitionError::Method { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["url"] = json!("ftp://x/y")),
+            DefinitionError::Url { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["url"] = json!("http://{{input.host}}/y")),
+            DefinitionError::Url { .. }
+        ));
+        // A step may not read the output of a later step, nor of itself in its action.
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["body"] = json!({"x": "{{steps.charge.output.id}}"})),
+            DefinitionError::Template { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["body"] = json!({"x": "{{steps.reserve.output}}"})),
+            DefinitionError::Template { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["body"] = json!({"x": "{{env.HOME}}"})),
+            DefinitionError::Template { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][0]["action"]["body"] = json!({"x": "{{input.a"})),
+            DefinitionError::Template { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][1]["action"]["headers"] = json!({"Idempotency-Key": "x"})),
+            DefinitionError::Header { .. }
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][1]["retry"]["max_attempts"] = json!(0)),
+            DefinitionError::Limit(_)
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][1]["timeout_ms"] = json!(10_000_000)),
+            DefinitionError::Limit(_)
+        ));
+        assert!(matches!(
+            with(&|v| v["steps"][1]["name"] = json!("bad name")),
+            DefinitionError::Name(_)
+        ));
+        assert!(matches!(with(&|v| v["steps"] = json!([])), DefinitionError::Limit(_)));
+        let tight = SagaLimits { max_steps: 1, ..l };
+        assert!(matches!(
+            SagaDefinition::new("order", 1, spec(two_steps()), &tight),
+            Err(DefinitionError::Limit(_))
+        ));
+        assert!(SagaDefinition::new("bad/name", 1, spec(two_steps()), &l).is_err());
+    }
+
+    #[test]
+    fn templates_fill_values_keeping_json_types_and_encoding_urls() {
+        let input = json!({"sku": "a b/c", "qty": 3});
+        let mut outputs = BTreeMap::new();
+        outputs.insert("reserve".to_owned(), json!({"id": "r/1"}));
+        let ctx = TemplateContext {
+            saga_id: "s1",
+            input: &input,
+            outputs: &outputs,
+        };
+        let d = SagaDefinition::new("order", 1, spec(two_steps()), &SagaLimits::default()).unwrap();
+        let a = ctx.render_call(&d.steps[0].action).unwrap();
+        assert_eq!(a.body, Some(json!({"sku": "a b/c", "qty": 3})));
+        let c = ctx.render_call(d.steps[0].compensation.as_ref().unwrap()).unwrap();
+        assert_eq!(c.url, "http://inv.local/release/r%2F1");
+        let b = ctx.render_call(&d.steps[1].action).unwrap();
+        assert_eq!(b.headers["X-Order"], "s1");
+        assert_eq!(ctx.render_str("n={{ input.qty }}!", false).unwrap(), "n=3!");
+        assert_eq!(
+            ctx.render_str("{{input.missing}}", false),
+            Err(MissingValue("input.missing".into()))
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_jitter_only_shortens() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            backoff_ms: 100,
+            max_backoff_ms: 1000,
+            jitter: 0.5,
+        };
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(100));
+        assert_eq!(p.delay(2, 0.0), Duration::from_millis(200));
+        assert_eq!(p.delay(5, 0.0), Duration::from_millis(1000));
+        assert_eq!(p.delay(40, 0.0), Duration::from_millis(1000));
+        assert_eq!(p.delay(1, 1.0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn saga_ids_follow_their_alphabet() {
+        assert!(check_saga_id("order-42:retry_1.a").is_ok());
+        assert!(check_saga_id("").is_err());
+        assert!(check_saga_id("a/b").is_err());
+        assert!(check_saga_id(&"x".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,868 @@
+//! The saga state machine: pure. The state is a fold of the saga's log (its events); given the
+//! state and the time, [`decide`] says what to do next; given the outcome of a participant call,
+//! [`on_outcome`] says which event records it. Nothing here does I/O.
+
+use super::definition::SagaDefinition;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Where a saga is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    /// A compensation reached its limit: kept for an operator, who may retry it.
+    Failed,
+}
+
+impl SagaStatus {
+    pub const ALL: [Self; 5] = [
+        Self::Running,
+        Self::Compensating,
+        Self::Completed,
+        Self::Compensated,
+        Self::Failed,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Compensating => "compensating",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Failed => "failed",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// True when nothing more runs on its own (`failed` waits for an operator).
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Compensated | Self::Failed)
+    }
+}
+
+/// Which call of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Action,
+    Compensation,
+}
+
+impl Op {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Action => "action",
+            Self::Compensation => "compensation",
+        }
+    }
+}
+
+/// What a participant call came to, as classified by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutcome {
+    /// 2xx: the JSON answer is the step's output.
+    Succeeded(Value),
+    /// 4xx other than 408/425/429: the participant said no.
+    Refused(String),
+    /// 5xx, 408, 425, 429, a timeout, a connection error: it may work later, or may have worked.
+    Transient(String),
+}
+
+/// One entry of the saga log, stored as an event of the stream `saga-{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "PascalCase")]
+pub enum SagaEvent {
+    SagaStarted {
+        definition: String,
+        version: u32,
+        input: Value,
+        at: DateTime<Utc>,
+    },
+    ActionSucceeded {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        output: Value,
+        at: DateTime<Utc>,
+    },
+    ActionRefused {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        error: String,
+        at: DateTime<Utc>,
+    },
+    /// A transient failure; `retry_at` is when the next attempt is due, none when the attempts are
+    /// used up (the step's effect is then uncertain and it is compensated).
+    ActionFailed {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        error: String,
+        retry_at: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    },
+    CompensationSucceeded {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    /// A failed compensation; none for `retry_at` means it gave up and the saga is `failed`.
+    CompensationFailed {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        error: String,
+        retry_at: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    },
+    SagaCompleted {
+        at: DateTime<Utc>,
+    },
+    SagaCompensated {
+        at: DateTime<Utc>,
+    },
+    /// An operator resumed a `failed` saga: its compensations get a fresh budget.
+    SagaRetried {
+        at: DateTime<Utc>,
+    },
+}
+
+impl SagaEvent {
+    /// The event type it is stored under.
+    #[must_use]
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::SagaStarted { .. } => "SagaStarted",
+            Self::ActionSucceeded { .. } => "ActionSucceeded",
+            Self::ActionRefused { .. } => "ActionRefused",
+            Self::ActionFailed { .. } => "ActionFailed",
+            Self::CompensationSucceeded { .. } => "CompensationSucceeded",
+            Self::CompensationFailed { .. } => "CompensationFailed",
+            Self::SagaCompleted { .. } => "SagaCompleted",
+            Self::SagaCompensated { .. } => "SagaCompensated",
+            Self::SagaRetried { .. } => "SagaRetried",
+        }
+    }
+}
+
+/// The effect of a step's action, as far as the orchestrator knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionStatus {
+    Pending,
+    Succeeded,
+    Refused,
+    /// Attempts ran out on transient failures: it may or may not have taken effect.
+    Uncertain,
+}
+
+/// Where a step's compensation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompensationStatus {
+    NotNeeded,
+    Pending,
+    Succeeded,
+    GaveUp,
+}
+
+/// One call to a participant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub op: Op,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// `succeeded`, `refused` or `failed`.
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// A step as the log tells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    pub name: String,
+    pub action: ActionStatus,
+    pub compensation: CompensationStatus,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub attempts: Vec<Attempt>,
+    /// Tries of the current op counted against its limit (an operator retry resets them).
+    pub tries: u32,
+}
+
+/// A saga as the log tells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaState {
+    pub id: String,
+    pub definition: String,
+    pub version: u32,
+    pub input: Value,
+    pub status: SagaStatus,
+    pub steps: Vec<StepState>,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When the next call is due (none: now, or never when terminal).
+    pub retry_at: Option<DateTime<Utc>>,
+    /// How many log events are folded in (the stream version).
+    pub log_version: u64,
+}
+
+/// A log that does not fit the definition: a bug or a tampered stream. The saga stops.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("saga log inconsistent: {0}")]
+pub struct LogError(pub String);
+
+impl SagaState {
+    /// The state right after `SagaStarted`.
+    #[must_use]
+    pub fn new(id: &str, def: &SagaDefinition, input: Value, at: DateTime<Utc>) -> Self {
+        Self {
+            id: id.to_owned(),
+            definition: def.name.clone(),
+            version: def.version,
+            input,
+            status: SagaStatus::Running,
+            steps: def
+                .steps
+                .iter()
+                .map(|s| StepState {
+                    name: s.name.clone(),
+                    action: ActionStatus::Pending,
+                    compensation: CompensationStatus::NotNeeded,
+                    output: None,
+                    error: None,
+                    attempts: Vec::new(),
+                    tries: 0,
+                })
+                .collect(),
+            started_at: at,
+            updated_at: at,
+            retry_at: None,
+            log_version: 1,
+        }
+    }
+
+    /// Folds a whole log. The first event must be `SagaStarted` of `def`.
+    ///
+    /// # Errors
+    /// A log that does not fit the definition.
+    pub fn from_log(id: &str, def: &SagaDefinition, events: &[SagaEvent]) -> Result<Self, LogError> {
+        let Some(SagaEvent::SagaStarted { input, at, .. }) = events.first() else {
+            return Err(LogError("the log does not start with SagaStarted".into()));
+        };
+        let mut s = Self::new(id, def, input.clone(), *at);
+        for e in &events[1..] {
+            s.apply(def, e)?;
+        }
+        Ok(s)
+    }
+
+    /// Outputs of the succeeded steps, for templates.
+    #[must_use]
+    pub fn outputs(&self) -> BTreeMap<String, Value> {
+        self.steps
+            .iter()
+            .filter_map(|s| s.output.clone().map(|o| (s.name.clone(), o)))
+            .collect()
+    }
+
+    fn step_mut(&mut self, i: usize) -> Result<&mut StepState, LogError> {
+        self.steps
+            .get_mut(i)
+            .ok_or_else(|| LogError(format!("step {i} is not in the definition")))
+    }
+
+    /// Folds one event in.
+    ///
+    /// # Errors
+    /// An event that cannot happen in this state.
+    pub fn apply(&mut self, def: &SagaDefinition, e: &SagaEvent) -> Result<(), LogError> {
+        let attempt = |op, attempt, started_at, at, outcome: &str, error: Option<&String>| Attempt {
+            op,
+            attempt,
+            started_at,
+            finished_at: at,
+            outcome: outcome.to_owned(),
+            error: error.cloned(),
+        };
+        match e {
+            SagaEvent::SagaStarted { .. } => return Err(LogError("SagaStarted twice".into())),
+            SagaEvent::ActionSucceeded {
+                step,
+                attempt: n,
+                started_at,
+                output,
+                at,
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
+                let s = self.step_mut(*step)?;
+                s.attempts
+                    .push(attempt(Op::Action, *n, *started_at, *at, "succeeded", None));
+                s.action = ActionStatus::Succeeded;
+                s.output = Some(output.clone());
+                s.error = None;
+                s.tries = 0;
+                s.compensation = if has_comp {
+                    CompensationStatus::Pending
+                } else {
+                    CompensationStatus::NotNeeded
+                };
+                self.retry_at = None;
+            }
+            SagaEvent::ActionRefused {
+                step,
+                attempt: n,
+                started_at,
+                error,
+                at,
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let s = self.step_mut(*step)?;
+                s.attempts
+                    .push(attempt(Op::Action, *n, *started_at, *at, "refused", Some(error)));
+                s.action = ActionStatus::Refused;
+                s.error = Some(error.clone());
+                s.tries = 0;
+                self.status = SagaStatus::Compensating;
+                self.retry_at = None;
+            }
+            SagaEvent::ActionFailed {
+                step,
+                attempt: n,
+                started_at,
+                error,
+                retry_at,
+                at,
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
+                let s = self.step_mut(*step)?;
+                s.attempts
+                    .push(attempt(Op::Action, *n, *started_at, *at, "failed", Some(error)));
+                s.error = Some(error.clone());
+                if retry_at.is_some() {
+                    s.tries += 1;
+                } else {
+                    s.action = ActionStatus::Uncertain;
+                    s.tries = 0;
+                    s.compensation = if has_comp {
+                        CompensationStatus::Pending
+                    } else {
+                        CompensationStatus::NotNeeded
+                    };
+                    self.status = SagaStatus::Compensating;
+                }
+                self.retry_at = *retry_at;
+            }
+            SagaEvent::CompensationSucceeded {
+                step,
+                attempt: n,
+                started_at,
+                at,
+            } => {
+                self.expect(SagaStatus::Compensating, e)?;
+                let s = self.step_mut(*step)?;
+                s.attempts
+                    .push(attempt(Op::Compensation, *n, *started_at, *at, "succeeded", None));
+                s.compensation = CompensationStatus::Succeeded;
+                s.tries = 0;
+                self.retry_at = None;
+            }
+            SagaEvent::CompensationFailed {
+                step,
+                attempt: n,
+                started_at,
+                error,
+                retry_at,
+                at,
+            } => {
+                self.expect(SagaStatus::Compensating, e)?;
+                let s = self.step_mut(*step)?;
+                s.attempts
+                    .push(attempt(Op::Compensation, *n, *started_at, *at, "failed", Some(error)));
+                s.error = Some(error.clone());
+                if retry_at.is_some() {
+                    s.tries += 1;
+                } else {
+                    s.compensation = CompensationStatus::GaveUp;
+                    s.tries = 0;
+                    self.status = SagaStatus::Failed;
+                }
+                self.retry_at = *retry_at;
+            }
+            SagaEvent::SagaCompleted { .. } => {
+                self.expect(SagaStatus::Running, e)?;
+                self.status = SagaStatus::Completed;
+            }
+            SagaEvent::SagaCompensated { .. } => {
+                self.expect(SagaStatus::Compensating, e)?;
+                self.status = SagaStatus::Compensated;
+            }
+            SagaEvent::SagaRetried { .. } => {
+                self.expect(SagaStatus::Failed, e)?;
+                for s in &mut self.steps {
+                    if s.compensation == CompensationStatus::GaveUp {
+                        s.compensation = CompensationStatus::Pending;
+                        s.tries = 0;
+                    }
+                }
+                self.status = SagaStatus::Compensating;
+                self.retry_at = None;
+            }
+        }
+        self.updated_at = event_time(e);
+        self.log_version += 1;
+        Ok(())
+    }
+
+    fn expect(&self, status: SagaStatus, e: &SagaEvent) -> Result<(), LogError> {
+        if self.status == status {
+            Ok(())
+        } else {
+            Err(LogError(format!(
+                "{} while the saga is {}",
+                e.type_name(),
+                self.status.as_str()
+            )))
+        }
+    }
+}
+
+fn event_time(e: &SagaEvent) -> DateTime<Utc> {
+    match e {
+        SagaEvent::SagaStarted { at, .. }
+        | SagaEvent::ActionSucceeded { at, .. }
+        | SagaEvent::ActionRefused { at, .. }
+        | SagaEvent::ActionFailed { at, .. }
+        | SagaEvent::CompensationSucceeded { at, .. }
+        | SagaEvent::CompensationFailed { at, .. }
+        | SagaEvent::SagaCompleted { at }
+        | SagaEvent::SagaCompensated { at }
+        | SagaEvent::SagaRetried { at } => *at,
+    }
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Call this step's action or compensation; `attempt` is 1-based over the saga's life.
+    Call { step: usize, op: Op, attempt: u32 },
+    /// Nothing is due before this time.
+    Wait(DateTime<Utc>),
+    /// Record this event (it ends the saga).
+    Record(SagaEvent),
+    /// Terminal: nothing more to do.
+    Done,
+}
+
+/// The next thing to do for a saga at time `now`.
+#[must_use]
+pub fn decide(state: &SagaState, now: DateTime<Utc>) -> Decision {
+    if let Some(t) = state.retry_at.filter(|t| *t > now)
+        && !state.status.is_terminal()
+    {
+        return Decision::Wait(t);
+    }
+    let attempt_no = |i: usize, op: Op| {
+        let n = state.steps[i].attempts.iter().filter(|a| a.op == op).count();
+        u32::try_from(n).unwrap_or(u32::MAX).saturating_add(1)
+    };
+    match state.status {
+        SagaStatus::Running => match state.steps.iter().position(|s| s.action == ActionStatus::Pending) {
+            Some(i) => Decision::Call {
+                step: i,
+                op: Op::Action,
+                attempt: attempt_no(i, Op::Action),
+            },
+            None => Decision::Record(SagaEvent::SagaCompleted { at: now }),
+        },
+        SagaStatus::Compensating => {
+            // Undo in reverse order: the latest step still owing a compensation goes first.
+            match state
+                .steps
+                .iter()
+                .rposition(|s| s.compensation == CompensationStatus::Pending)
+            {
+                Some(i) => Decision::Call {
+                    step: i,
+                    op: Op::Compensation,
+                    attempt: attempt_no(i, Op::Compensation),
+                },
+                None => Decision::Record(SagaEvent::SagaCompensated { at: now }),
+            }
+        }
+        SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => Decision::Done,
+    }
+}
+
+/// A call decided by [`decide`], made, and what came of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallResult {
+    pub step: usize,
+    pub op: Op,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub outcome: CallOutcome,
+}
+
+/// The event that records a call's result. `random` is uniform in `[0, 1)`, for the retry jitter.
+#[must_use]
+pub fn on_outcome(def: &SagaDefinition, state: &SagaState, call: CallResult, now: DateTime<Utc>, random: f64) -> SagaEvent {
+    let CallResult {
+        step,
+        op,
+        attempt,
+        started_at,
+        outcome,
+    } = call;
+    let tries = state.steps.get(step).map_or(0, |s| s.tries) + 1;
+    let retry_at = |policy: &super::definition::RetryPolicy| {
+        (tries < policy.max_attempts).then(|| {
+            now + chrono::Duration::from_std(policy.delay(tries, random)).unwrap_or(chrono::Duration::zero())
+        })
+    };
+    match (op, outcome) {
+        (Op::Action, CallOutcome::Succeeded(output)) => SagaEvent::ActionSucceeded {
+            step,
+            attempt,
+            started_at,
+            output,
+            at: now,
+        },
+        (Op::Action, CallOutcome::Refused(error)) => SagaEvent::ActionRefused {
+            step,
+            attempt,
+            started_at,
+            error,
+            at: now,
+        },
+        (Op::Action, CallOutcome::Transient(error)) => SagaEvent::ActionFailed {
+            step,
+            attempt,
+            started_at,
+            error,
+            retry_at: retry_at(&def.steps[step].retry),
+            at: now,
+        },
+        (Op::Compensation, CallOutcome::Succeeded(_)) => SagaEvent::CompensationSucceeded {
+            step,
+            attempt,
+            started_at,
+            at: now,
+        },
+        // A participant that refuses to compensate will refuse again: an operator must look.
+        (Op::Compensation, CallOutcome::Refused(error)) => SagaEvent::CompensationFailed {
+            step,
+            attempt,
+            started_at,
+            error,
+            retry_at: None,
+            at: now,
+        },
+        (Op::Compensation, CallOutcome::Transient(error)) => SagaEvent::CompensationFailed {
+            step,
+            attempt,
+            started_at,
+            error,
+            retry_at: retry_at(&def.compensation_retry),
+            at: now,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::definition::{DefinitionSpec, SagaLimits};
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn def(steps: &[(&str, bool)], attempts: u32, comp_attempts: u32) -> SagaDefinition {
+        let steps: Vec<Value> = steps
+            .iter()
+            .map(|(name, comp)| {
+                let mut s = json!({"name": name, "action": {"method": "POST", "url": format!("http://p.local/{name}")},
+                    "retry": {"max_attempts": attempts, "backoff_ms": 10, "max_backoff_ms": 100}});
+                if *comp {
+                    s["compensation"] = json!({"method": "POST", "url": format!("http://p.local/{name}/undo")});
+                }
+                s
+            })
+            .collect();
+        let spec: DefinitionSpec = serde_json::from_value(json!({"steps": steps,
+            "compensation_retry": {"max_attempts": comp_attempts, "backoff_ms": 10, "max_backoff_ms": 100}}))
+        .unwrap();
+        SagaDefinition::new("t", 1, spec, &SagaLimits::default()).unwrap()
+    }
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap()
+    }
+
+    /// Runs a saga to its end, answering calls from `outcomes` (then success), and returns the
+    /// calls made, the events and the final state.
+    fn run(
+        d: &SagaDefinition,
+        mut outcomes: impl FnMut(usize, Op) -> CallOutcome,
+    ) -> (Vec<(usize, Op)>, Vec<SagaEvent>, SagaState) {
+        let mut now = t0();
+        let started = SagaEvent::SagaStarted {
+            definition: "t".into(),
+            version: 1,
+            input: json!({}),
+            at: now,
+        };
+        let mut events = vec![started];
+        let mut state = SagaState::from_log("s", d, &events).unwrap();
+        let mut calls = Vec::new();
+        for _ in 0..10_000 {
+            match decide(&state, now) {
+                Decision::Done => break,
+                Decision::Wait(t) => {
+                    assert!(t > now);
+                    now = t;
+                }
+                Decision::Record(e) => {
+                    state.apply(d, &e).unwrap();
+                    events.push(e);
+                }
+                Decision::Call { step, op, attempt } => {
+                    calls.push((step, op));
+                    let out = outcomes(step, op);
+                    now += chrono::Duration::milliseconds(1);
+                    let call = CallResult {
+                        step,
+                        op,
+                        attempt,
+                        started_at: now,
+                        outcome: out,
+                    };
+                    let e = on_outcome(d, &state, call, now, 0.5);
+                    state.apply(d, &e).unwrap();
+                    events.push(e);
+                }
+            }
+        }
+        // The log alone rebuilds the same state: recovery continues where the saga was.
+        assert_eq!(SagaState::from_log("s", d, &events).unwrap(), state);
+        (calls, events, state)
+    }
+
+    #[test]
+    fn given_all_steps_succeed_then_the_saga_completes_without_compensation() {
+        let d = def(&[("a", true), ("b", true)], 3, 3);
+        let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!({"ok": 1})));
+        assert_eq!(calls, vec![(0, Op::Action), (1, Op::Action)]);
+        assert_eq!(state.status, SagaStatus::Completed);
+        assert!(matches!(events.last(), Some(SagaEvent::SagaCompleted { .. })));
+        assert_eq!(state.steps[1].output, Some(json!({"ok": 1})));
+    }
+
+    #[test]
+    fn given_a_refusal_when_compensating_then_earlier_steps_undo_in_reverse_order() {
+        let d = def(&[("a", true), ("b", false), ("c", true), ("d", true)], 3, 3);
+        let (calls, _, state) = run(&d, |step, op| match (step, op) {
+            (3, Op::Action) => CallOutcome::Refused("no stock".into()),
+            _ => CallOutcome::Succeeded(json!(null)),
+        });
+        // b has no compensation; d was refused, so it has nothing to undo.
+        assert_eq!(
+            calls,
+            vec![
+                (0, Op::Action),
+                (1, Op::Action),
+                (2, Op::Action),
+                (3, Op::Action),
+                (2, Op::Compensation),
+                (0, Op::Compensation)
+            ]
+        );
+        assert_eq!(state.status, SagaStatus::Compensated);
+        assert_eq!(state.steps[3].action, ActionStatus::Refused);
+    }
+
+    #[test]
+    fn given_transient_failures_then_retries_wait_and_exhaustion_compensates_the_uncertain_step() {
+        let d = def(&[("a", true), ("b", true)], 3, 3);
+        let (calls, events, state) = run(&d, |step, op| match (step, op) {
+            (1, Op::Action) => CallOutcome::Transient("503".into()),
+            _ => CallOutcome::Succeeded(json!(null)),
+        });
+        assert_eq!(
+            calls,
+            vec![
+                (0, Op::Action),
+                (1, Op::Action),
+                (1, Op::Action),
+                (1, Op::Action),
+                (1, Op::Compensation),
+                (0, Op::Compensation)
+            ]
+        );
+        assert_eq!(state.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(state.status, SagaStatus::Compensated);
+        let waits: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                SagaEvent::ActionFailed { retry_at, .. } => Some(retry_at.is_some()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, vec![true, true, false]);
+    }
+
+    #[test]
+    fn given_a_compensation_that_keeps_failing_then_the_saga_fails_and_a_retry_resumes_it() {
+        let d = def(&[("a", true), ("b", true)], 1, 2);
+        let (calls, mut events, mut state) = run(&d, |step, op| match (step, op) {
+            (1, Op::Action) => CallOutcome::Refused("declined".into()),
+            (0, Op::Compensation) => CallOutcome::Transient("down".into()),
+            _ => CallOutcome::Succeeded(json!(null)),
+        });
+        assert_eq!(calls.iter().filter(|c| c.1 == Op::Compensation).count(), 2);
+        assert_eq!(state.status, SagaStatus::Failed);
+        assert_eq!(decide(&state, t0()), Decision::Done);
+        let retried = SagaEvent::SagaRetried { at: t0() };
+        state.apply(&d, &retried).unwrap();
+        events.push(retried);
+        assert_eq!(
+            decide(&state, t0()),
+            Decision::Call {
+                step: 0,
+                op: Op::Compensation,
+                attempt: 3
+            }
+        );
+        assert_eq!(SagaState::from_log("s", &d, &events).unwrap(), state);
+        // Retrying a saga that is not failed is not a valid transition.
+        let d2 = def(&[("a", true)], 1, 1);
+        let (_, _, mut done) = run(&d2, |_, _| CallOutcome::Succeeded(json!(null)));
+        assert!(done.apply(&d2, &SagaEvent::SagaRetried { at: t0() }).is_err());
+    }
+
+    #[test]
+    fn a_log_that_does_not_fit_is_an_error_not_a_panic() {
+        let d = def(&[("a", true)], 1, 1);
+        assert!(SagaState::from_log("s", &d, &[]).is_err());
+        let started = SagaEvent::SagaStarted {
+            definition: "t".into(),
+            version: 1,
+            input: json!({}),
+            at: t0(),
+        };
+        let bad_step = SagaEvent::ActionSucceeded {
+            step: 9,
+            attempt: 1,
+            started_at: t0(),
+            output: json!(null),
+            at: t0(),
+        };
+        assert!(SagaState::from_log("s", &d, &[started.clone(), bad_step]).is_err());
+        let early = SagaEvent::CompensationSucceeded {
+            step: 0,
+            attempt: 1,
+            started_at: t0(),
+            at: t0(),
+        };
+        assert!(SagaState::from_log("s", &d, &[started, early]).is_err());
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let e = SagaEvent::ActionFailed {
+            step: 1,
+            attempt: 2,
+            started_at: t0(),
+            error: "x".into(),
+            retry_at: Some(t0()),
+            at: t0(),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "ActionFailed");
+        assert_eq!(serde_json::from_value::<SagaEvent>(v).unwrap(), e);
+    }
+
+    fn outcome_strategy() -> impl Strategy<Value = u8> {
+        0u8..4
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn any_outcome_sequence_ends_well_formed(
+            comps in proptest::collection::vec(any::<bool>(), 1..6),
+            attempts in 1u32..4,
+            comp_attempts in 1u32..4,
+            script in proptest::collection::vec(outcome_strategy(), 0..64),
+        ) {
+            let names: Vec<String> = (0..comps.len()).map(|i| format!("s{i}")).collect();
+            let steps: Vec<(&str, bool)> = names.iter().map(String::as_str).zip(comps.iter().copied()).collect();
+            let d = def(&steps, attempts, comp_attempts);
+            let mut i = 0;
+            let (calls, events, state) = run(&d, |_, _| {
+                let o = script.get(i).copied().unwrap_or(0);
+                i += 1;
+                match o {
+                    0 => CallOutcome::Succeeded(json!(null)),
+                    1 => CallOutcome::Refused("no".into()),
+                    2 => CallOutcome::Transient("503".into()),
+                    _ => CallOutcome::Transient("timeout".into()),
+                }
+            });
+            // 1. Every saga ends; failed only when a compensation exhausted its limit.
+            prop_assert!(state.status.is_terminal());
+            let gave_up = events.iter().any(|e| matches!(e, SagaEvent::CompensationFailed { retry_at: None, .. }));
+            prop_assert_eq!(state.status == SagaStatus::Failed, gave_up);
+            if state.status == SagaStatus::Completed {
+                prop_assert!(state.steps.iter().all(|s| s.action == ActionStatus::Succeeded));
+                prop_assert!(calls.iter().all(|c| c.1 == Op::Action));
+            }
+            // 2. Compensations run are those of succeeded or uncertain steps, in reverse order.
+            let mut comp_order: Vec<usize> = Vec::new();
+            for (step, op) in &calls {
+                if *op == Op::Compensation && comp_order.last() != Some(step) {
+                    comp_order.push(*step);
+                }
+            }
+            let owed: Vec<usize> = (0..state.steps.len()).rev()
+                .filter(|&i| d.steps[i].compensation.is_some()
+                    && matches!(state.steps[i].action, ActionStatus::Succeeded | ActionStatus::Uncertain))
+                .collect();
+            if state.status == SagaStatus::Compensated {
+                prop_assert_eq!(&comp_order, &owed);
+            } else if state.status == SagaStatus::Failed {
+                prop_assert!(owed.starts_with(&comp_order));
+            }
+            // 3. No action runs after its step's compensation started.
+            for (k, (step, op)) in calls.iter().enumerate() {
+                if *op == Op::Compensation {
+                    prop_assert!(!calls[k..].iter().any(|c| c.0 == *step && c.1 == Op::Action));
+                }
+            }
+            // Retries never exceed the policies.
+            for (i, s) in d.steps.iter().enumerate() {
+                let actions = calls.iter().filter(|c| **c == (i, Op::Action)).count();
+                prop_assert!(actions <= s.retry.max_attempts as usize);
+                let comps = calls.iter().filter(|c| **c == (i, Op::Compensation)).count();
+                prop_assert!(comps <= d.compensation_retry.max_attempts as usize);
+            }
+        }
+    }
+}

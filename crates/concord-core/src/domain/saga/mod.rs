@@ -1,0 +1,17 @@
+//! Sagas: definitions (validated, versioned, templated HTTP calls) and the pure state machine
+//! that runs them.
+
+pub mod definition;
+pub mod machine;
+
+pub use definition::{
+    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, StepSpec, TemplateContext,
+    check_saga_id,
+};
+pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
+
+/// The event-store stream that holds a saga's log.
+#[must_use]
+pub fn log_stream(id: &str) -> String {
+    format!("saga-{id}")
+}
