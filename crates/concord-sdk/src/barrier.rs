@@ -214,15 +214,15 @@ impl BarrierKey {
     /// # Errors
     /// [`BarrierError::InvalidKey`] when the value is not of that form.
     pub fn parse(idempotency_key: &str) -> Result<Self, BarrierError> {
-        let (rest, op) = idempotency_key
-            .rsplit_once(':')
-            .ok_or(BarrierError::InvalidKey("expected {saga_id}:{step}:{action|compensation}"))?;
+        let (rest, op) = idempotency_key.rsplit_once(':').ok_or(BarrierError::InvalidKey(
+            "expected {saga_id}:{step}:{action|compensation}",
+        ))?;
         let op = BarrierOp::from_name(op).ok_or(BarrierError::InvalidKey(
             "the last part must be `action` or `compensation`",
         ))?;
-        let (saga_id, step) = rest
-            .rsplit_once(':')
-            .ok_or(BarrierError::InvalidKey("expected {saga_id}:{step}:{action|compensation}"))?;
+        let (saga_id, step) = rest.rsplit_once(':').ok_or(BarrierError::InvalidKey(
+            "expected {saga_id}:{step}:{action|compensation}",
+        ))?;
         Self::new(saga_id, step, op)
     }
 
@@ -293,7 +293,9 @@ fn validate_saga_id(saga_id: &str) -> Result<(), BarrierError> {
 
 fn validate_step(step: &str) -> Result<(), BarrierError> {
     let valid = (1..=MAX_STEP_CHARS).contains(&step.len())
-        && step.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        && step
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
     if valid {
         Ok(())
     } else {
@@ -330,8 +332,11 @@ trait BarrierRows: sqlx::Connection {
     /// Inserts the `(key, op)` row unless it exists; answers whether it inserted.
     async fn insert_row(&mut self, key: &BarrierKey, op: BarrierOp, origin: BarrierOp) -> Result<bool, sqlx::Error>;
     /// The `origin` and `output` of the `(key, op)` row.
-    async fn find_row(&mut self, key: &BarrierKey, op: BarrierOp)
-    -> Result<Option<(String, Option<String>)>, sqlx::Error>;
+    async fn find_row(
+        &mut self,
+        key: &BarrierKey,
+        op: BarrierOp,
+    ) -> Result<Option<(String, Option<String>)>, sqlx::Error>;
     /// Sets the output of the row the call `key` inserted itself; answers whether there was one.
     async fn set_output(&mut self, key: &BarrierKey, output: &str) -> Result<bool, sqlx::Error>;
 }
@@ -354,13 +359,17 @@ async fn enter<C: BarrierRows>(conn: &mut C, key: &BarrierKey) -> Result<Enter, 
             })
         }
         BarrierOp::Compensation => {
-            if !conn.insert_row(key, BarrierOp::Compensation, BarrierOp::Compensation).await? {
+            if !conn
+                .insert_row(key, BarrierOp::Compensation, BarrierOp::Compensation)
+                .await?
+            {
                 let (_, output) = existing(conn, key, BarrierOp::Compensation).await?;
                 return Ok(Enter::Duplicate { output });
             }
             // Claim the action's row too: if the action never committed, this row, origin
             // `compensation`, is what refuses it later.
-            Ok(if conn.insert_row(key, BarrierOp::Action, BarrierOp::Compensation).await? {
+            let action_never_ran = conn.insert_row(key, BarrierOp::Action, BarrierOp::Compensation).await?;
+            Ok(if action_never_ran {
                 Enter::EmptyCompensation
             } else {
                 Enter::Run
@@ -383,7 +392,9 @@ async fn existing<C: BarrierRows>(
     let output = output
         .map(|text| serde_json::from_str(&text))
         .transpose()
-        .map_err(|e| BarrierError::Inconsistent(format!("the {op} row of {key} has an output that is not JSON: {e}")))?;
+        .map_err(|e| {
+            BarrierError::Inconsistent(format!("the {op} row of {key} has an output that is not JSON: {e}"))
+        })?;
     Ok((origin, output))
 }
 
@@ -478,12 +489,13 @@ pub mod sqlite {
             key: &BarrierKey,
             op: BarrierOp,
         ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
-            let row = sqlx::query("SELECT origin, output FROM concord_barrier WHERE saga_id = ? AND step = ? AND op = ?")
-                .bind(key.saga_id())
-                .bind(key.step())
-                .bind(op.as_str())
-                .fetch_optional(self)
-                .await?;
+            let row =
+                sqlx::query("SELECT origin, output FROM concord_barrier WHERE saga_id = ? AND step = ? AND op = ?")
+                    .bind(key.saga_id())
+                    .bind(key.step())
+                    .bind(op.as_str())
+                    .fetch_optional(self)
+                    .await?;
             row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).transpose()
         }
 

@@ -3,4 +3,5 @@
 pub mod append;
 pub mod auth;
 pub mod group_commit;
+pub mod saga;
 pub mod subscribe;

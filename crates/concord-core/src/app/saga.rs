@@ -1,0 +1,871 @@
+//! Running sagas: define, start, drive step by step, recover, retry.
+//!
+//! The saga log (stream `saga-{id}` in the event store) is the truth; the saga row is a read model
+//! of it plus a place in the work queue. A node works on a saga only while it holds the row's
+//! lease, and every log append names the version it expects, so a node that lost its lease (paused,
+//! partitioned) cannot record anything once another node has moved the saga on.
+
+use crate::domain::saga::machine::LogError;
+use crate::domain::saga::{
+    CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
+    SagaLimits, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, log_stream, on_outcome,
+};
+use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError, event::UncheckedEvent};
+use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+/// A participant call ready to send: templates filled, headers decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParticipantCall {
+    pub saga_id: String,
+    pub step: String,
+    pub op: Op,
+    pub attempt: u32,
+    pub call: HttpCall,
+    pub timeout: Duration,
+    /// `{saga id}:{step}:{action|compensation}`, the same for every attempt.
+    pub idempotency_key: String,
+    /// The `traceparent` of the request that started the saga, if any.
+    pub origin_trace: Option<String>,
+}
+
+/// Sends participant calls and classifies what came back.
+#[async_trait]
+pub trait Participants: Send + Sync + 'static {
+    async fn call(&self, call: &ParticipantCall) -> CallOutcome;
+}
+
+/// What can go wrong for a caller of the saga use cases.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SagaError {
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    #[error("saga definition {0} not found")]
+    DefinitionNotFound(String),
+    #[error("saga {0} not found")]
+    NotFound(String),
+    /// Only `failed` sagas can be retried.
+    #[error("saga {0} is {1}, not failed")]
+    NotFailed(String, &'static str),
+    /// Another node holds the saga right now; try again shortly.
+    #[error("saga {0} is being worked on; try again shortly")]
+    Busy(String),
+    #[error("input is {size} bytes, over the limit of {limit}")]
+    InputTooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Settings of the engine, all configurable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    /// How long a claim or start holds a saga before another node may take it over.
+    pub lease: Duration,
+    pub limits: SagaLimits,
+    pub event_limits: Limits,
+}
+
+/// How a drive ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveEnd {
+    /// The saga reached this terminal status.
+    Finished(SagaStatus),
+    /// A retry is due later; the lease is released.
+    Waiting,
+    /// Another node moved the saga on (the lease was lost); nothing more here.
+    Lost,
+}
+
+/// A saga a node holds and is about to drive.
+pub struct Held {
+    row: SagaRow,
+    state: Option<SagaState>,
+    trace: Option<String>,
+}
+
+impl Held {
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.row.id
+    }
+}
+
+/// The saga use cases over their ports.
+pub struct SagaEngine {
+    events: Arc<dyn EventStore>,
+    store: Arc<dyn SagaStore>,
+    participants: Arc<dyn Participants>,
+    node: Uuid,
+    config: EngineConfig,
+    /// Validated definitions by (name, version); versions never change once stored.
+    definitions: Mutex<HashMap<(String, u32), Arc<SagaDefinition>>>,
+}
+
+/// What `start` was asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartSaga {
+    pub definition: String,
+    pub input: Value,
+    pub id: Option<String>,
+    pub trace: Option<String>,
+}
+
+impl SagaEngine {
+    #[must_use]
+    pub fn new(
+        events: Arc<dyn EventStore>,
+        store: Arc<dyn SagaStore>,
+        participants: Arc<dyn Participants>,
+        node: Uuid,
+        config: EngineConfig,
+    ) -> Self {
+        Self {
+            events,
+            store,
+            participants,
+            node,
+            config,
+            definitions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This node's id, the owner of its leases.
+    #[must_use]
+    pub fn node(&self) -> Uuid {
+        self.node
+    }
+
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.store
+    }
+
+    /// Validates and stores a definition; an unchanged spec keeps its version.
+    ///
+    /// # Errors
+    /// An invalid definition, or the store.
+    pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
+        SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
+        let json = serde_json::to_value(&spec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let now = Utc::now();
+        let (version, created) = self.store.put_definition(name, &json, now).await?;
+        let stored = self
+            .store
+            .get_definition(name, Some(version))
+            .await?
+            .ok_or_else(|| SagaError::DefinitionNotFound(name.to_owned()))?;
+        Ok((stored, created))
+    }
+
+    /// A validated definition version (the latest when `version` is none).
+    ///
+    /// # Errors
+    /// Unknown name or version, or a stored spec that no longer validates.
+    pub async fn definition(&self, name: &str, version: Option<u32>) -> Result<Arc<SagaDefinition>, SagaError> {
+        if let Some(v) = version
+            && let Some(d) = self.cached(name, v)
+        {
+            return Ok(d);
+        }
+        let stored = self
+            .store
+            .get_definition(name, version)
+            .await?
+            .ok_or_else(|| SagaError::DefinitionNotFound(name.to_owned()))?;
+        if let Some(d) = self.cached(name, stored.version) {
+            return Ok(d);
+        }
+        let spec: DefinitionSpec = serde_json::from_value(stored.spec)
+            .map_err(|e| StoreError::Unavailable(format!("stored definition {name} is unreadable: {e}")))?;
+        let def = Arc::new(SagaDefinition::new(name, stored.version, spec, &self.config.limits)?);
+        self.definitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((name.to_owned(), stored.version), def.clone());
+        Ok(def)
+    }
+
+    fn cached(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
+        self.definitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(name.to_owned(), version))
+            .cloned()
+    }
+
+    /// Starts a saga, or finds the one with the caller's id. A new saga comes back held by this
+    /// node, ready for [`Self::drive`]; an existing one comes back as it is.
+    ///
+    /// # Errors
+    /// Unknown definition, bad id, oversized input, or the store.
+    pub async fn start(&self, req: StartSaga) -> Result<(SagaRow, Option<Held>), SagaError> {
+        let id = match req.id {
+            Some(id) => {
+                check_saga_id(&id)?;
+                id
+            }
+            None => Uuid::now_v7().to_string(),
+        };
+        let size = serde_json::to_vec(&req.input).map_or(usize::MAX, |v| v.len());
+        if size > self.config.limits.max_input_bytes {
+            return Err(SagaError::InputTooLarge {
+                size,
+                limit: self.config.limits.max_input_bytes,
+            });
+        }
+        let def = self.definition(&req.definition, None).await?;
+        let now = Utc::now();
+        let row = SagaRow {
+            id: id.clone(),
+            definition: def.name.clone(),
+            version: def.version,
+            input: req.input.clone(),
+            status: SagaStatus::Running,
+            next_run_at: Some(now),
+            lease_owner: Some(self.node),
+            lease_until: Some(now + chrono_dur(self.config.lease)),
+            log_version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let (row, created) = self.store.create_saga(&row).await?;
+        if !created {
+            return Ok((row, None));
+        }
+        let started = SagaEvent::SagaStarted {
+            definition: def.name.clone(),
+            version: def.version,
+            input: req.input.clone(),
+            at: now,
+        };
+        self.append(&id, 0, std::slice::from_ref(&started), req.trace.as_deref())
+            .await?;
+        metrics::counter!("concord_sagas_started_total").increment(1);
+        let state = SagaState::new(&id, &def, req.input, now);
+        Ok((
+            row.clone(),
+            Some(Held {
+                row,
+                state: Some(state),
+                trace: req.trace,
+            }),
+        ))
+    }
+
+    /// Takes up to `limit` due sagas (new, retry due, or abandoned by a dead node).
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Held>, SagaError> {
+        let now = Utc::now();
+        let rows = self
+            .store
+            .claim_sagas(self.node, now, now + chrono_dur(self.config.lease), limit)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Held {
+                row,
+                state: None,
+                trace: None,
+            })
+            .collect())
+    }
+
+    /// The saga's row and its state folded from its log.
+    ///
+    /// # Errors
+    /// Unknown saga, a log that does not fit its definition, or the store.
+    pub async fn load(&self, id: &str) -> Result<(SagaRow, Option<SagaState>), SagaError> {
+        let row = self
+            .store
+            .get_saga(id)
+            .await?
+            .ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+        let (state, _) = self.read_log(&row).await?;
+        Ok((row, state))
+    }
+
+    async fn read_log(&self, row: &SagaRow) -> Result<(Option<SagaState>, Option<String>), SagaError> {
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        let stream = stream_name(&row.id)?;
+        let mut events = Vec::new();
+        let mut trace = None;
+        let mut from = 1;
+        loop {
+            let page = match self.events.read_stream(&stream, from, 1000).await {
+                Ok(p) => p,
+                Err(StoreError::StreamNotFound(_)) => return Ok((None, None)),
+                Err(e) => return Err(e.into()),
+            };
+            let n = page.len();
+            for e in page {
+                if e.version == 1 {
+                    trace = e
+                        .metadata
+                        .get("traceparent")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                }
+                from = e.version + 1;
+                events.push(
+                    serde_json::from_value::<SagaEvent>(e.data)
+                        .map_err(|err| LogError(format!("event {} of saga {}: {err}", e.version, row.id)))?,
+                );
+            }
+            if n < 1000 {
+                break;
+            }
+        }
+        Ok((Some(SagaState::from_log(&row.id, &def, &events)?), trace))
+    }
+
+    /// Resumes a `failed` saga: its compensations get a fresh budget. Returns it held by this node.
+    ///
+    /// # Errors
+    /// Unknown saga, not failed, held by another node, or the store.
+    pub async fn retry(&self, id: &str) -> Result<Held, SagaError> {
+        let row = self
+            .store
+            .get_saga(id)
+            .await?
+            .ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+        if row.status != SagaStatus::Failed {
+            return Err(SagaError::NotFailed(id.to_owned(), row.status.as_str()));
+        }
+        let now = Utc::now();
+        // Take the row first: while this node holds it nobody else records anything, and if this
+        // node dies the lease expires and a runner finishes the retry from the log.
+        let took = self
+            .store
+            .update_saga(&SagaUpdate {
+                id,
+                holder: None,
+                status: SagaStatus::Failed,
+                next_run_at: Some(now),
+                lease: Some((self.node, now + chrono_dur(self.config.lease))),
+                log_version: row.log_version,
+                now,
+            })
+            .await?;
+        if !took {
+            return Err(SagaError::Busy(id.to_owned()));
+        }
+        let (state, trace) = self.read_log(&row).await?;
+        let mut state = state.ok_or_else(|| LogError(format!("saga {id} has no log")))?;
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        if state.status != SagaStatus::Failed {
+            // The row lagged its log; let the runner catch up from the log.
+            return Ok(Held {
+                row,
+                state: Some(state),
+                trace,
+            });
+        }
+        let retried = SagaEvent::SagaRetried { at: now };
+        self.append(id, state.log_version, std::slice::from_ref(&retried), None)
+            .await?;
+        state.apply(&def, &retried)?;
+        metrics::counter!("concord_saga_operator_retries_total").increment(1);
+        let mut row = row;
+        row.lease_owner = Some(self.node);
+        row.lease_until = Some(now + chrono_dur(self.config.lease));
+        Ok(Held {
+            row,
+            state: Some(state),
+            trace,
+        })
+    }
+
+    /// Runs a held saga until it ends, waits for a retry, or is lost to another node. Any store
+    /// failure stops the drive; the lease then expires and a runner continues from the log.
+    ///
+    /// # Errors
+    /// The store, or a log that does not fit the definition.
+    pub async fn drive(&self, held: Held) -> Result<DriveEnd, SagaError> {
+        let span = tracing::info_span!("saga", saga.id = %held.row.id, saga.definition = %held.row.definition);
+        self.drive_inner(held).instrument(span).await
+    }
+
+    async fn drive_inner(&self, held: Held) -> Result<DriveEnd, SagaError> {
+        let Held {
+            mut row,
+            state,
+            mut trace,
+        } = held;
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        let mut state = match state {
+            Some(s) => s,
+            None => {
+                let (s, t) = self.read_log(&row).await?;
+                trace = t;
+                match s {
+                    Some(s) => s,
+                    // The node that created the row died before writing the log's first event.
+                    None => {
+                        let started = SagaEvent::SagaStarted {
+                            definition: row.definition.clone(),
+                            version: row.version,
+                            input: row.input.clone(),
+                            at: row.created_at,
+                        };
+                        self.append(&row.id, 0, std::slice::from_ref(&started), None).await?;
+                        SagaState::new(&row.id, &def, row.input.clone(), row.created_at)
+                    }
+                }
+            }
+        };
+        let mut recorded = state.log_version;
+        let mut pending: Vec<SagaEvent> = Vec::new();
+        loop {
+            let now = Utc::now();
+            match decide(&state, now) {
+                Decision::Record(e) => {
+                    state.apply(&def, &e)?;
+                    pending.push(e);
+                }
+                Decision::Done => {
+                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    if !self.release(&mut row, &state, None).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    metrics::counter!("concord_sagas_finished_total", "status" => state.status.as_str())
+                        .increment(1);
+                    tracing::info!(status = state.status.as_str(), "saga finished");
+                    return Ok(DriveEnd::Finished(state.status));
+                }
+                Decision::Wait(until) => {
+                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    if !self.release(&mut row, &state, Some(until)).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    return Ok(DriveEnd::Waiting);
+                }
+                Decision::Call { step, op, attempt } => {
+                    // Record progress before the next side effect: this also proves the log is
+                    // still ours, so no call goes out for a saga another node has moved on.
+                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    let timeout = def.steps[step].timeout;
+                    if !self.keep_lease(&mut row, &state, timeout).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    let started_at = Utc::now();
+                    let outcome = self
+                        .call(&def, &state, step, op, attempt, timeout, trace.as_deref())
+                        .await;
+                    let finished = Utc::now();
+                    observe_call(op, &outcome, started_at, finished);
+                    let result = CallResult {
+                        step,
+                        op,
+                        attempt,
+                        started_at,
+                        outcome,
+                    };
+                    let e = on_outcome(&def, &state, result, finished, rand::random::<f64>());
+                    if let SagaEvent::ActionFailed { retry_at: Some(_), .. }
+                    | SagaEvent::CompensationFailed { retry_at: Some(_), .. } = &e
+                    {
+                        metrics::counter!("concord_saga_retries_total", "op" => op.as_str()).increment(1);
+                    }
+                    state.apply(&def, &e)?;
+                    pending.push(e);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        def: &SagaDefinition,
+        state: &SagaState,
+        step: usize,
+        op: Op,
+        attempt: u32,
+        timeout: Duration,
+        trace: Option<&str>,
+    ) -> CallOutcome {
+        let s = &def.steps[step];
+        let template = match op {
+            Op::Action => &s.action,
+            Op::Compensation => match &s.compensation {
+                Some(c) => c,
+                None => return CallOutcome::Succeeded(Value::Null),
+            },
+        };
+        let outputs = state.outputs();
+        let ctx = TemplateContext {
+            saga_id: &state.id,
+            input: &state.input,
+            outputs: &outputs,
+        };
+        let call = match ctx.render_call(template) {
+            Ok(c) => c,
+            // The data a call needs is not there: no retry will bring it.
+            Err(e) => return CallOutcome::Refused(e.to_string()),
+        };
+        let pc = ParticipantCall {
+            saga_id: state.id.clone(),
+            step: s.name.clone(),
+            op,
+            attempt,
+            call,
+            timeout,
+            idempotency_key: format!("{}:{}:{}", state.id, s.name, op.as_str()),
+            origin_trace: trace.map(str::to_owned),
+        };
+        let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
+        let outcome = self.participants.call(&pc).instrument(span).await;
+        match outcome {
+            CallOutcome::Succeeded(v)
+                if serde_json::to_vec(&v).map_or(usize::MAX, |b| b.len()) > self.config.limits.max_output_bytes =>
+            {
+                // Treated as a refusal: the output cannot be kept, so later steps could not use it.
+                CallOutcome::Refused(format!(
+                    "output over the limit of {} bytes",
+                    self.config.limits.max_output_bytes
+                ))
+            }
+            other => other,
+        }
+    }
+
+    /// Appends the pending events at the version we expect. False when the log moved on.
+    async fn flush(
+        &self,
+        row: &SagaRow,
+        recorded: &mut u64,
+        pending: &mut Vec<SagaEvent>,
+        state: &SagaState,
+    ) -> Result<bool, SagaError> {
+        if pending.is_empty() {
+            return Ok(true);
+        }
+        match self.append(&row.id, *recorded, pending, None).await {
+            Ok(()) => {
+                pending.clear();
+                *recorded = state.log_version;
+                Ok(true)
+            }
+            Err(SagaError::Store(StoreError::WrongExpectedVersion { .. })) => {
+                tracing::warn!("saga log moved on elsewhere; this node stops working on it");
+                metrics::counter!("concord_saga_leases_lost_total").increment(1);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn append(&self, id: &str, after: u64, events: &[SagaEvent], trace: Option<&str>) -> Result<(), SagaError> {
+        let mut meta = json!({"node": self.node.to_string()});
+        if let Some(t) = trace {
+            meta["traceparent"] = Value::String(t.to_owned());
+        }
+        let events = events
+            .iter()
+            .map(|e| UncheckedEvent {
+                id: None,
+                event_type: e.type_name().to_owned(),
+                data: serde_json::to_value(e).unwrap_or(Value::Null),
+                metadata: Some(meta.clone()),
+            })
+            .collect();
+        let expected = if after == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(after)
+        };
+        let req = AppendRequest::new(stream_name(id)?, expected, events, &self.config.event_limits)?;
+        self.events.append(req).await?;
+        Ok(())
+    }
+
+    /// Makes sure the lease outlasts the next call, and the row shows the saga's status.
+    async fn keep_lease(&self, row: &mut SagaRow, state: &SagaState, timeout: Duration) -> Result<bool, SagaError> {
+        let now = Utc::now();
+        let margin = chrono_dur(timeout) + chrono::Duration::seconds(1);
+        let lease_ok = row.lease_until.is_some_and(|t| t > now + margin);
+        if lease_ok && row.status == state.status {
+            return Ok(true);
+        }
+        let until = now + margin.max(chrono_dur(self.config.lease));
+        let ok = self
+            .store
+            .update_saga(&SagaUpdate {
+                id: &row.id,
+                holder: Some(self.node),
+                status: state.status,
+                next_run_at: Some(now),
+                lease: Some((self.node, until)),
+                log_version: state.log_version,
+                now,
+            })
+            .await?;
+        if ok {
+            row.lease_until = Some(until);
+            row.status = state.status;
+            row.log_version = state.log_version;
+        }
+        Ok(ok)
+    }
+
+    async fn release(
+        &self,
+        row: &mut SagaRow,
+        state: &SagaState,
+        next: Option<DateTime<Utc>>,
+    ) -> Result<bool, SagaError> {
+        let ok = self
+            .store
+            .update_saga(&SagaUpdate {
+                id: &row.id,
+                holder: Some(self.node),
+                status: state.status,
+                next_run_at: next,
+                lease: None,
+                log_version: state.log_version,
+                now: Utc::now(),
+            })
+            .await?;
+        Ok(ok)
+    }
+
+    /// Gives a held saga back without driving it (for example when shutting down).
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn abandon(&self, held: Held) -> Result<(), SagaError> {
+        let now = Utc::now();
+        self.store
+            .update_saga(&SagaUpdate {
+                id: &held.row.id,
+                holder: Some(self.node),
+                status: held.row.status,
+                next_run_at: Some(now),
+                lease: None,
+                log_version: held.row.log_version,
+                now,
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished: DateTime<Utc>) {
+    let label = match outcome {
+        CallOutcome::Succeeded(_) => "succeeded",
+        CallOutcome::Refused(_) => "refused",
+        CallOutcome::Transient(_) => "failed",
+    };
+    let secs = (finished - started).to_std().unwrap_or_default().as_secs_f64();
+    metrics::histogram!("concord_saga_step_duration_seconds", "op" => op.as_str(), "outcome" => label).record(secs);
+    metrics::counter!("concord_saga_calls_total", "op" => op.as_str(), "outcome" => label).increment(1);
+    if op == Op::Compensation && label == "succeeded" {
+        metrics::counter!("concord_saga_compensations_total").increment(1);
+    }
+}
+
+fn stream_name(id: &str) -> Result<StreamName, SagaError> {
+    Ok(StreamName::parse(&log_stream(id))?)
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::MemoryStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers from a script keyed by (step, op); counts every call.
+    struct Scripted {
+        answer: Box<dyn Fn(&ParticipantCall) -> CallOutcome + Send + Sync>,
+        calls: Mutex<Vec<ParticipantCall>>,
+        count: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Participants for Scripted {
+        async fn call(&self, call: &ParticipantCall) -> CallOutcome {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            self.calls.lock().unwrap().push(call.clone());
+            (self.answer)(call)
+        }
+    }
+
+    fn engine(
+        store: &Arc<MemoryStore>,
+        lease_ms: u64,
+        answer: impl Fn(&ParticipantCall) -> CallOutcome + Send + Sync + 'static,
+    ) -> (SagaEngine, Arc<Scripted>) {
+        let p = Arc::new(Scripted {
+            answer: Box::new(answer),
+            calls: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+        });
+        let config = EngineConfig {
+            lease: Duration::from_millis(lease_ms),
+            limits: SagaLimits::default(),
+            event_limits: Limits::default(),
+        };
+        let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
+        (e, p)
+    }
+
+    fn spec() -> DefinitionSpec {
+        serde_json::from_value(json!({"steps": [
+            {"name": "reserve", "action": {"method": "POST", "url": "http://inv/reserve", "body": {"qty": "{{input.qty}}"}},
+             "compensation": {"method": "POST", "url": "http://inv/release/{{steps.reserve.output.id}}"}},
+            {"name": "charge", "action": {"method": "POST", "url": "http://pay/charge"},
+             "retry": {"max_attempts": 2, "backoff_ms": 50, "max_backoff_ms": 50, "jitter": 0.0}}
+        ]}))
+        .unwrap()
+    }
+
+    fn start(id: &str) -> StartSaga {
+        StartSaga {
+            definition: "order".into(),
+            input: json!({"qty": 2}),
+            id: Some(id.into()),
+            trace: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_started_saga_runs_to_completion_and_its_log_and_row_agree() {
+        let store = Arc::new(MemoryStore::default());
+        let (e, p) = engine(&store, 10_000, |c| CallOutcome::Succeeded(json!({"id": format!("{}-1", c.step)})));
+        e.define("order", spec()).await.unwrap();
+        let (row, held) = e.start(start("o-1")).await.unwrap();
+        assert_eq!(row.lease_owner, Some(e.node()));
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+        let calls = p.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].idempotency_key, "o-1:reserve:action");
+        assert_eq!(calls[0].call.body, Some(json!({"qty": 2})));
+        let (row, state) = e.load("o-1").await.unwrap();
+        let state = state.unwrap();
+        assert_eq!((row.status, row.lease_owner, row.next_run_at), (SagaStatus::Completed, None, None));
+        assert_eq!(row.log_version, state.log_version);
+        assert_eq!(state.log_version, 4, "started, two steps, completed");
+        // Starting the same id again finds it and runs nothing.
+        let (again, held) = e.start(start("o-1")).await.unwrap();
+        assert!(held.is_none());
+        assert_eq!(again.status, SagaStatus::Completed);
+        assert_eq!(p.count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_waits_in_the_database_and_a_claim_resumes_it() {
+        let store = Arc::new(MemoryStore::default());
+        let failures = AtomicUsize::new(0);
+        let (e, p) = engine(&store, 10_000, move |c| {
+            if c.step == "charge" && failures.fetch_add(1, Ordering::SeqCst) == 0 {
+                CallOutcome::Transient("503".into())
+            } else {
+                CallOutcome::Succeeded(json!({"id": "r"}))
+            }
+        });
+        e.define("order", spec()).await.unwrap();
+        let (_, held) = e.start(start("o-2")).await.unwrap();
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
+        let row = store.get_saga("o-2").await.unwrap().unwrap();
+        assert!(row.next_run_at.is_some() && row.lease_owner.is_none());
+        assert!(e.claim(10).await.unwrap().is_empty(), "not due before its backoff");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut claimed = e.claim(10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let end = e.drive(claimed.pop().unwrap()).await.unwrap();
+        assert_eq!(end, DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(p.count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_compensates_with_the_earlier_output_and_retry_resumes_a_failed_saga() {
+        let store = Arc::new(MemoryStore::default());
+        let undo_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = undo_ok.clone();
+        let (e, p) = engine(&store, 10_000, move |c| match (c.step.as_str(), c.op) {
+            ("charge", Op::Action) => CallOutcome::Refused("card declined".into()),
+            ("reserve", Op::Compensation) if !flag.load(Ordering::SeqCst) => CallOutcome::Refused("nope".into()),
+            _ => CallOutcome::Succeeded(json!({"id": "r/9"})),
+        });
+        e.define("order", spec()).await.unwrap();
+        let (_, held) = e.start(start("o-3")).await.unwrap();
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Failed));
+        let undo = p.calls.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(undo.call.url, "http://inv/release/r%2F9");
+        assert_eq!(undo.idempotency_key, "o-3:reserve:compensation");
+        undo_ok.store(true, Ordering::SeqCst);
+        let held = e.retry("o-3").await.unwrap();
+        assert_eq!(e.drive(held).await.unwrap(), DriveEnd::Finished(SagaStatus::Compensated));
+        assert!(matches!(e.retry("o-3").await, Err(SagaError::NotFailed(..))));
+        assert!(matches!(e.retry("nope").await, Err(SagaError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_lost_its_lease_records_nothing_more() {
+        let store = Arc::new(MemoryStore::default());
+        let (a, _) = engine(&store, 20, |_| CallOutcome::Succeeded(json!({"id": "x"})));
+        let (b, pb) = engine(&store, 10_000, |_| CallOutcome::Succeeded(json!({"id": "x"})));
+        a.define("order", spec()).await.unwrap();
+        // Node a starts the saga and dies before driving it.
+        let (_, held_by_a) = a.start(start("o-4")).await.unwrap();
+        assert!(b.claim(10).await.unwrap().is_empty(), "a's lease is live");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let mut taken = b.claim(10).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(b.drive(taken.pop().unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(pb.count.load(Ordering::SeqCst), 2);
+        // Node a wakes up: its first record is refused by the log, so it stops.
+        assert_eq!(a.drive(held_by_a.unwrap()).await.unwrap(), DriveEnd::Lost);
+        let (row, state) = b.load("o-4").await.unwrap();
+        assert_eq!(row.status, SagaStatus::Completed);
+        assert_eq!(state.unwrap().log_version, 4);
+    }
+
+    #[tokio::test]
+    async fn a_row_without_its_first_log_event_is_started_by_the_runner() {
+        let store = Arc::new(MemoryStore::default());
+        let (e, _) = engine(&store, 10_000, |_| CallOutcome::Succeeded(json!({"id": "x"})));
+        e.define("order", spec()).await.unwrap();
+        let mut row = crate::testkit::saga_row("o-5", Utc::now());
+        row.input = json!({"qty": 1});
+        store.create_saga(&row).await.unwrap();
+        let mut claimed = e.claim(1).await.unwrap();
+        assert_eq!(e.drive(claimed.pop().unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+    }
+
+    #[tokio::test]
+    async fn bad_starts_are_refused_before_anything_is_written() {
+        let store = Arc::new(MemoryStore::default());
+        let (e, _) = engine(&store, 10_000, |_| CallOutcome::Succeeded(Value::Null));
+        assert!(matches!(e.start(start("o-6")).await, Err(SagaError::DefinitionNotFound(_))));
+        e.define("order", spec()).await.unwrap();
+        assert!(matches!(e.start(start("bad id")).await, Err(SagaError::Definition(_))));
+        let mut big = start("o-7");
+        big.input = json!({"x": "y".repeat(70_000)});
+        assert!(matches!(e.start(big).await, Err(SagaError::InputTooLarge { .. })));
+        assert!(store.list_sagas(None, None, 10).await.unwrap().is_empty());
+    }
+}
