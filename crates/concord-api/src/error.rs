@@ -62,6 +62,20 @@ error_codes! {
     InvalidScope = ("invalid_scope", 400, "Unknown scope"),
     /// An `Idempotency-Key` header that is empty, too long or not visible ASCII.
     InvalidIdempotencyKey = ("invalid_idempotency_key", 400, "Invalid Idempotency-Key"),
+    /// A definition, step or saga name outside its alphabet or length.
+    InvalidName = ("invalid_name", 400, "Invalid name"),
+    /// Two steps of a saga definition share a name.
+    DuplicateStepName = ("duplicate_step_name", 400, "Duplicate step name"),
+    /// A `{{...}}` template that names nothing the step can see.
+    UnknownTemplateVariable = ("unknown_template_variable", 400, "Unknown template variable"),
+    /// A step URL that is not `http://` or `https://` with a fixed host.
+    InvalidStepUrl = ("invalid_step_url", 400, "Invalid step URL"),
+    /// A step method other than GET, POST, PUT, PATCH, DELETE.
+    InvalidStepMethod = ("invalid_step_method", 400, "Invalid step method"),
+    /// A step header that is malformed or that Concord sets itself.
+    InvalidStepHeader = ("invalid_step_header", 400, "Invalid step header"),
+    /// A saga definition or input beyond a configured limit (steps, sizes, attempts, timeouts).
+    SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
     /// The request body is larger than the server accepts at all.
     BodyTooLarge = ("body_too_large", 413, "Request body too large"),
     /// The body is not `application/json`.
@@ -76,6 +90,14 @@ error_codes! {
     StreamNotFound = ("stream_not_found", 404, "Stream not found"),
     /// No live key with that id.
     KeyNotFound = ("key_not_found", 404, "Key not found"),
+    /// No saga definition with that name (or version).
+    SagaDefinitionNotFound = ("saga_definition_not_found", 404, "Saga definition not found"),
+    /// No saga with that id.
+    SagaNotFound = ("saga_not_found", 404, "Saga not found"),
+    /// Only a `failed` saga can be retried.
+    SagaNotFailed = ("saga_not_failed", 409, "Saga is not failed"),
+    /// Another node is working on the saga right now. Retry shortly.
+    SagaBusy = ("saga_busy", 409, "Saga busy"),
     /// The route exists but not with this method.
     MethodNotAllowed = ("method_not_allowed", 405, "Method not allowed"),
     /// The stream is not at the expected version. Re-read, decide again, retry.

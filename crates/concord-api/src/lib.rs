@@ -4,5 +4,6 @@
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod sagas;
 
 pub use error::{ErrorCode, Problem};

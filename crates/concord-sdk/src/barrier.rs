@@ -26,13 +26,13 @@
 //! The orchestrator treats 2xx as success (the JSON body is the step's output), 4xx other than
 //! 408/425/429 as a business refusal (it compensates), and 5xx as "retry".
 //!
-//! | [`Enter`]                      | action                                         | compensation |
-//! |--------------------------------|------------------------------------------------|--------------|
-//! | `Run`                          | 2xx with the output (business refusal: roll back, 409) | 2xx  |
-//! | `Duplicate { output }`         | 2xx with `output`, the first call's body        | 2xx          |
-//! | `EmptyCompensation`            | never answered for an action                    | 2xx, after commit |
-//! | `Refused`                      | 409: the saga was already compensated           | never answered for a compensation |
-//! | `Err(e)`                       | [`BarrierError::http_status`]                   | same         |
+//! | [`Enter`]              | action                                                 | compensation       |
+//! |------------------------|--------------------------------------------------------|--------------------|
+//! | `Run`                  | 2xx with the output (business refusal: roll back, 409) | 2xx                |
+//! | `Duplicate { output }` | 2xx with `output`, the first delivery's body           | 2xx                |
+//! | `EmptyCompensation`    | not returned for an action                             | 2xx, after commit  |
+//! | `Refused`              | 409: the step was already compensated                  | not returned       |
+//! | `Err(e)`               | [`BarrierError::http_status`]: 400 or 500              | same               |
 //!
 //! # Table
 //!

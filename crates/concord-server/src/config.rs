@@ -45,6 +45,29 @@ pub struct Settings {
     pub auth_cache_ttl_ms: u64,
     /// SQLite `synchronous=FULL` (an acknowledged append survives power loss). Off: NORMAL.
     pub sqlite_synchronous_full: bool,
+    /// Run the saga worker on this node (off: this node only serves the API).
+    pub saga_runner: bool,
+    /// How long a node holds a saga before another may take it over, milliseconds.
+    pub saga_lease_ms: u64,
+    /// How often the worker looks for due sagas, milliseconds.
+    pub saga_poll_ms: u64,
+    /// Most sagas one node drives at a time.
+    pub saga_max_concurrent: usize,
+    /// Most sagas taken in one claim.
+    pub saga_claim_batch: usize,
+    /// Longest `wait_ms` of a saga request, milliseconds.
+    pub saga_max_wait_ms: u64,
+    pub saga_max_steps: usize,
+    pub saga_max_definition_bytes: usize,
+    pub saga_max_input_bytes: usize,
+    /// Largest participant answer kept as a step output, bytes.
+    pub saga_max_output_bytes: usize,
+    /// Highest `max_attempts` a retry policy may set.
+    pub saga_max_attempts: u32,
+    /// Longest step timeout, milliseconds.
+    pub saga_max_timeout_ms: u64,
+    /// Longest backoff between attempts, milliseconds.
+    pub saga_max_backoff_ms: u64,
 }
 
 impl Default for Settings {
@@ -67,6 +90,19 @@ impl Default for Settings {
             db_connections: 16,
             auth_cache_ttl_ms: 1000,
             sqlite_synchronous_full: true,
+            saga_runner: true,
+            saga_lease_ms: 10_000,
+            saga_poll_ms: 100,
+            saga_max_concurrent: 512,
+            saga_claim_batch: 64,
+            saga_max_wait_ms: 60_000,
+            saga_max_steps: 32,
+            saga_max_definition_bytes: 64 * 1024,
+            saga_max_input_bytes: 64 * 1024,
+            saga_max_output_bytes: 64 * 1024,
+            saga_max_attempts: 100,
+            saga_max_timeout_ms: 300_000,
+            saga_max_backoff_ms: 3_600_000,
         }
     }
 }
@@ -93,6 +129,19 @@ impl Settings {
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         Ok(settings)
+    }
+
+    #[must_use]
+    pub fn saga_limits(&self) -> concord_core::domain::saga::SagaLimits {
+        concord_core::domain::saga::SagaLimits {
+            max_steps: self.saga_max_steps,
+            max_definition_bytes: self.saga_max_definition_bytes,
+            max_input_bytes: self.saga_max_input_bytes,
+            max_output_bytes: self.saga_max_output_bytes,
+            max_attempts: self.saga_max_attempts,
+            max_timeout_ms: self.saga_max_timeout_ms,
+            max_backoff_ms: self.saga_max_backoff_ms,
+        }
     }
 
     #[must_use]

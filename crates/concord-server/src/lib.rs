@@ -9,6 +9,7 @@ pub mod error;
 pub mod idempotency;
 pub mod openapi;
 pub mod routes;
+pub mod saga;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -7,6 +7,7 @@
 use concord_api::Problem;
 use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
+use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 use utoipa::OpenApi;
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "The store answers", body = Health)))]
@@ -60,12 +61,50 @@ fn create_key() {}
     responses((status = 204, description = "Revoked"), (status = 404, description = "key_not_found", body = Problem)))]
 fn revoke_key() {}
 
+#[utoipa::path(put, path = "/v1/saga-definitions/{name}",
+    request_body(content = serde_json::Value, description = "{\"steps\": [{name, action, compensation?, retry?, timeout_ms?}], \"compensation_retry\"?}; see the README"),
+    params(("name" = String, Path, description = "1-64 of [A-Za-z0-9_.-]")),
+    responses((status = 201, description = "A new version", body = DefinitionOut),
+              (status = 200, description = "Unchanged: the latest version already has this spec", body = DefinitionOut),
+              (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, invalid_step_method, invalid_step_header, saga_limit_exceeded", body = Problem)))]
+fn put_definition() {}
+
+#[utoipa::path(get, path = "/v1/saga-definitions/{name}", params(("name" = String, Path), ("version" = Option<u32>, Query)),
+    responses((status = 200, description = "The version asked, or the latest", body = DefinitionOut),
+              (status = 404, description = "saga_definition_not_found", body = Problem)))]
+fn get_definition() {}
+
+#[utoipa::path(post, path = "/v1/sagas", request_body = StartSagaBody,
+    params(("wait_ms" = Option<u64>, Query, description = "Wait up to this long for the saga to finish"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 201, description = "Started", body = SagaOut),
+              (status = 200, description = "A saga with this id exists: it is returned", body = SagaOut),
+              (status = 404, description = "saga_definition_not_found", body = Problem)))]
+fn start_saga() {}
+
+#[utoipa::path(get, path = "/v1/sagas",
+    params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("after" = Option<String>, Query)),
+    responses((status = 200, description = "Sagas in id order", body = SagaPage)))]
+fn list_sagas() {}
+
+#[utoipa::path(get, path = "/v1/sagas/{id}", params(("id" = String, Path), ("wait_ms" = Option<u64>, Query)),
+    responses((status = 200, description = "The saga with each step's attempts, output and error", body = SagaOut),
+              (status = 404, description = "saga_not_found", body = Problem)))]
+fn get_saga() {}
+
+#[utoipa::path(post, path = "/v1/sagas/{id}/retry", params(("id" = String, Path), ("wait_ms" = Option<u64>, Query)),
+    responses((status = 200, description = "Resumed: its compensations run again", body = SagaOut),
+              (status = 409, description = "saga_not_failed or saga_busy", body = Problem)))]
+fn retry_saga() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault."),
-    paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key),
+    paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key,
+          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga),
     components(schemas(Problem, AppendBody, EventInput, AppendResponse, EventOut, EventsPage, CheckpointBody,
-                       CreateKeyBody, CreatedKey, Health)),
+                       CreateKeyBody, CreatedKey, Health, DefinitionOut, StartSagaBody, SagaOut, SagaPage, StepOut,
+                       AttemptOut)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -6,7 +6,8 @@ use crate::state::AppState;
 use anyhow::Context as _;
 use concord_core::app::auth::bootstrap_admin;
 use concord_core::app::group_commit::GroupCommitLimits;
-use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore};
+use concord_core::app::saga::{EngineConfig, SagaEngine};
+use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore};
 use concord_store_postgres::{PostgresConfig, PostgresStore};
 use concord_store_sqlite::{SqliteConfig, SqliteStore};
 use std::future::Future;
@@ -20,16 +21,18 @@ use tokio::sync::watch;
 #[derive(Clone)]
 pub struct Stores {
     pub events: Arc<dyn EventStore>,
+    pub sagas: Arc<dyn SagaStore>,
     pub checkpoints: Arc<dyn CheckpointStore>,
     pub keys: Arc<dyn KeyStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
 }
 
 impl Stores {
-    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore>(s: S) -> Self {
+    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore + SagaStore>(s: S) -> Self {
         let s = Arc::new(s);
         Self {
             events: s.clone(),
+            sagas: s.clone(),
             checkpoints: s.clone(),
             keys: s.clone(),
             idempotency: s,
@@ -90,7 +93,28 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let participants = Arc::new(crate::saga::HttpParticipants::new(settings.saga_max_output_bytes)?);
+        let engine = Arc::new(SagaEngine::new(
+            stores.events.clone(),
+            stores.sagas.clone(),
+            participants,
+            uuid::Uuid::now_v7(),
+            EngineConfig {
+                lease: Duration::from_millis(settings.saga_lease_ms),
+                limits: settings.saga_limits(),
+                event_limits: settings.limits(),
+            },
+        ));
+        let sagas = crate::saga::SagaRunner::new(
+            engine,
+            crate::saga::runner::RunnerConfig {
+                poll: Duration::from_millis(settings.saga_poll_ms.max(1)),
+                max_concurrent: settings.saga_max_concurrent,
+                claim_batch: settings.saga_claim_batch,
+            },
+        );
         let state = AppState {
+            sagas,
             events: stores.events,
             checkpoints: stores.checkpoints,
             keys: stores.keys,
@@ -138,6 +162,9 @@ impl Application {
         } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
+        let runner = state.settings.saga_runner.then(|| {
+            tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace))
+        });
         let mut stopping = state.shutdown.clone();
         let app = routes::router(state);
         // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's
@@ -156,6 +183,10 @@ impl Application {
                 let _ = stopping.wait_for(|s| *s).await;
                 tokio::time::sleep(grace).await;
             } => tracing::warn!("grace period over; closing remaining connections"),
+        }
+        // Let sagas in flight reach their next record (bounded by the grace period inside).
+        if let Some(r) = runner {
+            let _ = r.await;
         }
         Ok(())
     }

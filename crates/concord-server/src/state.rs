@@ -18,4 +18,5 @@ pub struct AppState {
     /// Turns true when the server starts shutting down, so long-lived streams end.
     pub shutdown: watch::Receiver<bool>,
     pub key_cache: Arc<crate::auth::KeyCache>,
+    pub sagas: Arc<crate::saga::SagaRunner>,
 }

@@ -22,11 +22,12 @@ pub async fn append(
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
-    // System streams (`$...`: audit trails, saga logs) are written by Concord itself.
-    if stream.as_str().starts_with('$') && !principal.allows(Scope::ADMIN) {
+    // System streams (`$...`: audit trails) and saga logs (`saga-...`) are written by Concord
+    // itself; a forged saga event would steer a saga.
+    if (stream.as_str().starts_with('$') || stream.category() == "saga") && !principal.allows(Scope::ADMIN) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
-            "system streams ($...) need the admin scope",
+            "system streams ($...) and saga logs (saga-...) need the admin scope",
         ));
     }
     let Json(body) = body?;

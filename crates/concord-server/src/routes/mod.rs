@@ -2,6 +2,7 @@
 
 pub mod events;
 pub mod keys;
+pub mod sagas;
 pub mod subscriptions;
 pub mod system;
 
@@ -23,6 +24,13 @@ pub fn router(state: AppState) -> Router {
             "/v1/subscriptions/{group}/checkpoint",
             put(subscriptions::save_checkpoint),
         )
+        .route(
+            "/v1/saga-definitions/{name}",
+            put(sagas::put_definition).get(sagas::get_definition),
+        )
+        .route("/v1/sagas", post(sagas::start).get(sagas::list))
+        .route("/v1/sagas/{id}", get(sagas::get))
+        .route("/v1/sagas/{id}/retry", post(sagas::retry))
         .route("/v1/keys", post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/openapi.json", get(system::openapi))

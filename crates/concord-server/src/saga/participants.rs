@@ -1,0 +1,150 @@
+//! Participant calls over HTTP, classified as the saga contract says: 2xx succeeds (the JSON body
+//! is the step's output), 4xx other than 408/425/429 is a refusal, anything else (5xx, 408, 425,
+//! 429, timeouts, connection errors) may work on a retry.
+
+use crate::telemetry::{outgoing_traceparent, parse_traceparent};
+use async_trait::async_trait;
+use concord_core::app::saga::{ParticipantCall, Participants};
+use concord_core::domain::saga::CallOutcome;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Sends participant calls with `Idempotency-Key`, `Concord-Saga-Id` and `traceparent`.
+pub struct HttpParticipants {
+    client: reqwest::Client,
+    /// Largest answer read; a larger one is not kept as an output.
+    max_body: usize,
+}
+
+impl HttpParticipants {
+    /// # Errors
+    /// When the HTTP client cannot be built (no TLS provider installed).
+    pub fn new(max_body: usize) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            // A redirect would send the call somewhere the definition does not name.
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self { client, max_body })
+    }
+}
+
+/// How much of an error answer is kept in the saga log.
+const ERROR_SNIPPET: usize = 300;
+
+#[async_trait]
+impl Participants for HttpParticipants {
+    async fn call(&self, c: &ParticipantCall) -> CallOutcome {
+        let Ok(method) = reqwest::Method::from_bytes(c.call.method.as_bytes()) else {
+            return CallOutcome::Refused(format!("unsupported method {}", c.call.method));
+        };
+        let incoming = c.origin_trace.as_deref().and_then(parse_traceparent);
+        let mut req = self
+            .client
+            .request(method, &c.call.url)
+            .timeout(c.timeout)
+            .header("idempotency-key", &c.idempotency_key)
+            .header("concord-saga-id", &c.saga_id)
+            .header("traceparent", outgoing_traceparent(incoming.as_ref()));
+        for (k, v) in &c.call.headers {
+            req = req.header(k, v);
+        }
+        if let Some(body) = &c.call.body {
+            req = req.json(body);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_builder() => return CallOutcome::Refused(format!("the call cannot be made: {e}")),
+            Err(e) if e.is_timeout() => {
+                return CallOutcome::Transient(format!("timed out after {} ms", c.timeout.as_millis()));
+            }
+            Err(e) => return CallOutcome::Transient(format!("connection error: {}", error_chain(&e))),
+        };
+        let status = resp.status();
+        let body = match read_limited(resp, self.max_body).await {
+            Ok(b) => b,
+            Err(Read::TooLarge) if status.is_success() => {
+                return CallOutcome::Refused(format!("answer over the limit of {} bytes", self.max_body));
+            }
+            Err(Read::TooLarge) => Vec::new(),
+            Err(Read::Failed(e)) if e.is_timeout() => {
+                return CallOutcome::Transient(format!("timed out after {} ms", c.timeout.as_millis()));
+            }
+            Err(Read::Failed(e)) => return CallOutcome::Transient(format!("reading the answer: {e}")),
+        };
+        classify(status, &body)
+    }
+}
+
+fn classify(status: StatusCode, body: &[u8]) -> CallOutcome {
+    if status.is_success() {
+        let output = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+        };
+        return CallOutcome::Succeeded(output);
+    }
+    let snippet: String = String::from_utf8_lossy(body).chars().take(ERROR_SNIPPET).collect();
+    let error = if snippet.is_empty() {
+        format!("HTTP {}", status.as_u16())
+    } else {
+        format!("HTTP {}: {snippet}", status.as_u16())
+    };
+    match status.as_u16() {
+        408 | 425 | 429 => CallOutcome::Transient(error),
+        400..=499 => CallOutcome::Refused(error),
+        300..=399 => CallOutcome::Refused(format!("{error} (redirects are not followed)")),
+        _ => CallOutcome::Transient(error),
+    }
+}
+
+enum Read {
+    TooLarge,
+    Failed(reqwest::Error),
+}
+
+async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, Read> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(Read::TooLarge);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Read::Failed)? {
+        if out.len() + chunk.len() > max {
+            return Err(Read::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_as_the_contract_says() {
+        let ok = |s: u16, b: &[u8]| classify(StatusCode::from_u16(s).unwrap(), b);
+        assert_eq!(ok(200, br#"{"id": 1}"#), CallOutcome::Succeeded(serde_json::json!({"id": 1})));
+        assert_eq!(ok(204, b""), CallOutcome::Succeeded(Value::Null));
+        assert_eq!(ok(200, b"plain"), CallOutcome::Succeeded(Value::String("plain".into())));
+        assert!(matches!(ok(409, b"no stock"), CallOutcome::Refused(e) if e.contains("no stock")));
+        assert!(matches!(ok(404, b""), CallOutcome::Refused(_)));
+        for s in [408, 425, 429, 500, 502, 503] {
+            assert!(matches!(ok(s, b""), CallOutcome::Transient(_)), "{s}");
+        }
+        assert!(matches!(ok(302, b""), CallOutcome::Refused(_)));
+    }
+}

@@ -1,0 +1,182 @@
+//! The worker that drives sagas on this node. Fresh sagas started here are driven at once; due
+//! sagas (retries whose backoff passed, sagas abandoned by a dead node) are claimed from the
+//! database every poll interval. A semaphore bounds how many sagas one node drives at a time.
+
+use concord_core::app::saga::{DriveEnd, Held, SagaEngine};
+use concord_core::domain::saga::SagaStatus;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
+
+/// Settings of the worker.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    pub poll: Duration,
+    pub max_concurrent: usize,
+    pub claim_batch: usize,
+}
+
+/// Drives sagas and tells local waiters when one finishes.
+pub struct SagaRunner {
+    engine: Arc<SagaEngine>,
+    config: RunnerConfig,
+    slots: Arc<Semaphore>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<SagaStatus>>>>,
+    /// Poked when a slot frees up or a saga may be due sooner than the next poll.
+    wake: Notify,
+}
+
+impl SagaRunner {
+    #[must_use]
+    pub fn new(engine: Arc<SagaEngine>, config: RunnerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            config,
+            waiters: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    #[must_use]
+    pub fn engine(&self) -> &Arc<SagaEngine> {
+        &self.engine
+    }
+
+    /// Drives a saga this node holds, in the background. When all slots are busy it waits for
+    /// one; the saga stays leased to this node meanwhile.
+    pub fn spawn(self: &Arc<Self>, held: Held) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = me.slots.clone().acquire_owned().await else {
+                return;
+            };
+            me.drive(held).await;
+            drop(permit);
+            me.wake.notify_one();
+        });
+    }
+
+    fn spawn_with(self: &Arc<Self>, held: Held, permit: OwnedSemaphorePermit) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.drive(held).await;
+            drop(permit);
+            me.wake.notify_one();
+        });
+    }
+
+    async fn drive(&self, held: Held) {
+        let id = held.id().to_owned();
+        match self.engine.drive(held).await {
+            Ok(DriveEnd::Finished(status)) => self.finished(&id, status),
+            Ok(DriveEnd::Waiting | DriveEnd::Lost) => {}
+            // The lease will expire and a runner (maybe this one) continues from the log.
+            Err(e) => {
+                metrics::counter!("concord_saga_drive_errors_total").increment(1);
+                tracing::warn!(saga.id = %id, error = %e, "saga drive stopped");
+            }
+        }
+    }
+
+    fn finished(&self, id: &str, status: SagaStatus) {
+        let waiters = self.lock_waiters().remove(id);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(status);
+        }
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<SagaStatus>>>> {
+        self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits up to `timeout` for a saga driven on this node to finish. Returns early (with none)
+    /// on timeout; the caller then reads the saga's current state.
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Option<SagaStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.lock_waiters().entry(id.to_owned()).or_default().push(tx);
+        // It may have finished before we registered: the row says so.
+        if let Ok(Some(row)) = self.engine.store().get_saga(id).await
+            && row.status.is_terminal()
+            && row.lease_owner.is_none()
+        {
+            self.forget_waiter(id);
+            return Some(row.status);
+        }
+        let result = tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok);
+        if result.is_none() {
+            self.forget_waiter(id);
+        }
+        result
+    }
+
+    fn forget_waiter(&self, id: &str) {
+        let mut w = self.lock_waiters();
+        if let Some(list) = w.get_mut(id) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                w.remove(id);
+            }
+        }
+    }
+
+    /// Claims and drives due sagas until `stopping` turns true, then waits up to `grace` for the
+    /// sagas in flight (what is left is picked up from the log when its lease expires).
+    pub async fn run(self: Arc<Self>, mut stopping: watch::Receiver<bool>, grace: Duration) {
+        let mut last_gauge = tokio::time::Instant::now() - Duration::from_secs(60);
+        loop {
+            if *stopping.borrow() {
+                break;
+            }
+            // Take the slots first, so a claim never takes more sagas than this node can drive.
+            let mut permits: Vec<OwnedSemaphorePermit> = std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
+                .take(self.config.claim_batch.max(1))
+                .collect();
+            let free = permits.len();
+            let mut claimed = 0;
+            if free > 0 {
+                match self.engine.claim(free).await {
+                    Ok(held) => {
+                        claimed = held.len();
+                        for h in held {
+                            if let Some(p) = permits.pop() {
+                                self.spawn_with(h, p);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming sagas failed"),
+                }
+            }
+            drop(permits);
+            if last_gauge.elapsed() >= Duration::from_secs(10) {
+                last_gauge = tokio::time::Instant::now();
+                self.publish_counts().await;
+            }
+            // A full batch suggests more are due: look again at once.
+            if claimed > 0 && claimed == free {
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.poll) => {}
+                () = self.wake.notified(), if free == 0 => {}
+                _ = stopping.wait_for(|s| *s) => break,
+            }
+        }
+        let all = u32::try_from(self.config.max_concurrent.max(1)).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(grace, self.slots.acquire_many(all)).await;
+    }
+
+    async fn publish_counts(&self) {
+        match self.engine.store().count_sagas().await {
+            Ok(counts) => {
+                for status in SagaStatus::ALL {
+                    let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |(_, n)| *n);
+                    #[allow(clippy::cast_precision_loss)]
+                    metrics::gauge!("concord_sagas", "status" => status.as_str()).set(n as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting sagas failed"),
+        }
+    }
+}
