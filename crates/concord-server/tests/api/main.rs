@@ -2,10 +2,13 @@
 //! database, on SQLite and on PostgreSQL.
 
 mod helpers;
+#[path = "../support/participant.rs"]
+mod participant;
 
 mod auth;
 mod errors;
 mod events;
 mod idempotency;
+mod sagas;
 mod subscriptions;
 mod system;

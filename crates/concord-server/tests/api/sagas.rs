@@ -1,0 +1,307 @@
+//! Sagas through the HTTP API against a scripted participant server.
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp, assert_problem, spawn_app};
+use crate::participant::{Effect, Participant, check_saga};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn define(app: &TestApp, name: &str, def: &Value) -> Value {
+    let r = app
+        .admin(Method::PUT, &format!("/v1/saga-definitions/{name}"))
+        .json(def)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "define {name}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+async fn run(app: &TestApp, definition: &str, id: &str, plan: Value) -> Value {
+    let r = app
+        .admin(Method::POST, "/v1/sagas?wait_ms=20000")
+        .json(&json!({"definition": definition, "id": id, "input": {"plan": plan}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "start {id}");
+    r.json().await.unwrap()
+}
+
+fn attempts(saga: &Value, step: usize, op: &str) -> usize {
+    saga["steps"][step]["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["op"] == op)
+        .count()
+}
+
+async fn definitions_are_validated_and_versioned(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let def = p.definition(&["reserve", "charge"], 1000);
+    let put = |d: Value| app.admin(Method::PUT, "/v1/saga-definitions/order").json(&d).send();
+    let r = put(def.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let v1: Value = r.json().await.unwrap();
+    assert_eq!((v1["name"].as_str(), v1["version"].as_u64()), (Some("order"), Some(1)));
+    let r = put(def.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "the same spec is not a new version");
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], 1);
+    let v2 = p.definition(&["reserve"], 1000);
+    assert_eq!(put(v2.clone()).await.unwrap().status(), 201);
+    let latest: Value = app
+        .admin(Method::GET, "/v1/saga-definitions/order")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(latest["version"], 2);
+    assert_eq!(latest["definition"]["steps"].as_array().unwrap().len(), 1);
+    let first: Value = app
+        .admin(Method::GET, "/v1/saga-definitions/order?version=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["definition"]["steps"].as_array().unwrap().len(), 2);
+    let r = app.admin(Method::GET, "/v1/saga-definitions/nope").send().await.unwrap();
+    assert_problem(r, 404, "saga_definition_not_found").await;
+
+    let bad = |f: &dyn Fn(&mut Value)| {
+        let mut d = def.clone();
+        f(&mut d);
+        d
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            bad(&|d| d["steps"][0]["action"]["body"] = json!({"x": "{{steps.charge.output.id}}"})),
+            "unknown_template_variable",
+        ),
+        (
+            bad(&|d| d["steps"][0]["action"]["body"] = json!({"x": "{{secrets.k}}"})),
+            "unknown_template_variable",
+        ),
+        (bad(&|d| d["steps"][0]["action"]["url"] = json!("file:///etc/passwd")), "invalid_step_url"),
+        (bad(&|d| d["steps"][0]["action"]["method"] = json!("CONNECT")), "invalid_step_method"),
+        (bad(&|d| d["steps"][1]["name"] = json!("reserve")), "duplicate_step_name"),
+        (bad(&|d| d["steps"][0]["timeout_ms"] = json!(0)), "saga_limit_exceeded"),
+        (bad(&|d| d["steps"][0]["retry"]["max_attempts"] = json!(1000)), "saga_limit_exceeded"),
+        (
+            bad(&|d| d["steps"][0]["action"]["headers"] = json!({"Concord-Saga-Id": "x"})),
+            "invalid_step_header",
+        ),
+        (bad(&|d| d["steps"][0]["unknown"] = json!(1)), "malformed_json"),
+    ];
+    for (d, code) in cases {
+        let r = app.admin(Method::PUT, "/v1/saga-definitions/bad").json(&d).send().await.unwrap();
+        assert_problem(r, 400, code).await;
+    }
+    let many: Vec<Value> = (0..40).map(|i| json!({"name": format!("s{i}"), "action": {"method": "POST", "url": "http://x/y"}})).collect();
+    let r = put(json!({"steps": many})).await.unwrap();
+    assert_problem(r, 400, "saga_limit_exceeded").await;
+    let r = app.admin(Method::PUT, "/v1/saga-definitions/bad%20name").json(&def).send().await.unwrap();
+    assert_problem(r, 400, "invalid_name").await;
+    let r = app.admin(Method::GET, "/v1/saga-definitions/bad").send().await.unwrap();
+    assert_problem(r, 404, "saga_definition_not_found").await;
+}
+both_backends!(definitions_are_validated_and_versioned);
+
+async fn saga_routes_need_their_scopes(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let reader = app.create_key(&["sagas:read"]).await;
+    let writer = app.create_key(&["sagas:write", "events:write"]).await;
+    let def = json!({"steps": [{"name": "a", "action": {"method": "POST", "url": "http://127.0.0.1:9/a"}}]});
+    let r = app.request(Method::PUT, "/v1/saga-definitions/o", Some(&reader)).json(&def).send().await.unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.request(Method::PUT, "/v1/saga-definitions/o", None).json(&def).send().await.unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+    let r = app.request(Method::PUT, "/v1/saga-definitions/o", Some(&writer)).json(&def).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app.request(Method::GET, "/v1/sagas", Some(&writer)).send().await.unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.request(Method::GET, "/v1/sagas", Some(&reader)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.request(Method::POST, "/v1/sagas/x/retry", Some(&reader)).send().await.unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    // A saga log cannot be forged through the event API, even with events:write.
+    let r = app
+        .request(Method::POST, "/v1/streams/saga-x", Some(&writer))
+        .json(&json!({"events": [{"type": "SagaCompleted", "data": {}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+}
+both_backends!(saga_routes_need_their_scopes);
+
+async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    define(&app, "order", &p.definition(&["reserve", "charge"], 2000)).await;
+    let saga = run(&app, "order", "o-1", json!({"charge": "flaky:2"})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(saga["version"], 1);
+    assert_eq!(saga["steps"][0]["output"], json!({"id": "reserve-o-1"}));
+    assert_eq!(attempts(&saga, 1, "action"), 3, "two 503s, then success");
+    assert_eq!(saga["steps"][1]["attempts"][0]["outcome"], "failed");
+    assert!(saga["steps"][1]["attempts"][0]["error"].as_str().unwrap().contains("503"));
+    assert_eq!(check_saga(&p, &saga), None);
+    {
+        let l = p.ledger.lock().unwrap();
+        assert_eq!(l.bad_headers, 0, "Idempotency-Key and Concord-Saga-Id on every call");
+        assert_eq!(l.traceparents, 4, "traceparent on every call");
+    }
+    // The same id again returns the saga and runs nothing.
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "order", "id": "o-1", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "completed");
+    assert_eq!(p.attempts("o-1", "reserve", "action"), 1);
+    // The saga log is in the event store.
+    let log: Value = app.admin(Method::GET, "/v1/streams/saga-o-1").send().await.unwrap().json().await.unwrap();
+    let types: Vec<&str> = log["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["SagaStarted", "ActionSucceeded", "ActionFailed", "ActionFailed", "ActionSucceeded", "SagaCompleted"]
+    );
+    let got: Value = app.admin(Method::GET, "/v1/sagas/o-1").send().await.unwrap().json().await.unwrap();
+    assert_eq!(got["steps"], saga["steps"]);
+    let r = app.admin(Method::GET, "/v1/sagas/nope").send().await.unwrap();
+    assert_problem(r, 404, "saga_not_found").await;
+    let page: Value = app.admin(Method::GET, "/v1/sagas?status=completed").send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["sagas"][0]["id"], "o-1");
+    let page: Value = app.admin(Method::GET, "/v1/sagas?status=failed").send().await.unwrap().json().await.unwrap();
+    assert!(page["sagas"].as_array().unwrap().is_empty());
+    let r = app.admin(Method::GET, "/v1/sagas?status=weird").send().await.unwrap();
+    assert_problem(r, 400, "invalid_parameter").await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "nope", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 404, "saga_definition_not_found").await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "order", "id": "bad id!", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_name").await;
+}
+both_backends!(a_saga_completes_and_shows_its_timeline);
+
+async fn refusals_and_exhausted_retries_compensate_in_reverse_order(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    define(&app, "trip", &p.definition(&["flight", "hotel", "car"], 2000)).await;
+    let saga = run(&app, "trip", "t-1", json!({"car": "refuse"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][2]["action"], "refused");
+    assert_eq!(attempts(&saga, 2, "compensation"), 0, "a refused step has nothing to undo");
+    let hotel_undo = &saga["steps"][1]["attempts"][1]["started_at"];
+    let flight_undo = &saga["steps"][0]["attempts"][1]["started_at"];
+    assert!(hotel_undo.as_str() < flight_undo.as_str(), "hotel is undone before flight");
+    assert_eq!(check_saga(&p, &saga), None);
+    assert_eq!(p.effect("t-1", "flight"), Some(Effect::Undone));
+
+    // Attempts run out on a step: it is uncertain, so it is compensated too.
+    let saga = run(&app, "trip", "t-2", json!({"hotel": "flaky:9"})).await;
+    assert_eq!(saga["status"], "compensated");
+    assert_eq!(saga["steps"][1]["action"], "uncertain");
+    assert_eq!(attempts(&saga, 1, "action"), 3);
+    assert_eq!(attempts(&saga, 1, "compensation"), 1);
+    assert_eq!(p.effect("t-2", "hotel"), Some(Effect::Blocked), "empty compensation recorded");
+    assert_eq!(check_saga(&p, &saga), None);
+}
+both_backends!(refusals_and_exhausted_retries_compensate_in_reverse_order);
+
+async fn a_hanging_step_times_out_and_its_late_arrival_is_refused(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(600)).await;
+    define(&app, "order", &p.definition(&["reserve", "charge"], 150)).await;
+    // The first attempt hangs, the second succeeds; the late first one is a duplicate.
+    let saga = run(&app, "order", "h-1", json!({"charge": "hang:1"})).await;
+    assert_eq!(saga["status"], "completed");
+    assert!(saga["steps"][1]["attempts"][0]["error"].as_str().unwrap().contains("timed out"));
+    // Every attempt hangs: compensated, and the hanging calls land after the compensation.
+    let saga = run(&app, "order", "h-2", json!({"charge": "hang:9"})).await;
+    assert_eq!(saga["status"], "compensated");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(p.effect("h-2", "charge"), Some(Effect::Blocked), "no hanging action took effect");
+    assert_eq!(check_saga(&p, &saga), None);
+    // An answer lost after the effect: the retry is deduplicated by the participant.
+    let saga = run(&app, "order", "h-3", json!({"reserve": "dup:1"})).await;
+    assert_eq!(saga["status"], "completed");
+    assert_eq!(p.attempts("h-3", "reserve", "action"), 2);
+    assert_eq!(check_saga(&p, &saga), None);
+}
+both_backends!(a_hanging_step_times_out_and_its_late_arrival_is_refused);
+
+async fn a_failed_compensation_stops_at_its_limit_and_retry_resumes_it(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    define(&app, "order", &p.definition(&["reserve", "charge"], 2000)).await;
+    // Five compensation attempts fail (the limit); the sixth, after the operator's retry, works.
+    let saga = run(&app, "order", "f-1", json!({"charge": "refuse", "reserve_undo": "cfail:5"})).await;
+    assert_eq!(saga["status"], "failed", "{saga}");
+    assert_eq!(saga["steps"][0]["compensation"], "gave_up");
+    assert_eq!(attempts(&saga, 0, "compensation"), 5);
+    let metrics = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("concord_sagas_finished_total{status=\"failed\"}"), "failed sagas are counted");
+    let r = app.admin(Method::POST, "/v1/sagas/f-1/retry?wait_ms=20000").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let saga: Value = r.json().await.unwrap();
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(check_saga(&p, &saga), None);
+    let r = app.admin(Method::POST, "/v1/sagas/f-1/retry").send().await.unwrap();
+    assert_problem(r, 409, "saga_not_failed").await;
+    let r = app.admin(Method::POST, "/v1/sagas/nope/retry").send().await.unwrap();
+    assert_problem(r, 404, "saga_not_found").await;
+}
+both_backends!(a_failed_compensation_stops_at_its_limit_and_retry_resumes_it);
+
+async fn an_instance_keeps_the_version_it_started_with(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut v1 = p.definition(&["reserve", "charge"], 2000);
+    v1["steps"][1]["retry"] = json!({"max_attempts": 3, "backoff_ms": 400, "max_backoff_ms": 400, "jitter": 0.0});
+    define(&app, "order", &v1).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .header("Idempotency-Key", "start-v-1")
+        .json(&json!({"definition": "order", "id": "v-1", "input": {"plan": {"charge": "flaky:1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // While it waits out its backoff, a new version with a third step is stored.
+    define(&app, "order", &p.definition(&["reserve", "charge", "ship"], 2000)).await;
+    let saga: Value = app.admin(Method::GET, "/v1/sagas/v-1?wait_ms=20000").send().await.unwrap().json().await.unwrap();
+    assert_eq!(saga["status"], "completed");
+    assert_eq!(saga["version"], 1);
+    assert_eq!(saga["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(p.attempts("v-1", "ship", "action"), 0);
+    // The idempotent start is replayed, not run again.
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .header("Idempotency-Key", "start-v-1")
+        .json(&json!({"definition": "order", "id": "v-1", "input": {"plan": {"charge": "flaky:1"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers().get("idempotent-replayed").unwrap(), "true");
+}
+both_backends!(an_instance_keeps_the_version_it_started_with);
