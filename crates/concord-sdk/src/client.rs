@@ -2,9 +2,11 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::time::Duration;
 
 use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
+use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, StartSagaBody};
 use concord_api::{ErrorCode, Problem};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
@@ -91,6 +93,14 @@ impl From<ExpectedVersion> for serde_json::Value {
             ExpectedVersion::Exact(version) => version.into(),
         }
     }
+}
+
+/// The answer of a route that creates a resource or, when an equal one exists, returns that one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created<T> {
+    pub value: T,
+    /// `true` when this call created it (201), `false` when it existed already (200).
+    pub created: bool,
 }
 
 /// A client of one Concord server with one API key. Cheap to clone: clones share the connection
@@ -331,6 +341,134 @@ impl Client {
         empty(self.request(Method::DELETE, url)).await
     }
 
+    /// `PUT /v1/saga-definitions/{name}`: `definition` is `{"steps": [...], "compensation_retry"?}`.
+    /// A definition that differs from the latest version becomes the next version; an equal one
+    /// answers the latest.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_name`, `duplicate_step_name`, `unknown_template_variable`, `invalid_step_url`,
+    /// `invalid_step_method`, `invalid_step_header`, `saga_limit_exceeded` and `malformed_json`
+    /// (400) for a definition the server refuses; see [`ClientError`].
+    pub async fn put_saga_definition(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> Result<DefinitionOut, ClientError> {
+        Ok(self.put_saga_definition_created(name, definition).await?.value)
+    }
+
+    /// As [`Client::put_saga_definition`], telling whether the call made a new version.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put_saga_definition`].
+    pub async fn put_saga_definition_created(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> Result<Created<DefinitionOut>, ClientError> {
+        let name = segment(name, ErrorCode::InvalidName)?;
+        let url = endpoint(&self.base_url, &["v1", "saga-definitions", name])?;
+        created(self.request(Method::PUT, url).json(definition)).await
+    }
+
+    /// `GET /v1/saga-definitions/{name}?version=`: one version, the latest by default.
+    ///
+    /// # Errors
+    ///
+    /// `saga_definition_not_found` (404); see [`ClientError`].
+    pub async fn saga_definition(&self, name: &str, version: Option<u32>) -> Result<DefinitionOut, ClientError> {
+        let name = segment(name, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "saga-definitions", name])?;
+        if let Some(version) = version {
+            url.query_pairs_mut().append_pair("version", &version.to_string());
+        }
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `POST /v1/sagas?wait_ms=`: starts a saga of the definition's latest version, or answers
+    /// the saga that already has `body.id`. With `wait`, the answer comes once the saga finished
+    /// or the wait ran out, and holds its steps; without, it is the saga as just started.
+    ///
+    /// # Errors
+    ///
+    /// `saga_definition_not_found` (404), `invalid_name` (400) for a bad id,
+    /// `saga_limit_exceeded` (400) for an input too large, `invalid_parameter` (400) for a wait
+    /// beyond the server's limit; see [`ClientError`].
+    pub async fn start_saga(&self, body: &StartSagaBody, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        Ok(self.start_saga_created(body, wait).await?.value)
+    }
+
+    /// As [`Client::start_saga`], telling whether the call started the saga or found it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::start_saga`].
+    pub async fn start_saga_created(
+        &self,
+        body: &StartSagaBody,
+        wait: Option<Duration>,
+    ) -> Result<Created<SagaOut>, ClientError> {
+        let mut url = endpoint(&self.base_url, &["v1", "sagas"])?;
+        append_wait(&mut url, wait);
+        created(self.request(Method::POST, url).json(body)).await
+    }
+
+    /// `GET /v1/sagas/{id}?wait_ms=`: the saga with each step and its attempts, once it finished
+    /// or `wait` ran out.
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404); see [`ClientError`].
+    pub async fn saga(&self, id: &str, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "sagas", id])?;
+        append_wait(&mut url, wait);
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `GET /v1/sagas?status=&limit=&after=`: up to `limit` sagas by id after `after`, without
+    /// their steps. Pass the page's `next` as `after` for the following page.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_parameter` (400) for an unknown status or a limit out of range; see
+    /// [`ClientError`].
+    pub async fn list_sagas(
+        &self,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<SagaPage, ClientError> {
+        let mut url = endpoint(&self.base_url, &["v1", "sagas"])?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(status) = status {
+                query.append_pair("status", status);
+            }
+            query.append_pair("limit", &limit.to_string());
+            if let Some(after) = after {
+                query.append_pair("after", after);
+            }
+        }
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `POST /v1/sagas/{id}/retry?wait_ms=`: resumes a `failed` saga; `wait` as in
+    /// [`Client::saga`].
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404), `saga_not_failed` (409) for a saga in any other status,
+    /// `saga_busy` (409) while another node holds it; see [`ClientError`].
+    pub async fn retry_saga(&self, id: &str, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "sagas", id, "retry"])?;
+        append_wait(&mut url, wait);
+        json(self.request(Method::POST, url)).await
+    }
+
     fn request(&self, method: Method, url: Url) -> RequestBuilder {
         self.http.request(method, url).bearer_auth(&self.api_key)
     }
@@ -411,10 +549,32 @@ fn segment(value: &str, code: ErrorCode) -> Result<&str, ClientError> {
     Ok(value)
 }
 
+/// `wait_ms` of the saga routes that can hold their answer until the saga finishes.
+fn append_wait(url: &mut Url, wait: Option<Duration>) {
+    if let Some(wait) = wait {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        url.query_pairs_mut().append_pair("wait_ms", &ms.to_string());
+    }
+}
+
 async fn json<T: DeserializeOwned>(request: RequestBuilder) -> Result<T, ClientError> {
+    Ok(json_with_status(request).await?.1)
+}
+
+async fn created<T: DeserializeOwned>(request: RequestBuilder) -> Result<Created<T>, ClientError> {
+    let (status, value) = json_with_status(request).await?;
+    Ok(Created {
+        value,
+        created: status == StatusCode::CREATED,
+    })
+}
+
+async fn json_with_status<T: DeserializeOwned>(request: RequestBuilder) -> Result<(StatusCode, T), ClientError> {
     let response = check(request.header(ACCEPT, "application/json").send().await?).await?;
+    let status = response.status();
     let body = response.bytes().await?;
-    serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    let value = serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))?;
+    Ok((status, value))
 }
 
 async fn empty(request: RequestBuilder) -> Result<(), ClientError> {
@@ -762,6 +922,73 @@ mod tests {
         );
     }
 
+    const SAGA: &str = r#"{"id":"order:42/a","definition":"order.v2","version":1,"status":"running",
+        "input":{},"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}"#;
+
+    #[tokio::test]
+    async fn saga_ids_are_encoded_and_waits_sent_in_milliseconds() {
+        let (client, server) = serve_once(vec![answer("200 OK", "application/json", SAGA)]).await;
+        let saga = client
+            .saga("order:42/a", Some(Duration::from_millis(1500)))
+            .await
+            .unwrap();
+        assert_eq!((saga.id.as_str(), saga.steps.len()), ("order:42/a", 0));
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("GET /v1/sagas/order:42%2Fa?wait_ms=1500 "),
+            "{request}"
+        );
+
+        let (client, server) = serve_once(vec![answer("200 OK", "application/json", SAGA)]).await;
+        client.retry_saga("order:42/a", None).await.unwrap();
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("POST /v1/sagas/order:42%2Fa/retry HTTP/1.1\r\n"),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn saga_lists_encode_their_query() {
+        let (client, server) =
+            serve_once(vec![answer("200 OK", "application/json", r#"{"sagas":[],"next":"b"}"#)]).await;
+        let page = client.list_sagas(Some("failed"), Some("a&b"), 10).await.unwrap();
+        assert_eq!(page.next.as_deref(), Some("b"));
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("GET /v1/sagas?status=failed&limit=10&after=a%26b "),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn created_tells_201_from_200() {
+        let definition = r#"{"name":"order.v2","version":3,"definition":{"steps":[]},
+            "created_at":"2026-01-01T00:00:00Z"}"#;
+        let steps = serde_json::json!({"steps": []});
+        for (status, created) in [("201 Created", true), ("200 OK", false)] {
+            let (client, server) = serve_once(vec![answer(status, "application/json", definition)]).await;
+            let put = client.put_saga_definition_created("order.v2", &steps).await.unwrap();
+            assert_eq!((put.value.version, put.created), (3, created));
+            let request = server.await.unwrap();
+            assert!(request.starts_with("PUT /v1/saga-definitions/order.v2 "), "{request}");
+            assert!(request.ends_with(r#"{"steps":[]}"#), "{request}");
+        }
+        let body = StartSagaBody {
+            definition: "order.v2".into(),
+            input: serde_json::json!({"n": 1}),
+            id: None,
+        };
+        let (client, server) = serve_once(vec![answer("200 OK", "application/json", SAGA)]).await;
+        assert!(!client.start_saga_created(&body, None).await.unwrap().created);
+        let request = server.await.unwrap();
+        assert!(request.starts_with("POST /v1/sagas HTTP/1.1\r\n"), "{request}");
+        assert!(
+            request.ends_with(r#"{"definition":"order.v2","input":{"n":1}}"#),
+            "{request}"
+        );
+    }
+
     #[tokio::test]
     async fn problem_bodies_become_problems() {
         let (client, _server) = serve_once(vec![answer(
@@ -812,6 +1039,13 @@ mod tests {
             let err = client.read_stream(name, 1, 10).await.unwrap_err();
             assert_eq!(err.code(), Some(ErrorCode::InvalidStreamName));
         }
+        let err = client.saga("..", None).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::InvalidName));
+        let err = client
+            .put_saga_definition(".", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::InvalidName));
     }
 
     #[tokio::test]

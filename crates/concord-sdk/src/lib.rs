@@ -43,8 +43,9 @@
 pub mod barrier;
 mod client;
 
-pub use client::{Client, ClientError, ExpectedVersion, Subscription};
+pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};
 pub use concord_api as api;
 pub use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 pub use concord_api::keys::{CreatedKey, Health};
+pub use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 pub use concord_api::{ErrorCode, Problem};

@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 pub enum BenchArea {
     /// Appends over HTTP against raw single-row INSERT transactions; append→subscriber latency.
     Events,
+    /// 2-step sagas end to end against the same participant calls made directly.
+    Sagas,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -78,7 +80,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         args.clients > 0 && args.seconds > 0 && args.rate > 0,
         "clients, seconds and rate must be positive"
     );
-    let BenchArea::Events = args.area;
     let mut scratch = None;
     let (database_url, _dir) = match args.backend {
         BenchBackend::Sqlite => match &args.database_url {
@@ -99,7 +100,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             (url, None)
         }
     };
-    let report = events(&args, &database_url).await;
+    let report = match args.area {
+        BenchArea::Events => events(&args, &database_url).await,
+        BenchArea::Sagas => sagas(&args, &database_url).await,
+    };
     if let Some(base) = scratch {
         concord_store_postgres::drop_scratch_database(&base, &database_url).await?;
     }
@@ -108,26 +112,53 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// A server of this process on port 0, with the defaults a user gets.
+struct BenchServer {
+    client: Client,
+    http: reqwest::Client,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchServer {
+    async fn start(args: &BenchArgs, database_url: &str) -> anyhow::Result<Self> {
+        let admin = concord_core::domain::auth::generate_key();
+        let settings = Settings {
+            listen: "127.0.0.1:0".into(),
+            database_url: database_url.to_owned(),
+            admin_key: Some(admin.clone()),
+            db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
+            sqlite_synchronous_full: true,
+            ..Settings::default()
+        };
+        let app = Application::build(settings).await?;
+        let address = format!("http://{}", app.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.clients)
+            .tcp_nodelay(true)
+            .build()?;
+        let client = Client::with_http(address, admin, http.clone());
+        Ok(Self {
+            client,
+            http,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
-    let admin = concord_core::domain::auth::generate_key();
-    let settings = Settings {
-        listen: "127.0.0.1:0".into(),
-        database_url: database_url.to_owned(),
-        admin_key: Some(admin.clone()),
-        db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
-        sqlite_synchronous_full: true,
-        ..Settings::default()
-    };
-    let app = Application::build(settings).await?;
-    let address = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = stopped.await;
-    }));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients)
-        .build()?;
-    let client = Client::with_http(address, admin, http);
+    let server = BenchServer::start(args, database_url).await?;
+    let client = server.client.clone();
     let duration = Duration::from_secs(args.seconds);
     let payload = json!({"customer": "c-0001", "items": [{"sku": "sku-1", "qty": 2}], "total_cents": 12_345, "note": "x".repeat(120)});
 
@@ -177,8 +208,7 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
     if let Some(extra) = latency.as_object_mut() {
         extra.extend(group_commit_figures());
     }
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await;
     let ours = figure("append via HTTP", &ours, duration);
     let baseline = figure("raw single-row INSERT", &baseline, duration);
     let ratio = if baseline.ops_per_s > 0.0 {
@@ -195,6 +225,107 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
         baseline,
         ratio,
         extra: latency,
+    })
+}
+
+/// A participant that answers every call at once, as fast as this process can.
+async fn instant_participant() -> anyhow::Result<String> {
+    use axum::routing::post;
+    let ok = || async { axum::Json(json!({"ok": true})) };
+    let app = axum::Router::new().route("/a", post(ok)).route("/b", post(ok));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
+    const STEPS: f64 = 2.0;
+    let server = BenchServer::start(args, database_url).await?;
+    let participant = instant_participant().await?;
+    let step = |name: &str, path: &str| {
+        json!({"name": name,
+               "action": {"method": "POST", "url": format!("{participant}{path}"), "body": {"order": "{{input.order}}"}},
+               "compensation": {"method": "POST", "url": format!("{participant}{path}"), "body": {"undo": "{{saga.id}}"}}})
+    };
+    let definition = json!({"steps": [step("reserve", "/a"), step("charge", "/b")]});
+    server.client.put_saga_definition("bench", &definition).await?;
+    let duration = Duration::from_secs(args.seconds);
+    let not_completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    eprintln!("bench: {} clients run 2-step sagas for {}s ...", args.clients, args.seconds);
+    let (client, nc) = (server.client.clone(), not_completed.clone());
+    let ours = run_clients(args.clients, duration, move |c, i| {
+        let client = client.clone();
+        let nc = nc.clone();
+        async move {
+            let body = concord_api::sagas::StartSagaBody {
+                definition: "bench".into(),
+                input: json!({"order": format!("o-{c}-{i}")}),
+                id: None,
+            };
+            let saga = client.start_saga(&body, Some(Duration::from_secs(30))).await?;
+            if saga.status != "completed" {
+                nc.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    })
+    .await?;
+
+    eprintln!(
+        "bench: {} clients make the same two participant calls directly for {}s ...",
+        args.clients, args.seconds
+    );
+    let http = server.http.clone();
+    let base = participant.clone();
+    let baseline = run_clients(args.clients, duration, move |c, i| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            for path in ["/a", "/b"] {
+                let key = format!("o-{c}-{i}:{path}");
+                let r = http
+                    .post(format!("{base}{path}"))
+                    .header("idempotency-key", key)
+                    .json(&json!({"order": format!("o-{c}-{i}")}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "participant answered {}", r.status());
+                r.bytes().await?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    server.stop().await;
+    let ours = figure("2-step saga via HTTP, start to completed", &ours, duration);
+    let baseline = figure("the same 2 participant calls, direct", &baseline, duration);
+    let ratio = if baseline.ops_per_s > 0.0 {
+        ours.ops_per_s / baseline.ops_per_s
+    } else {
+        0.0
+    };
+    let extra = json!({
+        "steps": 2,
+        "overhead_per_step_p50_ms": round((ours.p50_ms - baseline.p50_ms) / STEPS),
+        "overhead_per_step_p99_ms": round((ours.p99_ms - baseline.p99_ms) / STEPS),
+        "not_completed": not_completed.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    Ok(Report {
+        area: "sagas",
+        backend: args.backend,
+        clients: args.clients,
+        seconds: args.seconds,
+        ours,
+        baseline,
+        ratio,
+        extra,
     })
 }
 

@@ -222,6 +222,8 @@ fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
             }
             .to_owned(),
             compensation: match st.compensation {
+                // An undo is owed only if the saga compensates; a completed saga owes none.
+                CompensationStatus::Pending if s.status == SagaStatus::Completed => "not_needed",
                 CompensationStatus::NotNeeded => "not_needed",
                 CompensationStatus::Pending => "pending",
                 CompensationStatus::Succeeded => "succeeded",
