@@ -5,6 +5,7 @@
 mod events;
 mod idempotency;
 mod keys;
+mod sagas;
 
 use concord_core::app::group_commit::{GroupCommitLimits, GroupCommitter};
 use concord_core::ports::StoreError;
@@ -55,13 +56,22 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        include_str!("../migrations/0001_init.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "init".into(),
+            MigrationType::Simple,
+            include_str!("../migrations/0001_init.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "sagas".into(),
+            MigrationType::Simple,
+            include_str!("../migrations/0002_sagas.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 impl PostgresStore {

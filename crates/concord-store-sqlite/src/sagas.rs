@@ -1,0 +1,276 @@
+//! Saga definitions and saga rows on SQLite.
+//!
+//! Every write runs on the one write connection, as one statement or one `BEGIN IMMEDIATE`
+//! transaction, so writes are serialized by construction: two claims never take the same row and
+//! two puts of a definition never pick the same version. Times are unix microseconds (see the
+//! migration), so the claim compares numbers.
+
+use crate::{SqliteStore, unavailable};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use concord_core::domain::saga::SagaStatus;
+use concord_core::ports::{SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
+use serde_json::Value;
+use sqlx::Row as _;
+use sqlx::sqlite::SqliteRow;
+use uuid::Uuid;
+
+const SAGA_COLUMNS: &str = "id, definition, version, input, status, next_run_at, lease_owner, lease_until, log_version, created_at, updated_at";
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time(us: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| unavailable(format!("stored time {us} is out of range")))
+}
+
+fn bigint(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| unavailable(format!("{v} does not fit in a 64-bit signed integer")))
+}
+
+fn unsigned<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {
+    T::try_from(v).map_err(|_| unavailable(format!("stored {column} {v} is out of range")))
+}
+
+fn json(text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(unavailable)
+}
+
+fn status(s: &str) -> Result<SagaStatus, StoreError> {
+    SagaStatus::parse(s).ok_or_else(|| unavailable(format!("unknown saga status {s:?} stored in sagas")))
+}
+
+fn sql_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn definition_from_row(row: &SqliteRow) -> Result<StoredDefinition, StoreError> {
+    Ok(StoredDefinition {
+        name: row.try_get("name").map_err(unavailable)?,
+        version: unsigned(row.try_get("version").map_err(unavailable)?, "version")?,
+        spec: json(row.try_get("spec").map_err(unavailable)?)?,
+        created_at: time(row.try_get("created_at").map_err(unavailable)?)?,
+    })
+}
+
+fn saga_from_row(row: &SqliteRow) -> Result<SagaRow, StoreError> {
+    let optional_time = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        row.try_get::<Option<i64>, _>(column)
+            .map_err(unavailable)?
+            .map(time)
+            .transpose()
+    };
+    Ok(SagaRow {
+        id: row.try_get("id").map_err(unavailable)?,
+        definition: row.try_get("definition").map_err(unavailable)?,
+        version: unsigned(row.try_get("version").map_err(unavailable)?, "version")?,
+        input: json(row.try_get("input").map_err(unavailable)?)?,
+        status: status(row.try_get("status").map_err(unavailable)?)?,
+        next_run_at: optional_time("next_run_at")?,
+        lease_owner: row.try_get::<Option<Uuid>, _>("lease_owner").map_err(unavailable)?,
+        lease_until: optional_time("lease_until")?,
+        log_version: unsigned(row.try_get("log_version").map_err(unavailable)?, "log_version")?,
+        created_at: time(row.try_get("created_at").map_err(unavailable)?)?,
+        updated_at: time(row.try_get("updated_at").map_err(unavailable)?)?,
+    })
+}
+
+#[async_trait]
+impl SagaStore for SqliteStore {
+    #[tracing::instrument(skip_all, fields(definition = name))]
+    async fn put_definition(&self, name: &str, spec: &Value, now: DateTime<Utc>) -> Result<(u32, bool), StoreError> {
+        // IMMEDIATE takes the write lock before the read, so the latest version read here is
+        // still the latest when the insert runs.
+        let mut tx = self
+            .inner
+            .write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let latest =
+            sqlx::query("SELECT version, spec FROM saga_definitions WHERE name = ? ORDER BY version DESC LIMIT 1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let mut version = 1;
+        if let Some(row) = latest {
+            let latest: u32 = unsigned(row.try_get("version").map_err(unavailable)?, "version")?;
+            // Compared as JSON values, not as text: key order and spacing do not make a version.
+            if json(row.try_get("spec").map_err(unavailable)?)? == *spec {
+                return Ok((latest, false));
+            }
+            version = latest
+                .checked_add(1)
+                .ok_or_else(|| unavailable(format!("definition {name} has no versions left")))?;
+        }
+        sqlx::query("INSERT INTO saga_definitions (name, version, spec, created_at) VALUES (?, ?, ?, ?)")
+            .bind(name)
+            .bind(i64::from(version))
+            .bind(spec.to_string())
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok((version, true))
+    }
+
+    async fn get_definition(&self, name: &str, version: Option<u32>) -> Result<Option<StoredDefinition>, StoreError> {
+        let version = version.map(i64::from);
+        let row = sqlx::query(
+            "SELECT name, version, spec, created_at FROM saga_definitions \
+             WHERE name = ? AND (? IS NULL OR version = ?) ORDER BY version DESC LIMIT 1",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(version)
+        .fetch_optional(&self.inner.read)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(definition_from_row).transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(saga = %row.id))]
+    async fn create_saga(&self, row: &SagaRow) -> Result<(SagaRow, bool), StoreError> {
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING RETURNING {SAGA_COLUMNS}"
+        )))
+        .bind(&row.id)
+        .bind(&row.definition)
+        .bind(i64::from(row.version))
+        .bind(row.input.to_string())
+        .bind(row.status.as_str())
+        .bind(row.next_run_at.map(micros))
+        .bind(row.lease_owner)
+        .bind(row.lease_until.map(micros))
+        .bind(bigint(row.log_version)?)
+        .bind(micros(row.created_at))
+        .bind(micros(row.updated_at))
+        .fetch_optional(&self.inner.write)
+        .await
+        .map_err(unavailable)?;
+        if let Some(stored) = inserted {
+            return Ok((saga_from_row(&stored)?, true));
+        }
+        // Rows are never deleted, so the one that won the id is still there.
+        let existing = self
+            .get_saga(&row.id)
+            .await?
+            .ok_or_else(|| unavailable(format!("saga {} conflicted but cannot be read", row.id)))?;
+        Ok((existing, false))
+    }
+
+    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.inner.read)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(saga_from_row).transpose()
+    }
+
+    async fn list_sagas(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SagaRow>, StoreError> {
+        // Only the conditions that apply, so the cursor is a range on the primary key.
+        let mut sql = format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE 1 = 1");
+        if status.is_some() {
+            sql.push_str(" AND status = ?");
+        }
+        if after.is_some() {
+            sql.push_str(" AND id > ?");
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(s) = status {
+            query = query.bind(s.as_str());
+        }
+        if let Some(a) = after {
+            query = query.bind(a);
+        }
+        let rows = query
+            .bind(sql_limit(limit))
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(saga_from_row).collect()
+    }
+
+    #[tracing::instrument(skip_all, fields(%owner, limit))]
+    async fn claim_sagas(
+        &self,
+        owner: Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<SagaRow>, StoreError> {
+        // One statement on the one write connection: no other claim runs between the choice of
+        // rows and their lease.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sagas SET lease_owner = ?, lease_until = ? WHERE id IN ( \
+               SELECT id FROM sagas \
+               WHERE next_run_at IS NOT NULL AND next_run_at <= ? AND (lease_until IS NULL OR lease_until <= ?) \
+               ORDER BY next_run_at LIMIT ?) \
+             RETURNING {SAGA_COLUMNS}"
+        )))
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(now))
+        .bind(micros(now))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.inner.write)
+        .await
+        .map_err(unavailable)?;
+        let mut claimed = rows.iter().map(saga_from_row).collect::<Result<Vec<_>, _>>()?;
+        // RETURNING has no order of its own.
+        claimed.sort_by(|a, b| (a.next_run_at, &a.id).cmp(&(b.next_run_at, &b.id)));
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip_all, fields(saga = update.id, status = update.status.as_str()))]
+    async fn update_saga(&self, update: &SagaUpdate<'_>) -> Result<bool, StoreError> {
+        let log_version = bigint(update.log_version)?;
+        // The conditions are the fence: a node whose lease was taken over, or an update older
+        // than what the row shows, changes nothing.
+        let done = sqlx::query(
+            "UPDATE sagas SET status = ?, next_run_at = ?, lease_owner = ?, lease_until = ?, log_version = ?, updated_at = ? \
+             WHERE id = ? AND lease_owner IS ? AND log_version <= ?",
+        )
+        .bind(update.status.as_str())
+        .bind(update.next_run_at.map(micros))
+        .bind(update.lease.map(|(owner, _)| owner))
+        .bind(update.lease.map(|(_, until)| micros(until)))
+        .bind(log_version)
+        .bind(micros(update.now))
+        .bind(update.id)
+        .bind(update.holder)
+        .bind(log_version)
+        .execute(&self.inner.write)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sagas GROUP BY status ORDER BY status")
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    status(row.try_get("status").map_err(unavailable)?)?,
+                    unsigned(row.try_get("n").map_err(unavailable)?, "count")?,
+                ))
+            })
+            .collect()
+    }
+}
