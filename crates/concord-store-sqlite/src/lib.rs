@@ -53,6 +53,8 @@ struct Inner {
     write: SqlitePool,
     read: SqlitePool,
     head: watch::Sender<u64>,
+    /// The saga-row writer's queue (see `sagas::spawn_row_writer`).
+    rows: tokio::sync::mpsc::Sender<sagas::RowOp>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -152,9 +154,11 @@ impl SqliteStore {
             .fetch_one(&read)
             .await
             .map_err(unavailable)?;
+        let rows = sagas::spawn_row_writer(write.clone());
         let inner = Arc::new(Inner {
             write,
             read,
+            rows,
             head: watch::channel(u64::try_from(last).unwrap_or(0)).0,
         });
         if !in_memory {

@@ -12,6 +12,8 @@ use concord_core::domain::saga::SagaStatus;
 use concord_core::ports::{SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
 use serde_json::Value;
 use sqlx::Row as _;
+use sqlx::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::SqliteRow;
 use uuid::Uuid;
 
@@ -134,26 +136,10 @@ impl SagaStore for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(saga = %row.id))]
     async fn create_saga(&self, row: &SagaRow) -> Result<(SagaRow, bool), StoreError> {
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO NOTHING RETURNING {SAGA_COLUMNS}"
-        )))
-        .bind(&row.id)
-        .bind(&row.definition)
-        .bind(i64::from(row.version))
-        .bind(row.input.to_string())
-        .bind(row.status.as_str())
-        .bind(row.next_run_at.map(micros))
-        .bind(row.lease_owner)
-        .bind(row.lease_until.map(micros))
-        .bind(bigint(row.log_version)?)
-        .bind(micros(row.created_at))
-        .bind(micros(row.updated_at))
-        .fetch_optional(&self.inner.write)
-        .await
-        .map_err(unavailable)?;
-        if let Some(stored) = inserted {
-            return Ok((saga_from_row(&stored)?, true));
+        let (tx, rx) = oneshot::channel();
+        self.inner.rows.send(RowOp::Create(row.clone(), tx)).await.map_err(|_| closed())?;
+        if let Some(stored) = rx.await.map_err(|_| closed())?? {
+            return Ok((stored, true));
         }
         // Rows are never deleted, so the one that won the id is still there.
         let existing = self
@@ -237,26 +223,18 @@ impl SagaStore for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(saga = update.id, status = update.status.as_str()))]
     async fn update_saga(&self, update: &SagaUpdate<'_>) -> Result<bool, StoreError> {
-        let log_version = bigint(update.log_version)?;
-        // The conditions are the fence: a node whose lease was taken over, or an update older
-        // than what the row shows, changes nothing.
-        let done = sqlx::query(
-            "UPDATE sagas SET status = ?, next_run_at = ?, lease_owner = ?, lease_until = ?, log_version = ?, updated_at = ? \
-             WHERE id = ? AND lease_owner IS ? AND log_version <= ?",
-        )
-        .bind(update.status.as_str())
-        .bind(update.next_run_at.map(micros))
-        .bind(update.lease.map(|(owner, _)| owner))
-        .bind(update.lease.map(|(_, until)| micros(until)))
-        .bind(log_version)
-        .bind(micros(update.now))
-        .bind(update.id)
-        .bind(update.holder)
-        .bind(log_version)
-        .execute(&self.inner.write)
-        .await
-        .map_err(unavailable)?;
-        Ok(done.rows_affected() > 0)
+        let owned = OwnedUpdate {
+            id: update.id.to_owned(),
+            holder: update.holder,
+            status: update.status,
+            next_run_at: update.next_run_at,
+            lease: update.lease,
+            log_version: update.log_version,
+            now: update.now,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.inner.rows.send(RowOp::Update(owned, tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
@@ -273,4 +251,138 @@ impl SagaStore for SqliteStore {
             })
             .collect()
     }
+}
+
+fn closed() -> StoreError {
+    unavailable("the saga row writer has stopped")
+}
+
+/// A saga-row write waiting for the row writer.
+pub(crate) enum RowOp {
+    Create(SagaRow, oneshot::Sender<Result<Option<SagaRow>, StoreError>>),
+    Update(OwnedUpdate, oneshot::Sender<Result<bool, StoreError>>),
+}
+
+pub(crate) struct OwnedUpdate {
+    id: String,
+    holder: Option<Uuid>,
+    status: SagaStatus,
+    next_run_at: Option<DateTime<Utc>>,
+    lease: Option<(Uuid, DateTime<Utc>)>,
+    log_version: u64,
+    now: DateTime<Utc>,
+}
+
+/// Saga-row writes waiting at most; beyond it writers wait for room.
+pub(crate) const ROW_QUEUE: usize = 4096;
+/// Most row writes in one transaction.
+const ROW_BATCH: usize = 512;
+
+/// Writes saga rows in batches: every create and update waiting when the write connection frees
+/// up goes into one transaction, so one commit (one fsync with `synchronous=FULL`) serves many
+/// sagas, as group commit does for appends. Each write is still one statement with its own
+/// conditions and its own answer; a batch only shares the commit.
+pub(crate) fn spawn_row_writer(write: SqlitePool) -> mpsc::Sender<RowOp> {
+    let (tx, mut rx) = mpsc::channel::<RowOp>(ROW_QUEUE);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < ROW_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            metrics::histogram!("concord_saga_row_batch_size").record(batch.len() as f64);
+            write_rows(&write, batch).await;
+        }
+    });
+    tx
+}
+
+enum RowResult {
+    Created(Result<Option<SagaRow>, StoreError>),
+    Updated(Result<bool, StoreError>),
+}
+
+async fn write_rows(write: &SqlitePool, batch: Vec<RowOp>) {
+    let outcome = async {
+        let mut tx = write.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for op in &batch {
+            results.push(match op {
+                RowOp::Create(row, _) => RowResult::Created(insert_row(&mut tx, row).await),
+                RowOp::Update(u, _) => RowResult::Updated(update_row(&mut tx, u).await),
+            });
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok::<_, StoreError>(results)
+    }
+    .await;
+    match outcome {
+        Ok(results) => {
+            for (op, result) in batch.into_iter().zip(results) {
+                match (op, result) {
+                    (RowOp::Create(_, reply), RowResult::Created(r)) => drop(reply.send(r)),
+                    (RowOp::Update(_, reply), RowResult::Updated(r)) => drop(reply.send(r)),
+                    (RowOp::Create(_, reply), RowResult::Updated(_)) => drop(reply.send(Err(closed()))),
+                    (RowOp::Update(_, reply), RowResult::Created(_)) => drop(reply.send(Err(closed()))),
+                }
+            }
+        }
+        // Nothing of the batch is written: every writer hears it.
+        Err(e) => {
+            for op in batch {
+                match op {
+                    RowOp::Create(_, reply) => drop(reply.send(Err(e.clone()))),
+                    RowOp::Update(_, reply) => drop(reply.send(Err(e.clone()))),
+                }
+            }
+        }
+    }
+}
+
+async fn insert_row(conn: &mut sqlx::SqliteConnection, row: &SagaRow) -> Result<Option<SagaRow>, StoreError> {
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO NOTHING RETURNING {SAGA_COLUMNS}"
+    )))
+    .bind(&row.id)
+    .bind(&row.definition)
+    .bind(i64::from(row.version))
+    .bind(row.input.to_string())
+    .bind(row.status.as_str())
+    .bind(row.next_run_at.map(micros))
+    .bind(row.lease_owner)
+    .bind(row.lease_until.map(micros))
+    .bind(bigint(row.log_version)?)
+    .bind(micros(row.created_at))
+    .bind(micros(row.updated_at))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    inserted.as_ref().map(saga_from_row).transpose()
+}
+
+async fn update_row(conn: &mut sqlx::SqliteConnection, update: &OwnedUpdate) -> Result<bool, StoreError> {
+    let log_version = bigint(update.log_version)?;
+    // The conditions are the fence: a node whose lease was taken over, or an update older than
+    // what the row shows, changes nothing.
+    let done = sqlx::query(
+        "UPDATE sagas SET status = ?, next_run_at = ?, lease_owner = ?, lease_until = ?, log_version = ?, updated_at = ? \
+         WHERE id = ? AND lease_owner IS ? AND log_version <= ?",
+    )
+    .bind(update.status.as_str())
+    .bind(update.next_run_at.map(micros))
+    .bind(update.lease.map(|(owner, _)| owner))
+    .bind(update.lease.map(|(_, until)| micros(until)))
+    .bind(log_version)
+    .bind(micros(update.now))
+    .bind(&update.id)
+    .bind(update.holder)
+    .bind(log_version)
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(done.rows_affected() > 0)
 }
