@@ -258,51 +258,61 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
     let duration = Duration::from_secs(args.seconds);
     let not_completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
-    eprintln!("bench: {} clients run 2-step sagas for {}s ...", args.clients, args.seconds);
-    let (client, nc) = (server.client.clone(), not_completed.clone());
-    let ours = run_clients(args.clients, duration, move |c, i| {
-        let client = client.clone();
-        let nc = nc.clone();
-        async move {
-            let body = concord_api::sagas::StartSagaBody {
-                definition: "bench".into(),
-                input: json!({"order": format!("o-{c}-{i}")}),
-                id: None,
-            };
-            let saga = client.start_saga(&body, Some(Duration::from_secs(30))).await?;
-            if saga.status != "completed" {
-                nc.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let saga_op = |client: Client, nc: Arc<std::sync::atomic::AtomicU64>| {
+        move |c: usize, i: usize| {
+            let client = client.clone();
+            let nc = nc.clone();
+            async move {
+                let body = concord_api::sagas::StartSagaBody {
+                    definition: "bench".into(),
+                    input: json!({"order": format!("o-{c}-{i}")}),
+                    id: None,
+                };
+                let saga = client.start_saga(&body, Some(Duration::from_secs(30))).await?;
+                if saga.status != "completed" {
+                    nc.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
             }
-            Ok(())
         }
-    })
-    .await?;
+    };
+    let direct_op = |http: reqwest::Client, base: String| {
+        move |c: usize, i: usize| {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                for path in ["/a", "/b"] {
+                    let r = http
+                        .post(format!("{base}{path}"))
+                        .header("idempotency-key", format!("o-{c}-{i}:{path}"))
+                        .json(&json!({"order": format!("o-{c}-{i}")}))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status().is_success(), "participant answered {}", r.status());
+                    r.bytes().await?;
+                }
+                Ok(())
+            }
+        }
+    };
 
+    eprintln!("bench: {} clients run 2-step sagas for {}s ...", args.clients, args.seconds);
+    let ours = run_clients(
+        args.clients,
+        duration,
+        saga_op(server.client.clone(), not_completed.clone()),
+    )
+    .await?;
     eprintln!(
         "bench: {} clients make the same two participant calls directly for {}s ...",
         args.clients, args.seconds
     );
-    let http = server.http.clone();
-    let base = participant.clone();
-    let baseline = run_clients(args.clients, duration, move |c, i| {
-        let http = http.clone();
-        let base = base.clone();
-        async move {
-            for path in ["/a", "/b"] {
-                let key = format!("o-{c}-{i}:{path}");
-                let r = http
-                    .post(format!("{base}{path}"))
-                    .header("idempotency-key", key)
-                    .json(&json!({"order": format!("o-{c}-{i}")}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "participant answered {}", r.status());
-                r.bytes().await?;
-            }
-            Ok(())
-        }
-    })
-    .await?;
+    let baseline = run_clients(args.clients, duration, direct_op(server.http.clone(), participant.clone())).await?;
+    // Unloaded: one client, so the latencies hold no queueing, only the orchestration itself.
+    let short = duration.min(Duration::from_secs(5));
+    eprintln!("bench: one client, sagas then direct calls, {}s each ...", short.as_secs());
+    let ours_one = run_clients(1, short, saga_op(server.client.clone(), not_completed.clone())).await?;
+    let baseline_one = run_clients(1, short, direct_op(server.http.clone(), participant.clone())).await?;
     server.stop().await;
     let ours = figure("2-step saga via HTTP, start to completed", &ours, duration);
     let baseline = figure("the same 2 participant calls, direct", &baseline, duration);
@@ -311,10 +321,20 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
     } else {
         0.0
     };
+    let ours_one = figure("one client: saga", &ours_one, short);
+    let baseline_one = figure("one client: direct calls", &baseline_one, short);
     let extra = json!({
         "steps": 2,
         "overhead_per_step_p50_ms": round((ours.p50_ms - baseline.p50_ms) / STEPS),
         "overhead_per_step_p99_ms": round((ours.p99_ms - baseline.p99_ms) / STEPS),
+        "one_client": {
+            "saga_p50_ms": ours_one.p50_ms,
+            "saga_p99_ms": ours_one.p99_ms,
+            "direct_p50_ms": baseline_one.p50_ms,
+            "direct_p99_ms": baseline_one.p99_ms,
+            "overhead_per_step_p50_ms": round((ours_one.p50_ms - baseline_one.p50_ms) / STEPS),
+            "overhead_per_step_p99_ms": round((ours_one.p99_ms - baseline_one.p99_ms) / STEPS),
+        },
         "not_completed": not_completed.load(std::sync::atomic::Ordering::Relaxed),
     });
     Ok(Report {

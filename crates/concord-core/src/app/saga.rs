@@ -92,6 +92,8 @@ pub struct Held {
     row: SagaRow,
     state: Option<SagaState>,
     trace: Option<String>,
+    /// Events of `state` not yet in the log (a new saga's `SagaStarted`).
+    pending: Vec<SagaEvent>,
 }
 
 impl Held {
@@ -234,7 +236,7 @@ impl SagaEngine {
             status: SagaStatus::Running,
             next_run_at: Some(now),
             lease_owner: Some(self.node),
-            lease_until: Some(now + chrono_dur(self.config.lease)),
+            lease_until: Some(now + self.lease_for(&def)),
             log_version: 0,
             created_at: now,
             updated_at: now,
@@ -243,15 +245,16 @@ impl SagaEngine {
         if !created {
             return Ok((row, None));
         }
+        metrics::counter!("concord_sagas_started_total").increment(1);
+        // The row is durable, so the saga will run; its log starts with the first record the
+        // drive makes. A node that dies before then leaves a row without a log, and whoever
+        // claims it writes `SagaStarted` from the row.
         let started = SagaEvent::SagaStarted {
             definition: def.name.clone(),
             version: def.version,
             input: req.input.clone(),
             at: now,
         };
-        self.append(&id, 0, std::slice::from_ref(&started), req.trace.as_deref())
-            .await?;
-        metrics::counter!("concord_sagas_started_total").increment(1);
         let state = SagaState::new(&id, &def, req.input, now);
         Ok((
             row.clone(),
@@ -259,8 +262,16 @@ impl SagaEngine {
                 row,
                 state: Some(state),
                 trace: req.trace,
+                pending: vec![started],
             }),
         ))
+    }
+
+    /// A lease long enough for the definition's longest step, so a fresh saga's calls need no
+    /// renewal, and never shorter than the configured lease.
+    fn lease_for(&self, def: &SagaDefinition) -> chrono::Duration {
+        let longest = def.steps.iter().map(|s| s.timeout).max().unwrap_or_default();
+        chrono_dur(self.config.lease.max(longest + LEASE_MARGIN))
     }
 
     /// Takes up to `limit` due sagas (new, retry due, or abandoned by a dead node).
@@ -279,6 +290,7 @@ impl SagaEngine {
                 row,
                 state: None,
                 trace: None,
+                pending: Vec::new(),
             })
             .collect())
     }
@@ -371,6 +383,7 @@ impl SagaEngine {
                 row,
                 state: Some(state),
                 trace,
+                pending: Vec::new(),
             });
         }
         let retried = SagaEvent::SagaRetried { at: now };
@@ -385,6 +398,7 @@ impl SagaEngine {
             row,
             state: Some(state),
             trace,
+            pending: Vec::new(),
         })
     }
 
@@ -394,15 +408,29 @@ impl SagaEngine {
     /// # Errors
     /// The store, or a log that does not fit the definition.
     pub async fn drive(&self, held: Held) -> Result<DriveEnd, SagaError> {
-        let span = tracing::info_span!("saga", saga.id = %held.row.id, saga.definition = %held.row.definition);
-        self.drive_inner(held).instrument(span).await
+        self.drive_with(held, |_| {}).await
     }
 
-    async fn drive_inner(&self, held: Held) -> Result<DriveEnd, SagaError> {
+    /// [`Self::drive`], calling `on_finished` as soon as the log records the saga's end, before
+    /// the row catches up: a waiting caller hears the outcome one commit sooner.
+    ///
+    /// # Errors
+    /// As [`Self::drive`].
+    pub async fn drive_with(
+        &self,
+        held: Held,
+        on_finished: impl FnOnce(&SagaState) + Send,
+    ) -> Result<DriveEnd, SagaError> {
+        let span = tracing::info_span!("saga", saga.id = %held.row.id, saga.definition = %held.row.definition);
+        self.drive_inner(held, on_finished).instrument(span).await
+    }
+
+    async fn drive_inner(&self, held: Held, on_finished: impl FnOnce(&SagaState) + Send) -> Result<DriveEnd, SagaError> {
         let Held {
             mut row,
             state,
             mut trace,
+            pending,
         } = held;
         let def = self.definition(&row.definition, Some(row.version)).await?;
         let mut state = match state {
@@ -426,8 +454,9 @@ impl SagaEngine {
                 }
             }
         };
-        let mut recorded = state.log_version;
-        let mut pending: Vec<SagaEvent> = Vec::new();
+        let mut pending = pending;
+        let mut recorded = state.log_version - pending.len() as u64;
+        let mut on_finished = Some(on_finished);
         loop {
             let now = Utc::now();
             match decide(&state, now) {
@@ -436,19 +465,29 @@ impl SagaEngine {
                     pending.push(e);
                 }
                 Decision::Done => {
-                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
-                        return Ok(DriveEnd::Lost);
-                    }
-                    if !self.release(&mut row, &state, None).await? {
+                    if !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
                         return Ok(DriveEnd::Lost);
                     }
                     metrics::counter!("concord_sagas_finished_total", "status" => state.status.as_str())
                         .increment(1);
                     tracing::info!(status = state.status.as_str(), "saga finished");
+                    // A failed saga waits for an operator's retry, which needs its row to say
+                    // so: release first. Otherwise the waiting caller hears first.
+                    if state.status != SagaStatus::Failed
+                        && let Some(f) = on_finished.take()
+                    {
+                        f(&state);
+                    }
+                    if !self.release(&mut row, &state, None).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    if let Some(f) = on_finished.take() {
+                        f(&state);
+                    }
                     return Ok(DriveEnd::Finished(state.status));
                 }
                 Decision::Wait(until) => {
-                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
+                    if !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
                         return Ok(DriveEnd::Lost);
                     }
                     if !self.release(&mut row, &state, Some(until)).await? {
@@ -458,8 +497,10 @@ impl SagaEngine {
                 }
                 Decision::Call { step, op, attempt } => {
                     // Record progress before the next side effect: this also proves the log is
-                    // still ours, so no call goes out for a saga another node has moved on.
-                    if !self.flush(&row, &mut recorded, &mut pending, &state).await? {
+                    // still ours, so no call goes out for a saga another node has moved on. A new
+                    // saga's first record waits for its first call's result instead.
+                    let first = recorded == 0 && pending.len() == 1;
+                    if !first && !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
                         return Ok(DriveEnd::Lost);
                     }
                     let timeout = def.steps[step].timeout;
@@ -555,11 +596,14 @@ impl SagaEngine {
         recorded: &mut u64,
         pending: &mut Vec<SagaEvent>,
         state: &SagaState,
+        trace: Option<&str>,
     ) -> Result<bool, SagaError> {
         if pending.is_empty() {
             return Ok(true);
         }
-        match self.append(&row.id, *recorded, pending, None).await {
+        // The first event of a log carries the trace that started the saga, for recovery.
+        let trace = trace.filter(|_| *recorded == 0);
+        match self.append(&row.id, *recorded, pending, trace).await {
             Ok(()) => {
                 pending.clear();
                 *recorded = state.log_version;
@@ -601,7 +645,7 @@ impl SagaEngine {
     /// Makes sure the lease outlasts the next call, and the row shows the saga's status.
     async fn keep_lease(&self, row: &mut SagaRow, state: &SagaState, timeout: Duration) -> Result<bool, SagaError> {
         let now = Utc::now();
-        let margin = chrono_dur(timeout) + chrono::Duration::seconds(1);
+        let margin = chrono_dur(timeout + LEASE_MARGIN);
         let lease_ok = row.lease_until.is_some_and(|t| t > now + margin);
         if lease_ok && row.status == state.status {
             return Ok(true);
@@ -683,6 +727,9 @@ fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished:
     }
 }
 
+/// How much longer than a call's timeout a lease must last when the call starts.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
 fn stream_name(id: &str) -> Result<StreamName, SagaError> {
     Ok(StreamName::parse(&log_stream(id))?)
 }
@@ -735,8 +782,9 @@ mod tests {
     fn spec() -> DefinitionSpec {
         serde_json::from_value(json!({"steps": [
             {"name": "reserve", "action": {"method": "POST", "url": "http://inv/reserve", "body": {"qty": "{{input.qty}}"}},
+             "timeout_ms": 50,
              "compensation": {"method": "POST", "url": "http://inv/release/{{steps.reserve.output.id}}"}},
-            {"name": "charge", "action": {"method": "POST", "url": "http://pay/charge"},
+            {"name": "charge", "action": {"method": "POST", "url": "http://pay/charge"}, "timeout_ms": 50,
              "retry": {"max_attempts": 2, "backoff_ms": 50, "max_backoff_ms": 50, "jitter": 0.0}}
         ]}))
         .unwrap()
@@ -832,7 +880,8 @@ mod tests {
         // Node a starts the saga and dies before driving it.
         let (_, held_by_a) = a.start(start("o-4")).await.unwrap();
         assert!(b.claim(10).await.unwrap().is_empty(), "a's lease is live");
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // A fresh lease covers the longest step's timeout plus a margin of 1 s.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         let mut taken = b.claim(10).await.unwrap();
         assert_eq!(taken.len(), 1);
         assert_eq!(b.drive(taken.pop().unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));

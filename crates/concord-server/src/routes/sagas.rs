@@ -98,16 +98,27 @@ pub async fn start(
         })
         .await?;
     let created = held.is_some();
-    if let Some(h) = held {
-        state.sagas.spawn(h);
-    }
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    match wait {
-        Some(w) => {
-            state.sagas.wait_finished(&row.id, w).await;
-            Ok((status, Json(full_view(&state, &row.id).await?)))
+    let Some(wait) = wait else {
+        if let Some(h) = held {
+            state.sagas.spawn(h);
         }
-        None => Ok((status, Json(summary(&row)))),
+        return Ok((status, Json(summary(&row))));
+    };
+    let Some(h) = held else {
+        state.sagas.wait_finished(&row.id, wait).await;
+        return Ok((status, Json(full_view(&state, &row.id).await?)));
+    };
+    // Heard from the drive itself: the answer needs no read of what was just written.
+    let finished = state.sagas.watch(&row.id);
+    state.sagas.spawn(h);
+    match state.sagas.wait(&row.id, finished, wait).await {
+        Some(saga) => {
+            let mut out = summary(&row);
+            fill_from_log(&mut out, &saga);
+            Ok((status, Json(out)))
+        }
+        None => Ok((status, Json(full_view(&state, &row.id).await?))),
     }
 }
 

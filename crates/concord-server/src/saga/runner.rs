@@ -3,7 +3,7 @@
 //! database every poll interval. A semaphore bounds how many sagas one node drives at a time.
 
 use concord_core::app::saga::{DriveEnd, Held, SagaEngine};
-use concord_core::domain::saga::SagaStatus;
+use concord_core::domain::saga::{SagaState, SagaStatus};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct SagaRunner {
     engine: Arc<SagaEngine>,
     config: RunnerConfig,
     slots: Arc<Semaphore>,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<SagaStatus>>>>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>>,
     /// Poked when a slot frees up or a saga may be due sooner than the next poll.
     wake: Notify,
 }
@@ -69,9 +69,8 @@ impl SagaRunner {
 
     async fn drive(&self, held: Held) {
         let id = held.id().to_owned();
-        match self.engine.drive(held).await {
-            Ok(DriveEnd::Finished(status)) => self.finished(&id, status),
-            Ok(DriveEnd::Waiting | DriveEnd::Lost) => {}
+        match self.engine.drive_with(held, |state| self.finished(state)).await {
+            Ok(DriveEnd::Finished(_) | DriveEnd::Waiting | DriveEnd::Lost) => {}
             // The lease will expire and a runner (maybe this one) continues from the log.
             Err(e) => {
                 metrics::counter!("concord_saga_drive_errors_total").increment(1);
@@ -80,35 +79,49 @@ impl SagaRunner {
         }
     }
 
-    fn finished(&self, id: &str, status: SagaStatus) {
-        let waiters = self.lock_waiters().remove(id);
-        for w in waiters.into_iter().flatten() {
-            let _ = w.send(status);
+    fn finished(&self, state: &SagaState) {
+        let waiters = self.lock_waiters().remove(&state.id);
+        if let Some(waiters) = waiters {
+            let state = Arc::new(state.clone());
+            for w in waiters {
+                let _ = w.send(state.clone());
+            }
         }
     }
 
-    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<SagaStatus>>>> {
+    #[allow(clippy::type_complexity)]
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>> {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Waits up to `timeout` for a saga driven on this node to finish. Returns early (with none)
-    /// on timeout; the caller then reads the saga's current state.
-    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Option<SagaStatus> {
+    /// Asks to hear when a saga driven on this node finishes: register before the drive starts.
+    pub fn watch(&self, id: &str) -> oneshot::Receiver<Arc<SagaState>> {
         let (tx, rx) = oneshot::channel();
         self.lock_waiters().entry(id.to_owned()).or_default().push(tx);
-        // It may have finished before we registered: the row says so.
-        if let Ok(Some(row)) = self.engine.store().get_saga(id).await
-            && row.status.is_terminal()
-            && row.lease_owner.is_none()
-        {
-            self.forget_waiter(id);
-            return Some(row.status);
-        }
+        rx
+    }
+
+    /// Waits up to `timeout` for what [`Self::watch`] asked; none on timeout.
+    pub async fn wait(&self, id: &str, rx: oneshot::Receiver<Arc<SagaState>>, timeout: Duration) -> Option<Arc<SagaState>> {
         let result = tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok);
         if result.is_none() {
             self.forget_waiter(id);
         }
         result
+    }
+
+    /// Waits up to `timeout` for a saga that may already be running (here or on another node)
+    /// to finish. Returns at once when it already has; the caller then reads its state.
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) {
+        let rx = self.watch(id);
+        if let Ok(Some(row)) = self.engine.store().get_saga(id).await
+            && row.status.is_terminal()
+            && row.lease_owner.is_none()
+        {
+            self.forget_waiter(id);
+            return;
+        }
+        self.wait(id, rx, timeout).await;
     }
 
     fn forget_waiter(&self, id: &str) {

@@ -178,7 +178,7 @@ pub struct SagaDefinition {
 }
 
 /// Default step timeout when a step sets none.
-pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Headers Concord sets on every participant call; a definition may not set them.
