@@ -5,12 +5,12 @@
 
 use crate::app::append::{StoredId, plan_batch};
 use crate::domain::event::UncheckedEvent;
+use crate::domain::saga::SagaStatus;
 use crate::domain::stream::Partition;
 use crate::domain::{
     ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint, IdempotencyKey, KeyHash,
     Limits, RecordedEvent, Scope, StreamName,
 };
-use crate::domain::saga::SagaStatus;
 use crate::ports::{
     CheckpointStore, EventStore, IdempotencyBegin, IdempotencyClaim, IdempotencyStore, KeyStore, LogQuery, SagaRow,
     SagaStore, SagaUpdate, StoreError, StoredDefinition, StoredResponse,
@@ -649,7 +649,12 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
     assert_eq!(claimed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s-1"]);
     assert_eq!(claimed[0].lease_owner, Some(node_a));
     assert_eq!(claimed[0].lease_until, Some(now + secs(10)));
-    assert!(s.claim_sagas(node_b, now + secs(5), now + secs(15), 10).await.unwrap().is_empty());
+    assert!(
+        s.claim_sagas(node_b, now + secs(5), now + secs(15), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A lease that expired is taken over.
     let taken = s.claim_sagas(node_b, now + secs(11), now + secs(21), 10).await.unwrap();
     assert_eq!(taken.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s-1"]);
@@ -664,26 +669,57 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
         log_version,
         now: now + secs(12),
     };
-    assert!(!s.update_saga(&update(Some(node_a), 3, SagaStatus::Compensating, Some(now))).await.unwrap());
-    assert!(s.update_saga(&update(Some(node_b), 3, SagaStatus::Compensating, Some(now + secs(30)))).await.unwrap());
+    assert!(
+        !s.update_saga(&update(Some(node_a), 3, SagaStatus::Compensating, Some(now)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.update_saga(&update(Some(node_b), 3, SagaStatus::Compensating, Some(now + secs(30))))
+            .await
+            .unwrap()
+    );
     let r = s.get_saga("s-1").await.unwrap().unwrap();
     assert_eq!(
         (r.status, r.lease_owner, r.lease_until, r.log_version, r.next_run_at),
         (SagaStatus::Compensating, None, None, 3, Some(now + secs(30)))
     );
     assert_eq!(r.updated_at, now + secs(12));
-    assert!(!s.update_saga(&update(None, 2, SagaStatus::Running, Some(now))).await.unwrap(), "older log version");
+    assert!(
+        !s.update_saga(&update(None, 2, SagaStatus::Running, Some(now)))
+            .await
+            .unwrap(),
+        "older log version"
+    );
     let mut keep = update(None, 4, SagaStatus::Compensating, Some(now));
     keep.lease = Some((node_a, now + secs(40)));
-    assert!(s.update_saga(&keep).await.unwrap(), "an unheld row can be taken by an update");
+    assert!(
+        s.update_saga(&keep).await.unwrap(),
+        "an unheld row can be taken by an update"
+    );
     let r = s.get_saga("s-1").await.unwrap().unwrap();
     assert_eq!((r.lease_owner, r.lease_until), (Some(node_a), Some(now + secs(40))));
-    assert!(!s.update_saga(&update(None, 5, SagaStatus::Completed, None)).await.unwrap(), "held by node a");
-    assert!(!s.update_saga(&SagaUpdate { id: "s-404", ..update(None, 1, SagaStatus::Completed, None) }).await.unwrap());
+    assert!(
+        !s.update_saga(&update(None, 5, SagaStatus::Completed, None))
+            .await
+            .unwrap(),
+        "held by node a"
+    );
+    assert!(
+        !s.update_saga(&SagaUpdate {
+            id: "s-404",
+            ..update(None, 1, SagaStatus::Completed, None)
+        })
+        .await
+        .unwrap()
+    );
 
     // Listing: id order, status filter, cursor, limit.
     let all = s.list_sagas(None, None, 10).await.unwrap();
-    assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s-1", "s-2", "s-3"]);
+    assert_eq!(
+        all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["s-1", "s-2", "s-3"]
+    );
     let page = s.list_sagas(None, Some("s-1"), 1).await.unwrap();
     assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s-2"]);
     let completed = s.list_sagas(Some(SagaStatus::Completed), None, 10).await.unwrap();
@@ -832,7 +868,11 @@ impl SagaStore for MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<(u32, bool), StoreError> {
         let mut st = self.lock();
-        let latest = st.definitions.iter().filter(|d| d.name == name).max_by_key(|d| d.version);
+        let latest = st
+            .definitions
+            .iter()
+            .filter(|d| d.name == name)
+            .max_by_key(|d| d.version);
         if let Some(l) = latest.filter(|l| &l.spec == spec) {
             return Ok((l.version, false));
         }

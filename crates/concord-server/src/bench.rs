@@ -296,7 +296,10 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
         }
     };
 
-    eprintln!("bench: {} clients run 2-step sagas for {}s ...", args.clients, args.seconds);
+    eprintln!(
+        "bench: {} clients run 2-step sagas for {}s ...",
+        args.clients, args.seconds
+    );
     let ours = run_clients(
         args.clients,
         duration,
@@ -307,10 +310,18 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
         "bench: {} clients make the same two participant calls directly for {}s ...",
         args.clients, args.seconds
     );
-    let baseline = run_clients(args.clients, duration, direct_op(server.http.clone(), participant.clone())).await?;
+    let baseline = run_clients(
+        args.clients,
+        duration,
+        direct_op(server.http.clone(), participant.clone()),
+    )
+    .await?;
     // Unloaded: one client, so the latencies hold no queueing, only the orchestration itself.
     let short = duration.min(Duration::from_secs(5));
-    eprintln!("bench: one client, sagas then direct calls, {}s each ...", short.as_secs());
+    eprintln!(
+        "bench: one client, sagas then direct calls, {}s each ...",
+        short.as_secs()
+    );
     let ours_one = run_clients(1, short, saga_op(server.client.clone(), not_completed.clone())).await?;
     let baseline_one = run_clients(1, short, direct_op(server.http.clone(), participant.clone())).await?;
     server.stop().await;

@@ -162,9 +162,10 @@ impl Application {
         } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
-        let runner = state.settings.saga_runner.then(|| {
-            tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace))
-        });
+        let runner = state
+            .settings
+            .saga_runner
+            .then(|| tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace)));
         let mut stopping = state.shutdown.clone();
         let app = routes::router(state);
         // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's

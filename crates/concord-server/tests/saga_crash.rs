@@ -34,7 +34,10 @@ fn node(dir: &Path, database_url: &str) -> Command {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
 }
@@ -129,20 +132,33 @@ fn check_all(p: &Participant, sagas: &[Value]) {
     }
     let l = p.ledger.lock().unwrap();
     assert_eq!(l.bad_headers, 0);
-    eprintln!("outcomes: {by_status:?}; participant calls: {}", l.attempts.values().sum::<u32>());
-    assert!(by_status.get("completed").copied().unwrap_or(0) > 0 && by_status.get("compensated").copied().unwrap_or(0) > 0);
+    eprintln!(
+        "outcomes: {by_status:?}; participant calls: {}",
+        l.attempts.values().sum::<u32>()
+    );
+    assert!(
+        by_status.get("completed").copied().unwrap_or(0) > 0 && by_status.get("compensated").copied().unwrap_or(0) > 0
+    );
 }
 
 async fn sagas_survive_repeated_sigkill(database_url: &str, dir: &Path) {
     let p = Participant::start(Duration::from_millis(400)).await;
     let server = Server::start(node(dir, database_url)).await;
     let http = reqwest::Client::new();
-    let r = put(&http, &server.url, "/v1/saga-definitions/order", &p.definition(&["reserve", "charge", "ship"], 200))
-        .await
-        .unwrap();
+    let r = put(
+        &http,
+        &server.url,
+        "/v1/saga-definitions/order",
+        &p.definition(&["reserve", "charge", "ship"], 200),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 201);
     let url = Arc::new(RwLock::new(server.url.clone()));
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     eprintln!("seed {seed}");
     let mut rng = Lcg(seed);
     let ids: Vec<String> = (0..SAGAS).map(|i| format!("crash-{i:03}")).collect();
@@ -187,9 +203,15 @@ async fn sagas_survive_repeated_sigkill(database_url: &str, dir: &Path) {
     // Some sagas were cut by a kill and finished by the restarted node, from their logs.
     let mut resumed = 0;
     for id in &ids {
-        let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}")).await.unwrap();
-        let nodes: std::collections::HashSet<&str> =
-            log["events"].as_array().unwrap().iter().filter_map(|e| e["metadata"]["node"].as_str()).collect();
+        let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}"))
+            .await
+            .unwrap();
+        let nodes: std::collections::HashSet<&str> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["metadata"]["node"].as_str())
+            .collect();
         resumed += usize::from(nodes.len() > 1);
     }
     eprintln!("sagas resumed by a restarted node: {resumed}");
@@ -214,7 +236,9 @@ fn postgres_base() -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_survive_repeated_sigkill_on_postgres() {
     let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t").await.unwrap();
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     sagas_survive_repeated_sigkill(&url, dir.path()).await;
     let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
@@ -223,30 +247,50 @@ async fn sagas_survive_repeated_sigkill_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {
     let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t").await.unwrap();
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = Participant::start(Duration::from_millis(10)).await;
     let a = Server::start(node(dir.path(), &url)).await;
     let b = Server::start(node(dir.path(), &url)).await;
     let http = reqwest::Client::new();
-    let r = put(&http, &a.url, "/v1/saga-definitions/order", &p.definition(&["reserve", "charge", "ship"], 2000))
-        .await
-        .unwrap();
+    let r = put(
+        &http,
+        &a.url,
+        "/v1/saga-definitions/order",
+        &p.definition(&["reserve", "charge", "ship"], 2000),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 201);
     // Every saga waits out a backoff, so its later steps are claimed from the database by
     // whichever node gets there first.
     let ids: Vec<String> = (0..120).map(|i| format!("pair-{i:03}")).collect();
     for (i, id) in ids.iter().enumerate() {
         let target = if i % 2 == 0 { &a.url } else { &b.url };
-        let plan = if i % 3 == 0 { json!({"charge": "refuse"}) } else { json!({"charge": "flaky:1"}) };
-        let r = post(&http, target, "/v1/sagas", &json!({"definition": "order", "id": id, "input": {"plan": plan}}))
-            .await
-            .unwrap();
+        let plan = if i % 3 == 0 {
+            json!({"charge": "refuse"})
+        } else {
+            json!({"charge": "flaky:1"})
+        };
+        let r = post(
+            &http,
+            target,
+            "/v1/sagas",
+            &json!({"definition": "order", "id": id, "input": {"plan": plan}}),
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status(), 201);
     }
     let sagas = settle(&http, &a.url, &ids, Duration::from_secs(60)).await;
     check_all(&p, &sagas);
-    assert_eq!(p.ledger.lock().unwrap().overlaps, 0, "no saga had two calls in flight at once");
+    assert_eq!(
+        p.ledger.lock().unwrap().overlaps,
+        0,
+        "no saga had two calls in flight at once"
+    );
     // Both nodes recorded transitions: the work was shared.
     let mut nodes = std::collections::HashSet::new();
     for id in &ids {

@@ -13,8 +13,8 @@ use concord_core::ports::{SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefi
 use serde_json::Value;
 use sqlx::Row as _;
 use sqlx::SqlitePool;
-use tokio::sync::{mpsc, oneshot};
 use sqlx::sqlite::SqliteRow;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 const SAGA_COLUMNS: &str = "id, definition, version, input, status, next_run_at, lease_owner, lease_until, log_version, created_at, updated_at";
@@ -137,7 +137,11 @@ impl SagaStore for SqliteStore {
     #[tracing::instrument(skip_all, fields(saga = %row.id))]
     async fn create_saga(&self, row: &SagaRow) -> Result<(SagaRow, bool), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.inner.rows.send(RowOp::Create(row.clone(), tx)).await.map_err(|_| closed())?;
+        self.inner
+            .rows
+            .send(RowOp::Create(row.clone(), tx))
+            .await
+            .map_err(|_| closed())?;
         if let Some(stored) = rx.await.map_err(|_| closed())?? {
             return Ok((stored, true));
         }
@@ -233,7 +237,11 @@ impl SagaStore for SqliteStore {
             now: update.now,
         };
         let (tx, rx) = oneshot::channel();
-        self.inner.rows.send(RowOp::Update(owned, tx)).await.map_err(|_| closed())?;
+        self.inner
+            .rows
+            .send(RowOp::Update(owned, tx))
+            .await
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 

@@ -324,11 +324,7 @@ impl SagaEngine {
             let n = page.len();
             for e in page {
                 if e.version == 1 {
-                    trace = e
-                        .metadata
-                        .get("traceparent")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned);
+                    trace = e.metadata.get("traceparent").and_then(Value::as_str).map(str::to_owned);
                 }
                 from = e.version + 1;
                 events.push(
@@ -425,7 +421,11 @@ impl SagaEngine {
         self.drive_inner(held, on_finished).instrument(span).await
     }
 
-    async fn drive_inner(&self, held: Held, on_finished: impl FnOnce(&SagaState) + Send) -> Result<DriveEnd, SagaError> {
+    async fn drive_inner(
+        &self,
+        held: Held,
+        on_finished: impl FnOnce(&SagaState) + Send,
+    ) -> Result<DriveEnd, SagaError> {
         let Held {
             mut row,
             state,
@@ -465,11 +465,13 @@ impl SagaEngine {
                     pending.push(e);
                 }
                 Decision::Done => {
-                    if !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
+                    if !self
+                        .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
+                        .await?
+                    {
                         return Ok(DriveEnd::Lost);
                     }
-                    metrics::counter!("concord_sagas_finished_total", "status" => state.status.as_str())
-                        .increment(1);
+                    metrics::counter!("concord_sagas_finished_total", "status" => state.status.as_str()).increment(1);
                     tracing::info!(status = state.status.as_str(), "saga finished");
                     // A failed saga waits for an operator's retry, which needs its row to say
                     // so: release first. Otherwise the waiting caller hears first.
@@ -487,7 +489,10 @@ impl SagaEngine {
                     return Ok(DriveEnd::Finished(state.status));
                 }
                 Decision::Wait(until) => {
-                    if !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
+                    if !self
+                        .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
+                        .await?
+                    {
                         return Ok(DriveEnd::Lost);
                     }
                     if !self.release(&mut row, &state, Some(until)).await? {
@@ -500,7 +505,11 @@ impl SagaEngine {
                     // still ours, so no call goes out for a saga another node has moved on. A new
                     // saga's first record waits for its first call's result instead.
                     let first = recorded == 0 && pending.len() == 1;
-                    if !first && !self.flush(&row, &mut recorded, &mut pending, &state, trace.as_deref()).await? {
+                    if !first
+                        && !self
+                            .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
+                            .await?
+                    {
                         return Ok(DriveEnd::Lost);
                     }
                     let timeout = def.steps[step].timeout;
@@ -802,18 +811,26 @@ mod tests {
     #[tokio::test]
     async fn a_started_saga_runs_to_completion_and_its_log_and_row_agree() {
         let store = Arc::new(MemoryStore::default());
-        let (e, p) = engine(&store, 10_000, |c| CallOutcome::Succeeded(json!({"id": format!("{}-1", c.step)})));
+        let (e, p) = engine(&store, 10_000, |c| {
+            CallOutcome::Succeeded(json!({"id": format!("{}-1", c.step)}))
+        });
         e.define("order", spec()).await.unwrap();
         let (row, held) = e.start(start("o-1")).await.unwrap();
         assert_eq!(row.lease_owner, Some(e.node()));
-        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(
+            e.drive(held.unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Completed)
+        );
         let calls = p.calls.lock().unwrap().clone();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].idempotency_key, "o-1:reserve:action");
         assert_eq!(calls[0].call.body, Some(json!({"qty": 2})));
         let (row, state) = e.load("o-1").await.unwrap();
         let state = state.unwrap();
-        assert_eq!((row.status, row.lease_owner, row.next_run_at), (SagaStatus::Completed, None, None));
+        assert_eq!(
+            (row.status, row.lease_owner, row.next_run_at),
+            (SagaStatus::Completed, None, None)
+        );
         assert_eq!(row.log_version, state.log_version);
         assert_eq!(state.log_version, 4, "started, two steps, completed");
         // Starting the same id again finds it and runs nothing.
@@ -860,13 +877,19 @@ mod tests {
         });
         e.define("order", spec()).await.unwrap();
         let (_, held) = e.start(start("o-3")).await.unwrap();
-        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Failed));
+        assert_eq!(
+            e.drive(held.unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Failed)
+        );
         let undo = p.calls.lock().unwrap().last().cloned().unwrap();
         assert_eq!(undo.call.url, "http://inv/release/r%2F9");
         assert_eq!(undo.idempotency_key, "o-3:reserve:compensation");
         undo_ok.store(true, Ordering::SeqCst);
         let held = e.retry("o-3").await.unwrap();
-        assert_eq!(e.drive(held).await.unwrap(), DriveEnd::Finished(SagaStatus::Compensated));
+        assert_eq!(
+            e.drive(held).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Compensated)
+        );
         assert!(matches!(e.retry("o-3").await, Err(SagaError::NotFailed(..))));
         assert!(matches!(e.retry("nope").await, Err(SagaError::NotFound(_))));
     }
@@ -884,7 +907,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let mut taken = b.claim(10).await.unwrap();
         assert_eq!(taken.len(), 1);
-        assert_eq!(b.drive(taken.pop().unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(
+            b.drive(taken.pop().unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Completed)
+        );
         assert_eq!(pb.count.load(Ordering::SeqCst), 2);
         // Node a wakes up: its first record is refused by the log, so it stops.
         assert_eq!(a.drive(held_by_a.unwrap()).await.unwrap(), DriveEnd::Lost);
@@ -902,14 +928,20 @@ mod tests {
         row.input = json!({"qty": 1});
         store.create_saga(&row).await.unwrap();
         let mut claimed = e.claim(1).await.unwrap();
-        assert_eq!(e.drive(claimed.pop().unwrap()).await.unwrap(), DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(
+            e.drive(claimed.pop().unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Completed)
+        );
     }
 
     #[tokio::test]
     async fn bad_starts_are_refused_before_anything_is_written() {
         let store = Arc::new(MemoryStore::default());
         let (e, _) = engine(&store, 10_000, |_| CallOutcome::Succeeded(Value::Null));
-        assert!(matches!(e.start(start("o-6")).await, Err(SagaError::DefinitionNotFound(_))));
+        assert!(matches!(
+            e.start(start("o-6")).await,
+            Err(SagaError::DefinitionNotFound(_))
+        ));
         e.define("order", spec()).await.unwrap();
         assert!(matches!(e.start(start("bad id")).await, Err(SagaError::Definition(_))));
         let mut big = start("o-7");

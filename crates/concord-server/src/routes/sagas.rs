@@ -151,10 +151,7 @@ pub async fn list(
         .as_deref()
         .map(|s| {
             SagaStatus::parse(s).ok_or_else(|| {
-                ApiError::parameter(
-                    "status",
-                    "one of running, compensating, completed, compensated, failed",
-                )
+                ApiError::parameter("status", "one of running, compensating, completed, compensated, failed")
             })
         })
         .transpose()?;
@@ -169,7 +166,9 @@ pub async fn list(
         .store()
         .list_sagas(status, p.after.as_deref(), limit)
         .await?;
-    let next = (rows.len() == limit).then(|| rows.last().map(|r| r.id.clone())).flatten();
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
     Ok(Json(SagaPage {
         sagas: rows.iter().map(summary).collect(),
         next,

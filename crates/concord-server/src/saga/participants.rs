@@ -137,7 +137,10 @@ mod tests {
     #[test]
     fn answers_are_classified_as_the_contract_says() {
         let ok = |s: u16, b: &[u8]| classify(StatusCode::from_u16(s).unwrap(), b);
-        assert_eq!(ok(200, br#"{"id": 1}"#), CallOutcome::Succeeded(serde_json::json!({"id": 1})));
+        assert_eq!(
+            ok(200, br#"{"id": 1}"#),
+            CallOutcome::Succeeded(serde_json::json!({"id": 1}))
+        );
         assert_eq!(ok(204, b""), CallOutcome::Succeeded(Value::Null));
         assert_eq!(ok(200, b"plain"), CallOutcome::Succeeded(Value::String("plain".into())));
         assert!(matches!(ok(409, b"no stock"), CallOutcome::Refused(e) if e.contains("no stock")));

@@ -102,7 +102,12 @@ impl SagaRunner {
     }
 
     /// Waits up to `timeout` for what [`Self::watch`] asked; none on timeout.
-    pub async fn wait(&self, id: &str, rx: oneshot::Receiver<Arc<SagaState>>, timeout: Duration) -> Option<Arc<SagaState>> {
+    pub async fn wait(
+        &self,
+        id: &str,
+        rx: oneshot::Receiver<Arc<SagaState>>,
+        timeout: Duration,
+    ) -> Option<Arc<SagaState>> {
         let result = tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok);
         if result.is_none() {
             self.forget_waiter(id);
@@ -143,9 +148,10 @@ impl SagaRunner {
                 break;
             }
             // Take the slots first, so a claim never takes more sagas than this node can drive.
-            let mut permits: Vec<OwnedSemaphorePermit> = std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
-                .take(self.config.claim_batch.max(1))
-                .collect();
+            let mut permits: Vec<OwnedSemaphorePermit> =
+                std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
+                    .take(self.config.claim_batch.max(1))
+                    .collect();
             let free = permits.len();
             let mut claimed = 0;
             if free > 0 {

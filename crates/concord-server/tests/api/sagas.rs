@@ -71,7 +71,11 @@ async fn definitions_are_validated_and_versioned(b: Backend) {
         .await
         .unwrap();
     assert_eq!(first["definition"]["steps"].as_array().unwrap().len(), 2);
-    let r = app.admin(Method::GET, "/v1/saga-definitions/nope").send().await.unwrap();
+    let r = app
+        .admin(Method::GET, "/v1/saga-definitions/nope")
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 404, "saga_definition_not_found").await;
 
     let bad = |f: &dyn Fn(&mut Value)| {
@@ -88,11 +92,23 @@ async fn definitions_are_validated_and_versioned(b: Backend) {
             bad(&|d| d["steps"][0]["action"]["body"] = json!({"x": "{{secrets.k}}"})),
             "unknown_template_variable",
         ),
-        (bad(&|d| d["steps"][0]["action"]["url"] = json!("file:///etc/passwd")), "invalid_step_url"),
-        (bad(&|d| d["steps"][0]["action"]["method"] = json!("CONNECT")), "invalid_step_method"),
-        (bad(&|d| d["steps"][1]["name"] = json!("reserve")), "duplicate_step_name"),
+        (
+            bad(&|d| d["steps"][0]["action"]["url"] = json!("file:///etc/passwd")),
+            "invalid_step_url",
+        ),
+        (
+            bad(&|d| d["steps"][0]["action"]["method"] = json!("CONNECT")),
+            "invalid_step_method",
+        ),
+        (
+            bad(&|d| d["steps"][1]["name"] = json!("reserve")),
+            "duplicate_step_name",
+        ),
         (bad(&|d| d["steps"][0]["timeout_ms"] = json!(0)), "saga_limit_exceeded"),
-        (bad(&|d| d["steps"][0]["retry"]["max_attempts"] = json!(1000)), "saga_limit_exceeded"),
+        (
+            bad(&|d| d["steps"][0]["retry"]["max_attempts"] = json!(1000)),
+            "saga_limit_exceeded",
+        ),
         (
             bad(&|d| d["steps"][0]["action"]["headers"] = json!({"Concord-Saga-Id": "x"})),
             "invalid_step_header",
@@ -100,13 +116,25 @@ async fn definitions_are_validated_and_versioned(b: Backend) {
         (bad(&|d| d["steps"][0]["unknown"] = json!(1)), "malformed_json"),
     ];
     for (d, code) in cases {
-        let r = app.admin(Method::PUT, "/v1/saga-definitions/bad").json(&d).send().await.unwrap();
+        let r = app
+            .admin(Method::PUT, "/v1/saga-definitions/bad")
+            .json(&d)
+            .send()
+            .await
+            .unwrap();
         assert_problem(r, 400, code).await;
     }
-    let many: Vec<Value> = (0..40).map(|i| json!({"name": format!("s{i}"), "action": {"method": "POST", "url": "http://x/y"}})).collect();
+    let many: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("s{i}"), "action": {"method": "POST", "url": "http://x/y"}}))
+        .collect();
     let r = put(json!({"steps": many})).await.unwrap();
     assert_problem(r, 400, "saga_limit_exceeded").await;
-    let r = app.admin(Method::PUT, "/v1/saga-definitions/bad%20name").json(&def).send().await.unwrap();
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/bad%20name")
+        .json(&def)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 400, "invalid_name").await;
     let r = app.admin(Method::GET, "/v1/saga-definitions/bad").send().await.unwrap();
     assert_problem(r, 404, "saga_definition_not_found").await;
@@ -118,17 +146,44 @@ async fn saga_routes_need_their_scopes(b: Backend) {
     let reader = app.create_key(&["sagas:read"]).await;
     let writer = app.create_key(&["sagas:write", "events:write"]).await;
     let def = json!({"steps": [{"name": "a", "action": {"method": "POST", "url": "http://127.0.0.1:9/a"}}]});
-    let r = app.request(Method::PUT, "/v1/saga-definitions/o", Some(&reader)).json(&def).send().await.unwrap();
+    let r = app
+        .request(Method::PUT, "/v1/saga-definitions/o", Some(&reader))
+        .json(&def)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 403, "forbidden").await;
-    let r = app.request(Method::PUT, "/v1/saga-definitions/o", None).json(&def).send().await.unwrap();
+    let r = app
+        .request(Method::PUT, "/v1/saga-definitions/o", None)
+        .json(&def)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 401, "unauthorized").await;
-    let r = app.request(Method::PUT, "/v1/saga-definitions/o", Some(&writer)).json(&def).send().await.unwrap();
+    let r = app
+        .request(Method::PUT, "/v1/saga-definitions/o", Some(&writer))
+        .json(&def)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
-    let r = app.request(Method::GET, "/v1/sagas", Some(&writer)).send().await.unwrap();
+    let r = app
+        .request(Method::GET, "/v1/sagas", Some(&writer))
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 403, "forbidden").await;
-    let r = app.request(Method::GET, "/v1/sagas", Some(&reader)).send().await.unwrap();
+    let r = app
+        .request(Method::GET, "/v1/sagas", Some(&reader))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.request(Method::POST, "/v1/sagas/x/retry", Some(&reader)).send().await.unwrap();
+    let r = app
+        .request(Method::POST, "/v1/sagas/x/retry", Some(&reader))
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 403, "forbidden").await;
     // A saga log cannot be forged through the event API, even with events:write.
     let r = app
@@ -151,7 +206,12 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
     assert_eq!(saga["steps"][0]["output"], json!({"id": "reserve-o-1"}));
     assert_eq!(attempts(&saga, 1, "action"), 3, "two 503s, then success");
     assert_eq!(saga["steps"][1]["attempts"][0]["outcome"], "failed");
-    assert!(saga["steps"][1]["attempts"][0]["error"].as_str().unwrap().contains("503"));
+    assert!(
+        saga["steps"][1]["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("503")
+    );
     assert_eq!(check_saga(&p, &saga), None);
     {
         let l = p.ledger.lock().unwrap();
@@ -169,19 +229,59 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "completed");
     assert_eq!(p.attempts("o-1", "reserve", "action"), 1);
     // The saga log is in the event store.
-    let log: Value = app.admin(Method::GET, "/v1/streams/saga-o-1").send().await.unwrap().json().await.unwrap();
-    let types: Vec<&str> = log["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let log: Value = app
+        .admin(Method::GET, "/v1/streams/saga-o-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let types: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(
         types,
-        ["SagaStarted", "ActionSucceeded", "ActionFailed", "ActionFailed", "ActionSucceeded", "SagaCompleted"]
+        [
+            "SagaStarted",
+            "ActionSucceeded",
+            "ActionFailed",
+            "ActionFailed",
+            "ActionSucceeded",
+            "SagaCompleted"
+        ]
     );
-    let got: Value = app.admin(Method::GET, "/v1/sagas/o-1").send().await.unwrap().json().await.unwrap();
+    let got: Value = app
+        .admin(Method::GET, "/v1/sagas/o-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(got["steps"], saga["steps"]);
     let r = app.admin(Method::GET, "/v1/sagas/nope").send().await.unwrap();
     assert_problem(r, 404, "saga_not_found").await;
-    let page: Value = app.admin(Method::GET, "/v1/sagas?status=completed").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .admin(Method::GET, "/v1/sagas?status=completed")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["sagas"][0]["id"], "o-1");
-    let page: Value = app.admin(Method::GET, "/v1/sagas?status=failed").send().await.unwrap().json().await.unwrap();
+    let page: Value = app
+        .admin(Method::GET, "/v1/sagas?status=failed")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(page["sagas"].as_array().unwrap().is_empty());
     let r = app.admin(Method::GET, "/v1/sagas?status=weird").send().await.unwrap();
     assert_problem(r, 400, "invalid_parameter").await;
@@ -209,10 +309,17 @@ async fn refusals_and_exhausted_retries_compensate_in_reverse_order(b: Backend) 
     let saga = run(&app, "trip", "t-1", json!({"car": "refuse"})).await;
     assert_eq!(saga["status"], "compensated", "{saga}");
     assert_eq!(saga["steps"][2]["action"], "refused");
-    assert_eq!(attempts(&saga, 2, "compensation"), 0, "a refused step has nothing to undo");
+    assert_eq!(
+        attempts(&saga, 2, "compensation"),
+        0,
+        "a refused step has nothing to undo"
+    );
     let hotel_undo = &saga["steps"][1]["attempts"][1]["started_at"];
     let flight_undo = &saga["steps"][0]["attempts"][1]["started_at"];
-    assert!(hotel_undo.as_str() < flight_undo.as_str(), "hotel is undone before flight");
+    assert!(
+        hotel_undo.as_str() < flight_undo.as_str(),
+        "hotel is undone before flight"
+    );
     assert_eq!(check_saga(&p, &saga), None);
     assert_eq!(p.effect("t-1", "flight"), Some(Effect::Undone));
 
@@ -222,7 +329,11 @@ async fn refusals_and_exhausted_retries_compensate_in_reverse_order(b: Backend) 
     assert_eq!(saga["steps"][1]["action"], "uncertain");
     assert_eq!(attempts(&saga, 1, "action"), 3);
     assert_eq!(attempts(&saga, 1, "compensation"), 1);
-    assert_eq!(p.effect("t-2", "hotel"), Some(Effect::Blocked), "empty compensation recorded");
+    assert_eq!(
+        p.effect("t-2", "hotel"),
+        Some(Effect::Blocked),
+        "empty compensation recorded"
+    );
     assert_eq!(check_saga(&p, &saga), None);
 }
 both_backends!(refusals_and_exhausted_retries_compensate_in_reverse_order);
@@ -234,12 +345,21 @@ async fn a_hanging_step_times_out_and_its_late_arrival_is_refused(b: Backend) {
     // The first attempt hangs, the second succeeds; the late first one is a duplicate.
     let saga = run(&app, "order", "h-1", json!({"charge": "hang:1"})).await;
     assert_eq!(saga["status"], "completed");
-    assert!(saga["steps"][1]["attempts"][0]["error"].as_str().unwrap().contains("timed out"));
+    assert!(
+        saga["steps"][1]["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
     // Every attempt hangs: compensated, and the hanging calls land after the compensation.
     let saga = run(&app, "order", "h-2", json!({"charge": "hang:9"})).await;
     assert_eq!(saga["status"], "compensated");
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(p.effect("h-2", "charge"), Some(Effect::Blocked), "no hanging action took effect");
+    assert_eq!(
+        p.effect("h-2", "charge"),
+        Some(Effect::Blocked),
+        "no hanging action took effect"
+    );
     assert_eq!(check_saga(&p, &saga), None);
     // An answer lost after the effect: the retry is deduplicated by the participant.
     let saga = run(&app, "order", "h-3", json!({"reserve": "dup:1"})).await;
@@ -254,13 +374,34 @@ async fn a_failed_compensation_stops_at_its_limit_and_retry_resumes_it(b: Backen
     let p = Participant::start(Duration::from_millis(10)).await;
     define(&app, "order", &p.definition(&["reserve", "charge"], 2000)).await;
     // Five compensation attempts fail (the limit); the sixth, after the operator's retry, works.
-    let saga = run(&app, "order", "f-1", json!({"charge": "refuse", "reserve_undo": "cfail:5"})).await;
+    let saga = run(
+        &app,
+        "order",
+        "f-1",
+        json!({"charge": "refuse", "reserve_undo": "cfail:5"}),
+    )
+    .await;
     assert_eq!(saga["status"], "failed", "{saga}");
     assert_eq!(saga["steps"][0]["compensation"], "gave_up");
     assert_eq!(attempts(&saga, 0, "compensation"), 5);
-    let metrics = app.http.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("concord_sagas_finished_total{status=\"failed\"}"), "failed sagas are counted");
-    let r = app.admin(Method::POST, "/v1/sagas/f-1/retry?wait_ms=20000").send().await.unwrap();
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("concord_sagas_finished_total{status=\"failed\"}"),
+        "failed sagas are counted"
+    );
+    let r = app
+        .admin(Method::POST, "/v1/sagas/f-1/retry?wait_ms=20000")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let saga: Value = r.json().await.unwrap();
     assert_eq!(saga["status"], "compensated", "{saga}");
@@ -288,7 +429,14 @@ async fn an_instance_keeps_the_version_it_started_with(b: Backend) {
     assert_eq!(r.status(), 201);
     // While it waits out its backoff, a new version with a third step is stored.
     define(&app, "order", &p.definition(&["reserve", "charge", "ship"], 2000)).await;
-    let saga: Value = app.admin(Method::GET, "/v1/sagas/v-1?wait_ms=20000").send().await.unwrap().json().await.unwrap();
+    let saga: Value = app
+        .admin(Method::GET, "/v1/sagas/v-1?wait_ms=20000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(saga["status"], "completed");
     assert_eq!(saga["version"], 1);
     assert_eq!(saga["steps"].as_array().unwrap().len(), 2);

@@ -119,8 +119,15 @@ struct Call {
 }
 
 fn begin(ledger: &Mutex<Ledger>, headers: &HeaderMap, step: &str, op: &str, plan_key: &str, body: &Value) -> Call {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let saga = headers.get("concord-saga-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let saga = headers
+        .get("concord-saga-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let mut l = ledger.lock().unwrap();
     if key != format!("{saga}:{step}:{op}") {
         l.bad_headers += 1;
@@ -134,7 +141,10 @@ fn begin(ledger: &Mutex<Ledger>, headers: &HeaderMap, step: &str, op: &str, plan
         l.overlaps += 1;
     }
     let attempt = {
-        let a = l.attempts.entry((saga.clone(), step.to_owned(), op.to_owned())).or_default();
+        let a = l
+            .attempts
+            .entry((saga.clone(), step.to_owned(), op.to_owned()))
+            .or_default();
         *a += 1;
         *a
     };
@@ -169,7 +179,9 @@ fn apply_action(ledger: &Mutex<Ledger>, c: &Call) -> (StatusCode, Value) {
     match l.effects.get(&k) {
         None => {
             l.effects.insert(k, Effect::Done);
-            *l.applied.entry((c.saga.clone(), c.step.clone(), c.op.clone())).or_default() += 1;
+            *l.applied
+                .entry((c.saga.clone(), c.step.clone(), c.op.clone()))
+                .or_default() += 1;
             (StatusCode::OK, json!({"id": format!("{}-{}", c.step, c.saga)}))
         }
         Some(Effect::Done) => (StatusCode::OK, json!({"id": format!("{}-{}", c.step, c.saga)})),
@@ -219,7 +231,9 @@ async fn compensate(
         match l.effects.get(&k).copied() {
             Some(Effect::Done) => {
                 l.effects.insert(k, Effect::Undone);
-                *l.applied.entry((c.saga.clone(), c.step.clone(), c.op.clone())).or_default() += 1;
+                *l.applied
+                    .entry((c.saga.clone(), c.step.clone(), c.op.clone()))
+                    .or_default() += 1;
             }
             None => {
                 l.effects.insert(k, Effect::Blocked);
@@ -247,7 +261,9 @@ pub fn check_saga(p: &Participant, saga: &Value) -> Option<String> {
             other => return Some(format!("{id}: status {other} is not final")),
         };
         if !ok {
-            return Some(format!("{id}: {status} but step {name} is {effect:?} at the participant"));
+            return Some(format!(
+                "{id}: {status} but step {name} is {effect:?} at the participant"
+            ));
         }
     }
     let l = p.ledger.lock().unwrap();

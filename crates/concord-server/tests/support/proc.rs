@@ -274,4 +274,3 @@ pub fn cli_command(dir: &Path, server: &Server, key: &str, args: &[&str]) -> Com
 pub fn json_line(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
-

@@ -26,7 +26,11 @@ pub enum DefinitionError {
     Method { step: String, method: String },
     /// A header that is malformed or that Concord sets itself.
     #[error("step {step}: invalid header {header}: {reason}")]
-    Header { step: String, header: String, reason: String },
+    Header {
+        step: String,
+        header: String,
+        reason: String,
+    },
     /// A size, count or duration beyond its configured limit.
     #[error("{0}")]
     Limit(String),
@@ -98,7 +102,11 @@ impl RetryPolicy {
     pub fn delay(&self, tries: u32, random: f64) -> Duration {
         let exp = tries.saturating_sub(1).min(32);
         let base = self.backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
-        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
         let ms = (base as f64 * (1.0 - self.jitter * random.clamp(0.0, 1.0))).max(0.0) as u64;
         Duration::from_millis(ms)
     }
@@ -198,7 +206,9 @@ const RESERVED_HEADERS: &[&str] = &[
 /// # Errors
 /// [`DefinitionError::Name`] when it breaks the rule.
 pub fn check_definition_name(name: &str) -> Result<(), DefinitionError> {
-    check_name(name, 64, |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    check_name(name, 64, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+    })
 }
 
 /// Checks a saga id: 1–128 of letters, digits and `-_.:`.
@@ -206,7 +216,9 @@ pub fn check_definition_name(name: &str) -> Result<(), DefinitionError> {
 /// # Errors
 /// [`DefinitionError::Name`] when it breaks the rule.
 pub fn check_saga_id(id: &str) -> Result<(), DefinitionError> {
-    check_name(id, 128, |b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    check_name(id, 128, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
+    })
 }
 
 fn check_step_name(name: &str) -> Result<(), DefinitionError> {
@@ -301,7 +313,11 @@ fn check_call(step: &str, call: &HttpCall, visible: &[&str]) -> Result<(), Defin
                 reason: reason.into(),
             })
         };
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
             return bad("not a valid header name");
         }
         if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {

@@ -524,7 +524,13 @@ pub struct CallResult {
 
 /// The event that records a call's result. `random` is uniform in `[0, 1)`, for the retry jitter.
 #[must_use]
-pub fn on_outcome(def: &SagaDefinition, state: &SagaState, call: CallResult, now: DateTime<Utc>, random: f64) -> SagaEvent {
+pub fn on_outcome(
+    def: &SagaDefinition,
+    state: &SagaState,
+    call: CallResult,
+    now: DateTime<Utc>,
+    random: f64,
+) -> SagaEvent {
     let CallResult {
         step,
         op,
@@ -534,9 +540,8 @@ pub fn on_outcome(def: &SagaDefinition, state: &SagaState, call: CallResult, now
     } = call;
     let tries = state.steps.get(step).map_or(0, |s| s.tries) + 1;
     let retry_at = |policy: &super::definition::RetryPolicy| {
-        (tries < policy.max_attempts).then(|| {
-            now + chrono::Duration::from_std(policy.delay(tries, random)).unwrap_or(chrono::Duration::zero())
-        })
+        (tries < policy.max_attempts)
+            .then(|| now + chrono::Duration::from_std(policy.delay(tries, random)).unwrap_or(chrono::Duration::zero()))
     };
     match (op, outcome) {
         (Op::Action, CallOutcome::Succeeded(output)) => SagaEvent::ActionSucceeded {
