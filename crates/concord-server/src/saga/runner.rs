@@ -123,6 +123,8 @@ impl SagaRunner {
             && row.status.is_terminal()
             && row.lease_owner.is_none()
         {
+            // Dropped first, so forgetting finds the waiter closed and removes it.
+            drop(rx);
             self.forget_waiter(id);
             return;
         }
