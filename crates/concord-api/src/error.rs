@@ -96,8 +96,7 @@ error_codes! {
     SagaNotFound = ("saga_not_found", 404, "Saga not found"),
     /// Only a `failed` saga can be retried.
     SagaNotFailed = ("saga_not_failed", 409, "Saga is not failed"),
-    /// Another node is working on the saga right now. Retry shortly.
-    SagaBusy = ("saga_busy", 409, "Saga busy"),
+
     /// The route exists but not with this method.
     MethodNotAllowed = ("method_not_allowed", 405, "Method not allowed"),
     /// The stream is not at the expected version. Re-read, decide again, retry.
@@ -108,6 +107,9 @@ error_codes! {
     IdempotencyKeyInFlight = ("idempotency_key_in_flight", 409, "Idempotency-Key in flight"),
     /// The `Idempotency-Key` was used with a different request. Use a new key.
     IdempotencyKeyReused = ("idempotency_key_reused", 422, "Idempotency-Key reused with a different request"),
+    /// Another node is working on the saga right now. Retry shortly (never replayed for an
+    /// `Idempotency-Key`, so the retry runs).
+    SagaBusy = ("saga_busy", 503, "Saga busy"),
     /// The database failed or is unreachable. Retry with backoff.
     StoreUnavailable = ("store_unavailable", 503, "Store unavailable"),
     /// A bug. Nothing of the request was written that a retry would duplicate.

@@ -94,7 +94,8 @@ fn get_saga() {}
 
 #[utoipa::path(post, path = "/v1/sagas/{id}/retry", params(("id" = String, Path), ("wait_ms" = Option<u64>, Query)),
     responses((status = 200, description = "Resumed: its compensations run again", body = SagaOut),
-              (status = 409, description = "saga_not_failed or saga_busy", body = Problem)))]
+              (status = 409, description = "saga_not_failed", body = Problem),
+              (status = 503, description = "saga_busy: another node is working on it; retry shortly", body = Problem)))]
 fn retry_saga() {}
 
 #[derive(OpenApi)]

@@ -318,9 +318,12 @@ async fn write_rows(write: &SqlitePool, batch: Vec<RowOp>) {
         let mut tx = write.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         let mut results = Vec::with_capacity(batch.len());
         for op in &batch {
+            // A failing statement (disk full, I/O error) may have rolled the whole transaction
+            // back in SQLite; the batch then stops and rolls back, and every writer hears the
+            // error, so no one is told "failed" about a write that later commits.
             results.push(match op {
-                RowOp::Create(row, _) => RowResult::Created(insert_row(&mut tx, row).await),
-                RowOp::Update(u, _) => RowResult::Updated(update_row(&mut tx, u).await),
+                RowOp::Create(row, _) => RowResult::Created(Ok(insert_row(&mut tx, row).await?)),
+                RowOp::Update(u, _) => RowResult::Updated(Ok(update_row(&mut tx, u).await?)),
             });
         }
         tx.commit().await.map_err(unavailable)?;

@@ -190,7 +190,8 @@ impl SagaEngine {
         }
         let spec: DefinitionSpec = serde_json::from_value(stored.spec)
             .map_err(|e| StoreError::Unavailable(format!("stored definition {name} is unreadable: {e}")))?;
-        let def = Arc::new(SagaDefinition::new(name, stored.version, spec, &self.config.limits)?);
+        // Checked against the limits when it was put; lowered limits must not strand its sagas.
+        let def = Arc::new(SagaDefinition::new(name, stored.version, spec, &SagaLimits::STORED)?);
         self.definitions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -226,6 +227,9 @@ impl SagaEngine {
                 limit: self.config.limits.max_input_bytes,
             });
         }
+        if has_nul(&req.input) {
+            return Err(ValidationError::NulCharacter(0).into());
+        }
         let def = self.definition(&req.definition, None).await?;
         let now = Utc::now();
         let row = SagaRow {
@@ -235,7 +239,9 @@ impl SagaEngine {
             input: req.input.clone(),
             status: SagaStatus::Running,
             next_run_at: Some(now),
-            lease_owner: Some(self.node),
+            // A token per hold, not the node id: a second hold of the same saga on this node
+            // (a queued drive whose lease ran out and was claimed again) is fenced out too.
+            lease_owner: Some(Uuid::now_v7()),
             lease_until: Some(now + self.lease_for(&def)),
             log_version: 0,
             created_at: now,
@@ -282,7 +288,7 @@ impl SagaEngine {
         let now = Utc::now();
         let rows = self
             .store
-            .claim_sagas(self.node, now, now + chrono_dur(self.config.lease), limit)
+            .claim_sagas(Uuid::now_v7(), now, now + chrono_dur(self.config.lease), limit)
             .await?;
         Ok(rows
             .into_iter()
@@ -353,6 +359,7 @@ impl SagaEngine {
             return Err(SagaError::NotFailed(id.to_owned(), row.status.as_str()));
         }
         let now = Utc::now();
+        let token = Uuid::now_v7();
         // Take the row first: while this node holds it nobody else records anything, and if this
         // node dies the lease expires and a runner finishes the retry from the log.
         let took = self
@@ -362,7 +369,7 @@ impl SagaEngine {
                 holder: None,
                 status: SagaStatus::Failed,
                 next_run_at: Some(now),
-                lease: Some((self.node, now + chrono_dur(self.config.lease))),
+                lease: Some((token, now + chrono_dur(self.config.lease))),
                 log_version: row.log_version,
                 now,
             })
@@ -370,6 +377,9 @@ impl SagaEngine {
         if !took {
             return Err(SagaError::Busy(id.to_owned()));
         }
+        let mut row = row;
+        row.lease_owner = Some(token);
+        row.lease_until = Some(now + chrono_dur(self.config.lease));
         let (state, trace) = self.read_log(&row).await?;
         let mut state = state.ok_or_else(|| LogError(format!("saga {id} has no log")))?;
         let def = self.definition(&row.definition, Some(row.version)).await?;
@@ -387,9 +397,6 @@ impl SagaEngine {
             .await?;
         state.apply(&def, &retried)?;
         metrics::counter!("concord_saga_operator_retries_total").increment(1);
-        let mut row = row;
-        row.lease_owner = Some(self.node);
-        row.lease_until = Some(now + chrono_dur(self.config.lease));
         Ok(Held {
             row,
             state: Some(state),
@@ -433,6 +440,7 @@ impl SagaEngine {
             pending,
         } = held;
         let def = self.definition(&row.definition, Some(row.version)).await?;
+        let mut resumed = state.is_none();
         let mut state = match state {
             Some(s) => s,
             None => {
@@ -449,6 +457,8 @@ impl SagaEngine {
                             at: row.created_at,
                         };
                         self.append(&row.id, 0, std::slice::from_ref(&started), None).await?;
+                        // That first record fences the previous holder already.
+                        resumed = false;
                         SagaState::new(&row.id, &def, row.input.clone(), row.created_at)
                     }
                 }
@@ -456,6 +466,13 @@ impl SagaEngine {
         };
         let mut pending = pending;
         let mut recorded = state.log_version - pending.len() as u64;
+        if resumed && !state.status.is_terminal() {
+            // A claimed saga's first record comes before any call: if the node that held it
+            // before is only slow, not dead, its next record now fails on the log's version.
+            let e = SagaEvent::SagaResumed { at: Utc::now() };
+            state.apply(&def, &e)?;
+            pending.push(e);
+        }
         let mut on_finished = Some(on_finished);
         loop {
             let now = Utc::now();
@@ -585,16 +602,23 @@ impl SagaEngine {
         let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
         let outcome = self.participants.call(&pc).instrument(span).await;
         match outcome {
-            CallOutcome::Succeeded(v)
-                if serde_json::to_vec(&v).map_or(usize::MAX, |b| b.len()) > self.config.limits.max_output_bytes =>
-            {
-                // Treated as a refusal: the output cannot be kept, so later steps could not use it.
-                CallOutcome::Refused(format!(
-                    "output over the limit of {} bytes",
-                    self.config.limits.max_output_bytes
-                ))
+            CallOutcome::Succeeded(v) => {
+                let size = serde_json::to_vec(&v).map_or(usize::MAX, |b| b.len());
+                if size > self.config.limits.max_output_bytes {
+                    CallOutcome::Unusable(format!(
+                        "output of {size} bytes, over the limit of {}",
+                        self.config.limits.max_output_bytes
+                    ))
+                } else if has_nul(&v) {
+                    CallOutcome::Unusable("output contains U+0000, which cannot be stored".into())
+                } else {
+                    CallOutcome::Succeeded(v)
+                }
             }
-            other => other,
+            // Error text goes into the log, which cannot store U+0000.
+            CallOutcome::Refused(e) => CallOutcome::Refused(scrub(e)),
+            CallOutcome::Transient(e) => CallOutcome::Transient(scrub(e)),
+            CallOutcome::Unusable(e) => CallOutcome::Unusable(scrub(e)),
         }
     }
 
@@ -664,10 +688,10 @@ impl SagaEngine {
             .store
             .update_saga(&SagaUpdate {
                 id: &row.id,
-                holder: Some(self.node),
+                holder: row.lease_owner,
                 status: state.status,
                 next_run_at: Some(now),
-                lease: Some((self.node, until)),
+                lease: row.lease_owner.map(|token| (token, until)),
                 log_version: state.log_version,
                 now,
             })
@@ -690,7 +714,7 @@ impl SagaEngine {
             .store
             .update_saga(&SagaUpdate {
                 id: &row.id,
-                holder: Some(self.node),
+                holder: row.lease_owner,
                 status: state.status,
                 next_run_at: next,
                 lease: None,
@@ -710,7 +734,7 @@ impl SagaEngine {
         self.store
             .update_saga(&SagaUpdate {
                 id: &held.row.id,
-                holder: Some(self.node),
+                holder: held.row.lease_owner,
                 status: held.row.status,
                 next_run_at: Some(now),
                 lease: None,
@@ -722,11 +746,30 @@ impl SagaEngine {
     }
 }
 
+/// True when a JSON value holds U+0000 anywhere (which no store can keep).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, x)| k.contains('\0') || has_nul(x)),
+        _ => false,
+    }
+}
+
+fn scrub(e: String) -> String {
+    if e.contains('\0') {
+        e.replace('\0', "\u{FFFD}")
+    } else {
+        e
+    }
+}
+
 fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished: DateTime<Utc>) {
     let label = match outcome {
         CallOutcome::Succeeded(_) => "succeeded",
         CallOutcome::Refused(_) => "refused",
         CallOutcome::Transient(_) => "failed",
+        CallOutcome::Unusable(_) => "unusable",
     };
     let secs = (finished - started).to_std().unwrap_or_default().as_secs_f64();
     metrics::histogram!("concord_saga_step_duration_seconds", "op" => op.as_str(), "outcome" => label).record(secs);
@@ -792,7 +835,7 @@ mod tests {
         serde_json::from_value(json!({"steps": [
             {"name": "reserve", "action": {"method": "POST", "url": "http://inv/reserve", "body": {"qty": "{{input.qty}}"}},
              "timeout_ms": 50,
-             "compensation": {"method": "POST", "url": "http://inv/release/{{steps.reserve.output.id}}"}},
+             "compensation": {"method": "POST", "url": "http://inv/release/{{saga.id}}"}},
             {"name": "charge", "action": {"method": "POST", "url": "http://pay/charge"}, "timeout_ms": 50,
              "retry": {"max_attempts": 2, "backoff_ms": 50, "max_backoff_ms": 50, "jitter": 0.0}}
         ]}))
@@ -816,7 +859,10 @@ mod tests {
         });
         e.define("order", spec()).await.unwrap();
         let (row, held) = e.start(start("o-1")).await.unwrap();
-        assert_eq!(row.lease_owner, Some(e.node()));
+        assert!(
+            row.lease_owner.is_some() && row.lease_owner != Some(e.node()),
+            "a token per hold"
+        );
         assert_eq!(
             e.drive(held.unwrap()).await.unwrap(),
             DriveEnd::Finished(SagaStatus::Completed)
@@ -882,7 +928,7 @@ mod tests {
             DriveEnd::Finished(SagaStatus::Failed)
         );
         let undo = p.calls.lock().unwrap().last().cloned().unwrap();
-        assert_eq!(undo.call.url, "http://inv/release/r%2F9");
+        assert_eq!(undo.call.url, "http://inv/release/o-3");
         assert_eq!(undo.idempotency_key, "o-3:reserve:compensation");
         undo_ok.store(true, Ordering::SeqCst);
         let held = e.retry("o-3").await.unwrap();
@@ -917,6 +963,47 @@ mod tests {
         let (row, state) = b.load("o-4").await.unwrap();
         assert_eq!(row.status, SagaStatus::Completed);
         assert_eq!(state.unwrap().log_version, 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_holder_cannot_record_after_a_takeover() {
+        let store = Arc::new(MemoryStore::default());
+        // Node a's charge call stalls past its lease, then answers "refused".
+        let (a, _) = engine(&store, 20, |c| {
+            if c.step == "charge" {
+                std::thread::sleep(Duration::from_millis(1500));
+                CallOutcome::Refused("declined".into())
+            } else {
+                CallOutcome::Succeeded(json!({"id": "x"}))
+            }
+        });
+        // Node b's call is slow too, so a wakes and tries to record before b does.
+        let (b, _) = engine(&store, 10_000, |c| {
+            if c.step == "charge" {
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            CallOutcome::Succeeded(json!({"id": "x"}))
+        });
+        a.define("order", spec()).await.unwrap();
+        let (_, held) = a.start(start("o-8")).await.unwrap();
+        let stalled = tokio::task::spawn_blocking({
+            let held = held.unwrap();
+            move || tokio::runtime::Handle::current().block_on(a.drive(held))
+        });
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut taken = b.claim(10).await.unwrap();
+        assert_eq!(taken.len(), 1, "a's lease ran out during its stalled call");
+        assert_eq!(
+            b.drive(taken.pop().unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Completed)
+        );
+        // a's refusal, recorded first, would have sent the saga compensating while b's charge
+        // went through; b's takeover record made the log refuse it.
+        assert_eq!(stalled.await.unwrap().unwrap(), DriveEnd::Lost);
+        let (_, state) = b.load("o-8").await.unwrap();
+        let state = state.unwrap();
+        assert_eq!(state.status, SagaStatus::Completed);
+        assert_eq!(state.steps[1].attempts.len(), 1, "only b's call is recorded");
     }
 
     #[tokio::test]

@@ -183,9 +183,10 @@ pub async fn retry(
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
     let held = state.sagas.engine().retry(&id).await?;
+    let finished = wait.map(|_| state.sagas.watch(&id));
     state.sagas.spawn(held);
-    if let Some(w) = wait {
-        state.sagas.wait_finished(&id, w).await;
+    if let (Some(w), Some(rx)) = (wait, finished) {
+        state.sagas.wait(&id, rx, w).await;
     }
     Ok(Json(full_view(&state, &id).await?))
 }

@@ -94,10 +94,20 @@ fn classify(status: StatusCode, body: &[u8]) -> CallOutcome {
     };
     match status.as_u16() {
         408 | 425 | 429 => CallOutcome::Transient(error),
+        // The participant is still running an earlier attempt of this very call: its outcome is
+        // unknown, not a refusal.
+        409 if in_flight(body) => CallOutcome::Transient(error),
         400..=499 => CallOutcome::Refused(error),
-        300..=399 => CallOutcome::Refused(format!("{error} (redirects are not followed)")),
+        // Not followed (the call would go where the definition does not name), and the work may
+        // have been done before the redirect: unknown, so retried and compensated if it stays so.
+        300..=399 => CallOutcome::Transient(format!("{error} (redirects are not followed)")),
         _ => CallOutcome::Transient(error),
     }
+}
+
+/// A 409 whose problem code says the same `Idempotency-Key` is still being processed.
+fn in_flight(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| v["code"] == "idempotency_key_in_flight")
 }
 
 enum Read {
@@ -148,6 +158,8 @@ mod tests {
         for s in [408, 425, 429, 500, 502, 503] {
             assert!(matches!(ok(s, b""), CallOutcome::Transient(_)), "{s}");
         }
-        assert!(matches!(ok(302, b""), CallOutcome::Refused(_)));
+        assert!(matches!(ok(302, b""), CallOutcome::Transient(_)));
+        let busy = br#"{"code": "idempotency_key_in_flight", "status": 409}"#;
+        assert!(matches!(ok(409, busy), CallOutcome::Transient(_)));
     }
 }

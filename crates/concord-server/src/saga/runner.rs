@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
+/// How often a waiter looks at the saga's row, for sagas finishing on another node.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
 /// Settings of the worker.
 #[derive(Debug, Clone, Copy)]
 pub struct RunnerConfig {
@@ -21,6 +24,8 @@ pub struct RunnerConfig {
 pub struct SagaRunner {
     engine: Arc<SagaEngine>,
     config: RunnerConfig,
+    /// Whether this node drives sagas at all.
+    runs: bool,
     slots: Arc<Semaphore>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>>,
     /// Poked when a slot frees up or a saga may be due sooner than the next poll.
@@ -29,9 +34,10 @@ pub struct SagaRunner {
 
 impl SagaRunner {
     #[must_use]
-    pub fn new(engine: Arc<SagaEngine>, config: RunnerConfig) -> Arc<Self> {
+    pub fn new(engine: Arc<SagaEngine>, config: RunnerConfig, runs: bool) -> Arc<Self> {
         Arc::new(Self {
             engine,
+            runs,
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
             waiters: Mutex::new(HashMap::new()),
@@ -46,16 +52,22 @@ impl SagaRunner {
 
     /// Drives a saga this node holds, in the background. When all slots are busy it waits for
     /// one; the saga stays leased to this node meanwhile.
+    /// Drives a saga this node holds, in the background, if a slot is free and this node runs
+    /// sagas; otherwise gives it back to the queue in the database, where a runner with room
+    /// claims it.
     pub fn spawn(self: &Arc<Self>, held: Held) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let Ok(permit) = me.slots.clone().acquire_owned().await else {
-                return;
-            };
-            me.drive(held).await;
-            drop(permit);
-            me.wake.notify_one();
-        });
+        let permit = self.runs.then(|| self.slots.clone().try_acquire_owned().ok()).flatten();
+        match permit {
+            Some(permit) => self.spawn_with(held, permit),
+            None => {
+                let engine = self.engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = engine.abandon(held).await {
+                        tracing::warn!(error = %e, "giving a saga back failed; its lease will expire");
+                    }
+                });
+            }
+        }
     }
 
     fn spawn_with(self: &Arc<Self>, held: Held, permit: OwnedSemaphorePermit) {
@@ -101,15 +113,32 @@ impl SagaRunner {
         rx
     }
 
-    /// Waits up to `timeout` for what [`Self::watch`] asked; none on timeout.
+    /// Waits up to `timeout` for what [`Self::watch`] asked. None on timeout, or when the saga
+    /// finished on another node (seen in its row, looked at every [`WAIT_POLL`]); the caller
+    /// then reads the saga's state.
     pub async fn wait(
         &self,
         id: &str,
-        rx: oneshot::Receiver<Arc<SagaState>>,
+        mut rx: oneshot::Receiver<Arc<SagaState>>,
         timeout: Duration,
     ) -> Option<Arc<SagaState>> {
-        let result = tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = loop {
+            tokio::select! {
+                r = &mut rx => break r.ok(),
+                () = tokio::time::sleep_until(deadline) => break None,
+                () = tokio::time::sleep(WAIT_POLL) => {
+                    if let Ok(Some(row)) = self.engine.store().get_saga(id).await
+                        && row.status.is_terminal()
+                        && row.lease_owner.is_none()
+                    {
+                        break None;
+                    }
+                }
+            }
+        };
         if result.is_none() {
+            drop(rx);
             self.forget_waiter(id);
         }
         result

@@ -243,13 +243,16 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
+    // After each backoff a runner claims the saga again and records that first.
     assert_eq!(
         types,
         [
             "SagaStarted",
             "ActionSucceeded",
             "ActionFailed",
+            "SagaResumed",
             "ActionFailed",
+            "SagaResumed",
             "ActionSucceeded",
             "SagaCompleted"
         ]
@@ -361,6 +364,32 @@ async fn a_hanging_step_times_out_and_its_late_arrival_is_refused(b: Backend) {
         "no hanging action took effect"
     );
     assert_eq!(check_saga(&p, &saga), None);
+    // The first attempt hangs and lands late; the second is refused. The late one may still
+    // take effect, so the step is compensated (or blocked) like an uncertain one.
+    let saga = run(&app, "order", "h-4", json!({"charge": "hangrefuse"})).await;
+    assert_eq!(saga["status"], "compensated");
+    assert_eq!(saga["steps"][1]["action"], "uncertain");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_ne!(
+        p.effect("h-4", "charge"),
+        Some(Effect::Done),
+        "the late attempt left nothing standing"
+    );
+    assert_eq!(check_saga(&p, &saga), None);
+    // An output that cannot be stored: the step took effect, so it is compensated.
+    let saga = run(&app, "order", "h-5", json!({"reserve": "nul"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][0]["action"], "uncertain");
+    assert_eq!(p.effect("h-5", "reserve"), Some(Effect::Undone));
+    // An input that cannot be stored is refused before anything runs.
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "order", "id": "h-6", "input": {"x": "a\u{0}b"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_event_data").await;
+    assert_eq!(p.attempts("h-6", "reserve", "action"), 0);
     // An answer lost after the effect: the retry is deduplicated by the participant.
     let saga = run(&app, "order", "h-3", json!({"reserve": "dup:1"})).await;
     assert_eq!(saga["status"], "completed");

@@ -3,7 +3,9 @@
 //! Each saga's input carries a plan, `{"plan": {"<step>": "<behaviour>", "<step>_undo": "..."}}`,
 //! sent in the call body. Action behaviours: `ok` (default), `refuse` (409), `flaky:N` (503 for the
 //! first N attempts), `hang:N` (the first N attempts sleep past the step timeout, then take
-//! effect), `dup:N` (the first N attempts take effect, then answer 500, so the call comes again).
+//! effect), `dup:N` (the first N attempts take effect, then answer 500, so the call comes again),
+//! `hangrefuse` (the first attempt sleeps past the timeout, then takes effect; later ones are
+//! refused), `nul` (takes effect and answers an output holding U+0000).
 //! Compensation behaviours (`<step>_undo`): `ok`, `cfail:N` (503 for the first N attempts).
 //!
 //! Effects go through a barrier keyed by `Idempotency-Key`, as a real participant's would: a
@@ -206,6 +208,16 @@ async fn action(
         tokio::time::sleep(hang).await;
         let (s, v) = apply_action(&ledger, &c);
         return (s, Json(v));
+    } else if c.behaviour == "hangrefuse" && c.attempt > 1 {
+        (StatusCode::CONFLICT, json!({"error": "refused after a hang"}))
+    } else if c.behaviour == "hangrefuse" {
+        end(&ledger, &c);
+        tokio::time::sleep(hang).await;
+        let (s, v) = apply_action(&ledger, &c);
+        return (s, Json(v));
+    } else if c.behaviour == "nul" {
+        let _ = apply_action(&ledger, &c);
+        (StatusCode::OK, json!({"id": "a\u{0}b"}))
     } else if first_n(&c.behaviour, "dup:", c.attempt) {
         let _ = apply_action(&ledger, &c);
         (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "lost the answer"}))

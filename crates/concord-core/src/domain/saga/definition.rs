@@ -49,6 +49,20 @@ pub struct SagaLimits {
     pub max_backoff_ms: u64,
 }
 
+impl SagaLimits {
+    /// No limits: for definitions already stored, which were checked when they were put and must
+    /// stay loadable for their sagas even after the limits are lowered.
+    pub const STORED: Self = Self {
+        max_steps: usize::MAX,
+        max_definition_bytes: usize::MAX,
+        max_input_bytes: usize::MAX,
+        max_output_bytes: usize::MAX,
+        max_attempts: u32::MAX,
+        max_timeout_ms: u64::MAX,
+        max_backoff_ms: u64::MAX,
+    };
+}
+
 impl Default for SagaLimits {
     fn default() -> Self {
         Self {
@@ -274,10 +288,9 @@ impl SagaDefinition {
             let earlier: Vec<&str> = steps.iter().map(|p| p.name.as_str()).collect();
             check_call(&s.name, &s.action, &earlier)?;
             if let Some(c) = &s.compensation {
-                // A compensation runs after its own step, so it may read that step's output.
-                let mut visible = earlier.clone();
-                visible.push(&s.name);
-                check_call(&s.name, c, &visible)?;
+                // Not its own step's output: a step whose attempts ran out is compensated
+                // without one. The participant knows the call by its Idempotency-Key and saga id.
+                check_call(&s.name, c, &earlier)?;
             }
             steps.push(Step {
                 name: s.name.clone(),
@@ -403,7 +416,7 @@ fn check_templates(step: &str, s: &str, visible: &[&str]) -> Result<(), Definiti
             ["saga", ..] => return bad("the saga offers only saga.id"),
             ["steps", name, "output", ..] => {
                 if !visible.contains(name) {
-                    return bad("names no earlier step");
+                    return bad("names no earlier step (a compensation may not read its own step's output)");
                 }
             }
             ["steps", ..] => return bad("use steps.<name>.output[.field]"),
@@ -448,14 +461,20 @@ pub struct TemplateContext<'a> {
     pub outputs: &'a BTreeMap<String, Value>,
 }
 
-/// A template whose variable has no value at run time (an output lacks the field).
+/// A template that cannot be filled at run time.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("template variable {{{{{0}}}}} has no value")]
-pub struct MissingValue(pub String);
+pub enum MissingValue {
+    /// The variable has no value (an output lacks the field).
+    #[error("template variable {{{{{0}}}}} has no value")]
+    Missing(String),
+    /// A value of `.` or `..` in a URL would climb the participant's path.
+    #[error("template variable {{{{{0}}}}} is a dot segment, not allowed in a URL")]
+    DotSegment(String),
+}
 
 impl TemplateContext<'_> {
     fn lookup(&self, var: &str) -> Result<Value, MissingValue> {
-        let missing = || MissingValue(var.to_owned());
+        let missing = || MissingValue::Missing(var.to_owned());
         let parts: Vec<&str> = var.split('.').collect();
         let (root, path) = match parts.as_slice() {
             ["saga", "id"] => return Ok(Value::String(self.saga_id.to_owned())),
@@ -490,6 +509,9 @@ impl TemplateContext<'_> {
                         other => other.to_string(),
                     };
                     if encode {
+                        if text == "." || text == ".." {
+                            return Err(MissingValue::DotSegment(v.to_owned()));
+                        }
                         percent_encode(&text, &mut out);
                     } else {
                         out.push_str(&text);
@@ -564,9 +586,10 @@ mod tests {
         json!({"steps": [
             {"name": "reserve", "action": {"method": "POST", "url": "http://inv.local/reserve",
               "body": {"sku": "{{input.sku}}", "qty": "{{input.qty}}"}},
-             "compensation": {"method": "POST", "url": "http://inv.local/release/{{steps.reserve.output.id}}"}},
+             "compensation": {"method": "POST", "url": "http://inv.local/release/{{saga.id}}"}},
             {"name": "charge", "action": {"method": "POST", "url": "http://pay.local/charge",
               "headers": {"X-Order": "{{saga.id}}"}, "body": {"reservation": "{{steps.reserve.output.id}}"}},
+             "compensation": {"method": "POST", "url": "http://pay.local/refund/{{steps.reserve.output.id}}"},
              "retry": {"max_attempts": 5, "backoff_ms": 10, "max_backoff_ms": 100}, "timeout_ms": 500}
         ]})
     }
@@ -616,6 +639,10 @@ mod tests {
             DefinitionError::Template { .. }
         ));
         assert!(matches!(
+            with(&|v| v["steps"][1]["compensation"]["url"] = json!("http://p/{{steps.charge.output.id}}")),
+            DefinitionError::Template { .. }
+        ));
+        assert!(matches!(
             with(&|v| v["steps"][0]["action"]["body"] = json!({"x": "{{env.HOME}}"})),
             DefinitionError::Template { .. }
         ));
@@ -661,14 +688,24 @@ mod tests {
         let d = SagaDefinition::new("order", 1, spec(two_steps()), &SagaLimits::default()).unwrap();
         let a = ctx.render_call(&d.steps[0].action).unwrap();
         assert_eq!(a.body, Some(json!({"sku": "a b/c", "qty": 3})));
-        let c = ctx.render_call(d.steps[0].compensation.as_ref().unwrap()).unwrap();
-        assert_eq!(c.url, "http://inv.local/release/r%2F1");
+        let c = ctx.render_call(d.steps[1].compensation.as_ref().unwrap()).unwrap();
+        assert_eq!(c.url, "http://pay.local/refund/r%2F1");
         let b = ctx.render_call(&d.steps[1].action).unwrap();
         assert_eq!(b.headers["X-Order"], "s1");
         assert_eq!(ctx.render_str("n={{ input.qty }}!", false).unwrap(), "n=3!");
         assert_eq!(
             ctx.render_str("{{input.missing}}", false),
-            Err(MissingValue("input.missing".into()))
+            Err(MissingValue::Missing("input.missing".into()))
+        );
+        let dots = serde_json::json!({"id": ".."});
+        let ctx = TemplateContext {
+            saga_id: "s1",
+            input: &dots,
+            outputs: &outputs,
+        };
+        assert_eq!(
+            ctx.render_str("http://x/orders/{{input.id}}/cancel", true),
+            Err(MissingValue::DotSegment("input.id".into()))
         );
     }
 

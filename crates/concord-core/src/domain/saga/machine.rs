@@ -79,6 +79,9 @@ pub enum CallOutcome {
     Refused(String),
     /// 5xx, 408, 425, 429, a timeout, a connection error: it may work later, or may have worked.
     Transient(String),
+    /// 2xx, but the answer cannot be kept (too large, or not storable): the call took effect,
+    /// yet later steps could not use its output. An action is then compensated as uncertain.
+    Unusable(String),
 }
 
 /// One entry of the saga log, stored as an event of the stream `saga-{id}`.
@@ -140,6 +143,11 @@ pub enum SagaEvent {
     SagaRetried {
         at: DateTime<Utc>,
     },
+    /// A node took the saga over (its previous holder died or stalled); changes nothing but
+    /// moves the log on, so the previous holder can record nothing more.
+    SagaResumed {
+        at: DateTime<Utc>,
+    },
 }
 
 impl SagaEvent {
@@ -156,6 +164,7 @@ impl SagaEvent {
             Self::SagaCompleted { .. } => "SagaCompleted",
             Self::SagaCompensated { .. } => "SagaCompensated",
             Self::SagaRetried { .. } => "SagaRetried",
+            Self::SagaResumed { .. } => "SagaResumed",
         }
     }
 }
@@ -334,10 +343,24 @@ impl SagaState {
                 at,
             } => {
                 self.expect(SagaStatus::Running, e)?;
+                let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
                 let s = self.step_mut(*step)?;
+                // An earlier attempt that failed or timed out may still land after this refusal,
+                // so the step is uncertain and its compensation (which blocks a late action at
+                // a barrier) is owed.
+                let earlier_unknown = s.attempts.iter().any(|a| a.op == Op::Action && a.outcome == "failed");
                 s.attempts
                     .push(attempt(Op::Action, *n, *started_at, *at, "refused", Some(error)));
-                s.action = ActionStatus::Refused;
+                if earlier_unknown {
+                    s.action = ActionStatus::Uncertain;
+                    s.compensation = if has_comp {
+                        CompensationStatus::Pending
+                    } else {
+                        CompensationStatus::NotNeeded
+                    };
+                } else {
+                    s.action = ActionStatus::Refused;
+                }
                 s.error = Some(error.clone());
                 s.tries = 0;
                 self.status = SagaStatus::Compensating;
@@ -415,6 +438,14 @@ impl SagaState {
                 self.expect(SagaStatus::Compensating, e)?;
                 self.status = SagaStatus::Compensated;
             }
+            SagaEvent::SagaResumed { .. } => {
+                if self.status.is_terminal() {
+                    return Err(LogError(format!(
+                        "SagaResumed while the saga is {}",
+                        self.status.as_str()
+                    )));
+                }
+            }
             SagaEvent::SagaRetried { .. } => {
                 self.expect(SagaStatus::Failed, e)?;
                 for s in &mut self.steps {
@@ -455,7 +486,8 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::CompensationFailed { at, .. }
         | SagaEvent::SagaCompleted { at }
         | SagaEvent::SagaCompensated { at }
-        | SagaEvent::SagaRetried { at } => *at,
+        | SagaEvent::SagaRetried { at }
+        | SagaEvent::SagaResumed { at } => *at,
     }
 }
 
@@ -566,7 +598,16 @@ pub fn on_outcome(
             retry_at: retry_at(&def.steps[step].retry),
             at: now,
         },
-        (Op::Compensation, CallOutcome::Succeeded(_)) => SagaEvent::CompensationSucceeded {
+        // It took effect but cannot be used: no retry, compensate it with the rest.
+        (Op::Action, CallOutcome::Unusable(error)) => SagaEvent::ActionFailed {
+            step,
+            attempt,
+            started_at,
+            error,
+            retry_at: None,
+            at: now,
+        },
+        (Op::Compensation, CallOutcome::Succeeded(_) | CallOutcome::Unusable(_)) => SagaEvent::CompensationSucceeded {
             step,
             attempt,
             started_at,
@@ -763,6 +804,30 @@ mod tests {
     }
 
     #[test]
+    fn given_a_timeout_then_a_refusal_the_step_is_uncertain_and_compensated() {
+        let d = def(&[("a", true), ("b", true)], 3, 3);
+        let mut tries = 0;
+        let (calls, _, state) = run(&d, |step, op| match (step, op) {
+            (1, Op::Action) => {
+                tries += 1;
+                if tries == 1 {
+                    CallOutcome::Transient("timeout".into())
+                } else {
+                    CallOutcome::Refused("out of stock".into())
+                }
+            }
+            _ => CallOutcome::Succeeded(json!(null)),
+        });
+        assert_eq!(state.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(state.status, SagaStatus::Compensated);
+        assert_eq!(
+            calls[calls.len() - 2..],
+            [(1, Op::Compensation), (0, Op::Compensation)],
+            "the first attempt may still land, so b is compensated too"
+        );
+    }
+
+    #[test]
     fn a_log_that_does_not_fit_is_an_error_not_a_panic() {
         let d = def(&[("a", true)], 1, 1);
         assert!(SagaState::from_log("s", &d, &[]).is_err());
@@ -805,7 +870,7 @@ mod tests {
     }
 
     fn outcome_strategy() -> impl Strategy<Value = u8> {
-        0u8..4
+        0u8..5
     }
 
     proptest! {
@@ -828,7 +893,8 @@ mod tests {
                     0 => CallOutcome::Succeeded(json!(null)),
                     1 => CallOutcome::Refused("no".into()),
                     2 => CallOutcome::Transient("503".into()),
-                    _ => CallOutcome::Transient("timeout".into()),
+                    3 => CallOutcome::Transient("timeout".into()),
+                    _ => CallOutcome::Unusable("output too large".into()),
                 }
             });
             // 1. Every saga ends; failed only when a compensation exhausted its limit.
