@@ -136,8 +136,12 @@ impl Settings {
         concord_core::domain::saga::SagaLimits {
             max_steps: self.saga_max_steps,
             max_definition_bytes: self.saga_max_definition_bytes,
-            max_input_bytes: self.saga_max_input_bytes,
-            max_output_bytes: self.saga_max_output_bytes,
+            // A saga's input and each step's output are stored as events, so they stay 4 KiB
+            // (room for the rest of the event) under the event limit whatever is configured.
+            max_input_bytes: self.saga_max_input_bytes.min(self.max_event_bytes.saturating_sub(4096)),
+            max_output_bytes: self
+                .saga_max_output_bytes
+                .min(self.max_event_bytes.saturating_sub(4096)),
             max_attempts: self.saga_max_attempts,
             max_timeout_ms: self.saga_max_timeout_ms,
             max_backoff_ms: self.saga_max_backoff_ms,

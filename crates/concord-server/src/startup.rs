@@ -93,14 +93,9 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        // A saga's input and each step's output are stored as events: they must fit in one.
-        let largest = settings.saga_max_input_bytes.max(settings.saga_max_output_bytes);
-        anyhow::ensure!(
-            largest.saturating_add(4096) <= settings.max_event_bytes,
-            "saga_max_input_bytes and saga_max_output_bytes ({largest}) must stay 4 KiB under max_event_bytes ({})",
-            settings.max_event_bytes
-        );
-        let participants = Arc::new(crate::saga::HttpParticipants::new(settings.saga_max_output_bytes)?);
+        let participants = Arc::new(crate::saga::HttpParticipants::new(
+            settings.saga_limits().max_output_bytes,
+        )?);
         let engine = Arc::new(SagaEngine::new(
             stores.events.clone(),
             stores.sagas.clone(),

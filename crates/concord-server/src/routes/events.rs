@@ -15,6 +15,20 @@ use concord_core::domain::{Principal, Scope};
 use concord_core::ports::LogQuery;
 use serde::Deserialize;
 
+/// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive.
+const SAGA_CATEGORY: &str = "saga";
+const SAGAS_READ: &str = "sagas:read";
+
+/// Whether `principal` may read events of `category`: saga logs need `sagas:read` besides
+/// `events:read`. Every read of events (one stream, the log, SSE, consumer groups) goes through it.
+pub fn visible(principal: &Principal, category: &str) -> bool {
+    category != SAGA_CATEGORY || principal.allows(SAGAS_READ)
+}
+
+fn saga_logs_forbidden() -> ApiError {
+    ApiError::new(ErrorCode::Forbidden, "saga logs (saga-...) need the sagas:read scope")
+}
+
 pub async fn append(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -24,7 +38,7 @@ pub async fn append(
     let stream = StreamName::parse(&stream)?;
     // System streams (`$...`: audit trails) and saga logs (`saga-...`) are written by Concord
     // itself; a forged saga event would steer a saga.
-    if (stream.as_str().starts_with('$') || stream.category() == "saga") && !principal.allows(Scope::ADMIN) {
+    if (stream.as_str().starts_with('$') || stream.category() == SAGA_CATEGORY) && !principal.allows(Scope::ADMIN) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
             "system streams ($...) and saga logs (saga-...) need the admin scope",
@@ -64,10 +78,14 @@ pub struct StreamParams {
 
 pub async fn read_stream(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(stream): Path<String>,
     params: Result<Query<StreamParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let stream = StreamName::parse(&stream)?;
+    if !visible(&principal, stream.category()) {
+        return Err(saga_logs_forbidden());
+    }
     let Query(p) = params?;
     let from = p.from.unwrap_or(1);
     if from == 0 {
@@ -91,26 +109,33 @@ pub struct LogParams {
 
 pub async fn read_log(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     params: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let Query(p) = params?;
-    let query = log_query(p.after, p.limit, p.category.as_deref(), None, &state)?;
+    let query = log_query(&principal, p.after, p.limit, p.category.as_deref(), None, &state)?;
     let events = state.events.read_log(&query).await?;
-    Ok(Json(page_after(events, query.after)))
+    Ok(Json(page_after(&principal, events, query.after)))
 }
 
-/// Builds a validated log query from request parameters.
+/// Builds a validated log query from request parameters; asking for a category the principal
+/// may not read is refused (403) rather than answered with pages that are always empty.
 pub fn log_query(
+    principal: &Principal,
     after: Option<u64>,
     limit: Option<usize>,
     category: Option<&str>,
     partition: Option<Partition>,
     state: &AppState,
 ) -> Result<LogQuery, ApiError> {
+    let category = category.map(Category::parse).transpose()?;
+    if category.as_ref().is_some_and(|c| !visible(principal, c.as_str())) {
+        return Err(saga_logs_forbidden());
+    }
     Ok(LogQuery {
         after: after.unwrap_or(0),
         limit: read_limit(limit, state)?,
-        category: category.map(Category::parse).transpose()?,
+        category,
         partition,
     })
 }
@@ -124,11 +149,17 @@ fn read_limit(limit: Option<usize>, state: &AppState) -> Result<usize, ApiError>
     }
 }
 
-/// A page of the log; `next` is the `after` to continue from.
-pub fn page_after(events: Vec<RecordedEvent>, after: u64) -> EventsPage {
+/// A page of the log with the events `principal` may not read left out; `next` is the `after` to
+/// continue from. It comes from the unfiltered page, so a reader moves past events it cannot see
+/// instead of reading them again.
+pub fn page_after(principal: &Principal, events: Vec<RecordedEvent>, after: u64) -> EventsPage {
     let next = Some(events.last().map_or(after, |e| e.position));
     EventsPage {
-        events: events.into_iter().map(to_api).collect(),
+        events: events
+            .into_iter()
+            .filter(|e| visible(principal, e.stream.category()))
+            .map(to_api)
+            .collect(),
         next,
     }
 }

@@ -1,18 +1,18 @@
 //! Live subscriptions (SSE) and consumer groups with server-side checkpoints.
 
 use crate::error::ApiError;
-use crate::routes::events::{log_query, page_after, to_api};
+use crate::routes::events::{log_query, page_after, to_api, visible};
 use crate::state::AppState;
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::{Extension, Json};
 use concord_api::events::{CheckpointBody, EventsPage};
 use concord_core::app::subscribe::LogFollower;
-use concord_core::domain::StreamName;
 use concord_core::domain::stream::Partition;
-use futures::{Stream, StreamExt, stream};
+use concord_core::domain::{Principal, StreamName};
+use futures::{Stream, StreamExt, future, stream};
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -28,8 +28,11 @@ const WAIT_SLICE: Duration = Duration::from_secs(5);
 
 /// Server-Sent Events: every event after `after` (or `Last-Event-ID`), then live ones. Each SSE
 /// `id` is the event's position, so a client that reconnects resumes exactly where it stopped.
+/// Events the principal may not read are left out; resuming after a visible one reads the hidden
+/// ones again and leaves them out again.
 pub async fn subscribe(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     params: Result<Query<SubscribeParams>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -39,7 +42,7 @@ pub async fn subscribe(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let after = p.after.max(resume);
-    let mut query = log_query(after, None, p.category.as_deref(), None, &state)?;
+    let mut query = log_query(&principal, after, None, p.category.as_deref(), None, &state)?;
     query.limit = state.limits.max_read_limit;
     let follower = LogFollower::new(state.events.clone(), query);
     let mut shutdown = state.shutdown.clone();
@@ -55,8 +58,7 @@ pub async fn subscribe(
                     metrics::histogram!("concord_subscriber_lag_events", "kind" => "sse")
                         .record(head.saturating_sub(last.position) as f64);
                 }
-                let items: Vec<Result<Event, Infallible>> = batch.into_iter().map(|e| Ok(sse_event(e))).collect();
-                Some((stream::iter(items), (follower, guard)))
+                Some((stream::iter(batch), (follower, guard)))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "subscription ended by a store error");
@@ -65,6 +67,8 @@ pub async fn subscribe(
         }
     })
     .flatten()
+    .filter(move |e| future::ready(visible(&principal, e.stream.category())))
+    .map(|e| Ok(sse_event(e)))
     .take_until(async move {
         let _ = shutdown.wait_for(|s| *s).await;
     });
@@ -103,6 +107,7 @@ fn group_name(raw: &str) -> Result<StreamName, ApiError> {
 /// some. Reading does not move the checkpoint: a member saves it once it has processed the page.
 pub async fn group_events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(group): Path<String>,
     params: Result<Query<GroupParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
@@ -121,6 +126,7 @@ pub async fn group_events(
         .load_checkpoint(group.as_str(), partition.member)
         .await?;
     let query = log_query(
+        &principal,
         Some(after.unwrap_or(0)),
         p.limit,
         p.category.as_deref(),
@@ -130,7 +136,7 @@ pub async fn group_events(
     let start = query.after;
     let mut follower = LogFollower::new(state.events.clone(), query);
     let events = follower.next_batch(Duration::from_millis(wait)).await?;
-    Ok(Json(page_after(events, start)))
+    Ok(Json(page_after(&principal, events, start)))
 }
 
 pub async fn save_checkpoint(

@@ -64,8 +64,9 @@ impl Participants for HttpParticipants {
         let status = resp.status();
         let body = match read_limited(resp, self.max_body).await {
             Ok(b) => b,
+            // It took effect, but its answer cannot be kept.
             Err(Read::TooLarge) if status.is_success() => {
-                return CallOutcome::Refused(format!("answer over the limit of {} bytes", self.max_body));
+                return CallOutcome::Unusable(format!("answer over the limit of {} bytes", self.max_body));
             }
             Err(Read::TooLarge) => Vec::new(),
             Err(Read::Failed(e)) if e.is_timeout() => {
