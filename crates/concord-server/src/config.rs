@@ -68,6 +68,8 @@ pub struct Settings {
     pub saga_max_timeout_ms: u64,
     /// Longest backoff between attempts, milliseconds.
     pub saga_max_backoff_ms: u64,
+    /// Hosts (`name` or `name:port`) saga definitions may call; empty allows any host.
+    pub saga_allowed_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -103,6 +105,7 @@ impl Default for Settings {
             saga_max_attempts: 100,
             saga_max_timeout_ms: 300_000,
             saga_max_backoff_ms: 3_600_000,
+            saga_allowed_hosts: Vec::new(),
         }
     }
 }

@@ -105,6 +105,7 @@ impl Application {
                 lease: Duration::from_millis(settings.saga_lease_ms),
                 limits: settings.saga_limits(),
                 event_limits: settings.limits(),
+                allowed_hosts: settings.saga_allowed_hosts.clone(),
             },
         ));
         let sagas = crate::saga::SagaRunner::new(

@@ -68,12 +68,14 @@ pub enum SagaError {
 }
 
 /// Settings of the engine, all configurable.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     /// How long a claim or start holds a saga before another node may take it over.
     pub lease: Duration,
     pub limits: SagaLimits,
     pub event_limits: Limits,
+    /// Hosts (`name` or `name:port`) a definition may call; empty allows any.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// How a drive ended.
@@ -158,7 +160,20 @@ impl SagaEngine {
     /// # Errors
     /// An invalid definition, or the store.
     pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
-        SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
+        let def = SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
+        if !self.config.allowed_hosts.is_empty() {
+            for (step, url, authority) in def.authorities() {
+                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+                if !self.config.allowed_hosts.iter().any(|a| a == authority || a == host) {
+                    return Err(DefinitionError::Url {
+                        step: step.to_owned(),
+                        url: url.to_owned(),
+                        reason: "the host is not in saga_allowed_hosts".into(),
+                    }
+                    .into());
+                }
+            }
+        }
         let json = serde_json::to_value(&spec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let now = Utc::now();
         let (version, created) = self.store.put_definition(name, &json, now).await?;
@@ -826,6 +841,7 @@ mod tests {
             lease: Duration::from_millis(lease_ms),
             limits: SagaLimits::default(),
             event_limits: Limits::default(),
+            allowed_hosts: Vec::new(),
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
@@ -1019,6 +1035,42 @@ mod tests {
             e.drive(claimed.pop().unwrap()).await.unwrap(),
             DriveEnd::Finished(SagaStatus::Completed)
         );
+    }
+
+    #[tokio::test]
+    async fn definitions_call_only_allowed_hosts_when_a_list_is_set() {
+        let store = Arc::new(MemoryStore::default());
+        let p = Arc::new(Scripted {
+            answer: Box::new(|_| CallOutcome::Succeeded(Value::Null)),
+            calls: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+        });
+        let config = |hosts: &[&str]| EngineConfig {
+            lease: Duration::from_secs(10),
+            limits: SagaLimits::default(),
+            event_limits: Limits::default(),
+            allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+        };
+        let only_inv = SagaEngine::new(
+            store.clone(),
+            store.clone(),
+            p.clone(),
+            Uuid::now_v7(),
+            config(&["inv"]),
+        );
+        let err = only_inv.define("order", spec()).await.unwrap_err();
+        assert!(
+            matches!(&err, SagaError::Definition(DefinitionError::Url { url, .. }) if url == "http://pay/charge"),
+            "{err}"
+        );
+        let both = SagaEngine::new(
+            store.clone(),
+            store.clone(),
+            p,
+            Uuid::now_v7(),
+            config(&["inv", "pay:80", "pay"]),
+        );
+        assert!(both.define("order", spec()).await.is_ok());
     }
 
     #[tokio::test]

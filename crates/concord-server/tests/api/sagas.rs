@@ -482,3 +482,30 @@ async fn an_instance_keeps_the_version_it_started_with(b: Backend) {
     assert_eq!(r.headers().get("idempotent-replayed").unwrap(), "true");
 }
 both_backends!(an_instance_keeps_the_version_it_started_with);
+
+async fn definitions_call_only_the_allowed_hosts(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |s| s.saga_allowed_hosts = vec!["127.0.0.1".into()]).await else {
+        return;
+    };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/order")
+        .json(&p.definition(&["reserve"], 1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the participant on 127.0.0.1 is allowed");
+    let metadata = json!({"steps": [{"name": "steal", "action": {"method": "GET", "url": "http://169.254.169.254/latest/meta-data/"}}]});
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/steal")
+        .json(&metadata)
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 400, "invalid_step_url").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("saga_allowed_hosts"),
+        "{problem}"
+    );
+}
+both_backends!(definitions_call_only_the_allowed_hosts);

@@ -310,6 +310,30 @@ impl SagaDefinition {
     }
 }
 
+impl SagaDefinition {
+    /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
+    #[must_use]
+    pub fn authorities(&self) -> Vec<(&str, &str, &str)> {
+        self.steps
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(&s.action)
+                    .chain(s.compensation.as_ref())
+                    .map(move |c| (s, c))
+            })
+            .map(|(s, c)| (s.name.as_str(), c.url.as_str(), authority(&c.url)))
+            .collect()
+    }
+}
+
+fn authority(url: &str) -> &str {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    rest.split(['/', '?', '#']).next().unwrap_or("")
+}
+
 fn check_call(step: &str, call: &HttpCall, visible: &[&str]) -> Result<(), DefinitionError> {
     if !METHODS.contains(&call.method.as_str()) {
         return Err(DefinitionError::Method {
@@ -356,10 +380,10 @@ fn check_url(step: &str, url: &str) -> Result<(), DefinitionError> {
             reason: reason.into(),
         })
     };
-    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
         return bad("must start with http:// or https://");
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    }
+    let authority = authority(url);
     if authority.is_empty() {
         return bad("has no host");
     }
