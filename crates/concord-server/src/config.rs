@@ -70,6 +70,9 @@ pub struct Settings {
     pub saga_max_backoff_ms: u64,
     /// Hosts (`name` or `name:port`) saga definitions may call; empty allows any host.
     pub saga_allowed_hosts: Vec<String>,
+    /// How long a node trusts the latest definition version it looked up, milliseconds: a new
+    /// version put on another node reaches new sagas here within this time.
+    pub saga_definition_cache_ms: u64,
 }
 
 impl Default for Settings {
@@ -106,6 +109,7 @@ impl Default for Settings {
             saga_max_timeout_ms: 300_000,
             saga_max_backoff_ms: 3_600_000,
             saga_allowed_hosts: Vec::new(),
+            saga_definition_cache_ms: 1000,
         }
     }
 }

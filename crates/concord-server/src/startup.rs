@@ -106,6 +106,7 @@ impl Application {
                 limits: settings.saga_limits(),
                 event_limits: settings.limits(),
                 allowed_hosts: settings.saga_allowed_hosts.clone(),
+                latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
             },
         ));
         let sagas = crate::saga::SagaRunner::new(

@@ -76,6 +76,9 @@ pub struct EngineConfig {
     pub event_limits: Limits,
     /// Hosts (`name` or `name:port`) a definition may call; empty allows any.
     pub allowed_hosts: Vec<String>,
+    /// How long a start trusts the latest version of a definition it looked up: a version put
+    /// on another node is used by new sagas here within this time (one put here, at once).
+    pub latest_definition_ttl: Duration,
 }
 
 /// How a drive ended.
@@ -114,6 +117,8 @@ pub struct SagaEngine {
     config: EngineConfig,
     /// Validated definitions by (name, version); versions never change once stored.
     definitions: Mutex<HashMap<(String, u32), Arc<SagaDefinition>>>,
+    /// The latest version of each name, and when it was looked up.
+    latest: Mutex<HashMap<String, (Arc<SagaDefinition>, std::time::Instant)>>,
 }
 
 /// What `start` was asked.
@@ -141,6 +146,7 @@ impl SagaEngine {
             node,
             config,
             definitions: Mutex::new(HashMap::new()),
+            latest: Mutex::new(HashMap::new()),
         }
     }
 
@@ -177,6 +183,10 @@ impl SagaEngine {
         let json = serde_json::to_value(&spec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let now = Utc::now();
         let (version, created) = self.store.put_definition(name, &json, now).await?;
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
         let stored = self
             .store
             .get_definition(name, Some(version))
@@ -195,12 +205,23 @@ impl SagaEngine {
         {
             return Ok(d);
         }
+        if version.is_none()
+            && let Some(d) = self.cached_latest(name)
+        {
+            return Ok(d);
+        }
         let stored = self
             .store
             .get_definition(name, version)
             .await?
             .ok_or_else(|| SagaError::DefinitionNotFound(name.to_owned()))?;
         if let Some(d) = self.cached(name, stored.version) {
+            if version.is_none() {
+                self.latest
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.to_owned(), (d.clone(), std::time::Instant::now()));
+            }
             return Ok(d);
         }
         let spec: DefinitionSpec = serde_json::from_value(stored.spec)
@@ -211,7 +232,22 @@ impl SagaEngine {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert((name.to_owned(), stored.version), def.clone());
+        if version.is_none() {
+            self.latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.to_owned(), (def.clone(), std::time::Instant::now()));
+        }
         Ok(def)
+    }
+
+    /// The latest version as looked up less than `latest_definition_ttl` ago.
+    fn cached_latest(&self, name: &str) -> Option<Arc<SagaDefinition>> {
+        let latest = self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        latest
+            .get(name)
+            .filter(|(_, at)| at.elapsed() < self.config.latest_definition_ttl)
+            .map(|(d, _)| d.clone())
     }
 
     fn cached(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
@@ -842,6 +878,7 @@ mod tests {
             limits: SagaLimits::default(),
             event_limits: Limits::default(),
             allowed_hosts: Vec::new(),
+            latest_definition_ttl: Duration::from_secs(1),
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
@@ -1050,6 +1087,7 @@ mod tests {
             limits: SagaLimits::default(),
             event_limits: Limits::default(),
             allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            latest_definition_ttl: Duration::from_secs(1),
         };
         let only_inv = SagaEngine::new(
             store.clone(),
