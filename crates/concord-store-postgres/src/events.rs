@@ -194,10 +194,6 @@ pub(crate) async fn spawn_listener(inner: &Arc<Inner>) -> Result<(), StoreError>
         loop {
             let received = listener.try_recv().await;
             let Some(inner) = weak.upgrade() else { return };
-            // A closed pool is a closing store: give the connection back so `close` can finish.
-            if inner.pool.is_closed() {
-                return;
-            }
             match received {
                 Ok(Some(n)) => {
                     if let Ok(p) = n.payload().parse::<u64>() {
