@@ -5,5 +5,6 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod sagas;
+pub mod tx;
 
 pub use error::{ErrorCode, Problem};

@@ -6,6 +6,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod saga;
 pub mod stream;
+pub mod tx;
 
 pub use auth::{ApiKeyRecord, KeyHash, Principal, Scope};
 pub use event::{AppendOutcome, AppendRequest, EventType, ExpectedVersion, NewEvent, RecordedEvent};
