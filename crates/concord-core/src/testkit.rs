@@ -7,6 +7,7 @@ use crate::app::append::{StoredId, plan_batch};
 use crate::domain::event::UncheckedEvent;
 use crate::domain::saga::SagaStatus;
 use crate::domain::stream::Partition;
+use crate::domain::tx::Outcome;
 use crate::domain::{
     ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint, IdempotencyKey, KeyHash,
     Limits, RecordedEvent, Scope, StreamName,
@@ -15,6 +16,7 @@ use crate::ports::{
     CheckpointStore, EventStore, IdempotencyBegin, IdempotencyClaim, IdempotencyStore, KeyStore, LogQuery, SagaRow,
     SagaStore, SagaUpdate, StoreError, StoredDefinition, StoredResponse,
 };
+use crate::ports::{TxRow, TxStore, TxUpdate};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::json;
@@ -36,6 +38,7 @@ struct MemState {
     idem: HashMap<(Uuid, String), IdemRecord>,
     definitions: Vec<StoredDefinition>,
     sagas: std::collections::BTreeMap<String, SagaRow>,
+    txs: std::collections::BTreeMap<String, TxRow>,
 }
 
 #[derive(Clone)]
@@ -764,6 +767,182 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Transaction store conformance
+// ---------------------------------------------------------------------------------------------
+
+/// A new transaction row, undecided, due now, held by nobody.
+#[must_use]
+pub fn tx_row(xid: &str, now: DateTime<Utc>) -> TxRow {
+    TxRow {
+        xid: xid.to_owned(),
+        outcome: None,
+        pending: true,
+        next_run_at: Some(now),
+        lease_owner: None,
+        lease_until: None,
+        log_version: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+/// Runs every transaction-store check on a fresh store.
+pub async fn tx_store_suite<S: TxStore>(s: S) {
+    let s = Arc::new(s);
+    let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).expect("valid time");
+    let secs = ChronoDuration::seconds;
+    assert_eq!(s.pending_txs().await.unwrap(), (0, None));
+    let a = tx_row("x-1", now);
+    s.create_tx(&a).await.unwrap();
+    assert!(s.create_tx(&a).await.is_err(), "an xid is created once");
+    assert_eq!(s.get_tx("x-1").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.get_tx("x-404").await.unwrap(), None);
+    let mut later = tx_row("x-2", now - secs(5));
+    later.next_run_at = Some(now + secs(60));
+    s.create_tx(&later).await.unwrap();
+    let mut done = tx_row("x-3", now);
+    done.outcome = Some(Outcome::Committed);
+    done.pending = false;
+    done.next_run_at = None;
+    s.create_tx(&done).await.unwrap();
+    assert_eq!(s.pending_txs().await.unwrap(), (2, Some(now - secs(5))));
+
+    // Claims: due and unleased only; an expired lease is taken over.
+    let (n1, n2) = (Uuid::now_v7(), Uuid::now_v7());
+    let got = s.claim_txs(n1, now, now + secs(10), 10).await.unwrap();
+    assert_eq!(got.iter().map(|r| r.xid.as_str()).collect::<Vec<_>>(), ["x-1"]);
+    assert_eq!(
+        (got[0].lease_owner, got[0].lease_until),
+        (Some(n1), Some(now + secs(10)))
+    );
+    assert!(
+        s.claim_txs(n2, now + secs(5), now + secs(15), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = s.claim_txs(n2, now + secs(11), now + secs(21), 10).await.unwrap();
+    assert_eq!(got.iter().map(|r| r.xid.as_str()).collect::<Vec<_>>(), ["x-1"]);
+
+    // Updates: only by the holder, never backwards.
+    let update = |holder, log_version, outcome, pending, next| TxUpdate {
+        xid: "x-1",
+        holder,
+        outcome,
+        pending,
+        next_run_at: next,
+        lease: None,
+        log_version,
+        now: now + secs(12),
+    };
+    assert!(
+        !s.update_tx(&update(Some(n1), 2, Some(Outcome::Aborted), true, Some(now)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.update_tx(&update(
+            Some(n2),
+            2,
+            Some(Outcome::Committed),
+            true,
+            Some(now + secs(30))
+        ))
+        .await
+        .unwrap()
+    );
+    let r = s.get_tx("x-1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            r.outcome,
+            r.pending,
+            r.lease_owner,
+            r.lease_until,
+            r.log_version,
+            r.next_run_at,
+            r.updated_at
+        ),
+        (
+            Some(Outcome::Committed),
+            true,
+            None,
+            None,
+            2,
+            Some(now + secs(30)),
+            now + secs(12)
+        )
+    );
+    assert!(
+        !s.update_tx(&update(None, 1, Some(Outcome::Committed), false, None))
+            .await
+            .unwrap(),
+        "older"
+    );
+    assert!(
+        s.update_tx(&update(None, 3, Some(Outcome::Committed), false, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.update_tx(&TxUpdate {
+            xid: "x-404",
+            ..update(None, 9, None, true, None)
+        })
+        .await
+        .unwrap()
+    );
+
+    // Listing by outcome (undecided included), pending, cursor and limit.
+    let ids = |rows: Vec<TxRow>| rows.into_iter().map(|r| r.xid).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_txs(None, None, None, 10).await.unwrap()),
+        ["x-1", "x-2", "x-3"]
+    );
+    assert_eq!(ids(s.list_txs(None, Some(true), None, 10).await.unwrap()), ["x-2"]);
+    assert_eq!(ids(s.list_txs(Some(None), None, None, 10).await.unwrap()), ["x-2"]);
+    assert_eq!(
+        ids(s
+            .list_txs(Some(Some(Outcome::Committed)), None, None, 10)
+            .await
+            .unwrap()),
+        ["x-1", "x-3"]
+    );
+    assert_eq!(ids(s.list_txs(None, None, Some("x-1"), 1).await.unwrap()), ["x-2"]);
+    assert_eq!(s.pending_txs().await.unwrap(), (1, Some(now - secs(5))));
+
+    // Concurrent claimers never take the same row.
+    for i in 0..40 {
+        s.create_tx(&tx_row(&format!("c-{i:03}"), now)).await.unwrap();
+    }
+    let claimers: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let me = Uuid::now_v7();
+                let mut mine = Vec::new();
+                for _ in 0..15 {
+                    mine.extend(
+                        s.claim_txs(me, now + secs(100), now + secs(200), 5)
+                            .await
+                            .unwrap()
+                            .into_iter()
+                            .map(|r| r.xid),
+                    );
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for c in claimers {
+        for xid in c.await.unwrap() {
+            assert!(seen.insert(xid.clone()), "{xid} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), 41, "the 40 new rows and x-2");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Idempotency store conformance
 // ---------------------------------------------------------------------------------------------
 
@@ -977,6 +1156,90 @@ impl SagaStore for MemoryStore {
     }
 }
 
+#[async_trait]
+impl TxStore for MemoryStore {
+    async fn create_tx(&self, row: &TxRow) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        if st.txs.contains_key(&row.xid) {
+            return Err(StoreError::Unavailable(format!("transaction {} exists", row.xid)));
+        }
+        st.txs.insert(row.xid.clone(), row.clone());
+        Ok(())
+    }
+
+    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError> {
+        Ok(self.lock().txs.get(xid).cloned())
+    }
+
+    async fn list_txs(
+        &self,
+        outcome: Option<Option<Outcome>>,
+        pending: Option<bool>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TxRow>, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .txs
+            .values()
+            .filter(|r| after.is_none_or(|a| r.xid.as_str() > a))
+            .filter(|r| outcome.is_none_or(|o| r.outcome == o))
+            .filter(|r| pending.is_none_or(|p| r.pending == p))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn claim_txs(
+        &self,
+        owner: Uuid,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TxRow>, StoreError> {
+        let mut st = self.lock();
+        let mut due: Vec<&mut TxRow> = st
+            .txs
+            .values_mut()
+            .filter(|r| r.next_run_at.is_some_and(|t| t <= now) && r.lease_until.is_none_or(|t| t <= now))
+            .collect();
+        due.sort_by_key(|r| r.next_run_at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|r| {
+                r.lease_owner = Some(owner);
+                r.lease_until = Some(lease_until);
+                r.clone()
+            })
+            .collect())
+    }
+
+    async fn update_tx(&self, u: &TxUpdate<'_>) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        let Some(r) = st.txs.get_mut(u.xid) else {
+            return Ok(false);
+        };
+        if r.lease_owner != u.holder || r.log_version > u.log_version {
+            return Ok(false);
+        }
+        r.outcome = u.outcome;
+        r.pending = u.pending;
+        r.next_run_at = u.next_run_at;
+        r.lease_owner = u.lease.map(|l| l.0);
+        r.lease_until = u.lease.map(|l| l.1);
+        r.log_version = u.log_version;
+        r.updated_at = u.now;
+        Ok(true)
+    }
+
+    async fn pending_txs(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
+        let st = self.lock();
+        let pending: Vec<&TxRow> = st.txs.values().filter(|r| r.pending).collect();
+        Ok((pending.len() as u64, pending.iter().map(|r| r.created_at).min()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,6 +1257,11 @@ mod tests {
     #[tokio::test]
     async fn the_memory_store_passes_the_saga_store_suite() {
         saga_store_suite(MemoryStore::default()).await;
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_passes_the_tx_store_suite() {
+        tx_store_suite(MemoryStore::default()).await;
     }
 
     #[tokio::test]
