@@ -5,3 +5,4 @@ pub mod auth;
 pub mod group_commit;
 pub mod saga;
 pub mod subscribe;
+pub mod tx;

@@ -1,0 +1,644 @@
+//! The two-phase-commit coordinator: begin (phase 1 and the durable decision), deliver phase 2
+//! until every participant acknowledged, recover after a crash, answer the outcome.
+//!
+//! The log `tx-{xid}` is the truth and names every participant before any is asked to prepare;
+//! the decision is appended with the log version it expects, so exactly one decision is ever
+//! logged even when a recovering node and a slow coordinator race. No phase-2 message goes out
+//! before the decision is in the log and the row.
+
+use crate::domain::tx::{
+    Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, decide, next_step, validate,
+};
+use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError, event::UncheckedEvent};
+use crate::ports::{EventStore, StoreError, TxRow, TxStore, TxUpdate};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+/// A participant's answer to prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrepareAnswer {
+    Commit,
+    /// It voted abort (409, or another refusal).
+    Abort(String),
+    /// No answer before the deadline (timeouts, 5xx, connection errors).
+    Silent(String),
+}
+
+/// Sends the protocol's messages to participants.
+#[async_trait]
+pub trait TxParticipants: Send + Sync + 'static {
+    /// Asks to prepare, retrying transient failures until `deadline`.
+    async fn prepare(&self, xid: &str, participant: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer;
+    /// Sends the phase-2 message once; true when acknowledged.
+    async fn finish(&self, xid: &str, participant: &TxParticipant, outcome: Outcome) -> bool;
+}
+
+/// What can go wrong for a caller of the coordinator.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TxFailure {
+    #[error(transparent)]
+    Invalid(#[from] crate::domain::tx::TxError),
+    #[error(transparent)]
+    Log(#[from] TxLogError),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Settings of the coordinator, all configurable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TxConfig {
+    /// How long a node holds a transaction before another may take it over.
+    pub lease: Duration,
+    pub limits: TxLimits,
+    pub event_limits: Limits,
+    /// First and longest delay between phase-2 rounds for participants that did not acknowledge.
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+}
+
+/// A transaction this node holds.
+pub struct HeldTx {
+    row: TxRow,
+    state: Option<TxState>,
+}
+
+impl HeldTx {
+    #[must_use]
+    pub fn xid(&self) -> &str {
+        &self.row.xid
+    }
+}
+
+/// The coordinator over its ports.
+pub struct TxCoordinator {
+    events: Arc<dyn EventStore>,
+    store: Arc<dyn TxStore>,
+    participants: Arc<dyn TxParticipants>,
+    node: Uuid,
+    config: TxConfig,
+}
+
+/// How far a drive got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxDriveEnd {
+    /// Every participant acknowledged.
+    Completed(Outcome),
+    /// Some did not; another round is due later.
+    Waiting(Outcome),
+    /// Another node moved the transaction on.
+    Lost,
+}
+
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+impl TxCoordinator {
+    #[must_use]
+    pub fn new(
+        events: Arc<dyn EventStore>,
+        store: Arc<dyn TxStore>,
+        participants: Arc<dyn TxParticipants>,
+        node: Uuid,
+        config: TxConfig,
+    ) -> Self {
+        Self {
+            events,
+            store,
+            participants,
+            node,
+            config,
+        }
+    }
+
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn TxStore> {
+        &self.store
+    }
+
+    /// Runs phase 1 and logs the decision. Returns the xid, the durable outcome and the held
+    /// transaction, ready for [`Self::deliver`] (phase 2).
+    ///
+    /// # Errors
+    /// An invalid request, or the store (nothing was asked of any participant then, unless the
+    /// failure came after the start was logged: recovery then aborts it).
+    pub async fn begin(
+        &self,
+        participants: Vec<TxParticipant>,
+        timeout_ms: u64,
+        trace: Option<&str>,
+    ) -> Result<(String, Outcome, HeldTx), TxFailure> {
+        validate(&participants, timeout_ms, &self.config.limits)?;
+        let xid = Uuid::now_v7().to_string();
+        let now = Utc::now();
+        let timeout = Duration::from_millis(timeout_ms);
+        let token = Uuid::now_v7();
+        let row = TxRow {
+            xid: xid.clone(),
+            outcome: None,
+            pending: true,
+            next_run_at: Some(now),
+            lease_owner: Some(token),
+            // Long enough for phase 1: nobody presumes an abort while it may still be running.
+            lease_until: Some(now + chrono_dur(self.config.lease.max(timeout + LEASE_MARGIN))),
+            log_version: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.create_tx(&row).await?;
+        // Every participant is named durably before any is asked to prepare, so recovery knows
+        // whom to tell.
+        let started = TxEvent::TxStarted {
+            participants: participants.clone(),
+            timeout_ms,
+            at: now,
+        };
+        self.append(&xid, 0, std::slice::from_ref(&started), trace).await?;
+        let mut state = TxState::new(&xid, participants, timeout_ms, now);
+        let span = tracing::info_span!("tx.prepare", tx.xid = %xid);
+        let deadline = state.deadline();
+        let answers = futures::future::join_all(
+            state
+                .participants
+                .iter()
+                .map(|p| self.participants.prepare(&xid, p, deadline)),
+        )
+        .instrument(span)
+        .await;
+        metrics::histogram!("concord_tx_phase_duration_seconds", "phase" => "prepare")
+            .record((Utc::now() - now).to_std().unwrap_or_default().as_secs_f64());
+        let votes: Vec<Option<Vote>> = answers
+            .iter()
+            .map(|a| match a {
+                PrepareAnswer::Commit => Some(Vote::Commit),
+                PrepareAnswer::Abort(_) => Some(Vote::Abort),
+                PrepareAnswer::Silent(_) => None,
+            })
+            .collect();
+        let outcome = decide(&votes, true).unwrap_or(Outcome::Aborted);
+        let reason = reason_of(&state.participants, &answers, outcome);
+        let decided = TxEvent::TxDecided {
+            outcome,
+            votes,
+            reason,
+            at: Utc::now(),
+        };
+        let mut row = row;
+        match self
+            .append(&xid, state.log_version, std::slice::from_ref(&decided), None)
+            .await
+        {
+            Ok(()) => state.apply(&decided)?,
+            // A recovering node decided first (this node was too slow): its decision stands.
+            Err(TxFailure::Store(StoreError::WrongExpectedVersion { .. })) => {
+                let logged = self
+                    .read_log(&xid)
+                    .await?
+                    .ok_or_else(|| TxLogError("log vanished".into()))?;
+                let outcome = logged
+                    .decision
+                    .ok_or_else(|| TxLogError("log moved on without a decision".into()))?;
+                row.lease_owner = None;
+                return Ok((xid, outcome, HeldTx { row, state: None }));
+            }
+            Err(e) => return Err(e),
+        }
+        metrics::counter!("concord_tx_decided_total", "outcome" => outcome.as_str()).increment(1);
+        // The row says so too before any phase-2 message.
+        let kept = self.keep(&row, Some(outcome), state.log_version).await?;
+        if !kept {
+            row.lease_owner = None;
+        }
+        row.outcome = Some(outcome);
+        row.log_version = state.log_version;
+        Ok((
+            xid,
+            outcome,
+            HeldTx {
+                row,
+                state: Some(state),
+            },
+        ))
+    }
+
+    /// Takes up to `limit` due transactions: phase-2 rounds that are due, and transactions whose
+    /// coordinator died.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn claim(&self, limit: usize) -> Result<Vec<HeldTx>, TxFailure> {
+        let now = Utc::now();
+        let rows = self
+            .store
+            .claim_txs(Uuid::now_v7(), now, now + chrono_dur(self.config.lease), limit)
+            .await?;
+        Ok(rows.into_iter().map(|row| HeldTx { row, state: None }).collect())
+    }
+
+    /// The transaction as its log tells it; none when unknown.
+    ///
+    /// # Errors
+    /// The store, or a log that cannot be.
+    pub async fn read_log(&self, xid: &str) -> Result<Option<TxState>, TxFailure> {
+        let Ok(stream) = StreamName::parse(&format!("tx-{xid}")) else {
+            return Ok(None);
+        };
+        let mut events = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = match self.events.read_stream(&stream, from, 1000).await {
+                Ok(p) => p,
+                Err(StoreError::StreamNotFound(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let n = page.len();
+            for e in page {
+                from = e.version + 1;
+                events.push(
+                    serde_json::from_value::<TxEvent>(e.data)
+                        .map_err(|err| TxLogError(format!("event {} of {xid}: {err}", e.version)))?,
+                );
+            }
+            if n < 1000 {
+                break;
+            }
+        }
+        Ok(Some(TxState::from_log(xid, &events)?))
+    }
+
+    /// Phase 2 (and recovery): until every participant acknowledged, or a round left some that
+    /// did not (then another round is due later, in the row).
+    ///
+    /// # Errors
+    /// The store, or a log that cannot be.
+    pub async fn deliver(&self, held: HeldTx) -> Result<TxDriveEnd, TxFailure> {
+        let span = tracing::info_span!("tx.deliver", tx.xid = %held.row.xid);
+        self.deliver_inner(held).instrument(span).await
+    }
+
+    async fn deliver_inner(&self, held: HeldTx) -> Result<TxDriveEnd, TxFailure> {
+        let HeldTx { row, state } = held;
+        if row.lease_owner.is_none() {
+            return Ok(TxDriveEnd::Lost);
+        }
+        let mut state = match state {
+            Some(s) => s,
+            None => match self.read_log(&row.xid).await? {
+                Some(s) => s,
+                // The coordinator died between the row and the log's first event: no participant
+                // was asked anything, so the transaction is simply aborted.
+                None => {
+                    let ok = self
+                        .update(&row, Some(Outcome::Aborted), false, None, row.log_version)
+                        .await?;
+                    return Ok(if ok {
+                        TxDriveEnd::Completed(Outcome::Aborted)
+                    } else {
+                        TxDriveEnd::Lost
+                    });
+                }
+            },
+        };
+        loop {
+            match next_step(&state) {
+                TxStep::PresumeAbort => {
+                    let e = TxEvent::TxDecided {
+                        outcome: Outcome::Aborted,
+                        votes: state.votes.clone(),
+                        reason: "the coordinator stopped before deciding: presumed abort".into(),
+                        at: Utc::now(),
+                    };
+                    if !self.record(&row.xid, &mut state, e).await? {
+                        return Ok(TxDriveEnd::Lost);
+                    }
+                    metrics::counter!("concord_tx_decided_total", "outcome" => "aborted").increment(1);
+                    if !self.keep(&row, state.decision, state.log_version).await? {
+                        return Ok(TxDriveEnd::Lost);
+                    }
+                }
+                TxStep::Deliver(outcome, owed) => {
+                    let started = Utc::now();
+                    let acks = futures::future::join_all(
+                        owed.iter()
+                            .map(|&i| self.participants.finish(&row.xid, &state.participants[i], outcome)),
+                    )
+                    .await;
+                    metrics::histogram!("concord_tx_phase_duration_seconds", "phase" => outcome.phase2_path())
+                        .record((Utc::now() - started).to_std().unwrap_or_default().as_secs_f64());
+                    let acked: Vec<usize> = owed.iter().zip(&acks).filter(|(_, a)| **a).map(|(i, _)| *i).collect();
+                    if !acked.is_empty() {
+                        let e = TxEvent::TxAcknowledged {
+                            participants: acked,
+                            at: Utc::now(),
+                        };
+                        if !self.record(&row.xid, &mut state, e).await? {
+                            return Ok(TxDriveEnd::Lost);
+                        }
+                    }
+                    if !state.unacknowledged().is_empty() {
+                        let next = Utc::now() + chrono_dur(self.backoff(&state));
+                        if !self
+                            .update(&row, Some(outcome), true, Some(next), state.log_version)
+                            .await?
+                        {
+                            return Ok(TxDriveEnd::Lost);
+                        }
+                        return Ok(TxDriveEnd::Waiting(outcome));
+                    }
+                }
+                TxStep::Complete => {
+                    if !self
+                        .record(&row.xid, &mut state, TxEvent::TxCompleted { at: Utc::now() })
+                        .await?
+                    {
+                        return Ok(TxDriveEnd::Lost);
+                    }
+                }
+                TxStep::Done => {
+                    let outcome = state.decision.unwrap_or(Outcome::Aborted);
+                    if !self.update(&row, Some(outcome), false, None, state.log_version).await? {
+                        return Ok(TxDriveEnd::Lost);
+                    }
+                    metrics::counter!("concord_tx_completed_total", "outcome" => outcome.as_str()).increment(1);
+                    return Ok(TxDriveEnd::Completed(outcome));
+                }
+            }
+        }
+    }
+
+    /// Grows with the time since the decision: rounds close together at first, then sparse.
+    fn backoff(&self, state: &TxState) -> Duration {
+        let since = state
+            .decided_at
+            .map_or(Duration::ZERO, |d| (Utc::now() - d).to_std().unwrap_or_default());
+        (since / 2).clamp(self.config.retry_backoff, self.config.max_retry_backoff)
+    }
+
+    async fn record(&self, xid: &str, state: &mut TxState, e: TxEvent) -> Result<bool, TxFailure> {
+        match self
+            .append(xid, state.log_version, std::slice::from_ref(&e), None)
+            .await
+        {
+            Ok(()) => {
+                state.apply(&e)?;
+                Ok(true)
+            }
+            Err(TxFailure::Store(StoreError::WrongExpectedVersion { .. })) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records the decision in the row while keeping the lease (phase 2 follows at once).
+    async fn keep(&self, row: &TxRow, outcome: Option<Outcome>, log_version: u64) -> Result<bool, TxFailure> {
+        let now = Utc::now();
+        Ok(self
+            .store
+            .update_tx(&TxUpdate {
+                xid: &row.xid,
+                holder: row.lease_owner,
+                outcome,
+                pending: true,
+                next_run_at: Some(now),
+                lease: row.lease_owner.map(|t| (t, now + chrono_dur(self.config.lease))),
+                log_version,
+                now,
+            })
+            .await?)
+    }
+
+    /// Updates the row and releases the lease.
+    async fn update(
+        &self,
+        row: &TxRow,
+        outcome: Option<Outcome>,
+        pending: bool,
+        next: Option<DateTime<Utc>>,
+        log_version: u64,
+    ) -> Result<bool, TxFailure> {
+        Ok(self
+            .store
+            .update_tx(&TxUpdate {
+                xid: &row.xid,
+                holder: row.lease_owner,
+                outcome,
+                pending,
+                next_run_at: next,
+                lease: None,
+                log_version,
+                now: Utc::now(),
+            })
+            .await?)
+    }
+
+    async fn append(&self, xid: &str, after: u64, events: &[TxEvent], trace: Option<&str>) -> Result<(), TxFailure> {
+        let mut meta = json!({"node": self.node.to_string()});
+        if let Some(t) = trace {
+            meta["traceparent"] = Value::String(t.to_owned());
+        }
+        let events = events
+            .iter()
+            .map(|e| UncheckedEvent {
+                id: None,
+                event_type: e.type_name().to_owned(),
+                data: serde_json::to_value(e).unwrap_or(Value::Null),
+                metadata: Some(meta.clone()),
+            })
+            .collect();
+        let expected = if after == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(after)
+        };
+        let stream = StreamName::parse(&format!("tx-{xid}"))?;
+        let req = AppendRequest::new(stream, expected, events, &self.config.event_limits)?;
+        self.events.append(req).await?;
+        Ok(())
+    }
+}
+
+fn reason_of(participants: &[TxParticipant], answers: &[PrepareAnswer], outcome: Outcome) -> String {
+    if outcome == Outcome::Committed {
+        return "every participant voted commit".into();
+    }
+    let why: Vec<String> = participants
+        .iter()
+        .zip(answers)
+        .filter_map(|(p, a)| match a {
+            PrepareAnswer::Commit => None,
+            PrepareAnswer::Abort(e) => Some(format!("{} voted abort: {e}", p.name)),
+            PrepareAnswer::Silent(e) => Some(format!("{} did not answer: {e}", p.name)),
+        })
+        .collect();
+    why.join("; ").chars().take(1000).collect()
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::MemoryStore;
+    use std::sync::Mutex;
+
+    /// Votes from a script; records every phase-2 message; acknowledges unless told not to.
+    struct Script {
+        votes: Vec<PrepareAnswer>,
+        ack: Mutex<bool>,
+        finished: Mutex<Vec<(String, Outcome)>>,
+    }
+
+    #[async_trait]
+    impl TxParticipants for Script {
+        async fn prepare(&self, _xid: &str, p: &TxParticipant, _deadline: DateTime<Utc>) -> PrepareAnswer {
+            let i: usize = p.name[1..].parse().unwrap();
+            self.votes[i].clone()
+        }
+        async fn finish(&self, _xid: &str, p: &TxParticipant, outcome: Outcome) -> bool {
+            self.finished.lock().unwrap().push((p.name.clone(), outcome));
+            *self.ack.lock().unwrap()
+        }
+    }
+
+    fn coordinator(store: &Arc<MemoryStore>, votes: Vec<PrepareAnswer>, ack: bool) -> (TxCoordinator, Arc<Script>) {
+        let script = Arc::new(Script {
+            votes,
+            ack: Mutex::new(ack),
+            finished: Mutex::new(Vec::new()),
+        });
+        let config = TxConfig {
+            lease: Duration::from_secs(10),
+            limits: TxLimits::default(),
+            event_limits: Limits::default(),
+            retry_backoff: Duration::from_millis(1),
+            max_retry_backoff: Duration::from_millis(5),
+        };
+        let c = TxCoordinator::new(store.clone(), store.clone(), script.clone(), Uuid::now_v7(), config);
+        (c, script)
+    }
+
+    fn parts(n: usize) -> Vec<TxParticipant> {
+        (0..n)
+            .map(|i| TxParticipant {
+                name: format!("p{i}"),
+                url: format!("http://p{i}"),
+                payload: json!({"n": i}),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn all_votes_commit_then_phase_two_commits_everyone() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, script) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
+        let (xid, outcome, held) = c.begin(parts(2), 1000, None).await.unwrap();
+        assert_eq!(outcome, Outcome::Committed);
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert_eq!(
+            (row.outcome, row.pending),
+            (Some(Outcome::Committed), true),
+            "decided before phase 2"
+        );
+        assert!(
+            script.finished.lock().unwrap().is_empty(),
+            "no phase-2 message before deliver"
+        );
+        assert_eq!(
+            c.deliver(held).await.unwrap(),
+            TxDriveEnd::Completed(Outcome::Committed)
+        );
+        assert_eq!(
+            *script.finished.lock().unwrap(),
+            [
+                ("p0".to_owned(), Outcome::Committed),
+                ("p1".to_owned(), Outcome::Committed)
+            ]
+        );
+        let state = c.read_log(&xid).await.unwrap().unwrap();
+        assert!(state.completed_at.is_some());
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert_eq!((row.pending, row.next_run_at, row.lease_owner), (false, None, None));
+    }
+
+    #[tokio::test]
+    async fn one_abort_or_silence_aborts_and_unacknowledged_participants_are_retried() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, script) = coordinator(
+            &store,
+            vec![PrepareAnswer::Commit, PrepareAnswer::Silent("timeout".into())],
+            false,
+        );
+        let (xid, outcome, held) = c.begin(parts(2), 1000, None).await.unwrap();
+        assert_eq!(outcome, Outcome::Aborted);
+        assert_eq!(c.deliver(held).await.unwrap(), TxDriveEnd::Waiting(Outcome::Aborted));
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert!(row.pending && row.next_run_at.is_some() && row.lease_owner.is_none());
+        *script.ack.lock().unwrap() = true;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut claimed = c.claim(10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            c.deliver(claimed.pop().unwrap()).await.unwrap(),
+            TxDriveEnd::Completed(Outcome::Aborted)
+        );
+        let state = c.read_log(&xid).await.unwrap().unwrap();
+        assert_eq!(state.votes, vec![Some(Vote::Commit), None]);
+        assert!(state.reason.unwrap().contains("p1 did not answer"));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_whose_coordinator_died_before_deciding_is_presumed_aborted() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, script) = coordinator(&store, vec![PrepareAnswer::Commit], true);
+        // The coordinator logged the start, then died: write exactly that, with an expired lease.
+        let now = Utc::now();
+        let mut row = crate::testkit::tx_row("dead-1", now);
+        row.lease_owner = Some(Uuid::now_v7());
+        row.lease_until = Some(now - chrono::Duration::seconds(1));
+        store.create_tx(&row).await.unwrap();
+        c.append(
+            "dead-1",
+            0,
+            &[TxEvent::TxStarted {
+                participants: parts(1),
+                timeout_ms: 100,
+                at: now,
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+        let mut claimed = c.claim(10).await.unwrap();
+        assert_eq!(
+            c.deliver(claimed.pop().unwrap()).await.unwrap(),
+            TxDriveEnd::Completed(Outcome::Aborted)
+        );
+        assert_eq!(*script.finished.lock().unwrap(), [("p0".to_owned(), Outcome::Aborted)]);
+        // A second, late decision cannot be logged.
+        let late = TxEvent::TxDecided {
+            outcome: Outcome::Committed,
+            votes: vec![Some(Vote::Commit)],
+            reason: "late".into(),
+            at: now,
+        };
+        assert!(c.append("dead-1", 1, &[late], None).await.is_err());
+        assert_eq!(
+            c.read_log("dead-1").await.unwrap().unwrap().decision,
+            Some(Outcome::Aborted)
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_write_nothing() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, _) = coordinator(&store, vec![], true);
+        assert!(matches!(c.begin(vec![], 1000, None).await, Err(TxFailure::Invalid(_))));
+        assert!(store.list_txs(None, None, None, 10).await.unwrap().is_empty());
+    }
+}
