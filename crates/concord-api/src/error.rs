@@ -76,6 +76,10 @@ error_codes! {
     InvalidStepHeader = ("invalid_step_header", 400, "Invalid step header"),
     /// A saga definition or input beyond a configured limit (steps, sizes, attempts, timeouts).
     SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
+    /// A transaction participant with a bad name, a duplicate name or a bad URL.
+    InvalidParticipant = ("invalid_participant", 400, "Invalid participant"),
+    /// A transaction beyond a configured limit (participants, payload, timeout).
+    TransactionLimitExceeded = ("transaction_limit_exceeded", 400, "Transaction limit exceeded"),
     /// The request body is larger than the server accepts at all.
     BodyTooLarge = ("body_too_large", 413, "Request body too large"),
     /// The body is not `application/json`.

@@ -73,6 +73,19 @@ pub struct Settings {
     /// How long a node trusts the latest definition version it looked up, milliseconds: a new
     /// version put on another node reaches new sagas here within this time.
     pub saga_definition_cache_ms: u64,
+    /// Most participants in one transaction.
+    pub tx_max_participants: usize,
+    /// Largest payload for one participant, bytes.
+    pub tx_max_payload_bytes: usize,
+    /// Longest prepare timeout a transaction may ask, milliseconds.
+    pub tx_max_timeout_ms: u64,
+    /// Longest wait for one phase-2 answer, milliseconds.
+    pub tx_phase2_timeout_ms: u64,
+    /// First and longest delay between phase-2 rounds, milliseconds.
+    pub tx_retry_backoff_ms: u64,
+    pub tx_max_retry_backoff_ms: u64,
+    /// Most transactions one node delivers phase 2 for at a time.
+    pub tx_max_concurrent: usize,
 }
 
 impl Default for Settings {
@@ -110,6 +123,13 @@ impl Default for Settings {
             saga_max_backoff_ms: 3_600_000,
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
+            tx_max_participants: 16,
+            tx_max_payload_bytes: 64 * 1024,
+            tx_max_timeout_ms: 60_000,
+            tx_phase2_timeout_ms: 5_000,
+            tx_retry_backoff_ms: 100,
+            tx_max_retry_backoff_ms: 30_000,
+            tx_max_concurrent: 512,
         }
     }
 }

@@ -13,3 +13,5 @@ pub mod saga;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod tx;
+pub mod worker;

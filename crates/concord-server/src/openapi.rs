@@ -8,6 +8,7 @@ use concord_api::Problem;
 use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
 use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
+use concord_api::tx::{BeginTxBody, ParticipantIn, ParticipantOut, TxDecision, TxOut, TxPage};
 use utoipa::OpenApi;
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "The store answers", body = Health)))]
@@ -98,14 +99,30 @@ fn get_saga() {}
               (status = 503, description = "saga_busy: another node is working on it; retry shortly", body = Problem)))]
 fn retry_saga() {}
 
+#[utoipa::path(post, path = "/v1/transactions", request_body = BeginTxBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 200, description = "Decided; the decision is durable, phase 2 runs on", body = TxDecision),
+              (status = 400, description = "invalid_participant or transaction_limit_exceeded", body = Problem)))]
+fn begin_tx() {}
+
+#[utoipa::path(get, path = "/v1/transactions/{xid}", params(("xid" = String, Path)),
+    responses((status = 200, description = "Outcome, votes and acknowledgements; an unknown xid is presumed aborted", body = TxOut)))]
+fn get_tx() {}
+
+#[utoipa::path(get, path = "/v1/transactions",
+    params(("outcome" = Option<String>, Query, description = "committed, aborted or undecided"),
+           ("pending" = Option<bool>, Query), ("after" = Option<String>, Query), ("limit" = Option<u32>, Query)),
+    responses((status = 200, description = "Transactions in xid order", body = TxPage)))]
+fn list_tx() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault."),
     paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key,
-          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga),
+          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga, begin_tx, get_tx, list_tx),
     components(schemas(Problem, AppendBody, EventInput, AppendResponse, EventOut, EventsPage, CheckpointBody,
                        CreateKeyBody, CreatedKey, Health, DefinitionOut, StartSagaBody, SagaOut, SagaPage, StepOut,
-                       AttemptOut)),
+                       AttemptOut, BeginTxBody, ParticipantIn, TxDecision, TxOut, ParticipantOut, TxPage)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use concord_core::app::auth::bootstrap_admin;
 use concord_core::app::group_commit::GroupCommitLimits;
 use concord_core::app::saga::{EngineConfig, SagaEngine};
-use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore};
+use concord_core::app::tx::{TxConfig, TxCoordinator};
+use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore, TxStore};
 use concord_store_postgres::{PostgresConfig, PostgresStore};
 use concord_store_sqlite::{SqliteConfig, SqliteStore};
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 #[derive(Clone)]
 pub struct Stores {
     pub events: Arc<dyn EventStore>,
+    pub txs: Arc<dyn TxStore>,
     pub sagas: Arc<dyn SagaStore>,
     pub checkpoints: Arc<dyn CheckpointStore>,
     pub keys: Arc<dyn KeyStore>,
@@ -28,10 +30,11 @@ pub struct Stores {
 }
 
 impl Stores {
-    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore + SagaStore>(s: S) -> Self {
+    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore + SagaStore + TxStore>(s: S) -> Self {
         let s = Arc::new(s);
         Self {
             events: s.clone(),
+            txs: s.clone(),
             sagas: s.clone(),
             checkpoints: s.clone(),
             keys: s.clone(),
@@ -118,8 +121,37 @@ impl Application {
             },
             settings.saga_runner,
         );
+        let coordinator = Arc::new(TxCoordinator::new(
+            stores.events.clone(),
+            stores.txs.clone(),
+            Arc::new(crate::tx::HttpTxParticipants::new(Duration::from_millis(
+                settings.tx_phase2_timeout_ms,
+            ))?),
+            uuid::Uuid::now_v7(),
+            TxConfig {
+                lease: Duration::from_millis(settings.saga_lease_ms),
+                limits: concord_core::domain::tx::TxLimits {
+                    max_participants: settings.tx_max_participants,
+                    max_payload_bytes: settings.tx_max_payload_bytes.min(settings.max_event_bytes / 2),
+                    max_timeout_ms: settings.tx_max_timeout_ms,
+                },
+                event_limits: settings.limits(),
+                retry_backoff: Duration::from_millis(settings.tx_retry_backoff_ms),
+                max_retry_backoff: Duration::from_millis(settings.tx_max_retry_backoff_ms),
+            },
+        ));
+        let transactions = crate::tx::TxRunner::new(
+            coordinator,
+            crate::worker::WorkerConfig {
+                poll: Duration::from_millis(settings.saga_poll_ms.max(1)),
+                max_concurrent: settings.tx_max_concurrent,
+                claim_batch: settings.saga_claim_batch,
+            },
+            settings.saga_runner,
+        );
         let state = AppState {
             sagas,
+            transactions,
             events: stores.events,
             checkpoints: stores.checkpoints,
             keys: stores.keys,
@@ -167,10 +199,14 @@ impl Application {
         } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
-        let runner = state
-            .settings
-            .saga_runner
-            .then(|| tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace)));
+        let runner = state.settings.saga_runner.then(|| {
+            let sagas = tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace));
+            let transactions = tokio::spawn(state.transactions.clone().run(state.shutdown.clone(), grace));
+            async move {
+                let _ = sagas.await;
+                let _ = transactions.await;
+            }
+        });
         let mut stopping = state.shutdown.clone();
         let app = routes::router(state);
         // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's
@@ -192,7 +228,7 @@ impl Application {
         }
         // Let sagas in flight reach their next record (bounded by the grace period inside).
         if let Some(r) = runner {
-            let _ = r.await;
+            r.await;
         }
         Ok(())
     }

@@ -19,4 +19,5 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub key_cache: Arc<crate::auth::KeyCache>,
     pub sagas: Arc<crate::saga::SagaRunner>,
+    pub transactions: Arc<crate::tx::TxRunner>,
 }

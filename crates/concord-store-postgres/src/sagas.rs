@@ -5,6 +5,7 @@
 //! other; an update is applied only while its conditions hold (the lease is the fencing token);
 //! a new definition version is inserted only if no other node inserted that version first.
 
+use crate::sql::{WorkTable, bigint, claim_due, sql_limit, unsigned};
 use crate::{PostgresStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,24 +19,18 @@ use uuid::Uuid;
 
 const SAGA_COLUMNS: &str = "id, definition, version, input, status, next_run_at, lease_owner, lease_until, log_version, created_at, updated_at";
 
+const SAGAS: WorkTable = WorkTable {
+    name: "concord_sagas",
+    key: "id",
+    columns: SAGA_COLUMNS,
+};
+
 /// How many times a put looks again after losing a version to a concurrent put. Each round one
 /// of the racing puts wins, so this bounds the number of puts racing on one name.
 const PUT_ATTEMPTS: usize = 64;
 
-fn bigint(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| unavailable(format!("{v} does not fit in a BIGINT")))
-}
-
-fn unsigned<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {
-    T::try_from(v).map_err(|_| unavailable(format!("stored {column} {v} is out of range")))
-}
-
 fn status(s: &str) -> Result<SagaStatus, StoreError> {
     SagaStatus::parse(s).ok_or_else(|| unavailable(format!("unknown saga status {s:?} stored in concord_sagas")))
-}
-
-fn sql_limit(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn definition_from_row(row: &PgRow) -> Result<StoredDefinition, StoreError> {
@@ -193,26 +188,9 @@ impl SagaStore for PostgresStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<SagaRow>, StoreError> {
-        // SKIP LOCKED: a row another claimer has just picked is left to it, not waited for. Under
-        // READ COMMITTED a row whose lease another claim committed meanwhile is re-checked
-        // against the WHERE clause when locked, and dropped.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE concord_sagas SET lease_owner = $1, lease_until = $2 WHERE id IN ( \
-               SELECT id FROM concord_sagas \
-               WHERE next_run_at IS NOT NULL AND next_run_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
-               ORDER BY next_run_at LIMIT $4 \
-               FOR UPDATE SKIP LOCKED) \
-             RETURNING {SAGA_COLUMNS}"
-        )))
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(sql_limit(limit))
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(unavailable)?;
+        let rows = claim_due(&self.inner.pool, &SAGAS, owner, now, lease_until, limit).await?;
         let mut claimed = rows.iter().map(saga_from_row).collect::<Result<Vec<_>, _>>()?;
-        // RETURNING has no order of its own.
+        // In the order the claim chose them; RETURNING has none.
         claimed.sort_by(|a, b| (a.next_run_at, &a.id).cmp(&(b.next_run_at, &b.id)));
         Ok(claimed)
     }

@@ -7,6 +7,8 @@ mod events;
 mod idempotency;
 mod keys;
 mod sagas;
+mod sql;
+mod txs;
 
 use concord_core::app::group_commit::{GroupCommitLimits, GroupCommitter};
 use concord_core::ports::StoreError;
@@ -61,22 +63,22 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A plain (not reversible) migration of this crate.
+fn migration(version: i64, description: &'static str, sql: &'static str) -> Migration {
+    Migration::new(
+        version,
+        description.into(),
+        MigrationType::Simple,
+        sql.into_sql_str(),
+        false,
+    )
+}
+
 fn migrator() -> Migrator {
     Migrator::with_migrations(vec![
-        Migration::new(
-            1,
-            "init".into(),
-            MigrationType::Simple,
-            include_str!("../migrations/0001_init.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            2,
-            "sagas".into(),
-            MigrationType::Simple,
-            include_str!("../migrations/0002_sagas.sql").into_sql_str(),
-            false,
-        ),
+        migration(1, "init", include_str!("../migrations/0001_init.sql")),
+        migration(2, "sagas", include_str!("../migrations/0002_sagas.sql")),
+        migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
     ])
 }
 

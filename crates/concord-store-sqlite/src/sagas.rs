@@ -5,6 +5,7 @@
 //! two puts of a definition never pick the same version. Times are unix microseconds (see the
 //! migration), so the claim compares numbers.
 
+use crate::sql::{WorkTable, bigint, claim_due, micros, optional_time, sql_limit, time, unsigned};
 use crate::{SqliteStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,21 +20,11 @@ use uuid::Uuid;
 
 const SAGA_COLUMNS: &str = "id, definition, version, input, status, next_run_at, lease_owner, lease_until, log_version, created_at, updated_at";
 
-fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
-fn time(us: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_micros(us).ok_or_else(|| unavailable(format!("stored time {us} is out of range")))
-}
-
-fn bigint(v: u64) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| unavailable(format!("{v} does not fit in a 64-bit signed integer")))
-}
-
-fn unsigned<T: TryFrom<i64>>(v: i64, column: &str) -> Result<T, StoreError> {
-    T::try_from(v).map_err(|_| unavailable(format!("stored {column} {v} is out of range")))
-}
+const SAGAS: WorkTable = WorkTable {
+    name: "sagas",
+    key: "id",
+    columns: SAGA_COLUMNS,
+};
 
 fn json(text: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(unavailable)
@@ -41,10 +32,6 @@ fn json(text: &str) -> Result<Value, StoreError> {
 
 fn status(s: &str) -> Result<SagaStatus, StoreError> {
     SagaStatus::parse(s).ok_or_else(|| unavailable(format!("unknown saga status {s:?} stored in sagas")))
-}
-
-fn sql_limit(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn definition_from_row(row: &SqliteRow) -> Result<StoredDefinition, StoreError> {
@@ -57,21 +44,15 @@ fn definition_from_row(row: &SqliteRow) -> Result<StoredDefinition, StoreError> 
 }
 
 fn saga_from_row(row: &SqliteRow) -> Result<SagaRow, StoreError> {
-    let optional_time = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
-        row.try_get::<Option<i64>, _>(column)
-            .map_err(unavailable)?
-            .map(time)
-            .transpose()
-    };
     Ok(SagaRow {
         id: row.try_get("id").map_err(unavailable)?,
         definition: row.try_get("definition").map_err(unavailable)?,
         version: unsigned(row.try_get("version").map_err(unavailable)?, "version")?,
         input: json(row.try_get("input").map_err(unavailable)?)?,
         status: status(row.try_get("status").map_err(unavailable)?)?,
-        next_run_at: optional_time("next_run_at")?,
+        next_run_at: optional_time(row, "next_run_at")?,
         lease_owner: row.try_get::<Option<Uuid>, _>("lease_owner").map_err(unavailable)?,
-        lease_until: optional_time("lease_until")?,
+        lease_until: optional_time(row, "lease_until")?,
         log_version: unsigned(row.try_get("log_version").map_err(unavailable)?, "log_version")?,
         created_at: time(row.try_get("created_at").map_err(unavailable)?)?,
         updated_at: time(row.try_get("updated_at").map_err(unavailable)?)?,
@@ -202,25 +183,9 @@ impl SagaStore for SqliteStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<SagaRow>, StoreError> {
-        // One statement on the one write connection: no other claim runs between the choice of
-        // rows and their lease.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sagas SET lease_owner = ?, lease_until = ? WHERE id IN ( \
-               SELECT id FROM sagas \
-               WHERE next_run_at IS NOT NULL AND next_run_at <= ? AND (lease_until IS NULL OR lease_until <= ?) \
-               ORDER BY next_run_at LIMIT ?) \
-             RETURNING {SAGA_COLUMNS}"
-        )))
-        .bind(owner)
-        .bind(micros(lease_until))
-        .bind(micros(now))
-        .bind(micros(now))
-        .bind(sql_limit(limit))
-        .fetch_all(&self.inner.write)
-        .await
-        .map_err(unavailable)?;
+        let rows = claim_due(&self.inner.write, &SAGAS, owner, now, lease_until, limit).await?;
         let mut claimed = rows.iter().map(saga_from_row).collect::<Result<Vec<_>, _>>()?;
-        // RETURNING has no order of its own.
+        // In the order the claim chose them; RETURNING has none.
         claimed.sort_by(|a, b| (a.next_run_at, &a.id).cmp(&(b.next_run_at, &b.id)));
         Ok(claimed)
     }

@@ -5,6 +5,7 @@ pub mod keys;
 pub mod sagas;
 pub mod subscriptions;
 pub mod system;
+pub mod tx;
 
 use crate::state::AppState;
 use crate::{auth, error, idempotency, telemetry};
@@ -31,6 +32,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sagas", post(sagas::start).get(sagas::list))
         .route("/v1/sagas/{id}", get(sagas::get))
         .route("/v1/sagas/{id}/retry", post(sagas::retry))
+        .route("/v1/transactions", post(tx::begin).get(tx::list))
+        .route("/v1/transactions/{xid}", get(tx::get))
         .route("/v1/keys", post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/openapi.json", get(system::openapi))

@@ -29,7 +29,7 @@ pub struct SagaRunner {
     slots: Arc<Semaphore>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>>,
     /// Poked when a slot frees up or a saga may be due sooner than the next poll.
-    wake: Notify,
+    wake: Arc<Notify>,
 }
 
 impl SagaRunner {
@@ -41,7 +41,7 @@ impl SagaRunner {
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
             waiters: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
         })
     }
 
@@ -170,51 +170,15 @@ impl SagaRunner {
         }
     }
 
-    /// Claims and drives due sagas until `stopping` turns true, then waits up to `grace` for the
-    /// sagas in flight (what is left is picked up from the log when its lease expires).
-    pub async fn run(self: Arc<Self>, mut stopping: watch::Receiver<bool>, grace: Duration) {
-        let mut last_gauge = tokio::time::Instant::now() - Duration::from_secs(60);
-        loop {
-            if *stopping.borrow() {
-                break;
-            }
-            // Take the slots first, so a claim never takes more sagas than this node can drive.
-            let mut permits: Vec<OwnedSemaphorePermit> =
-                std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
-                    .take(self.config.claim_batch.max(1))
-                    .collect();
-            let free = permits.len();
-            let mut claimed = 0;
-            if free > 0 {
-                match self.engine.claim(free).await {
-                    Ok(held) => {
-                        claimed = held.len();
-                        for h in held {
-                            if let Some(p) = permits.pop() {
-                                self.spawn_with(h, p);
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "claiming sagas failed"),
-                }
-            }
-            drop(permits);
-            if last_gauge.elapsed() >= Duration::from_secs(10) {
-                last_gauge = tokio::time::Instant::now();
-                self.publish_counts().await;
-            }
-            // A full batch suggests more are due: look again at once.
-            if claimed > 0 && claimed == free {
-                continue;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.config.poll) => {}
-                () = self.wake.notified(), if free == 0 => {}
-                _ = stopping.wait_for(|s| *s) => break,
-            }
-        }
-        let all = u32::try_from(self.config.max_concurrent.max(1)).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(grace, self.slots.acquire_many(all)).await;
+    /// Claims and drives due sagas until `stopping` turns true (see [`crate::worker::run`]).
+    pub async fn run(self: Arc<Self>, stopping: watch::Receiver<bool>, grace: Duration) {
+        let (slots, wake) = (self.slots.clone(), self.wake.clone());
+        let config = crate::worker::WorkerConfig {
+            poll: self.config.poll,
+            max_concurrent: self.config.max_concurrent,
+            claim_batch: self.config.claim_batch,
+        };
+        crate::worker::run(self, slots, wake, config, stopping, grace).await;
     }
 
     async fn publish_counts(&self) {
@@ -228,5 +192,22 @@ impl SagaRunner {
             }
             Err(e) => tracing::warn!(error = %e, "counting sagas failed"),
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::worker::Claims for SagaRunner {
+    type Item = Held;
+
+    async fn claim(&self, n: usize) -> Result<Vec<Held>, String> {
+        self.engine.claim(n).await.map_err(|e| e.to_string())
+    }
+
+    fn start(self: &Arc<Self>, item: Held, permit: OwnedSemaphorePermit) {
+        self.spawn_with(item, permit);
+    }
+
+    async fn tick(&self) {
+        self.publish_counts().await;
     }
 }

@@ -13,3 +13,4 @@ mod saga_logs;
 mod sagas;
 mod subscriptions;
 mod system;
+mod tx;

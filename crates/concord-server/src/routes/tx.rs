@@ -1,0 +1,163 @@
+//! Two-phase-commit transactions.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use concord_api::ErrorCode;
+use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
+use concord_core::app::tx::TxFailure;
+use concord_core::domain::tx::{Outcome, TxError, TxParticipant, TxState, Vote};
+use concord_core::ports::TxRow;
+use serde::Deserialize;
+
+pub async fn begin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<BeginTxBody>, JsonRejection>,
+) -> Result<Json<TxDecision>, ApiError> {
+    let Json(body) = body?;
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::telemetry::parse_traceparent(v).is_some());
+    let participants = body
+        .participants
+        .into_iter()
+        .map(|p| TxParticipant {
+            name: p.name,
+            url: p.url,
+            payload: p.payload,
+        })
+        .collect();
+    let (xid, outcome, held) = state
+        .transactions
+        .coordinator()
+        .begin(participants, body.timeout_ms, trace)
+        .await?;
+    // The decision is durable: answer now, deliver phase 2 in the background.
+    state.transactions.spawn(held);
+    Ok(Json(TxDecision {
+        xid,
+        outcome: outcome.as_str().to_owned(),
+    }))
+}
+
+pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Result<Json<TxOut>, ApiError> {
+    let coordinator = state.transactions.coordinator();
+    let row = coordinator.store().get_tx(&xid).await?;
+    let log = coordinator.read_log(&xid).await?;
+    Ok(Json(match (row, log) {
+        (Some(row), Some(log)) => full(&row, &log),
+        (Some(row), None) => summary(&row),
+        // Presumed abort: the coordinator has no record, so it never decided to commit.
+        (None, _) => TxOut {
+            xid,
+            outcome: Some(Outcome::Aborted.as_str().to_owned()),
+            presumed: true,
+            pending: false,
+            reason: Some("unknown transaction: presumed abort".into()),
+            participants: Vec::new(),
+            created_at: None,
+            decided_at: None,
+            completed_at: None,
+        },
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    outcome: Option<String>,
+    pending: Option<bool>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<TxPage>, ApiError> {
+    let Query(p) = params?;
+    let outcome = match p.outcome.as_deref() {
+        None => None,
+        Some("undecided") => Some(None),
+        Some(o) => Some(Some(Outcome::parse(o).ok_or_else(|| {
+            ApiError::parameter("outcome", "one of committed, aborted, undecided")
+        })?)),
+    };
+    let max = state.limits.max_read_limit;
+    let limit = match p.limit.unwrap_or(100.min(max)) {
+        n if n == 0 || n > max => return Err(ApiError::parameter("limit", format!("must be 1 to {max}"))),
+        n => n,
+    };
+    let rows = state
+        .transactions
+        .coordinator()
+        .store()
+        .list_txs(outcome, p.pending, p.after.as_deref(), limit)
+        .await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.xid.clone()))
+        .flatten();
+    Ok(Json(TxPage {
+        transactions: rows.iter().map(summary).collect(),
+        next,
+    }))
+}
+
+fn summary(row: &TxRow) -> TxOut {
+    TxOut {
+        xid: row.xid.clone(),
+        outcome: row.outcome.map(|o| o.as_str().to_owned()),
+        presumed: false,
+        pending: row.pending,
+        reason: None,
+        participants: Vec::new(),
+        created_at: Some(row.created_at),
+        decided_at: None,
+        completed_at: None,
+    }
+}
+
+/// The log is the truth: it may be ahead of the row while a node works on the transaction.
+fn full(row: &TxRow, s: &TxState) -> TxOut {
+    TxOut {
+        xid: s.xid.clone(),
+        outcome: s.decision.map(|o| o.as_str().to_owned()),
+        presumed: false,
+        pending: s.completed_at.is_none(),
+        reason: s.reason.clone(),
+        participants: s
+            .participants
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ParticipantOut {
+                name: p.name.clone(),
+                url: p.url.clone(),
+                vote: s.votes[i].map(|v| match v {
+                    Vote::Commit => "commit".to_owned(),
+                    Vote::Abort => "abort".to_owned(),
+                }),
+                acknowledged_at: s.acked[i],
+            })
+            .collect(),
+        created_at: Some(row.created_at),
+        decided_at: s.decided_at,
+        completed_at: s.completed_at,
+    }
+}
+
+impl From<TxFailure> for ApiError {
+    fn from(e: TxFailure) -> Self {
+        let detail = e.to_string();
+        match e {
+            TxFailure::Invalid(TxError::Limit(_)) => Self::new(ErrorCode::TransactionLimitExceeded, detail),
+            TxFailure::Invalid(_) => Self::new(ErrorCode::InvalidParticipant, detail),
+            TxFailure::Log(_) => Self::new(ErrorCode::Internal, detail),
+            TxFailure::Validation(v) => v.into(),
+            TxFailure::Store(s) => s.into(),
+        }
+    }
+}

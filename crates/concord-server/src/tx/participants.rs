@@ -1,0 +1,101 @@
+//! The protocol's messages over HTTP: `POST {url}/prepare` (200 votes commit, 409 or another 4xx
+//! votes abort; 5xx, timeouts and connection errors are retried until the deadline), then
+//! `POST {url}/commit` or `{url}/abort` (2xx acknowledges).
+
+use crate::telemetry::outgoing_traceparent;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use concord_api::tx::{PhaseTwoMessage, PrepareMessage};
+use concord_core::app::tx::{PrepareAnswer, TxParticipants};
+use concord_core::domain::tx::{Outcome, TxParticipant};
+use std::time::Duration;
+
+/// Sends prepare, commit and abort with `traceparent`.
+pub struct HttpTxParticipants {
+    client: reqwest::Client,
+    /// Longest wait for one phase-2 answer.
+    phase2_timeout: Duration,
+}
+
+impl HttpTxParticipants {
+    /// # Errors
+    /// When the HTTP client cannot be built (no TLS provider installed).
+    pub fn new(phase2_timeout: Duration) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self { client, phase2_timeout })
+    }
+}
+
+/// Pause between prepare attempts that failed transiently.
+const PREPARE_RETRY: Duration = Duration::from_millis(50);
+
+fn url(base: &str, path: &str) -> String {
+    format!("{}/{path}", base.trim_end_matches('/'))
+}
+
+#[async_trait]
+impl TxParticipants for HttpTxParticipants {
+    async fn prepare(&self, xid: &str, p: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer {
+        let body = PrepareMessage {
+            xid: xid.to_owned(),
+            payload: p.payload.clone(),
+        };
+        let mut last = String::from("no attempt before the deadline");
+        loop {
+            let Ok(left) = (deadline - Utc::now()).to_std() else {
+                return PrepareAnswer::Silent(last);
+            };
+            if left.is_zero() {
+                return PrepareAnswer::Silent(last);
+            }
+            let sent = self
+                .client
+                .post(url(&p.url, "prepare"))
+                .timeout(left)
+                .header("traceparent", outgoing_traceparent(None))
+                .json(&body)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return PrepareAnswer::Commit,
+                Ok(r) if r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429) => {
+                    let status = r.status().as_u16();
+                    let text: String = r.text().await.unwrap_or_default().chars().take(300).collect();
+                    return PrepareAnswer::Abort(format!("HTTP {status}: {text}"));
+                }
+                Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
+                Err(e) if e.is_timeout() => return PrepareAnswer::Silent("timed out".into()),
+                Err(e) if e.is_builder() => return PrepareAnswer::Abort(format!("the call cannot be made: {e}")),
+                Err(e) => last = format!("connection error: {e}"),
+            }
+            tokio::time::sleep(PREPARE_RETRY).await;
+        }
+    }
+
+    async fn finish(&self, xid: &str, p: &TxParticipant, outcome: Outcome) -> bool {
+        let body = PhaseTwoMessage { xid: xid.to_owned() };
+        let sent = self
+            .client
+            .post(url(&p.url, outcome.phase2_path()))
+            .timeout(self.phase2_timeout)
+            .header("traceparent", outgoing_traceparent(None))
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                tracing::warn!(tx.xid = xid, participant = %p.name, status = r.status().as_u16(), "phase 2 not acknowledged");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(tx.xid = xid, participant = %p.name, error = %e, "phase 2 not delivered");
+                false
+            }
+        }
+    }
+}
