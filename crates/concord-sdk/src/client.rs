@@ -7,6 +7,7 @@ use std::time::Duration;
 use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
 use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, StartSagaBody};
+use concord_api::tx::{BeginTxBody, TxDecision, TxOut, TxPage};
 use concord_api::{ErrorCode, Problem};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
@@ -446,6 +447,59 @@ impl Client {
             let mut query = url.query_pairs_mut();
             if let Some(status) = status {
                 query.append_pair("status", status);
+            }
+            query.append_pair("limit", &limit.to_string());
+            if let Some(after) = after {
+                query.append_pair("after", after);
+            }
+        }
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `POST /v1/transactions`: runs a two-phase commit across the participants and answers once
+    /// the decision is durable (phase 2 goes on in the background).
+    ///
+    /// # Errors
+    ///
+    /// `invalid_participant` or `transaction_limit_exceeded` (400); see [`ClientError`].
+    pub async fn begin_transaction(&self, body: &BeginTxBody) -> Result<TxDecision, ClientError> {
+        let url = endpoint(&self.base_url, &["v1", "transactions"])?;
+        json(self.request(Method::POST, url).json(body)).await
+    }
+
+    /// `GET /v1/transactions/{xid}`: the outcome with each participant's vote and
+    /// acknowledgement. An unknown xid answers `aborted` with `presumed: true`.
+    ///
+    /// # Errors
+    ///
+    /// See [`ClientError`].
+    pub async fn transaction(&self, xid: &str) -> Result<TxOut, ClientError> {
+        let xid = segment(xid, ErrorCode::InvalidParameter)?;
+        let url = endpoint(&self.base_url, &["v1", "transactions", xid])?;
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `GET /v1/transactions?outcome=&pending=&after=&limit=`: transactions by xid, without
+    /// their participants. `outcome` is `committed`, `aborted` or `undecided`.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_parameter` (400); see [`ClientError`].
+    pub async fn list_transactions(
+        &self,
+        outcome: Option<&str>,
+        pending: Option<bool>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<TxPage, ClientError> {
+        let mut url = endpoint(&self.base_url, &["v1", "transactions"])?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(outcome) = outcome {
+                query.append_pair("outcome", outcome);
+            }
+            if let Some(pending) = pending {
+                query.append_pair("pending", if pending { "true" } else { "false" });
             }
             query.append_pair("limit", &limit.to_string());
             if let Some(after) = after {

@@ -48,4 +48,5 @@ pub use concord_api as api;
 pub use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
 pub use concord_api::keys::{CreatedKey, Health};
 pub use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
+pub use concord_api::tx::{BeginTxBody, ParticipantIn, ParticipantOut, TxDecision, TxOut, TxPage};
 pub use concord_api::{ErrorCode, Problem};
