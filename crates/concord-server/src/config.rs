@@ -45,16 +45,17 @@ pub struct Settings {
     pub auth_cache_ttl_ms: u64,
     /// SQLite `synchronous=FULL` (an acknowledged append survives power loss). Off: NORMAL.
     pub sqlite_synchronous_full: bool,
-    /// Run the saga worker on this node (off: this node only serves the API).
-    pub saga_runner: bool,
-    /// How long a node holds a saga before another may take it over, milliseconds.
-    pub saga_lease_ms: u64,
-    /// How often the worker looks for due sagas, milliseconds.
-    pub saga_poll_ms: u64,
+    /// Run the background workers (sagas, transactions) on this node; off: it only serves the API.
+    pub workers: bool,
+    /// How long a node holds a saga or transaction before another node may take it over,
+    /// milliseconds (longer when a step's or a prepare's timeout needs it).
+    pub lease_ms: u64,
+    /// How often the workers look for due work in the database, milliseconds.
+    pub poll_ms: u64,
     /// Most sagas one node drives at a time.
     pub saga_max_concurrent: usize,
-    /// Most sagas taken in one claim.
-    pub saga_claim_batch: usize,
+    /// Most items a worker takes in one claim.
+    pub claim_batch: usize,
     /// Longest `wait_ms` of a saga request, milliseconds.
     pub saga_max_wait_ms: u64,
     pub saga_max_steps: usize,
@@ -108,11 +109,11 @@ impl Default for Settings {
             db_connections: 16,
             auth_cache_ttl_ms: 1000,
             sqlite_synchronous_full: true,
-            saga_runner: true,
-            saga_lease_ms: 10_000,
-            saga_poll_ms: 100,
+            workers: true,
+            lease_ms: 10_000,
+            poll_ms: 100,
             saga_max_concurrent: 512,
-            saga_claim_batch: 64,
+            claim_batch: 64,
             saga_max_wait_ms: 60_000,
             saga_max_steps: 32,
             saga_max_definition_bytes: 64 * 1024,

@@ -105,7 +105,7 @@ impl Application {
             participants,
             uuid::Uuid::now_v7(),
             EngineConfig {
-                lease: Duration::from_millis(settings.saga_lease_ms),
+                lease: Duration::from_millis(settings.lease_ms),
                 limits: settings.saga_limits(),
                 event_limits: settings.limits(),
                 allowed_hosts: settings.saga_allowed_hosts.clone(),
@@ -115,11 +115,11 @@ impl Application {
         let sagas = crate::saga::SagaRunner::new(
             engine,
             crate::saga::runner::RunnerConfig {
-                poll: Duration::from_millis(settings.saga_poll_ms.max(1)),
+                poll: Duration::from_millis(settings.poll_ms.max(1)),
                 max_concurrent: settings.saga_max_concurrent,
-                claim_batch: settings.saga_claim_batch,
+                claim_batch: settings.claim_batch,
             },
-            settings.saga_runner,
+            settings.workers,
         );
         let coordinator = Arc::new(TxCoordinator::new(
             stores.events.clone(),
@@ -129,7 +129,7 @@ impl Application {
             ))?),
             uuid::Uuid::now_v7(),
             TxConfig {
-                lease: Duration::from_millis(settings.saga_lease_ms),
+                lease: Duration::from_millis(settings.lease_ms),
                 limits: concord_core::domain::tx::TxLimits {
                     max_participants: settings.tx_max_participants,
                     max_payload_bytes: settings.tx_max_payload_bytes.min(settings.max_event_bytes / 2),
@@ -143,11 +143,11 @@ impl Application {
         let transactions = crate::tx::TxRunner::new(
             coordinator,
             crate::worker::WorkerConfig {
-                poll: Duration::from_millis(settings.saga_poll_ms.max(1)),
+                poll: Duration::from_millis(settings.poll_ms.max(1)),
                 max_concurrent: settings.tx_max_concurrent,
-                claim_batch: settings.saga_claim_batch,
+                claim_batch: settings.claim_batch,
             },
-            settings.saga_runner,
+            settings.workers,
         );
         let state = AppState {
             sagas,
@@ -199,7 +199,7 @@ impl Application {
         } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
-        let runner = state.settings.saga_runner.then(|| {
+        let runner = state.settings.workers.then(|| {
             let sagas = tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace));
             let transactions = tokio::spawn(state.transactions.clone().run(state.shutdown.clone(), grace));
             async move {
