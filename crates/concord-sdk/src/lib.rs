@@ -1,7 +1,8 @@
-//! Concord's Rust sdk: today the typed client of the Concord server ([`Client`]); the service-side
-//! kit (outbox, inbox, idempotency layer, projection runner, 2PC participant, read-through cache)
-//! comes later.
-//! [`barrier`] is the first piece of that kit: the saga participant barrier.
+//! Concord's Rust sdk: the typed client of the Concord server ([`Client`]) and the service-side
+//! kit. Today the kit holds [`barrier`], the saga participant barrier, and [`tx`], the
+//! two-phase-commit participant: an axum router over a [`tx::Participant`], with implementations
+//! on PostgreSQL prepared transactions and on SQLite reservation records. The outbox, inbox,
+//! idempotency layer, projection runner and read-through cache come later.
 //!
 //! # TLS crypto provider
 //!
@@ -42,6 +43,7 @@
 
 pub mod barrier;
 mod client;
+pub mod tx;
 
 pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};
 pub use concord_api as api;
