@@ -2,6 +2,7 @@
 //! delivers phase 2 until every participant acknowledged and recovers transactions whose
 //! coordinator died.
 
+pub mod bank;
 pub mod participants;
 pub mod runner;
 
