@@ -19,6 +19,10 @@ pub enum BenchArea {
     Events,
     /// 2-step sagas end to end against the same participant calls made directly.
     Sagas,
+    /// Two-phase-commit transfers between two PostgreSQL participant services against the same
+    /// two local transactions committed directly.
+    #[value(name = "2pc")]
+    TwoPc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -103,6 +107,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let report = match args.area {
         BenchArea::Events => events(&args, &database_url).await,
         BenchArea::Sagas => sagas(&args, &database_url).await,
+        BenchArea::TwoPc => two_phase_commit(&args, &database_url).await,
     };
     if let Some(base) = scratch {
         concord_store_postgres::drop_scratch_database(&base, &database_url).await?;
@@ -358,6 +363,116 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
         ratio,
         extra,
     })
+}
+
+/// Accounts per bank in the 2PC benchmark: enough that concurrent transfers seldom meet on one.
+const BANK_ACCOUNTS: u64 = 10_000;
+
+async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
+    use crate::tx::bank::Bank;
+    let base = std::env::var("CONCORD_TEST_POSTGRES_URL")
+        .ok()
+        .or_else(|| args.database_url.clone().filter(|u| u.starts_with("postgres")))
+        .context("the participants need PostgreSQL: set CONCORD_TEST_POSTGRES_URL or --database-url")?;
+    let (db_a, db_b) = (
+        concord_store_postgres::create_scratch_database(&base, "concord_bench").await?,
+        concord_store_postgres::create_scratch_database(&base, "concord_bench").await?,
+    );
+    let result = async {
+        let server = BenchServer::start(args, database_url).await?;
+        let names: Vec<String> = (0..BANK_ACCOUNTS).map(|i| format!("acct-{i}")).collect();
+        let accounts: Vec<(&str, i64)> = names.iter().map(|n| (n.as_str(), 1_000_000)).collect();
+        let a = Bank::start(&db_a, "bench-a", &accounts, "127.0.0.1:0", 0).await?;
+        let b = Bank::start(&db_b, "bench-b", &accounts, "127.0.0.1:0", 0).await?;
+        let duration = Duration::from_secs(args.seconds);
+        let pick = |c: usize, i: usize| ((c * 7919 + i * 104_729) as u64) % BANK_ACCOUNTS;
+
+        eprintln!(
+            "bench: {} clients run 2PC transfers for {}s ...",
+            args.clients, args.seconds
+        );
+        let (client, a_url, b_url) = (server.client.clone(), a.url.clone(), b.url.clone());
+        let ours = run_clients(args.clients, duration, move |c, i| {
+            let (client, a_url, b_url) = (client.clone(), a_url.clone(), b_url.clone());
+            async move {
+                let account = format!("acct-{}", pick(c, i));
+                let body = concord_api::tx::BeginTxBody {
+                    participants: vec![
+                        concord_api::tx::ParticipantIn {
+                            name: "bank-a".into(),
+                            url: a_url,
+                            payload: json!({"account": account, "delta": -1}),
+                        },
+                        concord_api::tx::ParticipantIn {
+                            name: "bank-b".into(),
+                            url: b_url,
+                            payload: json!({"account": account, "delta": 1}),
+                        },
+                    ],
+                    timeout_ms: 10_000,
+                };
+                let d = client.begin_transaction(&body).await?;
+                anyhow::ensure!(d.outcome == "committed", "transaction {} {}", d.xid, d.outcome);
+                Ok(())
+            }
+        })
+        .await?;
+        // Phase 2 runs after the answer: let it finish before the baseline shares the databases.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let page = server.client.list_transactions(None, Some(true), None, 1).await?;
+            if page.transactions.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        eprintln!(
+            "bench: {} clients commit the same two local transactions directly for {}s ...",
+            args.clients, args.seconds
+        );
+        let (pa, pb) = (a.pool.clone(), b.pool.clone());
+        let baseline = run_clients(args.clients, duration, move |c, i| {
+            let (pa, pb) = (pa.clone(), pb.clone());
+            async move {
+                let account = format!("acct-{}", pick(c, i));
+                for (pool, delta) in [(&pa, -1_i64), (&pb, 1)] {
+                    sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                        .bind(&account)
+                        .bind(delta)
+                        .execute(pool)
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let prepared_left = a.prepared().await? + b.prepared().await?;
+        a.stop().await;
+        b.stop().await;
+        server.stop().await;
+        let ours = figure("2PC transfer via HTTP, until the durable decision", &ours, duration);
+        let baseline = figure("the same 2 local transactions, direct", &baseline, duration);
+        let ratio = if baseline.ops_per_s > 0.0 {
+            ours.ops_per_s / baseline.ops_per_s
+        } else {
+            0.0
+        };
+        anyhow::Ok(Report {
+            area: "2pc",
+            backend: args.backend,
+            clients: args.clients,
+            seconds: args.seconds,
+            ours,
+            baseline,
+            ratio,
+            extra: json!({"participants": 2, "prepared_left_after_phase_2": prepared_left}),
+        })
+    }
+    .await;
+    concord_store_postgres::drop_scratch_database(&base, &db_a).await?;
+    concord_store_postgres::drop_scratch_database(&base, &db_b).await?;
+    result
 }
 
 /// Runs `clients` loops of `op` until `duration` passes; answers every operation's latency.

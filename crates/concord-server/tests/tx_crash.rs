@@ -221,6 +221,28 @@ async fn a_coordinator_killed_after_deciding_finishes_phase_two_after_a_restart(
             .all(|p| p["acknowledged_at"].is_string()),
         "{t}"
     );
+    // The command line shows the same.
+    let shown = proc::cli(dir.path(), &server, ADMIN_KEY, &["tx", "show", &xid]).await;
+    assert!(shown.status.success(), "{shown:?}");
+    let text = shown.stdout.join("\n");
+    assert!(
+        text.contains("committed") && text.contains("bank-a") && text.contains("bank-b"),
+        "{text}"
+    );
+    assert!(!text.contains("not acknowledged"), "{text}");
+    let listed = proc::cli(dir.path(), &server, ADMIN_KEY, &["tx", "list", "--pending"]).await;
+    assert!(
+        listed.status.success() && listed.stdout.iter().all(|l| !l.contains(&xid)),
+        "{listed:?}"
+    );
+    let listed = proc::cli(
+        dir.path(),
+        &server,
+        ADMIN_KEY,
+        &["tx", "list", "--outcome", "committed"],
+    )
+    .await;
+    assert!(listed.stdout.iter().any(|l| l.contains(&xid)), "{listed:?}");
     a.stop().await;
     b.stop().await;
 }

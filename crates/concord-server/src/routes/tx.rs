@@ -127,7 +127,7 @@ fn full(row: &TxRow, s: &TxState) -> TxOut {
         xid: s.xid.clone(),
         outcome: s.decision.map(|o| o.as_str().to_owned()),
         presumed: false,
-        pending: s.completed_at.is_none(),
+        pending: row.pending && s.completed_at.is_none(),
         reason: s.reason.clone(),
         participants: s
             .participants
@@ -140,12 +140,14 @@ fn full(row: &TxRow, s: &TxState) -> TxOut {
                     Vote::Commit => "commit".to_owned(),
                     Vote::Abort => "abort".to_owned(),
                 }),
-                acknowledged_at: s.acked[i],
+                // A finished row means every participant acknowledged (the last round is
+                // recorded in the row only).
+                acknowledged_at: s.acked[i].or((!row.pending).then_some(row.updated_at)),
             })
             .collect(),
         created_at: Some(row.created_at),
         decided_at: s.decided_at,
-        completed_at: s.completed_at,
+        completed_at: s.completed_at.or((!row.pending).then_some(row.updated_at)),
     }
 }
 

@@ -145,8 +145,8 @@ async fn unanimous_commit_commits_everyone_and_one_abort_aborts_everyone(b: Back
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(types[..2], ["TxStarted", "TxDecided"]);
-    assert_eq!(types.last(), Some(&"TxCompleted"));
+    // Phase 2 acknowledged at the first round: its completion is in the row, not the log.
+    assert_eq!(types, ["TxStarted", "TxDecided"]);
 
     let page: Value = app
         .admin(Method::GET, "/v1/transactions?outcome=committed")
