@@ -410,7 +410,7 @@ mod tests {
             timeout_ms: 1000,
             at: t0(),
         };
-        let mut s = TxState::from_log("x1", &[started.clone()]).unwrap();
+        let mut s = TxState::from_log("x1", std::slice::from_ref(&started)).unwrap();
         assert_eq!(next_step(&s), TxStep::PresumeAbort, "no decision: presumed abort");
         let decided = TxEvent::TxDecided {
             outcome: Outcome::Committed,
