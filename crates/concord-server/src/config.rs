@@ -87,6 +87,8 @@ pub struct Settings {
     pub tx_max_retry_backoff_ms: u64,
     /// Most transactions one node delivers phase 2 for at a time.
     pub tx_max_concurrent: usize,
+    /// Hosts (`name` or `name:port`) transaction participants may be on; empty allows any host.
+    pub tx_allowed_hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -131,6 +133,7 @@ impl Default for Settings {
             tx_retry_backoff_ms: 100,
             tx_max_retry_backoff_ms: 30_000,
             tx_max_concurrent: 512,
+            tx_allowed_hosts: Vec::new(),
         }
     }
 }

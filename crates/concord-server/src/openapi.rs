@@ -102,6 +102,7 @@ fn retry_saga() {}
 #[utoipa::path(post, path = "/v1/transactions", request_body = BeginTxBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
     responses((status = 200, description = "Decided; the decision is durable, phase 2 runs on", body = TxDecision),
+              (status = 202, description = "Logged, but the decision could not be confirmed (outcome `pending`): recovery finishes it; ask GET", body = TxDecision),
               (status = 400, description = "invalid_participant or transaction_limit_exceeded", body = Problem)))]
 fn begin_tx() {}
 

@@ -138,6 +138,7 @@ impl Application {
                 event_limits: settings.limits(),
                 retry_backoff: Duration::from_millis(settings.tx_retry_backoff_ms),
                 max_retry_backoff: Duration::from_millis(settings.tx_max_retry_backoff_ms),
+                allowed_hosts: settings.tx_allowed_hosts.clone(),
             },
         ));
         let transactions = crate::tx::TxRunner::new(

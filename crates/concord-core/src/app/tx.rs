@@ -52,7 +52,7 @@ pub enum TxFailure {
 }
 
 /// Settings of the coordinator, all configurable.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TxConfig {
     /// How long a node holds a transaction before another may take it over.
     pub lease: Duration,
@@ -61,6 +61,19 @@ pub struct TxConfig {
     /// First and longest delay between phase-2 rounds for participants that did not acknowledge.
     pub retry_backoff: Duration,
     pub max_retry_backoff: Duration,
+    /// Hosts (`name` or `name:port`) participants may be on; empty allows any.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// What `begin` came to.
+pub struct Begun {
+    pub xid: String,
+    /// The durable decision; none when it could not be confirmed after the transaction was
+    /// logged (a store failure): the transaction then finishes through recovery, and
+    /// `GET /v1/transactions/{xid}` tells the outcome.
+    pub outcome: Option<Outcome>,
+    /// Held for phase 2, when this node still holds it.
+    pub held: Option<HeldTx>,
 }
 
 /// A transaction this node holds.
@@ -132,42 +145,89 @@ impl TxCoordinator {
         participants: Vec<TxParticipant>,
         timeout_ms: u64,
         trace: Option<&str>,
-    ) -> Result<(String, Outcome, HeldTx), TxFailure> {
+    ) -> Result<Begun, TxFailure> {
         validate(&participants, timeout_ms, &self.config.limits)?;
+        self.check_hosts(&participants)?;
         let xid = Uuid::now_v7().to_string();
         let now = Utc::now();
-        let timeout = Duration::from_millis(timeout_ms);
-        let token = Uuid::now_v7();
-        let row = TxRow {
-            xid: xid.clone(),
-            outcome: None,
-            pending: true,
-            next_run_at: Some(now),
-            lease_owner: Some(token),
-            // Long enough for phase 1: nobody presumes an abort while it may still be running.
-            lease_until: Some(now + chrono_dur(self.config.lease.max(timeout + LEASE_MARGIN))),
-            log_version: 0,
-            created_at: now,
-            updated_at: now,
-        };
-        // Every participant is named durably before any is asked to prepare, so recovery knows
-        // whom to tell. The row and the log's first event are written at once: if only the log
-        // lands, nobody was asked anything and nothing points at it; if only the row, recovery
-        // finds no log and aborts.
         let started = TxEvent::TxStarted {
             participants: participants.clone(),
             timeout_ms,
             at: now,
         };
-        let (created, appended) = tokio::join!(
-            self.store.create_tx(&row),
-            self.append(&xid, 0, std::slice::from_ref(&started), trace)
-        );
-        created?;
-        appended?;
-        let mut state = TxState::new(&xid, participants, timeout_ms, now);
+        // The whole first event must fit in one event before anything is written.
+        let size = serde_json::to_vec(&started).map_or(usize::MAX, |v| v.len());
+        if size > self.config.event_limits.max_event_bytes {
+            return Err(crate::domain::tx::TxError::Limit(format!(
+                "the transaction's participants and payloads take {size} bytes, over the limit of {}",
+                self.config.event_limits.max_event_bytes
+            ))
+            .into());
+        }
+        // Every participant is named durably before any is asked to prepare, so recovery knows
+        // whom to tell; the row (the work queue) comes after, so a row always has its log. A log
+        // without a row (a crash in between) asked nobody anything.
+        self.append(&xid, 0, std::slice::from_ref(&started), trace).await?;
+        let timeout = Duration::from_millis(timeout_ms);
+        let row = TxRow {
+            xid: xid.clone(),
+            outcome: None,
+            pending: true,
+            next_run_at: Some(now),
+            lease_owner: Some(Uuid::now_v7()),
+            // Long enough for phase 1: nobody presumes an abort while it may still be running.
+            lease_until: Some(now + chrono_dur(self.config.lease.max(timeout + LEASE_MARGIN))),
+            log_version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.create_tx(&row).await?;
+        let state = TxState::new(&xid, participants, timeout_ms, now);
+        // From here the transaction exists: a failure no longer fails the request (a retry would
+        // start a second transaction); it leaves the outcome to recovery.
+        match self.decide_and_record(row, state).await {
+            Ok((outcome, held)) => Ok(Begun {
+                xid,
+                outcome: Some(outcome),
+                held,
+            }),
+            Err(e) => {
+                tracing::warn!(tx.xid = %xid, error = %e, "decision not confirmed; recovery finishes the transaction");
+                let outcome = self.read_log(&xid).await.ok().flatten().and_then(|s| s.decision);
+                Ok(Begun {
+                    xid,
+                    outcome,
+                    held: None,
+                })
+            }
+        }
+    }
+
+    fn check_hosts(&self, participants: &[TxParticipant]) -> Result<(), TxFailure> {
+        if self.config.allowed_hosts.is_empty() {
+            return Ok(());
+        }
+        for p in participants {
+            let rest = p.url.split_once("://").map_or(p.url.as_str(), |(_, r)| r);
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            if !self.config.allowed_hosts.iter().any(|a| a == authority || a == host) {
+                return Err(crate::domain::tx::TxError::Url {
+                    name: p.name.clone(),
+                    url: p.url.clone(),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 1 and the durable decision, in the log and then the row.
+    async fn decide_and_record(&self, row: TxRow, mut state: TxState) -> Result<(Outcome, Option<HeldTx>), TxFailure> {
+        let xid = row.xid.clone();
         let span = tracing::info_span!("tx.prepare", tx.xid = %xid);
         let deadline = state.deadline();
+        let started = Utc::now();
         let answers = futures::future::join_all(
             state
                 .participants
@@ -177,7 +237,7 @@ impl TxCoordinator {
         .instrument(span)
         .await;
         metrics::histogram!("concord_tx_phase_duration_seconds", "phase" => "prepare")
-            .record((Utc::now() - now).to_std().unwrap_or_default().as_secs_f64());
+            .record((Utc::now() - started).to_std().unwrap_or_default().as_secs_f64());
         let votes: Vec<Option<Vote>> = answers
             .iter()
             .map(|a| match a {
@@ -194,41 +254,32 @@ impl TxCoordinator {
             reason,
             at: Utc::now(),
         };
-        let mut row = row;
-        match self
-            .append(&xid, state.log_version, std::slice::from_ref(&decided), None)
-            .await
-        {
-            Ok(()) => state.apply(&decided)?,
-            // A recovering node decided first (this node was too slow): its decision stands.
-            Err(TxFailure::Store(StoreError::WrongExpectedVersion { .. })) => {
-                let logged = self
-                    .read_log(&xid)
-                    .await?
-                    .ok_or_else(|| TxLogError("log vanished".into()))?;
-                let outcome = logged
-                    .decision
-                    .ok_or_else(|| TxLogError("log moved on without a decision".into()))?;
-                row.lease_owner = None;
-                return Ok((xid, outcome, HeldTx { row, state: None }));
-            }
-            Err(e) => return Err(e),
+        if !self.record(&xid, &mut state, decided).await? {
+            // A recovering node decided first (this node was too slow): its decision stands,
+            // and that node delivers it.
+            let logged = self
+                .read_log(&xid)
+                .await?
+                .ok_or_else(|| TxLogError("log vanished".into()))?;
+            let outcome = logged
+                .decision
+                .ok_or_else(|| TxLogError("log moved on without a decision".into()))?;
+            return Ok((outcome, None));
         }
         metrics::counter!("concord_tx_decided_total", "outcome" => outcome.as_str()).increment(1);
         // The row says so too before any phase-2 message.
-        let kept = self.keep(&row, Some(outcome), state.log_version).await?;
-        if !kept {
-            row.lease_owner = None;
+        if !self.keep(&row, Some(outcome), state.log_version).await? {
+            return Ok((outcome, None));
         }
+        let mut row = row;
         row.outcome = Some(outcome);
         row.log_version = state.log_version;
         Ok((
-            xid,
             outcome,
-            HeldTx {
+            Some(HeldTx {
                 row,
                 state: Some(state),
-            },
+            }),
         ))
     }
 
@@ -288,7 +339,7 @@ impl TxCoordinator {
     }
 
     async fn deliver_inner(&self, held: HeldTx) -> Result<TxDriveEnd, TxFailure> {
-        let HeldTx { row, state } = held;
+        let HeldTx { mut row, state } = held;
         if row.lease_owner.is_none() {
             return Ok(TxDriveEnd::Lost);
         }
@@ -319,15 +370,26 @@ impl TxCoordinator {
                         reason: "the coordinator stopped before deciding: presumed abort".into(),
                         at: Utc::now(),
                     };
-                    if !self.record(&row.xid, &mut state, e).await? {
-                        return Ok(TxDriveEnd::Lost);
-                    }
-                    metrics::counter!("concord_tx_decided_total", "outcome" => "aborted").increment(1);
-                    if !self.keep(&row, state.decision, state.log_version).await? {
-                        return Ok(TxDriveEnd::Lost);
+                    if self.record(&row.xid, &mut state, e).await? {
+                        metrics::counter!("concord_tx_decided_total", "outcome" => "aborted").increment(1);
+                    } else {
+                        // The coordinator that ran phase 1 decided meanwhile: deliver its decision.
+                        state = self
+                            .read_log(&row.xid)
+                            .await?
+                            .ok_or_else(|| TxLogError("log vanished".into()))?;
                     }
                 }
                 TxStep::Deliver(outcome, owed) => {
+                    // The row records the decision before any phase-2 message (also when this
+                    // node found it only in the log).
+                    if row.outcome != Some(outcome) {
+                        if !self.keep(&row, Some(outcome), state.log_version).await? {
+                            return Ok(TxDriveEnd::Lost);
+                        }
+                        row.outcome = Some(outcome);
+                        row.log_version = state.log_version;
+                    }
                     let started = Utc::now();
                     let acks = futures::future::join_all(
                         owed.iter()
@@ -385,6 +447,17 @@ impl TxCoordinator {
                 }
             }
         }
+    }
+
+    /// Gives a held transaction back to the queue, due now (no slot to deliver it here).
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn release(&self, held: HeldTx) -> Result<(), TxFailure> {
+        let (next, log_version) = (Some(Utc::now()), held.row.log_version);
+        self.update(&held.row, held.row.outcome, true, next, log_version)
+            .await?;
+        Ok(())
     }
 
     /// Grows with the time since the decision: rounds close together at first, then sparse.
@@ -534,6 +607,7 @@ mod tests {
             event_limits: Limits::default(),
             retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(5),
+            allowed_hosts: Vec::new(),
         };
         let c = TxCoordinator::new(store.clone(), store.clone(), script.clone(), Uuid::now_v7(), config);
         (c, script)
@@ -553,8 +627,9 @@ mod tests {
     async fn all_votes_commit_then_phase_two_commits_everyone() {
         let store = Arc::new(MemoryStore::default());
         let (c, script) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
-        let (xid, outcome, held) = c.begin(parts(2), 1000, None).await.unwrap();
-        assert_eq!(outcome, Outcome::Committed);
+        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None).await.unwrap();
+        assert_eq!(outcome, Some(Outcome::Committed));
+        let held = held.unwrap();
         let row = store.get_tx(&xid).await.unwrap().unwrap();
         assert_eq!(
             (row.outcome, row.pending),
@@ -590,8 +665,9 @@ mod tests {
             vec![PrepareAnswer::Commit, PrepareAnswer::Silent("timeout".into())],
             false,
         );
-        let (xid, outcome, held) = c.begin(parts(2), 1000, None).await.unwrap();
-        assert_eq!(outcome, Outcome::Aborted);
+        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None).await.unwrap();
+        assert_eq!(outcome, Some(Outcome::Aborted));
+        let held = held.unwrap();
         assert_eq!(c.deliver(held).await.unwrap(), TxDriveEnd::Waiting(Outcome::Aborted));
         let row = store.get_tx(&xid).await.unwrap().unwrap();
         assert!(row.pending && row.next_run_at.is_some() && row.lease_owner.is_none());

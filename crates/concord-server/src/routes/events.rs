@@ -18,15 +18,25 @@ use serde::Deserialize;
 /// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive.
 const SAGA_CATEGORY: &str = "saga";
 const SAGAS_READ: &str = "sagas:read";
+/// Transaction logs (`tx-{xid}`): a forged decision would break a transaction's atomicity.
+const TX_CATEGORY: &str = "tx";
+const TX_READ: &str = "tx:read";
 
 /// Whether `principal` may read events of `category`: saga logs need `sagas:read` besides
 /// `events:read`. Every read of events (one stream, the log, SSE, consumer groups) goes through it.
 pub fn visible(principal: &Principal, category: &str) -> bool {
-    category != SAGA_CATEGORY || principal.allows(SAGAS_READ)
+    match category {
+        SAGA_CATEGORY => principal.allows(SAGAS_READ),
+        TX_CATEGORY => principal.allows(TX_READ),
+        _ => true,
+    }
 }
 
 fn saga_logs_forbidden() -> ApiError {
-    ApiError::new(ErrorCode::Forbidden, "saga logs (saga-...) need the sagas:read scope")
+    ApiError::new(
+        ErrorCode::Forbidden,
+        "saga logs (saga-...) need the sagas:read scope, transaction logs (tx-...) tx:read",
+    )
 }
 
 pub async fn append(
@@ -36,12 +46,13 @@ pub async fn append(
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
-    // System streams (`$...`: audit trails) and saga logs (`saga-...`) are written by Concord
-    // itself; a forged saga event would steer a saga.
-    if (stream.as_str().starts_with('$') || stream.category() == SAGA_CATEGORY) && !principal.allows(Scope::ADMIN) {
+    // System streams (`$...`: audit trails), saga and transaction logs are written by Concord
+    // itself; a forged event would steer a saga or decide a transaction.
+    let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
+    if (stream.as_str().starts_with('$') || reserved) && !principal.allows(Scope::ADMIN) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
-            "system streams ($...) and saga logs (saga-...) need the admin scope",
+            "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
         ));
     }
     let Json(body) = body?;

@@ -5,7 +5,7 @@ use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use concord_api::ErrorCode;
 use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
 use concord_core::app::tx::TxFailure;
@@ -17,12 +17,13 @@ pub async fn begin(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<BeginTxBody>, JsonRejection>,
-) -> Result<Json<TxDecision>, ApiError> {
+) -> Result<(StatusCode, Json<TxDecision>), ApiError> {
     let Json(body) = body?;
     let trace = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| crate::telemetry::parse_traceparent(v).is_some());
+        .filter(|v| crate::telemetry::parse_traceparent(v).is_some())
+        .map(str::to_owned);
     let participants = body
         .participants
         .into_iter()
@@ -32,17 +33,40 @@ pub async fn begin(
             payload: p.payload,
         })
         .collect();
-    let (xid, outcome, held) = state
-        .transactions
-        .coordinator()
-        .begin(participants, body.timeout_ms, trace)
-        .await?;
-    // The decision is durable: answer now, deliver phase 2 in the background.
-    state.transactions.spawn(held);
-    Ok(Json(TxDecision {
-        xid,
-        outcome: outcome.as_str().to_owned(),
-    }))
+    // Run to the decision even if the client goes away: cancelled in the middle of phase 1, the
+    // transaction would keep its participants prepared until recovery presumed an abort.
+    let runner = state.transactions.clone();
+    let begun = tokio::spawn(async move {
+        let begun = runner
+            .coordinator()
+            .begin(participants, body.timeout_ms, trace.as_deref())
+            .await?;
+        // The decision is durable: phase 2 goes on in the background.
+        if let Some(held) = begun.held {
+            runner.spawn(held);
+        }
+        Ok::<_, TxFailure>((begun.xid, begun.outcome))
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("transaction task failed: {e}")))??;
+    let (xid, outcome) = begun;
+    Ok(match outcome {
+        Some(o) => (
+            StatusCode::OK,
+            Json(TxDecision {
+                xid,
+                outcome: o.as_str().to_owned(),
+            }),
+        ),
+        // Logged, but the decision could not be confirmed: recovery finishes it; ask GET.
+        None => (
+            StatusCode::ACCEPTED,
+            Json(TxDecision {
+                xid,
+                outcome: "pending".to_owned(),
+            }),
+        ),
+    })
 }
 
 pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Result<Json<TxOut>, ApiError> {

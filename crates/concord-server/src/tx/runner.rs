@@ -32,11 +32,20 @@ impl TxRunner {
         &self.coordinator
     }
 
-    /// Delivers phase 2 of a transaction decided here, if a slot is free; otherwise its row
-    /// (due now) is left for a claim once its lease ends.
+    /// Delivers phase 2 of a transaction decided here, if a slot is free and this node runs
+    /// workers; otherwise gives it back to the queue.
     pub fn spawn(self: &Arc<Self>, held: HeldTx) {
         if let Some(permit) = self.runs.then(|| self.slots.clone().try_acquire_owned().ok()).flatten() {
             self.spawn_with(held, permit);
+        } else {
+            // Back to the queue, due now, so a node with room delivers it without waiting for
+            // this lease to run out.
+            let coordinator = self.coordinator.clone();
+            tokio::spawn(async move {
+                if let Err(e) = coordinator.release(held).await {
+                    tracing::warn!(error = %e, "giving a transaction back failed; its lease will expire");
+                }
+            });
         }
     }
 

@@ -259,3 +259,58 @@ async fn unknown_xids_are_presumed_aborted_and_bad_requests_are_named(b: Backend
     assert_problem(r, 400, "invalid_parameter").await;
 }
 both_backends!(unknown_xids_are_presumed_aborted_and_bad_requests_are_named);
+
+async fn transaction_logs_are_guarded_and_begin_honours_idempotency_keys(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let (url, seen) = participant().await;
+    let body = json!({"participants": [{"name": "a", "url": url, "payload": {"vote": "commit"}}], "timeout_ms": 1000});
+    let send = || {
+        app.admin(Method::POST, "/v1/transactions")
+            .header("Idempotency-Key", "move-42")
+            .json(&body)
+            .send()
+    };
+    let first: Value = send().await.unwrap().json().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(again.headers().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        first,
+        "the same transaction, not a second one"
+    );
+    let xid = first["xid"].as_str().unwrap().to_owned();
+    settled(&app, &xid).await;
+    assert_eq!(seen.lock().unwrap().prepared.len(), 1);
+    // A transaction's log can be neither forged nor read without the transaction scopes.
+    let writer = app.create_key(&["events:write", "events:read"]).await;
+    let forged = json!({"events": [{"type": "TxDecided", "data": {"outcome": "committed"}}]});
+    let r = app
+        .request(Method::POST, &format!("/v1/streams/tx-{xid}"), Some(&writer))
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app
+        .request(Method::GET, &format!("/v1/streams/tx-{xid}"), Some(&writer))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let log: Value = app
+        .request(Method::GET, "/v1/events?limit=100", Some(&writer))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| !e["stream"].as_str().unwrap().starts_with("tx-"))
+    );
+}
+both_backends!(transaction_logs_are_guarded_and_begin_honours_idempotency_keys);
