@@ -33,6 +33,22 @@ impl HttpTxParticipants {
 /// Pause between prepare attempts that failed transiently.
 const PREPARE_RETRY: Duration = Duration::from_millis(50);
 
+/// How much of a refusal's body is kept as the reason.
+const SNIPPET_BYTES: usize = 300;
+
+/// The start of an answer's body, read no further than needed.
+async fn snippet(mut r: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < SNIPPET_BYTES {
+        match r.chunk().await {
+            Ok(Some(c)) => bytes.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    bytes.truncate(SNIPPET_BYTES);
+    String::from_utf8_lossy(&bytes).replace('\0', "\u{FFFD}")
+}
+
 fn url(base: &str, path: &str) -> String {
     format!("{}/{path}", base.trim_end_matches('/'))
 }
@@ -64,7 +80,7 @@ impl TxParticipants for HttpTxParticipants {
                 Ok(r) if r.status().is_success() => return PrepareAnswer::Commit,
                 Ok(r) if r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429) => {
                     let status = r.status().as_u16();
-                    let text: String = r.text().await.unwrap_or_default().chars().take(300).collect();
+                    let text = snippet(r).await;
                     return PrepareAnswer::Abort(format!("HTTP {status}: {text}"));
                 }
                 Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
