@@ -52,6 +52,9 @@ struct Service {
 }
 
 /// One answer of the service.
+/// The coordinator's token every test call carries.
+const TOKEN: &str = "test-coordinator-token";
+
 #[derive(Debug)]
 struct Answer {
     status: u16,
@@ -64,7 +67,10 @@ impl Service {
         install_provider();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/2pc", listener.local_addr().expect("address"));
-        let app = Router::new().nest("/2pc", tx::router(participant));
+        let app = Router::new().nest(
+            "/2pc",
+            tx::router(participant, tx::CoordinatorAuth::Token(TOKEN.into())),
+        );
         let server = tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
         Self {
             url,
@@ -77,6 +83,7 @@ impl Service {
         let response = self
             .http
             .post(format!("{}/{path}", self.url))
+            .bearer_auth(TOKEN)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -975,4 +982,51 @@ async fn malformed_calls_are_refused_with_400_problems_and_touch_nothing() {
     }
     assert!(warehouse.records().await.is_empty());
     assert_eq!(warehouse.stock().await, (10, 0, 0));
+}
+
+#[tokio::test]
+async fn a_call_without_the_coordinators_token_is_refused_and_changes_nothing() {
+    install_provider();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+    #[async_trait::async_trait]
+    impl tx::Participant for Counting {
+        async fn prepare(&self, _: &tx::Xid, _: &Value) -> Result<tx::Vote, tx::ParticipantError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(tx::Vote::Commit)
+        }
+        async fn commit(&self, _: &tx::Xid) -> Result<(), tx::ParticipantError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        async fn abort(&self, _: &tx::Xid) -> Result<(), tx::ParticipantError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let service = Service::spawn(Arc::new(Counting(seen.clone()))).await;
+    for (path, key) in [("commit", None), ("abort", Some("wrong")), ("prepare", Some(""))] {
+        let mut request = service
+            .http
+            .post(format!("{}/{path}", service.url))
+            .json(&serde_json::json!({"xid": "x-1", "payload": {}}));
+        if let Some(k) = key {
+            request = request.bearer_auth(k);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["code"], "unauthorized");
+    }
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the participant"
+    );
+    assert_eq!(
+        service.post("commit", r#"{"xid": "x-1"}"#).await.status,
+        200,
+        "with the token it works"
+    );
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -120,6 +120,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 /// A server of this process on port 0, with the defaults a user gets.
 struct BenchServer {
     client: Client,
+    /// What the coordinator shows transaction participants.
+    tx_token: String,
     http: reqwest::Client,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -128,7 +130,9 @@ struct BenchServer {
 impl BenchServer {
     async fn start(args: &BenchArgs, database_url: &str) -> anyhow::Result<Self> {
         let admin = concord_core::domain::auth::generate_key();
+        let tx_token = concord_core::domain::auth::generate_key();
         let settings = Settings {
+            tx_participant_token: Some(tx_token.clone()),
             listen: "127.0.0.1:0".into(),
             database_url: database_url.to_owned(),
             admin_key: Some(admin.clone()),
@@ -149,6 +153,7 @@ impl BenchServer {
         let client = Client::with_http(address, admin, http.clone());
         Ok(Self {
             client,
+            tx_token,
             http,
             stop,
             task,
@@ -382,8 +387,9 @@ async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         let server = BenchServer::start(args, database_url).await?;
         let names: Vec<String> = (0..BANK_ACCOUNTS).map(|i| format!("acct-{i}")).collect();
         let accounts: Vec<(&str, i64)> = names.iter().map(|n| (n.as_str(), 1_000_000)).collect();
-        let a = Bank::start(&db_a, "bench-a", &accounts, "127.0.0.1:0", 0).await?;
-        let b = Bank::start(&db_b, "bench-b", &accounts, "127.0.0.1:0", 0).await?;
+        let auth = concord_sdk::tx::CoordinatorAuth::Token(server.tx_token.clone());
+        let a = Bank::start(&db_a, "bench-a", &accounts, "127.0.0.1:0", 0, auth.clone()).await?;
+        let b = Bank::start(&db_b, "bench-b", &accounts, "127.0.0.1:0", 0, auth).await?;
         let duration = Duration::from_secs(args.seconds);
         let pick = |c: usize, i: usize| ((c * 7919 + i * 104_729) as u64) % BANK_ACCOUNTS;
 

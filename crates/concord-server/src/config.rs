@@ -89,6 +89,11 @@ pub struct Settings {
     pub tx_max_concurrent: usize,
     /// Hosts (`name` or `name:port`) transaction participants may be on; empty allows any host.
     pub tx_allowed_hosts: Vec<String>,
+    /// Sent as `Authorization: Bearer` on every call to a transaction participant, which checks
+    /// it (`concord_sdk::tx::CoordinatorAuth::Token`), so only the coordinator can prepare,
+    /// commit or abort. A secret: never logged.
+    #[serde(skip_serializing)]
+    pub tx_participant_token: Option<String>,
 }
 
 impl Default for Settings {
@@ -134,6 +139,7 @@ impl Default for Settings {
             tx_max_retry_backoff_ms: 30_000,
             tx_max_concurrent: 512,
             tx_allowed_hosts: Vec::new(),
+            tx_participant_token: None,
         }
     }
 }

@@ -124,9 +124,10 @@ impl Application {
         let coordinator = Arc::new(TxCoordinator::new(
             stores.events.clone(),
             stores.txs.clone(),
-            Arc::new(crate::tx::HttpTxParticipants::new(Duration::from_millis(
-                settings.tx_phase2_timeout_ms,
-            ))?),
+            Arc::new(crate::tx::HttpTxParticipants::new(
+                Duration::from_millis(settings.tx_phase2_timeout_ms),
+                settings.tx_participant_token.clone(),
+            )?),
             uuid::Uuid::now_v7(),
             TxConfig {
                 lease: Duration::from_millis(settings.lease_ms),

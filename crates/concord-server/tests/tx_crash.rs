@@ -17,6 +17,13 @@ use std::time::Duration;
 /// PostgreSQL's connection and prepared-transaction limits are shared by all of them.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// What the coordinators of these tests show the banks, which refuse calls without it.
+const TX_TOKEN: &str = "tx-crash-test-token";
+
+fn auth() -> concord_sdk::tx::CoordinatorAuth {
+    concord_sdk::tx::CoordinatorAuth::Token(TX_TOKEN.into())
+}
+
 fn base_url() -> Option<String> {
     let url = std::env::var("CONCORD_TEST_POSTGRES_URL").ok();
     if url.is_none() {
@@ -38,6 +45,7 @@ async fn coordinator(base: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
         listen: "127.0.0.1:0".into(),
         database_url: scratch(base).await,
         admin_key: Some(ADMIN_KEY.into()),
+        tx_participant_token: Some(TX_TOKEN.into()),
         db_connections: 6,
         ..Settings::default()
     };
@@ -119,8 +127,12 @@ async fn a_thousand_concurrent_transfers_keep_the_money_and_are_never_half_appli
     let (db_a, db_b) = (scratch(&base).await, scratch(&base).await);
     let la: Vec<(&str, i64)> = accounts_a.iter().map(|(a, n)| (a.as_str(), *n)).collect();
     let lb: Vec<(&str, i64)> = accounts_b.iter().map(|(a, n)| (a.as_str(), *n)).collect();
-    let a = Bank::start(&db_a, "bank-a", &la, "127.0.0.1:0", 0).await.unwrap();
-    let b = Bank::start(&db_b, "bank-b", &lb, "127.0.0.1:0", 0).await.unwrap();
+    let a = Bank::start(&db_a, "bank-a", &la, "127.0.0.1:0", 0, auth())
+        .await
+        .unwrap();
+    let b = Bank::start(&db_b, "bank-b", &lb, "127.0.0.1:0", 0, auth())
+        .await
+        .unwrap();
     let before = a.total().await.unwrap() + b.total().await.unwrap();
     let http = reqwest::Client::new();
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
@@ -186,15 +198,16 @@ async fn a_coordinator_killed_after_deciding_finishes_phase_two_after_a_restart(
             .env("CONCORD_ADMIN_KEY", ADMIN_KEY)
             .env("CONCORD_LEASE_MS", "1000")
             .env("CONCORD_POLL_MS", "50")
-            .env("CONCORD_TX_RETRY_BACKOFF_MS", "200");
+            .env("CONCORD_TX_RETRY_BACKOFF_MS", "200")
+            .env("CONCORD_TX_PARTICIPANT_TOKEN", TX_TOKEN);
         cmd
     };
     let mut server = Server::start(node()).await;
     // Both banks answer their first commit messages 503: phase 2 cannot finish before the kill.
-    let a = Bank::start(&scratch(&base).await, "kill-a", &[("a", 100)], "127.0.0.1:0", 3)
+    let a = Bank::start(&scratch(&base).await, "kill-a", &[("a", 100)], "127.0.0.1:0", 3, auth())
         .await
         .unwrap();
-    let b = Bank::start(&scratch(&base).await, "kill-b", &[("b", 0)], "127.0.0.1:0", 3)
+    let b = Bank::start(&scratch(&base).await, "kill-b", &[("b", 0)], "127.0.0.1:0", 3, auth())
         .await
         .unwrap();
     let http = reqwest::Client::new();
@@ -252,10 +265,10 @@ async fn timeouts_and_refusals_abort_everyone_and_leave_nothing_prepared() {
     let Some(base) = base_url() else { return };
     let _serial = SERIAL.lock().await;
     let (coord, _stop) = coordinator(&base).await;
-    let a = Bank::start(&scratch(&base).await, "to-a", &[("a", 100)], "127.0.0.1:0", 0)
+    let a = Bank::start(&scratch(&base).await, "to-a", &[("a", 100)], "127.0.0.1:0", 0, auth())
         .await
         .unwrap();
-    let b = Bank::start(&scratch(&base).await, "to-b", &[("b", 0)], "127.0.0.1:0", 0)
+    let b = Bank::start(&scratch(&base).await, "to-b", &[("b", 0)], "127.0.0.1:0", 0, auth())
         .await
         .unwrap();
     let http = reqwest::Client::new();
@@ -293,7 +306,7 @@ async fn participant_process() {
         panic!("run only as the child of participant_killed_after_voting_commit_commits_after_its_restart");
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let bank = Bank::start(&db, "proc-a", &[("a", 100)], &listen, refuse.parse().unwrap())
+    let bank = Bank::start(&db, "proc-a", &[("a", 100)], &listen, refuse.parse().unwrap(), auth())
         .await
         .unwrap();
     // On start, ask the coordinator about every transaction left prepared here.
@@ -310,7 +323,7 @@ async fn participant_killed_after_voting_commit_commits_after_its_restart() {
     let _serial = SERIAL.lock().await;
     let (coord, _stop) = coordinator(&base).await;
     let db_a = scratch(&base).await;
-    let b = Bank::start(&scratch(&base).await, "proc-b", &[("b", 0)], "127.0.0.1:0", 0)
+    let b = Bank::start(&scratch(&base).await, "proc-b", &[("b", 0)], "127.0.0.1:0", 0, auth())
         .await
         .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

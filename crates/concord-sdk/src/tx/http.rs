@@ -34,12 +34,64 @@ type Shared = Arc<dyn Participant>;
 /// coordinator; see [`ParticipantError::http_status`]). The body is read as JSON whatever its
 /// content type. Each call runs to its end in a task of its own, even when the coordinator hangs
 /// up (its timeout), so a prepare is never cut off between the work and `PREPARE TRANSACTION`.
-pub fn router(participant: Arc<dyn Participant>) -> Router {
-    Router::new()
+///
+/// `auth` says who may call: [`CoordinatorAuth::Token`] answers 401 `unauthorized` to any call
+/// without `Authorization: Bearer <token>` (the coordinator's `tx_participant_token`), so nobody
+/// else can commit or abort the participant's work; [`CoordinatorAuth::Open`] is for networks
+/// where only the coordinator can reach the participant.
+pub fn router(participant: Arc<dyn Participant>, auth: CoordinatorAuth) -> Router {
+    let routes = Router::new()
         .route("/prepare", post(prepare))
         .route("/commit", post(commit))
         .route("/abort", post(abort))
-        .with_state(participant)
+        .with_state(participant);
+    match auth {
+        CoordinatorAuth::Open => routes,
+        CoordinatorAuth::Token(token) => {
+            routes.layer(axum::middleware::from_fn_with_state(Arc::new(token), require_token))
+        }
+    }
+}
+
+/// Who may call a participant's routes.
+#[derive(Clone)]
+pub enum CoordinatorAuth {
+    /// Only calls carrying `Authorization: Bearer <token>`.
+    Token(String),
+    /// Anyone who can reach it.
+    Open,
+}
+
+impl std::fmt::Debug for CoordinatorAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.write_str(match self {
+            Self::Token(_) => "CoordinatorAuth::Token(..)",
+            Self::Open => "CoordinatorAuth::Open",
+        })
+    }
+}
+
+async fn require_token(
+    State(token): State<Arc<String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.as_bytes())) {
+        next.run(request).await
+    } else {
+        Failure {
+            code: ErrorCode::Unauthorized,
+            detail: "the coordinator's token is missing or wrong".into(),
+        }
+        .into_response()
+    }
 }
 
 #[derive(Serialize)]

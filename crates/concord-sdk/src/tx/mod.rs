@@ -56,7 +56,8 @@
 //! // Settle what a previous run left prepared, then serve the coordinator.
 //! let report = participant.recover(&coordinator).await?;
 //! println!("recovery: {report:?}");
-//! let app = axum::Router::new().nest("/2pc", concord_sdk::tx::router(Arc::new(participant)));
+//! let auth = concord_sdk::tx::CoordinatorAuth::Token(std::env::var("TX_PARTICIPANT_TOKEN")?);
+//! let app = axum::Router::new().nest("/2pc", concord_sdk::tx::router(Arc::new(participant), auth));
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
 //! axum::serve(listener, app).await?;
 //! # Ok(())
@@ -75,7 +76,7 @@ use serde_json::Value;
 
 use crate::Client;
 
-pub use http::router;
+pub use http::{CoordinatorAuth, router};
 
 /// An error of a participant's own code: the work, or the storage behind it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

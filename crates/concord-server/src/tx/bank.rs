@@ -94,6 +94,7 @@ impl Bank {
     /// Opens (creating its tables) the bank on `database_url`, gives each listed account its
     /// balance, and serves the participant on `listen` (`127.0.0.1:0` for any port). The first
     /// `refuse_commits` commit messages are answered 503, to hold phase 2 open in crash tests.
+    /// `auth` says who may call it (the coordinator's token).
     ///
     /// # Errors
     /// The database, or the address.
@@ -103,6 +104,7 @@ impl Bank {
         accounts: &[(&str, i64)],
         listen: &str,
         refuse_commits: u32,
+        auth: concord_sdk::tx::CoordinatorAuth,
     ) -> anyhow::Result<Self> {
         let pool = PgPoolOptions::new().max_connections(10).connect(database_url).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
@@ -127,7 +129,7 @@ impl Bank {
         };
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = concord_sdk::tx::router(served);
+        let app = concord_sdk::tx::router(served, auth);
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

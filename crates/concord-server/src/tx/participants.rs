@@ -15,18 +15,33 @@ pub struct HttpTxParticipants {
     client: reqwest::Client,
     /// Longest wait for one phase-2 answer.
     phase2_timeout: Duration,
+    /// Shown to participants as `Authorization: Bearer`.
+    token: Option<String>,
 }
 
 impl HttpTxParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(phase2_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(phase2_timeout: Duration, token: Option<String>) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(Self { client, phase2_timeout })
+        Ok(Self {
+            client,
+            phase2_timeout,
+            token,
+        })
+    }
+}
+
+impl HttpTxParticipants {
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
     }
 }
 
@@ -69,8 +84,7 @@ impl TxParticipants for HttpTxParticipants {
                 return PrepareAnswer::Silent(last);
             }
             let sent = self
-                .client
-                .post(url(&p.url, "prepare"))
+                .authorized(self.client.post(url(&p.url, "prepare")))
                 .timeout(left)
                 .header("traceparent", outgoing_traceparent(None))
                 .json(&body)
@@ -95,8 +109,7 @@ impl TxParticipants for HttpTxParticipants {
     async fn finish(&self, xid: &str, p: &TxParticipant, outcome: Outcome) -> bool {
         let body = PhaseTwoMessage { xid: xid.to_owned() };
         let sent = self
-            .client
-            .post(url(&p.url, outcome.phase2_path()))
+            .authorized(self.client.post(url(&p.url, outcome.phase2_path())))
             .timeout(self.phase2_timeout)
             .header("traceparent", outgoing_traceparent(None))
             .json(&body)
