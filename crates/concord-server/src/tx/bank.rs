@@ -30,23 +30,20 @@ impl PreparedWork for Transfer {
         if let Some(ms) = payload["sleep_ms"].as_u64() {
             tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
         }
-        sqlx::query("SET LOCAL lock_timeout = '500ms'")
-            .execute(&mut *conn)
-            .await?;
-        let changed = sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
-            .bind(account)
-            .bind(delta)
-            .execute(&mut *conn)
-            .await?;
+        // One statement: the balance and the ledger row. An overdraft breaks the CHECK, which
+        // the sdk turns into a refusal.
+        let changed = sqlx::query(
+            "WITH moved AS (UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING id) \
+             INSERT INTO ledger (xid, account, delta) SELECT $3, id, $2 FROM moved",
+        )
+        .bind(account)
+        .bind(delta)
+        .bind(xid.as_str())
+        .execute(&mut *conn)
+        .await?;
         if changed.rows_affected() == 0 {
             return Err(WorkError::Refused(format!("no account {account}")));
         }
-        sqlx::query("INSERT INTO ledger (xid, account, delta) VALUES ($1, $2, $3)")
-            .bind(xid.as_str())
-            .bind(account)
-            .bind(delta)
-            .execute(&mut *conn)
-            .await?;
         Ok(())
     }
 }
@@ -106,7 +103,19 @@ impl Bank {
         refuse_commits: u32,
         auth: concord_sdk::tx::CoordinatorAuth,
     ) -> anyhow::Result<Self> {
-        let pool = PgPoolOptions::new().max_connections(10).connect(database_url).await?;
+        // A prepared transaction keeps its row locks until phase 2; a bounded wait for them turns
+        // a distributed deadlock (two transfers waiting on each other across the two banks) into
+        // a refusal instead of a hang.
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET lock_timeout = '500ms'").execute(conn).await?;
+                    Ok(())
+                })
+            })
+            .connect(database_url)
+            .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         for (id, balance) in accounts {
             // Not ON CONFLICT: that waits for a prepared transaction holding the row, which after
