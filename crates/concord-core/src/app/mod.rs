@@ -3,6 +3,7 @@
 pub mod append;
 pub mod auth;
 pub mod group_commit;
+mod log;
 pub mod saga;
 pub mod subscribe;
 pub mod tx;

@@ -5,16 +5,17 @@
 //! lease, and every log append names the version it expects, so a node that lost its lease (paused,
 //! partitioned) cannot record anything once another node has moved the saga on.
 
+use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
     SagaLimits, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, log_stream, on_outcome,
 };
-use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError, event::UncheckedEvent};
+use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -368,31 +369,21 @@ impl SagaEngine {
 
     async fn read_log(&self, row: &SagaRow) -> Result<(Option<SagaState>, Option<String>), SagaError> {
         let def = self.definition(&row.definition, Some(row.version)).await?;
-        let stream = stream_name(&row.id)?;
-        let mut events = Vec::new();
-        let mut trace = None;
-        let mut from = 1;
-        loop {
-            let page = match self.events.read_stream(&stream, from, 1000).await {
-                Ok(p) => p,
-                Err(StoreError::StreamNotFound(_)) => return Ok((None, None)),
-                Err(e) => return Err(e.into()),
-            };
-            let n = page.len();
-            for e in page {
-                if e.version == 1 {
-                    trace = e.metadata.get("traceparent").and_then(Value::as_str).map(str::to_owned);
-                }
-                from = e.version + 1;
-                events.push(
-                    serde_json::from_value::<SagaEvent>(e.data)
-                        .map_err(|err| LogError(format!("event {} of saga {}: {err}", e.version, row.id)))?,
-                );
-            }
-            if n < 1000 {
-                break;
-            }
-        }
+        let Some(recorded) = log::read_all(self.events.as_ref(), &stream_name(&row.id)?).await? else {
+            return Ok((None, None));
+        };
+        let trace = recorded
+            .first()
+            .and_then(|e| e.metadata.get("traceparent"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let events = recorded
+            .into_iter()
+            .map(|e| {
+                serde_json::from_value::<SagaEvent>(e.data)
+                    .map_err(|err| LogError(format!("event {} of saga {}: {err}", e.version, row.id)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((Some(SagaState::from_log(&row.id, &def, &events)?), trace))
     }
 
@@ -703,26 +694,21 @@ impl SagaEngine {
     }
 
     async fn append(&self, id: &str, after: u64, events: &[SagaEvent], trace: Option<&str>) -> Result<(), SagaError> {
-        let mut meta = json!({"node": self.node.to_string()});
-        if let Some(t) = trace {
-            meta["traceparent"] = Value::String(t.to_owned());
-        }
-        let events = events
+        let entries = events
             .iter()
-            .map(|e| UncheckedEvent {
-                id: None,
-                event_type: e.type_name().to_owned(),
-                data: serde_json::to_value(e).unwrap_or(Value::Null),
-                metadata: Some(meta.clone()),
-            })
+            .map(|e| (e.type_name(), serde_json::to_value(e).unwrap_or(Value::Null)))
             .collect();
-        let expected = if after == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(after)
-        };
-        let req = AppendRequest::new(stream_name(id)?, expected, events, &self.config.event_limits)?;
-        self.events.append(req).await?;
+        let limits = &self.config.event_limits;
+        log::append(
+            self.events.as_ref(),
+            stream_name(id)?,
+            after,
+            entries,
+            self.node,
+            trace,
+            limits,
+        )
+        .await?;
         Ok(())
     }
 
@@ -830,21 +816,15 @@ fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished:
     }
 }
 
-/// How much longer than a call's timeout a lease must last when the call starts.
-const LEASE_MARGIN: Duration = Duration::from_secs(1);
-
 fn stream_name(id: &str) -> Result<StreamName, SagaError> {
     Ok(StreamName::parse(&log_stream(id))?)
-}
-
-fn chrono_dur(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkit::MemoryStore;
+    use serde_json::json;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Answers from a script keyed by (step, op); counts every call.

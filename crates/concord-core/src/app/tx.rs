@@ -6,14 +6,15 @@
 //! logged even when a recovering node and a slow coordinator race. No phase-2 message goes out
 //! before the decision is in the log and the row.
 
+use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
 use crate::domain::tx::{
     Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, decide, next_step, validate,
 };
-use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError, event::UncheckedEvent};
+use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, StoreError, TxRow, TxStore, TxUpdate};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
@@ -108,8 +109,6 @@ pub enum TxDriveEnd {
     /// Another node moved the transaction on.
     Lost,
 }
-
-const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 impl TxCoordinator {
     #[must_use]
@@ -305,26 +304,16 @@ impl TxCoordinator {
         let Ok(stream) = StreamName::parse(&format!("tx-{xid}")) else {
             return Ok(None);
         };
-        let mut events = Vec::new();
-        let mut from = 1;
-        loop {
-            let page = match self.events.read_stream(&stream, from, 1000).await {
-                Ok(p) => p,
-                Err(StoreError::StreamNotFound(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            let n = page.len();
-            for e in page {
-                from = e.version + 1;
-                events.push(
-                    serde_json::from_value::<TxEvent>(e.data)
-                        .map_err(|err| TxLogError(format!("event {} of {xid}: {err}", e.version)))?,
-                );
-            }
-            if n < 1000 {
-                break;
-            }
-        }
+        let Some(recorded) = log::read_all(self.events.as_ref(), &stream).await? else {
+            return Ok(None);
+        };
+        let events = recorded
+            .into_iter()
+            .map(|e| {
+                serde_json::from_value::<TxEvent>(e.data)
+                    .map_err(|err| TxLogError(format!("event {} of {xid}: {err}", e.version)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(TxState::from_log(xid, &events)?))
     }
 
@@ -525,27 +514,13 @@ impl TxCoordinator {
     }
 
     async fn append(&self, xid: &str, after: u64, events: &[TxEvent], trace: Option<&str>) -> Result<(), TxFailure> {
-        let mut meta = json!({"node": self.node.to_string()});
-        if let Some(t) = trace {
-            meta["traceparent"] = Value::String(t.to_owned());
-        }
-        let events = events
+        let entries = events
             .iter()
-            .map(|e| UncheckedEvent {
-                id: None,
-                event_type: e.type_name().to_owned(),
-                data: serde_json::to_value(e).unwrap_or(Value::Null),
-                metadata: Some(meta.clone()),
-            })
+            .map(|e| (e.type_name(), serde_json::to_value(e).unwrap_or(Value::Null)))
             .collect();
-        let expected = if after == 0 {
-            ExpectedVersion::NoStream
-        } else {
-            ExpectedVersion::Exact(after)
-        };
         let stream = StreamName::parse(&format!("tx-{xid}"))?;
-        let req = AppendRequest::new(stream, expected, events, &self.config.event_limits)?;
-        self.events.append(req).await?;
+        let limits = &self.config.event_limits;
+        log::append(self.events.as_ref(), stream, after, entries, self.node, trace, limits).await?;
         Ok(())
     }
 }
@@ -566,14 +541,11 @@ fn reason_of(participants: &[TxParticipant], answers: &[PrepareAnswer], outcome:
     why.join("; ").chars().take(1000).collect()
 }
 
-fn chrono_dur(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkit::MemoryStore;
+    use serde_json::json;
     use std::sync::Mutex;
 
     /// Votes from a script; records every phase-2 message; acknowledges unless told not to.

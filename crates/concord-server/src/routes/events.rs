@@ -151,7 +151,8 @@ pub fn log_query(
     })
 }
 
-fn read_limit(limit: Option<usize>, state: &AppState) -> Result<usize, ApiError> {
+/// A page size: 100 by default, 1 to `max_read_limit`.
+pub fn read_limit(limit: Option<usize>, state: &AppState) -> Result<usize, ApiError> {
     let max = state.limits.max_read_limit;
     match limit.unwrap_or(100.min(max)) {
         0 => Err(ApiError::parameter("limit", "must be at least 1")),

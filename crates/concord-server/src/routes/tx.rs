@@ -111,11 +111,7 @@ pub async fn list(
             ApiError::parameter("outcome", "one of committed, aborted, undecided")
         })?)),
     };
-    let max = state.limits.max_read_limit;
-    let limit = match p.limit.unwrap_or(100.min(max)) {
-        n if n == 0 || n > max => return Err(ApiError::parameter("limit", format!("must be 1 to {max}"))),
-        n => n,
-    };
+    let limit = super::events::read_limit(p.limit, &state)?;
     let rows = state
         .transactions
         .coordinator()

@@ -20,14 +20,22 @@ impl HttpParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
     pub fn new(max_body: usize) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            // A redirect would send the call somewhere the definition does not name.
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()?;
+        let client = participant_client()?;
         Ok(Self { client, max_body })
     }
+}
+
+/// The HTTP client for calls to participants (sagas and transactions alike).
+///
+/// # Errors
+/// When it cannot be built (no TLS provider installed).
+pub fn participant_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        // A redirect would send the call somewhere the definition or request does not name.
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(256)
+        .build()
 }
 
 /// How much of an error answer is kept in the saga log.

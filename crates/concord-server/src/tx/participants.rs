@@ -23,11 +23,7 @@ impl HttpTxParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
     pub fn new(phase2_timeout: Duration, token: Option<String>) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()?;
+        let client = crate::saga::participants::participant_client()?;
         Ok(Self {
             client,
             phase2_timeout,
