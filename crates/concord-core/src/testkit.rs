@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod vault;
+pub use vault::{MemoryVaultStore, vault_store_suite};
+
 // ---------------------------------------------------------------------------------------------
 // In-memory fake
 // ---------------------------------------------------------------------------------------------

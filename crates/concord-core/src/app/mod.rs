@@ -7,3 +7,4 @@ mod log;
 pub mod saga;
 pub mod subscribe;
 pub mod tx;
+pub mod vault;

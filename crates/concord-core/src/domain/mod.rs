@@ -7,6 +7,7 @@ pub mod limits;
 pub mod saga;
 pub mod stream;
 pub mod tx;
+pub mod vault;
 
 pub use auth::{ApiKeyRecord, KeyHash, Principal, Scope};
 pub use event::{AppendOutcome, AppendRequest, EventType, ExpectedVersion, NewEvent, RecordedEvent};
