@@ -70,3 +70,29 @@ async fn a_second_node_on_the_same_database_is_woken_by_notify() {
         .expect("node b hears node a's commit")
         .unwrap();
 }
+
+#[tokio::test]
+async fn postgres_passes_the_vault_store_suite() {
+    let Some(base) = base_url() else { return };
+    let url = create_scratch_database(&base, "concord_t").await.unwrap();
+    let store = concord_store_postgres::PostgresVaultStore::connect(&url, 8)
+        .await
+        .expect("connect the vault store");
+    testkit::vault_store_suite(store).await;
+}
+
+#[tokio::test]
+async fn the_vault_and_the_event_store_can_share_one_database() {
+    let Some(base) = base_url() else { return };
+    let url = create_scratch_database(&base, "concord_t").await.unwrap();
+    for _ in 0..2 {
+        let events = PostgresStore::connect(&PostgresConfig::new(&url))
+            .await
+            .expect("event store migrates");
+        let vault = concord_store_postgres::PostgresVaultStore::connect(&url, 2)
+            .await
+            .expect("vault migrates beside it");
+        drop(events);
+        vault.close().await;
+    }
+}

@@ -9,6 +9,9 @@ mod keys;
 mod sagas;
 mod sql;
 mod txs;
+mod vault;
+
+pub use vault::SqliteVaultStore;
 
 use concord_core::app::group_commit::{GroupCommitLimits, GroupCommitter};
 use concord_core::ports::StoreError;
@@ -75,11 +78,14 @@ fn migration(version: i64, description: &'static str, sql: &'static str) -> Migr
 }
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
+    // The vault's migrations (1001 on) may share the database: ignore them.
+    let mut m = Migrator::with_migrations(vec![
         migration(1, "init", include_str!("../migrations/0001_init.sql")),
         migration(2, "sagas", include_str!("../migrations/0002_sagas.sql")),
         migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
-    ])
+    ]);
+    m.set_ignore_missing(true);
+    m
 }
 
 /// How often the WAL is copied back into the database file.

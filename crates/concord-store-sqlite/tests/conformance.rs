@@ -86,3 +86,13 @@ async fn the_wal_is_checkpointed_into_the_database_file_in_the_background() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn sqlite_passes_the_vault_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.db");
+    let store = concord_store_sqlite::SqliteVaultStore::connect(&format!("sqlite://{}", path.display()), true)
+        .await
+        .expect("open the vault store");
+    testkit::vault_store_suite(store).await;
+}

@@ -179,6 +179,11 @@ impl VaultStore for MemoryVaultStore {
     }
 }
 
+/// Now, to the microsecond that every store keeps.
+fn now_us() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("now is in range")
+}
+
 fn sealed(tag: u8) -> Sealed {
     Sealed {
         nonce: [tag; 12],
@@ -192,7 +197,7 @@ fn data_key(subject: &str, version: u32) -> DataKeyRow {
         subject: subject.to_owned(),
         master_version: version,
         wrapped: sealed(7),
-        created_at: Utc::now(),
+        created_at: now_us(),
     }
 }
 
@@ -205,7 +210,7 @@ fn record(token: &str, key: Uuid, index: Option<u8>) -> TokenRecord {
         blind_index: index.map(|i| [i; 32]),
         metadata: Some(json!({"order": 42})),
         expires_at: None,
-        created_at: Utc::now(),
+        created_at: now_us(),
     }
 }
 
@@ -218,7 +223,7 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
         let row = MasterKeyRow {
             version: v,
             wrapped: sealed(u8::try_from(v).unwrap()),
-            created_at: Utc::now(),
+            created_at: now_us(),
         };
         assert!(s.insert_master_key(&row).await.unwrap());
         assert!(!s.insert_master_key(&row).await.unwrap(), "a version is added once");
@@ -310,7 +315,7 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
     assert_eq!(s.data_keys_below(3, None, 10).await.unwrap().len(), 2);
 
     // Expiry.
-    let now = Utc::now();
+    let now = now_us();
     let mut expired = record("tok_old", other.id, Some(1));
     expired.expires_at = Some(now - ChronoDuration::seconds(1));
     let mut live = record("tok_live", other.id, None);
