@@ -80,6 +80,30 @@ error_codes! {
     InvalidParticipant = ("invalid_participant", 400, "Invalid participant"),
     /// A transaction beyond a configured limit (participants, payload, timeout).
     TransactionLimitExceeded = ("transaction_limit_exceeded", 400, "Transaction limit exceeded"),
+    /// A vault value type that is not card, ssn, email, phone or generic.
+    InvalidValueType = ("invalid_value_type", 400, "Unknown value type"),
+    /// A value its type refuses (a card failing the Luhn check, a malformed email, ...). The
+    /// detail says why, never the value.
+    InvalidValue = ("invalid_value", 400, "Invalid value"),
+    /// A vault value over the configured size.
+    ValueTooLarge = ("value_too_large", 400, "Value too large"),
+    /// A token format the value's type cannot take (`last4` is for cards).
+    InvalidTokenFormat = ("invalid_token_format", 400, "Invalid token format"),
+    /// A token outside 1–64 of `[A-Za-z0-9_-]`.
+    InvalidToken = ("invalid_token", 400, "Invalid token"),
+    /// A tokenize or detokenize request with no items or more than the configured limit.
+    VaultBatchSize = ("vault_batch_size", 400, "Wrong number of vault items"),
+    /// A vault subject that is empty, too long, or holds control characters or `/`.
+    InvalidSubject = ("invalid_subject", 400, "Invalid subject"),
+    /// Tokenized-field rules with a bad pointer, type or format.
+    InvalidVaultRule = ("invalid_vault_rule", 400, "Invalid vault rule"),
+    /// A vault item with bad metadata or TTL.
+    InvalidVaultItem = ("invalid_vault_item", 400, "Invalid vault item"),
+    /// The API key detokenized more than its rate allows. Retry after `Retry-After` seconds.
+    RateLimited = ("rate_limited", 429, "Too many requests"),
+    /// A vault key failed to open (a keyring written under another master key, or tampering):
+    /// nothing was revealed. An operator must look.
+    VaultKeyFailure = ("vault_key_failure", 500, "Vault key failure"),
     /// The request body is larger than the server accepts at all.
     BodyTooLarge = ("body_too_large", 413, "Request body too large"),
     /// The body is not `application/json`.

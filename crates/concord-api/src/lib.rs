@@ -6,5 +6,6 @@ pub mod events;
 pub mod keys;
 pub mod sagas;
 pub mod tx;
+pub mod vault;
 
 pub use error::{ErrorCode, Problem};

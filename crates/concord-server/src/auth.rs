@@ -92,6 +92,13 @@ pub const ROUTE_SCOPES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/transactions", Need::Scope("tx:write")),
     ("GET", "/v1/transactions", Need::Scope("tx:read")),
     ("GET", "/v1/transactions/{xid}", Need::Scope("tx:read")),
+    ("POST", "/v1/vault/tokenize", Need::Scope("vault:tokenize")),
+    // Each item needs the detokenize scope of its type; the vault checks them (deny by default).
+    ("POST", "/v1/vault/detokenize", Need::AnyKey),
+    ("PUT", "/v1/vault/rules/{category}", Need::Scope("vault:admin")),
+    ("GET", "/v1/vault/rules/{category}", Need::Scope("vault:admin")),
+    ("DELETE", "/v1/vault/subjects/{subject}", Need::Scope("vault:admin")),
+    ("POST", "/v1/vault/keys/rotate", Need::Scope("vault:admin")),
     ("POST", "/v1/keys", Need::Scope("admin")),
     ("DELETE", "/v1/keys/{id}", Need::Scope("admin")),
     ("GET", "/v1/openapi.json", Need::AnyKey),

@@ -13,8 +13,38 @@ pub struct Settings {
     pub listen: String,
     /// `sqlite://PATH` or `postgres://...`.
     pub database_url: String,
-    /// The vault's own database (used by the vault; separate so card data can be segmented).
+    /// The vault's own database, separate so the card-data environment can be segmented. Empty:
+    /// a SQLite file beside a SQLite event store (`concord.db` -> `concord-vault.db`); with a
+    /// PostgreSQL event store, its own tables in that database, shared by every node (set this
+    /// to segment it).
     pub vault_database_url: String,
+    /// The vault's master key, 32 bytes in base64 (`CONCORD_VAULT_MASTER_KEY`). A secret: never
+    /// logged or serialized.
+    #[serde(skip_serializing)]
+    pub vault_master_key: Option<String>,
+    /// A file holding the master key in base64, when `vault_master_key` is unset. Unset too: the
+    /// file beside a SQLite vault (`concord-vault.key`), generated (mode 0600) when a new vault
+    /// is created; keep a copy somewhere safe, since without it no token can be revealed.
+    pub vault_master_key_file: Option<String>,
+    /// Most items in one tokenize or detokenize request.
+    pub vault_max_batch: usize,
+    /// Largest value the vault takes, bytes.
+    pub vault_max_value_bytes: usize,
+    /// Largest metadata of one token, bytes of JSON.
+    pub vault_max_metadata_bytes: usize,
+    /// Longest `ttl_s` of a token.
+    pub vault_max_ttl_s: u64,
+    /// Most fields in one category's tokenized-field rules.
+    pub vault_max_rule_fields: usize,
+    /// How long a node seals new tokens of a subject with the data key it looked up, ms.
+    pub vault_key_cache_ms: u64,
+    /// How long a node trusts the tokenized-field rules it looked up, ms: rules put on another
+    /// node apply here within this time.
+    pub vault_rules_cache_ms: u64,
+    /// Tokens one API key may detokenize per second on one node (0: no limit), and the burst
+    /// above it.
+    pub vault_detokenize_per_s: f64,
+    pub vault_detokenize_burst: f64,
     /// Bootstrap admin key; when unset and no admin key exists, one is generated and printed once.
     #[serde(skip_serializing)]
     pub admin_key: Option<String>,
@@ -101,7 +131,18 @@ impl Default for Settings {
         Self {
             listen: "127.0.0.1:7400".into(),
             database_url: "sqlite://concord.db".into(),
-            vault_database_url: "sqlite://concord-vault.db".into(),
+            vault_database_url: String::new(),
+            vault_master_key: None,
+            vault_master_key_file: None,
+            vault_max_batch: 1000,
+            vault_max_value_bytes: 4096,
+            vault_max_metadata_bytes: 4096,
+            vault_max_ttl_s: 10 * 365 * 24 * 3600,
+            vault_max_rule_fields: 64,
+            vault_key_cache_ms: 1000,
+            vault_rules_cache_ms: 1000,
+            vault_detokenize_per_s: 1000.0,
+            vault_detokenize_burst: 2000.0,
             admin_key: None,
             log_json: false,
             max_event_bytes: 1024 * 1024,
@@ -185,6 +226,45 @@ impl Settings {
         }
     }
 
+    /// The vault's database URL: the configured one, or the default beside the event store.
+    #[must_use]
+    pub fn vault_url(&self) -> String {
+        if !self.vault_database_url.is_empty() {
+            return self.vault_database_url.clone();
+        }
+        match self.database_url.strip_prefix("sqlite://") {
+            Some(rest) if !rest.contains(":memory:") => {
+                let (path, query) = rest.split_once('?').map_or((rest, ""), |(p, q)| (p, q));
+                let stem = path.strip_suffix(".db").unwrap_or(path);
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{query}")
+                };
+                format!("sqlite://{stem}-vault.db{query}")
+            }
+            Some(_) => "sqlite::memory:".into(),
+            None if self.database_url.starts_with("postgres") => self.database_url.clone(),
+            None => "sqlite://concord-vault.db".into(),
+        }
+    }
+
+    #[must_use]
+    pub fn vault_config(&self) -> concord_core::app::vault::VaultConfig {
+        concord_core::app::vault::VaultConfig {
+            max_batch: self.vault_max_batch,
+            max_value_bytes: self.vault_max_value_bytes,
+            max_metadata_bytes: self.vault_max_metadata_bytes,
+            max_ttl_s: self.vault_max_ttl_s,
+            max_rule_fields: self.vault_max_rule_fields,
+            key_cache_ttl: std::time::Duration::from_millis(self.vault_key_cache_ms),
+            rules_cache_ttl: std::time::Duration::from_millis(self.vault_rules_cache_ms),
+            detokenize_per_s: self.vault_detokenize_per_s,
+            detokenize_burst: self.vault_detokenize_burst,
+            event_limits: self.limits(),
+        }
+    }
+
     #[must_use]
     pub fn limits(&self) -> concord_core::domain::Limits {
         concord_core::domain::Limits {
@@ -209,6 +289,18 @@ mod tests {
             s.max_body_bytes > s.max_event_bytes,
             "an oversized event must reach validation"
         );
+    }
+
+    #[test]
+    fn the_vault_database_sits_beside_a_sqlite_event_store_by_default() {
+        let mut s = Settings::default();
+        assert_eq!(s.vault_url(), "sqlite://concord-vault.db");
+        s.database_url = "sqlite:///var/lib/concord/events.db".into();
+        assert_eq!(s.vault_url(), "sqlite:///var/lib/concord/events-vault.db");
+        s.database_url = "postgres://db/concord".into();
+        assert_eq!(s.vault_url(), "postgres://db/concord", "every node shares the vault");
+        s.vault_database_url = "postgres://vault-db/vault".into();
+        assert_eq!(s.vault_url(), "postgres://vault-db/vault");
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub detail: String,
     pub current_version: Option<u64>,
+    /// Sent as `Retry-After` (seconds).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             code,
             detail: detail.into(),
             current_version: None,
+            retry_after_s: None,
         }
     }
 
@@ -46,6 +49,9 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(problem)).into_response();
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         resp
     }
 }
@@ -80,6 +86,24 @@ impl From<StoreError> for ApiError {
             StoreError::EventIdConflict(_) => Self::new(ErrorCode::EventIdConflict, e.to_string()),
             StoreError::StreamNotFound(_) => Self::new(ErrorCode::StreamNotFound, e.to_string()),
             StoreError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, e.to_string()),
+        }
+    }
+}
+
+impl From<concord_core::app::vault::VaultFailure> for ApiError {
+    fn from(e: concord_core::app::vault::VaultFailure) -> Self {
+        use concord_core::app::vault::VaultFailure as F;
+        match e {
+            F::Invalid(v) => v.into(),
+            F::Store(s) => s.into(),
+            F::Forbidden(m) => Self::new(ErrorCode::Forbidden, m),
+            F::RateLimited { retry_after_ms } => Self {
+                retry_after_s: Some(retry_after_ms.div_ceil(1000).max(1)),
+                ..Self::new(
+                    ErrorCode::RateLimited,
+                    format!("over this key's detokenize rate; retry in {retry_after_ms} ms"),
+                )
+            },
         }
     }
 }

@@ -14,4 +14,5 @@ pub mod startup;
 pub mod state;
 pub mod telemetry;
 pub mod tx;
+pub mod vault;
 pub mod worker;

@@ -151,7 +151,9 @@ impl Application {
             },
             settings.workers,
         );
+        let vault = crate::vault::open(&settings, stores.events.clone()).await?;
         let state = AppState {
+            vault,
             sagas,
             transactions,
             events: stores.events,
@@ -201,6 +203,7 @@ impl Application {
         } = self;
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
+        spawn_vault_purge(&state);
         let runner = state.settings.workers.then(|| {
             let sagas = tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace));
             let transactions = tokio::spawn(state.transactions.clone().run(state.shutdown.clone(), grace));
@@ -248,6 +251,34 @@ fn spawn_idempotency_purge(state: &AppState) {
             match store.purge_expired(chrono::Utc::now()).await {
                 Ok(n) => metrics::counter!("concord_idempotency_purged_total").increment(n),
                 Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
+            }
+        }
+    });
+}
+
+/// Expired tokens stop revealing at once; this deletes their records, a page at a time.
+fn spawn_vault_purge(state: &AppState) {
+    let vault = state.vault.clone();
+    let mut stopping = state.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            loop {
+                match vault.purge_expired(1000).await {
+                    Ok(n) => {
+                        metrics::counter!("concord_vault_tokens_purged_total").increment(n);
+                        if n < 1000 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "vault purge failed");
+                        break;
+                    }
+                }
             }
         }
     });

@@ -20,4 +20,5 @@ pub struct AppState {
     pub key_cache: Arc<crate::auth::KeyCache>,
     pub sagas: Arc<crate::saga::SagaRunner>,
     pub transactions: Arc<crate::tx::TxRunner>,
+    pub vault: Arc<concord_core::app::vault::Vault>,
 }

@@ -11,6 +11,8 @@ use serde_json::json;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// The vault's master key of every node (they share one vault on PostgreSQL).
+const VAULT_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 const APPENDERS: usize = 24;
 const APPENDS_EACH: usize = 40;
 
@@ -19,6 +21,7 @@ async fn start_node(database_url: &str, admin_key: &str) -> (String, oneshot::Se
         listen: "127.0.0.1:0".into(),
         database_url: database_url.to_owned(),
         admin_key: Some(admin_key.to_owned()),
+        vault_master_key: Some(VAULT_KEY.into()),
         db_connections: 8,
         ..Settings::default()
     };

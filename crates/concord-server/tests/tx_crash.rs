@@ -18,6 +18,8 @@ use std::time::Duration;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What the coordinators of these tests show the banks, which refuse calls without it.
+/// The vault's master key of every coordinator here (they share a PostgreSQL vault).
+const VAULT_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 const TX_TOKEN: &str = "tx-crash-test-token";
 
 fn auth() -> concord_sdk::tx::CoordinatorAuth {
@@ -46,6 +48,7 @@ async fn coordinator(base: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
         database_url: scratch(base).await,
         admin_key: Some(ADMIN_KEY.into()),
         tx_participant_token: Some(TX_TOKEN.into()),
+        vault_master_key: Some(VAULT_KEY.into()),
         db_connections: 6,
         ..Settings::default()
     };
@@ -199,7 +202,8 @@ async fn a_coordinator_killed_after_deciding_finishes_phase_two_after_a_restart(
             .env("CONCORD_LEASE_MS", "1000")
             .env("CONCORD_POLL_MS", "50")
             .env("CONCORD_TX_RETRY_BACKOFF_MS", "200")
-            .env("CONCORD_TX_PARTICIPANT_TOKEN", TX_TOKEN);
+            .env("CONCORD_TX_PARTICIPANT_TOKEN", TX_TOKEN)
+            .env("CONCORD_VAULT_MASTER_KEY", VAULT_KEY);
         cmd
     };
     let mut server = Server::start(node()).await;

@@ -21,6 +21,10 @@ const SAGAS_READ: &str = "sagas:read";
 /// Transaction logs (`tx-{xid}`): a forged decision would break a transaction's atomicity.
 const TX_CATEGORY: &str = "tx";
 const TX_READ: &str = "tx:read";
+/// The vault's audit trail (`$vault-audit`): who revealed what. Read with `vault:audit`, written
+/// only by the vault itself, so not even an admin key can forge or bury an entry.
+const VAULT_CATEGORY: &str = "$vault";
+const VAULT_AUDIT: &str = "vault:audit";
 
 /// Whether `principal` may read events of `category`: saga logs need `sagas:read` besides
 /// `events:read`. Every read of events (one stream, the log, SSE, consumer groups) goes through it.
@@ -28,6 +32,7 @@ pub fn visible(principal: &Principal, category: &str) -> bool {
     match category {
         SAGA_CATEGORY => principal.allows(SAGAS_READ),
         TX_CATEGORY => principal.allows(TX_READ),
+        VAULT_CATEGORY => principal.allows(VAULT_AUDIT),
         _ => true,
     }
 }
@@ -35,7 +40,7 @@ pub fn visible(principal: &Principal, category: &str) -> bool {
 fn saga_logs_forbidden() -> ApiError {
     ApiError::new(
         ErrorCode::Forbidden,
-        "saga logs (saga-...) need the sagas:read scope, transaction logs (tx-...) tx:read",
+        "saga logs (saga-...) need the sagas:read scope, transaction logs (tx-...) tx:read, the vault audit ($vault-...) vault:audit",
     )
 }
 
@@ -46,6 +51,12 @@ pub async fn append(
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
+    if stream.category() == VAULT_CATEGORY {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "the vault's streams ($vault-...) are written by the vault alone",
+        ));
+    }
     // System streams (`$...`: audit trails), saga and transaction logs are written by Concord
     // itself; a forged event would steer a saga or decide a transaction.
     let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
@@ -57,7 +68,7 @@ pub async fn append(
     }
     let Json(body) = body?;
     let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
-    let events = body
+    let mut events: Vec<UncheckedEvent> = body
         .events
         .into_iter()
         .map(|e| UncheckedEvent {
@@ -67,6 +78,8 @@ pub async fn append(
             metadata: e.metadata,
         })
         .collect();
+    // Fields the vault's rules name for this category are stored as tokens, never in plain.
+    state.vault.tokenize_events(&stream, &mut events).await?;
     let request = AppendRequest::new(stream.clone(), expected, events, &state.limits)?;
     let count = request.events.len();
     let outcome = state.events.append(request).await;

@@ -6,6 +6,7 @@ pub mod sagas;
 pub mod subscriptions;
 pub mod system;
 pub mod tx;
+pub mod vault;
 
 use crate::state::AppState;
 use crate::{auth, error, idempotency, telemetry};
@@ -34,6 +35,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sagas/{id}/retry", post(sagas::retry))
         .route("/v1/transactions", post(tx::begin).get(tx::list))
         .route("/v1/transactions/{xid}", get(tx::get))
+        .route("/v1/vault/tokenize", post(vault::tokenize))
+        .route("/v1/vault/detokenize", post(vault::detokenize))
+        .route(
+            "/v1/vault/rules/{category}",
+            put(vault::put_rules).get(vault::get_rules),
+        )
+        .route("/v1/vault/subjects/{subject}", delete(vault::erase_subject))
+        .route("/v1/vault/keys/rotate", post(vault::rotate))
         .route("/v1/keys", post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/openapi.json", get(system::openapi))

@@ -32,6 +32,15 @@ pub fn postgres_url() -> Option<String> {
     url
 }
 
+/// A fresh vault master key, base64.
+pub fn test_master_key() -> String {
+    concord_core::domain::vault::SecretKey::generate()
+        .unwrap()
+        .to_base64()
+        .as_str()
+        .to_owned()
+}
+
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -66,6 +75,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
         listen: "127.0.0.1:0".into(),
         database_url: database_url.clone(),
         admin_key: Some(admin_key.clone()),
+        vault_master_key: Some(test_master_key()),
         db_connections: 4,
         ..Settings::default()
     };

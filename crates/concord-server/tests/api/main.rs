@@ -14,3 +14,4 @@ mod sagas;
 mod subscriptions;
 mod system;
 mod tx;
+mod vault;

@@ -1,0 +1,165 @@
+//! The tokenization vault: tokenize, detokenize, tokenized-field rules, erasure, rotation.
+
+use crate::error::ApiError;
+use crate::idempotency::SecretResponse;
+use crate::state::AppState;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use concord_api::ErrorCode;
+use concord_api::vault::{
+    DetokenizeBody, Detokenized, DetokenizedItem, ErasedOut, RotatedOut, RulesBody, RulesOut, TokenizeBody, Tokenized,
+};
+use concord_core::app::vault::{Reveal, TokenizeItem};
+use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType, VaultError};
+use concord_core::domain::{Category, Principal};
+use zeroize::Zeroizing;
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Json<TokenizeBody>, JsonRejection>,
+) -> Result<Json<Tokenized>, ApiError> {
+    let Json(body) = body?;
+    let items = body
+        .items
+        .into_iter()
+        .map(|i| {
+            let format = match i.format.as_deref() {
+                None | Some("random") => TokenFormat::Random,
+                Some("uuid") => TokenFormat::Uuid,
+                Some("last4") => TokenFormat::Last4,
+                Some(_) => return Err(ApiError::parameter("format", "must be random, uuid or last4")),
+            };
+            Ok(TokenizeItem {
+                kind: TokenType::parse(&i.kind)?,
+                value: Zeroizing::new(i.value),
+                format,
+                convergent: i.convergent.unwrap_or(false),
+                subject: i.subject.as_deref().map(Subject::parse).transpose()?,
+                ttl_s: i.ttl_s,
+                metadata: i.metadata,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let tokens = state.vault.tokenize(items).await?;
+    Ok(Json(Tokenized {
+        tokens: tokens.into_iter().map(Token::into_string).collect(),
+    }))
+}
+
+/// Answers revealed values, so the response is marked as a secret: an `Idempotency-Key` never
+/// stores it (stored responses are plaintext).
+pub async fn detokenize(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<DetokenizeBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let reveal = match body.reveal.as_deref() {
+        None | Some("plain") => Reveal::Plain,
+        Some("masked") => Reveal::Masked,
+        Some(_) => return Err(ApiError::parameter("reveal", "must be plain or masked")),
+    };
+    let tokens = body
+        .tokens
+        .iter()
+        .map(|t| Token::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let items = state.vault.detokenize(&principal, tokens, reveal).await?;
+    let out = Detokenized {
+        items: items
+            .into_iter()
+            .map(|i| DetokenizedItem {
+                token: i.token,
+                kind: i.kind.map(|k| k.as_str().to_owned()),
+                value: i.value.map(|v| v.as_str().to_owned()),
+                metadata: i.metadata,
+                error: i.error.map(|e| e.as_str().to_owned()),
+            })
+            .collect(),
+    };
+    let mut resp = Json(out).into_response();
+    resp.extensions_mut().insert(SecretResponse);
+    Ok(resp)
+}
+
+fn category(raw: &str) -> Result<Category, ApiError> {
+    let c = Category::parse(raw)?;
+    if c.as_str().starts_with('$') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidVaultRule,
+            "system streams ($...) take no rules",
+        ));
+    }
+    Ok(c)
+}
+
+pub async fn put_rules(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Result<Json<RulesBody>, JsonRejection>,
+) -> Result<Json<RulesOut>, ApiError> {
+    let category = category(&raw)?;
+    let Json(body) = body?;
+    let rules = state.vault.put_rules(category.as_str(), &body.fields).await?;
+    Ok(Json(RulesOut {
+        category: category.as_str().to_owned(),
+        fields: rules.to_json(),
+    }))
+}
+
+pub async fn get_rules(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<RulesOut>, ApiError> {
+    let category = category(&raw)?;
+    let rules = state
+        .vault
+        .rules(category.as_str())
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no rules for this category"))?;
+    Ok(Json(RulesOut {
+        category: category.as_str().to_owned(),
+        fields: rules.to_json(),
+    }))
+}
+
+pub async fn erase_subject(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(raw): Path<String>,
+) -> Result<Json<ErasedOut>, ApiError> {
+    let subject = Subject::parse(&raw)?;
+    let erased = state.vault.erase_subject(&principal, &subject).await?;
+    Ok(Json(ErasedOut {
+        subject: subject.as_str().to_owned(),
+        erased,
+    }))
+}
+
+pub async fn rotate(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<RotatedOut>, ApiError> {
+    let r = state.vault.rotate(&principal).await?;
+    Ok(Json(RotatedOut {
+        master_key_version: r.master_key_version,
+        rewrapped: r.rewrapped,
+    }))
+}
+
+impl From<VaultError> for ApiError {
+    fn from(e: VaultError) -> Self {
+        let code = match &e {
+            VaultError::UnknownType(_) => ErrorCode::InvalidValueType,
+            VaultError::InvalidValue { .. } => ErrorCode::InvalidValue,
+            VaultError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            VaultError::FormatNotAllowed { .. } => ErrorCode::InvalidTokenFormat,
+            VaultError::InvalidToken => ErrorCode::InvalidToken,
+            VaultError::BatchSize { .. } => ErrorCode::VaultBatchSize,
+            VaultError::InvalidSubject(_) => ErrorCode::InvalidSubject,
+            VaultError::InvalidRule(_) => ErrorCode::InvalidVaultRule,
+            VaultError::InvalidItem(_) => ErrorCode::InvalidVaultItem,
+            VaultError::MasterKey(_) | VaultError::Crypto | VaultError::Rng => ErrorCode::VaultKeyFailure,
+        };
+        Self::new(code, e.to_string())
+    }
+}
