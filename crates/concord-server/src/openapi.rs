@@ -9,6 +9,10 @@ use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput
 use concord_api::keys::{CreateKeyBody, CreatedKey, Health};
 use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 use concord_api::tx::{BeginTxBody, ParticipantIn, ParticipantOut, TxDecision, TxOut, TxPage};
+use concord_api::vault::{
+    DetokenizeBody, Detokenized, DetokenizedItem, ErasedOut, RotatedOut, RulesBody, RulesOut, TokenizeBody,
+    TokenizeItemIn, Tokenized,
+};
 use utoipa::OpenApi;
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "The store answers", body = Health)))]
@@ -116,14 +120,48 @@ fn get_tx() {}
     responses((status = 200, description = "Transactions in xid order", body = TxPage)))]
 fn list_tx() {}
 
+#[utoipa::path(post, path = "/v1/vault/tokenize", request_body = TokenizeBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
+    responses((status = 200, description = "One token per item, in order (scope vault:tokenize)", body = Tokenized),
+              (status = 400, description = "invalid_value, invalid_value_type, value_too_large, invalid_token_format, invalid_subject, invalid_vault_item or vault_batch_size; nothing written", body = Problem)))]
+fn tokenize() {}
+
+#[utoipa::path(post, path = "/v1/vault/detokenize", request_body = DetokenizeBody,
+    responses((status = 200, description = "Each item's value or error (not_found, expired, erased, corrupted); audited; never stored for replay", body = Detokenized),
+              (status = 403, description = "Some item's type needs a vault:detokenize scope this key lacks: nothing revealed, audited", body = Problem),
+              (status = 429, description = "rate_limited: over this key's detokenize rate; see Retry-After", body = Problem)))]
+fn detokenize() {}
+
+#[utoipa::path(put, path = "/v1/vault/rules/{category}", request_body = RulesBody,
+    params(("category" = String, Path, description = "A stream category")),
+    responses((status = 200, description = "Stored; appends to the category tokenize these fields (scope vault:admin)", body = RulesOut),
+              (status = 400, description = "invalid_vault_rule", body = Problem)))]
+fn put_rules() {}
+
+#[utoipa::path(get, path = "/v1/vault/rules/{category}", params(("category" = String, Path)),
+    responses((status = 200, description = "The category's rules", body = RulesOut),
+              (status = 404, description = "not_found", body = Problem)))]
+fn get_rules() {}
+
+#[utoipa::path(delete, path = "/v1/vault/subjects/{subject}", params(("subject" = String, Path)),
+    responses((status = 200, description = "The subject's data key is deleted: its tokens answer erased (scope vault:admin)", body = ErasedOut)))]
+fn erase_subject() {}
+
+#[utoipa::path(post, path = "/v1/vault/keys/rotate",
+    responses((status = 200, description = "A new master key version wraps every data key (scope vault:admin)", body = RotatedOut)))]
+fn rotate_keys() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault."),
     paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key,
-          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga, begin_tx, get_tx, list_tx),
+          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga, begin_tx, get_tx, list_tx,
+          tokenize, detokenize, put_rules, get_rules, erase_subject, rotate_keys),
     components(schemas(Problem, AppendBody, EventInput, AppendResponse, EventOut, EventsPage, CheckpointBody,
                        CreateKeyBody, CreatedKey, Health, DefinitionOut, StartSagaBody, SagaOut, SagaPage, StepOut,
-                       AttemptOut, BeginTxBody, ParticipantIn, TxDecision, TxOut, ParticipantOut, TxPage)),
+                       AttemptOut, BeginTxBody, ParticipantIn, TxDecision, TxOut, ParticipantOut, TxPage,
+                       TokenizeBody, TokenizeItemIn, Tokenized, DetokenizeBody, Detokenized, DetokenizedItem,
+                       RulesBody, RulesOut, RotatedOut, ErasedOut)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
