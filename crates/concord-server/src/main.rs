@@ -42,6 +42,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Events { remote, command } => cli::run_events(&remote, command).await?,
         Command::Saga { remote, json, command } => cli::run_saga(&remote, json, command).await?,
         Command::Tx { remote, json, command } => cli::run_tx(&remote, json, command).await?,
+        Command::Vault { remote, json, command } => cli::run_vault(&remote, json, command).await?,
         Command::Bench(args) => return bench::run(args).await,
     }
     Ok(std::process::ExitCode::SUCCESS)
