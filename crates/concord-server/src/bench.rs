@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+mod vault;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchArea {
     /// Appends over HTTP against raw single-row INSERT transactions; append→subscriber latency.
@@ -23,6 +25,9 @@ pub enum BenchArea {
     /// two local transactions committed directly.
     #[value(name = "2pc")]
     TwoPc,
+    /// Tokenize and detokenize (single items and batches of 100) against AES-GCM plus the same
+    /// rows written or read straight to the vault's database.
+    Vault,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -108,6 +113,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchArea::Events => events(&args, &database_url).await,
         BenchArea::Sagas => sagas(&args, &database_url).await,
         BenchArea::TwoPc => two_phase_commit(&args, &database_url).await,
+        BenchArea::Vault => vault::vault(&args, &database_url).await,
     };
     if let Some(base) = scratch {
         concord_store_postgres::drop_scratch_database(&base, &database_url).await?;
@@ -123,6 +129,9 @@ struct BenchServer {
     /// What the coordinator shows transaction participants.
     tx_token: String,
     http: reqwest::Client,
+    /// The vault's database, beside the event store's.
+    vault_url: String,
+    address: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -138,8 +147,12 @@ impl BenchServer {
             admin_key: Some(admin.clone()),
             db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
             sqlite_synchronous_full: true,
+            vault_master_key: Some(concord_core::domain::vault::SecretKey::generate()?.to_base64().as_str().to_owned()),
+            // The vault benchmark measures throughput; the limit is a policy, set per deployment.
+            vault_detokenize_per_s: 0.0,
             ..Settings::default()
         };
+        let vault_url = settings.vault_url();
         let app = Application::build(settings).await?;
         let address = format!("http://{}", app.local_addr()?);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -150,11 +163,13 @@ impl BenchServer {
             .pool_max_idle_per_host(args.clients)
             .tcp_nodelay(true)
             .build()?;
-        let client = Client::with_http(address, admin, http.clone());
+        let client = Client::with_http(address.clone(), admin, http.clone());
         Ok(Self {
             client,
             tx_token,
             http,
+            vault_url,
+            address,
             stop,
             task,
         })
@@ -642,7 +657,9 @@ enum RawInserts {
 }
 
 impl RawInserts {
-    async fn open(url: &str, clients: usize) -> anyhow::Result<Self> {
+    /// Pools straight to the database, durable as the stores are (WAL and `synchronous=FULL` on
+    /// SQLite).
+    async fn connect(url: &str, clients: usize) -> anyhow::Result<Self> {
         let max = u32::try_from(clients).unwrap_or(32);
         if url.starts_with("sqlite:") {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -651,25 +668,38 @@ impl RawInserts {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
-            pool.execute(
-                "CREATE TABLE IF NOT EXISTS bench_raw (position INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, \
-                 stream TEXT NOT NULL, event_type TEXT NOT NULL, data TEXT NOT NULL, metadata TEXT NOT NULL, recorded_at TEXT NOT NULL)",
-            )
-            .await?;
-            Ok(Self::Sqlite(pool))
+            Ok(Self::Sqlite(
+                SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?,
+            ))
         } else {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(max)
-                .connect(url)
-                .await?;
-            pool.execute(
-                "CREATE TABLE IF NOT EXISTS bench_raw (position BIGSERIAL PRIMARY KEY, id UUID NOT NULL UNIQUE, \
-                 stream TEXT NOT NULL, event_type TEXT NOT NULL, data JSONB NOT NULL, metadata JSONB NOT NULL, recorded_at TIMESTAMPTZ NOT NULL)",
-            )
-            .await?;
-            Ok(Self::Postgres(pool))
+            Ok(Self::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(max)
+                    .connect(url)
+                    .await?,
+            ))
         }
+    }
+
+    /// Runs the statement written for this database.
+    async fn execute(&self, sqlite: &'static str, postgres: &'static str) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(pool) => drop(pool.execute(sqlite).await?),
+            Self::Postgres(pool) => drop(pool.execute(postgres).await?),
+        }
+        Ok(())
+    }
+
+    async fn open(url: &str, clients: usize) -> anyhow::Result<Self> {
+        let raw = Self::connect(url, clients).await?;
+        raw.execute(
+            "CREATE TABLE IF NOT EXISTS bench_raw (position INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, \
+             stream TEXT NOT NULL, event_type TEXT NOT NULL, data TEXT NOT NULL, metadata TEXT NOT NULL, recorded_at TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS bench_raw (position BIGSERIAL PRIMARY KEY, id UUID NOT NULL UNIQUE, \
+             stream TEXT NOT NULL, event_type TEXT NOT NULL, data JSONB NOT NULL, metadata JSONB NOT NULL, recorded_at TIMESTAMPTZ NOT NULL)",
+        )
+        .await?;
+        Ok(raw)
     }
 
     async fn insert(&self, stream: &str, data: &str) -> anyhow::Result<()> {
