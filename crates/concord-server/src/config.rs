@@ -45,6 +45,8 @@ pub struct Settings {
     /// above it.
     pub vault_detokenize_per_s: f64,
     pub vault_detokenize_burst: f64,
+    /// Most token records written in one statement; concurrent tokenizations share it.
+    pub vault_write_batch: usize,
     /// Bootstrap admin key; when unset and no admin key exists, one is generated and printed once.
     #[serde(skip_serializing)]
     pub admin_key: Option<String>,
@@ -143,6 +145,7 @@ impl Default for Settings {
             vault_rules_cache_ms: 1000,
             vault_detokenize_per_s: 1000.0,
             vault_detokenize_burst: 2000.0,
+            vault_write_batch: 1000,
             admin_key: None,
             log_json: false,
             max_event_bytes: 1024 * 1024,
@@ -261,6 +264,7 @@ impl Settings {
             rules_cache_ttl: std::time::Duration::from_millis(self.vault_rules_cache_ms),
             detokenize_per_s: self.vault_detokenize_per_s,
             detokenize_burst: self.vault_detokenize_burst,
+            write_batch: self.vault_write_batch,
             event_limits: self.limits(),
         }
     }

@@ -19,12 +19,106 @@ pub trait BatchWriter: Send + Sync + 'static {
     async fn write_batch(&self, batch: &[AppendRequest]) -> Vec<Result<AppendOutcome, StoreError>>;
 }
 
-type Job = (AppendRequest, oneshot::Sender<Result<AppendOutcome, StoreError>>);
+/// Work that queues in front of one writer, which takes everything waiting (up to a total
+/// weight) in one call: appends in one transaction, vault records in one statement, audit
+/// records in one append. Each item gets its own output.
+#[async_trait]
+pub trait Drain: Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Output: Send + 'static;
+    /// How much of the batch limit an item takes (at least 1 is counted).
+    fn weight(item: &Self::Item) -> usize;
+    /// Writes a batch: one output per item, in order.
+    async fn write(&self, batch: Vec<Self::Item>) -> Vec<Self::Output>;
+}
 
-/// Queue in front of a [`BatchWriter`].
+type Job<D> = (<D as Drain>::Item, oneshot::Sender<<D as Drain>::Output>);
+
+/// A queue in front of a [`Drain`]. While a batch is being written, new items queue up, so
+/// batches grow with concurrency and the cost of a write is shared; a lone item is written at
+/// once, without waiting for company.
+pub struct Batcher<D: Drain> {
+    queue: mpsc::Sender<Job<D>>,
+}
+
+impl<D: Drain> Clone for Batcher<D> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<D: Drain> Batcher<D> {
+    /// Starts the writer task on the current tokio runtime. It ends when every clone is dropped.
+    /// At most `queue_len` items wait; callers beyond it wait for room (back-pressure).
+    pub fn spawn(drain: Arc<D>, max_weight: usize, queue_len: usize) -> Self {
+        let (queue, rx) = mpsc::channel(queue_len.max(1));
+        tokio::spawn(drain_queue(drain, rx, max_weight.max(1)));
+        Self { queue }
+    }
+
+    /// Room left in the queue.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// Queues an item and waits for the batch that writes it.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the writer has stopped.
+    pub async fn submit(&self, item: D::Item) -> Result<D::Output, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send((item, tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer dropped the item".into()))
+    }
+}
+
+async fn drain_queue<D: Drain>(drain: Arc<D>, mut rx: mpsc::Receiver<Job<D>>, max_weight: usize) {
+    // An item that would have pushed a batch over the limit opens the next one.
+    let mut carried: Option<Job<D>> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut weight = D::weight(&first.0).max(1);
+        let mut items = vec![first.0];
+        let mut replies = vec![first.1];
+        while weight < max_weight {
+            match rx.try_recv() {
+                Ok((item, reply)) if weight + D::weight(&item).max(1) > max_weight => {
+                    carried = Some((item, reply));
+                    break;
+                }
+                Ok((item, reply)) => {
+                    weight += D::weight(&item).max(1);
+                    items.push(item);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let outputs = drain.write(items).await;
+        for (reply, output) in replies.into_iter().zip(outputs) {
+            // A caller that gave up waiting is no reason to stop the writer.
+            let _ = reply.send(output);
+        }
+    }
+}
+
+/// Queue of appends in front of a [`BatchWriter`].
 #[derive(Clone)]
 pub struct GroupCommitter {
-    queue: mpsc::Sender<Job>,
+    queue: Batcher<Appends>,
 }
 
 /// Bounds of the group committer.
@@ -45,12 +139,36 @@ impl Default for GroupCommitLimits {
     }
 }
 
+/// Appends drained into one transaction, weighed by their events.
+struct Appends(Arc<dyn BatchWriter>);
+
+#[async_trait]
+impl Drain for Appends {
+    type Item = AppendRequest;
+    type Output = Result<AppendOutcome, StoreError>;
+
+    fn weight(item: &AppendRequest) -> usize {
+        item.events.len()
+    }
+
+    async fn write(&self, batch: Vec<AppendRequest>) -> Vec<Self::Output> {
+        let started = std::time::Instant::now();
+        let results = self.0.write_batch(&batch).await;
+        metrics::histogram!("concord_group_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+        debug_assert_eq!(results.len(), batch.len());
+        metrics::histogram!("concord_group_commit_batch_appends").record(batch.len() as f64);
+        metrics::counter!("concord_group_commit_transactions_total").increment(1);
+        results
+    }
+}
+
 impl GroupCommitter {
     /// Starts the writer task on the current tokio runtime. It ends when every clone is dropped.
     pub fn spawn<W: BatchWriter>(writer: Arc<W>, limits: GroupCommitLimits) -> Self {
-        let (queue, rx) = mpsc::channel(limits.queue_len.max(1));
-        tokio::spawn(run(writer, rx, limits.max_batch_events.max(1)));
-        Self { queue }
+        let writer: Arc<dyn BatchWriter> = writer;
+        Self {
+            queue: Batcher::spawn(Arc::new(Appends(writer)), limits.max_batch_events, limits.queue_len),
+        }
     }
 
     /// Queues an append and waits for its transaction.
@@ -58,57 +176,7 @@ impl GroupCommitter {
     /// # Errors
     /// The append's own error, or [`StoreError::Unavailable`] when the writer has stopped.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .send((request, tx))
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the writer dropped the append".into()))?
-    }
-}
-
-async fn run<W: BatchWriter>(writer: Arc<W>, mut rx: mpsc::Receiver<Job>, max_events: usize) {
-    let mut requests = Vec::new();
-    let mut replies = Vec::new();
-    // An append that would have pushed a batch over the limit opens the next one.
-    let mut carried: Option<Job> = None;
-    loop {
-        let first = match carried.take() {
-            Some(job) => job,
-            None => match rx.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let mut events = first.0.events.len();
-        requests.push(first.0);
-        replies.push(first.1);
-        while events < max_events {
-            match rx.try_recv() {
-                Ok((req, reply)) if events + req.events.len() > max_events => {
-                    carried = Some((req, reply));
-                    break;
-                }
-                Ok((req, reply)) => {
-                    events += req.events.len();
-                    requests.push(req);
-                    replies.push(reply);
-                }
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let results = writer.write_batch(&requests).await;
-        metrics::histogram!("concord_group_commit_duration_seconds").record(started.elapsed().as_secs_f64());
-        debug_assert_eq!(results.len(), requests.len());
-        metrics::histogram!("concord_group_commit_batch_appends").record(requests.len() as f64);
-        metrics::counter!("concord_group_commit_transactions_total").increment(1);
-        for (reply, result) in replies.drain(..).zip(results) {
-            // A caller that gave up waiting is no reason to stop the writer.
-            let _ = reply.send(result);
-        }
-        requests.clear();
+        self.queue.submit(request).await?
     }
 }
 

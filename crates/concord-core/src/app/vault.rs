@@ -1,6 +1,7 @@
 //! The tokenization vault's use cases: tokenize, detokenize under per-caller policy with an audit
 //! trail, master key rotation, crypto-shredding of a subject, and tokenized event fields.
 
+use crate::app::group_commit::{Batcher, Drain};
 use crate::domain::event::UncheckedEvent;
 use crate::domain::vault::crypto::{data_key_aad, master_key_aad, value_aad};
 use crate::domain::vault::{FieldRules, SecretKey, Subject, SubjectKeys, Token, TokenFormat, TokenType, VaultError};
@@ -40,6 +41,8 @@ pub struct VaultConfig {
     pub detokenize_per_s: f64,
     /// How many tokens above the rate a key may detokenize in a burst.
     pub detokenize_burst: f64,
+    /// Most token records written in one statement: concurrent tokenizations share it.
+    pub write_batch: usize,
     /// Limits of the event store, for the audit records.
     pub event_limits: Limits,
 }
@@ -56,6 +59,7 @@ impl Default for VaultConfig {
             rules_cache_ttl: Duration::from_secs(1),
             detokenize_per_s: 1000.0,
             detokenize_burst: 2000.0,
+            write_batch: 1000,
             event_limits: Limits::default(),
         }
     }
@@ -166,14 +170,91 @@ const REWRAP_PAGE: usize = 500;
 /// The vault.
 pub struct Vault {
     store: Arc<dyn VaultStore>,
-    events: Arc<dyn EventStore>,
     master: SecretKey,
     keyring: RwLock<BTreeMap<u32, SecretKey>>,
     /// Subject -> (data key id, derived keys, fetched at); only for writing new tokens.
     data_keys: Mutex<HashMap<String, (Uuid, SubjectKeys, Instant)>>,
     rules: Mutex<HashMap<String, (Option<Arc<FieldRules>>, Instant)>>,
     buckets: Mutex<HashMap<Uuid, Bucket>>,
+    /// New token records of concurrent requests, written in one statement.
+    token_writes: Batcher<TokenWrites>,
+    /// Audit records of concurrent requests, written in one append.
+    audits: Batcher<AuditWrites>,
     config: VaultConfig,
+}
+
+/// Token records of several requests in one `insert_tokens`.
+struct TokenWrites(Arc<dyn VaultStore>);
+
+#[async_trait::async_trait]
+impl Drain for TokenWrites {
+    type Item = Vec<TokenRecord>;
+    type Output = Result<Vec<TokenInsert>, StoreError>;
+
+    fn weight(item: &Self::Item) -> usize {
+        item.len()
+    }
+
+    async fn write(&self, batch: Vec<Self::Item>) -> Vec<Self::Output> {
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let all: Vec<TokenRecord> = batch.into_iter().flatten().collect();
+        match self.0.insert_tokens(&all).await {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                lens.iter().map(|n| Ok(outcomes.by_ref().take(*n).collect())).collect()
+            }
+            Err(e) => lens.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+/// Audit records (event type, data) of several requests in one append to [`AUDIT_STREAM`]; each
+/// record stays its own event.
+struct AuditWrites {
+    events: Arc<dyn EventStore>,
+    limits: Limits,
+}
+
+impl AuditWrites {
+    async fn append(&self, records: Vec<(&'static str, Value)>) -> Result<(), StoreError> {
+        let stream = StreamName::parse(AUDIT_STREAM).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let events = records
+            .into_iter()
+            .map(|(event_type, data)| UncheckedEvent {
+                id: None,
+                event_type: event_type.into(),
+                data,
+                metadata: None,
+            })
+            .collect();
+        let request = AppendRequest::new(stream, ExpectedVersion::Any, events, &self.limits)
+            .map_err(|e| StoreError::Unavailable(format!("audit record: {e}")))?;
+        self.events.append(request).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl Drain for AuditWrites {
+    type Item = (&'static str, Value);
+    type Output = Result<(), StoreError>;
+
+    fn weight(_: &Self::Item) -> usize {
+        1
+    }
+
+    async fn write(&self, batch: Vec<Self::Item>) -> Vec<Self::Output> {
+        let n = batch.len();
+        let result = self.append(batch.clone()).await;
+        if result.is_ok() || n == 1 {
+            return vec![result; n];
+        }
+        // One record the log refuses must not fail the others: write them one by one.
+        let mut out = Vec::with_capacity(n);
+        for record in batch {
+            out.push(self.append(vec![record]).await);
+        }
+        out
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -192,9 +273,19 @@ impl Vault {
         master: SecretKey,
         config: VaultConfig,
     ) -> Result<Self, VaultFailure> {
+        let token_writes = Batcher::spawn(Arc::new(TokenWrites(store.clone())), config.write_batch, 4096);
+        let audits = Batcher::spawn(
+            Arc::new(AuditWrites {
+                events: events.clone(),
+                limits: config.event_limits,
+            }),
+            config.event_limits.max_events_per_append.min(500),
+            4096,
+        );
         let vault = Self {
             store,
-            events,
+            token_writes,
+            audits,
             master,
             keyring: RwLock::new(BTreeMap::new()),
             data_keys: Mutex::new(HashMap::new()),
@@ -353,7 +444,7 @@ impl Vault {
                 let (key_id, k) = &keys[&p.subject];
                 records.push(p.record(*key_id, k, now)?);
             }
-            let outcomes = self.store.insert_tokens(&records).await?;
+            let outcomes = self.token_writes.submit(records.clone()).await??;
             for ((&i, record), outcome) in pending.iter().zip(&records).zip(outcomes) {
                 match outcome {
                     TokenInsert::Inserted => tokens[i] = Some(Token::parse(&record.token)?),
@@ -605,25 +696,13 @@ impl Vault {
         .await
     }
 
-    async fn audit(&self, principal: &Principal, event_type: &str, mut data: Value) -> Result<(), VaultFailure> {
+    /// Records an audit entry and waits until it is durable.
+    async fn audit(&self, principal: &Principal, event_type: &'static str, mut data: Value) -> Result<(), VaultFailure> {
         if let Some(o) = data.as_object_mut() {
             o.insert("key_id".into(), json!(principal.key_id));
             o.insert("key_name".into(), json!(principal.name));
         }
-        let stream = StreamName::parse(AUDIT_STREAM).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let request = AppendRequest::new(
-            stream,
-            ExpectedVersion::Any,
-            vec![UncheckedEvent {
-                id: None,
-                event_type: event_type.into(),
-                data,
-                metadata: None,
-            }],
-            &self.config.event_limits,
-        )
-        .map_err(|e| StoreError::Unavailable(format!("audit record: {e}")))?;
-        self.events.append(request).await?;
+        self.audits.submit((event_type, data)).await??;
         Ok(())
     }
 
