@@ -24,6 +24,8 @@ pub trait BatchWriter: Send + Sync + 'static {
 /// records in one append. Each item gets its own output.
 #[async_trait]
 pub trait Drain: Send + Sync + 'static {
+    /// The `queue` label of the batch metrics (`concord_batch_items`, `concord_batch_seconds`).
+    const QUEUE: &'static str;
     type Item: Send + 'static;
     type Output: Send + 'static;
     /// How much of the batch limit an item takes (at least 1 is counted).
@@ -107,7 +109,10 @@ async fn drain_queue<D: Drain>(drain: Arc<D>, mut rx: mpsc::Receiver<Job<D>>, ma
                 Err(_) => break,
             }
         }
+        metrics::histogram!("concord_batch_items", "queue" => D::QUEUE).record(items.len() as f64);
+        let started = std::time::Instant::now();
         let outputs = drain.write(items).await;
+        metrics::histogram!("concord_batch_seconds", "queue" => D::QUEUE).record(started.elapsed().as_secs_f64());
         for (reply, output) in replies.into_iter().zip(outputs) {
             // A caller that gave up waiting is no reason to stop the writer.
             let _ = reply.send(output);
@@ -144,6 +149,7 @@ struct Appends(Arc<dyn BatchWriter>);
 
 #[async_trait]
 impl Drain for Appends {
+    const QUEUE: &'static str = "appends";
     type Item = AppendRequest;
     type Output = Result<AppendOutcome, StoreError>;
 

@@ -188,6 +188,7 @@ struct TokenWrites(Arc<dyn VaultStore>);
 
 #[async_trait::async_trait]
 impl Drain for TokenWrites {
+    const QUEUE: &'static str = "vault_tokens";
     type Item = Vec<TokenRecord>;
     type Output = Result<Vec<TokenInsert>, StoreError>;
 
@@ -235,6 +236,7 @@ impl AuditWrites {
 
 #[async_trait::async_trait]
 impl Drain for AuditWrites {
+    const QUEUE: &'static str = "vault_audit";
     type Item = (&'static str, Value);
     type Output = Result<(), StoreError>;
 

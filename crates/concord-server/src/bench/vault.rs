@@ -146,6 +146,7 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         "detokenize_1_baseline": per("SELECT 1 row + AES-GCM", &raw_read_single, 1),
         "detokenize_batch_100": per("detokenize 100", &reveal_batch, BATCH),
         "detokenize_batch_100_baseline": per("SELECT 100 rows + AES-GCM", &raw_read_batch, BATCH),
+        "batches": batch_figures(),
         "vault_database": if vault_url.starts_with("sqlite") { "sqlite" } else { "postgres" },
         "notes": "the detokenize rate limit is off for this run; every detokenize is audited in the event store as usual",
     });
@@ -159,6 +160,31 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         ratio,
         extra,
     })
+}
+
+/// Average items and write time of each shared-write queue over the run, from this process's
+/// own metrics.
+fn batch_figures() -> serde_json::Value {
+    let text = crate::telemetry::metrics_handle().render();
+    let value = |name: &str, queue: &str| {
+        let prefix = format!("{name}{{queue=\"{queue}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    let mut out = serde_json::Map::new();
+    for queue in ["vault_tokens", "vault_audit", "appends"] {
+        let n = value("concord_batch_items_count", queue);
+        if n > 0.0 {
+            out.insert(
+                queue.into(),
+                json!({"batches": n,
+                       "avg_items": round(value("concord_batch_items_sum", queue) / n),
+                       "avg_write_ms": round(value("concord_batch_seconds_sum", queue) / n * 1000.0)}),
+            );
+        }
+    }
+    serde_json::Value::Object(out)
 }
 
 /// A slice of `n` of `all` for client `c`'s request `i`, spread over the whole set.
