@@ -147,7 +147,12 @@ impl BenchServer {
             admin_key: Some(admin.clone()),
             db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
             sqlite_synchronous_full: true,
-            vault_master_key: Some(concord_core::domain::vault::SecretKey::generate()?.to_base64().as_str().to_owned()),
+            vault_master_key: Some(
+                concord_core::domain::vault::SecretKey::generate()?
+                    .to_base64()
+                    .as_str()
+                    .to_owned(),
+            ),
             // The vault benchmark measures throughput; the limit is a policy, set per deployment.
             vault_detokenize_per_s: 0.0,
             ..Settings::default()

@@ -699,7 +699,12 @@ impl Vault {
     }
 
     /// Records an audit entry and waits until it is durable.
-    async fn audit(&self, principal: &Principal, event_type: &'static str, mut data: Value) -> Result<(), VaultFailure> {
+    async fn audit(
+        &self,
+        principal: &Principal,
+        event_type: &'static str,
+        mut data: Value,
+    ) -> Result<(), VaultFailure> {
         if let Some(o) = data.as_object_mut() {
             o.insert("key_id".into(), json!(principal.key_id));
             o.insert("key_name".into(), json!(principal.name));

@@ -45,7 +45,12 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
             let (client, items, pool) = (client.clone(), items.clone(), pool.clone());
             async move {
                 let tokens = client.tokenize(&items).await?;
-                anyhow::ensure!(tokens.len() == items.len(), "{} tokens for {} items", tokens.len(), items.len());
+                anyhow::ensure!(
+                    tokens.len() == items.len(),
+                    "{} tokens for {} items",
+                    tokens.len(),
+                    items.len()
+                );
                 if let Some(pool) = pool {
                     let mut p = pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if p.len() < 100_000 {
@@ -57,9 +62,15 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         }
     };
     let issued = Arc::new(std::sync::Mutex::new(Vec::new()));
-    eprintln!("bench: {clients} clients tokenize 1 card per request for {}s ...", args.seconds);
+    eprintln!(
+        "bench: {clients} clients tokenize 1 card per request for {}s ...",
+        args.seconds
+    );
     let single = run_clients(clients, duration, tokenize(tokenizer.clone(), 1, Some(issued.clone()))).await?;
-    eprintln!("bench: {clients} clients tokenize batches of {BATCH} for {}s ...", args.seconds);
+    eprintln!(
+        "bench: {clients} clients tokenize batches of {BATCH} for {}s ...",
+        args.seconds
+    );
     let batch = run_clients(clients, duration, tokenize(tokenizer.clone(), BATCH, None)).await?;
 
     let tokens: Arc<Vec<String>> = Arc::new(std::mem::take(
@@ -80,9 +91,15 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
             }
         }
     };
-    eprintln!("bench: {clients} clients detokenize 1 token per request for {}s ...", args.seconds);
+    eprintln!(
+        "bench: {clients} clients detokenize 1 token per request for {}s ...",
+        args.seconds
+    );
     let reveal_single = run_clients(clients, duration, detokenize(revealer.clone(), 1, tokens.clone())).await?;
-    eprintln!("bench: {clients} clients detokenize batches of {BATCH} for {}s ...", args.seconds);
+    eprintln!(
+        "bench: {clients} clients detokenize batches of {BATCH} for {}s ...",
+        args.seconds
+    );
     let reveal_batch = run_clients(clients, duration, detokenize(revealer.clone(), BATCH, tokens.clone())).await?;
     server.stop().await;
 
@@ -266,14 +283,12 @@ impl RawVault {
 
     async fn read(&self, tokens: &[String]) -> anyhow::Result<()> {
         let rows: Vec<(String, Vec<u8>, Vec<u8>)> = match &self.db {
-            RawInserts::Sqlite(p) => {
-                sqlx::query_as(
-                    "SELECT token, nonce, ciphertext FROM bench_vault_raw WHERE token IN (SELECT value FROM json_each(?))",
-                )
-                .bind(serde_json::to_string(tokens)?)
-                .fetch_all(p)
-                .await?
-            }
+            RawInserts::Sqlite(p) => sqlx::query_as(
+                "SELECT token, nonce, ciphertext FROM bench_vault_raw WHERE token IN (SELECT value FROM json_each(?))",
+            )
+            .bind(serde_json::to_string(tokens)?)
+            .fetch_all(p)
+            .await?,
             RawInserts::Postgres(p) => {
                 sqlx::query_as("SELECT token, nonce, ciphertext FROM bench_vault_raw WHERE token = ANY($1)")
                     .bind(tokens)
