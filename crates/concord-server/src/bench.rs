@@ -689,8 +689,12 @@ impl RawInserts {
     /// Runs the statement written for this database.
     async fn execute(&self, sqlite: &'static str, postgres: &'static str) -> anyhow::Result<()> {
         match self {
-            Self::Sqlite(pool) => drop(pool.execute(sqlite).await?),
-            Self::Postgres(pool) => drop(pool.execute(postgres).await?),
+            Self::Sqlite(pool) => {
+                pool.execute(sqlite).await?;
+            }
+            Self::Postgres(pool) => {
+                pool.execute(postgres).await?;
+            }
         }
         Ok(())
     }

@@ -241,24 +241,37 @@ impl Application {
 
 fn spawn_idempotency_purge(state: &AppState) {
     let store = state.idempotency.clone();
-    let mut stopping = state.shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(60)) => {}
-                _ = stopping.wait_for(|s| *s) => return,
-            }
-            match store.purge_expired(chrono::Utc::now()).await {
-                Ok(n) => metrics::counter!("concord_idempotency_purged_total").increment(n),
-                Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
-            }
-        }
+    spawn_purge(state, "concord_idempotency_purged_total", move || {
+        let store = store.clone();
+        async move { store.purge_expired(chrono::Utc::now()).await.map_err(|e| e.to_string()) }
     });
 }
 
 /// Expired tokens stop revealing at once; this deletes their records, a page at a time.
 fn spawn_vault_purge(state: &AppState) {
+    const PAGE: usize = 1000;
     let vault = state.vault.clone();
+    spawn_purge(state, "concord_vault_tokens_purged_total", move || {
+        let vault = vault.clone();
+        async move {
+            let mut total = 0;
+            loop {
+                let n = vault.purge_expired(PAGE).await.map_err(|e| e.to_string())?;
+                total += n;
+                if n < PAGE as u64 {
+                    return Ok(total);
+                }
+            }
+        }
+    });
+}
+
+/// Runs `purge` once a minute until shutdown, counting what it deleted in `metric`.
+fn spawn_purge<F, Fut>(state: &AppState, metric: &'static str, purge: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<u64, String>> + Send,
+{
     let mut stopping = state.shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -266,19 +279,9 @@ fn spawn_vault_purge(state: &AppState) {
                 () = tokio::time::sleep(Duration::from_secs(60)) => {}
                 _ = stopping.wait_for(|s| *s) => return,
             }
-            loop {
-                match vault.purge_expired(1000).await {
-                    Ok(n) => {
-                        metrics::counter!("concord_vault_tokens_purged_total").increment(n);
-                        if n < 1000 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "vault purge failed");
-                        break;
-                    }
-                }
+            match purge().await {
+                Ok(n) => metrics::counter!(metric).increment(n),
+                Err(e) => tracing::warn!(error = %e, metric, "purge failed"),
             }
         }
     });

@@ -225,7 +225,7 @@ impl VaultStore for PostgresVaultStore {
             .filter(|(_, f)| **f)
             .map(|(r, _)| r)
             .collect();
-        order.sort_by(|a, b| (a.data_key_id, a.blind_index).cmp(&(b.data_key_id, b.blind_index)));
+        order.sort_by_key(|r| (r.data_key_id, r.blind_index));
         let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO concord_vault_tokens \
              (token, kind, data_key_id, nonce, ciphertext, blind_index, metadata, expires_at, created_at) \

@@ -155,6 +155,9 @@ pub struct Rotated {
     pub rewrapped: u64,
 }
 
+/// A category's rules (none: the category has none) and when they were looked up.
+type CachedRules = (Option<Arc<FieldRules>>, Instant);
+
 struct Bucket {
     tokens: f64,
     at: Instant,
@@ -174,7 +177,7 @@ pub struct Vault {
     keyring: RwLock<BTreeMap<u32, SecretKey>>,
     /// Subject -> (data key id, derived keys, fetched at); only for writing new tokens.
     data_keys: Mutex<HashMap<String, (Uuid, SubjectKeys, Instant)>>,
-    rules: Mutex<HashMap<String, (Option<Arc<FieldRules>>, Instant)>>,
+    rules: Mutex<HashMap<String, CachedRules>>,
     buckets: Mutex<HashMap<Uuid, Bucket>>,
     /// New token records of concurrent requests, written in one statement.
     token_writes: Batcher<TokenWrites>,

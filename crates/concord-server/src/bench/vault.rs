@@ -123,7 +123,7 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
     let r = raw.clone();
     let raw_batch = run_clients(clients, duration, move |c, i| {
         let r = r.clone();
-        async move { r.insert(c, i, BATCH).await.map(drop) }
+        async move { r.insert(c, i, BATCH).await.map(|_| ()) }
     })
     .await?;
     let written: Arc<Vec<String>> = Arc::new(std::mem::take(

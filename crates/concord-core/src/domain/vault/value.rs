@@ -196,7 +196,7 @@ fn digits_only(raw: &str, allowed: &[char]) -> Option<Zeroizing<String>> {
 /// The Luhn (mod 10) check of a string of ASCII digits.
 #[must_use]
 pub fn luhn_valid(digits: &str) -> bool {
-    luhn_sum(digits) % 10 == 0
+    luhn_sum(digits).is_multiple_of(10)
 }
 
 fn luhn_sum(digits: &str) -> u32 {
