@@ -339,6 +339,9 @@ pub enum TokenInsert {
     },
     /// The token is already taken by another record: generate another.
     TokenTaken,
+    /// The record's data key is gone (its subject was erased meanwhile): nothing was written;
+    /// seal the value under the subject's new key.
+    KeyErased,
 }
 
 /// A stored record and the data key it needs (none once the subject is erased).
@@ -374,7 +377,9 @@ pub trait VaultStore: Send + Sync + 'static {
     ) -> Result<Vec<DataKeyRow>, StoreError>;
     /// Replaces a data key's wrapping if it is still wrapped by `from_version`; false otherwise.
     async fn rewrap_data_key(&self, row: &DataKeyRow, from_version: u32) -> Result<bool, StoreError>;
-    /// Inserts records, each on its own terms (see [`TokenInsert`]), in one transaction.
+    /// Inserts records, each on its own terms (see [`TokenInsert`]), in one transaction. A record
+    /// is written only while its data key exists, and the key cannot be deleted until the
+    /// insert commits.
     async fn insert_tokens(&self, records: &[TokenRecord]) -> Result<Vec<TokenInsert>, StoreError>;
     /// The records of these tokens that exist, with their data keys, in any order.
     async fn find_tokens(&self, tokens: &[String]) -> Result<Vec<FoundToken>, StoreError>;

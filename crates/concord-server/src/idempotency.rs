@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use concord_api::ErrorCode;
-use concord_core::domain::{Fingerprint, IdempotencyKey, Principal};
+use concord_core::domain::{IdempotencyKey, Principal};
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim, StoredResponse};
 
 pub const HEADER: &str = "idempotency-key";
@@ -49,7 +49,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     let claim = IdempotencyClaim {
         owner,
         key: &key,
-        fingerprint: Fingerprint::of(parts.method.as_str(), target, &bytes),
+        fingerprint: state.vault.fingerprint(parts.method.as_str(), target, &bytes),
         now,
         locked_until: now + secs(state.settings.idempotency_lock_s),
         expires_at: now + secs(state.settings.idempotency_ttl_s),

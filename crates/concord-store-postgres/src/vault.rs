@@ -226,15 +226,21 @@ impl VaultStore for PostgresVaultStore {
             .map(|(r, _)| r)
             .collect();
         order.sort_by_key(|r| (r.data_key_id, r.blind_index));
-        let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO concord_vault_tokens \
-             (token, kind, data_key_id, nonce, ciphertext, blind_index, metadata, expires_at, created_at) \
-             SELECT token, kind, dk, nonce, ct, bi, m::jsonb, exp, created \
-             FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
-                         $8::timestamptz[], $9::timestamptz[]) \
-                  WITH ORDINALITY AS t(token, kind, dk, nonce, ct, bi, m, exp, created, n) \
-             ORDER BY n \
-             ON CONFLICT DO NOTHING RETURNING token",
+        // The data keys are share-locked for the statement, so an erasure waits for it to commit,
+        // and a record whose key is already gone is not written.
+        let keys: Vec<Uuid> = order.iter().map(|r| r.data_key_id).collect();
+        let rows: Vec<(bool, String)> = sqlx::query_as(
+            "WITH live AS (SELECT id FROM concord_vault_data_keys WHERE id = ANY($10::uuid[]) FOR SHARE), \
+             ins AS (INSERT INTO concord_vault_tokens \
+               (token, kind, data_key_id, nonce, ciphertext, blind_index, metadata, expires_at, created_at) \
+               SELECT token, kind, dk, nonce, ct, bi, m::jsonb, exp, created \
+               FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
+                           $8::timestamptz[], $9::timestamptz[]) \
+                    WITH ORDINALITY AS t(token, kind, dk, nonce, ct, bi, m, exp, created, n) \
+               WHERE dk IN (SELECT id FROM live) \
+               ORDER BY n \
+               ON CONFLICT DO NOTHING RETURNING token) \
+             SELECT true, token FROM ins UNION ALL SELECT false, id::text FROM live",
         )
         .bind(order.iter().map(|r| r.token.as_str()).collect::<Vec<_>>())
         .bind(order.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
@@ -255,9 +261,13 @@ impl VaultStore for PostgresVaultStore {
         )
         .bind(order.iter().map(|r| r.expires_at).collect::<Vec<_>>())
         .bind(order.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(&keys)
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
+        let (inserted, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(inserted, _)| *inserted);
+        let inserted: Vec<String> = inserted.into_iter().map(|(_, t)| t).collect();
+        let live: HashSet<String> = live.into_iter().map(|(_, id)| id).collect();
         let inserted: HashSet<String> = inserted.into_iter().collect();
         let lost: Vec<&TokenRecord> = records
             .iter()
@@ -297,6 +307,9 @@ impl VaultStore for PostgresVaultStore {
             .map(|(r, first)| {
                 if first && inserted.contains(&r.token) {
                     return TokenInsert::Inserted;
+                }
+                if !live.contains(&r.data_key_id.to_string()) {
+                    return TokenInsert::KeyErased;
                 }
                 match r.blind_index.and_then(|b| existing.get(&(r.data_key_id, b.to_vec()))) {
                     Some((token, expires_at)) => TokenInsert::Existing {

@@ -50,7 +50,10 @@ impl SqliteVaultStore {
             } else {
                 SqliteSynchronous::Normal
             })
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // A deleted data key (an erased subject) is overwritten in the file, not left in a
+            // free page.
+            .pragma("secure_delete", "ON");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -230,8 +233,28 @@ impl VaultStore for SqliteVaultStore {
 
     async fn insert_tokens(&self, records: &[TokenRecord]) -> Result<Vec<TokenInsert>, StoreError> {
         let mut tx = self.write.begin().await.map_err(unavailable)?;
+        // The one writer connection runs this transaction alone: no erasure can come between
+        // this check and the inserts.
+        let mut live: Vec<Uuid> = Vec::new();
+        let mut asked: Vec<Uuid> = records.iter().map(|r| r.data_key_id).collect();
+        asked.sort_unstable();
+        asked.dedup();
+        for id in asked {
+            let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM vault_data_keys WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            if found.is_some() {
+                live.push(id);
+            }
+        }
         let mut out = Vec::with_capacity(records.len());
         for r in records {
+            if !live.contains(&r.data_key_id) {
+                out.push(TokenInsert::KeyErased);
+                continue;
+            }
             let done = sqlx::query(
                 "INSERT OR IGNORE INTO vault_tokens \
                  (token, kind, data_key_id, nonce, ciphertext, blind_index, metadata, expires_at, created_at) \

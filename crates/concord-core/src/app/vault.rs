@@ -167,6 +167,8 @@ struct Bucket {
 const CACHE_MAX: usize = 10_000;
 /// New tokens tried for one item before giving up (a collision is rare but possible).
 const MAX_TOKEN_TRIES: usize = 8;
+/// Items listed in the audit record of a refused detokenize.
+const MAX_REFUSED_LISTED: usize = 16;
 /// Data keys re-wrapped per page during a rotation.
 const REWRAP_PAGE: usize = 500;
 
@@ -174,6 +176,10 @@ const REWRAP_PAGE: usize = 500;
 pub struct Vault {
     store: Arc<dyn VaultStore>,
     master: SecretKey,
+    /// Keys `Idempotency-Key` request fingerprints (see [`Vault::fingerprint`]).
+    fingerprint_key: SecretKey,
+    /// Keys the subject references of the audit trail: an erased subject's name is not kept.
+    subject_ref_key: SecretKey,
     keyring: RwLock<BTreeMap<u32, SecretKey>>,
     /// Subject -> (data key id, derived keys, fetched at); only for writing new tokens.
     data_keys: Mutex<HashMap<String, (Uuid, SubjectKeys, Instant)>>,
@@ -207,7 +213,17 @@ impl Drain for TokenWrites {
                 let mut outcomes = outcomes.into_iter();
                 lens.iter().map(|n| Ok(outcomes.by_ref().take(*n).collect())).collect()
             }
-            Err(e) => lens.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) if lens.len() == 1 => vec![Err(e)],
+            // One request the database refuses must not fail the others: write them one by one.
+            Err(_) => {
+                let mut all = all.into_iter();
+                let mut out = Vec::with_capacity(lens.len());
+                for n in lens {
+                    let own: Vec<TokenRecord> = all.by_ref().take(n).collect();
+                    out.push(self.0.insert_tokens(&own).await);
+                }
+                out
+            }
         }
     }
 }
@@ -288,6 +304,8 @@ impl Vault {
             4096,
         );
         let vault = Self {
+            fingerprint_key: master.derive(b"concord/idempotency/fingerprint"),
+            subject_ref_key: master.derive(b"concord/vault/audit-subject"),
             store,
             token_writes,
             audits,
@@ -309,6 +327,38 @@ impl Vault {
     #[must_use]
     pub fn config(&self) -> &VaultConfig {
         &self.config
+    }
+
+    /// The fingerprint of a request for `Idempotency-Key`, keyed with a secret derived from the
+    /// master key (the same on every node), so a stored fingerprint of a body holding a card
+    /// number cannot be matched against guesses.
+    #[must_use]
+    pub fn fingerprint(&self, method: &str, target: &str, body: &[u8]) -> crate::domain::Fingerprint {
+        crate::domain::Fingerprint::keyed(self.fingerprint_key.bytes(), method, target, body)
+    }
+
+    /// A reference to a subject for the audit trail: HMAC-SHA256 under a vault key, hex. The
+    /// vault can tell whether a given subject was erased; the trail does not name it.
+    #[must_use]
+    pub fn subject_ref(&self, subject: &Subject) -> String {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(self.subject_ref_key.bytes())
+            .expect("HMAC takes any key length");
+        mac.update(subject.as_str().as_bytes());
+        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Records in the audit trail that a key able to reveal values was created, before it is.
+    ///
+    /// # Errors
+    /// [`VaultFailure::Store`]: the key must then not be created.
+    pub async fn record_grant(&self, principal: &Principal, name: &str, scopes: &[&str]) -> Result<(), VaultFailure> {
+        self.audit(
+            principal,
+            "RevealGranted",
+            json!({"new_key_name": name, "scopes": scopes}),
+        )
+        .await
     }
 
     async fn reload_keyring(&self) -> Result<(), VaultFailure> {
@@ -380,6 +430,8 @@ impl Vault {
         let row = match self.store.data_key(subject).await? {
             Some(row) => row,
             None => {
+                // A new key goes under the newest version, even if another node rotated lately.
+                self.reload_keyring().await?;
                 let (version, master) = self
                     .current_version()
                     .ok_or(VaultFailure::Invalid(VaultError::Crypto))?;
@@ -421,14 +473,19 @@ impl Vault {
             }
             .into());
         }
-        self.tokenize_unbounded(items).await
+        self.tokenize_unbounded(items, IndexContext::Api).await
     }
 
-    async fn tokenize_unbounded(&self, items: Vec<TokenizeItem>) -> Result<Vec<Token>, VaultFailure> {
-        let now = Utc::now();
+    async fn tokenize_unbounded(
+        &self,
+        items: Vec<TokenizeItem>,
+        context: IndexContext,
+    ) -> Result<Vec<Token>, VaultFailure> {
+        // Stored times keep microseconds, and the expiry is bound into the ciphertext.
+        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_else(Utc::now);
         let mut prepared = Vec::with_capacity(items.len());
         for item in items {
-            prepared.push(self.prepare(item, now)?);
+            prepared.push(self.prepare(item, now, context)?);
         }
         let mut keys: HashMap<String, (Uuid, SubjectKeys)> = HashMap::new();
         for p in &prepared {
@@ -462,6 +519,14 @@ impl Vault {
                         }
                     }
                     TokenInsert::TokenTaken => {}
+                    TokenInsert::KeyErased => {
+                        // The subject was erased since its key was looked up: new values get a
+                        // new key rather than one that is already gone.
+                        let subject = &prepared[i].subject;
+                        lock(&self.data_keys).remove(subject);
+                        let k = self.keys_for(subject).await?;
+                        keys.insert(subject.clone(), k);
+                    }
                 }
             }
         }
@@ -471,7 +536,7 @@ impl Vault {
         Ok(tokens)
     }
 
-    fn prepare(&self, item: TokenizeItem, now: DateTime<Utc>) -> Result<Prepared, VaultError> {
+    fn prepare(&self, item: TokenizeItem, now: DateTime<Utc>, context: IndexContext) -> Result<Prepared, VaultError> {
         item.format.check(item.kind)?;
         let normalized = item.kind.normalize(&item.value, self.config.max_value_bytes)?;
         if let Some(m) = &item.metadata {
@@ -479,7 +544,7 @@ impl Vault {
                 return Err(VaultError::InvalidItem("metadata must be a JSON object".into()));
             }
             let size = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());
-            if size > self.config.max_metadata_bytes || m.to_string().contains('\0') {
+            if size > self.config.max_metadata_bytes || holds_nul(m) {
                 return Err(VaultError::InvalidItem(format!(
                     "metadata must be at most {} bytes without U+0000",
                     self.config.max_metadata_bytes
@@ -495,9 +560,16 @@ impl Vault {
                     self.config.max_ttl_s
                 )));
             }
-            Some(s) => Some(now + chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000))),
+            Some(s) => Some(
+                i64::try_from(s)
+                    .ok()
+                    .and_then(chrono::Duration::try_seconds)
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or_else(|| VaultError::InvalidItem("ttl_s is out of range".into()))?,
+            ),
         };
         Ok(Prepared {
+            context,
             kind: item.kind,
             format: item.format,
             convergent: item.convergent,
@@ -564,7 +636,7 @@ impl Vault {
             )));
         }
         let wanted: Vec<String> = items.iter().map(|i| i.token.clone()).collect();
-        let mut found: HashMap<String, crate::ports::FoundToken> = self
+        let found: HashMap<String, crate::ports::FoundToken> = self
             .store
             .find_tokens(&wanted)
             .await?
@@ -606,14 +678,15 @@ impl Vault {
             if item.error.is_some() {
                 continue;
             }
-            let Some(f) = found.remove(&item.token) else { continue };
-            match self.open_record(&f).await {
+            // Not removed: the same token may be asked twice in one request.
+            let Some(f) = found.get(&item.token) else { continue };
+            match self.open_record(f).await {
                 Ok(value) => {
                     item.value = Some(match reveal {
                         Reveal::Plain => value,
                         Reveal::Masked => Zeroizing::new(f.record.kind.mask(&value)),
                     });
-                    item.metadata = f.record.metadata;
+                    item.metadata.clone_from(&f.record.metadata);
                 }
                 Err(VaultFailure::Invalid(VaultError::Crypto)) => {
                     tracing::error!(
@@ -639,7 +712,7 @@ impl Vault {
         let r = &f.record;
         let plain = keys.encrypt.open(
             &r.sealed,
-            &value_aad(&r.token, r.kind.as_str(), &key.subject, r.data_key_id),
+            &value_aad(&r.token, r.kind.as_str(), &key.subject, r.data_key_id, r.expires_at),
         )?;
         let text = std::str::from_utf8(&plain).map_err(|_| VaultError::Crypto)?;
         Ok(Zeroizing::new(text.to_owned()))
@@ -679,7 +752,15 @@ impl Vault {
         outcome: &str,
         items: &[Revealed],
     ) -> Result<(), VaultFailure> {
-        let items: Vec<Value> = items
+        // A refused call reveals nothing, so its record lists only the first tokens: a key
+        // without any scope cannot fill the trail with large records.
+        let total = items.len();
+        let listed = if outcome == "allowed" {
+            total
+        } else {
+            total.min(MAX_REFUSED_LISTED)
+        };
+        let items: Vec<Value> = items[..listed]
             .iter()
             .map(|i| {
                 json!({
@@ -696,7 +777,7 @@ impl Vault {
         self.audit(
             principal,
             "Detokenized",
-            json!({"reveal": reveal.as_str(), "outcome": outcome, "items": items}),
+            json!({"reveal": reveal.as_str(), "outcome": outcome, "items_total": total, "items": items}),
         )
         .await
     }
@@ -729,7 +810,7 @@ impl Vault {
         self.audit(
             principal,
             "SubjectErased",
-            json!({"subject": subject.as_str(), "had_key": erased}),
+            json!({"subject_ref": self.subject_ref(subject), "had_key": erased}),
         )
         .await?;
         metrics::counter!("concord_vault_subjects_erased_total").increment(u64::from(erased));
@@ -744,9 +825,20 @@ impl Vault {
     /// [`VaultFailure::Store`], or [`VaultFailure::Invalid`] when a data key fails to open.
     #[tracing::instrument(skip_all)]
     pub async fn rotate(&self, principal: &Principal) -> Result<Rotated, VaultFailure> {
-        let next = self.current_version().map_or(1, |(v, _)| v + 1);
-        self.add_master_version(next).await?;
-        // Whether this node added it or another node won the race, re-wrap under the newest.
+        // This node's keyring may be older than the vault's: start from the newest version, and
+        // if another node takes the next number first, try the one after.
+        let mut added = false;
+        for _ in 0..8 {
+            self.reload_keyring().await?;
+            let next = self.current_version().map_or(1, |(v, _)| v + 1);
+            if self.add_master_version(next).await? {
+                added = true;
+                break;
+            }
+        }
+        if !added {
+            return Err(StoreError::Unavailable("other nodes kept rotating; try again".into()).into());
+        }
         self.reload_keyring().await?;
         let (version, newest) = self
             .current_version()
@@ -789,10 +881,18 @@ impl Vault {
     /// [`VaultFailure::Invalid`] for bad rules, [`VaultFailure::Store`].
     pub async fn put_rules(
         &self,
+        principal: &Principal,
         category: &str,
         fields: &serde_json::Map<String, Value>,
     ) -> Result<FieldRules, VaultFailure> {
         let rules = FieldRules::parse(fields, self.config.max_rule_fields)?;
+        // Rules decide what is stored in plain: a change is on the record before it applies.
+        self.audit(
+            principal,
+            "RulesChanged",
+            json!({"category": category, "fields": rules.to_json()}),
+        )
+        .await?;
         self.store.put_rules(category, &rules.to_json(), Utc::now()).await?;
         lock(&self.rules).insert(category.to_owned(), (Some(Arc::new(rules.clone())), Instant::now()));
         Ok(rules)
@@ -857,7 +957,7 @@ impl Vault {
         if items.is_empty() {
             return Ok(0);
         }
-        let tokens = self.tokenize_unbounded(items).await?;
+        let tokens = self.tokenize_unbounded(items, IndexContext::EventFields).await?;
         for ((e, rule), token) in places.iter().zip(&tokens) {
             rules.replace(&mut events[*e].data, *rule, token.as_str());
         }
@@ -881,8 +981,36 @@ fn allowed(principal: &Principal, kind: TokenType, reveal: Reveal) -> bool {
     }
 }
 
+/// Where a convergent token was asked for. Each has its own blind index, so a caller of the API
+/// can never find the token of an event field by guessing its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexContext {
+    Api,
+    EventFields,
+}
+
+impl IndexContext {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::EventFields => "event-fields",
+        }
+    }
+}
+
+/// Whether any string in `v` (keys included) holds U+0000, which no JSON column can store.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 /// An item checked and normalized, ready to be sealed under a token.
 struct Prepared {
+    context: IndexContext,
     kind: TokenType,
     format: TokenFormat,
     convergent: bool,
@@ -899,16 +1027,27 @@ impl Prepared {
         let token = self.format.generate(&self.normalized)?;
         let sealed = keys.encrypt.seal(
             self.normalized.as_bytes(),
-            &value_aad(token.as_str(), self.kind.as_str(), &self.subject, data_key_id),
+            &value_aad(
+                token.as_str(),
+                self.kind.as_str(),
+                &self.subject,
+                data_key_id,
+                self.expires_at,
+            ),
         )?;
         Ok(TokenRecord {
             token: token.into_string(),
             kind: self.kind,
             data_key_id,
             sealed,
-            blind_index: self
-                .convergent
-                .then(|| keys.blind_index(self.kind.as_str(), self.format.as_str(), &self.normalized)),
+            blind_index: self.convergent.then(|| {
+                keys.blind_index(
+                    self.context.as_str(),
+                    self.kind.as_str(),
+                    self.format.as_str(),
+                    &self.normalized,
+                )
+            }),
             metadata: self.metadata.clone(),
             expires_at: self.expires_at,
             created_at: now,
@@ -1240,6 +1379,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_api_caller_cannot_find_an_event_fields_token_by_guessing_its_value() {
+        let g = given(VaultConfig::default()).await;
+        let fields = json!({"/email": "email"});
+        g.vault
+            .put_rules(&caller(&["vault:admin"]), "customer", fields.as_object().unwrap())
+            .await
+            .unwrap();
+        let stream = StreamName::parse("customer-7").unwrap();
+        let mut events = vec![UncheckedEvent {
+            id: None,
+            event_type: "Registered".into(),
+            data: json!({"email": "ada@example.com"}),
+            metadata: None,
+        }];
+        g.vault.tokenize_events(&stream, &mut events).await.unwrap();
+        let guess = g
+            .vault
+            .tokenize(vec![convergent(with_subject(
+                item(TokenType::Email, "ada@example.com"),
+                "customer-7",
+            ))])
+            .await
+            .unwrap();
+        assert_ne!(
+            events[0].data["email"],
+            json!(guess[0].as_str()),
+            "the guess does not match"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subject_erased_on_another_node_gets_a_new_key_for_new_values() {
+        let g = given(VaultConfig::default()).await;
+        let other = Vault::open(
+            g.store.clone(),
+            g.events.clone(),
+            g.master.clone(),
+            VaultConfig::default(),
+        )
+        .await
+        .unwrap();
+        let first = g
+            .vault
+            .tokenize(vec![with_subject(item(TokenType::Generic, "before"), "s-1")])
+            .await
+            .unwrap();
+        other
+            .erase_subject(&caller(&["admin"]), &Subject::parse("s-1").unwrap())
+            .await
+            .unwrap();
+        // This node still has the erased key cached; the store refuses it and a new key is made.
+        let after = g
+            .vault
+            .tokenize(vec![with_subject(item(TokenType::Generic, "after"), "s-1")])
+            .await
+            .unwrap();
+        let who = caller(&["vault:detokenize:generic"]);
+        let got = reveal(
+            &g,
+            &who,
+            &[first[0].clone(), after[0].clone(), after[0].clone()],
+            Reveal::Plain,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got[0].error, Some(ItemError::Erased));
+        assert_eq!(
+            values(&got)[1..],
+            [Some("after".to_owned()), Some("after".to_owned())],
+            "a token asked twice is revealed twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_detokenize_lists_only_the_first_tokens() {
+        let g = given(VaultConfig::default()).await;
+        let tokens: Vec<Token> = (0..40).map(|i| Token::parse(&format!("tok_{i}")).unwrap()).collect();
+        assert!(reveal(&g, &caller(&[]), &tokens, Reveal::Plain).await.is_err());
+        let audit = audit_log(&g).await;
+        assert_eq!(audit[0]["items_total"], 40);
+        assert_eq!(audit[0]["items"].as_array().unwrap().len(), MAX_REFUSED_LISTED);
+    }
+
+    #[tokio::test]
     async fn a_wrong_master_key_is_refused_when_the_vault_opens() {
         let g = given(VaultConfig::default()).await;
         let wrong = Vault::open(
@@ -1316,7 +1539,7 @@ mod tests {
         let g = given(VaultConfig::default()).await;
         let fields = json!({"/email": "email", "/card/number": {"type": "card", "format": "last4"}});
         g.vault
-            .put_rules("customer", fields.as_object().unwrap())
+            .put_rules(&caller(&["vault:admin"]), "customer", fields.as_object().unwrap())
             .await
             .unwrap();
         let stream = StreamName::parse("customer-42").unwrap();

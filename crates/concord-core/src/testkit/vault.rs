@@ -103,6 +103,10 @@ impl VaultStore for MemoryVaultStore {
         let mut st = self.lock();
         let mut out = Vec::with_capacity(records.len());
         for r in records {
+            if !st.keys.contains_key(&r.data_key_id) {
+                out.push(TokenInsert::KeyErased);
+                continue;
+            }
             if st.tokens.contains_key(&r.token) {
                 out.push(TokenInsert::TokenTaken);
                 continue;
@@ -287,6 +291,13 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
     for f in &found {
         assert_eq!(f.key.is_none(), f.record.token == "tok_a", "{}", f.record.token);
     }
+    let late = s.insert_tokens(&[record("tok_late", first.id, Some(4))]).await.unwrap();
+    assert_eq!(
+        late,
+        vec![TokenInsert::KeyErased],
+        "nothing is sealed under an erased key"
+    );
+    assert!(s.find_tokens(&["tok_late".into()]).await.unwrap().is_empty());
     let renewed = s.insert_data_key(&data_key("customer-1", 2)).await.unwrap();
     assert_ne!(renewed.id, first.id, "an erased subject gets a new key");
     let f = s.find_tokens(&["tok_a".into()]).await.unwrap();
@@ -369,7 +380,7 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
             TokenInsert::Existing { token, .. } => {
                 tokens.insert(token);
             }
-            TokenInsert::TokenTaken => panic!("distinct tokens were taken"),
+            other => panic!("distinct tokens with a live key: {other:?}"),
         }
     }
     assert_eq!(winners.len(), 1, "exactly one insert wins");

@@ -3,22 +3,34 @@
 use crate::error::ApiError;
 use crate::idempotency::SecretResponse;
 use crate::state::AppState;
-use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use concord_api::ErrorCode;
 use concord_api::keys::{CreateKeyBody, CreatedKey};
 use concord_core::app::auth::{KeyError, create_key};
-use concord_core::domain::Scope;
+use concord_core::domain::{Principal, Scope};
 use uuid::Uuid;
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Json<CreateKeyBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
+    // admin cannot reveal vault values itself, but it can make a key that can: that grant is
+    // recorded in the vault's audit trail before the key exists.
+    let reveals: Vec<&str> = body
+        .scopes
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.starts_with("vault:detokenize"))
+        .collect();
+    if !reveals.is_empty() {
+        state.vault.record_grant(&principal, &body.name, &reveals).await?;
+    }
     let (record, key) = create_key(state.keys.as_ref(), &body.name, &body.scopes)
         .await
         .map_err(|e| match e {

@@ -16,11 +16,24 @@ use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType, VaultE
 use concord_core::domain::{Category, Principal};
 use zeroize::Zeroizing;
 
+/// A body the vault routes cannot parse: the parser's message without the values it quotes
+/// (a card number sent as a JSON number would be repeated in the answer, and so in any stored
+/// replay of it).
+fn redacted(r: JsonRejection) -> ApiError {
+    let mut e = ApiError::from(r);
+    let mut out = String::with_capacity(e.detail.len());
+    for (i, part) in e.detail.split('`').enumerate() {
+        out.push_str(if i % 2 == 1 { "…" } else { part });
+    }
+    e.detail = out;
+    e
+}
+
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Json<TokenizeBody>, JsonRejection>,
 ) -> Result<Json<Tokenized>, ApiError> {
-    let Json(body) = body?;
+    let Json(body) = body.map_err(redacted)?;
     let items = body
         .items
         .into_iter()
@@ -55,7 +68,7 @@ pub async fn detokenize(
     Extension(principal): Extension<Principal>,
     body: Result<Json<DetokenizeBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body?;
+    let Json(body) = body.map_err(redacted)?;
     let reveal = match body.reveal.as_deref() {
         None | Some("plain") => Reveal::Plain,
         Some("masked") => Reveal::Masked,
@@ -97,12 +110,16 @@ fn category(raw: &str) -> Result<Category, ApiError> {
 
 pub async fn put_rules(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
     body: Result<Json<RulesBody>, JsonRejection>,
 ) -> Result<Json<RulesOut>, ApiError> {
     let category = category(&raw)?;
-    let Json(body) = body?;
-    let rules = state.vault.put_rules(category.as_str(), &body.fields).await?;
+    let Json(body) = body.map_err(redacted)?;
+    let rules = state
+        .vault
+        .put_rules(&principal, category.as_str(), &body.fields)
+        .await?;
     Ok(Json(RulesOut {
         category: category.as_str().to_owned(),
         fields: rules.to_json(),
@@ -126,13 +143,17 @@ pub async fn erase_subject(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
-) -> Result<Json<ErasedOut>, ApiError> {
+) -> Result<Response, ApiError> {
     let subject = Subject::parse(&raw)?;
     let erased = state.vault.erase_subject(&principal, &subject).await?;
-    Ok(Json(ErasedOut {
+    let mut resp = Json(ErasedOut {
         subject: subject.as_str().to_owned(),
         erased,
-    }))
+    })
+    .into_response();
+    // The answer names the erased subject: it is not kept for replay.
+    resp.extensions_mut().insert(SecretResponse);
+    Ok(resp)
 }
 
 pub async fn rotate(

@@ -1,7 +1,7 @@
 use crate::both_backends;
 use crate::helpers::{Backend, assert_problem, spawn_app};
 use concord_core::app::auth::authenticate;
-use concord_core::domain::{Fingerprint, IdempotencyKey, KeyHash};
+use concord_core::domain::{IdempotencyKey, KeyHash};
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -62,7 +62,7 @@ async fn a_key_in_flight_answers_409(b: Backend) {
     let claim = IdempotencyClaim {
         owner,
         key: &key,
-        fingerprint: Fingerprint::of("POST", "/v1/streams/pay-1", &raw),
+        fingerprint: app.state.vault.fingerprint("POST", "/v1/streams/pay-1", &raw),
         now,
         locked_until: now + chrono::Duration::seconds(60),
         expires_at: now + chrono::Duration::hours(1),

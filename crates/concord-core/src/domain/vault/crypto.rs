@@ -71,7 +71,9 @@ impl SecretKey {
         Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.0.as_ref()))
     }
 
-    fn bytes(&self) -> &[u8; KEY_LEN] {
+    /// The key's bytes, for a MAC keyed with it.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
 
@@ -80,7 +82,8 @@ impl SecretKey {
     }
 
     /// A subkey for one purpose (HKDF-Expand with one block: HMAC(key, info || 0x01)).
-    fn derive(&self, info: &[u8]) -> Self {
+    #[must_use]
+    pub fn derive(&self, info: &[u8]) -> Self {
         let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(self.bytes()).expect("HMAC takes any key length");
         mac.update(info);
         mac.update(&[1]);
@@ -170,10 +173,18 @@ pub fn data_key_aad(id: Uuid, subject: &str, master_version: u32) -> Vec<u8> {
     format!("concord/vault/data-key\0{id}\0{subject}\0{master_version}").into_bytes()
 }
 
-/// Associated data of a value: its token, type, subject and data key (the key version).
+/// Associated data of a value: its token, type, subject, data key (the key version) and expiry,
+/// so that none can be changed in the database without the value failing to open.
 #[must_use]
-pub fn value_aad(token: &str, kind: &str, subject: &str, data_key: Uuid) -> Vec<u8> {
-    format!("concord/vault/value\0{token}\0{kind}\0{subject}\0{data_key}").into_bytes()
+pub fn value_aad(
+    token: &str,
+    kind: &str,
+    subject: &str,
+    data_key: Uuid,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Vec<u8> {
+    let expiry = expires_at.map_or(-1, |e| e.timestamp_micros());
+    format!("concord/vault/value\0{token}\0{kind}\0{subject}\0{data_key}\0{expiry}").into_bytes()
 }
 
 /// The two keys derived from a subject's data key.
@@ -193,11 +204,14 @@ impl SubjectKeys {
     }
 
     /// The blind index of a convergent token: HMAC-SHA256 under the subject's index key over the
-    /// type, the format and the normalized value. Without the key it says nothing of the value.
+    /// context (who may ask for it), the type, the format and the normalized value. Without the
+    /// key it says nothing of the value.
     #[must_use]
-    pub fn blind_index(&self, kind: &str, format: &str, normalized: &str) -> [u8; 32] {
+    pub fn blind_index(&self, context: &str, kind: &str, format: &str, normalized: &str) -> [u8; 32] {
         let mut mac =
             <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(self.index.bytes()).expect("HMAC takes any key length");
+        mac.update(context.as_bytes());
+        mac.update(&[0]);
         mac.update(kind.as_bytes());
         mac.update(&[0]);
         mac.update(format.as_bytes());
@@ -243,11 +257,15 @@ mod tests {
         let keys = SubjectKeys::derive(&dk);
         assert_ne!(keys.encrypt.bytes(), keys.index.bytes());
         assert_ne!(keys.encrypt.bytes(), dk.bytes());
-        let a = keys.blind_index("card", "random", "4242424242424242");
-        assert_eq!(a, keys.blind_index("card", "random", "4242424242424242"));
-        assert_ne!(a, keys.blind_index("card", "last4", "4242424242424242"));
+        let a = keys.blind_index("api", "card", "random", "4242424242424242");
+        assert_eq!(a, keys.blind_index("api", "card", "random", "4242424242424242"));
+        assert_ne!(a, keys.blind_index("api", "card", "last4", "4242424242424242"));
+        assert_ne!(
+            a,
+            keys.blind_index("event-fields", "card", "random", "4242424242424242")
+        );
         let other = SubjectKeys::derive(&SecretKey::generate().unwrap());
-        assert_ne!(a, other.blind_index("card", "random", "4242424242424242"));
+        assert_ne!(a, other.blind_index("api", "card", "random", "4242424242424242"));
     }
 
     #[test]
