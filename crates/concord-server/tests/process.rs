@@ -516,13 +516,14 @@ async fn acknowledged_events_survive_sigkill() {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Runs a short `concord bench events --json` and checks the contract's JSON on the last line.
-fn bench_prints_the_contract_json(backend: &str, database_url: Option<&str>) {
+/// Runs a short `concord bench AREA --json` and checks the contract's JSON on the last line;
+/// returns it for the area's own checks.
+fn bench_report(area: &str, backend: &str, database_url: Option<&str>) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = concord(dir.path());
     cmd.args([
         "bench",
-        "events",
+        area,
         "--backend",
         backend,
         "--clients",
@@ -544,7 +545,7 @@ fn bench_prints_the_contract_json(backend: &str, database_url: Option<&str>) {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let report = json_line(stdout.lines().last().expect("bench prints lines"));
-    assert_eq!(report["area"], "events");
+    assert_eq!(report["area"], area);
     assert_eq!(report["backend"], backend);
     assert_eq!(report["clients"], 2);
     assert_eq!(report["seconds"], 1);
@@ -564,8 +565,31 @@ fn bench_prints_the_contract_json(backend: &str, database_url: Option<&str>) {
     let ratio = report["ratio"].as_f64().unwrap();
     let expected = report["ours"]["ops_per_s"].as_f64().unwrap() / report["baseline"]["ops_per_s"].as_f64().unwrap();
     assert!((ratio - expected).abs() < 1e-6, "ratio is ours / baseline");
+    report
+}
+
+fn bench_prints_the_contract_json(backend: &str, database_url: Option<&str>) {
+    let report = bench_report("events", backend, database_url);
     assert_eq!(report["extra"]["subscriber_events"], 100);
     assert!(report["extra"]["append_to_subscriber_p99_ms"].as_f64().is_some());
+}
+
+#[test]
+fn bench_vault_on_sqlite_prints_the_contract_json_with_every_phase() {
+    let report = bench_report("vault", "sqlite", None);
+    for phase in [
+        "tokenize_batch_100",
+        "tokenize_batch_100_baseline",
+        "detokenize_1",
+        "detokenize_1_baseline",
+        "detokenize_batch_100",
+        "detokenize_batch_100_baseline",
+    ] {
+        assert!(
+            report["extra"][phase]["items_per_s"].as_f64().is_some_and(|v| v > 0.0),
+            "{phase} in {report}"
+        );
+    }
 }
 
 #[test]

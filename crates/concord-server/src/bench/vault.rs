@@ -149,7 +149,7 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
     let ours = figure("tokenize 1 via HTTP", &single, duration);
     let baseline = figure("AES-GCM + 1-row INSERT", &raw_single, duration);
     let ratio = if baseline.ops_per_s > 0.0 {
-        round(ours.ops_per_s / baseline.ops_per_s)
+        ours.ops_per_s / baseline.ops_per_s
     } else {
         0.0
     };
