@@ -359,6 +359,8 @@ pub trait VaultStore: Send + Sync + 'static {
     async fn master_keys(&self) -> Result<Vec<MasterKeyRow>, StoreError>;
     /// Adds a master key version; false when that version exists (another node rotated first).
     async fn insert_master_key(&self, row: &MasterKeyRow) -> Result<bool, StoreError>;
+    /// Replaces the wrapping of an existing master key version (a new configured master key).
+    async fn rewrap_master_key(&self, row: &MasterKeyRow) -> Result<(), StoreError>;
     /// The live data key of a subject.
     async fn data_key(&self, subject: &str) -> Result<Option<DataKeyRow>, StoreError>;
     /// Stores a subject's data key unless it has one; returns the one stored (the first wins,

@@ -26,6 +26,11 @@ pub struct Settings {
     /// file beside a SQLite vault (`concord-vault.key`), generated (mode 0600) when a new vault
     /// is created; keep a copy somewhere safe, since without it no token can be revealed.
     pub vault_master_key_file: Option<String>,
+    /// Master keys (base64) this vault used before `vault_master_key`: the keyring is re-wrapped
+    /// under the new key at start (`CONCORD_VAULT_PREVIOUS_MASTER_KEYS='["..."]'`). Secrets:
+    /// never logged or serialized.
+    #[serde(skip_serializing)]
+    pub vault_previous_master_keys: Vec<String>,
     /// Most items in one tokenize or detokenize request.
     pub vault_max_batch: usize,
     /// Largest value the vault takes, bytes.
@@ -136,6 +141,7 @@ impl Default for Settings {
             vault_database_url: String::new(),
             vault_master_key: None,
             vault_master_key_file: None,
+            vault_previous_master_keys: Vec::new(),
             vault_max_batch: 1000,
             vault_max_value_bytes: 4096,
             vault_max_metadata_bytes: 4096,
@@ -266,6 +272,7 @@ impl Settings {
             detokenize_burst: self.vault_detokenize_burst,
             write_batch: self.vault_write_batch,
             event_limits: self.limits(),
+            previous_master_keys: Vec::new(),
         }
     }
 

@@ -33,7 +33,14 @@ pub async fn open(settings: &Settings, events: Arc<dyn EventStore>) -> anyhow::R
         anyhow::bail!("vault database URL must start with sqlite:// or postgres://")
     };
     let master = master_key(settings, &url, store.as_ref()).await?;
-    let vault = Vault::open(store, events, master, settings.vault_config())
+    let mut config = settings.vault_config();
+    config.previous_master_keys = settings
+        .vault_previous_master_keys
+        .iter()
+        .map(|k| SecretKey::from_base64(k))
+        .collect::<Result<_, _>>()
+        .context("CONCORD_VAULT_PREVIOUS_MASTER_KEYS")?;
+    let vault = Vault::open(store, events, master, config)
         .await
         .context("opening the vault")?;
     Ok(Arc::new(vault))

@@ -332,4 +332,23 @@ async fn a_wrong_master_key_stops_the_server_and_a_tampered_record_answers_corru
     );
     let finished = server.terminate().await;
     assert!(finished.stderr.join("\n").contains("failed authentication"));
+
+    // The master key itself rotates: start once with the new key and the old one as previous,
+    // then the new key alone opens the vault.
+    let old_key = std::fs::read_to_string(dir.path().join("concord-vault.key")).unwrap();
+    let new_key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+    let mut handover = serve(dir.path());
+    handover.env("CONCORD_VAULT_MASTER_KEY", new_key).env(
+        "CONCORD_VAULT_PREVIOUS_MASTER_KEYS",
+        format!("[\"{}\"]", old_key.trim()),
+    );
+    Server::start(handover).await.terminate().await;
+    let mut renewed = serve(dir.path());
+    renewed.env("CONCORD_VAULT_MASTER_KEY", new_key);
+    let server = Server::start(renewed).await;
+    let shown = cli(dir.path(), &server, &revealer, &["vault", "detokenize", &other]).await;
+    assert_eq!(shown.stdout[0], format!("{other}\tanother"), "{:?}", shown.stderr);
+    server.terminate().await;
+    let finished = Proc::spawn(serve(dir.path())).finish().await;
+    assert!(!finished.status.success(), "the old key file no longer opens the vault");
 }

@@ -132,6 +132,17 @@ impl VaultStore for PostgresVaultStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn rewrap_master_key(&self, row: &MasterKeyRow) -> Result<(), StoreError> {
+        sqlx::query("UPDATE concord_vault_master_keys SET nonce = $1, wrapped = $2 WHERE version = $3")
+            .bind(&row.wrapped.nonce[..])
+            .bind(&row.wrapped.ciphertext)
+            .bind(int(row.version)?)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn data_key(&self, subject: &str) -> Result<Option<DataKeyRow>, StoreError> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {DATA_KEY_COLUMNS} FROM concord_vault_data_keys WHERE subject = $1"

@@ -154,6 +154,17 @@ impl VaultStore for SqliteVaultStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn rewrap_master_key(&self, row: &MasterKeyRow) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vault_master_keys SET nonce = ?, wrapped = ? WHERE version = ?")
+            .bind(&row.wrapped.nonce[..])
+            .bind(&row.wrapped.ciphertext)
+            .bind(i64::from(row.version))
+            .execute(&self.write)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn data_key(&self, subject: &str) -> Result<Option<DataKeyRow>, StoreError> {
         // From the writer: a key inserted a moment ago must be seen, or a second key would be made.
         sqlx::query(sqlx::AssertSqlSafe(format!(

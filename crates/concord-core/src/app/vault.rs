@@ -45,6 +45,10 @@ pub struct VaultConfig {
     pub write_batch: usize,
     /// Limits of the event store, for the audit records.
     pub event_limits: Limits,
+    /// Master keys this vault used before the configured one: keyring versions wrapped by one of
+    /// them are re-wrapped under the configured key when the vault opens (rotation of the master
+    /// key itself). Once every node runs with the new key they can be dropped.
+    pub previous_master_keys: Vec<SecretKey>,
 }
 
 impl Default for VaultConfig {
@@ -61,6 +65,7 @@ impl Default for VaultConfig {
             detokenize_burst: 2000.0,
             write_batch: 1000,
             event_limits: Limits::default(),
+            previous_master_keys: Vec::new(),
         }
     }
 }
@@ -316,6 +321,7 @@ impl Vault {
             buckets: Mutex::new(HashMap::new()),
             config,
         };
+        vault.adopt_master_key().await?;
         vault.reload_keyring().await?;
         if vault.current_version().is_none() {
             vault.add_master_version(1).await?;
@@ -359,6 +365,38 @@ impl Vault {
             json!({"new_key_name": name, "scopes": scopes}),
         )
         .await
+    }
+
+    /// Re-wraps under the configured master key every keyring version that only a previous
+    /// master key opens. Cost: one row per version, nothing else is touched.
+    async fn adopt_master_key(&self) -> Result<(), VaultFailure> {
+        if self.config.previous_master_keys.is_empty() {
+            return Ok(());
+        }
+        for row in self.store.master_keys().await? {
+            let aad = master_key_aad(row.version);
+            if self.master.unwrap_key(&row.wrapped, &aad).is_ok() {
+                continue;
+            }
+            let Some(key) = self
+                .config
+                .previous_master_keys
+                .iter()
+                .find_map(|old| old.unwrap_key(&row.wrapped, &aad).ok())
+            else {
+                continue; // reload_keyring names the version no key opens
+            };
+            let rewrapped = MasterKeyRow {
+                wrapped: self.master.wrap(&key, &aad)?,
+                ..row
+            };
+            self.store.rewrap_master_key(&rewrapped).await?;
+            tracing::info!(
+                version = rewrapped.version,
+                "master key version re-wrapped under the new master key"
+            );
+        }
+        Ok(())
     }
 
     async fn reload_keyring(&self) -> Result<(), VaultFailure> {
@@ -1460,6 +1498,36 @@ mod tests {
         let audit = audit_log(&g).await;
         assert_eq!(audit[0]["items_total"], 40);
         assert_eq!(audit[0]["items"].as_array().unwrap().len(), MAX_REFUSED_LISTED);
+    }
+
+    #[tokio::test]
+    async fn the_master_key_itself_rotates_by_opening_with_the_old_one_as_previous() {
+        let g = given(VaultConfig::default()).await;
+        let tokens = g.vault.tokenize(vec![item(TokenType::Generic, "kept")]).await.unwrap();
+        g.vault.rotate(&caller(&["admin"])).await.unwrap();
+        let new_master = SecretKey::generate().unwrap();
+        let with_old = VaultConfig {
+            previous_master_keys: vec![g.master.clone()],
+            ..VaultConfig::default()
+        };
+        Vault::open(g.store.clone(), g.events.clone(), new_master.clone(), with_old)
+            .await
+            .unwrap();
+        // The new key alone opens the vault now, and the old one no longer does.
+        let renewed = Vault::open(g.store.clone(), g.events.clone(), new_master, VaultConfig::default())
+            .await
+            .unwrap();
+        let who = caller(&["vault:detokenize:generic"]);
+        let got = renewed.detokenize(&who, tokens, Reveal::Plain).await.unwrap();
+        assert_eq!(got[0].value.as_deref().map(String::as_str), Some("kept"));
+        let old = Vault::open(
+            g.store.clone(),
+            g.events.clone(),
+            g.master.clone(),
+            VaultConfig::default(),
+        )
+        .await;
+        assert!(matches!(old, Err(VaultFailure::Invalid(VaultError::MasterKey(_)))));
     }
 
     #[tokio::test]

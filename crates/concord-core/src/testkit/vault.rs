@@ -51,6 +51,13 @@ impl VaultStore for MemoryVaultStore {
         Ok(true)
     }
 
+    async fn rewrap_master_key(&self, row: &MasterKeyRow) -> Result<(), StoreError> {
+        if let Some(r) = self.lock().master.get_mut(&row.version) {
+            r.wrapped = row.wrapped.clone();
+        }
+        Ok(())
+    }
+
     async fn data_key(&self, subject: &str) -> Result<Option<DataKeyRow>, StoreError> {
         Ok(self.lock().keys.values().find(|k| k.subject == subject).cloned())
     }
@@ -235,6 +242,18 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
     let ring = s.master_keys().await.unwrap();
     assert_eq!(ring.iter().map(|r| r.version).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(ring[1].wrapped, sealed(2), "wrapped keys round-trip");
+    s.rewrap_master_key(&MasterKeyRow {
+        wrapped: sealed(20),
+        ..ring[1].clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.master_keys().await.unwrap()[1].wrapped, sealed(20));
+    assert_eq!(
+        s.master_keys().await.unwrap()[0].wrapped,
+        sealed(1),
+        "only that version"
+    );
 
     // Data keys: the first for a subject wins.
     assert!(s.data_key("customer-1").await.unwrap().is_none());
