@@ -337,7 +337,8 @@ pub enum TokenInsert {
         token: String,
         expires_at: Option<DateTime<Utc>>,
     },
-    /// The token is already taken by another record: generate another.
+    /// The token is already taken by another record: generate another. (The same record sent
+    /// again, same token and nonce, is `Inserted`: a retry after an unclear failure stores it once.)
     TokenTaken,
     /// The record's data key is gone (its subject was erased meanwhile): nothing was written;
     /// seal the value under the subject's new key.

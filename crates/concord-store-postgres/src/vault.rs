@@ -284,6 +284,26 @@ impl VaultStore for PostgresVaultStore {
             .iter()
             .filter(|r| !inserted.contains(&r.token) && r.blind_index.is_some())
             .collect();
+        // A record sent again (a retry after an unclear failure) finds itself: same token, same
+        // nonce. It counts as inserted.
+        let unsure: Vec<&str> = records
+            .iter()
+            .filter(|r| !inserted.contains(&r.token))
+            .map(|r| r.token.as_str())
+            .collect();
+        let mine: HashSet<(String, Vec<u8>)> = if unsure.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query_as::<_, (String, Vec<u8>)>(
+                "SELECT token, nonce FROM concord_vault_tokens WHERE token = ANY($1)",
+            )
+            .bind(&unsure)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .collect()
+        };
         let mut existing: HashMap<(Uuid, Vec<u8>), (String, Option<DateTime<Utc>>)> = HashMap::new();
         if !lost.is_empty() {
             let rows = sqlx::query(
@@ -317,6 +337,9 @@ impl VaultStore for PostgresVaultStore {
             .zip(first)
             .map(|(r, first)| {
                 if first && inserted.contains(&r.token) {
+                    return TokenInsert::Inserted;
+                }
+                if mine.contains(&(r.token.clone(), r.sealed.nonce.to_vec())) {
                     return TokenInsert::Inserted;
                 }
                 if !live.contains(&r.data_key_id.to_string()) {

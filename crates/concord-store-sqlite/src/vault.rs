@@ -287,6 +287,15 @@ impl VaultStore for SqliteVaultStore {
                 out.push(TokenInsert::Inserted);
                 continue;
             }
+            let same: Option<Vec<u8>> = sqlx::query_scalar("SELECT nonce FROM vault_tokens WHERE token = ?")
+                .bind(&r.token)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            if same.as_deref() == Some(&r.sealed.nonce[..]) {
+                out.push(TokenInsert::Inserted);
+                continue;
+            }
             let existing = match &r.blind_index {
                 Some(index) => {
                     sqlx::query("SELECT token, expires_at FROM vault_tokens WHERE data_key_id = ? AND blind_index = ?")

@@ -163,6 +163,12 @@ pub struct Rotated {
 /// A category's rules (none: the category has none) and when they were looked up.
 type CachedRules = (Option<Arc<FieldRules>>, Instant);
 
+/// Keys for purposes other than sealing values (see `Vault::derived`).
+struct DerivedKeys {
+    fingerprint: SecretKey,
+    subject_ref: SecretKey,
+}
+
 struct Bucket {
     tokens: f64,
     at: Instant,
@@ -181,10 +187,10 @@ const REWRAP_PAGE: usize = 500;
 pub struct Vault {
     store: Arc<dyn VaultStore>,
     master: SecretKey,
-    /// Keys `Idempotency-Key` request fingerprints (see [`Vault::fingerprint`]).
-    fingerprint_key: SecretKey,
-    /// Keys the subject references of the audit trail: an erased subject's name is not kept.
-    subject_ref_key: SecretKey,
+    /// Keys derived from the keyring's first version, which keep their value when the master
+    /// key changes: they key `Idempotency-Key` fingerprints and the audit trail's subject
+    /// references. Set when the vault opens.
+    derived: std::sync::OnceLock<DerivedKeys>,
     keyring: RwLock<BTreeMap<u32, SecretKey>>,
     /// Subject -> (data key id, derived keys, fetched at); only for writing new tokens.
     data_keys: Mutex<HashMap<String, (Uuid, SubjectKeys, Instant)>>,
@@ -241,27 +247,41 @@ struct AuditWrites {
 }
 
 impl AuditWrites {
-    async fn append(&self, records: Vec<(&'static str, Value)>) -> Result<(), StoreError> {
-        let stream = StreamName::parse(AUDIT_STREAM).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    /// The append of `records`; `Err` when the log's limits refuse one of them.
+    fn request(&self, records: &[AuditRecord]) -> Result<AppendRequest, String> {
+        let stream = StreamName::parse(AUDIT_STREAM).map_err(|e| e.to_string())?;
         let events = records
-            .into_iter()
-            .map(|(event_type, data)| UncheckedEvent {
-                id: None,
-                event_type: event_type.into(),
-                data,
+            .iter()
+            .map(|r| UncheckedEvent {
+                // Chosen once per record: an append retried after an unclear failure is then
+                // replayed by the store, not written twice.
+                id: Some(r.id),
+                event_type: r.event_type.into(),
+                data: r.data.clone(),
                 metadata: None,
             })
             .collect();
-        let request = AppendRequest::new(stream, ExpectedVersion::Any, events, &self.limits)
-            .map_err(|e| StoreError::Unavailable(format!("audit record: {e}")))?;
+        AppendRequest::new(stream, ExpectedVersion::Any, events, &self.limits).map_err(|e| format!("audit record: {e}"))
+    }
+
+    async fn append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let request = self.request(records).map_err(StoreError::Unavailable)?;
         self.events.append(request).await.map(|_| ())
     }
+}
+
+/// One audit record, with the event id it is written under.
+#[derive(Clone)]
+struct AuditRecord {
+    id: Uuid,
+    event_type: &'static str,
+    data: Value,
 }
 
 #[async_trait::async_trait]
 impl Drain for AuditWrites {
     const QUEUE: &'static str = "vault_audit";
-    type Item = (&'static str, Value);
+    type Item = AuditRecord;
     type Output = Result<(), StoreError>;
 
     fn weight(_: &Self::Item) -> usize {
@@ -270,14 +290,14 @@ impl Drain for AuditWrites {
 
     async fn write(&self, batch: Vec<Self::Item>) -> Vec<Self::Output> {
         let n = batch.len();
-        let result = self.append(batch.clone()).await;
-        if result.is_ok() || n == 1 {
-            return vec![result; n];
+        if n == 1 || self.request(&batch).is_ok() {
+            // A store failure fails them all alike; a retry of theirs is replayed, not doubled.
+            return vec![self.append(&batch).await; n];
         }
-        // One record the log refuses must not fail the others: write them one by one.
+        // A record the log's limits refuse must not fail the others: write them one by one.
         let mut out = Vec::with_capacity(n);
         for record in batch {
-            out.push(self.append(vec![record]).await);
+            out.push(self.append(std::slice::from_ref(&record)).await);
         }
         out
     }
@@ -309,8 +329,7 @@ impl Vault {
             4096,
         );
         let vault = Self {
-            fingerprint_key: master.derive(b"concord/idempotency/fingerprint"),
-            subject_ref_key: master.derive(b"concord/vault/audit-subject"),
+            derived: std::sync::OnceLock::new(),
             store,
             token_writes,
             audits,
@@ -327,7 +346,26 @@ impl Vault {
             vault.add_master_version(1).await?;
             vault.reload_keyring().await?;
         }
+        let first = {
+            let ring = vault.keyring.read().unwrap_or_else(PoisonError::into_inner);
+            ring.values()
+                .next()
+                .cloned()
+                .ok_or(VaultFailure::Invalid(VaultError::Crypto))?
+        };
+        let _ = vault.derived.set(DerivedKeys {
+            fingerprint: first.derive(b"concord/idempotency/fingerprint"),
+            subject_ref: first.derive(b"concord/vault/audit-subject"),
+        });
         Ok(vault)
+    }
+
+    fn derived(&self) -> &DerivedKeys {
+        // Set in `open` before the vault is handed out.
+        self.derived.get_or_init(|| DerivedKeys {
+            fingerprint: self.master.derive(b"concord/idempotency/fingerprint"),
+            subject_ref: self.master.derive(b"concord/vault/audit-subject"),
+        })
     }
 
     #[must_use]
@@ -340,7 +378,7 @@ impl Vault {
     /// number cannot be matched against guesses.
     #[must_use]
     pub fn fingerprint(&self, method: &str, target: &str, body: &[u8]) -> crate::domain::Fingerprint {
-        crate::domain::Fingerprint::keyed(self.fingerprint_key.bytes(), method, target, body)
+        crate::domain::Fingerprint::keyed(self.derived().fingerprint.bytes(), method, target, body)
     }
 
     /// A reference to a subject for the audit trail: HMAC-SHA256 under a vault key, hex. The
@@ -348,7 +386,7 @@ impl Vault {
     #[must_use]
     pub fn subject_ref(&self, subject: &Subject) -> String {
         use hmac::Mac as _;
-        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(self.subject_ref_key.bytes())
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(self.derived().subject_ref.bytes())
             .expect("HMAC takes any key length");
         mac.update(subject.as_str().as_bytes());
         mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
@@ -403,10 +441,13 @@ impl Vault {
         let rows = self.store.master_keys().await?;
         let mut ring = BTreeMap::new();
         for row in rows {
-            let key = self
-                .master
-                .unwrap_key(&row.wrapped, &master_key_aad(row.version))
-                .map_err(|_| {
+            let aad = master_key_aad(row.version);
+            // During a master key change, nodes not restarted yet may still add versions under
+            // the old key: any configured key opens a version.
+            let key = std::iter::once(&self.master)
+                .chain(&self.config.previous_master_keys)
+                .find_map(|k| k.unwrap_key(&row.wrapped, &aad).ok())
+                .ok_or_else(|| {
                     VaultError::MasterKey(format!(
                         "it does not open master key version {} of this vault: it is not the key the vault was created with",
                         row.version
@@ -545,6 +586,7 @@ impl Vault {
                 records.push(p.record(*key_id, k, now)?);
             }
             let outcomes = self.token_writes.submit(records.clone()).await??;
+            let mut refreshed = std::collections::HashSet::new();
             for ((&i, record), outcome) in pending.iter().zip(&records).zip(outcomes) {
                 match outcome {
                     TokenInsert::Inserted => tokens[i] = Some(Token::parse(&record.token)?),
@@ -561,9 +603,11 @@ impl Vault {
                         // The subject was erased since its key was looked up: new values get a
                         // new key rather than one that is already gone.
                         let subject = &prepared[i].subject;
-                        lock(&self.data_keys).remove(subject);
-                        let k = self.keys_for(subject).await?;
-                        keys.insert(subject.clone(), k);
+                        if refreshed.insert(subject.clone()) {
+                            lock(&self.data_keys).remove(subject);
+                            let k = self.keys_for(subject).await?;
+                            keys.insert(subject.clone(), k);
+                        }
                     }
                 }
             }
@@ -831,7 +875,12 @@ impl Vault {
             o.insert("key_id".into(), json!(principal.key_id));
             o.insert("key_name".into(), json!(principal.name));
         }
-        self.audits.submit((event_type, data)).await??;
+        let record = AuditRecord {
+            id: Uuid::now_v7(),
+            event_type,
+            data,
+        };
+        self.audits.submit(record).await??;
         Ok(())
     }
 
@@ -1528,6 +1577,13 @@ mod tests {
         )
         .await;
         assert!(matches!(old, Err(VaultFailure::Invalid(VaultError::MasterKey(_)))));
+        // What is keyed by the vault, not the master key, stays the same across the change.
+        assert_eq!(
+            renewed.fingerprint("POST", "/v1/x", b"{}"),
+            g.vault.fingerprint("POST", "/v1/x", b"{}")
+        );
+        let s = Subject::parse("customer-1").unwrap();
+        assert_eq!(renewed.subject_ref(&s), g.vault.subject_ref(&s));
     }
 
     #[tokio::test]

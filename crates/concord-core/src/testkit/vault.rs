@@ -114,8 +114,12 @@ impl VaultStore for MemoryVaultStore {
                 out.push(TokenInsert::KeyErased);
                 continue;
             }
-            if st.tokens.contains_key(&r.token) {
-                out.push(TokenInsert::TokenTaken);
+            if let Some(stored) = st.tokens.get(&r.token) {
+                out.push(if stored.sealed.nonce == r.sealed.nonce {
+                    TokenInsert::Inserted
+                } else {
+                    TokenInsert::TokenTaken
+                });
                 continue;
             }
             let existing = r.blind_index.and_then(|bi| {
@@ -213,11 +217,17 @@ fn data_key(subject: &str, version: u32) -> DataKeyRow {
 }
 
 fn record(token: &str, key: Uuid, index: Option<u8>) -> TokenRecord {
+    // A nonce of its own, as every sealed record has.
+    let mut nonce = [0u8; 12];
+    crate::domain::vault::random_bytes(&mut nonce).expect("randomness");
     TokenRecord {
         token: token.to_owned(),
         kind: TokenType::Card,
         data_key_id: key,
-        sealed: sealed(3),
+        sealed: Sealed {
+            nonce,
+            ciphertext: vec![3; 24],
+        },
         blind_index: index.map(|i| [i; 32]),
         metadata: Some(json!({"order": 42})),
         expires_at: None,
@@ -265,9 +275,10 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
     let other = s.insert_data_key(&data_key("customer-2", 2)).await.unwrap();
 
     // Tokens: a taken token, a convergent duplicate, in one batch and across batches.
+    let tok_a = record("tok_a", first.id, None);
     let out = s
         .insert_tokens(&[
-            record("tok_a", first.id, None),
+            tok_a.clone(),
             record("tok_b", first.id, Some(9)),
             record("tok_c", first.id, Some(9)),
             record("tok_a", first.id, None),
@@ -286,6 +297,11 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
     );
     assert_eq!(out[3], TokenInsert::TokenTaken);
     assert_eq!(out[4], TokenInsert::Inserted, "the index is unique per data key only");
+    assert_eq!(
+        s.insert_tokens(std::slice::from_ref(&tok_a)).await.unwrap(),
+        vec![TokenInsert::Inserted],
+        "the same record again is stored once"
+    );
     let again = s.insert_tokens(&[record("tok_e", first.id, Some(9))]).await.unwrap();
     assert!(matches!(&again[0], TokenInsert::Existing { token, .. } if token == "tok_b"));
 
@@ -295,10 +311,7 @@ pub async fn vault_store_suite<S: VaultStore>(s: S) {
         .unwrap();
     found.sort_by(|a, b| a.record.token.cmp(&b.record.token));
     assert_eq!(found.len(), 3);
-    assert_eq!(
-        found[0].record,
-        record("tok_a", first.id, None).with_time(found[0].record.created_at)
-    );
+    assert_eq!(found[0].record, tok_a.clone().with_time(found[0].record.created_at));
     assert_eq!(found[0].key.as_ref().unwrap(), &first);
     assert_eq!(found[2].key.as_ref().unwrap().subject, "customer-2");
 
