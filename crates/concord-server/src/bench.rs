@@ -241,11 +241,7 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
     server.stop().await;
     let ours = figure("append via HTTP", &ours, duration);
     let baseline = figure("raw single-row INSERT", &baseline, duration);
-    let ratio = if baseline.ops_per_s > 0.0 {
-        ours.ops_per_s / baseline.ops_per_s
-    } else {
-        0.0
-    };
+    let ratio = ratio(&ours, &baseline);
     Ok(Report {
         area: "events",
         backend: args.backend,
@@ -357,11 +353,7 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
     server.stop().await;
     let ours = figure("2-step saga via HTTP, start to completed", &ours, duration);
     let baseline = figure("the same 2 participant calls, direct", &baseline, duration);
-    let ratio = if baseline.ops_per_s > 0.0 {
-        ours.ops_per_s / baseline.ops_per_s
-    } else {
-        0.0
-    };
+    let ratio = ratio(&ours, &baseline);
     let ours_one = figure("one client: saga", &ours_one, short);
     let baseline_one = figure("one client: direct calls", &baseline_one, short);
     let extra = json!({
@@ -479,11 +471,7 @@ async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         server.stop().await;
         let ours = figure("2PC transfer via HTTP, until the durable decision", &ours, duration);
         let baseline = figure("the same 2 local transactions, direct", &baseline, duration);
-        let ratio = if baseline.ops_per_s > 0.0 {
-            ours.ops_per_s / baseline.ops_per_s
-        } else {
-            0.0
-        };
+        let ratio = ratio(&ours, &baseline);
         anyhow::Ok(Report {
             area: "2pc",
             backend: args.backend,
@@ -576,6 +564,15 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Ours / baseline by throughput, both measured in the same run (0 when the baseline did nothing).
+fn ratio(ours: &Figure, baseline: &Figure) -> f64 {
+    if baseline.ops_per_s > 0.0 {
+        ours.ops_per_s / baseline.ops_per_s
+    } else {
+        0.0
+    }
 }
 
 fn round(v: f64) -> f64 {

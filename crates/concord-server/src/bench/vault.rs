@@ -1,7 +1,7 @@
 //! `concord bench vault`: tokenize and detokenize over HTTP, one item per request and batches of
 //! 100, against AES-GCM plus the same rows written or read straight to the vault's database.
 
-use super::{BenchArgs, BenchServer, RawInserts, Report, figure, round, run_clients};
+use super::{BenchArgs, BenchServer, RawInserts, Report, figure, ratio, round, run_clients};
 use concord_api::vault::TokenizeItemIn;
 use concord_core::domain::vault::SecretKey;
 use concord_sdk::Client;
@@ -148,11 +148,7 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
 
     let ours = figure("tokenize 1 via HTTP", &single, duration);
     let baseline = figure("AES-GCM + 1-row INSERT", &raw_single, duration);
-    let ratio = if baseline.ops_per_s > 0.0 {
-        ours.ops_per_s / baseline.ops_per_s
-    } else {
-        0.0
-    };
+    let ratio = ratio(&ours, &baseline);
     let per = |name, lat: &[Duration], n: usize| {
         let f = figure(name, lat, duration);
         json!({"requests_per_s": f.ops_per_s, "items_per_s": round(f.ops_per_s * n as f64),
