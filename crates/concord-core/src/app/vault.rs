@@ -290,9 +290,11 @@ impl Drain for AuditWrites {
 
     async fn write(&self, batch: Vec<Self::Item>) -> Vec<Self::Output> {
         let n = batch.len();
-        if n == 1 || self.request(&batch).is_ok() {
+        match self.request(&batch) {
             // A store failure fails them all alike; a retry of theirs is replayed, not doubled.
-            return vec![self.append(&batch).await; n];
+            Ok(request) => return vec![self.events.append(request).await.map(|_| ()); n],
+            Err(e) if n == 1 => return vec![Err(StoreError::Unavailable(e))],
+            Err(_) => {}
         }
         // A record the log's limits refuse must not fail the others: write them one by one.
         let mut out = Vec::with_capacity(n);
