@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+mod broker;
 mod vault;
+pub use broker::{broker_suite, fresh_topic, message};
 pub use vault::{MemoryVaultStore, vault_store_suite};
 
 // ---------------------------------------------------------------------------------------------
