@@ -42,7 +42,10 @@
 //! ```
 
 pub mod barrier;
+pub mod broker;
 mod client;
+pub mod inbox;
+pub mod outbox;
 pub mod tx;
 
 pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};

@@ -68,6 +68,8 @@ pub enum Command {
         #[command(subcommand)]
         command: VaultCommand,
     },
+    /// Publish a service's outbox to a broker (NATS JetStream or this server's event store).
+    Relay(crate::relay::RelayArgs),
     /// Measure an area against a baseline taken in the same run.
     Bench(crate::bench::BenchArgs),
 }

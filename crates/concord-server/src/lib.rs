@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod openapi;
+pub mod relay;
 pub mod routes;
 pub mod saga;
 pub mod startup;

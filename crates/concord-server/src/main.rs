@@ -43,6 +43,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Saga { remote, json, command } => cli::run_saga(&remote, json, command).await?,
         Command::Tx { remote, json, command } => cli::run_tx(&remote, json, command).await?,
         Command::Vault { remote, json, command } => cli::run_vault(&remote, json, command).await?,
+        Command::Relay(args) => {
+            let _telemetry = telemetry::init(false);
+            concord_server::relay::run(args).await?;
+        }
         Command::Bench(args) => return bench::run(args).await,
     }
     Ok(std::process::ExitCode::SUCCESS)

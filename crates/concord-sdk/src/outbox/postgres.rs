@@ -1,0 +1,336 @@
+//! The outbox on PostgreSQL: [`enqueue`] on the service's transaction, [`PgRelay`] to publish.
+
+use super::relay::{Row, head_prefix, is_dead, publish_waves};
+use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, backoff, validate};
+use crate::broker::{Broker, BrokerMessage};
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgConnection, PgPool, Row as _};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The channel the insert trigger notifies.
+pub const CHANNEL: &str = "concord_outbox";
+
+/// The tables, the index and the notify trigger, for a migration tool of the service's own.
+pub const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS concord_outbox (
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          UUID NOT NULL,
+    topic       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    payload     JSONB NOT NULL,
+    headers     JSONB NOT NULL,
+    enqueued_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    attempts    INT NOT NULL DEFAULT 0,
+    available_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_error  TEXT
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
+        autovacuum_vacuum_cost_delay = 0);
+CREATE INDEX IF NOT EXISTS concord_outbox_key ON concord_outbox (key, seq);
+CREATE TABLE IF NOT EXISTS concord_outbox_dead (
+    seq         BIGINT PRIMARY KEY,
+    id          UUID NOT NULL,
+    topic       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    payload     JSONB NOT NULL,
+    headers     JSONB NOT NULL,
+    enqueued_at TIMESTAMPTZ NOT NULL,
+    attempts    INT NOT NULL,
+    last_error  TEXT NOT NULL,
+    dead_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION concord_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('concord_outbox', ''); RETURN NULL; END $$;
+CREATE OR REPLACE TRIGGER concord_outbox_notify AFTER INSERT ON concord_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION concord_outbox_notify();
+";
+
+/// Creates the outbox's tables if they are missing (concurrent callers are serialized).
+///
+/// # Errors
+/// The database's.
+pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(3214, 1)").execute(&mut *tx).await?;
+    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+    tx.commit().await
+}
+
+/// Inserts `message` into the outbox on the caller's connection or transaction
+/// (`&mut *tx`): it is published only if that transaction commits.
+///
+/// # Errors
+/// [`OutboxError::Invalid`] (nothing written) or the database's error.
+pub async fn enqueue(conn: &mut PgConnection, message: &BrokerMessage, limits: &OutboxLimits) -> Result<(), OutboxError> {
+    enqueue_all(conn, std::slice::from_ref(message), limits).await
+}
+
+/// Inserts several messages in one statement, in order. Either all are valid and inserted, or
+/// none is.
+///
+/// # Errors
+/// As [`enqueue`].
+pub async fn enqueue_all(conn: &mut PgConnection, messages: &[BrokerMessage], limits: &OutboxLimits) -> Result<(), OutboxError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(messages.len());
+    let mut topics = Vec::with_capacity(messages.len());
+    let mut keys = Vec::with_capacity(messages.len());
+    let mut payloads = Vec::with_capacity(messages.len());
+    let mut headers = Vec::with_capacity(messages.len());
+    for m in messages {
+        let (payload, header) = validate(m, limits)?;
+        ids.push(m.id);
+        topics.push(m.topic.as_str());
+        keys.push(m.key.as_str());
+        payloads.push(payload);
+        headers.push(header);
+    }
+    sqlx::query(
+        "INSERT INTO concord_outbox (id, topic, key, payload, headers) \
+         SELECT i, t, k, p::jsonb, h::jsonb FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+         WITH ORDINALITY AS u(i, t, k, p, h, n) ORDER BY n",
+    )
+    .bind(&ids)
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&headers)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Rows waiting in the outbox (published rows are gone).
+///
+/// # Errors
+/// The database's.
+pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox").fetch_one(pool).await
+}
+
+/// Rows in the dead-letter table.
+///
+/// # Errors
+/// The database's.
+pub async fn dead_letters(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox_dead").fetch_one(pool).await
+}
+
+fn row(r: &PgRow) -> Result<Row, RelayError> {
+    let seq: i64 = r.try_get("seq")?;
+    let headers: serde_json::Value = r.try_get("headers")?;
+    let headers: BTreeMap<String, String> =
+        serde_json::from_value(headers).map_err(|e| RelayError::Corrupt { seq, reason: e.to_string() })?;
+    let attempts: i32 = r.try_get("attempts")?;
+    Ok(Row {
+        seq,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        message: BrokerMessage {
+            id: r.try_get("id")?,
+            topic: r.try_get("topic")?,
+            key: r.try_get("key")?,
+            payload: r.try_get("payload")?,
+            headers,
+        },
+    })
+}
+
+/// Publishes the outbox of one PostgreSQL database. Several may run against one database, in
+/// one process or many.
+pub struct PgRelay {
+    pool: PgPool,
+    broker: Arc<dyn Broker>,
+    config: RelayConfig,
+}
+
+impl PgRelay {
+    #[must_use]
+    pub fn new(pool: PgPool, broker: Arc<dyn Broker>, config: RelayConfig) -> Self {
+        Self { pool, broker, config }
+    }
+
+    /// One round: claims up to a batch, publishes what this relay may, removes the published
+    /// rows, reschedules or dead-letters the failed ones, all in one transaction (so a crash
+    /// anywhere leaves every claimed row in place for the next relay).
+    ///
+    /// # Errors
+    /// The database's; the round's transaction is rolled back.
+    pub async fn run_once(&self) -> Result<RelayRound, RelayError> {
+        self.config.check()?;
+        let mut round = RelayRound::default();
+        let mut tx = self.pool.begin().await?;
+        let claimed: Vec<Row> = sqlx::query(
+            "SELECT seq, id, topic, key, payload, headers, attempts FROM concord_outbox \
+             WHERE available_at <= now() ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(row)
+        .collect::<Result<_, _>>()?;
+        round.claimed = claimed.len();
+        if claimed.is_empty() {
+            tx.commit().await?;
+            return Ok(round);
+        }
+        let mut keys: Vec<&str> = claimed.iter().map(|r| r.message.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let owned: Vec<String> = sqlx::query_scalar(
+            "SELECT k FROM UNNEST($1::text[]) AS k WHERE pg_try_advisory_xact_lock($2, hashtext(k))",
+        )
+        .bind(&keys)
+        .bind(self.config.lock_namespace)
+        .fetch_all(&mut *tx)
+        .await?;
+        let max_seq = claimed.iter().map(|r| r.seq).max().unwrap_or(0);
+        let pending: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, seq FROM concord_outbox WHERE key = ANY($1) AND seq <= $2 ORDER BY key, seq",
+        )
+        .bind(&owned)
+        .bind(max_seq)
+        .fetch_all(&mut *tx)
+        .await?;
+        let owned: std::collections::HashSet<&str> = owned.iter().map(String::as_str).collect();
+        let mine: Vec<Row> = claimed
+            .into_iter()
+            .filter(|r| owned.contains(r.message.key.as_str()))
+            .collect();
+        let not_owned = round.claimed - mine.len();
+        let (go, held) = head_prefix(mine, &pending);
+        round.held = held + not_owned;
+
+        let published = publish_waves(self.broker.as_ref(), go).await;
+        round.published = published.done.len();
+        if !published.done.is_empty() {
+            sqlx::query("DELETE FROM concord_outbox WHERE seq = ANY($1)")
+                .bind(&published.done)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for f in &published.failed {
+            round.broker_down |= !f.error.is_rejection();
+            let error = f.error.to_string();
+            if is_dead(f, self.config.max_attempts) {
+                round.dead += 1;
+                sqlx::query(
+                    "WITH d AS (DELETE FROM concord_outbox WHERE seq = $1 RETURNING *) \
+                     INSERT INTO concord_outbox_dead (seq, id, topic, key, payload, headers, enqueued_at, attempts, last_error) \
+                     SELECT seq, id, topic, key, payload, headers, enqueued_at, attempts + 1, $2 FROM d",
+                )
+                .bind(f.seq)
+                .bind(&error)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            round.retried += 1;
+            // Only rejections count towards the dead-letter limit; an unavailable broker
+            // backs off at the first step each time.
+            let attempts = if f.error.is_rejection() { f.attempts + 1 } else { f.attempts.max(1) };
+            let wait = backoff(&self.config, attempts);
+            let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+            sqlx::query(
+                "UPDATE concord_outbox SET attempts = $2, last_error = $3, \
+                 available_at = now() + $4 * interval '1 millisecond' WHERE seq = $1",
+            )
+            .bind(f.seq)
+            .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+            .bind(&error)
+            .bind(wait_ms)
+            .execute(&mut *tx)
+            .await?;
+            if !f.behind.is_empty() {
+                sqlx::query(
+                    "UPDATE concord_outbox SET available_at = now() + $2 * interval '1 millisecond' WHERE seq = ANY($1)",
+                )
+                .bind(&f.behind)
+                .bind(wait_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        tracing::debug!(?round, "outbox relay round");
+        Ok(round)
+    }
+
+    /// Runs rounds until `stop` turns true: at once while batches come full, else on a
+    /// `NOTIFY` or every poll interval. Errors are logged and retried after a pause.
+    ///
+    /// # Errors
+    /// An invalid configuration.
+    pub async fn run(&self, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+        self.config.check()?;
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let listener = tokio::spawn(listen(self.pool.clone(), wake_tx, stop.clone()));
+        let workers = (0..self.config.workers).map(|_| self.worker(wake_rx.clone(), stop.clone()));
+        futures::future::join_all(workers).await;
+        listener.abort();
+        Ok(())
+    }
+
+    async fn worker(&self, mut wake: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let pause = match self.run_once().await {
+                Ok(r) if r.broker_down => Some(self.config.backoff_initial),
+                Ok(r) if r.claimed >= self.config.batch_size && r.published + r.dead > 0 => None,
+                Ok(_) => Some(self.config.poll_interval),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay round failed");
+                    Some(self.config.backoff_initial)
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = wake.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Forwards `NOTIFY concord_outbox` to the workers, reconnecting when the connection drops (and
+/// waking them then, in case a notification was lost meanwhile).
+async fn listen(pool: PgPool, wake: watch::Sender<u64>, stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => {
+                if let Err(e) = listener.listen(CHANNEL).await {
+                    tracing::warn!(error = %e, "cannot LISTEN on the outbox channel");
+                } else {
+                    wake.send_modify(|n| *n += 1);
+                    loop {
+                        match listener.try_recv().await {
+                            Ok(Some(_)) => wake.send_modify(|n| *n += 1),
+                            Ok(None) => {
+                                wake.send_modify(|n| *n += 1);
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outbox listener failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect the outbox listener"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
