@@ -44,6 +44,7 @@
 pub mod barrier;
 pub mod broker;
 mod client;
+pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
 pub mod tx;
