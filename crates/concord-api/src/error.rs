@@ -6,7 +6,8 @@ use utoipa::ToSchema;
 
 macro_rules! error_codes {
     ($( $(#[$doc:meta])* $variant:ident = ($code:literal, $status:literal, $title:literal), )*) => {
-        /// Every error Concord answers, with its HTTP status and title.
+        /// Every error Concord answers, with its HTTP status and title: the server's, and those
+        /// the sdk's layers answer inside a service (the idempotency layer's).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum ErrorCode { $( $(#[$doc])* $variant, )* }
 
@@ -62,6 +63,13 @@ error_codes! {
     InvalidScope = ("invalid_scope", 400, "Unknown scope"),
     /// An `Idempotency-Key` header that is empty, too long or not visible ASCII.
     InvalidIdempotencyKey = ("invalid_idempotency_key", 400, "Invalid Idempotency-Key"),
+    /// A request without `Idempotency-Key` to a service whose idempotency layer requires one
+    /// (answered by the sdk's layer). Send a fresh unique value (a UUID) per operation, the same
+    /// value on each retry of it.
+    IdempotencyKeyMissing = ("idempotency_key_missing", 400, "Idempotency-Key missing"),
+    /// The request body could not be read (the client went away or sent a broken body; answered
+    /// by the sdk's idempotency layer). Retry.
+    BodyUnreadable = ("body_unreadable", 400, "Request body unreadable"),
     /// A definition, step or saga name outside its alphabet or length.
     InvalidName = ("invalid_name", 400, "Invalid name"),
     /// Two steps of a saga definition share a name.
@@ -106,6 +114,9 @@ error_codes! {
     VaultKeyFailure = ("vault_key_failure", 500, "Vault key failure"),
     /// The request body is larger than the server accepts at all.
     BodyTooLarge = ("body_too_large", 413, "Request body too large"),
+    /// The body is over the limit a service's idempotency layer buffers (answered by the sdk's
+    /// layer); the handler did not run. Send a smaller one.
+    PayloadTooLarge = ("payload_too_large", 413, "Payload too large"),
     /// The body is not `application/json`.
     UnsupportedMediaType = ("unsupported_media_type", 415, "Unsupported media type"),
     /// No API key, or an unknown or revoked one. Send `Authorization: Bearer <key>`.
@@ -140,6 +151,13 @@ error_codes! {
     SagaBusy = ("saga_busy", 503, "Saga busy"),
     /// The database failed or is unreachable. Retry with backoff.
     StoreUnavailable = ("store_unavailable", 503, "Store unavailable"),
+    /// A service's idempotency store failed or is unreachable (answered by the sdk's layer); the
+    /// handler did not run. Retry with backoff.
+    IdempotencyStoreUnavailable = ("idempotency_store_unavailable", 503, "Idempotency store unavailable"),
+    /// The request ran, but its response was too large (or broken) to be kept, so a retry with
+    /// its `Idempotency-Key` gets this instead (answered by the sdk's layer). Do not retry with
+    /// the same key: the operation happened; look its result up.
+    IdempotencyResponseNotStored = ("idempotency_response_not_stored", 500, "Idempotent response not stored"),
     /// A bug. Nothing of the request was written that a retry would duplicate.
     Internal = ("internal", 500, "Internal error"),
 }

@@ -10,17 +10,17 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
+use concord_api::ErrorCode;
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::problem::PROBLEM_JSON;
+use super::problem::{self, PROBLEM_JSON};
 use super::{
     Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig, IdempotencyConfigError,
-    IdempotencyKey, IdempotencyStore, KeyDigest, ProblemCode, REPLAYED_HEADER, StoreError, StoredResponse,
-    owner_for_caller,
+    IdempotencyKey, IdempotencyStore, KeyDigest, REPLAYED_HEADER, StoreError, StoredResponse, owner_for_caller,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -174,21 +174,32 @@ where
         Ok(Some(key)) => key,
         Ok(None) if !config.require_key => return pass(inner, req).await,
         Ok(None) => {
-            return Ok(ProblemCode::IdempotencyKeyMissing.response(format!(
-                "{} requests to this service need an Idempotency-Key header",
-                req.method()
-            )));
+            return Ok(problem::response(
+                ErrorCode::IdempotencyKeyMissing,
+                format!(
+                    "{} requests to this service need an Idempotency-Key header",
+                    req.method()
+                ),
+            ));
         }
-        Err(detail) => return Ok(ProblemCode::InvalidIdempotencyKey.response(detail)),
+        Err(detail) => return Ok(problem::response(ErrorCode::InvalidIdempotencyKey, detail)),
     };
     let (parts, body) = req.into_parts();
     let limit = config.max_body_bytes;
     let body = match read_request(body, limit).await {
         Read::Whole(body) => body,
         Read::TooLarge => {
-            return Ok(ProblemCode::PayloadTooLarge.response(format!("the request body is over {limit} bytes")));
+            return Ok(problem::response(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is over {limit} bytes"),
+            ));
         }
-        Read::Failed => return Ok(ProblemCode::BodyUnreadable.response("the request body could not be read")),
+        Read::Failed => {
+            return Ok(problem::response(
+                ErrorCode::BodyUnreadable,
+                "the request body could not be read",
+            ));
+        }
     };
     let owner = owner_for_caller(&config.caller_id(&parts));
     let fingerprint = config.fingerprint(&parts.method, target(&parts), &body);
@@ -210,13 +221,17 @@ where
         }
         Ok(IdempotencyBegin::Mismatch) => {
             span.in_scope(|| tracing::debug!("key reused with a different request"));
-            return Ok(ProblemCode::IdempotencyKeyReused
-                .response("this Idempotency-Key was used with a different request (method, path, query or body)"));
+            return Ok(problem::response(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used with a different request (method, path, query or body)",
+            ));
         }
         Ok(IdempotencyBegin::InFlight) => {
             span.in_scope(|| tracing::debug!("the first request with this key is still running"));
-            let mut response = ProblemCode::IdempotencyKeyInFlight
-                .response("the first request with this Idempotency-Key is still running; retry later");
+            let mut response = problem::response(
+                ErrorCode::IdempotencyKeyInFlight,
+                "the first request with this Idempotency-Key is still running; retry later",
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, shared.retry_after.clone());
@@ -224,8 +239,10 @@ where
         }
         Err(e) => {
             span.in_scope(|| tracing::warn!(error = %e, "idempotency store unavailable; the request is refused"));
-            let mut response = ProblemCode::IdempotencyStoreUnavailable
-                .response("the idempotency store is unavailable; the request did not run, retry later");
+            let mut response = problem::response(
+                ErrorCode::IdempotencyStoreUnavailable,
+                "the idempotency store is unavailable; the request did not run, retry later",
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, shared.retry_after.clone());
@@ -241,7 +258,7 @@ where
         Ok(answer) => answer,
         Err(e) => {
             tracing::error!(error = %e, "the idempotent request's task failed");
-            Ok(ProblemCode::Internal.response("the request's task failed"))
+            Ok(problem::response(ErrorCode::Internal, "the request's task failed"))
         }
     }
 }
@@ -289,7 +306,10 @@ where
         }
         Err(_) => {
             release(&shared, &claim, "the handler panicked").await;
-            return Ok(ProblemCode::Internal.response("the handler failed; retry with the same Idempotency-Key"));
+            return Ok(problem::response(
+                ErrorCode::Internal,
+                "the handler failed; retry with the same Idempotency-Key",
+            ));
         }
     };
     let (parts, body) = response.into_parts();
@@ -346,9 +366,9 @@ async fn release(shared: &Shared, claim: &IdempotencyClaim<'_>, why: &'static st
 /// What a retry gets in place of a response that could not be kept.
 fn not_stored(detail: &str) -> StoredResponse {
     StoredResponse {
-        status: ProblemCode::IdempotencyResponseNotStored.status().as_u16(),
+        status: ErrorCode::IdempotencyResponseNotStored.status(),
         content_type: Some(PROBLEM_JSON.to_owned()),
-        body: ProblemCode::IdempotencyResponseNotStored.body(detail),
+        body: problem::body(ErrorCode::IdempotencyResponseNotStored, detail),
     }
 }
 

@@ -24,7 +24,7 @@
 //! | the store fails                                         | 503 `idempotency_store_unavailable`; the handler does not run |
 //!
 //! Errors are `application/problem+json` bodies `{type, title, status, detail, code}`; the codes
-//! are listed once, in [`ProblemCode`].
+//! are listed once, in the table of every Concord error, [`ErrorCode`](crate::ErrorCode).
 //!
 //! # Which responses are kept
 //!
@@ -148,7 +148,6 @@ pub use crate::barrier::IDEMPOTENCY_KEY_HEADER;
 pub use concord_core::domain::{Fingerprint, IdempotencyKey};
 pub use concord_core::ports::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoreError, StoredResponse};
 pub use layer::{IdempotencyLayer, IdempotencyService};
-pub use problem::ProblemCode;
 
 /// The header set on a response that is a replay of a stored one (its value is `true`).
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
