@@ -265,6 +265,35 @@ struct NatsConsumer {
 }
 
 impl NatsConsumer {
+    /// One pull request: without `wait`, only what is available now; with it, held by the
+    /// server until `max` messages came or `wait` passed.
+    async fn pull(&self, max: usize, wait: Option<Duration>) -> Result<Vec<Delivery>, BrokerError> {
+        let mut batch = match wait {
+            None => self.consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?,
+            Some(wait) => self
+                .consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait.max(Duration::from_millis(10)))
+                .messages()
+                .await
+                .map_err(unavailable)?,
+        };
+        let mut out = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(unavailable)?;
+            match self.delivery(&msg) {
+                Ok(d) => out.push(d),
+                Err(e) => {
+                    // Not a message of ours: stop its redelivery rather than loop on it.
+                    tracing::warn!(topic = %self.topic, error = %e, "terminating a foreign message");
+                    msg.ack_with(AckKind::Term).await.map_err(unavailable)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn delivery(&self, msg: &jetstream::Message) -> Result<Delivery, BrokerError> {
         let info = msg.info().map_err(unavailable)?;
         let headers = msg.headers.as_ref();
@@ -314,24 +343,15 @@ impl NatsConsumer {
 #[async_trait]
 impl BrokerConsumer for NatsConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
-        let mut batch = self
-            .consumer
-            .fetch()
-            .max_messages(max.max(1))
-            .expires(wait.max(Duration::from_millis(10)))
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        let mut out = Vec::new();
-        while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(unavailable)?;
-            match self.delivery(&msg) {
-                Ok(d) => out.push(d),
-                Err(e) => {
-                    // Not a message of ours: stop its redelivery rather than loop on it.
-                    tracing::warn!(topic = %self.topic, error = %e, "terminating a foreign message");
-                    msg.ack_with(AckKind::Term).await.map_err(unavailable)?;
-                }
+        // What is there now; if nothing, wait for one message (a request for exactly one ends as
+        // soon as it arrives), then take what followed it. A request for more than is there would
+        // be held by the server until it expires.
+        let max = max.max(1);
+        let mut out = self.pull(max, None).await?;
+        if out.is_empty() && !wait.is_zero() {
+            out = self.pull(1, Some(wait)).await?;
+            if !out.is_empty() && max > 1 {
+                out.extend(self.pull(max - 1, None).await?);
             }
         }
         Ok(out)

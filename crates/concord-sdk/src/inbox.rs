@@ -67,6 +67,7 @@ fn check_consumer(consumer: &str) -> Result<(), sqlx::Error> {
 pub mod postgres {
     use super::{BoxFuture, Handled, InboxError, check_consumer};
     use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+    use std::collections::HashSet;
     use uuid::Uuid;
 
     /// The table, for a migration tool of the service's own.
@@ -112,6 +113,29 @@ pub mod postgres {
         }
     }
 
+    /// Claims several message ids in one transaction: answers it with the ids claimed now (the
+    /// others were handled before). Apply the claimed ones on it, then commit.
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn begin_batch(
+        pool: &PgPool,
+        consumer: &str,
+        message_ids: &[Uuid],
+    ) -> Result<(Transaction<'static, Postgres>, HashSet<Uuid>), sqlx::Error> {
+        check_consumer(consumer)?;
+        let mut tx = pool.begin().await?;
+        let fresh: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO concord_inbox (consumer, message_id) SELECT $1, UNNEST($2::uuid[]) \
+             ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind(consumer)
+        .bind(message_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok((tx, fresh.into_iter().collect()))
+    }
+
     /// Runs `handler` on the claimed transaction and commits, unless the message is a duplicate.
     ///
     /// # Errors
@@ -148,6 +172,7 @@ pub mod postgres {
 pub mod sqlite {
     use super::{BoxFuture, Handled, InboxError, check_consumer};
     use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+    use std::collections::HashSet;
     use uuid::Uuid;
 
     /// The table, for a migration tool of the service's own.
@@ -187,6 +212,31 @@ pub mod sqlite {
             tx.rollback().await?;
             Ok(None)
         }
+    }
+
+    /// As [`super::postgres::begin_batch`].
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn begin_batch(
+        pool: &SqlitePool,
+        consumer: &str,
+        message_ids: &[Uuid],
+    ) -> Result<(Transaction<'static, Sqlite>, HashSet<Uuid>), sqlx::Error> {
+        check_consumer(consumer)?;
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let ids: Vec<String> = message_ids.iter().map(Uuid::to_string).collect();
+        let ids = serde_json::to_string(&ids).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let fresh: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO concord_inbox (consumer, message_id, received_at) \
+             SELECT ?1, value, ?2 FROM json_each(?3) WHERE true ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind(consumer)
+        .bind(chrono::Utc::now().timestamp_millis())
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok((tx, fresh.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect()))
     }
 
     /// As [`super::postgres::handle`].

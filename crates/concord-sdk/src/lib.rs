@@ -43,6 +43,7 @@
 
 pub mod barrier;
 pub mod broker;
+pub mod cache;
 mod client;
 pub mod idempotency;
 pub mod inbox;

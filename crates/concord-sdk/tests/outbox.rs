@@ -335,7 +335,7 @@ async fn invalid_messages_are_refused_and_nothing_is_written() {
         tx.commit().await.unwrap();
     }
     assert_eq!(outbox::sqlite::pending(&pool).await.unwrap(), 0);
-    if let Some(pg) = std::env::var("CONCORD_TEST_POSTGRES_URL").ok() {
+    if let Ok(pg) = std::env::var("CONCORD_TEST_POSTGRES_URL") {
         let pool = scratch_pg(&pg).await;
         outbox::postgres::ensure_schema(&pool).await.unwrap();
         let mut tx = pool.begin().await.unwrap();

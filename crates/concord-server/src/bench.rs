@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+mod outbox;
 mod vault;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -28,6 +29,9 @@ pub enum BenchArea {
     /// Tokenize and detokenize (single items and batches of 100) against AES-GCM plus the same
     /// rows written or read straight to the vault's database.
     Vault,
+    /// Outbox → relay → NATS JetStream → consumer with inbox, end to end, against direct
+    /// JetStream publish-with-ack from one client; also the idempotency layer's added latency.
+    Outbox,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -58,6 +62,9 @@ pub struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// NATS server of `bench outbox`.
+    #[arg(long, env = "CONCORD_TEST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,6 +121,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         BenchArea::Sagas => sagas(&args, &database_url).await,
         BenchArea::TwoPc => two_phase_commit(&args, &database_url).await,
         BenchArea::Vault => vault::vault(&args, &database_url).await,
+        BenchArea::Outbox => outbox::outbox(&args, &database_url).await,
     };
     if let Some(base) = scratch {
         concord_store_postgres::drop_scratch_database(&base, &database_url).await?;

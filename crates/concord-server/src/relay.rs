@@ -32,7 +32,7 @@ pub struct RelayArgs {
     /// Concord server for `--broker concord`.
     #[arg(long, env = "CONCORD_URL", default_value = "http://127.0.0.1:7400")]
     pub url: String,
-    /// API key for `--broker concord` (needs `streams:write`).
+    /// API key for `--broker concord` (needs `events:write`).
     #[arg(long, env = "CONCORD_KEY", hide_env_values = true)]
     pub key: Option<String>,
     /// Rows per round.

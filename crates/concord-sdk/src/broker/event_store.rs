@@ -11,7 +11,7 @@ use std::time::Duration;
 const MAX_FETCH: usize = 1000;
 
 /// A broker over a Concord server's event store, through the sdk [`Client`] (which needs the
-/// `streams:write` scope to publish and `streams:read` to consume).
+/// `events:write` scope to publish and `events:read` to consume).
 ///
 /// Keys must be valid in stream names (letters, digits and `-_.:@`); others are
 /// [`BrokerError::Rejected`]. Members of one consumer group split the topic's streams by a hash

@@ -164,6 +164,10 @@ impl PgRelay {
         self.config.check()?;
         let mut round = RelayRound::default();
         let mut tx = self.pool.begin().await?;
+        // This transaction only removes rows that are already published: if a crash loses its
+        // commit, the rows are published again and absorbed downstream (broker dedup, inbox).
+        // So it need not wait for its WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
         let claimed: Vec<Row> = sqlx::query(
             "SELECT seq, id, topic, key, payload, headers, attempts FROM concord_outbox \
              WHERE available_at <= now() ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
