@@ -193,7 +193,8 @@ impl BrokerConsumer for EventStoreConsumer {
         self.flush_checkpoint().await?;
         if let Some(delay) = self.rewind.take() {
             tokio::time::sleep(delay).await;
-            self.outstanding.clear();
+            // Deliver again from the checkpoint, all but what was acknowledged meanwhile.
+            self.outstanding.retain(|_, acked| *acked);
             self.delivered_up_to = 0;
         }
         let limit = (max + self.outstanding.len()).clamp(1, MAX_FETCH);
@@ -215,6 +216,10 @@ impl BrokerConsumer for EventStoreConsumer {
             if e.position <= self.delivered_up_to || out.len() >= max {
                 continue;
             }
+            if self.outstanding.get(&e.position) == Some(&true) {
+                self.delivered_up_to = e.position;
+                continue;
+            }
             self.delivered_up_to = e.position;
             self.outstanding.insert(e.position, false);
             let d = self.delivery(e);
@@ -228,6 +233,11 @@ impl BrokerConsumer for EventStoreConsumer {
         let pos = position_of(delivery)?;
         if let Some(acked) = self.outstanding.get_mut(&pos) {
             *acked = true;
+        }
+        // The checkpoint moves once per fetched batch: when its last delivery is acknowledged
+        // (and at the next fetch for a batch acknowledged only in part).
+        if self.rewind.is_none() && self.outstanding.values().all(|&a| a) {
+            self.flush_checkpoint().await?;
         }
         Ok(())
     }
