@@ -1,8 +1,10 @@
 //! Concord's Rust sdk: the typed client of the Concord server ([`Client`]) and the service-side
-//! kit. Today the kit holds [`barrier`], the saga participant barrier, and [`tx`], the
-//! two-phase-commit participant: an axum router over a [`tx::Participant`], with implementations
-//! on PostgreSQL prepared transactions and on SQLite reservation records. The outbox, inbox,
-//! idempotency layer, projection runner and read-through cache come later.
+//! kit: [`barrier`], the saga participant barrier; [`tx`], the two-phase-commit participant (an
+//! axum router over a [`tx::Participant`], on PostgreSQL prepared transactions and on SQLite
+//! reservation records); [`outbox`], the transactional outbox and its relays; [`broker`], the
+//! broker port and the event-store broker (NATS JetStream is in `concord-broker-nats`);
+//! [`inbox`], the idempotent consumer; [`idempotency`], the `Idempotency-Key` tower layer;
+//! [`projection`], the CQRS projection runner; [`cache`], the read-through cache.
 //!
 //! # TLS crypto provider
 //!

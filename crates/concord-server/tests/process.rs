@@ -519,6 +519,10 @@ async fn acknowledged_events_survive_sigkill() {
 /// Runs a short `concord bench AREA --json` and checks the contract's JSON on the last line;
 /// returns it for the area's own checks.
 fn bench_report(area: &str, backend: &str, database_url: Option<&str>) -> Value {
+    bench_report_with(area, backend, database_url, &[])
+}
+
+fn bench_report_with(area: &str, backend: &str, database_url: Option<&str>, more: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = concord(dir.path());
     cmd.args([
@@ -537,6 +541,7 @@ fn bench_report(area: &str, backend: &str, database_url: Option<&str>) -> Value 
     if let Some(url) = database_url {
         cmd.args(["--database-url", url]);
     }
+    cmd.args(more);
     let out = cmd.output().expect("bench runs");
     assert!(
         out.status.success(),
@@ -590,6 +595,27 @@ fn bench_vault_on_sqlite_prints_the_contract_json_with_every_phase() {
             "{phase} in {report}"
         );
     }
+}
+
+#[test]
+fn bench_outbox_on_postgres_prints_the_contract_json_with_every_phase() {
+    let (Ok(pg), Ok(nats)) = (
+        std::env::var("CONCORD_TEST_POSTGRES_URL"),
+        std::env::var("CONCORD_TEST_NATS_URL"),
+    ) else {
+        eprintln!("skipped: CONCORD_TEST_POSTGRES_URL or CONCORD_TEST_NATS_URL is not set");
+        return;
+    };
+    let report = bench_report_with("outbox", "postgres", Some(&pg), &["--nats-url", &nats]);
+    let extra = &report["extra"];
+    assert_eq!(extra["fixed_rate"]["messages"], 100, "{report}");
+    assert!(extra["fixed_rate"]["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert_eq!(extra["drain_full_outbox"]["messages"], 1000, "{report}");
+    assert!(extra["drain_full_outbox"]["messages_per_s"].as_f64().is_some_and(|v| v > 0.0));
+    for side in ["with", "without"] {
+        assert!(extra["idempotency_layer"][side]["requests"].as_u64().is_some_and(|n| n > 0), "{report}");
+    }
+    assert!(extra["idempotency_layer"]["added_p50_ms"].as_f64().is_some(), "{report}");
 }
 
 #[test]

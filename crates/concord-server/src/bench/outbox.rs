@@ -19,8 +19,9 @@ use tokio::sync::watch;
 
 /// Messages per producer transaction in the throughput phase.
 const PER_TX: usize = 10;
-/// Messages in the outbox before the drain phase starts its relay.
-const DRAIN: usize = 50_000;
+/// The most messages in the outbox when the drain phase starts its relay (it holds ten times
+/// what the fixed-rate phase sends, up to this).
+const MAX_DRAIN: u64 = 50_000;
 /// Keys the producers spread their messages over.
 const KEYS: usize = 64;
 
@@ -334,8 +335,10 @@ pub(super) async fn outbox(args: &BenchArgs, database_url: &str) -> anyhow::Resu
     let drain_figure = {
         let topic = format!("benchdrain{}", &run[..8]);
         let consumer = broker.subscribe(&topic, "bench").await?;
-        let backlog = u64::try_from(DRAIN).unwrap_or(u64::MAX);
-        let messages: Vec<BrokerMessage> = (0..DRAIN).map(|i| message(&topic, i % KEYS, origin)).collect();
+        let backlog = (count * 10).clamp(1, MAX_DRAIN);
+        let messages: Vec<BrokerMessage> = (0..usize::try_from(backlog).unwrap_or(0))
+            .map(|i| message(&topic, i % KEYS, origin))
+            .collect();
         for chunk in messages.chunks(1000) {
             db.produce(chunk).await?;
         }
