@@ -91,7 +91,9 @@ pub struct NatsBroker {
 fn check_name(what: &str, name: &str) -> Result<(), BrokerError> {
     let ok = !name.is_empty()
         && name.len() <= 100
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -269,7 +271,13 @@ impl NatsConsumer {
     /// server until `max` messages came or `wait` passed.
     async fn pull(&self, max: usize, wait: Option<Duration>) -> Result<Vec<Delivery>, BrokerError> {
         let mut batch = match wait {
-            None => self.consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?,
+            None => self
+                .consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(unavailable)?,
             Some(wait) => self
                 .consumer
                 .batch()

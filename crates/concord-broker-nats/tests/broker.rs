@@ -38,7 +38,10 @@ async fn oversized_and_malformed_messages_are_rejected_not_sent() {
     assert!(results[2].is_ok(), "{results:?}");
     assert!(results[3].is_err(), "{results:?}");
     let mut consumer = broker.subscribe(&topic, "only").await.expect("subscribe");
-    let got = consumer.fetch(10, std::time::Duration::from_millis(500)).await.expect("fetch");
+    let got = consumer
+        .fetch(10, std::time::Duration::from_millis(500))
+        .await
+        .expect("fetch");
     assert_eq!(got.len(), 1, "only the valid message reached the stream");
     assert_eq!(got[0].message.payload["n"], 4);
 }

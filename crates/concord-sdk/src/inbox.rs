@@ -85,7 +85,9 @@ pub mod postgres {
     /// The database's.
     pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(3214, 2)").execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(3214, 2)")
+            .execute(&mut *tx)
+            .await?;
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
         tx.commit().await
     }
@@ -96,15 +98,20 @@ pub mod postgres {
     ///
     /// # Errors
     /// The database's.
-    pub async fn begin(pool: &PgPool, consumer: &str, message_id: Uuid) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
+    pub async fn begin(
+        pool: &PgPool,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
         check_consumer(consumer)?;
         let mut tx = pool.begin().await?;
-        let fresh = sqlx::query("INSERT INTO concord_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(consumer)
-            .bind(message_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let fresh =
+            sqlx::query("INSERT INTO concord_inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(consumer)
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if fresh == 1 {
             Ok(Some(tx))
         } else {
@@ -140,7 +147,12 @@ pub mod postgres {
     ///
     /// # Errors
     /// The database's, or the handler's (then nothing is committed).
-    pub async fn handle<T, E, F>(pool: &PgPool, consumer: &str, message_id: Uuid, handler: F) -> Result<Handled<T>, InboxError<E>>
+    pub async fn handle<T, E, F>(
+        pool: &PgPool,
+        consumer: &str,
+        message_id: Uuid,
+        handler: F,
+    ) -> Result<Handled<T>, InboxError<E>>
     where
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
@@ -156,7 +168,11 @@ pub mod postgres {
     ///
     /// # Errors
     /// The database's.
-    pub async fn prune(pool: &PgPool, before: chrono::DateTime<chrono::Utc>, max_rows: i64) -> Result<u64, sqlx::Error> {
+    pub async fn prune(
+        pool: &PgPool,
+        before: chrono::DateTime<chrono::Utc>,
+        max_rows: i64,
+    ) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query(
             "DELETE FROM concord_inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM concord_inbox WHERE received_at < $1 LIMIT $2))",
         )
@@ -196,16 +212,22 @@ pub mod sqlite {
     ///
     /// # Errors
     /// The database's.
-    pub async fn begin(pool: &SqlitePool, consumer: &str, message_id: Uuid) -> Result<Option<Transaction<'static, Sqlite>>, sqlx::Error> {
+    pub async fn begin(
+        pool: &SqlitePool,
+        consumer: &str,
+        message_id: Uuid,
+    ) -> Result<Option<Transaction<'static, Sqlite>>, sqlx::Error> {
         check_consumer(consumer)?;
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        let fresh = sqlx::query("INSERT INTO concord_inbox (consumer, message_id, received_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-            .bind(consumer)
-            .bind(message_id.to_string())
-            .bind(chrono::Utc::now().timestamp_millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let fresh = sqlx::query(
+            "INSERT INTO concord_inbox (consumer, message_id, received_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(message_id.to_string())
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if fresh == 1 {
             Ok(Some(tx))
         } else {
@@ -243,7 +265,12 @@ pub mod sqlite {
     ///
     /// # Errors
     /// The database's, or the handler's (then nothing is committed).
-    pub async fn handle<T, E, F>(pool: &SqlitePool, consumer: &str, message_id: Uuid, handler: F) -> Result<Handled<T>, InboxError<E>>
+    pub async fn handle<T, E, F>(
+        pool: &SqlitePool,
+        consumer: &str,
+        message_id: Uuid,
+        handler: F,
+    ) -> Result<Handled<T>, InboxError<E>>
     where
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, E>>,
     {
@@ -259,7 +286,11 @@ pub mod sqlite {
     ///
     /// # Errors
     /// The database's.
-    pub async fn prune(pool: &SqlitePool, before: chrono::DateTime<chrono::Utc>, max_rows: i64) -> Result<u64, sqlx::Error> {
+    pub async fn prune(
+        pool: &SqlitePool,
+        before: chrono::DateTime<chrono::Utc>,
+        max_rows: i64,
+    ) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query(
             "DELETE FROM concord_inbox WHERE rowid IN (SELECT rowid FROM concord_inbox WHERE received_at < ? LIMIT ?)",
         )

@@ -24,7 +24,10 @@ fn env(name: &str) -> Option<String> {
 async fn scratch_pg(base: &str) -> PgPool {
     let admin = PgPool::connect(base).await.expect("connect");
     let name = format!("concord_t_outbox_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&admin).await.expect("create db");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("create db");
     let url = match base.rsplit_once('/') {
         Some((head, _)) => format!("{head}/{name}"),
         None => panic!("bad url"),
@@ -169,14 +172,27 @@ async fn two_pg_relays_keep_per_key_order_through_nats_and_the_inbox_applies_eac
     // The rest is enqueued while the relays run.
     fill_pg(&pool, &topic, keys, 101..=per_key, 3).await;
 
-    let (applied, _) = consume_pg(&pool, consumer.as_mut(), keys * per_key as usize, Duration::from_secs(60)).await;
+    let (applied, _) = consume_pg(
+        &pool,
+        consumer.as_mut(),
+        keys * per_key as usize,
+        Duration::from_secs(60),
+    )
+    .await;
     stop_tx.send(true).unwrap();
     for r in relays {
         r.await.unwrap().unwrap();
     }
     assert_in_order(&applied, keys, per_key);
-    assert_eq!(outbox::postgres::pending(&pool).await.unwrap(), 0, "published rows removed");
-    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects").fetch_one(&pool).await.unwrap();
+    assert_eq!(
+        outbox::postgres::pending(&pool).await.unwrap(),
+        0,
+        "published rows removed"
+    );
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(effects, (keys as i64) * (per_key as i64));
 }
 
@@ -196,9 +212,15 @@ impl Broker for Flaky {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            return messages.iter().map(|_| Err(BrokerError::Unavailable("down".into()))).collect();
+            return messages
+                .iter()
+                .map(|_| Err(BrokerError::Unavailable("down".into())))
+                .collect();
         }
-        let (poison, good): (Vec<_>, Vec<_>) = messages.iter().enumerate().partition(|(_, m)| m.payload["poison"] == true);
+        let (poison, good): (Vec<_>, Vec<_>) = messages
+            .iter()
+            .enumerate()
+            .partition(|(_, m)| m.payload["poison"] == true);
         let good_msgs: Vec<BrokerMessage> = good.iter().map(|(_, m)| (*m).clone()).collect();
         let mut results: Vec<Option<Result<(), BrokerError>>> = vec![None; messages.len()];
         for (i, _) in &poison {
@@ -233,10 +255,18 @@ async fn poison_messages_are_dead_lettered_and_an_unavailable_broker_loses_nothi
     let topic = topic();
     let mut tx = pool.begin().await.unwrap();
     for n in 1..=5u64 {
-        let payload = if n == 2 { json!({ "n": n, "poison": true }) } else { json!({ "n": n }) };
-        outbox::postgres::enqueue(&mut tx, &outbox::message(&topic, "k", payload), &OutboxLimits::default())
-            .await
-            .unwrap();
+        let payload = if n == 2 {
+            json!({ "n": n, "poison": true })
+        } else {
+            json!({ "n": n })
+        };
+        outbox::postgres::enqueue(
+            &mut tx,
+            &outbox::message(&topic, "k", payload),
+            &OutboxLimits::default(),
+        )
+        .await
+        .unwrap();
     }
     tx.commit().await.unwrap();
     let config = RelayConfig {
@@ -261,12 +291,22 @@ async fn poison_messages_are_dead_lettered_and_an_unavailable_broker_loses_nothi
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(attempts, 3, "dead after max_attempts rejections; unavailability did not count");
+    assert_eq!(
+        attempts, 3,
+        "dead after max_attempts rejections; unavailability did not count"
+    );
     assert!(error.contains("poison"), "{error}");
     let mut consumer = nats.subscribe(&topic, "dl").await.unwrap();
     let (applied, _) = consume_pg(&pool, consumer.as_mut(), 4, Duration::from_secs(10)).await;
-    assert_eq!(applied["k"], vec![1, 3, 4, 5], "the rest of the key in order, after the poison one");
-    assert!(flaky.calls.load(Ordering::SeqCst) > 3, "the relay retried after the outage");
+    assert_eq!(
+        applied["k"],
+        vec![1, 3, 4, 5],
+        "the rest of the key in order, after the poison one"
+    );
+    assert!(
+        flaky.calls.load(Ordering::SeqCst) > 3,
+        "the relay retried after the outage"
+    );
 }
 
 #[tokio::test]
@@ -300,7 +340,11 @@ async fn a_late_commit_is_never_skipped_and_rolled_back_messages_never_leave_pg(
     let relay = outbox::postgres::PgRelay::new(pool.clone(), broker.clone(), RelayConfig::default());
     assert_eq!(relay.run_once().await.unwrap().published, 1, "the committed row");
     slow.commit().await.unwrap();
-    assert_eq!(relay.run_once().await.unwrap().published, 1, "the late commit, not skipped");
+    assert_eq!(
+        relay.run_once().await.unwrap().published,
+        1,
+        "the late commit, not skipped"
+    );
     let mut consumer = broker.subscribe(&topic, "late").await.unwrap();
     let (applied, _) = consume_pg(&pool, consumer.as_mut(), 2, Duration::from_secs(10)).await;
     assert_eq!(applied.len(), 2);

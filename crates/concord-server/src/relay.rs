@@ -3,9 +3,9 @@
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use concord_broker_nats::{NatsBroker, NatsConfig};
+use concord_sdk::Client;
 use concord_sdk::broker::{Broker, EventStoreBroker};
 use concord_sdk::outbox::{self, RelayConfig};
-use concord_sdk::Client;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,7 +64,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 .context("connecting to NATS")?,
         ),
         BrokerKind::Concord => {
-            let key = args.key.clone().context("--broker concord needs --key or CONCORD_KEY")?;
+            let key = args
+                .key
+                .clone()
+                .context("--broker concord needs --key or CONCORD_KEY")?;
             Arc::new(EventStoreBroker::new(Client::new(args.url.clone(), key)?))
         }
     };

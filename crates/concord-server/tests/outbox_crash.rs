@@ -75,7 +75,10 @@ async fn kill_and_restart(dir: &Path, args: &[&str], applied: &Applied, pending:
     let mut first = relay(dir, args);
     let deadline = Instant::now() + Duration::from_secs(60);
     while pending().await > i64::try_from(TOTAL * 2 / 3).unwrap() {
-        assert!(Instant::now() < deadline, "timed out waiting for the relay to publish a third");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the relay to publish a third"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     first.signal("KILL");
@@ -196,11 +199,17 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_postgr
     stop_tx.send(true).unwrap();
     consuming.await.unwrap();
     applied.check();
-    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects").fetch_one(&pool).await.unwrap();
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(usize::try_from(effects).unwrap(), TOTAL, "one effect per message");
     assert_eq!(outbox::postgres::pending(&pool).await.unwrap(), 0, "the outbox drained");
     let duplicates = applied.duplicates.load(Ordering::SeqCst);
-    assert!(duplicates >= TOTAL / 50, "redeliveries reached the consumer and had no effect");
+    assert!(
+        duplicates >= TOTAL / 50,
+        "redeliveries reached the consumer and had no effect"
+    );
     eprintln!("killed with {left} rows left; the inbox absorbed {duplicates} duplicate deliveries");
 }
 
@@ -308,7 +317,11 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_sqlite
         .await
         .unwrap();
     assert_eq!(usize::try_from(effects).unwrap(), TOTAL, "one effect per message");
-    assert_eq!(outbox::sqlite::pending(&service).await.unwrap(), 0, "the outbox drained");
+    assert_eq!(
+        outbox::sqlite::pending(&service).await.unwrap(),
+        0,
+        "the outbox drained"
+    );
     // The event store holds each message once: a re-publish of the same id was idempotent.
     let (mut after, mut events) = (0, 0);
     loop {
@@ -319,7 +332,10 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_sqlite
     }
     assert_eq!(events, TOTAL, "one event per message in the log");
     let duplicates = applied.duplicates.load(Ordering::SeqCst);
-    assert!(duplicates >= TOTAL / 50, "redeliveries reached the consumer and had no effect");
+    assert!(
+        duplicates >= TOTAL / 50,
+        "redeliveries reached the consumer and had no effect"
+    );
     eprintln!("killed with {left} rows left; the inbox absorbed {duplicates} duplicate deliveries");
     drop(server);
 }

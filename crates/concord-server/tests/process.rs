@@ -609,13 +609,28 @@ fn bench_outbox_on_postgres_prints_the_contract_json_with_every_phase() {
     let report = bench_report_with("outbox", "postgres", Some(&pg), &["--nats-url", &nats]);
     let extra = &report["extra"];
     assert_eq!(extra["fixed_rate"]["messages"], 100, "{report}");
-    assert!(extra["fixed_rate"]["p99_ms"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert!(
+        extra["fixed_rate"]["p99_ms"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
     assert_eq!(extra["drain_full_outbox"]["messages"], 1000, "{report}");
-    assert!(extra["drain_full_outbox"]["messages_per_s"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(
+        extra["drain_full_outbox"]["messages_per_s"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+    );
     for side in ["with", "without"] {
-        assert!(extra["idempotency_layer"][side]["requests"].as_u64().is_some_and(|n| n > 0), "{report}");
+        assert!(
+            extra["idempotency_layer"][side]["requests"]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "{report}"
+        );
     }
-    assert!(extra["idempotency_layer"]["added_p50_ms"].as_f64().is_some(), "{report}");
+    assert!(
+        extra["idempotency_layer"]["added_p50_ms"].as_f64().is_some(),
+        "{report}"
+    );
 }
 
 #[test]

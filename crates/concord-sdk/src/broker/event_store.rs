@@ -27,7 +27,11 @@ impl EventStoreBroker {
     /// A broker whose consumers are the only member of their group.
     #[must_use]
     pub fn new(client: Client) -> Self {
-        Self { client, member: 0, size: 1 }
+        Self {
+            client,
+            member: 0,
+            size: 1,
+        }
     }
 
     /// Consumers of this broker are member `member` of `size` in their groups.
@@ -155,10 +159,7 @@ impl EventStoreConsumer {
         } else {
             1
         };
-        let key = e
-            .stream
-            .split_once('-')
-            .map_or_else(String::new, |(_, k)| k.to_owned());
+        let key = e.stream.split_once('-').map_or_else(String::new, |(_, k)| k.to_owned());
         let headers = match e.metadata.get("headers") {
             Some(Value::Object(h)) => h
                 .iter()

@@ -54,7 +54,9 @@ CREATE OR REPLACE TRIGGER concord_outbox_notify AFTER INSERT ON concord_outbox
 /// The database's.
 pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(3214, 1)").execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(3214, 1)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
     tx.commit().await
 }
@@ -64,7 +66,11 @@ pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
 ///
 /// # Errors
 /// [`OutboxError::Invalid`] (nothing written) or the database's error.
-pub async fn enqueue(conn: &mut PgConnection, message: &BrokerMessage, limits: &OutboxLimits) -> Result<(), OutboxError> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    message: &BrokerMessage,
+    limits: &OutboxLimits,
+) -> Result<(), OutboxError> {
     enqueue_all(conn, std::slice::from_ref(message), limits).await
 }
 
@@ -73,7 +79,11 @@ pub async fn enqueue(conn: &mut PgConnection, message: &BrokerMessage, limits: &
 ///
 /// # Errors
 /// As [`enqueue`].
-pub async fn enqueue_all(conn: &mut PgConnection, messages: &[BrokerMessage], limits: &OutboxLimits) -> Result<(), OutboxError> {
+pub async fn enqueue_all(
+    conn: &mut PgConnection,
+    messages: &[BrokerMessage],
+    limits: &OutboxLimits,
+) -> Result<(), OutboxError> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -110,7 +120,9 @@ pub async fn enqueue_all(conn: &mut PgConnection, messages: &[BrokerMessage], li
 /// # Errors
 /// The database's.
 pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM concord_outbox").fetch_one(pool).await
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox")
+        .fetch_one(pool)
+        .await
 }
 
 /// Rows in the dead-letter table.
@@ -118,14 +130,18 @@ pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// # Errors
 /// The database's.
 pub async fn dead_letters(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM concord_outbox_dead").fetch_one(pool).await
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox_dead")
+        .fetch_one(pool)
+        .await
 }
 
 fn row(r: &PgRow) -> Result<Row, RelayError> {
     let seq: i64 = r.try_get("seq")?;
     let headers: serde_json::Value = r.try_get("headers")?;
-    let headers: BTreeMap<String, String> =
-        serde_json::from_value(headers).map_err(|e| RelayError::Corrupt { seq, reason: e.to_string() })?;
+    let headers: BTreeMap<String, String> = serde_json::from_value(headers).map_err(|e| RelayError::Corrupt {
+        seq,
+        reason: e.to_string(),
+    })?;
     let attempts: i32 = r.try_get("attempts")?;
     Ok(Row {
         seq,
@@ -167,7 +183,9 @@ impl PgRelay {
         // This transaction only removes rows that are already published: if a crash loses its
         // commit, the rows are published again and absorbed downstream (broker dedup, inbox).
         // So it need not wait for its WAL flush.
-        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         let claimed: Vec<Row> = sqlx::query(
             "SELECT seq, id, topic, key, payload, headers, attempts FROM concord_outbox \
              WHERE available_at <= now() ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -194,13 +212,12 @@ impl PgRelay {
         .fetch_all(&mut *tx)
         .await?;
         let max_seq = claimed.iter().map(|r| r.seq).max().unwrap_or(0);
-        let pending: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT key, seq FROM concord_outbox WHERE key = ANY($1) AND seq <= $2 ORDER BY key, seq",
-        )
-        .bind(&owned)
-        .bind(max_seq)
-        .fetch_all(&mut *tx)
-        .await?;
+        let pending: Vec<(String, i64)> =
+            sqlx::query_as("SELECT key, seq FROM concord_outbox WHERE key = ANY($1) AND seq <= $2 ORDER BY key, seq")
+                .bind(&owned)
+                .bind(max_seq)
+                .fetch_all(&mut *tx)
+                .await?;
         let owned: std::collections::HashSet<&str> = owned.iter().map(String::as_str).collect();
         let mine: Vec<Row> = claimed
             .into_iter()
@@ -237,7 +254,11 @@ impl PgRelay {
             round.retried += 1;
             // Only rejections count towards the dead-letter limit; an unavailable broker
             // backs off at the first step each time.
-            let attempts = if f.error.is_rejection() { f.attempts + 1 } else { f.attempts.max(1) };
+            let attempts = if f.error.is_rejection() {
+                f.attempts + 1
+            } else {
+                f.attempts.max(1)
+            };
             let wait = backoff(&self.config, attempts);
             let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
             sqlx::query(

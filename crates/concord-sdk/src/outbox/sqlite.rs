@@ -65,19 +65,21 @@ pub async fn ensure_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
 ///
 /// # Errors
 /// [`OutboxError::Invalid`] (nothing written) or the database's error.
-pub async fn enqueue(conn: &mut SqliteConnection, message: &BrokerMessage, limits: &OutboxLimits) -> Result<(), OutboxError> {
+pub async fn enqueue(
+    conn: &mut SqliteConnection,
+    message: &BrokerMessage,
+    limits: &OutboxLimits,
+) -> Result<(), OutboxError> {
     let (payload, headers) = validate(message, limits)?;
-    sqlx::query(
-        "INSERT INTO concord_outbox (id, topic, key, payload, headers, enqueued_at) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message.id.to_string())
-    .bind(&message.topic)
-    .bind(&message.key)
-    .bind(payload)
-    .bind(headers)
-    .bind(now_ms())
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("INSERT INTO concord_outbox (id, topic, key, payload, headers, enqueued_at) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(message.id.to_string())
+        .bind(&message.topic)
+        .bind(&message.key)
+        .bind(payload)
+        .bind(headers)
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -86,7 +88,9 @@ pub async fn enqueue(conn: &mut SqliteConnection, message: &BrokerMessage, limit
 /// # Errors
 /// The database's.
 pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM concord_outbox").fetch_one(pool).await
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox")
+        .fetch_one(pool)
+        .await
 }
 
 /// Rows in the dead-letter table.
@@ -94,7 +98,9 @@ pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
 /// # Errors
 /// The database's.
 pub async fn dead_letters(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM concord_outbox_dead").fetch_one(pool).await
+    sqlx::query_scalar("SELECT count(*) FROM concord_outbox_dead")
+        .fetch_one(pool)
+        .await
 }
 
 /// An outbox handle that wakes the relay of the same process.
@@ -276,7 +282,11 @@ impl SqliteRelay {
                 continue;
             }
             round.retried += 1;
-            let attempts = if f.error.is_rejection() { f.attempts + 1 } else { f.attempts.max(1) };
+            let attempts = if f.error.is_rejection() {
+                f.attempts + 1
+            } else {
+                f.attempts.max(1)
+            };
             let due = now_ms() + i64::try_from(backoff(&self.config, attempts).as_millis()).unwrap_or(i64::MAX / 2);
             sqlx::query("UPDATE concord_outbox SET attempts = ?2, last_error = ?3, available_at = ?4 WHERE seq = ?1")
                 .bind(f.seq)

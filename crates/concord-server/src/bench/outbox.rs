@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use concord_broker_nats::{NatsBroker, NatsConfig};
 use concord_sdk::broker::{Broker, BrokerConsumer, BrokerMessage};
 use concord_sdk::idempotency::{self, IdempotencyConfig, IdempotencyLayer};
-use concord_sdk::outbox::{self, OutboxLimits, RelayConfig};
 use concord_sdk::inbox;
+use concord_sdk::outbox::{self, OutboxLimits, RelayConfig};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,7 +51,10 @@ impl Db {
             sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_effects (id TEXT PRIMARY KEY, key TEXT NOT NULL)")
                 .execute(&pool)
                 .await?;
-            Ok(Self::Sqlite(pool, outbox::sqlite::SqliteOutbox::new(OutboxLimits::default())))
+            Ok(Self::Sqlite(
+                pool,
+                outbox::sqlite::SqliteOutbox::new(OutboxLimits::default()),
+            ))
         } else {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(connections)
@@ -395,7 +398,10 @@ async fn idempotency_overhead(db: &Db, duration: Duration) -> anyhow::Result<ser
         Db::Postgres(pool) => Arc::new(idempotency::postgres::PostgresIdempotencyStore::new(pool.clone())),
         Db::Sqlite(pool, _) => Arc::new(idempotency::sqlite::SqliteIdempotencyStore::new(pool.clone())),
     };
-    let layer = IdempotencyLayer::new(store, IdempotencyConfig::default().fingerprint_secret(b"bench".to_vec()))?;
+    let layer = IdempotencyLayer::new(
+        store,
+        IdempotencyConfig::default().fingerprint_secret(b"bench".to_vec()),
+    )?;
     let plain = Router::new().route("/orders", post(handler));
     let guarded = Router::new().route("/orders", post(handler)).layer(layer);
     let mut out = serde_json::Map::new();
