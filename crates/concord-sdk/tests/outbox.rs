@@ -480,3 +480,60 @@ async fn sqlite_relay_publishes_in_order_wakes_on_signal_and_holds_a_lease() {
     }
     assert_eq!(ran.load(Ordering::SeqCst), 1, "three deliveries, one effect");
 }
+
+#[tokio::test]
+async fn the_pg_outbox_handle_wakes_a_relay_that_does_not_poll_and_batches_claim_once() {
+    let (Some(pg), Some(nats)) = (env("CONCORD_TEST_POSTGRES_URL"), env("CONCORD_TEST_NATS_URL")) else {
+        return;
+    };
+    let pool = scratch_pg(&pg).await;
+    outbox::postgres::ensure_schema(&pool).await.unwrap();
+    inbox::postgres::ensure_schema(&pool).await.unwrap();
+    let broker: Arc<dyn Broker> = Arc::new(NatsBroker::connect(&nats, nats_config()).await.unwrap());
+    let topic = topic();
+    let mut consumer = broker.subscribe(&topic, "wake").await.unwrap();
+    let config = RelayConfig {
+        // A poll far longer than the test: only the NOTIFY can wake the relay in time.
+        poll_interval: Duration::from_secs(3600),
+        workers: 1,
+        ..RelayConfig::default()
+    };
+    let relay = outbox::postgres::PgRelay::new(pool.clone(), broker.clone(), config);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move { relay.run(stop).await });
+    // Let the relay's first round and its LISTEN happen before anything is enqueued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let handle = outbox::postgres::PgOutbox::new(pool.clone(), OutboxLimits::default());
+    let messages: Vec<BrokerMessage> = (1..=3)
+        .map(|n| outbox::message(&topic, "k", json!({ "n": n })))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    handle.enqueue(&mut tx, &messages).await.unwrap();
+    handle.commit(tx).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 3 && Instant::now() < deadline {
+        got.extend(consumer.fetch(10, Duration::from_millis(200)).await.unwrap());
+    }
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(got.len(), 3, "woken by the handle's NOTIFY");
+
+    // A batch claim: what was handled before is not claimed again.
+    let ids: Vec<uuid::Uuid> = got.iter().map(|d| d.message.id).collect();
+    let (tx, fresh) = inbox::postgres::begin_batch(&pool, "batch", &ids[..2]).await.unwrap();
+    assert_eq!(fresh.len(), 2);
+    tx.commit().await.unwrap();
+    let (tx, fresh) = inbox::postgres::begin_batch(&pool, "batch", &ids).await.unwrap();
+    assert_eq!(fresh.into_iter().collect::<Vec<_>>(), vec![ids[2]], "only the new one");
+    tx.commit().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lite = scratch_sqlite(&dir).await;
+    inbox::sqlite::ensure_schema(&lite).await.unwrap();
+    let (tx, fresh) = inbox::sqlite::begin_batch(&lite, "batch", &ids[..2]).await.unwrap();
+    assert_eq!(fresh.len(), 2);
+    tx.commit().await.unwrap();
+    let (tx, fresh) = inbox::sqlite::begin_batch(&lite, "batch", &ids).await.unwrap();
+    assert_eq!(fresh.into_iter().collect::<Vec<_>>(), vec![ids[2]], "only the new one");
+    tx.commit().await.unwrap();
+}

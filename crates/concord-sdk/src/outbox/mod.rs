@@ -27,10 +27,11 @@
 //! - **No unbounded bloat.** Published rows are deleted in batches of at most
 //!   [`RelayConfig::batch_size`]; on PostgreSQL the table's autovacuum runs after a fixed number
 //!   of dead rows (not a fraction of the table), so the space is reused while the relay runs.
-//! - **Low latency.** On PostgreSQL an insert trigger sends `NOTIFY concord_outbox`, which the
-//!   relay `LISTEN`s to; on SQLite the outbox handle carries an in-process signal
-//!   ([`sqlite::SqliteOutbox::notify`]). Both fall back to polling every
-//!   [`RelayConfig::poll_interval`].
+//! - **Low latency.** On PostgreSQL the outbox handle [`postgres::PgOutbox`] sends
+//!   `NOTIFY concord_outbox` after the commit, which the relays `LISTEN` to (wherever they run);
+//!   on SQLite the handle carries an in-process signal ([`sqlite::SqliteOutbox::notify`]). Both
+//!   fall back to polling every [`RelayConfig::poll_interval`], which also finds rows committed
+//!   without the handle.
 //!
 //! # Example (PostgreSQL)
 //!
@@ -47,8 +48,9 @@
 //! let mut tx = pool.begin().await?;
 //! sqlx::query("UPDATE stock SET qty = qty - 1 WHERE item = 'apple'").execute(&mut *tx).await?;
 //! let msg = outbox::message("stock", "apple", json!({ "item": "apple", "delta": -1 }));
-//! outbox::postgres::enqueue(&mut tx, &msg, &OutboxLimits::default()).await?;
-//! tx.commit().await?;
+//! let handle = outbox::postgres::PgOutbox::new(pool.clone(), OutboxLimits::default());
+//! handle.enqueue(&mut tx, &[msg]).await?;
+//! handle.commit(tx).await?; // commits, then wakes the relays
 //!
 //! // In the relay (the same process or another one; several may run):
 //! let relay = outbox::postgres::PgRelay::new(pool.clone(), broker, RelayConfig::default());

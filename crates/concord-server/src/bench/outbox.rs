@@ -28,7 +28,7 @@ const KEYS: usize = 64;
 /// The service's database, either kind.
 #[derive(Clone)]
 enum Db {
-    Postgres(sqlx::PgPool),
+    Postgres(sqlx::PgPool, outbox::postgres::PgOutbox),
     Sqlite(sqlx::SqlitePool, outbox::sqlite::SqliteOutbox),
 }
 
@@ -66,18 +66,18 @@ impl Db {
             sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_effects (id UUID PRIMARY KEY, key TEXT NOT NULL)")
                 .execute(&pool)
                 .await?;
-            Ok(Self::Postgres(pool))
+            let handle = outbox::postgres::PgOutbox::new(pool.clone(), OutboxLimits::default());
+            Ok(Self::Postgres(pool, handle))
         }
     }
 
     /// One producer transaction holding `messages`.
     async fn produce(&self, messages: &[BrokerMessage]) -> anyhow::Result<()> {
-        let limits = OutboxLimits::default();
         match self {
-            Self::Postgres(pool) => {
+            Self::Postgres(pool, handle) => {
                 let mut tx = pool.begin().await?;
-                outbox::postgres::enqueue_all(&mut tx, messages, &limits).await?;
-                tx.commit().await?;
+                handle.enqueue(&mut tx, messages).await?;
+                handle.commit(tx).await?;
             }
             Self::Sqlite(pool, handle) => {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -94,7 +94,7 @@ impl Db {
     async fn consume(&self, messages: &[BrokerMessage]) -> anyhow::Result<usize> {
         let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.id).collect();
         match self {
-            Self::Postgres(pool) => {
+            Self::Postgres(pool, _) => {
                 let (mut tx, fresh) = inbox::postgres::begin_batch(pool, "bench", &ids).await?;
                 let (ids, keys): (Vec<uuid::Uuid>, Vec<&str>) = messages
                     .iter()
@@ -133,7 +133,7 @@ impl Db {
         let db = self.clone();
         tokio::spawn(async move {
             let result = match db {
-                Db::Postgres(pool) => outbox::postgres::PgRelay::new(pool, broker, config).run(stop).await,
+                Db::Postgres(pool, _) => outbox::postgres::PgRelay::new(pool, broker, config).run(stop).await,
                 Db::Sqlite(pool, handle) => handle.relay(pool, broker, config).run(stop).await,
             };
             if let Err(e) = result {
@@ -144,7 +144,7 @@ impl Db {
 
     async fn outbox_bytes(&self) -> anyhow::Result<i64> {
         Ok(match self {
-            Self::Postgres(pool) => {
+            Self::Postgres(pool, _) => {
                 sqlx::query_scalar("SELECT pg_total_relation_size('concord_outbox')")
                     .fetch_one(pool)
                     .await?
@@ -321,13 +321,17 @@ pub(super) async fn outbox(args: &BenchArgs, database_url: &str) -> anyhow::Resu
         tokio::time::sleep_until(due.into()).await;
         let (db, topic) = (db.clone(), topic.clone());
         tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
             db.produce(&[message(&topic, usize::try_from(i).unwrap_or(0) % KEYS, origin)])
-                .await
+                .await?;
+            anyhow::Ok(t.elapsed().as_secs_f64() * 1000.0)
         }));
     }
+    let mut commit_ms = Vec::with_capacity(tasks.len());
     for t in tasks {
-        t.await??;
+        commit_ms.push(t.await??);
     }
+    commit_ms.sort_by(f64::total_cmp);
     drain(&applied, count, Duration::from_secs(60)).await?;
     stop_consumer.store(true, Ordering::SeqCst);
     let fixed = latency_figure("at a fixed rate", count, paced.elapsed(), consuming.await??);
@@ -374,7 +378,11 @@ pub(super) async fn outbox(args: &BenchArgs, database_url: &str) -> anyhow::Resu
             "messages_per_producer_tx": PER_TX,
             "keys": KEYS,
             "latency": "from just before the producer's commit to the consumer's commit of its effect",
-            "fixed_rate": { "rate_per_s": rate, "messages": count, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms },
+            "fixed_rate": {
+                "rate_per_s": rate, "messages": count, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms,
+                "producer_commit_p50_ms": round(percentile(&commit_ms, 0.5)),
+                "producer_commit_p99_ms": round(percentile(&commit_ms, 0.99)),
+            },
             "outbox_table_bytes_after": outbox_bytes,
             "broker": "NATS JetStream",
             "outbox": match args.backend { BenchBackend::Postgres => "PostgreSQL", BenchBackend::Sqlite => "SQLite" },
@@ -395,7 +403,7 @@ async fn idempotency_overhead(db: &Db, duration: Duration) -> anyhow::Result<ser
         axum::Json(json!({ "ok": true, "len": body.len() }))
     }
     let store: Arc<dyn concord_core::ports::IdempotencyStore> = match db {
-        Db::Postgres(pool) => Arc::new(idempotency::postgres::PostgresIdempotencyStore::new(pool.clone())),
+        Db::Postgres(pool, _) => Arc::new(idempotency::postgres::PostgresIdempotencyStore::new(pool.clone())),
         Db::Sqlite(pool, _) => Arc::new(idempotency::sqlite::SqliteIdempotencyStore::new(pool.clone())),
     };
     let layer = IdempotencyLayer::new(
