@@ -50,6 +50,7 @@ mod client;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
+pub mod projection;
 pub mod tx;
 
 pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};
