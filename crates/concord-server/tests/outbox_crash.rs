@@ -55,6 +55,40 @@ impl Applied {
     }
 }
 
+/// Consumes until `stop`: `apply(key, n, id)` applies a message through the inbox and answers
+/// whether it was new. Every 50th message is first handled as if the consumer died between its
+/// commit and its ack, so the broker delivers it again.
+fn spawn_consumer<F>(
+    mut consumer: Box<dyn BrokerConsumer>,
+    applied: Arc<Applied>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    apply: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(String, i64, uuid::Uuid) -> futures::future::BoxFuture<'static, Result<bool, sqlx::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while !*stop.borrow_and_update() {
+            for d in consumer.fetch(100, Duration::from_millis(100)).await.unwrap() {
+                let (key, n) = (d.message.key.clone(), d.message.payload["n"].as_u64().unwrap());
+                if apply(key.clone(), i64::try_from(n).unwrap(), d.message.id)
+                    .await
+                    .unwrap()
+                {
+                    applied.record(key, n);
+                } else {
+                    applied.duplicates.fetch_add(1, Ordering::SeqCst);
+                }
+                if n % 50 == 0 && d.attempt == 1 {
+                    consumer.nack(&d, Duration::ZERO).await.unwrap();
+                } else {
+                    consumer.ack(&d).await.unwrap();
+                }
+            }
+        }
+    })
+}
+
 async fn wait_for(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + patience;
     while !done() {
@@ -141,41 +175,27 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_postgr
     )
     .await
     .unwrap();
-    let mut consumer = broker.subscribe(&topic, "crash").await.unwrap();
+    let consumer = broker.subscribe(&topic, "crash").await.unwrap();
     let applied = Arc::new(Applied::default());
-    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let consuming = {
-        let (pool, applied) = (pool.clone(), applied.clone());
-        tokio::spawn(async move {
-            while !*stop.borrow_and_update() {
-                for d in consumer.fetch(100, Duration::from_millis(100)).await.unwrap() {
-                    let (key, n) = (d.message.key.clone(), d.message.payload["n"].as_u64().unwrap());
-                    match inbox::postgres::begin(&pool, "crash", d.message.id).await.unwrap() {
-                        Some(mut tx) => {
-                            sqlx::query("INSERT INTO effects (key, n) VALUES ($1, $2)")
-                                .bind(&key)
-                                .bind(i64::try_from(n).unwrap())
-                                .execute(&mut *tx)
-                                .await
-                                .unwrap();
-                            tx.commit().await.unwrap();
-                            applied.record(key, n);
-                        }
-                        None => {
-                            applied.duplicates.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    // Every 50th message is first handled as if the consumer died between its
-                    // commit and its ack: the broker delivers it again.
-                    if n % 50 == 0 && d.attempt == 1 {
-                        consumer.nack(&d, Duration::ZERO).await.unwrap();
-                    } else {
-                        consumer.ack(&d).await.unwrap();
-                    }
-                }
-            }
-        })
-    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let consuming = spawn_consumer(consumer, applied.clone(), stop, {
+        let pool = pool.clone();
+        move |key, n, id| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let Some(mut tx) = inbox::postgres::begin(&pool, "crash", id).await? else {
+                    return Ok(false);
+                };
+                sqlx::query("INSERT INTO effects (key, n) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        }
+    });
 
     let dir = tempfile::tempdir().unwrap();
     let args = [
@@ -252,41 +272,27 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_sqlite
         .await
         .unwrap();
     let broker = EventStoreBroker::new(server.sdk());
-    let mut consumer: Box<dyn BrokerConsumer> = broker.subscribe(&topic, "crash").await.unwrap();
+    let consumer: Box<dyn BrokerConsumer> = broker.subscribe(&topic, "crash").await.unwrap();
     let applied = Arc::new(Applied::default());
-    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let consuming = {
-        let (pool, applied) = (consumer_db.clone(), applied.clone());
-        tokio::spawn(async move {
-            while !*stop.borrow_and_update() {
-                for d in consumer.fetch(100, Duration::from_millis(100)).await.unwrap() {
-                    let (key, n) = (d.message.key.clone(), d.message.payload["n"].as_u64().unwrap());
-                    match inbox::sqlite::begin(&pool, "crash", d.message.id).await.unwrap() {
-                        Some(mut tx) => {
-                            sqlx::query("INSERT INTO effects (key, n) VALUES (?, ?)")
-                                .bind(&key)
-                                .bind(i64::try_from(n).unwrap())
-                                .execute(&mut *tx)
-                                .await
-                                .unwrap();
-                            tx.commit().await.unwrap();
-                            applied.record(key, n);
-                        }
-                        None => {
-                            applied.duplicates.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    // Every 50th message is first handled as if the consumer died between its
-                    // commit and its ack: the broker delivers it again.
-                    if n % 50 == 0 && d.attempt == 1 {
-                        consumer.nack(&d, Duration::ZERO).await.unwrap();
-                    } else {
-                        consumer.ack(&d).await.unwrap();
-                    }
-                }
-            }
-        })
-    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let consuming = spawn_consumer(consumer, applied.clone(), stop, {
+        let pool = consumer_db.clone();
+        move |key, n, id| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let Some(mut tx) = inbox::sqlite::begin(&pool, "crash", id).await? else {
+                    return Ok(false);
+                };
+                sqlx::query("INSERT INTO effects (key, n) VALUES (?, ?)")
+                    .bind(key)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        }
+    });
 
     let outbox_url = format!("sqlite://{}", outbox_path.display());
     let args = [

@@ -1,7 +1,7 @@
 //! The outbox on PostgreSQL: [`enqueue`] on the service's transaction, [`PgRelay`] to publish.
 
-use super::relay::{Row, head_prefix, is_dead, publish_waves};
-use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, backoff, validate};
+use super::relay::{Next, Row, head_prefix, next_step, publish_waves};
+use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, validate};
 use crate::broker::{Broker, BrokerMessage};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgConnection, PgPool, Row as _};
@@ -298,10 +298,8 @@ impl PgRelay {
                 .await?;
         }
         for f in &published.failed {
-            round.broker_down |= !f.error.is_rejection();
             let error = f.error.to_string();
-            if is_dead(f, self.config.max_attempts) {
-                round.dead += 1;
+            let Next::Retry { attempts, wait } = next_step(f, &self.config, &mut round) else {
                 sqlx::query(
                     "WITH d AS (DELETE FROM concord_outbox WHERE seq = $1 RETURNING *) \
                      INSERT INTO concord_outbox_dead (seq, id, topic, key, payload, headers, enqueued_at, attempts, last_error) \
@@ -312,16 +310,7 @@ impl PgRelay {
                 .execute(&mut *tx)
                 .await?;
                 continue;
-            }
-            round.retried += 1;
-            // Only rejections count towards the dead-letter limit; an unavailable broker
-            // backs off at the first step each time.
-            let attempts = if f.error.is_rejection() {
-                f.attempts + 1
-            } else {
-                f.attempts.max(1)
             };
-            let wait = backoff(&self.config, attempts);
             let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
             sqlx::query(
                 "UPDATE concord_outbox SET attempts = $2, last_error = $3, \

@@ -183,7 +183,27 @@ pub(crate) fn head_prefix(claimed: Vec<Row>, pending: &[(String, i64)]) -> (Vec<
     (kept, held)
 }
 
-/// Whether a failure's message is now dead (rejected too often).
-pub(crate) fn is_dead(f: &Failure, max_attempts: u32) -> bool {
-    f.error.is_rejection() && f.attempts + 1 >= max_attempts
+/// What becomes of a row whose publish failed.
+pub(crate) enum Next {
+    /// Rejected too often: move it to the dead-letter table.
+    Dead,
+    /// Publish it again after `wait`, with `attempts` recorded.
+    Retry { attempts: u32, wait: std::time::Duration },
+}
+
+/// Decides what becomes of a failed row, and counts it in `round`. Only rejections count
+/// towards the dead-letter limit; an unavailable broker backs off at the first step each time.
+pub(crate) fn next_step(f: &Failure, config: &RelayConfig, round: &mut RelayRound) -> Next {
+    let rejected = f.error.is_rejection();
+    round.broker_down |= !rejected;
+    if rejected && f.attempts + 1 >= config.max_attempts {
+        round.dead += 1;
+        return Next::Dead;
+    }
+    round.retried += 1;
+    let attempts = if rejected { f.attempts + 1 } else { f.attempts.max(1) };
+    Next::Retry {
+        attempts,
+        wait: super::backoff(config, attempts),
+    }
 }

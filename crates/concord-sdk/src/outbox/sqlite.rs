@@ -4,8 +4,8 @@
 //! (`concord_outbox_lease`), renewed every round; a second relay waits until the lease expires
 //! ([`RelayConfig::lease`]), which is also how long a restarted relay waits after a crash.
 
-use super::relay::{Row, is_dead, publish_waves};
-use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, backoff, validate};
+use super::relay::{Next, Row, next_step, publish_waves};
+use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, validate};
 use crate::broker::{Broker, BrokerMessage};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row as _, SqliteConnection, SqlitePool};
@@ -262,10 +262,8 @@ impl SqliteRelay {
                 .await?;
         }
         for f in &published.failed {
-            round.broker_down |= !f.error.is_rejection();
             let error = f.error.to_string();
-            if is_dead(f, self.config.max_attempts) {
-                round.dead += 1;
+            let Next::Retry { attempts, wait } = next_step(f, &self.config, &mut round) else {
                 sqlx::query(
                     "INSERT INTO concord_outbox_dead (seq, id, topic, key, payload, headers, enqueued_at, attempts, last_error, dead_at) \
                      SELECT seq, id, topic, key, payload, headers, enqueued_at, attempts + 1, ?2, ?3 FROM concord_outbox WHERE seq = ?1",
@@ -280,14 +278,8 @@ impl SqliteRelay {
                     .execute(&mut *tx)
                     .await?;
                 continue;
-            }
-            round.retried += 1;
-            let attempts = if f.error.is_rejection() {
-                f.attempts + 1
-            } else {
-                f.attempts.max(1)
             };
-            let due = now_ms() + i64::try_from(backoff(&self.config, attempts).as_millis()).unwrap_or(i64::MAX / 2);
+            let due = now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
             sqlx::query("UPDATE concord_outbox SET attempts = ?2, last_error = ?3, available_at = ?4 WHERE seq = ?1")
                 .bind(f.seq)
                 .bind(i64::from(attempts))
