@@ -33,6 +33,10 @@
 //!   fall back to polling every [`RelayConfig::poll_interval`], which also finds rows committed
 //!   without the handle.
 //!
+//! Each round is counted in the process's `metrics` recorder (`concord_outbox_published_total`,
+//! `concord_outbox_retried_total`, `concord_outbox_dead_total`); `pending` and `dead_letters`
+//! count the tables.
+//!
 //! # Example (PostgreSQL)
 //!
 //! ```no_run

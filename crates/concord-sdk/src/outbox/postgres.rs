@@ -333,7 +333,7 @@ impl PgRelay {
             }
         }
         tx.commit().await?;
-        tracing::debug!(?round, "outbox relay round");
+        round.record("postgres");
         Ok(round)
     }
 

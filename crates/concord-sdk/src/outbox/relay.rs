@@ -207,3 +207,15 @@ pub(crate) fn next_step(f: &Failure, config: &RelayConfig, round: &mut RelayRoun
         wait: super::backoff(config, attempts),
     }
 }
+
+impl RelayRound {
+    /// Counts the round in the process's metrics (`concord_outbox_published_total`,
+    /// `concord_outbox_retried_total`, `concord_outbox_dead_total`, labelled by `backend`) and
+    /// logs it at debug level.
+    pub(crate) fn record(&self, backend: &'static str) {
+        metrics::counter!("concord_outbox_published_total", "backend" => backend).increment(self.published as u64);
+        metrics::counter!("concord_outbox_retried_total", "backend" => backend).increment(self.retried as u64);
+        metrics::counter!("concord_outbox_dead_total", "backend" => backend).increment(self.dead as u64);
+        tracing::debug!(round = ?self, backend, "outbox relay round");
+    }
+}

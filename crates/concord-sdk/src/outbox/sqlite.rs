@@ -289,7 +289,7 @@ impl SqliteRelay {
                 .await?;
         }
         tx.commit().await?;
-        tracing::debug!(?round, "outbox relay round");
+        round.record("sqlite");
         Ok(round)
     }
 

@@ -296,6 +296,8 @@ where
         let result = self.live_batch_in(&mut tx, after, &events).await;
         let position = finish::<B, _>(tx, result).await?;
         tracing::debug!(projection = %self.name, read = events.len(), position, "batch done");
+        // The checkpoint, for lag against the log's head.
+        metrics::gauge!("concord_projection_position", "projection" => self.name.to_string()).set(position as f64);
         *known = Some(position);
         Ok(Step::Progress)
     }
