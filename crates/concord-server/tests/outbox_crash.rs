@@ -216,6 +216,11 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_postgr
         outbox::postgres::pending(&pool).await.unwrap()
     })
     .await;
+    // Every nacked message comes back once more; wait for those redeliveries too.
+    wait_for("the redeliveries", Duration::from_secs(60), || {
+        applied.duplicates.load(Ordering::SeqCst) >= TOTAL / 50
+    })
+    .await;
     stop_tx.send(true).unwrap();
     consuming.await.unwrap();
     applied.check();
@@ -313,6 +318,11 @@ async fn sigkill_of_the_relay_loses_nothing_and_duplicates_have_no_effect_sqlite
     ];
     let left = kill_and_restart(dir.path(), &args, &applied, async || {
         outbox::sqlite::pending(&service).await.unwrap()
+    })
+    .await;
+    // Every nacked message comes back once more; wait for those redeliveries too.
+    wait_for("the redeliveries", Duration::from_secs(60), || {
+        applied.duplicates.load(Ordering::SeqCst) >= TOTAL / 50
     })
     .await;
     stop_tx.send(true).unwrap();
