@@ -420,7 +420,17 @@ async fn sqlite_relay_publishes_in_order_wakes_on_signal_and_holds_a_lease() {
     // A second relay of the same database is refused while the first holds the lease.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(async move { relay.run(stop).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its first round takes the lease.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM concord_outbox_lease")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the relay took no lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let other = outbox::sqlite::SqliteRelay::new(pool.clone(), broker.clone(), config);
     assert!(matches!(
         other.run_once().await,
