@@ -160,13 +160,16 @@ impl EventStoreConsumer {
             1
         };
         let key = e.stream.split_once('-').map_or_else(String::new, |(_, k)| k.to_owned());
-        let headers = match e.metadata.get("headers") {
+        let mut headers: BTreeMap<String, String> = match e.metadata.get("headers") {
             Some(Value::Object(h)) => h
                 .iter()
                 .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
                 .collect(),
             _ => BTreeMap::new(),
         };
+        // Events appended by a service rather than published carry their type only as the event
+        // type: hand it over as the `type` header publishing reads it from.
+        headers.entry("type".to_owned()).or_insert(e.event_type);
         Delivery {
             message: BrokerMessage {
                 id: e.id,

@@ -1,0 +1,377 @@
+//! What every shop service shares: its database handle (SQLite in the embedded shape, PostgreSQL
+//! in the scale-out one), bearer-token auth, problem answers, injected faults and serving.
+
+use std::collections::HashSet;
+use std::str::FromStr as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+/// A service's own database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+/// Runs `$body` once per backend with `$pool` bound to the pool and `$m` naming the sdk's module
+/// for that backend (`sqlite` or `postgres`), so one text of portable SQL (`$1` placeholders,
+/// `ON CONFLICT`, `RETURNING`) serves both. `begin!` opens the right write transaction.
+#[macro_export]
+macro_rules! with_db {
+    ($db:expr, |$pool:ident, $m:ident| $body:expr) => {
+        match $db {
+            $crate::common::Db::Sqlite($pool) => {
+                #[allow(unused_imports)]
+                use $crate::common::sqlite_mods as $m;
+                $body
+            }
+            $crate::common::Db::Pg($pool) => {
+                #[allow(unused_imports)]
+                use $crate::common::postgres_mods as $m;
+                $body
+            }
+        }
+    };
+}
+
+/// Writes the items once and compiles them twice: in `on_sqlite` with `Pool`/`Conn` the SQLite
+/// types and `barrier`, `inbox`, `outbox`, `begin` the sdk's SQLite modules, and in `on_pg` with
+/// the PostgreSQL ones. The SQL inside must be portable: `$1` placeholders, `ON CONFLICT`,
+/// `RETURNING`, `BIGINT` and `TEXT` columns.
+#[macro_export]
+macro_rules! per_backend {
+    ($($item:item)*) => {
+        pub mod on_sqlite {
+            #![allow(unused_imports)]
+            use super::*;
+            use $crate::common::sqlite_mods::{barrier, begin, inbox, outbox};
+            pub type Pool = sqlx::SqlitePool;
+            pub type Conn = sqlx::SqliteConnection;
+            $($item)*
+        }
+        pub mod on_pg {
+            #![allow(unused_imports)]
+            use super::*;
+            use $crate::common::postgres_mods::{barrier, begin, inbox, outbox};
+            pub type Pool = sqlx::PgPool;
+            pub type Conn = sqlx::PgConnection;
+            $($item)*
+        }
+    };
+}
+
+/// The sdk's SQLite modules, under the names [`with_db!`] bodies use.
+pub mod sqlite_mods {
+    pub use concord_sdk::barrier::sqlite as barrier;
+    pub use concord_sdk::inbox::sqlite as inbox;
+    pub use concord_sdk::outbox::sqlite as outbox;
+
+    /// A write transaction that takes the lock first, so concurrent writers queue.
+    pub async fn begin(pool: &sqlx::SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+/// The sdk's PostgreSQL modules, under the names [`with_db!`] bodies use.
+pub mod postgres_mods {
+    pub use concord_sdk::barrier::postgres as barrier;
+    pub use concord_sdk::inbox::postgres as inbox;
+    pub use concord_sdk::outbox::postgres as outbox;
+
+    /// A `READ COMMITTED` transaction.
+    pub async fn begin(pool: &sqlx::PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        pool.begin().await
+    }
+}
+
+impl Db {
+    /// Opens `sqlite://PATH` (created if missing, WAL, `synchronous = FULL`, 10 s busy timeout) or
+    /// `postgres://...`.
+    ///
+    /// # Errors
+    /// A bad URL or an unreachable database.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+            Ok(Self::Sqlite(pool))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            Ok(Self::Pg(pool))
+        } else {
+            anyhow::bail!("a database URL starts with sqlite: or postgres:")
+        }
+    }
+
+    /// Runs DDL statements (portable text, `;`-separated).
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn execute_script(&self, sql: &str) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.map(drop),
+            Self::Pg(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.map(drop),
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(p) => p.close().await,
+            Self::Pg(p) => p.close().await,
+        }
+    }
+}
+
+/// A `problem+json` answer with a stable `code`.
+pub fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
+    let body = json!({
+        "type": format!("https://concord.dev/problems/{code}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+        "code": code,
+    });
+    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+}
+
+/// A 500 for a failure of the service's own storage or of a call it made; the detail is logged,
+/// not sent.
+pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Response {
+    tracing::warn!(error = %error, "{context}");
+    problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{context}; retry"))
+}
+
+/// A 200 JSON answer.
+pub fn ok(body: Value) -> Response {
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// Requires `Authorization: Bearer <token>` (compared as hashes, in constant time as far as the
+/// digest goes) on every request of the router it wraps.
+pub async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let allowed = presented.is_some_and(|p| Sha256::digest(p.as_bytes()) == Sha256::digest(token.as_bytes()));
+    if allowed {
+        next.run(request).await
+    } else {
+        problem(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+    }
+}
+
+/// The header by which a saga call asks a participant, run with `--faults`, to misbehave once.
+pub const FAULT_HEADER: &str = "x-shop-fault";
+
+/// A misbehaviour injected on a saga call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer 503 without doing anything.
+    Unavailable,
+    /// Do the work, commit it, then answer late (past the step's timeout): the orchestrator sees
+    /// a timeout and retries a call whose effect already happened.
+    SlowAnswer,
+}
+
+/// Faults a participant honours: each asked-for fault fires on the first call of its
+/// idempotency key only, so the orchestrator's retry succeeds.
+#[derive(Debug, Clone)]
+pub struct Faults {
+    enabled: bool,
+    slow_answer: Duration,
+    fired: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Faults {
+    #[must_use]
+    pub fn new(enabled: bool, slow_answer: Duration) -> Self {
+        Self {
+            enabled,
+            slow_answer,
+            fired: Arc::default(),
+        }
+    }
+
+    /// The fault to inject on this call, if any.
+    #[must_use]
+    pub fn take(&self, headers: &HeaderMap) -> Option<Fault> {
+        if !self.enabled {
+            return None;
+        }
+        let fault = match headers.get(FAULT_HEADER).and_then(|v| v.to_str().ok())? {
+            "5xx" => Fault::Unavailable,
+            "timeout" => Fault::SlowAnswer,
+            _ => return None,
+        };
+        let key = headers
+            .get(concord_sdk::barrier::IDEMPOTENCY_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())?
+            .to_owned();
+        let fresh = self.fired.lock().map(|mut f| f.insert(key.clone())).unwrap_or(false);
+        if fresh {
+            tracing::info!(fault = ?fault, key = %key, "fault injected");
+        }
+        fresh.then_some(fault)
+    }
+
+    /// Sleeps past the caller's timeout, for [`Fault::SlowAnswer`].
+    pub async fn answer_late(&self) {
+        tokio::time::sleep(self.slow_answer).await;
+    }
+}
+
+/// An id derived from text: the same text always gives the same id (for ids that must survive
+/// a retry, such as the id of an event a handler appends).
+#[must_use]
+pub fn derived_id(parts: &[&str]) -> uuid::Uuid {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// Serves `router` on `listener` until `shutdown`; logs `shop service listening` with the address.
+///
+/// # Errors
+/// The server's.
+pub async fn serve(
+    service: &str,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(service, addr = %addr, "shop service listening");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// The sdk client of the Concord server.
+///
+/// # Errors
+/// A bad URL.
+pub fn concord_client(url: &str, key: &str) -> anyhow::Result<concord_sdk::Client> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(2))
+        .build()?;
+    Ok(concord_sdk::Client::with_http(url, key, http))
+}
+
+/// Retries `f` while it fails, with a short backoff, up to `attempts` times.
+///
+/// # Errors
+/// The last failure.
+pub async fn retry<T, E, F, Fut>(attempts: u32, mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut n = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if n >= attempts => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                n += 1;
+            }
+        }
+    }
+}
+
+/// Runs the outbox relay of `db` to `broker` until `stop`, logging (never stopping on) failures.
+pub fn spawn_relay(
+    db: &Db,
+    broker: Arc<dyn concord_sdk::broker::Broker>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let config = concord_sdk::outbox::RelayConfig {
+        poll_interval: Duration::from_millis(50),
+        backoff_max: Duration::from_secs(2),
+        ..concord_sdk::outbox::RelayConfig::default()
+    };
+    let db = db.clone();
+    tokio::spawn(async move {
+        loop {
+            let result = match &db {
+                Db::Sqlite(p) => {
+                    concord_sdk::outbox::sqlite::SqliteRelay::new(p.clone(), Arc::clone(&broker), config.clone())
+                        .run(stop.clone())
+                        .await
+                }
+                Db::Pg(p) => {
+                    concord_sdk::outbox::postgres::PgRelay::new(p.clone(), Arc::clone(&broker), config.clone())
+                        .run(stop.clone())
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay stopped; restarting it");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    })
+}
+
+/// A fault for consumers: hands some deliveries over twice in a row, as a broker does after a
+/// lost acknowledgement. Which ones follows from the seed and the message id.
+#[derive(Debug, Clone, Copy)]
+pub struct DuplicateDeliveries {
+    pub percent: u8,
+    pub seed: u64,
+}
+
+impl DuplicateDeliveries {
+    #[must_use]
+    pub fn apply(&self, batch: Vec<concord_sdk::broker::Delivery>) -> Vec<concord_sdk::broker::Delivery> {
+        if self.percent == 0 {
+            return batch;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            let digest = Sha256::digest(format!("{}:{}", self.seed, d.message.id).as_bytes());
+            let twice = d.attempt == 1 && digest[0] % 100 < self.percent;
+            if twice {
+                tracing::info!(message = %d.message.id, "fault injected: duplicate delivery");
+                out.push(d.clone());
+            }
+            out.push(d);
+        }
+        out
+    }
+}

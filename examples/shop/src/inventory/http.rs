@@ -1,0 +1,119 @@
+//! The inventory service's HTTP face.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use concord_sdk::barrier::{BarrierKey, BarrierOp};
+use concord_sdk::tx::{CoordinatorAuth, Participant};
+use serde_json::json;
+
+use super::domain::Reserve;
+use super::store::{self, Reserved};
+use crate::common::{Db, Fault, Faults, internal, ok, problem};
+
+pub struct Inventory {
+    pub north: Db,
+    pub faults: Faults,
+}
+
+pub fn router(
+    state: Arc<Inventory>,
+    participants: [(&str, Arc<dyn Participant>); 2],
+    token: String,
+    tx_token: String,
+) -> Router {
+    let token: Arc<str> = token.into();
+    let mut router = Router::new()
+        .route("/reservations", post(reserve))
+        .route("/reservations/{order_id}/release", post(release))
+        .route("/stock", get(stock))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token));
+    for (warehouse, participant) in participants {
+        router = router.nest(
+            &format!("/2pc/{warehouse}"),
+            concord_sdk::tx::router(participant, CoordinatorAuth::Token(tx_token.clone())),
+        );
+    }
+    router
+        .route("/health", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn(crate::trace_layer))
+}
+
+fn barrier_key(headers: &HeaderMap, op: BarrierOp) -> Result<BarrierKey, Response> {
+    let key = BarrierKey::from_headers(headers).map_err(|e| problem(e.http_status(), "bad_saga_call", e.to_string()))?;
+    if key.op() == op {
+        Ok(key)
+    } else {
+        Err(problem(StatusCode::BAD_REQUEST, "bad_saga_call", "this route takes the other operation"))
+    }
+}
+
+async fn reserve(State(s): State<Arc<Inventory>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let key = match barrier_key(&headers, BarrierOp::Action) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let Ok(cmd) = serde_json::from_slice::<Reserve>(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "invalid_reservation", "the body is {order_id, items}");
+    };
+    let fault = s.faults.take(&headers);
+    if fault == Some(Fault::Unavailable) {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
+    }
+    let result = match &s.north {
+        Db::Sqlite(p) => store::on_sqlite::reserve(p, &key, &cmd).await,
+        Db::Pg(p) => store::on_pg::reserve(p, &key, &cmd).await,
+    };
+    if fault == Some(Fault::SlowAnswer) {
+        s.faults.answer_late().await;
+    }
+    match result {
+        Ok(Reserved::Done(output)) => ok(output),
+        Ok(Reserved::OutOfStock(sku)) => problem(StatusCode::CONFLICT, "out_of_stock", format!("not enough {sku}")),
+        Ok(Reserved::Refused) => problem(StatusCode::CONFLICT, "already_compensated", "the step was compensated"),
+        Err(e) => internal("reservation failed", &e),
+    }
+}
+
+async fn release(State(s): State<Arc<Inventory>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
+    let key = match barrier_key(&headers, BarrierOp::Compensation) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let fault = s.faults.take(&headers);
+    if fault == Some(Fault::Unavailable) {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
+    }
+    let result = match &s.north {
+        Db::Sqlite(p) => store::on_sqlite::release(p, &key, &order_id).await,
+        Db::Pg(p) => store::on_pg::release(p, &key, &order_id).await,
+    };
+    if fault == Some(Fault::SlowAnswer) {
+        s.faults.answer_late().await;
+    }
+    match result {
+        Ok(v) => ok(v),
+        Err(e) => internal("release failed", &e),
+    }
+}
+
+async fn stock(State(s): State<Arc<Inventory>>) -> Response {
+    let rows: Result<Vec<(String, String, i64, i64, i64)>, sqlx::Error> = crate::with_db!(&s.north, |p, _m| {
+        sqlx::query_as("SELECT warehouse, sku, on_hand, reserved, shipped FROM stock ORDER BY sku")
+            .fetch_all(p)
+            .await
+    });
+    match rows {
+        Ok(rows) => ok(json!(
+            rows.into_iter()
+                .map(|(w, sku, on_hand, reserved, shipped)| json!({"warehouse": w, "sku": sku, "on_hand": on_hand, "reserved": reserved, "shipped": shipped}))
+                .collect::<Vec<_>>()
+        )),
+        Err(e) => internal("reading stock failed", &e),
+    }
+}

@@ -1,0 +1,151 @@
+//! The payments service's HTTP face: the `charge` step and the `refund` compensation.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use concord_sdk::barrier::{BarrierKey, BarrierOp};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::provider_client::{Charged, ProviderClient};
+use super::store::{self, Gate};
+use crate::common::{Db, Fault, Faults, internal, ok, problem};
+
+pub struct Payments {
+    pub db: Db,
+    pub provider: ProviderClient,
+    pub faults: Faults,
+    pub unsafe_skip_barrier: bool,
+}
+
+pub fn router(state: Arc<Payments>, token: String) -> Router {
+    let token: Arc<str> = token.into();
+    Router::new()
+        .route("/charges", post(charge))
+        .route("/charges/{order_id}/refund", post(refund))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .route("/health", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn(crate::trace_layer))
+}
+
+#[derive(Debug, Deserialize)]
+struct Charge {
+    order_id: String,
+    amount: i64,
+    card_token: String,
+}
+
+fn barrier_key(headers: &HeaderMap, op: BarrierOp) -> Result<BarrierKey, Response> {
+    let key = BarrierKey::from_headers(headers).map_err(|e| problem(e.http_status(), "bad_saga_call", e.to_string()))?;
+    if key.op() == op {
+        Ok(key)
+    } else {
+        Err(problem(StatusCode::BAD_REQUEST, "bad_saga_call", "this route takes the other operation"))
+    }
+}
+
+macro_rules! on_db {
+    ($db:expr, $f:ident($($arg:expr),*)) => {
+        match $db {
+            Db::Sqlite(p) => store::on_sqlite::$f(p, $($arg),*).await,
+            Db::Pg(p) => store::on_pg::$f(p, $($arg),*).await,
+        }
+    };
+}
+
+/// Charges once per order: the barrier is checked before the provider is called (a charge
+/// arriving after its refund is refused without touching the card), the provider is called
+/// with the order's own idempotency key, and the barrier is entered for good after it. A refund
+/// that slipped in between is caught there, and the fresh charge is given back at once.
+async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let key = match barrier_key(&headers, BarrierOp::Action) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the body is {order_id, amount, card_token}");
+    };
+    if cmd.amount <= 0 {
+        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the amount is positive");
+    }
+    let fault = s.faults.take(&headers);
+    if fault == Some(Fault::Unavailable) {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
+    }
+    let key = (!s.unsafe_skip_barrier).then_some(key);
+    if let Some(key) = &key {
+        match on_db!(&s.db, peek(key)) {
+            Ok(Gate::Open) => {}
+            Ok(Gate::Done(output)) => return ok(output),
+            Ok(Gate::Refused) => return problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded"),
+            Err(e) => return internal("the barrier failed", &e),
+        }
+    }
+    let provider_key = if s.unsafe_skip_barrier {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        format!("charge-{}", cmd.order_id)
+    };
+    let charge_id = match s
+        .provider
+        .charge(&provider_key, &cmd.order_id, cmd.amount, &cmd.card_token)
+        .await
+    {
+        Ok(Charged::Captured { charge_id }) => charge_id,
+        Ok(Charged::Declined) => return problem(StatusCode::CONFLICT, "card_declined", "the card was declined"),
+        Err(e) => return internal("the provider failed", &e),
+    };
+    let recorded = on_db!(
+        &s.db,
+        record_charge(key.as_ref(), &cmd.order_id, cmd.amount, &cmd.card_token, &charge_id)
+    );
+    if fault == Some(Fault::SlowAnswer) {
+        s.faults.answer_late().await;
+    }
+    match recorded {
+        Ok(Gate::Done(output)) => ok(output),
+        Ok(Gate::Open) => ok(json!({ "order_id": cmd.order_id, "charge_id": charge_id, "amount": cmd.amount })),
+        Ok(Gate::Refused) => {
+            // Refunded while the provider was charging: give the money back now.
+            if let Err(e) = s.provider.refund(&format!("refund-{}", cmd.order_id), &cmd.order_id).await {
+                return internal("the provider failed", &e);
+            }
+            problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded")
+        }
+        Err(e) => internal("recording the charge failed", &e),
+    }
+}
+
+/// Refunds whatever the order has captured at the provider. The barrier row comes first, so a
+/// charge still on its way is refused (or refunds itself, above).
+async fn refund(State(s): State<Arc<Payments>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
+    let key = match barrier_key(&headers, BarrierOp::Compensation) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let fault = s.faults.take(&headers);
+    if fault == Some(Fault::Unavailable) {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
+    }
+    if !s.unsafe_skip_barrier
+        && let Err(e) = on_db!(&s.db, enter_refund(&key))
+    {
+        return internal("the barrier failed", &e);
+    }
+    let refunded = match s.provider.refund(&format!("refund-{order_id}"), &order_id).await {
+        Ok(r) => r,
+        Err(e) => return internal("the provider failed", &e),
+    };
+    if let Err(e) = on_db!(&s.db, mark_refunded(&order_id)) {
+        return internal("recording the refund failed", &e);
+    }
+    if fault == Some(Fault::SlowAnswer) {
+        s.faults.answer_late().await;
+    }
+    ok(json!({ "order_id": order_id, "refunded": refunded }))
+}

@@ -1,0 +1,104 @@
+//! The payments table and its barrier, written once for both backends.
+
+use concord_sdk::barrier::{BarrierError, BarrierKey, Enter};
+use serde_json::Value;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS charges (
+    order_id   TEXT PRIMARY KEY,
+    amount     BIGINT NOT NULL,
+    card_token TEXT NOT NULL,
+    charge_id  TEXT NOT NULL,
+    state      TEXT NOT NULL
+)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// Where a saga call stands at the barrier.
+#[derive(Debug)]
+pub enum Gate {
+    /// Go on.
+    Open,
+    /// Answered before: its output.
+    Done(Value),
+    /// Compensated before it ran: refuse.
+    Refused,
+}
+
+crate::per_backend! {
+    pub async fn ensure_schema(pool: &Pool) -> Result<(), StoreError> {
+        sqlx::raw_sql(SCHEMA).execute(pool).await?;
+        barrier::ensure_schema(&mut *pool.acquire().await?).await?;
+        Ok(())
+    }
+
+    /// Looks at the barrier without keeping anything: the provider is called outside any
+    /// transaction, so no lock is held across it.
+    pub async fn peek(pool: &Pool, key: &BarrierKey) -> Result<Gate, StoreError> {
+        let mut tx = begin(pool).await?;
+        let gate = match barrier::enter(&mut tx, key).await? {
+            Enter::Run => Gate::Open,
+            Enter::Duplicate { output } => Gate::Done(output.unwrap_or(Value::Null)),
+            Enter::Refused | Enter::EmptyCompensation => Gate::Refused,
+        };
+        tx.rollback().await?;
+        Ok(gate)
+    }
+
+    /// Records a captured charge behind the barrier.
+    pub async fn record_charge(
+        pool: &Pool,
+        key: Option<&BarrierKey>,
+        order_id: &str,
+        amount: i64,
+        card_token: &str,
+        charge_id: &str,
+    ) -> Result<Gate, StoreError> {
+        let mut tx = begin(pool).await?;
+        if let Some(key) = key {
+            match barrier::enter(&mut tx, key).await? {
+                Enter::Run => {}
+                Enter::Duplicate { output } => return Ok(Gate::Done(output.unwrap_or(Value::Null))),
+                Enter::Refused | Enter::EmptyCompensation => return Ok(Gate::Refused),
+            }
+        }
+        sqlx::query(
+            "INSERT INTO charges (order_id, amount, card_token, charge_id, state) VALUES ($1, $2, $3, $4, 'charged') \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(order_id)
+        .bind(amount)
+        .bind(card_token)
+        .bind(charge_id)
+        .execute(&mut *tx)
+        .await?;
+        let output = serde_json::json!({ "order_id": order_id, "charge_id": charge_id, "amount": amount });
+        if let Some(key) = key {
+            barrier::save_output(&mut tx, key, &output).await?;
+        }
+        tx.commit().await?;
+        Ok(Gate::Done(output))
+    }
+
+    /// Records the compensation at the barrier (so a late charge is refused).
+    pub async fn enter_refund(pool: &Pool, key: &BarrierKey) -> Result<(), StoreError> {
+        let mut tx = begin(pool).await?;
+        let _recorded = barrier::enter(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn mark_refunded(pool: &Pool, order_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE charges SET state = 'refunded' WHERE order_id = $1")
+            .bind(order_id)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! A stand-in for a third-party card provider, run as its own process with its own ledger. It
+//! alone holds the `vault:detokenize:card` scope: it reveals the card behind a token to "charge"
+//! it, keeps only the last four digits, and declines cards ending in `0002`. Like real providers
+//! it deduplicates by `Idempotency-Key` and nothing else: a caller that sends a new key for a
+//! retry is charged twice, which its ledger shows.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::Row as _;
+
+use crate::common::{Db, concord_client, internal, ok, problem};
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger (
+    idempotency_key TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    amount          BIGINT NOT NULL,
+    last4           TEXT NOT NULL,
+    status          TEXT NOT NULL
+)";
+
+/// Cards ending so are declined.
+pub const DECLINED_SUFFIX: &str = "0002";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    #[arg(long)]
+    pub database_url: String,
+    #[arg(long, default_value = "http://127.0.0.1:7400")]
+    pub concord_url: String,
+}
+
+struct Provider {
+    db: Db,
+    concord: concord_sdk::Client,
+    /// One write at a time: the ledger's refunds read what is left to refund.
+    write: tokio::sync::Mutex<()>,
+}
+
+/// Runs the provider until `shutdown`. Its API key is `SHOP_PROVIDER_KEY`; its Concord key
+/// (`SHOP_CONCORD_KEY`) may reveal cards.
+///
+/// # Errors
+/// Startup failures.
+pub async fn run(args: ProviderArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let db = Db::connect(&args.database_url).await?;
+    db.execute_script(SCHEMA).await?;
+    let key = std::env::var(crate::CONCORD_KEY_ENV).map_err(|_| anyhow::anyhow!("set {}", crate::CONCORD_KEY_ENV))?;
+    let api_key = std::env::var(crate::payments::PROVIDER_KEY_ENV)
+        .map_err(|_| anyhow::anyhow!("set {}", crate::payments::PROVIDER_KEY_ENV))?;
+    let state = Arc::new(Provider {
+        db,
+        concord: concord_client(&args.concord_url, &key)?,
+        write: tokio::sync::Mutex::new(()),
+    });
+    let token: Arc<str> = api_key.into();
+    let router = Router::new()
+        .route("/v1/charges", post(charge))
+        .route("/v1/refunds", post(refund))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .route("/health", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn(crate::trace_layer));
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    crate::common::serve("provider", listener, router, shutdown).await
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, Response> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+        .map(str::to_owned)
+        .ok_or_else(|| problem(StatusCode::BAD_REQUEST, "idempotency_key_missing", "Idempotency-Key is required"))
+}
+
+#[derive(Deserialize)]
+struct Charge {
+    order_id: String,
+    amount: i64,
+    card_token: String,
+}
+
+async fn stored(db: &Db, key: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
+    crate::with_db!(db, |p, _m| {
+        sqlx::query("SELECT status, amount FROM ledger WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(p)
+            .await?
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+    })
+}
+
+async fn insert(db: &Db, key: &str, order_id: &str, kind: &str, amount: i64, last4: &str, status: &str) -> Result<(), sqlx::Error> {
+    crate::with_db!(db, |p, _m| {
+        sqlx::query(
+            "INSERT INTO ledger (idempotency_key, order_id, kind, amount, last4, status) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(key)
+        .bind(order_id)
+        .bind(kind)
+        .bind(amount)
+        .bind(last4)
+        .bind(status)
+        .execute(p)
+        .await
+        .map(drop)
+    })
+}
+
+fn charge_answer(key: &str, status: &str, amount: i64) -> Response {
+    if status == "declined" {
+        problem(StatusCode::PAYMENT_REQUIRED, "card_declined", "the card was declined")
+    } else {
+        ok(json!({ "charge_id": key, "status": status, "amount": amount }))
+    }
+}
+
+async fn charge(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the body is {order_id, amount, card_token}");
+    };
+    match stored(&s.db, &key).await {
+        Ok(Some((status, amount))) => return charge_answer(&key, &status, amount),
+        Ok(None) => {}
+        Err(e) => return internal("the ledger failed", &e),
+    }
+    let card = match s.concord.detokenize(std::slice::from_ref(&cmd.card_token), false).await {
+        Ok(mut items) => match items.pop().and_then(|i| i.value) {
+            Some(card) => card,
+            None => return problem(StatusCode::UNPROCESSABLE_ENTITY, "unknown_card", "the token reveals no card"),
+        },
+        Err(e) => return internal("the vault failed", &e),
+    };
+    let last4: String = card.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+    let status = if card.ends_with(DECLINED_SUFFIX) { "declined" } else { "captured" };
+    drop(card);
+    let _write = s.write.lock().await;
+    if let Err(e) = insert(&s.db, &key, &cmd.order_id, "charge", cmd.amount, &last4, status).await {
+        return internal("the ledger failed", &e);
+    }
+    match stored(&s.db, &key).await {
+        Ok(Some((status, amount))) => charge_answer(&key, &status, amount),
+        Ok(None) => internal("the ledger failed", &"the charge vanished"),
+        Err(e) => internal("the ledger failed", &e),
+    }
+}
+
+#[derive(Deserialize)]
+struct Refund {
+    order_id: String,
+}
+
+/// Refunds what the order has captured and not yet refunded.
+async fn refund(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let Ok(cmd) = serde_json::from_slice::<Refund>(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "invalid_refund", "the body is {order_id}");
+    };
+    let _write = s.write.lock().await;
+    match stored(&s.db, &key).await {
+        Ok(Some((_, amount))) => return ok(json!({ "refunded": amount })),
+        Ok(None) => {}
+        Err(e) => return internal("the ledger failed", &e),
+    }
+    let open: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p, _m| {
+        sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN kind = 'charge' AND status = 'captured' THEN amount \
+             WHEN kind = 'refund' THEN -amount ELSE 0 END), 0) AS BIGINT) FROM ledger WHERE order_id = $1",
+        )
+        .bind(&cmd.order_id)
+        .fetch_one(p)
+        .await
+    });
+    let open = match open {
+        Ok(v) => v,
+        Err(e) => return internal("the ledger failed", &e),
+    };
+    if open > 0
+        && let Err(e) = insert(&s.db, &key, &cmd.order_id, "refund", open, "", "refunded").await
+    {
+        return internal("the ledger failed", &e);
+    }
+    ok(json!({ "refunded": open.max(0) }))
+}
