@@ -72,6 +72,13 @@ pub enum Command {
     Relay(crate::relay::RelayArgs),
     /// Measure an area against a baseline taken in the same run.
     Bench(crate::bench::BenchArgs),
+    /// Run the reference shop under injected faults and check that nothing became inconsistent.
+    Demo(concord_shop::demo::DemoArgs),
+    /// Run one service of the reference shop (the demo starts them this way).
+    Shop {
+        #[command(subcommand)]
+        service: concord_shop::ShopCommand,
+    },
 }
 
 #[derive(Debug, Args)]

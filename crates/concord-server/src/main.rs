@@ -48,6 +48,29 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             concord_server::relay::run(args).await?;
         }
         Command::Bench(args) => return bench::run(args).await,
+        Command::Shop { service } => {
+            let _telemetry = telemetry::init(false);
+            concord_shop::run(service, shutdown_signal()).await?;
+        }
+        Command::Demo(args) => return demo(args).await,
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `concord demo`: the report on stdout, exit 1 unless every invariant holds.
+async fn demo(args: concord_shop::demo::DemoArgs) -> anyhow::Result<std::process::ExitCode> {
+    let exe = std::env::current_exe()?;
+    let report_path = args.report.clone();
+    let outcome = concord_shop::demo::run(args, exe).await?;
+    print!("{}", concord_shop::demo::report::render_text(&outcome.report));
+    println!("report written to {}", report_path.display());
+    if let Some((tree, services)) = &outcome.trace {
+        println!("\n{tree}");
+        println!("services in this trace: {}", services.iter().cloned().collect::<Vec<_>>().join(", "));
+    }
+    Ok(if outcome.report.passed() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }

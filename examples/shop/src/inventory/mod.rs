@@ -149,9 +149,17 @@ async fn ship_orders(
                     break;
                 }
             };
-            for d in dup.apply(batch) {
-                let confirmed = d.message.headers.get("type").map(String::as_str) == Some(crate::orders::domain::CONFIRMED);
-                if confirmed {
+            // Only confirmed orders matter here; the others are passed over at once.
+            let mut confirmed = Vec::new();
+            for d in batch {
+                if d.message.headers.get("type").map(String::as_str) == Some(crate::orders::domain::CONFIRMED) {
+                    confirmed.push(d);
+                } else if let Err(e) = consumer.ack(&d).await {
+                    tracing::warn!(error = %e, "ack failed");
+                }
+            }
+            for d in dup.apply(confirmed) {
+                {
                     let order_id = d.message.payload["order_id"].as_str().unwrap_or_default().to_owned();
                     let shipped = match &db {
                         Db::Sqlite(p) => store::on_sqlite::ship(p, d.message.id, &order_id).await,

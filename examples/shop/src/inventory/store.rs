@@ -88,14 +88,30 @@ crate::per_backend! {
         inbox::ensure_schema(pool).await?;
         for (sku, north, south) in domain::INITIAL_STOCK {
             let qty = if warehouse == domain::NORTH { *north } else { *south };
-            sqlx::query(
+            let mut tx = begin(pool).await?;
+            let inserted = sqlx::query(
                 "INSERT INTO stock (warehouse, sku, initial, on_hand) VALUES ($1, $2, $3, $3) ON CONFLICT DO NOTHING",
             )
             .bind(warehouse)
             .bind(*sku)
             .bind(qty)
-            .execute(pool)
-            .await?;
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                // The first level is announced like every later one, so readers start from it.
+                let level = StockLevel {
+                    warehouse: warehouse.to_owned(),
+                    sku: (*sku).to_owned(),
+                    on_hand: qty,
+                    reserved: 0,
+                    shipped: 0,
+                    held: 0,
+                    version: 0,
+                };
+                outbox::enqueue(&mut tx, &level_message(&level), &OutboxLimits::default()).await?;
+            }
+            tx.commit().await?;
         }
         Ok(())
     }

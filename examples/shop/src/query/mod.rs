@@ -32,7 +32,7 @@ pub struct QueryArgs {
 }
 
 /// The projection of orders, its view, and the stock table.
-pub const ORDERS_PROJECTION: &str = "shop-orders";
+pub const ORDERS_PROJECTION: &str = "shop_orders";
 pub const ORDERS_VIEW: &str = "orders_view";
 
 /// Runs the service until `shutdown`.

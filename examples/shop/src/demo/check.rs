@@ -1,0 +1,599 @@
+//! The invariants, each read from the services' own databases, the event store, the broker and
+//! the files the run left, never from what the demo counted while it ran.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use concord_sdk::Client;
+use concord_sdk::broker::Broker;
+use serde_json::Value;
+use sqlx::Row as _;
+
+use super::model::Invariant;
+use super::plan::{DECLINED_CARD, GOOD_CARDS, Plan};
+use crate::common::Db;
+use crate::orders::domain::{Order, Status};
+
+/// Where the checker looks.
+pub struct Sources<'a> {
+    pub admin: &'a Client,
+    pub north: &'a Db,
+    pub south: &'a Db,
+    pub payments: &'a Db,
+    pub query: &'a Db,
+    pub provider: &'a Db,
+    /// The query service, to read through its cache.
+    pub query_url: &'a str,
+    pub token: &'a str,
+    /// Every file of the run (databases, logs, traces).
+    pub files: Vec<PathBuf>,
+    /// PostgreSQL databases to read every row of (the scale-out shape).
+    pub pg_databases: Vec<(String, Db)>,
+    /// The broker the stock changes went through, when it is not the event store.
+    pub external_broker: Option<Arc<dyn Broker>>,
+    /// Redis and the cache's key prefix.
+    pub redis: Option<(String, String)>,
+    pub plan: &'a Plan,
+}
+
+/// What the run ended with, beside the verdicts.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    pub orders: usize,
+    pub confirmed: usize,
+    pub rejected: usize,
+    pub sagas_completed: usize,
+    pub sagas_compensated: usize,
+    pub sagas_other: usize,
+    pub sagas_retried: usize,
+    pub attempts_retried: usize,
+    pub transfers_committed: usize,
+    pub transfers_aborted: usize,
+    /// A saga that was retried or compensated, for the timeline.
+    pub sample_saga: Option<concord_sdk::SagaOut>,
+}
+
+fn verdict(name: &str, problems: &[String], ok_detail: String) -> Invariant {
+    Invariant {
+        name: name.to_owned(),
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            ok_detail
+        } else {
+            let mut d = problems.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+            if problems.len() > 3 {
+                d.push_str(&format!("; and {} more", problems.len() - 3));
+            }
+            d
+        },
+    }
+}
+
+/// Every order in the log, folded from its stream.
+async fn orders_from_log(admin: &Client) -> anyhow::Result<(BTreeMap<String, Order>, u64)> {
+    let mut by_stream: BTreeMap<String, Vec<(String, Value)>> = BTreeMap::new();
+    let mut after = 0;
+    let mut head = 0;
+    loop {
+        let page = admin.read_log(after, 1000, Some("order")).await?;
+        let Some(last) = page.events.last() else { break };
+        after = last.position;
+        for e in &page.events {
+            head = head.max(e.position);
+            by_stream
+                .entry(e.stream.clone())
+                .or_default()
+                .push((e.event_type.clone(), e.data.clone()));
+        }
+    }
+    let mut orders = BTreeMap::new();
+    for (stream, events) in by_stream {
+        if let Some(order) = Order::fold(events.iter().map(|(t, d)| (t.as_str(), d))) {
+            orders.insert(stream.trim_start_matches("order-").to_owned(), order);
+        }
+    }
+    Ok((orders, head))
+}
+
+async fn all_sagas(admin: &Client) -> anyhow::Result<Vec<concord_sdk::SagaOut>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = admin.list_sagas(None, after.as_deref(), 500).await?;
+        let n = page.sagas.len();
+        out.extend(page.sagas);
+        match page.next {
+            Some(next) if n > 0 => after = Some(next),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+async fn rows(db: &Db, sql: &'static str) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    fn cell<R: sqlx::Row>(r: &R, i: usize) -> Value
+    where
+        for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        usize: sqlx::ColumnIndex<R>,
+    {
+        if let Ok(v) = r.try_get::<i64, _>(i) {
+            Value::from(v)
+        } else if let Ok(v) = r.try_get::<String, _>(i) {
+            Value::from(v)
+        } else {
+            Value::Null
+        }
+    }
+    crate::with_db!(db, |p, _m| {
+        let rs = sqlx::query(sql).fetch_all(p).await?;
+        Ok(rs.iter().map(|r| (0..r.len()).map(|i| cell(r, i)).collect()).collect())
+    })
+}
+
+fn int(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+/// Runs every check.
+///
+/// # Errors
+/// When a source cannot be read at all (that is no verdict: the run is broken).
+pub async fn check(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Vec<Invariant>> {
+    let (orders, _head) = orders_from_log(s.admin).await?;
+    facts.orders = orders.len();
+    facts.confirmed = orders.values().filter(|o| o.status == Status::Confirmed).count();
+    facts.rejected = orders.values().filter(|o| o.status == Status::Rejected).count();
+    let sagas = all_sagas(s.admin).await?;
+    let mut invariants = Vec::new();
+
+    invariants.push(one_order_per_request(s.plan, &orders));
+    invariants.push(stock_conserved(s, &orders).await?);
+    invariants.push(money_conserved(s, &orders).await?);
+    invariants.push(sagas_terminal(s, &orders, &sagas, facts).await?);
+    invariants.push(no_double_charge(s).await?);
+    invariants.push(read_model(s, &orders).await?);
+    invariants.push(no_plaintext_card(s).await?);
+    invariants.push(transfers_atomic(s, facts).await?);
+    Ok(invariants)
+}
+
+/// Each planned request made exactly one order, whatever the duplicates and retries.
+fn one_order_per_request(plan: &Plan, orders: &BTreeMap<String, Order>) -> Invariant {
+    let mut problems = Vec::new();
+    let planned: BTreeSet<String> = plan.orders.iter().map(super::plan::PlannedOrder::order_id).collect();
+    for id in &planned {
+        if !orders.contains_key(id) {
+            problems.push(format!("order {id} was never recorded"));
+        }
+    }
+    for id in orders.keys() {
+        if !planned.contains(id) {
+            problems.push(format!("order {id} matches no request"));
+        }
+    }
+    let mut requests: HashMap<&str, usize> = HashMap::new();
+    for o in orders.values() {
+        *requests.entry(o.placed.request.as_str()).or_default() += 1;
+    }
+    let reused = requests.values().filter(|n| **n > 1).count();
+    if reused > 0 {
+        problems.push(format!("{reused} Idempotency-Keys made more than one order"));
+    }
+    verdict(
+        "one order per request (duplicate submissions deduplicated)",
+        &problems,
+        format!("{} requests, {} orders in the log", planned.len(), orders.len()),
+    )
+}
+
+async fn stock_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow::Result<Invariant> {
+    let mut problems = Vec::new();
+    let mut initial: BTreeMap<String, i64> = BTreeMap::new();
+    let mut now: BTreeMap<String, i64> = BTreeMap::new();
+    let mut held = 0;
+    for db in [s.north, s.south] {
+        for r in rows(db, "SELECT sku, initial, on_hand, reserved, shipped, held FROM stock").await? {
+            *initial.entry(text(&r[0])).or_default() += int(&r[1]);
+            *now.entry(text(&r[0])).or_default() += int(&r[2]) + int(&r[3]) + int(&r[4]) + int(&r[5]);
+            held += int(&r[5]);
+        }
+    }
+    for (sku, i) in &initial {
+        let n = now.get(sku).copied().unwrap_or(0);
+        if *i != n {
+            problems.push(format!("{sku}: initial {i} ≠ on hand + reserved + shipped + held {n}"));
+        }
+    }
+    if held != 0 {
+        problems.push(format!("{held} units still held by unfinished transfers"));
+    }
+    // The columns agree with the reservations, and each reservation with its order's fate.
+    let mut by_sku: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for r in rows(s.north, "SELECT order_id, sku, qty, state FROM reservations").await? {
+        let (order_id, sku, qty, state) = (text(&r[0]), text(&r[1]), int(&r[2]), text(&r[3]));
+        let e = by_sku.entry(sku).or_default();
+        match state.as_str() {
+            "reserved" => e.0 += qty,
+            "shipped" => e.1 += qty,
+            _ => {}
+        }
+        let expected = match orders.get(&order_id).map(|o| o.status) {
+            Some(Status::Confirmed) => "shipped",
+            Some(Status::Rejected) => "released",
+            _ => "reserved",
+        };
+        if state != expected {
+            problems.push(format!("order {order_id}: reservation {state}, expected {expected}"));
+        }
+    }
+    for r in rows(s.north, "SELECT sku, reserved, shipped FROM stock WHERE warehouse = 'north'").await? {
+        let (reserved, shipped) = by_sku.get(&text(&r[0])).copied().unwrap_or_default();
+        if (reserved, shipped) != (int(&r[1]), int(&r[2])) {
+            problems.push(format!(
+                "{}: columns say {} reserved / {} shipped, reservations {reserved} / {shipped}",
+                text(&r[0]),
+                int(&r[1]),
+                int(&r[2])
+            ));
+        }
+    }
+    let total: i64 = initial.values().sum();
+    Ok(verdict(
+        "stock is conserved (initial = on hand + reserved + shipped)",
+        &problems,
+        format!("{total} units over {} skus in 2 warehouses", initial.len()),
+    ))
+}
+
+async fn money_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow::Result<Invariant> {
+    let confirmed: i64 = orders
+        .values()
+        .filter(|o| o.status == Status::Confirmed)
+        .map(|o| o.placed.total)
+        .sum();
+    let ledger = rows(
+        s.provider,
+        "SELECT kind, status, CAST(SUM(amount) AS BIGINT) FROM ledger GROUP BY kind, status",
+    )
+    .await?;
+    let sum = |kind: &str, status: &str| {
+        ledger
+            .iter()
+            .filter(|r| text(&r[0]) == kind && text(&r[1]) == status)
+            .map(|r| int(&r[2]))
+            .sum::<i64>()
+    };
+    let (charged, refunded) = (sum("charge", "captured"), sum("refund", "refunded"));
+    let kept: i64 = rows(
+        s.payments,
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM charges WHERE state = 'charged'",
+    )
+    .await?
+    .first()
+    .map_or(0, |r| int(&r[0]));
+    let mut problems = Vec::new();
+    if charged - refunded != confirmed {
+        problems.push(format!(
+            "provider: charged {charged} − refunded {refunded} = {} ≠ confirmed orders {confirmed}",
+            charged - refunded
+        ));
+    }
+    if kept != confirmed {
+        problems.push(format!("payments: charges kept {kept} ≠ confirmed orders {confirmed}"));
+    }
+    Ok(verdict(
+        "money is conserved (charged − refunded = total of confirmed orders)",
+        &problems,
+        format!("charged {charged} − refunded {refunded} = {confirmed} cents, confirmed"),
+    ))
+}
+
+async fn sagas_terminal(
+    s: &Sources<'_>,
+    orders: &BTreeMap<String, Order>,
+    sagas: &[concord_sdk::SagaOut],
+    facts: &mut Facts,
+) -> anyhow::Result<Invariant> {
+    let mut problems = Vec::new();
+    let by_id: HashMap<&str, &concord_sdk::SagaOut> = sagas.iter().map(|g| (g.id.as_str(), g)).collect();
+    for (id, order) in orders {
+        let saga_id = crate::orders::app::saga_id(id);
+        let Some(saga) = by_id.get(saga_id.as_str()) else {
+            problems.push(format!("order {id} has no saga"));
+            continue;
+        };
+        let expected = match saga.status.as_str() {
+            "completed" => Status::Confirmed,
+            "compensated" => Status::Rejected,
+            other => {
+                problems.push(format!("saga {saga_id} is {other}"));
+                continue;
+            }
+        };
+        if order.status != expected {
+            problems.push(format!("saga {saga_id} {} but order {}", saga.status, order.status.as_str()));
+        }
+    }
+    facts.sagas_completed = sagas.iter().filter(|g| g.status == "completed").count();
+    facts.sagas_compensated = sagas.iter().filter(|g| g.status == "compensated").count();
+    facts.sagas_other = sagas.len() - facts.sagas_completed - facts.sagas_compensated;
+    // Attempts per saga: each detail read once.
+    for g in sagas {
+        let detail = s.admin.saga(&g.id, None).await?;
+        let extra: usize = detail
+            .steps
+            .iter()
+            .flat_map(|st| st.attempts.iter())
+            .filter(|a| a.attempt > 1)
+            .count();
+        if extra > 0 {
+            facts.sagas_retried += 1;
+            facts.attempts_retried += extra;
+        }
+        let interesting = extra > 0 && detail.status == "compensated";
+        if facts.sample_saga.is_none() && interesting {
+            facts.sample_saga = Some(detail);
+        }
+    }
+    if facts.sample_saga.is_none()
+        && let Some(g) = sagas.first()
+    {
+        facts.sample_saga = Some(s.admin.saga(&g.id, None).await?);
+    }
+    Ok(verdict(
+        "every saga is terminal and matches its order",
+        &problems,
+        format!(
+            "{} completed = confirmed, {} compensated = rejected",
+            facts.sagas_completed, facts.sagas_compensated
+        ),
+    ))
+}
+
+async fn no_double_charge(s: &Sources<'_>) -> anyhow::Result<Invariant> {
+    let twice = rows(
+        s.provider,
+        "SELECT order_id, CAST(COUNT(*) AS BIGINT) FROM ledger WHERE kind = 'charge' AND status = 'captured' \
+         GROUP BY order_id HAVING COUNT(*) > 1",
+    )
+    .await?;
+    let problems: Vec<String> = twice
+        .iter()
+        .map(|r| format!("order {} charged {} times", text(&r[0]), int(&r[1])))
+        .collect();
+    let charges = rows(s.provider, "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE kind = 'charge'").await?;
+    Ok(verdict(
+        "no card was charged twice for one order",
+        &problems,
+        format!("{} charge requests reached the provider's ledger", charges.first().map_or(0, |r| int(&r[0]))),
+    ))
+}
+
+async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow::Result<Invariant> {
+    let mut problems = Vec::new();
+    let view = rows(s.query, "SELECT order_id, status, total, customer FROM orders_view").await?;
+    let seen: BTreeMap<String, (String, i64, String)> = view
+        .iter()
+        .map(|r| (text(&r[0]), (text(&r[1]), int(&r[2]), text(&r[3]))))
+        .collect();
+    for (id, o) in orders {
+        let expected = (o.status.as_str().to_owned(), o.placed.total, o.placed.customer.clone());
+        match seen.get(id) {
+            Some(row) if *row == expected => {}
+            Some(row) => problems.push(format!("order {id}: read model {row:?}, log {expected:?}")),
+            None => problems.push(format!("order {id} missing from the read model")),
+        }
+    }
+    for id in seen.keys() {
+        if !orders.contains_key(id) {
+            problems.push(format!("order {id} is in the read model only"));
+        }
+    }
+    // Stock: the view holds what the inventory holds, change for change.
+    let mut source = BTreeMap::new();
+    for db in [s.north, s.south] {
+        for r in rows(db, "SELECT warehouse, sku, on_hand, reserved, shipped, held, version FROM stock").await? {
+            source.insert((text(&r[0]), text(&r[1])), r[2..].iter().map(int).collect::<Vec<_>>());
+        }
+    }
+    let mirrored: BTreeMap<_, _> = rows(
+        s.query,
+        "SELECT warehouse, sku, on_hand, reserved, shipped, held, version FROM stock_view",
+    )
+    .await?
+    .into_iter()
+    .map(|r| ((text(&r[0]), text(&r[1])), r[2..].iter().map(int).collect::<Vec<_>>()))
+    .collect();
+    for (k, v) in &source {
+        if mirrored.get(k) != Some(v) {
+            problems.push(format!("stock {}.{}: view {:?}, inventory {v:?}", k.0, k.1, mirrored.get(k)));
+        }
+    }
+    // Reads through the cache answer what the table holds.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let mut through_cache = 0;
+    for id in orders.keys().take(25) {
+        let got: Value = http
+            .get(format!("{}/orders/{id}", s.query_url))
+            .bearer_auth(s.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let want = seen.get(id).map(|r| r.0.clone()).unwrap_or_default();
+        if got["status"].as_str() != Some(want.as_str()) {
+            problems.push(format!("order {id}: the cache answered {}, the table {want}", got["status"]));
+        }
+        through_cache += 1;
+    }
+    for ((warehouse, sku), v) in source.iter().take(10) {
+        let got: Value = http
+            .get(format!("{}/stock/{warehouse}/{sku}", s.query_url))
+            .bearer_auth(s.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if got["version"].as_i64() != v.get(4).copied() {
+            problems.push(format!("stock {warehouse}.{sku}: the cache answered version {}", got["version"]));
+        }
+        through_cache += 1;
+    }
+    Ok(verdict(
+        "the query read model equals a replay of the log",
+        &problems,
+        format!(
+            "{} orders and {} stock rows equal; {through_cache} reads through the cache agree",
+            orders.len(),
+            source.len()
+        ),
+    ))
+}
+
+fn cards() -> Vec<&'static str> {
+    let mut c = GOOD_CARDS.to_vec();
+    c.push(DECLINED_CARD);
+    c
+}
+
+async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
+    let cards = cards();
+    let mut problems = Vec::new();
+    let mut scanned_bytes = 0usize;
+    for f in &s.files {
+        let Ok(bytes) = std::fs::read(f) else { continue };
+        scanned_bytes += bytes.len();
+        for card in &cards {
+            if memfind(&bytes, card.as_bytes()) {
+                problems.push(format!("{} holds a card number", f.display()));
+            }
+        }
+    }
+    let mut rows_read = 0usize;
+    for (name, db) in &s.pg_databases {
+        let Db::Pg(pool) = db else { continue };
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+        )
+        .fetch_all(pool)
+        .await?;
+        for table in tables {
+            let sql = format!("SELECT t::text FROM \"{}\" t", table.replace('"', "\"\""));
+            let texts: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?;
+            rows_read += texts.len();
+            for t in texts {
+                if cards.iter().any(|c| t.contains(c)) {
+                    problems.push(format!("database {name}, table {table} holds a card number"));
+                    break;
+                }
+            }
+        }
+    }
+    let mut messages = 0usize;
+    if let Some(broker) = &s.external_broker {
+        let mut consumer = broker
+            .subscribe(crate::inventory::domain::STOCK_TOPIC, &format!("card-scan-{}", uuid::Uuid::new_v4().simple()))
+            .await?;
+        loop {
+            let batch = consumer.fetch(1000, Duration::from_millis(500)).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for d in &batch {
+                messages += 1;
+                let text = format!("{} {:?}", d.message.payload, d.message.headers);
+                if cards.iter().any(|c| text.contains(c)) {
+                    problems.push(format!("broker message {} holds a card number", d.message.id));
+                }
+                consumer.ack(d).await?;
+            }
+        }
+    }
+    let mut redis_keys = 0usize;
+    if let Some((url, prefix)) = &s.redis {
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await?;
+        for k in keys {
+            redis_keys += 1;
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query_async(&mut conn).await.unwrap_or(None);
+            if let Some(v) = v
+                && cards.iter().any(|c| memfind(&v, c.as_bytes()))
+            {
+                problems.push(format!("redis key {k} holds a card number"));
+            }
+        }
+    }
+    let mut detail = format!("{} files ({} KiB)", s.files.len(), scanned_bytes / 1024);
+    if !s.pg_databases.is_empty() {
+        detail.push_str(&format!(", {rows_read} rows of {} databases", s.pg_databases.len()));
+    }
+    if s.external_broker.is_some() {
+        detail.push_str(&format!(", {messages} broker messages"));
+    }
+    if s.redis.is_some() {
+        detail.push_str(&format!(", {redis_keys} cache keys"));
+    }
+    detail.push_str(" scanned: no card number");
+    Ok(verdict(
+        "no plaintext card number in any database, the log, the broker or a log file",
+        &problems,
+        detail,
+    ))
+}
+
+fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn transfers_atomic(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Invariant> {
+    let mut problems = Vec::new();
+    let mut applied: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for db in [s.north, s.south] {
+        for r in rows(db, "SELECT xid, warehouse, state FROM transfers").await? {
+            let (xid, warehouse, state) = (text(&r[0]), text(&r[1]), text(&r[2]));
+            if state == "applied" {
+                applied.entry(xid).or_default().insert(warehouse);
+            } else if state == "held" {
+                problems.push(format!("transfer {xid} is still held at {warehouse}"));
+            }
+        }
+    }
+    let page = s.admin.list_transactions(None, None, None, 1000).await?;
+    for tx in &page.transactions {
+        let sides = applied.remove(&tx.xid).unwrap_or_default();
+        match tx.outcome.as_deref() {
+            Some("committed") => {
+                facts.transfers_committed += 1;
+                if sides.len() != 2 {
+                    problems.push(format!("transfer {} committed but applied at {sides:?} only", tx.xid));
+                }
+            }
+            Some("aborted") => {
+                facts.transfers_aborted += 1;
+                if !sides.is_empty() {
+                    problems.push(format!("transfer {} aborted but applied at {sides:?}", tx.xid));
+                }
+            }
+            other => problems.push(format!("transfer {} has no outcome ({other:?})", tx.xid)),
+        }
+    }
+    for xid in applied.keys() {
+        problems.push(format!("transfer {xid} applied but unknown to the coordinator"));
+    }
+    Ok(verdict(
+        "every 2PC transfer is applied on both sides or neither",
+        &problems,
+        format!(
+            "{} committed on both sides, {} aborted on neither",
+            facts.transfers_committed, facts.transfers_aborted
+        ),
+    ))
+}

@@ -1,0 +1,179 @@
+//! The processes of a demo run: the Concord server and the shop's services, each a child of the
+//! demo started from the `concord` binary itself, logging to its own file.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start one process (again, after a kill: same ports, same databases).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub health_url: String,
+}
+
+/// A running child.
+pub struct Proc {
+    pub spec: Spec,
+    child: Child,
+    pub restarts: u32,
+}
+
+/// Where a run keeps its files: databases, `logs/`, `traces/`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+    pub exe: PathBuf,
+}
+
+impl Layout {
+    #[must_use]
+    pub fn log_file(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    #[must_use]
+    pub fn trace_file(&self, name: &str) -> PathBuf {
+        self.dir.join("traces").join(format!("{name}.jsonl"))
+    }
+
+    /// Creates the folders.
+    ///
+    /// # Errors
+    /// The file system's.
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.dir.join("logs"))?;
+        std::fs::create_dir_all(self.dir.join("traces"))
+    }
+}
+
+fn spawn_child(layout: &Layout, spec: &Spec) -> anyhow::Result<Child> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.log_file(&spec.name))?;
+    let mut cmd = Command::new(&layout.exe);
+    cmd.args(&spec.args).current_dir(&layout.dir);
+    // The run's settings only: nothing of the caller's own Concord configuration leaks in.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CONCORD_") || name.starts_with("SHOP_") || name == "RUST_LOG" || name == "OTEL_SERVICE_NAME" {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd.env("RUST_LOG", "info,sqlx=warn")
+        .env("NO_COLOR", "1")
+        .env("OTEL_SERVICE_NAME", &spec.name)
+        .env("CONCORD_TRACE_FILE", layout.trace_file(&spec.name))
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(cmd.spawn()?)
+}
+
+/// Waits until `url` answers 200.
+///
+/// # Errors
+/// When it does not within `timeout`.
+pub async fn wait_healthy(http: &reqwest::Client, name: &str, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = http.get(url).timeout(Duration::from_secs(2)).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{name} did not become healthy at {url} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Proc {
+    /// Starts the process and waits until it is healthy.
+    ///
+    /// # Errors
+    /// It cannot start, or does not become healthy (see its log file).
+    pub async fn start(layout: &Layout, http: &reqwest::Client, spec: Spec) -> anyhow::Result<Self> {
+        let child = spawn_child(layout, &spec)?;
+        let mut proc = Self {
+            spec,
+            child,
+            restarts: 0,
+        };
+        proc.healthy(layout, http).await?;
+        Ok(proc)
+    }
+
+    async fn healthy(&mut self, layout: &Layout, http: &reqwest::Client) -> anyhow::Result<()> {
+        let waited = wait_healthy(http, &self.spec.name, &self.spec.health_url, Duration::from_secs(60)).await;
+        if waited.is_err()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            anyhow::bail!(
+                "{} exited with {status}; see {}",
+                self.spec.name,
+                layout.log_file(&self.spec.name).display()
+            );
+        }
+        waited
+    }
+
+    /// SIGKILL: no shutdown, no flush, whatever was in flight is cut off.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process with SIGKILL, starts it again on the same settings, and waits until it
+    /// is healthy.
+    ///
+    /// # Errors
+    /// As [`Proc::start`].
+    pub async fn kill_and_restart(&mut self, layout: &Layout, http: &reqwest::Client, down_for: Duration) -> anyhow::Result<()> {
+        self.kill();
+        tokio::time::sleep(down_for).await;
+        self.child = spawn_child(layout, &self.spec)?;
+        self.restarts += 1;
+        self.healthy(layout, http).await
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free port on 127.0.0.1, to pin a service to across restarts.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Every file under `dir`, recursively.
+#[must_use]
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
