@@ -222,6 +222,12 @@ impl Faults {
         let fault = match headers.get(FAULT_HEADER).and_then(|v| v.to_str().ok())? {
             "5xx" => Fault::Unavailable,
             "timeout" => Fault::SlowAnswer,
+            // Every answer is lost: the orchestrator runs out of attempts with the step's effect
+            // uncertain, and must compensate it.
+            "timeout-always" => {
+                tracing::info!("fault injected: answer lost");
+                return Some(Fault::SlowAnswer);
+            }
             _ => return None,
         };
         let key = headers

@@ -37,8 +37,9 @@ fn call(url: String, token: &str, fault: Option<&str>, body: Option<Value>) -> V
 #[must_use]
 pub fn definition(p: &Participants) -> Value {
     let t = &p.token;
-    // Enough attempts to ride out a participant's restart (a few seconds) and an injected fault.
-    let retry = json!({ "max_attempts": 12, "backoff_ms": 100, "max_backoff_ms": 2_000 });
+    // Enough attempts to ride out a participant's restart (about 5 s of backoff) and an injected
+    // fault, few enough that a step whose answers are all lost gives up in seconds.
+    let retry = json!({ "max_attempts": 6, "backoff_ms": 200, "max_backoff_ms": 2_000 });
     let id = "{{input.order_id}}";
     json!({
         "steps": [

@@ -485,6 +485,7 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     let injected = vec![
         Count::new("participant 5xx", e5xx as u64),
         Count::new("participant timeouts", timeouts as u64),
+        Count::new("charges with every answer lost", plan.lost_answers() as u64),
         Count::new("card declines", declined as u64),
         Count::new("orders of the scarce sku", scarce as u64),
         Count::new("duplicate client submissions", duplicates as u64),

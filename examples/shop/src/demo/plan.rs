@@ -86,12 +86,19 @@ impl Plan {
                 GOOD_CARDS[rng.random_range(0..GOOD_CARDS.len())]
             };
             let mut faults = serde_json::Map::new();
-            for (slot, p5xx, ptimeout) in [("reserve", 0.08, 0.06), ("charge", 0.08, 0.06), ("release", 0.1, 0.05), ("refund", 0.1, 0.05)] {
+            for (slot, p5xx, ptimeout, plost) in [
+                ("reserve", 0.08, 0.06, 0.0),
+                ("charge", 0.08, 0.06, 0.03),
+                ("release", 0.1, 0.05, 0.0),
+                ("refund", 0.1, 0.05, 0.0),
+            ] {
                 let roll: f64 = rng.random();
                 let fault = if roll < p5xx {
                     Some("5xx")
                 } else if roll < p5xx + ptimeout {
                     Some("timeout")
+                } else if roll < p5xx + ptimeout + plost {
+                    Some("timeout-always")
                 } else {
                     None
                 };
@@ -112,6 +119,12 @@ impl Plan {
         }
         let victim = if rng.random_bool(0.5) { "payments" } else { "inventory" };
         Self { orders, victim }
+    }
+
+    /// Charges whose every answer is lost (the saga must refund an uncertain charge).
+    #[must_use]
+    pub fn lost_answers(&self) -> usize {
+        self.orders.iter().map(|o| o.fault_count("timeout-always")).sum()
     }
 
     /// Declined cards, scarce orders, duplicates, and faults by kind, as planned.
@@ -147,7 +160,15 @@ mod tests {
     #[test]
     fn a_plan_of_some_size_holds_every_kind_of_fault() {
         let (declined, scarce, duplicates, e5xx, timeouts) = Plan::draw(1, 300).counts();
-        for (what, n) in [("declined", declined), ("scarce", scarce), ("duplicates", duplicates), ("5xx", e5xx), ("timeouts", timeouts)] {
+        let lost = Plan::draw(1, 300).lost_answers();
+        for (what, n) in [
+            ("declined", declined),
+            ("scarce", scarce),
+            ("duplicates", duplicates),
+            ("5xx", e5xx),
+            ("timeouts", timeouts),
+            ("lost answers", lost),
+        ] {
             assert!(n > 0, "no {what} in 300 orders");
         }
     }

@@ -77,6 +77,14 @@ async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::
     if fault == Some(Fault::Unavailable) {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
     }
+    let answer = charge_once(&s, key, &cmd).await;
+    if fault == Some(Fault::SlowAnswer) {
+        s.faults.answer_late().await;
+    }
+    answer
+}
+
+async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
     let key = (!s.unsafe_skip_barrier).then_some(key);
     if let Some(key) = &key {
         match on_db!(&s.db, peek(key)) {
@@ -104,9 +112,6 @@ async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::
         &s.db,
         record_charge(key.as_ref(), &cmd.order_id, cmd.amount, &cmd.card_token, &charge_id)
     );
-    if fault == Some(Fault::SlowAnswer) {
-        s.faults.answer_late().await;
-    }
     match recorded {
         Ok(Gate::Done(output)) => ok(output),
         Ok(Gate::Open) => ok(json!({ "order_id": cmd.order_id, "charge_id": charge_id, "amount": cmd.amount })),
