@@ -593,8 +593,13 @@ impl Client {
         json(self.request(Method::POST, url)).await
     }
 
+    /// Every call is built here, so every call carries the caller's trace.
     fn request(&self, method: Method, url: Url) -> RequestBuilder {
-        self.http.request(method, url).bearer_auth(&self.api_key)
+        let request = self.http.request(method, url).bearer_auth(&self.api_key);
+        match crate::trace::traceparent() {
+            Some(traceparent) => request.header(crate::trace::TRACEPARENT, traceparent),
+            None => request,
+        }
     }
 }
 

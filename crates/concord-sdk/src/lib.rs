@@ -4,7 +4,8 @@
 //! reservation records); [`outbox`], the transactional outbox and its relays; [`broker`], the
 //! broker port and the event-store broker (NATS JetStream is in `concord-broker-nats`);
 //! [`inbox`], the idempotent consumer; [`idempotency`], the `Idempotency-Key` tower layer;
-//! [`projection`], the CQRS projection runner; [`cache`], the read-through cache.
+//! [`projection`], the CQRS projection runner; [`cache`], the read-through cache; [`trace`], W3C
+//! trace context for outgoing calls, outbox messages and axum servers.
 //!
 //! # TLS crypto provider
 //!
@@ -51,6 +52,7 @@ pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
 pub mod projection;
+pub mod trace;
 pub mod tx;
 
 pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};

@@ -66,7 +66,10 @@ async fn demo(args: concord_shop::demo::DemoArgs) -> anyhow::Result<std::process
     println!("report written to {}", report_path.display());
     if let Some((tree, services)) = &outcome.trace {
         println!("\n{tree}");
-        println!("services in this trace: {}", services.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "services in this trace: {}",
+            services.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     Ok(if outcome.report.passed() {
         std::process::ExitCode::SUCCESS

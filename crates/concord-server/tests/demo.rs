@@ -49,13 +49,25 @@ fn invariant_lines(stdout: &str) -> Vec<&str> {
 #[test]
 fn the_embedded_shop_keeps_every_invariant_under_faults_and_kills() {
     let dir = tempfile::tempdir().unwrap();
-    let run = demo(dir.path(), &["--orders", "60", "--clients", "8", "--seed", "3", "--trace"]);
+    let run = demo(
+        dir.path(),
+        &["--orders", "60", "--clients", "8", "--seed", "3", "--trace"],
+    );
     assert_eq!(run.code, Some(0), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     let lines = invariant_lines(&run.stdout);
     assert_eq!(lines.len(), 8, "{}", run.stdout);
-    assert!(lines.iter().all(|l| l.trim_start().starts_with("PASS")), "{}", run.stdout);
+    assert!(
+        lines.iter().all(|l| l.trim_start().starts_with("PASS")),
+        "{}",
+        run.stdout
+    );
     assert_eq!(count(&run.stdout, "SIGKILL + restart"), 2, "{}", run.stdout);
-    for what in ["compensated (rejected)", "transfers aborted", "transfers committed", "sagas retried"] {
+    for what in [
+        "compensated (rejected)",
+        "transfers aborted",
+        "transfers committed",
+        "sagas retried",
+    ] {
         assert!(count(&run.stdout, what) > 0, "no {what}:\n{}", run.stdout);
     }
 
@@ -70,7 +82,11 @@ fn the_embedded_shop_keeps_every_invariant_under_faults_and_kills() {
         .find_map(|l| l.strip_prefix("services in this trace: "))
         .unwrap_or_else(|| panic!("no trace printed:\n{}", run.stdout));
     for service in ["orders", "concord", "inventory", "payments", "provider"] {
-        assert!(services.split(", ").any(|s| s == service), "{service} missing from the trace: {services}\n{}", run.stdout);
+        assert!(
+            services.split(", ").any(|s| s == service),
+            "{service} missing from the trace: {services}\n{}",
+            run.stdout
+        );
     }
 }
 
@@ -79,7 +95,17 @@ fn the_checker_fails_when_payments_charges_without_the_barrier() {
     let dir = tempfile::tempdir().unwrap();
     let run = demo(
         dir.path(),
-        &["--orders", "60", "--clients", "8", "--seed", "3", "--no-kill", "--sabotage", "payments-barrier"],
+        &[
+            "--orders",
+            "60",
+            "--clients",
+            "8",
+            "--seed",
+            "3",
+            "--no-kill",
+            "--sabotage",
+            "payments-barrier",
+        ],
     );
     assert_eq!(run.code, Some(1), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     let lines = invariant_lines(&run.stdout);

@@ -55,7 +55,7 @@ macro_rules! per_backend {
         pub mod on_sqlite {
             #![allow(unused_imports)]
             use super::*;
-            use $crate::common::sqlite_mods::{barrier, begin, inbox, outbox};
+            use $crate::common::sqlite_mods::{barrier, begin, bound_lock_wait, inbox, outbox};
             pub type Pool = sqlx::SqlitePool;
             pub type Conn = sqlx::SqliteConnection;
             $($item)*
@@ -63,7 +63,7 @@ macro_rules! per_backend {
         pub mod on_pg {
             #![allow(unused_imports)]
             use super::*;
-            use $crate::common::postgres_mods::{barrier, begin, inbox, outbox};
+            use $crate::common::postgres_mods::{barrier, begin, bound_lock_wait, inbox, outbox};
             pub type Pool = sqlx::PgPool;
             pub type Conn = sqlx::PgConnection;
             $($item)*
@@ -81,6 +81,11 @@ pub mod sqlite_mods {
     pub async fn begin(pool: &sqlx::SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         pool.begin_with("BEGIN IMMEDIATE").await
     }
+
+    /// SQLite's writers wait on the busy timeout already.
+    pub async fn bound_lock_wait(_conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
 }
 
 /// The sdk's PostgreSQL modules, under the names [`with_db!`] bodies use.
@@ -89,9 +94,20 @@ pub mod postgres_mods {
     pub use concord_sdk::inbox::postgres as inbox;
     pub use concord_sdk::outbox::postgres as outbox;
 
-    /// A `READ COMMITTED` transaction.
+    /// A `READ COMMITTED` transaction whose row-lock waits are bounded ([`bound_lock_wait`]).
     pub async fn begin(pool: &sqlx::PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        pool.begin().await
+        let mut tx = pool.begin().await?;
+        bound_lock_wait(&mut tx).await?;
+        Ok(tx)
+    }
+
+    /// A row held by a prepared transaction stays locked until its phase 2; a request waiting
+    /// on it gives up after 2 s (and is retried) instead of holding a connection indefinitely.
+    pub async fn bound_lock_wait(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(conn)
+            .await
+            .map(drop)
     }
 }
 
@@ -108,7 +124,10 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await?;
             Ok(Self::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
@@ -128,8 +147,14 @@ impl Db {
     /// The database's.
     pub async fn execute_script(&self, sql: &str) -> Result<(), sqlx::Error> {
         match self {
-            Self::Sqlite(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.map(drop),
-            Self::Pg(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(p).await.map(drop),
+            Self::Sqlite(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .map(drop),
+            Self::Pg(p) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .map(drop),
         }
     }
 
@@ -150,14 +175,45 @@ pub fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Res
         "detail": detail.into(),
         "code": code,
     });
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// A 500 for a failure of the service's own storage or of a call it made; the detail is logged,
 /// not sent.
 pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Response {
     tracing::warn!(error = %error, "{context}");
-    problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{context}; retry"))
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("{context}; retry"),
+    )
+}
+
+/// The barrier key of a saga call, which must be the operation `op` of its step; else the
+/// answer to send (boxed: a response is large).
+///
+/// # Errors
+/// A missing or malformed key, or the other operation.
+pub fn saga_key(
+    headers: &HeaderMap,
+    op: concord_sdk::barrier::BarrierOp,
+) -> Result<concord_sdk::barrier::BarrierKey, Box<Response>> {
+    let key = concord_sdk::barrier::BarrierKey::from_headers(headers)
+        .map_err(|e| Box::new(problem(e.http_status(), "bad_saga_call", e.to_string())))?;
+    if key.op() == op {
+        Ok(key)
+    } else {
+        Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            "bad_saga_call",
+            "this route takes the other operation",
+        )))
+    }
 }
 
 /// A 200 JSON answer.
@@ -177,7 +233,11 @@ pub async fn require_token(State(token): State<Arc<str>>, request: Request, next
     if allowed {
         next.run(request).await
     } else {
-        problem(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+        problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
     }
 }
 

@@ -118,7 +118,9 @@ impl BrokerArgs {
                     subject_prefix: self.nats_stream_prefix.to_lowercase(),
                     ..concord_broker_nats::NatsConfig::default()
                 };
-                Ok(Arc::new(concord_broker_nats::NatsBroker::connect(&self.nats_url, config).await?))
+                Ok(Arc::new(
+                    concord_broker_nats::NatsBroker::connect(&self.nats_url, config).await?,
+                ))
             }
             other => anyhow::bail!("unknown broker {other:?}: concord or nats"),
         }
@@ -152,5 +154,5 @@ pub async fn run(command: ShopCommand, shutdown: impl Future<Output = ()> + Send
 
 /// The per-request span of every shop route, continuing the caller's trace.
 pub async fn trace_layer(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    next.run(request).await
+    concord_sdk::trace::server_span(request, next).await
 }

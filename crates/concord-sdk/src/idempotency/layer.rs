@@ -253,7 +253,13 @@ where
     // The handler runs in its own task, so a client that goes away does not cancel it halfway
     // and leave the key locked until its lock expires.
     let req = Request::from_parts(parts, Body::from(body));
-    let task = tokio::spawn(run_and_record(Arc::clone(&shared), inner, req, held).instrument(span));
+    // The request's own span goes along too: the debug span is off at the default log level, and
+    // without the outer one the handler would lose the caller's trace.
+    let task = tokio::spawn(
+        run_and_record(Arc::clone(&shared), inner, req, held)
+            .instrument(span)
+            .in_current_span(),
+    );
     match task.await {
         Ok(answer) => answer,
         Err(e) => {

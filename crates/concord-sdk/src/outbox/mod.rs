@@ -112,15 +112,21 @@ pub enum OutboxError {
     Database(#[from] sqlx::Error),
 }
 
-/// A message with a fresh UUIDv7 id and no headers.
+/// A message with a fresh UUIDv7 id whose only header is the current span's `traceparent`, when
+/// there is one ([`crate::trace::traceparent`]), so the consumer can continue the producer's trace
+/// ([`crate::trace::continue_from`]).
 #[must_use]
 pub fn message(topic: &str, key: &str, payload: serde_json::Value) -> BrokerMessage {
+    let headers = crate::trace::traceparent()
+        .map(|tp| (crate::trace::TRACEPARENT.to_owned(), tp))
+        .into_iter()
+        .collect::<BTreeMap<_, _>>();
     BrokerMessage {
         id: uuid::Uuid::now_v7(),
         topic: topic.to_owned(),
         key: key.to_owned(),
         payload,
-        headers: BTreeMap::new(),
+        headers,
     }
 }
 

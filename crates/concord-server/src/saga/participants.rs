@@ -8,6 +8,7 @@ use concord_core::app::saga::{ParticipantCall, Participants};
 use concord_core::domain::saga::CallOutcome;
 use reqwest::StatusCode;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 /// Sends participant calls with `Idempotency-Key`, `Concord-Saga-Id` and `traceparent`.
 pub struct HttpParticipants {
@@ -44,6 +45,26 @@ const ERROR_SNIPPET: usize = 300;
 #[async_trait]
 impl Participants for HttpParticipants {
     async fn call(&self, c: &ParticipantCall) -> CallOutcome {
+        // A client span in the trace of the request that started the saga (kept in the saga log,
+        // so recovery on another node continues it too): the participant's own spans nest under
+        // it instead of hanging from a span id no process recorded.
+        let name = format!("saga {} {}", c.step, c.op.as_str());
+        let span = tracing::info_span!(
+            "saga.call",
+            saga.id = %c.saga_id,
+            attempt = c.attempt,
+            otel.kind = "client",
+            otel.name = name.as_str()
+        );
+        if let Some(origin) = &c.origin_trace {
+            concord_sdk::trace::continue_from(&span, origin);
+        }
+        self.send(c).instrument(span).await
+    }
+}
+
+impl HttpParticipants {
+    async fn send(&self, c: &ParticipantCall) -> CallOutcome {
         let Ok(method) = reqwest::Method::from_bytes(c.call.method.as_bytes()) else {
             return CallOutcome::Refused(format!("unsupported method {}", c.call.method));
         };

@@ -233,7 +233,12 @@ async fn stock_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
             problems.push(format!("order {order_id}: reservation {state}, expected {expected}"));
         }
     }
-    for r in rows(s.north, "SELECT sku, reserved, shipped FROM stock WHERE warehouse = 'north'").await? {
+    for r in rows(
+        s.north,
+        "SELECT sku, reserved, shipped FROM stock WHERE warehouse = 'north'",
+    )
+    .await?
+    {
         let (reserved, shipped) = by_sku.get(&text(&r[0])).copied().unwrap_or_default();
         if (reserved, shipped) != (int(&r[1]), int(&r[2])) {
             problems.push(format!(
@@ -318,7 +323,11 @@ async fn sagas_terminal(
             }
         };
         if order.status != expected {
-            problems.push(format!("saga {saga_id} {} but order {}", saga.status, order.status.as_str()));
+            problems.push(format!(
+                "saga {saga_id} {} but order {}",
+                saga.status,
+                order.status.as_str()
+            ));
         }
     }
     facts.sagas_completed = sagas.iter().filter(|g| g.status == "completed").count();
@@ -337,7 +346,12 @@ async fn sagas_terminal(
             facts.sagas_retried += 1;
             facts.attempts_retried += extra;
         }
-        let interesting = extra > 0 && detail.status == "compensated";
+        let interesting = extra > 0
+            && detail.status == "compensated"
+            && detail
+                .steps
+                .iter()
+                .any(|st| st.compensation == "succeeded" && st.name == "charge");
         if facts.sample_saga.is_none() && interesting {
             facts.sample_saga = Some(detail);
         }
@@ -368,11 +382,18 @@ async fn no_double_charge(s: &Sources<'_>) -> anyhow::Result<Invariant> {
         .iter()
         .map(|r| format!("order {} charged {} times", text(&r[0]), int(&r[1])))
         .collect();
-    let charges = rows(s.provider, "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE kind = 'charge'").await?;
+    let charges = rows(
+        s.provider,
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE kind = 'charge'",
+    )
+    .await?;
     Ok(verdict(
         "no card was charged twice for one order",
         &problems,
-        format!("{} charge requests reached the provider's ledger", charges.first().map_or(0, |r| int(&r[0]))),
+        format!(
+            "{} charge requests reached the provider's ledger",
+            charges.first().map_or(0, |r| int(&r[0]))
+        ),
     ))
 }
 
@@ -399,7 +420,12 @@ async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow
     // Stock: the view holds what the inventory holds, change for change.
     let mut source = BTreeMap::new();
     for db in [s.north, s.south] {
-        for r in rows(db, "SELECT warehouse, sku, on_hand, reserved, shipped, held, version FROM stock").await? {
+        for r in rows(
+            db,
+            "SELECT warehouse, sku, on_hand, reserved, shipped, held, version FROM stock",
+        )
+        .await?
+        {
             source.insert((text(&r[0]), text(&r[1])), r[2..].iter().map(int).collect::<Vec<_>>());
         }
     }
@@ -413,7 +439,12 @@ async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow
     .collect();
     for (k, v) in &source {
         if mirrored.get(k) != Some(v) {
-            problems.push(format!("stock {}.{}: view {:?}, inventory {v:?}", k.0, k.1, mirrored.get(k)));
+            problems.push(format!(
+                "stock {}.{}: view {:?}, inventory {v:?}",
+                k.0,
+                k.1,
+                mirrored.get(k)
+            ));
         }
     }
     // Reads through the cache answer what the table holds.
@@ -429,7 +460,10 @@ async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow
             .await?;
         let want = seen.get(id).map(|r| r.0.clone()).unwrap_or_default();
         if got["status"].as_str() != Some(want.as_str()) {
-            problems.push(format!("order {id}: the cache answered {}, the table {want}", got["status"]));
+            problems.push(format!(
+                "order {id}: the cache answered {}, the table {want}",
+                got["status"]
+            ));
         }
         through_cache += 1;
     }
@@ -442,7 +476,10 @@ async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow
             .json()
             .await?;
         if got["version"].as_i64() != v.get(4).copied() {
-            problems.push(format!("stock {warehouse}.{sku}: the cache answered version {}", got["version"]));
+            problems.push(format!(
+                "stock {warehouse}.{sku}: the cache answered version {}",
+                got["version"]
+            ));
         }
         through_cache += 1;
     }
@@ -499,7 +536,10 @@ async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
     let mut messages = 0usize;
     if let Some(broker) = &s.external_broker {
         let mut consumer = broker
-            .subscribe(crate::inventory::domain::STOCK_TOPIC, &format!("card-scan-{}", uuid::Uuid::new_v4().simple()))
+            .subscribe(
+                crate::inventory::domain::STOCK_TOPIC,
+                &format!("card-scan-{}", uuid::Uuid::new_v4().simple()),
+            )
             .await?;
         loop {
             let batch = consumer.fetch(1000, Duration::from_millis(500)).await?;
@@ -520,7 +560,10 @@ async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
     if let Some((url, prefix)) = &s.redis {
         let client = redis::Client::open(url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await?;
         for k in keys {
             redis_keys += 1;
             let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query_async(&mut conn).await.unwrap_or(None);

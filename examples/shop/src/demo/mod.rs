@@ -129,7 +129,9 @@ async fn databases(args: &DemoArgs, layout: &Layout, run: &str) -> anyhow::Resul
             let admin = sqlx::PgPool::connect(base).await?;
             for n in names {
                 let db = format!("shop_demo_{run}_{n}");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{db}\""))).execute(&admin).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{db}\"")))
+                    .execute(&admin)
+                    .await?;
                 urls.push(replace_database(base, &db));
                 created.push(db);
             }
@@ -165,7 +167,9 @@ fn replace_database(url: &str, db: &str) -> String {
 }
 
 async fn drop_databases(base: &str, names: &[String]) {
-    let Ok(admin) = sqlx::PgPool::connect(base).await else { return };
+    let Ok(admin) = sqlx::PgPool::connect(base).await else {
+        return;
+    };
     for db in names {
         let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
         if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await {
@@ -207,7 +211,13 @@ pub async fn run(args: DemoArgs, exe: PathBuf) -> anyhow::Result<Outcome> {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str, started: Instant) -> anyhow::Result<Outcome> {
+async fn run_in(
+    args: &DemoArgs,
+    layout: &Layout,
+    dbs: &Databases,
+    run_id: &str,
+    started: Instant,
+) -> anyhow::Result<Outcome> {
     let scale_out = args.postgres.is_some();
     let shape = if scale_out { "scale-out" } else { "embedded" };
     let plan = Plan::draw(args.seed, args.orders);
@@ -263,7 +273,14 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     };
     let orders_key = key(
         "shop-orders",
-        &["events:read", "events:write", "sagas:read", "sagas:write", "vault:tokenize", "vault:detokenize-masked:card"],
+        &[
+            "events:read",
+            "events:write",
+            "sagas:read",
+            "sagas:write",
+            "vault:tokenize",
+            "vault:detokenize-masked:card",
+        ],
     )
     .await?;
     let inventory_key = key("shop-inventory", &["events:read", "events:write", "tx:read"]).await?;
@@ -350,7 +367,12 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     )
     .await?;
     let mut a = common("inventory", &urls.inventory, &dbs.north, &inventory_key);
-    a.0.extend(["--south-database-url".into(), dbs.south.clone(), "--duplicate-deliveries".into(), "10".into()]);
+    a.0.extend([
+        "--south-database-url".into(),
+        dbs.south.clone(),
+        "--duplicate-deliveries".into(),
+        "10".into(),
+    ]);
     broker_args(&mut a.0);
     let mut inventory = Proc::start(layout, &http, spec("inventory", &urls.inventory, a)).await?;
     let mut a = common("payments", &urls.payments, &dbs.payments, "");
@@ -362,14 +384,23 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     let orders = Proc::start(
         layout,
         &http,
-        spec("orders", &urls.orders, common("orders", &urls.orders, &dbs.orders, &orders_key)),
+        spec(
+            "orders",
+            &urls.orders,
+            common("orders", &urls.orders, &dbs.orders, &orders_key),
+        ),
     )
     .await?;
     let mut a = common("query", &urls.query, &dbs.query, &query_key);
     a.0.extend(["--duplicate-deliveries".into(), "10".into()]);
     let redis_prefix = format!("demo:{run_id}:");
     if let Some(redis) = &args.redis {
-        a.0.extend(["--redis-url".into(), redis.clone(), "--redis-prefix".into(), redis_prefix.clone()]);
+        a.0.extend([
+            "--redis-url".into(),
+            redis.clone(),
+            "--redis-prefix".into(),
+            redis_prefix.clone(),
+        ]);
     }
     broker_args(&mut a.0);
     let query = Proc::start(layout, &http, spec("query", &urls.query, a)).await?;
@@ -394,7 +425,11 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     let wait_for = |fraction: f64| {
         let done = Arc::clone(&done);
         async move {
-            #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
             let target = ((total as f64) * fraction) as usize;
             while done.load(Ordering::Relaxed) < target {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -405,7 +440,9 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     wait_for(0.35).await;
     if !args.no_kill {
         progress.set_message("SIGKILL: concord server");
-        server.kill_and_restart(layout, &http, Duration::from_millis(300)).await?;
+        server
+            .kill_and_restart(layout, &http, Duration::from_millis(300))
+            .await?;
         kills.push("concord server");
         progress.set_message("");
     }
@@ -414,8 +451,14 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
     wait_for(0.65).await;
     if !args.no_kill {
         progress.set_message(format!("SIGKILL: {}", plan.victim));
-        let victim = if plan.victim == "payments" { &mut payments } else { &mut inventory };
-        victim.kill_and_restart(layout, &http, Duration::from_millis(300)).await?;
+        let victim = if plan.victim == "payments" {
+            &mut payments
+        } else {
+            &mut inventory
+        };
+        victim
+            .kill_and_restart(layout, &http, Duration::from_millis(300))
+            .await?;
         kills.push(plan.victim);
         progress.set_message("");
     }
@@ -489,7 +532,10 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
         Count::new("card declines", declined as u64),
         Count::new("orders of the scarce sku", scarce as u64),
         Count::new("duplicate client submissions", duplicates as u64),
-        Count::new("duplicated broker deliveries", logs("fault injected: duplicate delivery")),
+        Count::new(
+            "duplicated broker deliveries",
+            logs("fault injected: duplicate delivery"),
+        ),
         Count::new("SIGKILL + restart", kills.len() as u64),
         Count::new("2PC transfers (one refused)", transfers.len() as u64),
     ];
@@ -501,7 +547,10 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
         Count::new("attempts retried", facts.attempts_retried as u64),
         Count::new("client retries", submissions.retries),
         Count::new("duplicate submissions answered from the record", submissions.replayed),
-        Count::new("duplicate deliveries ignored (inbox)", logs("duplicate delivery ignored")),
+        Count::new(
+            "duplicate deliveries ignored (inbox)",
+            logs("duplicate delivery ignored"),
+        ),
         Count::new("transfers committed", facts.transfers_committed as u64),
         Count::new("transfers aborted", facts.transfers_aborted as u64),
     ];
@@ -534,7 +583,11 @@ async fn run_in(args: &DemoArgs, layout: &Layout, dbs: &Databases, run_id: &str,
             let spans = trace_tree::load_spans(&files);
             let id = trace_id(o);
             (
-                format!("trace {id} (order {}):\n{}", o.order_id(), trace_tree::render_tree(&spans, &id)),
+                format!(
+                    "trace {id} (order {}):\n{}",
+                    o.order_id(),
+                    trace_tree::render_tree(&spans, &id)
+                ),
                 trace_tree::services_in_trace(&spans, &id),
             )
         })
@@ -688,7 +741,9 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db) -> anyhow::R
         let mut snapshot = format!("{running}");
         for db in [north, south] {
             let pending: i64 = crate::with_db!(db, |p, _m| {
-                sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM concord_outbox").fetch_one(p).await
+                sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM concord_outbox")
+                    .fetch_one(p)
+                    .await
             })?;
             snapshot.push_str(&format!(" {pending}"));
         }

@@ -8,7 +8,12 @@ use serde_json::{Value, json};
 use crate::orders::domain::Line;
 
 /// Cards the demo pays with. The checker looks for each of them, in plaintext, everywhere.
-pub const GOOD_CARDS: &[&str] = &["4111111111111111", "5555555555554444", "4242424242424242", "378282246310005"];
+pub const GOOD_CARDS: &[&str] = &[
+    "4111111111111111",
+    "5555555555554444",
+    "4242424242424242",
+    "378282246310005",
+];
 /// A card the provider declines.
 pub const DECLINED_CARD: &str = "4000000000000002";
 

@@ -60,7 +60,11 @@ fn spawn_child(layout: &Layout, spec: &Spec) -> anyhow::Result<Child> {
     // The run's settings only: nothing of the caller's own Concord configuration leaks in.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("CONCORD_") || name.starts_with("SHOP_") || name == "RUST_LOG" || name == "OTEL_SERVICE_NAME" {
+        if name.starts_with("CONCORD_")
+            || name.starts_with("SHOP_")
+            || name == "RUST_LOG"
+            || name == "OTEL_SERVICE_NAME"
+        {
             cmd.env_remove(name.as_ref());
         }
     }
@@ -111,17 +115,29 @@ impl Proc {
     }
 
     async fn healthy(&mut self, layout: &Layout, http: &reqwest::Client) -> anyhow::Result<()> {
-        let waited = wait_healthy(http, &self.spec.name, &self.spec.health_url, Duration::from_secs(60)).await;
-        if waited.is_err()
-            && let Ok(Some(status)) = self.child.try_wait()
-        {
-            anyhow::bail!(
-                "{} exited with {status}; see {}",
-                self.spec.name,
-                layout.log_file(&self.spec.name).display()
-            );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!(
+                    "{} exited with {status}; see {}",
+                    self.spec.name,
+                    layout.log_file(&self.spec.name).display()
+                );
+            }
+            if wait_healthy(http, &self.spec.name, &self.spec.health_url, Duration::from_millis(200))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} did not become healthy at {} within 60 s",
+                    self.spec.name,
+                    self.spec.health_url
+                );
+            }
         }
-        waited
     }
 
     /// SIGKILL: no shutdown, no flush, whatever was in flight is cut off.
@@ -135,7 +151,12 @@ impl Proc {
     ///
     /// # Errors
     /// As [`Proc::start`].
-    pub async fn kill_and_restart(&mut self, layout: &Layout, http: &reqwest::Client, down_for: Duration) -> anyhow::Result<()> {
+    pub async fn kill_and_restart(
+        &mut self,
+        layout: &Layout,
+        http: &reqwest::Client,
+        down_for: Duration,
+    ) -> anyhow::Result<()> {
         self.kill();
         tokio::time::sleep(down_for).await;
         self.child = spawn_child(layout, &self.spec)?;

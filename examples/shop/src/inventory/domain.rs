@@ -68,7 +68,10 @@ impl Transfer {
             return Err("a transfer moves 1 to 10000 units".into());
         }
         if crate::orders::domain::price(&self.sku).is_none() {
-            return Err(format!("unknown sku {:?}", self.sku.chars().take(40).collect::<String>()));
+            return Err(format!(
+                "unknown sku {:?}",
+                self.sku.chars().take(40).collect::<String>()
+            ));
         }
         if self.from == self.to {
             return Err("a transfer goes between two warehouses".into());
@@ -109,7 +112,14 @@ mod tests {
         assert_eq!(t.side(NORTH), Ok(Side::Destination));
         assert!(t.side("west").is_err());
         assert!(Transfer { qty: 0, ..t.clone() }.side(NORTH).is_err());
-        assert!(Transfer { sku: "kiwi".into(), ..t }.side(NORTH).is_err());
+        assert!(
+            Transfer {
+                sku: "kiwi".into(),
+                ..t
+            }
+            .side(NORTH)
+            .is_err()
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
-use concord_sdk::barrier::{BarrierKey, BarrierOp};
+use concord_sdk::barrier::BarrierOp;
 use concord_sdk::tx::{CoordinatorAuth, Participant};
 use serde_json::json;
 
@@ -32,7 +32,10 @@ pub fn router(
         .route("/reservations/{order_id}/release", post(release))
         .route("/stock", get(stock))
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token));
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::common::require_token,
+        ));
     for (warehouse, participant) in participants {
         router = router.nest(
             &format!("/2pc/{warehouse}"),
@@ -44,22 +47,17 @@ pub fn router(
         .layer(axum::middleware::from_fn(crate::trace_layer))
 }
 
-fn barrier_key(headers: &HeaderMap, op: BarrierOp) -> Result<BarrierKey, Response> {
-    let key = BarrierKey::from_headers(headers).map_err(|e| problem(e.http_status(), "bad_saga_call", e.to_string()))?;
-    if key.op() == op {
-        Ok(key)
-    } else {
-        Err(problem(StatusCode::BAD_REQUEST, "bad_saga_call", "this route takes the other operation"))
-    }
-}
-
 async fn reserve(State(s): State<Arc<Inventory>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match barrier_key(&headers, BarrierOp::Action) {
+    let key = match crate::common::saga_key(&headers, BarrierOp::Action) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Ok(cmd) = serde_json::from_slice::<Reserve>(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "invalid_reservation", "the body is {order_id, items}");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_reservation",
+            "the body is {order_id, items}",
+        );
     };
     let fault = s.faults.take(&headers);
     if fault == Some(Fault::Unavailable) {
@@ -81,9 +79,9 @@ async fn reserve(State(s): State<Arc<Inventory>>, headers: HeaderMap, body: axum
 }
 
 async fn release(State(s): State<Arc<Inventory>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
-    let key = match barrier_key(&headers, BarrierOp::Compensation) {
+    let key = match crate::common::saga_key(&headers, BarrierOp::Compensation) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let fault = s.faults.take(&headers);
     if fault == Some(Fault::Unavailable) {
@@ -103,7 +101,8 @@ async fn release(State(s): State<Arc<Inventory>>, headers: HeaderMap, Path(order
 }
 
 async fn stock(State(s): State<Arc<Inventory>>) -> Response {
-    let rows: Result<Vec<(String, String, i64, i64, i64)>, sqlx::Error> = crate::with_db!(&s.north, |p, _m| {
+    type Row = (String, String, i64, i64, i64);
+    let rows: Result<Vec<Row>, sqlx::Error> = crate::with_db!(&s.north, |p, _m| {
         sqlx::query_as("SELECT warehouse, sku, on_hand, reserved, shipped FROM stock ORDER BY sku")
             .fetch_all(p)
             .await

@@ -53,15 +53,28 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
         spawn_relay(&north, Arc::clone(&broker), stop.clone()),
         spawn_relay(&south, Arc::clone(&broker), stop.clone()),
     ];
+    // The participants have pools of their own: a phase 2 must never wait behind the requests
+    // that wait on the rows its prepared transaction holds.
     let participants = [
-        (NORTH, participant(&north, NORTH, &client).await?),
-        (SOUTH, participant(&south, SOUTH, &client).await?),
+        (
+            NORTH,
+            participant(&Db::connect(&c.database_url).await?, NORTH, &client).await?,
+        ),
+        (
+            SOUTH,
+            participant(&Db::connect(&args.south_database_url).await?, SOUTH, &client).await?,
+        ),
     ];
     let dup = DuplicateDeliveries {
         percent: args.duplicate_deliveries,
         seed: c.seed,
     };
-    let shipping = tokio::spawn(ship_orders(north.clone(), EventStoreBroker::new(client.clone()), dup, stop.clone()));
+    let shipping = tokio::spawn(ship_orders(
+        north.clone(),
+        EventStoreBroker::new(client.clone()),
+        dup,
+        stop.clone(),
+    ));
     let state = Arc::new(http::Inventory {
         north,
         faults: c.faults(),

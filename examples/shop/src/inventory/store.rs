@@ -70,12 +70,7 @@ fn level_message(level: &StockLevel) -> concord_sdk::broker::BrokerMessage {
     );
     m.headers.insert("type".into(), STOCK_CHANGED.into());
     // The id names the change itself, so a consumer's inbox recognises it whatever the relay does.
-    m.id = crate::common::derived_id(&[
-        STOCK_CHANGED,
-        &level.warehouse,
-        &level.sku,
-        &level.version.to_string(),
-    ]);
+    m.id = crate::common::derived_id(&[STOCK_CHANGED, &level.warehouse, &level.sku, &level.version.to_string()]);
     m
 }
 
@@ -215,6 +210,7 @@ crate::per_backend! {
         let Some(mut tx) = inbox::begin(pool, "inventory-shipping", message_id).await? else {
             return Ok(false);
         };
+        bound_lock_wait(&mut tx).await?;
         let rows = sqlx::query("SELECT sku, warehouse, qty FROM reservations WHERE order_id = $1 AND state = 'reserved'")
             .bind(order_id)
             .fetch_all(&mut *tx)

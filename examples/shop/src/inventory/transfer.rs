@@ -15,17 +15,25 @@ fn parse(warehouse: &str, payload: &Value) -> Result<(Transfer, Side), WorkError
     Ok((t, side))
 }
 
-async fn record(conn: &mut SqliteConnection, xid: &Xid, warehouse: &str, t: &Transfer, side: Side) -> Result<(), sqlx::Error> {
+async fn record(
+    conn: &mut SqliteConnection,
+    xid: &Xid,
+    warehouse: &str,
+    t: &Transfer,
+    side: Side,
+) -> Result<(), sqlx::Error> {
     let direction = if side == Side::Source { "out" } else { "in" };
-    sqlx::query("INSERT INTO transfers (xid, warehouse, sku, qty, direction, state) VALUES ($1, $2, $3, $4, $5, 'held')")
-        .bind(xid.as_str())
-        .bind(warehouse)
-        .bind(&t.sku)
-        .bind(t.qty)
-        .bind(direction)
-        .execute(conn)
-        .await
-        .map(drop)
+    sqlx::query(
+        "INSERT INTO transfers (xid, warehouse, sku, qty, direction, state) VALUES ($1, $2, $3, $4, $5, 'held')",
+    )
+    .bind(xid.as_str())
+    .bind(warehouse)
+    .bind(&t.sku)
+    .bind(t.qty)
+    .bind(direction)
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 async fn set_state(conn: &mut SqliteConnection, xid: &Xid, warehouse: &str, state: &str) -> Result<(), sqlx::Error> {
@@ -52,15 +60,24 @@ impl concord_sdk::tx::sqlite::ReservationWork for SqliteSide {
                 .await
                 .map_err(WorkError::failed)?;
             if held.is_none() {
-                return Err(WorkError::refused(format!("{} has fewer than {} {}", self.warehouse, t.qty, t.sku)));
+                return Err(WorkError::refused(format!(
+                    "{} has fewer than {} {}",
+                    self.warehouse, t.qty, t.sku
+                )));
             }
         }
-        record(conn, xid, &self.warehouse, &t, side).await.map_err(WorkError::failed)
+        record(conn, xid, &self.warehouse, &t, side)
+            .await
+            .map_err(WorkError::failed)
     }
 
     async fn apply(&self, conn: &mut SqliteConnection, xid: &Xid, payload: &Value) -> Result<(), BoxError> {
         let (t, side) = parse(&self.warehouse, payload).map_err(|e| e.to_string())?;
-        let deltas = if side == Side::Source { [0, 0, 0, -t.qty] } else { [t.qty, 0, 0, 0] };
+        let deltas = if side == Side::Source {
+            [0, 0, 0, -t.qty]
+        } else {
+            [t.qty, 0, 0, 0]
+        };
         on_sqlite::change(conn, &self.warehouse, &t.sku, deltas)
             .await?
             .ok_or("the held units are gone")?;
@@ -90,22 +107,31 @@ impl concord_sdk::tx::postgres::PreparedWork for PgSide {
     async fn run(&self, conn: &mut PgConnection, xid: &Xid, payload: &Value) -> Result<(), WorkError> {
         let (t, side) = parse(&self.warehouse, payload)?;
         sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *conn).await?;
-        let deltas = if side == Side::Source { [-t.qty, 0, 0, 0] } else { [t.qty, 0, 0, 0] };
+        let deltas = if side == Side::Source {
+            [-t.qty, 0, 0, 0]
+        } else {
+            [t.qty, 0, 0, 0]
+        };
         let changed = on_pg::change(conn, &self.warehouse, &t.sku, deltas)
             .await
             .map_err(WorkError::failed)?;
         if changed.is_none() {
-            return Err(WorkError::refused(format!("{} has fewer than {} {}", self.warehouse, t.qty, t.sku)));
+            return Err(WorkError::refused(format!(
+                "{} has fewer than {} {}",
+                self.warehouse, t.qty, t.sku
+            )));
         }
         let direction = if side == Side::Source { "out" } else { "in" };
-        sqlx::query("INSERT INTO transfers (xid, warehouse, sku, qty, direction, state) VALUES ($1, $2, $3, $4, $5, 'applied')")
-            .bind(xid.as_str())
-            .bind(&self.warehouse)
-            .bind(&t.sku)
-            .bind(t.qty)
-            .bind(direction)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "INSERT INTO transfers (xid, warehouse, sku, qty, direction, state) VALUES ($1, $2, $3, $4, $5, 'applied')",
+        )
+        .bind(xid.as_str())
+        .bind(&self.warehouse)
+        .bind(&t.sku)
+        .bind(t.qty)
+        .bind(direction)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 }

@@ -65,7 +65,9 @@ impl Orders {
             }])
             .await?
             .pop()
-            .ok_or(OrderError::Concord(ClientError::Config("the vault answered no token".into())))?;
+            .ok_or(OrderError::Concord(ClientError::Config(
+                "the vault answered no token".into(),
+            )))?;
         let placed = Placed {
             order_id: order_id.clone(),
             customer: cmd.customer.clone(),
@@ -80,7 +82,11 @@ impl Orders {
             data: serde_json::to_value(&placed).unwrap_or(Value::Null),
             metadata: None,
         };
-        match self.concord.append(&stream(&order_id), ExpectedVersion::NoStream, vec![event]).await {
+        match self
+            .concord
+            .append(&stream(&order_id), ExpectedVersion::NoStream, vec![event])
+            .await
+        {
             Ok(_) => {}
             Err(e) if e.code() == Some(ErrorCode::WrongExpectedVersion) => {
                 // Placed by an earlier try of this request: go on with the stored order.
@@ -177,7 +183,11 @@ impl Orders {
                 .await
             {
                 Ok(_) => {
-                    let status = if kind == domain::CONFIRMED { "confirmed" } else { "rejected" };
+                    let status = if kind == domain::CONFIRMED {
+                        "confirmed"
+                    } else {
+                        "rejected"
+                    };
                     return Ok(json!({ "order_id": order_id, "status": status }));
                 }
                 Err(e) if e.code() == Some(ErrorCode::WrongExpectedVersion) => {}

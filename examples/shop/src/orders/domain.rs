@@ -4,7 +4,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The shop's catalogue: sku and unit price in cents.
-pub const CATALOG: &[(&str, i64)] = &[("apple", 120), ("pear", 90), ("plum", 250), ("fig", 400), ("rare-tea", 1_500)];
+pub const CATALOG: &[(&str, i64)] = &[
+    ("apple", 120),
+    ("pear", 90),
+    ("plum", 250),
+    ("fig", 400),
+    ("rare-tea", 1_500),
+];
 
 /// Limits of one order.
 pub const MAX_ITEMS: usize = 10;
@@ -54,7 +60,10 @@ impl PlaceOrder {
     pub fn validate(&self) -> Result<i64, Invalid> {
         let customer_ok = !self.customer.is_empty()
             && self.customer.len() <= MAX_CUSTOMER_LEN
-            && self.customer.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            && self
+                .customer
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !customer_ok {
             return Err(Invalid::Customer);
         }
@@ -222,13 +231,17 @@ mod tests {
             cmd(vec![line("kiwi", 1)], "4242424242424242").validate(),
             Err(Invalid::Sku("kiwi".into()))
         );
-        assert_eq!(cmd(vec![line("apple", 9)], "4242424242424242").validate(), Err(Invalid::Qty));
+        assert_eq!(
+            cmd(vec![line("apple", 9)], "4242424242424242").validate(),
+            Err(Invalid::Qty)
+        );
         assert_eq!(cmd(vec![line("apple", 1)], "4242-4242").validate(), Err(Invalid::Card));
     }
 
     #[test]
     fn the_state_is_folded_from_the_stream_and_transitions_are_idempotent() {
-        let placed = json!({"order_id": "o1", "customer": "c", "items": [], "total": 5, "card_token": "t", "request": "r"});
+        let placed =
+            json!({"order_id": "o1", "customer": "c", "items": [], "total": 5, "card_token": "t", "request": "r"});
         let confirmed = json!({});
         let order = Order::fold([(PLACED, &placed)]).unwrap();
         assert_eq!(order.status, Status::Placed);
@@ -236,7 +249,10 @@ mod tests {
         let order = Order::fold([(PLACED, &placed), (CONFIRMED, &confirmed)]).unwrap();
         assert_eq!(order.version, 2);
         assert_eq!(decide(&order, Transition::Confirm), Decision::Already);
-        assert_eq!(decide(&order, Transition::Reject), Decision::Conflict(Status::Confirmed));
+        assert_eq!(
+            decide(&order, Transition::Reject),
+            Decision::Conflict(Status::Confirmed)
+        );
         assert!(Order::fold([(CONFIRMED, &confirmed)]).is_none());
     }
 }

@@ -27,7 +27,10 @@ pub fn router(orders: Arc<Orders>, idempotency: IdempotencyLayer, token: String)
         .route("/orders/{id}/saga/confirm", post(confirm))
         .route("/orders/{id}/saga/reject", post(reject))
         .with_state(orders)
-        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::common::require_token,
+        ))
         .route("/health", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(crate::trace_layer))
 }
@@ -38,12 +41,18 @@ fn answer(result: Result<Value, OrderError>) -> Response {
         Err(OrderError::Invalid(e)) => problem(StatusCode::BAD_REQUEST, "invalid_order", e.to_string()),
         Err(OrderError::NotFound(id)) => problem(StatusCode::NOT_FOUND, "order_not_found", format!("no order {id}")),
         Err(e @ OrderError::Conflict(_)) => problem(StatusCode::CONFLICT, "order_conflict", e.to_string()),
-        Err(e @ OrderError::KeyReused) => problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string()),
+        Err(e @ OrderError::KeyReused) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            e.to_string(),
+        ),
         Err(OrderError::Concord(e)) => match e.status() {
             // The caller's own mistake as Concord judged it (the vault refusing the card, say).
-            Some(s @ 400..=499) if !matches!(s, 401 | 403 | 408 | 429) => {
-                problem(StatusCode::BAD_REQUEST, "invalid_order", "the order was refused by the platform")
-            }
+            Some(s @ 400..=499) if !matches!(s, 401 | 403 | 408 | 429) => problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_order",
+                "the order was refused by the platform",
+            ),
             _ => internal("concord call failed", &e),
         },
     }
@@ -61,7 +70,11 @@ async fn place(State(orders): State<Arc<Orders>>, headers: HeaderMap, body: axum
         .get(concord_sdk::barrier::IDEMPOTENCY_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
     else {
-        return problem(StatusCode::BAD_REQUEST, "idempotency_key_missing", "Idempotency-Key is required");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_missing",
+            "Idempotency-Key is required",
+        );
     };
     let faults = headers
         .get(FAULTS_HEADER)
@@ -79,7 +92,12 @@ async fn view(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> Resp
 }
 
 async fn open(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> Response {
-    answer(orders.load(&id).await.map(|o| serde_json::json!({ "order_id": o.placed.order_id })))
+    answer(
+        orders
+            .load(&id)
+            .await
+            .map(|o| serde_json::json!({ "order_id": o.placed.order_id })),
+    )
 }
 
 async fn confirm(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> Response {
@@ -87,5 +105,9 @@ async fn confirm(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> R
 }
 
 async fn reject(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> Response {
-    answer(orders.transition(&id, Transition::Reject, Some("the place-order saga was compensated")).await)
+    answer(
+        orders
+            .transition(&id, Transition::Reject, Some("the place-order saga was compensated"))
+            .await,
+    )
 }

@@ -38,7 +38,9 @@ pub async fn run(args: OrdersArgs, shutdown: impl Future<Output = ()> + Send + '
         }
         Db::Pg(p) => {
             concord_sdk::idempotency::postgres::ensure_schema(p).await?;
-            Arc::new(concord_sdk::idempotency::postgres::PostgresIdempotencyStore::new(p.clone()))
+            Arc::new(concord_sdk::idempotency::postgres::PostgresIdempotencyStore::new(
+                p.clone(),
+            ))
         }
     };
     let config = IdempotencyConfig::default()

@@ -28,7 +28,10 @@ pub fn router(state: Arc<Payments>, token: String) -> Router {
         .route("/charges", post(charge))
         .route("/charges/{order_id}/refund", post(refund))
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::common::require_token,
+        ))
         .route("/health", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(crate::trace_layer))
 }
@@ -38,15 +41,6 @@ struct Charge {
     order_id: String,
     amount: i64,
     card_token: String,
-}
-
-fn barrier_key(headers: &HeaderMap, op: BarrierOp) -> Result<BarrierKey, Response> {
-    let key = BarrierKey::from_headers(headers).map_err(|e| problem(e.http_status(), "bad_saga_call", e.to_string()))?;
-    if key.op() == op {
-        Ok(key)
-    } else {
-        Err(problem(StatusCode::BAD_REQUEST, "bad_saga_call", "this route takes the other operation"))
-    }
 }
 
 macro_rules! on_db {
@@ -63,12 +57,16 @@ macro_rules! on_db {
 /// with the order's own idempotency key, and the barrier is entered for good after it. A refund
 /// that slipped in between is caught there, and the fresh charge is given back at once.
 async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match barrier_key(&headers, BarrierOp::Action) {
+    let key = match crate::common::saga_key(&headers, BarrierOp::Action) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the body is {order_id, amount, card_token}");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_charge",
+            "the body is {order_id, amount, card_token}",
+        );
     };
     if cmd.amount <= 0 {
         return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the amount is positive");
@@ -90,7 +88,9 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
         match on_db!(&s.db, peek(key)) {
             Ok(Gate::Open) => {}
             Ok(Gate::Done(output)) => return ok(output),
-            Ok(Gate::Refused) => return problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded"),
+            Ok(Gate::Refused) => {
+                return problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded");
+            }
             Err(e) => return internal("the barrier failed", &e),
         }
     }
@@ -117,7 +117,11 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
         Ok(Gate::Open) => ok(json!({ "order_id": cmd.order_id, "charge_id": charge_id, "amount": cmd.amount })),
         Ok(Gate::Refused) => {
             // Refunded while the provider was charging: give the money back now.
-            if let Err(e) = s.provider.refund(&format!("refund-{}", cmd.order_id), &cmd.order_id).await {
+            if let Err(e) = s
+                .provider
+                .refund(&format!("refund-{}", cmd.order_id), &cmd.order_id)
+                .await
+            {
                 return internal("the provider failed", &e);
             }
             problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded")
@@ -129,9 +133,9 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
 /// Refunds whatever the order has captured at the provider. The barrier row comes first, so a
 /// charge still on its way is refused (or refunds itself, above).
 async fn refund(State(s): State<Arc<Payments>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
-    let key = match barrier_key(&headers, BarrierOp::Compensation) {
+    let key = match crate::common::saga_key(&headers, BarrierOp::Compensation) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let fault = s.faults.take(&headers);
     if fault == Some(Fault::Unavailable) {

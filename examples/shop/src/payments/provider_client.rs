@@ -45,7 +45,10 @@ impl ProviderClient {
         if let Some(tp) = concord_sdk::trace::traceparent() {
             request = request.header("traceparent", tp);
         }
-        let response = request.send().await.map_err(|e| ProviderError(e.without_url().to_string()))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ProviderError(e.without_url().to_string()))?;
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         Ok((status, body))
@@ -77,7 +80,10 @@ impl ProviderClient {
     /// # Errors
     /// The provider unreachable or failing.
     pub async fn refund(&self, idempotency_key: &str, order_id: &str) -> Result<i64, ProviderError> {
-        match self.post("/v1/refunds", idempotency_key, json!({ "order_id": order_id })).await? {
+        match self
+            .post("/v1/refunds", idempotency_key, json!({ "order_id": order_id }))
+            .await?
+        {
             (200, b) => Ok(b["refunded"].as_i64().unwrap_or(0)),
             (status, b) => Err(ProviderError(format!("{status}: {}", b["code"]))),
         }

@@ -68,20 +68,30 @@ pub async fn run(args: ProviderArgs, shutdown: impl Future<Output = ()> + Send +
         .route("/v1/charges", post(charge))
         .route("/v1/refunds", post(refund))
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::common::require_token,
+        ))
         .route("/health", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(crate::trace_layer));
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     crate::common::serve("provider", listener, router, shutdown).await
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<String, Response> {
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
     headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty() && k.len() <= 200)
         .map(str::to_owned)
-        .ok_or_else(|| problem(StatusCode::BAD_REQUEST, "idempotency_key_missing", "Idempotency-Key is required"))
+}
+
+fn key_missing() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "idempotency_key_missing",
+        "Idempotency-Key of 1 to 200 bytes is required",
+    )
 }
 
 #[derive(Deserialize)]
@@ -102,7 +112,15 @@ async fn stored(db: &Db, key: &str) -> Result<Option<(String, i64)>, sqlx::Error
     })
 }
 
-async fn insert(db: &Db, key: &str, order_id: &str, kind: &str, amount: i64, last4: &str, status: &str) -> Result<(), sqlx::Error> {
+async fn insert(
+    db: &Db,
+    key: &str,
+    order_id: &str,
+    kind: &str,
+    amount: i64,
+    last4: &str,
+    status: &str,
+) -> Result<(), sqlx::Error> {
     crate::with_db!(db, |p, _m| {
         sqlx::query(
             "INSERT INTO ledger (idempotency_key, order_id, kind, amount, last4, status) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -129,12 +147,15 @@ fn charge_answer(key: &str, status: &str, amount: i64) -> Response {
 }
 
 async fn charge(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match idempotency_key(&headers) {
-        Ok(k) => k,
-        Err(r) => return r,
+    let Some(key) = idempotency_key(&headers) else {
+        return key_missing();
     };
     let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the body is {order_id, amount, card_token}");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid_charge",
+            "the body is {order_id, amount, card_token}",
+        );
     };
     match stored(&s.db, &key).await {
         Ok(Some((status, amount))) => return charge_answer(&key, &status, amount),
@@ -144,12 +165,29 @@ async fn charge(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::
     let card = match s.concord.detokenize(std::slice::from_ref(&cmd.card_token), false).await {
         Ok(mut items) => match items.pop().and_then(|i| i.value) {
             Some(card) => card,
-            None => return problem(StatusCode::UNPROCESSABLE_ENTITY, "unknown_card", "the token reveals no card"),
+            None => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_card",
+                    "the token reveals no card",
+                );
+            }
         },
         Err(e) => return internal("the vault failed", &e),
     };
-    let last4: String = card.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
-    let status = if card.ends_with(DECLINED_SUFFIX) { "declined" } else { "captured" };
+    let last4: String = card
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let status = if card.ends_with(DECLINED_SUFFIX) {
+        "declined"
+    } else {
+        "captured"
+    };
     drop(card);
     let _write = s.write.lock().await;
     if let Err(e) = insert(&s.db, &key, &cmd.order_id, "charge", cmd.amount, &last4, status).await {
@@ -169,9 +207,8 @@ struct Refund {
 
 /// Refunds what the order has captured and not yet refunded.
 async fn refund(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match idempotency_key(&headers) {
-        Ok(k) => k,
-        Err(r) => return r,
+    let Some(key) = idempotency_key(&headers) else {
+        return key_missing();
     };
     let Ok(cmd) = serde_json::from_slice::<Refund>(&body) else {
         return problem(StatusCode::BAD_REQUEST, "invalid_refund", "the body is {order_id}");

@@ -26,7 +26,10 @@ pub fn router(state: Arc<Query>, token: String) -> Router {
         .route("/orders/{id}", get(order))
         .route("/stock/{warehouse}/{sku}", get(stock))
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(token, crate::common::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::common::require_token,
+        ))
         .route("/health", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(crate::trace_layer))
 }
@@ -37,7 +40,10 @@ pub fn router(state: Arc<Query>, token: String) -> Router {
 /// The database's.
 pub async fn load_order(db: &Db, id: &str) -> Result<Option<(Value, u64)>, sqlx::Error> {
     let row = crate::with_db!(db, |p, _m| {
-        let sql = format!("SELECT order_id, customer, total, status, position FROM {} WHERE order_id = $1", super::ORDERS_VIEW);
+        let sql = format!(
+            "SELECT order_id, customer, total, status, position FROM {} WHERE order_id = $1",
+            super::ORDERS_VIEW
+        );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .fetch_optional(p)
@@ -92,7 +98,11 @@ pub async fn load_stock(db: &Db, warehouse: &str, sku: &str) -> Result<Option<(V
 async fn order(State(s): State<Arc<Query>>, Path(id): Path<String>) -> Response {
     match s.orders.get_or_load(&id, || load_order(&s.db, &id)).await {
         Ok(Some(v)) => ok(v),
-        Ok(None) => problem(StatusCode::NOT_FOUND, "order_not_found", "no such order in the read model"),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "order_not_found",
+            "no such order in the read model",
+        ),
         Err(e) => internal("reading the order failed", &e),
     }
 }
@@ -101,7 +111,11 @@ async fn stock(State(s): State<Arc<Query>>, Path((warehouse, sku)): Path<(String
     let key = stock_key(&warehouse, &sku);
     match s.stock.get_or_load(&key, || load_stock(&s.db, &warehouse, &sku)).await {
         Ok(Some(v)) => ok(v),
-        Ok(None) => problem(StatusCode::NOT_FOUND, "stock_not_found", "no such stock row in the read model"),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "stock_not_found",
+            "no such stock row in the read model",
+        ),
         Err(e) => internal("reading the stock failed", &e),
     }
 }

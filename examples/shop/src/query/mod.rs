@@ -143,7 +143,10 @@ async fn follow_stock(
 ) {
     let feed = cache.register_feed("stock changes");
     while !*stop.borrow() {
-        let mut consumer = match broker.subscribe(crate::inventory::domain::STOCK_TOPIC, "query-stock").await {
+        let mut consumer = match broker
+            .subscribe(crate::inventory::domain::STOCK_TOPIC, "query-stock")
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 feed.disconnected();

@@ -42,7 +42,9 @@ macro_rules! orders_view {
             }
 
             async fn apply(&self, conn: &mut $conn, table: &TableName, e: &SourceEvent) -> Result<(), BoxError> {
-                let Some(order_id) = e.stream.strip_prefix("order-") else { return Ok(()) };
+                let Some(order_id) = e.stream.strip_prefix("order-") else {
+                    return Ok(());
+                };
                 let position = i64::try_from(e.position)?;
                 let status = match e.event_type.as_str() {
                     domain::PLACED => {

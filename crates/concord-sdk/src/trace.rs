@@ -1,0 +1,329 @@
+//! W3C trace context across processes: the `traceparent` of the current span for outgoing work
+//! ([`traceparent`], [`inject`]; the [`Client`](crate::Client) and [`outbox::message`] send it),
+//! and the way back in: [`server_span`], the axum middleware that continues an incoming trace, and
+//! [`continue_from`] for a consumed message.
+//!
+//! Everything here goes through OpenTelemetry's context of `tracing` spans, so it only has an effect
+//! once the process installed a `tracing-opentelemetry` layer and the W3C propagator
+//! (`opentelemetry::global::set_text_map_propagator`, which the `concord` binary's telemetry does
+//! for every process it runs). Without them nothing is sent and incoming headers are not followed.
+//!
+//! [`outbox::message`]: crate::outbox::message
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use opentelemetry::Context;
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TraceContextExt as _;
+use tracing::Instrument as _;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The W3C trace context header (and the outbox message header) that carries the trace.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The W3C `traceparent` (version 00) of the current `tracing` span's OpenTelemetry context;
+/// `None` when there is no valid span context (no current span, or no OpenTelemetry layer).
+#[must_use]
+pub fn traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// The W3C `traceparent` of `span`'s OpenTelemetry context; `None` when it has none.
+#[must_use]
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let otel_span = cx.span();
+    let sc = otel_span.span_context();
+    sc.is_valid()
+        .then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+/// Sets `traceparent` in `headers` to the current span's ([`traceparent`]); leaves them alone when
+/// there is none.
+pub fn inject(headers: &mut HeaderMap) {
+    if let Some(value) = traceparent().and_then(|tp| HeaderValue::from_str(&tp).ok()) {
+        headers.insert(HeaderName::from_static(TRACEPARENT), value);
+    }
+}
+
+/// Makes `span` continue the trace that `traceparent` names (for example the header of a consumed
+/// outbox message), so the work done in it joins the producer's trace. Call it before the span is
+/// first entered; a malformed value leaves `span` where it was.
+pub fn continue_from(span: &tracing::Span, traceparent: &str) {
+    let parent = extract(&OneHeader(traceparent));
+    if parent.span().span_context().is_valid() {
+        // Fails only without an OpenTelemetry layer, where there is no trace to continue.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The HTTP method as a bounded label for spans and metrics: extension methods are client-chosen
+/// strings, so they fold into `OTHER`.
+#[must_use]
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Axum middleware: runs the request inside an `http` server span (`method`, `route`, `status`,
+/// `trace_id`; named `<METHOD> <route>`) whose parent is the trace in the request's `traceparent`
+/// header, or a new trace without one. The route is the `MatchedPath` template (`unmatched` when
+/// no route matched), never the raw path, so span names stay few. Use it with
+/// `axum::middleware::from_fn(server_span)` through `Router::layer`, where `MatchedPath` is known.
+pub async fn server_span(req: Request, next: Next) -> Response {
+    let method = method_label(req.method());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let name = format!("{method} {route}");
+    // `otel.*` fields are read by tracing-opentelemetry: the name and kind feed backends' service maps.
+    let span = tracing::info_span!(
+        "http",
+        method,
+        route,
+        status = Empty,
+        trace_id = Empty,
+        otel.kind = "server",
+        otel.name = name.as_str(),
+        otel.status_code = Empty
+    );
+
+    let parent = extract(&HeaderExtractor(req.headers()));
+    let incoming = parent.span().span_context().trace_id();
+    let incoming_valid = parent.span().span_context().is_valid();
+    // Always set, so a request without a traceparent starts its own trace instead of joining
+    // whatever span happens to be current. Fails only without an OpenTelemetry layer.
+    let _ = span.set_parent(parent);
+    let own = span.context().span().span_context().clone();
+    if own.is_valid() {
+        span.record("trace_id", own.trace_id().to_string());
+    } else if incoming_valid {
+        // No tracer here: the incoming trace id still lets logs be matched with the caller's.
+        span.record("trace_id", incoming.to_string());
+    }
+
+    let response = next.run(req).instrument(span.clone()).await;
+
+    span.record("status", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
+}
+
+/// The remote context in `carrier` on top of an empty context: `extract` alone builds on the current
+/// OpenTelemetry context, which would make a request without a traceparent join whatever span is
+/// active where the middleware runs.
+fn extract(carrier: &dyn Extractor) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract_with_context(&Context::new(), carrier))
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct OneHeader<'a>(&'a str);
+
+impl Extractor for OneHeader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        key.eq_ignore_ascii_case(TRACEPARENT).then_some(self.0)
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::get;
+    use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+    use tower::ServiceExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// A tracer that keeps finished spans in memory, installed for the current thread only.
+    struct Traced {
+        exporter: InMemorySpanExporter,
+        _provider: SdkTracerProvider,
+        _default: tracing::subscriber::DefaultGuard,
+    }
+
+    impl Traced {
+        fn install() -> Self {
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+            Self {
+                exporter,
+                _provider: provider,
+                _default: tracing::subscriber::set_default(subscriber),
+            }
+        }
+
+        fn span(&self, name: &str) -> SpanData {
+            let spans = self.exporter.get_finished_spans().unwrap();
+            spans
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no span {name:?} among {spans:#?}"))
+        }
+    }
+
+    /// A router behind `server_span`: `/health` answers, as its `status`, the traceparent it was
+    /// sent (`none` without one), so a test sees what the sdk `Client` put on the wire.
+    fn echo() -> Router {
+        Router::new()
+            .route(
+                "/health",
+                get(|headers: HeaderMap| async move {
+                    let tp = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).unwrap_or("none");
+                    axum::Json(serde_json::json!({ "status": tp }))
+                }),
+            )
+            .route("/items/{n}", get(|| async { "item" }))
+            .layer(axum::middleware::from_fn(server_span))
+    }
+
+    /// Serves `echo()` on a free port; a client of it.
+    async fn serve() -> crate::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, echo()).await.unwrap() });
+        crate::Client::new(url, "k1").unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_client_sends_the_current_span_and_server_span_continues_it() {
+        let traced = Traced::install();
+        let client = serve().await;
+
+        let order = tracing::info_span!("place order");
+        let sent = client.health().instrument(order.clone()).await.unwrap().status;
+        let order_tp = traceparent_of(&order).unwrap();
+        drop(order);
+
+        assert_eq!(sent, order_tp, "the client sends the span it was called in");
+        let order = traced.span("place order");
+        let server = traced.span("GET /health");
+        assert_eq!(server.span_context.trace_id(), order.span_context.trace_id());
+        assert_eq!(server.parent_span_id, order.span_context.span_id());
+        assert_eq!(server.span_kind, SpanKind::Server);
+        assert!(server.parent_span_is_remote);
+        let status = server.attributes.iter().find(|kv| kv.key.as_str() == "status");
+        assert_eq!(status.map(|kv| kv.value.to_string()), Some("200".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn server_span_continues_an_incoming_traceparent() {
+        let traced = Traced::install();
+        let req = Request::builder()
+            .uri("/items/7")
+            .header(TRACEPARENT, INCOMING)
+            .body(Body::empty())
+            .unwrap();
+        let res = echo().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+
+        let server = traced.span("GET /items/{n}");
+        assert_eq!(
+            server.span_context.trace_id(),
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(server.parent_span_id, SpanId::from_hex("00f067aa0ba902b7").unwrap());
+        let trace_id = server.attributes.iter().find(|kv| kv.key.as_str() == "trace_id");
+        assert_eq!(
+            trace_id.map(|kv| kv.value.to_string()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_without_traceparent_starts_a_trace_of_its_own() {
+        let traced = Traced::install();
+        let outer = tracing::info_span!("outer");
+        let req = Request::builder().uri("/nowhere").body(Body::empty()).unwrap();
+        let res = echo().oneshot(req).instrument(outer.clone()).await.unwrap();
+        assert_eq!(res.status(), 404);
+        drop(outer);
+
+        let server = traced.span("GET unmatched");
+        assert_eq!(server.parent_span_id, SpanId::INVALID);
+        assert_ne!(
+            server.span_context.trace_id(),
+            traced.span("outer").span_context.trace_id()
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_tracer_nothing_is_sent() {
+        let client = serve().await;
+        let span = tracing::info_span!("untraced");
+        assert_eq!(traceparent_of(&span), None);
+        let sent = client.health().instrument(span.clone()).await.unwrap().status;
+        assert_eq!(sent, "none");
+        span.in_scope(|| {
+            let mut headers = HeaderMap::new();
+            inject(&mut headers);
+            assert!(headers.is_empty(), "{headers:?}");
+            assert!(
+                crate::outbox::message("t", "k", serde_json::json!({}))
+                    .headers
+                    .is_empty()
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn outbox_messages_carry_the_trace_and_consumers_continue_it() {
+        let traced = Traced::install();
+        let produce = tracing::info_span!("produce");
+        let message = produce.in_scope(|| crate::outbox::message("stock", "apple", serde_json::json!({})));
+        assert_eq!(message.headers.get(TRACEPARENT), traceparent_of(&produce).as_ref());
+        drop(produce);
+
+        let consume = tracing::info_span!("consume");
+        continue_from(&consume, &message.headers[TRACEPARENT]);
+        drop(consume);
+        let (produce, consume) = (traced.span("produce"), traced.span("consume"));
+        assert_eq!(consume.span_context.trace_id(), produce.span_context.trace_id());
+        assert_eq!(consume.parent_span_id, produce.span_context.span_id());
+
+        let lost = tracing::info_span!("lost");
+        continue_from(&lost, "not a traceparent");
+        drop(lost);
+        assert_eq!(traced.span("lost").parent_span_id, SpanId::INVALID);
+    }
+}
