@@ -179,6 +179,16 @@ async fn drop_databases(base: &str, names: &[String]) {
     admin.close().await;
 }
 
+/// Deletes the JetStream streams of this run (their consumers go with them).
+async fn drop_streams(url: &str, prefix: &str) {
+    let Ok(client) = async_nats::connect(url).await else { return };
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("{prefix}_{}", crate::inventory::domain::STOCK_TOPIC);
+    if let Err(e) = js.delete_stream(&stream).await {
+        eprintln!("could not delete stream {stream}: {e}");
+    }
+}
+
 /// Runs the demo; the caller prints the report and exits non-zero unless it passed.
 ///
 /// # Errors
@@ -205,6 +215,9 @@ pub async fn run(args: DemoArgs, exe: PathBuf) -> anyhow::Result<Outcome> {
     let result = run_in(&args, &layout, &dbs, &run_id, started).await;
     if let Some(base) = &args.postgres {
         drop_databases(base, &dbs.created).await;
+    }
+    if let Some(nats) = &args.nats {
+        drop_streams(nats, &format!("DEMO_{run_id}")).await;
     }
     drop(temp);
     result
