@@ -216,6 +216,34 @@ pub fn saga_key(
     }
 }
 
+/// Serves one saga call: checks its barrier key is for `op`, injects the fault the call asks for
+/// (a 503 before any work, or a late answer after it), and otherwise answers what `work` does
+/// with the key.
+pub async fn saga_call<F, Fut>(
+    faults: &Faults,
+    headers: &HeaderMap,
+    op: concord_sdk::barrier::BarrierOp,
+    work: F,
+) -> Response
+where
+    F: FnOnce(concord_sdk::barrier::BarrierKey) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let key = match saga_key(headers, op) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    let fault = faults.take(headers);
+    if fault == Some(Fault::Unavailable) {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
+    }
+    let answer = work(key).await;
+    if fault == Some(Fault::SlowAnswer) {
+        faults.answer_late().await;
+    }
+    answer
+}
+
 /// A 200 JSON answer.
 pub fn ok(body: Value) -> Response {
     (StatusCode::OK, Json(body)).into_response()

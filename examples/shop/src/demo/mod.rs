@@ -181,7 +181,9 @@ async fn drop_databases(base: &str, names: &[String]) {
 
 /// Deletes the JetStream streams of this run (their consumers go with them).
 async fn drop_streams(url: &str, prefix: &str) {
-    let Ok(client) = async_nats::connect(url).await else { return };
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
     let js = async_nats::jetstream::new(client);
     let stream = format!("{prefix}_{}", crate::inventory::domain::STOCK_TOPIC);
     if let Err(e) = js.delete_stream(&stream).await {

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::domain::Reserve;
 use super::store::{self, Reserved};
-use crate::common::{Db, Fault, Faults, internal, ok, problem};
+use crate::common::{Db, Faults, internal, ok, problem, saga_call};
 
 pub struct Inventory {
     pub north: Db,
@@ -48,56 +48,42 @@ pub fn router(
 }
 
 async fn reserve(State(s): State<Arc<Inventory>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match crate::common::saga_key(&headers, BarrierOp::Action) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
-    let Ok(cmd) = serde_json::from_slice::<Reserve>(&body) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_reservation",
-            "the body is {order_id, items}",
-        );
-    };
-    let fault = s.faults.take(&headers);
-    if fault == Some(Fault::Unavailable) {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
-    }
-    let result = match &s.north {
-        Db::Sqlite(p) => store::on_sqlite::reserve(p, &key, &cmd).await,
-        Db::Pg(p) => store::on_pg::reserve(p, &key, &cmd).await,
-    };
-    if fault == Some(Fault::SlowAnswer) {
-        s.faults.answer_late().await;
-    }
-    match result {
-        Ok(Reserved::Done(output)) => ok(output),
-        Ok(Reserved::OutOfStock(sku)) => problem(StatusCode::CONFLICT, "out_of_stock", format!("not enough {sku}")),
-        Ok(Reserved::Refused) => problem(StatusCode::CONFLICT, "already_compensated", "the step was compensated"),
-        Err(e) => internal("reservation failed", &e),
-    }
+    let s = &*s;
+    saga_call(&s.faults, &headers, BarrierOp::Action, |key| async move {
+        let Ok(cmd) = serde_json::from_slice::<Reserve>(&body) else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_reservation",
+                "the body is {order_id, items}",
+            );
+        };
+        let result = match &s.north {
+            Db::Sqlite(p) => store::on_sqlite::reserve(p, &key, &cmd).await,
+            Db::Pg(p) => store::on_pg::reserve(p, &key, &cmd).await,
+        };
+        match result {
+            Ok(Reserved::Done(output)) => ok(output),
+            Ok(Reserved::OutOfStock(sku)) => problem(StatusCode::CONFLICT, "out_of_stock", format!("not enough {sku}")),
+            Ok(Reserved::Refused) => problem(StatusCode::CONFLICT, "already_compensated", "the step was compensated"),
+            Err(e) => internal("reservation failed", &e),
+        }
+    })
+    .await
 }
 
 async fn release(State(s): State<Arc<Inventory>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
-    let key = match crate::common::saga_key(&headers, BarrierOp::Compensation) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
-    let fault = s.faults.take(&headers);
-    if fault == Some(Fault::Unavailable) {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
-    }
-    let result = match &s.north {
-        Db::Sqlite(p) => store::on_sqlite::release(p, &key, &order_id).await,
-        Db::Pg(p) => store::on_pg::release(p, &key, &order_id).await,
-    };
-    if fault == Some(Fault::SlowAnswer) {
-        s.faults.answer_late().await;
-    }
-    match result {
-        Ok(v) => ok(v),
-        Err(e) => internal("release failed", &e),
-    }
+    let s = &*s;
+    saga_call(&s.faults, &headers, BarrierOp::Compensation, |key| async move {
+        let result = match &s.north {
+            Db::Sqlite(p) => store::on_sqlite::release(p, &key, &order_id).await,
+            Db::Pg(p) => store::on_pg::release(p, &key, &order_id).await,
+        };
+        match result {
+            Ok(v) => ok(v),
+            Err(e) => internal("release failed", &e),
+        }
+    })
+    .await
 }
 
 async fn stock(State(s): State<Arc<Inventory>>) -> Response {

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::provider_client::{Charged, ProviderClient};
 use super::store::{self, Gate};
-use crate::common::{Db, Fault, Faults, internal, ok, problem};
+use crate::common::{Db, Faults, internal, ok, problem, saga_call};
 
 pub struct Payments {
     pub db: Db,
@@ -57,29 +57,21 @@ macro_rules! on_db {
 /// with the order's own idempotency key, and the barrier is entered for good after it. A refund
 /// that slipped in between is caught there, and the fresh charge is given back at once.
 async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let key = match crate::common::saga_key(&headers, BarrierOp::Action) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
-    let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "invalid_charge",
-            "the body is {order_id, amount, card_token}",
-        );
-    };
-    if cmd.amount <= 0 {
-        return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the amount is positive");
-    }
-    let fault = s.faults.take(&headers);
-    if fault == Some(Fault::Unavailable) {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
-    }
-    let answer = charge_once(&s, key, &cmd).await;
-    if fault == Some(Fault::SlowAnswer) {
-        s.faults.answer_late().await;
-    }
-    answer
+    let s = &*s;
+    saga_call(&s.faults, &headers, BarrierOp::Action, |key| async move {
+        let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_charge",
+                "the body is {order_id, amount, card_token}",
+            );
+        };
+        if cmd.amount <= 0 {
+            return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the amount is positive");
+        }
+        charge_once(s, key, &cmd).await
+    })
+    .await
 }
 
 async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
@@ -133,14 +125,14 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
 /// Refunds whatever the order has captured at the provider. The barrier row comes first, so a
 /// charge still on its way is refused (or refunds itself, above).
 async fn refund(State(s): State<Arc<Payments>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
-    let key = match crate::common::saga_key(&headers, BarrierOp::Compensation) {
-        Ok(k) => k,
-        Err(r) => return *r,
-    };
-    let fault = s.faults.take(&headers);
-    if fault == Some(Fault::Unavailable) {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
-    }
+    let s = &*s;
+    saga_call(&s.faults, &headers, BarrierOp::Compensation, |key| {
+        refund_once(s, key, order_id)
+    })
+    .await
+}
+
+async fn refund_once(s: &Payments, key: BarrierKey, order_id: String) -> Response {
     if !s.unsafe_skip_barrier
         && let Err(e) = on_db!(&s.db, enter_refund(&key))
     {
@@ -152,9 +144,6 @@ async fn refund(State(s): State<Arc<Payments>>, headers: HeaderMap, Path(order_i
     };
     if let Err(e) = on_db!(&s.db, mark_refunded(&order_id)) {
         return internal("recording the refund failed", &e);
-    }
-    if fault == Some(Fault::SlowAnswer) {
-        s.faults.answer_late().await;
     }
     ok(json!({ "order_id": order_id, "refunded": refunded }))
 }
