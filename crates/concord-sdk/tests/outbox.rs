@@ -547,3 +547,37 @@ async fn the_pg_outbox_handle_wakes_a_relay_that_does_not_poll_and_batches_claim
     assert_eq!(fresh.into_iter().collect::<Vec<_>>(), vec![ids[2]], "only the new one");
     tx.commit().await.unwrap();
 }
+
+/// A service that is both a 2PC participant and an outbox writer restarts with a transaction
+/// left prepared, which holds a lock on the outbox until its phase 2; setting up the schema must
+/// not wait on it (the recovery that would end it runs in that same service).
+#[tokio::test]
+async fn ensure_schema_does_not_wait_on_a_prepared_transaction_that_enqueued_pg() {
+    let Some(pg) = env("CONCORD_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let pool = scratch_pg(&pg).await;
+    outbox::postgres::ensure_schema(&pool).await.unwrap();
+    let gid = format!("outbox-schema-{}", uuid::Uuid::new_v4().simple());
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+    outbox::postgres::enqueue(
+        &mut conn,
+        &outbox::message("t", "k", json!({})),
+        &OutboxLimits::default(),
+    )
+    .await
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{gid}'")))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let again = tokio::time::timeout(Duration::from_secs(5), outbox::postgres::ensure_schema(&pool)).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ROLLBACK PREPARED '{gid}'")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(again.is_ok(), "ensure_schema waited on the prepared transaction's lock");
+    again.unwrap().unwrap();
+}

@@ -82,7 +82,10 @@ pub fn definition(p: &Participants) -> Value {
             {
                 "name": "confirm",
                 "action": call(format!("{}/orders/{id}/saga/confirm", p.orders_url), t, None, None),
-                "retry": retry,
+                // The pivot: once stock is held and the card charged, the order is confirmed,
+                // retried for as long as it takes rather than left uncertain (it has no compensation,
+                // and its append may have landed).
+                "retry": { "max_attempts": 100, "backoff_ms": 200, "max_backoff_ms": 2_000 },
                 "timeout_ms": p.timeout_ms,
             },
         ],

@@ -51,11 +51,23 @@ CREATE TABLE IF NOT EXISTS concord_outbox_dead (
 DROP TRIGGER IF EXISTS concord_outbox_notify ON concord_outbox;
 ";
 
-/// Creates the outbox's tables if they are missing (concurrent callers are serialized).
+/// Creates the outbox's tables if they are missing (concurrent callers are serialized). When
+/// they are there already it only reads the catalog: the DDL would wait for a lock on the
+/// outbox, and a prepared transaction that enqueued a message holds one until its phase 2, which
+/// may need this very service to start and settle it.
 ///
 /// # Errors
 /// The database's.
 pub async fn ensure_schema(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let present: bool = sqlx::query_scalar(
+        "SELECT to_regclass('concord_outbox_dead') IS NOT NULL AND to_regclass('concord_outbox_key') IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'concord_outbox_notify')",
+    )
+    .fetch_one(pool)
+    .await?;
+    if present {
+        return Ok(());
+    }
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(3214, 1)")
         .execute(&mut *tx)

@@ -31,8 +31,10 @@ pub struct Sources<'a> {
     pub files: Vec<PathBuf>,
     /// PostgreSQL databases to read every row of (the scale-out shape).
     pub pg_databases: Vec<(String, Db)>,
-    /// The broker the stock changes went through, when it is not the event store.
+    /// The broker the stock changes went through, when it is not the event store, with the
+    /// JetStream server and stream that hold them (to know how many there are).
     pub external_broker: Option<Arc<dyn Broker>>,
+    pub nats_stream: Option<(String, String)>,
     /// Redis and the cache's key prefix.
     pub redis: Option<(String, String)>,
     pub plan: &'a Plan,
@@ -71,8 +73,9 @@ fn verdict(name: &str, problems: &[String], ok_detail: String) -> Invariant {
     }
 }
 
-/// Every order in the log, folded from its stream.
-async fn orders_from_log(admin: &Client) -> anyhow::Result<(BTreeMap<String, Order>, u64)> {
+/// Every order in the log, folded from its stream, and the streams holding more than one
+/// terminal event (which the fold would pass over).
+async fn orders_from_log(admin: &Client) -> anyhow::Result<(BTreeMap<String, Order>, Vec<String>)> {
     let mut by_stream: BTreeMap<String, Vec<(String, Value)>> = BTreeMap::new();
     let mut after = 0;
     let mut head = 0;
@@ -88,13 +91,25 @@ async fn orders_from_log(admin: &Client) -> anyhow::Result<(BTreeMap<String, Ord
                 .push((e.event_type.clone(), e.data.clone()));
         }
     }
+    let twice: Vec<String> = by_stream
+        .iter()
+        .filter(|(_, events)| {
+            events
+                .iter()
+                .filter(|(t, _)| t == crate::orders::domain::CONFIRMED || t == crate::orders::domain::REJECTED)
+                .count()
+                > 1
+        })
+        .map(|(stream, _)| stream.clone())
+        .collect();
     let mut orders = BTreeMap::new();
     for (stream, events) in by_stream {
         if let Some(order) = Order::fold(events.iter().map(|(t, d)| (t.as_str(), d))) {
             orders.insert(stream.trim_start_matches("order-").to_owned(), order);
         }
     }
-    Ok((orders, head))
+    let _ = head;
+    Ok((orders, twice))
 }
 
 async fn all_sagas(admin: &Client) -> anyhow::Result<Vec<concord_sdk::SagaOut>> {
@@ -146,7 +161,7 @@ fn text(v: &Value) -> String {
 /// # Errors
 /// When a source cannot be read at all (that is no verdict: the run is broken).
 pub async fn check(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Vec<Invariant>> {
-    let (orders, _head) = orders_from_log(s.admin).await?;
+    let (orders, twice) = orders_from_log(s.admin).await?;
     facts.orders = orders.len();
     facts.confirmed = orders.values().filter(|o| o.status == Status::Confirmed).count();
     facts.rejected = orders.values().filter(|o| o.status == Status::Rejected).count();
@@ -156,7 +171,7 @@ pub async fn check(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Vec<Inv
     invariants.push(one_order_per_request(s.plan, &orders));
     invariants.push(stock_conserved(s, &orders).await?);
     invariants.push(money_conserved(s, &orders).await?);
-    invariants.push(sagas_terminal(s, &orders, &sagas, facts).await?);
+    invariants.push(sagas_terminal(s, &orders, &twice, &sagas, facts).await?);
     invariants.push(no_double_charge(s).await?);
     invariants.push(read_model(s, &orders).await?);
     invariants.push(no_plaintext_card(s).await?);
@@ -177,14 +192,6 @@ fn one_order_per_request(plan: &Plan, orders: &BTreeMap<String, Order>) -> Invar
         if !planned.contains(id) {
             problems.push(format!("order {id} matches no request"));
         }
-    }
-    let mut requests: HashMap<&str, usize> = HashMap::new();
-    for o in orders.values() {
-        *requests.entry(o.placed.request.as_str()).or_default() += 1;
-    }
-    let reused = requests.values().filter(|n| **n > 1).count();
-    if reused > 0 {
-        problems.push(format!("{reused} Idempotency-Keys made more than one order"));
     }
     verdict(
         "one order per request (duplicate submissions deduplicated)",
@@ -284,6 +291,46 @@ async fn money_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
     .first()
     .map_or(0, |r| int(&r[0]));
     let mut problems = Vec::new();
+    // Order by order, so an error on one cannot hide behind an error of the same amount on
+    // another.
+    let net: HashMap<String, i64> = rows(
+        s.provider,
+        "SELECT order_id, CAST(SUM(CASE WHEN kind = 'charge' AND status = 'captured' THEN amount \
+         WHEN kind = 'refund' THEN -amount ELSE 0 END) AS BIGINT) FROM ledger GROUP BY order_id",
+    )
+    .await?
+    .iter()
+    .map(|r| (text(&r[0]), int(&r[1])))
+    .collect();
+    let kept_by_order: HashMap<String, i64> = rows(
+        s.payments,
+        "SELECT order_id, amount FROM charges WHERE state = 'charged'",
+    )
+    .await?
+    .iter()
+    .map(|r| (text(&r[0]), int(&r[1])))
+    .collect();
+    for (id, o) in orders {
+        let owed = if o.status == Status::Confirmed {
+            o.placed.total
+        } else {
+            0
+        };
+        let at_provider = net.get(id).copied().unwrap_or(0);
+        if at_provider != owed {
+            problems.push(format!(
+                "order {id} ({}): the provider holds {at_provider}, owed {owed}",
+                o.status.as_str()
+            ));
+        }
+        let in_payments = kept_by_order.get(id).copied().unwrap_or(0);
+        if in_payments != owed {
+            problems.push(format!(
+                "order {id} ({}): payments kept {in_payments}, owed {owed}",
+                o.status.as_str()
+            ));
+        }
+    }
     if charged - refunded != confirmed {
         problems.push(format!(
             "provider: charged {charged} − refunded {refunded} = {} ≠ confirmed orders {confirmed}",
@@ -303,10 +350,14 @@ async fn money_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
 async fn sagas_terminal(
     s: &Sources<'_>,
     orders: &BTreeMap<String, Order>,
+    twice: &[String],
     sagas: &[concord_sdk::SagaOut],
     facts: &mut Facts,
 ) -> anyhow::Result<Invariant> {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = twice
+        .iter()
+        .map(|stream| format!("{stream} was both confirmed and rejected, or one of them twice"))
+        .collect();
     let by_id: HashMap<&str, &concord_sdk::SagaOut> = sagas.iter().map(|g| (g.id.as_str(), g)).collect();
     for (id, order) in orders {
         let saga_id = crate::orders::app::saga_id(id);
@@ -534,6 +585,7 @@ async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
         }
     }
     let mut messages = 0usize;
+    let mut expected = 0u64;
     if let Some(broker) = &s.external_broker {
         let mut consumer = broker
             .subscribe(
@@ -541,9 +593,17 @@ async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
                 &format!("card-scan-{}", uuid::Uuid::new_v4().simple()),
             )
             .await?;
+        expected = match &s.nats_stream {
+            Some((url, name)) => {
+                let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await?);
+                js.get_stream(name).await?.info().await?.state.messages
+            }
+            None => 0,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let batch = consumer.fetch(1000, Duration::from_millis(500)).await?;
-            if batch.is_empty() {
+            if batch.is_empty() && (messages as u64 >= expected || std::time::Instant::now() > deadline) {
                 break;
             }
             for d in &batch {
@@ -555,6 +615,11 @@ async fn no_plaintext_card(s: &Sources<'_>) -> anyhow::Result<Invariant> {
                 consumer.ack(d).await?;
             }
         }
+    }
+    if s.external_broker.is_some() && (messages as u64) < expected {
+        problems.push(format!(
+            "the broker holds {expected} messages; only {messages} could be read"
+        ));
     }
     let mut redis_keys = 0usize;
     if let Some((url, prefix)) = &s.redis {
@@ -609,8 +674,18 @@ async fn transfers_atomic(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<
             }
         }
     }
-    let page = s.admin.list_transactions(None, None, None, 1000).await?;
-    for tx in &page.transactions {
+    let mut transactions = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.admin.list_transactions(None, None, after.as_deref(), 1000).await?;
+        let n = page.transactions.len();
+        transactions.extend(page.transactions);
+        match page.next {
+            Some(next) if n > 0 => after = Some(next),
+            _ => break,
+        }
+    }
+    for tx in &transactions {
         let sides = applied.remove(&tx.xid).unwrap_or_default();
         match tx.outcome.as_deref() {
             Some("committed") => {

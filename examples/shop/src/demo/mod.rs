@@ -171,6 +171,19 @@ async fn drop_databases(base: &str, names: &[String]) {
         return;
     };
     for db in names {
+        // A transaction a killed participant left prepared outlives every session; end it.
+        if let Ok(conn) = sqlx::PgPool::connect(&replace_database(base, db)).await {
+            let gids: Vec<String> =
+                sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+                    .fetch_all(&conn)
+                    .await
+                    .unwrap_or_default();
+            for gid in gids {
+                let sql = format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"));
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&conn).await;
+            }
+            conn.close().await;
+        }
         let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
         if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await {
             eprintln!("could not drop database {db}: {e}");
@@ -423,22 +436,33 @@ async fn run_in(
     // The load, with the kills and the transfers in the middle of it.
     let load_started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
+    // Set when the load ends, orders placed or not, so the fault schedule never waits forever.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress = indicatif::ProgressBar::new(plan.orders.len() as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} orders {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let load = tokio::spawn(place_all(
-        plan.orders.clone(),
-        args.clients.max(1),
-        urls.orders.clone(),
-        token.clone(),
-        Arc::clone(&done),
-        progress.clone(),
-    ));
+    let load = {
+        let placing = place_all(
+            plan.orders.clone(),
+            args.clients.max(1),
+            (urls.orders.clone(), urls.query.clone()),
+            token.clone(),
+            Arc::clone(&done),
+            progress.clone(),
+        );
+        let finished = Arc::clone(&finished);
+        tokio::spawn(async move {
+            let placed = placing.await;
+            finished.store(true, Ordering::Relaxed);
+            placed
+        })
+    };
     let total = plan.orders.len().max(1);
     let wait_for = |fraction: f64| {
         let done = Arc::clone(&done);
+        let finished = Arc::clone(&finished);
         async move {
             #[allow(
                 clippy::cast_precision_loss,
@@ -446,7 +470,7 @@ async fn run_in(
                 clippy::cast_sign_loss
             )]
             let target = ((total as f64) * fraction) as usize;
-            while done.load(Ordering::Relaxed) < target {
+            while done.load(Ordering::Relaxed) < target && !finished.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -527,6 +551,10 @@ async fn run_in(
         files: procs::files_under(&layout.dir),
         pg_databases,
         external_broker,
+        nats_stream: args
+            .nats
+            .clone()
+            .map(|url| (url, format!("DEMO_{run_id}_{}", crate::inventory::domain::STOCK_TOPIC))),
         redis: args.redis.clone().map(|r| (r, redis_prefix.clone())),
         plan: &plan,
     };
@@ -623,7 +651,7 @@ struct Submissions {
 async fn place_all(
     orders: Vec<PlannedOrder>,
     clients: usize,
-    url: String,
+    (url, query_url): (String, String),
     token: String,
     done: Arc<AtomicUsize>,
     progress: indicatif::ProgressBar,
@@ -632,10 +660,11 @@ async fn place_all(
     let queue = Arc::new(tokio::sync::Mutex::new(orders.into_iter()));
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (queue, http, url, token, done, progress) = (
+        let (queue, http, url, query_url, token, done, progress) = (
             Arc::clone(&queue),
             http.clone(),
             url.clone(),
+            query_url.clone(),
             token.clone(),
             Arc::clone(&done),
             progress.clone(),
@@ -656,6 +685,13 @@ async fn place_all(
                     seen.retries += r.retries;
                     seen.replayed += u64::from(r.replayed);
                 }
+                // A client reads its order back through the query side while the saga still
+                // runs: the cache holds the early state, which its invalidations must replace.
+                let _ = http
+                    .get(format!("{query_url}/orders/{}", order.order_id()))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
                 done.fetch_add(1, Ordering::Relaxed);
                 progress.inc(1);
             }
@@ -743,52 +779,67 @@ async fn run_transfers(admin: &Client, inventory: &str) -> Vec<String> {
     xids
 }
 
-/// Waits until nothing moves: no saga running, the outboxes empty, and the read model and the
-/// shipments unchanged for a while. That is when the system says it is done; the checker then
-/// judges what it left.
+/// How many sagas are in `status`.
+async fn count_sagas(admin: &Client, status: &str) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let page = admin.list_sagas(Some(status), after.as_deref(), 500).await?;
+        n += page.sagas.len();
+        match page.next {
+            Some(next) if !page.sagas.is_empty() => after = Some(next),
+            _ => return Ok(n),
+        }
+    }
+}
+
+async fn scalar(db: &Db, sql: &'static str) -> Result<i64, sqlx::Error> {
+    crate::with_db!(db, |p, _m| sqlx::query_scalar(sql).fetch_one(p).await)
+}
+
+/// Waits until the system says it is done: no saga running or compensating, no transaction
+/// waiting for its phase 2, the outboxes empty, every completed saga's order shipped, and the
+/// read model holding every finished order. The checker then judges what it left; a system that
+/// never gets there within 120 s is checked as it is.
 async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last = String::new();
-    let mut stable_since = Instant::now();
     loop {
-        let running = admin.list_sagas(Some("running"), None, 1).await?.sagas.len()
-            + admin.list_sagas(Some("compensating"), None, 1).await?.sagas.len();
-        let mut snapshot = format!("{running}");
-        for db in [north, south] {
-            let pending: i64 = crate::with_db!(db, |p, _m| {
-                sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM concord_outbox")
-                    .fetch_one(p)
-                    .await
-            })?;
-            snapshot.push_str(&format!(" {pending}"));
-        }
-        let marks: Vec<i64> = crate::with_db!(north, |p, _m| {
-            sqlx::query_scalar(
-                "SELECT CAST(COUNT(*) AS BIGINT) FROM reservations WHERE state = 'shipped' \
-                 UNION ALL SELECT CAST(COALESCE(SUM(version), 0) AS BIGINT) FROM stock",
-            )
-            .fetch_all(p)
-            .await
-        })?;
-        let view: Vec<i64> = crate::with_db!(query, |p, _m| {
-            sqlx::query_scalar(
-                "SELECT CAST(COUNT(*) AS BIGINT) FROM orders_view WHERE status <> 'placed' \
-                 UNION ALL SELECT CAST(COALESCE(SUM(version), 0) AS BIGINT) FROM stock_view",
-            )
-            .fetch_all(p)
-            .await
-        })?;
-        snapshot.push_str(&format!(" {marks:?} {view:?}"));
-        if snapshot != last {
-            last = snapshot;
-            stable_since = Instant::now();
-        }
-        let quiet = running == 0 && last.split(' ').nth(1) == Some("0") && last.split(' ').nth(2) == Some("0");
-        if quiet && stable_since.elapsed() > Duration::from_secs(2) {
+        let running = count_sagas(admin, "running").await? + count_sagas(admin, "compensating").await?;
+        let in_doubt = admin
+            .list_transactions(None, Some(true), None, 1)
+            .await?
+            .transactions
+            .len();
+        let outbox = scalar(north, "SELECT CAST(COUNT(*) AS BIGINT) FROM concord_outbox").await?
+            + scalar(south, "SELECT CAST(COUNT(*) AS BIGINT) FROM concord_outbox").await?;
+        let completed = count_sagas(admin, "completed").await?;
+        let compensated = count_sagas(admin, "compensated").await?;
+        let shipped = scalar(
+            north,
+            "SELECT CAST(COUNT(DISTINCT order_id) AS BIGINT) FROM reservations WHERE state = 'shipped'",
+        )
+        .await?;
+        let finished_in_view = scalar(
+            query,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM orders_view WHERE status <> 'placed'",
+        )
+        .await?;
+        let done = running == 0
+            && in_doubt == 0
+            && outbox == 0
+            && usize::try_from(shipped).is_ok_and(|n| n == completed)
+            && usize::try_from(finished_in_view).is_ok_and(|n| n == completed + compensated);
+        if done {
+            // The stock consumer may still be applying the last messages the relay published.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             return Ok(());
         }
         if Instant::now() > deadline {
-            println!("the system did not settle within 120 s; checking it as it is");
+            println!(
+                "the system did not settle within 120 s (running {running}, in doubt {in_doubt}, outbox {outbox}, \
+                 shipped {shipped}/{completed}, read model {finished_in_view}/{}); checking it as it is",
+                completed + compensated
+            );
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

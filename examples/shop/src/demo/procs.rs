@@ -171,12 +171,27 @@ impl Drop for Proc {
     }
 }
 
-/// A free port on 127.0.0.1, to pin a service to across restarts.
+/// A free port on 127.0.0.1, to pin a service to across restarts. It is taken below Linux's
+/// ephemeral range (32768 and up), so no outgoing connection can take it while the service is
+/// down between a kill and its restart.
 ///
 /// # Errors
-/// When no port can be bound.
+/// When none of the ports tried can be bound.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    // Ports handed out earlier are not bound between calls: never hand one out twice.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let start = 20_000 + u16::from(uuid::Uuid::new_v4().as_bytes()[0]) * 40;
+    for port in (start..32_000).chain(20_000..start) {
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 20000-31999",
+    ))
 }
 
 /// Every file under `dir`, recursively.

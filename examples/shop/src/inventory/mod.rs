@@ -40,21 +40,10 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
     let c = &args.common;
     let north = Db::connect(&c.database_url).await?;
     let south = Db::connect(&args.south_database_url).await?;
-    for (db, warehouse) in [(&north, NORTH), (&south, SOUTH)] {
-        match db {
-            Db::Sqlite(p) => store::on_sqlite::ensure_schema(p, warehouse).await?,
-            Db::Pg(p) => store::on_pg::ensure_schema(p, warehouse).await?,
-        }
-    }
     let client = concord_client(&c.concord_url, &c.concord_key()?)?;
-    let broker = args.broker.connect(&client).await?;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let relays = [
-        spawn_relay(&north, Arc::clone(&broker), stop.clone()),
-        spawn_relay(&south, Arc::clone(&broker), stop.clone()),
-    ];
-    // The participants have pools of their own: a phase 2 must never wait behind the requests
-    // that wait on the rows its prepared transaction holds.
+    // The participants first, with pools of their own, and their recovery at once: a transfer a
+    // crash left prepared holds locks that the rest of the startup could wait on. And a phase 2
+    // must never wait behind the requests that wait on the rows its prepared transaction holds.
     let participants = [
         (
             NORTH,
@@ -64,6 +53,18 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
             SOUTH,
             participant(&Db::connect(&args.south_database_url).await?, SOUTH, &client).await?,
         ),
+    ];
+    for (db, warehouse) in [(&north, NORTH), (&south, SOUTH)] {
+        match db {
+            Db::Sqlite(p) => store::on_sqlite::ensure_schema(p, warehouse).await?,
+            Db::Pg(p) => store::on_pg::ensure_schema(p, warehouse).await?,
+        }
+    }
+    let broker = args.broker.connect(&client).await?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let relays = [
+        spawn_relay(&north, Arc::clone(&broker), stop.clone()),
+        spawn_relay(&south, Arc::clone(&broker), stop.clone()),
     ];
     let dup = DuplicateDeliveries {
         percent: args.duplicate_deliveries,

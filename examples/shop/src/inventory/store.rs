@@ -83,6 +83,16 @@ crate::per_backend! {
         inbox::ensure_schema(pool).await?;
         for (sku, north, south) in domain::INITIAL_STOCK {
             let qty = if warehouse == domain::NORTH { *north } else { *south };
+            // Read first: a plain read does not wait on a row a prepared transfer holds, which an
+            // insert would (and a restart must not block on what recovery is about to settle).
+            let present: Option<i64> = sqlx::query_scalar("SELECT version FROM stock WHERE warehouse = $1 AND sku = $2")
+                .bind(warehouse)
+                .bind(*sku)
+                .fetch_optional(pool)
+                .await?;
+            if present.is_some() {
+                continue;
+            }
             let mut tx = begin(pool).await?;
             let inserted = sqlx::query(
                 "INSERT INTO stock (warehouse, sku, initial, on_hand) VALUES ($1, $2, $3, $3) ON CONFLICT DO NOTHING",

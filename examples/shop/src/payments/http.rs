@@ -1,6 +1,7 @@
 //! The payments service's HTTP face: the `charge` step and the `refund` compensation.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -56,9 +57,9 @@ macro_rules! on_db {
 /// arriving after its refund is refused without touching the card), the provider is called
 /// with the order's own idempotency key, and the barrier is entered for good after it. A refund
 /// that slipped in between is caught there, and the fresh charge is given back at once.
-async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let s = &*s;
-    saga_call(&s.faults, &headers, BarrierOp::Action, |key| async move {
+async fn charge(State(state): State<Arc<Payments>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let task = Arc::clone(&state);
+    saga_call(&state.faults, &headers, BarrierOp::Action, |key| async move {
         let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -69,7 +70,11 @@ async fn charge(State(s): State<Arc<Payments>>, headers: HeaderMap, body: axum::
         if cmd.amount <= 0 {
             return problem(StatusCode::BAD_REQUEST, "invalid_charge", "the amount is positive");
         }
-        charge_once(s, key, &cmd).await
+        // In a task of its own: an orchestrator that times out and hangs up must not cut the
+        // charge off between the provider's answer and its record.
+        tokio::spawn(async move { charge_once(&task, key, &cmd).await }.in_current_span())
+            .await
+            .unwrap_or_else(|e| internal("the charge failed", &e))
     })
     .await
 }
@@ -98,6 +103,9 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
     {
         Ok(Charged::Captured { charge_id }) => charge_id,
         Ok(Charged::Declined) => return problem(StatusCode::CONFLICT, "card_declined", "the card was declined"),
+        Ok(Charged::Voided) => {
+            return problem(StatusCode::CONFLICT, "already_compensated", "the charge was refunded");
+        }
         Err(e) => return internal("the provider failed", &e),
     };
     let recorded = on_db!(
@@ -124,10 +132,12 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge) -> Response {
 
 /// Refunds whatever the order has captured at the provider. The barrier row comes first, so a
 /// charge still on its way is refused (or refunds itself, above).
-async fn refund(State(s): State<Arc<Payments>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
-    let s = &*s;
-    saga_call(&s.faults, &headers, BarrierOp::Compensation, |key| {
-        refund_once(s, key, order_id)
+async fn refund(State(state): State<Arc<Payments>>, headers: HeaderMap, Path(order_id): Path<String>) -> Response {
+    let task = Arc::clone(&state);
+    saga_call(&state.faults, &headers, BarrierOp::Compensation, |key| async move {
+        tokio::spawn(async move { refund_once(&task, key, order_id).await }.in_current_span())
+            .await
+            .unwrap_or_else(|e| internal("the refund failed", &e))
     })
     .await
 }

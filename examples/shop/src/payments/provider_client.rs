@@ -13,8 +13,12 @@ pub struct ProviderClient {
 /// What the provider answered.
 #[derive(Debug)]
 pub enum Charged {
-    Captured { charge_id: String },
+    Captured {
+        charge_id: String,
+    },
     Declined,
+    /// The order was refunded before this charge reached the provider.
+    Voided,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,7 @@ impl ProviderClient {
                 charge_id: b["charge_id"].as_str().unwrap_or_default().to_owned(),
             }),
             (402, _) => Ok(Charged::Declined),
+            (409, _) => Ok(Charged::Voided),
             (status, b) => Err(ProviderError(format!("{status}: {}", b["code"]))),
         }
     }

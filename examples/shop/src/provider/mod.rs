@@ -2,9 +2,11 @@
 //! alone holds the `vault:detokenize:card` scope: it reveals the card behind a token to "charge"
 //! it, keeps only the last four digits, and declines cards ending in `0002`. Like real providers
 //! it deduplicates by `Idempotency-Key` and nothing else: a caller that sends a new key for a
-//! retry is charged twice, which its ledger shows.
+//! retry is charged twice, which its ledger shows. A charge for an order whose refund was already
+//! asked for is voided (a refund of nothing is recorded too, for that).
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use axum::Router;
 use axum::extract::State;
@@ -141,12 +143,33 @@ async fn insert(
 fn charge_answer(key: &str, status: &str, amount: i64) -> Response {
     if status == "declined" {
         problem(StatusCode::PAYMENT_REQUIRED, "card_declined", "the card was declined")
+    } else if status == "voided" {
+        problem(
+            StatusCode::CONFLICT,
+            "charge_voided",
+            "the order was refunded before this charge",
+        )
     } else {
         ok(json!({ "charge_id": key, "status": status, "amount": amount }))
     }
 }
 
+/// Runs a handler body in a task of its own, so a caller that hangs up cannot cut it off between
+/// two writes.
+async fn detached<F>(work: F) -> Response
+where
+    F: Future<Output = Response> + Send + 'static,
+{
+    tokio::spawn(work.in_current_span())
+        .await
+        .unwrap_or_else(|e| internal("the handler failed", &e))
+}
+
 async fn charge(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    detached(charge_inner(s, headers, body)).await
+}
+
+async fn charge_inner(s: Arc<Provider>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let Some(key) = idempotency_key(&headers) else {
         return key_missing();
     };
@@ -190,6 +213,19 @@ async fn charge(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::
     };
     drop(card);
     let _write = s.write.lock().await;
+    // A charge arriving after the order's refund was asked for is voided, not captured: the
+    // refund (perhaps of nothing, then) has already answered.
+    let refunded: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p, _m| {
+        sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE order_id = $1 AND kind = 'refund'")
+            .bind(&cmd.order_id)
+            .fetch_one(p)
+            .await
+    });
+    let status = match refunded {
+        Ok(0) => status,
+        Ok(_) => "voided",
+        Err(e) => return internal("the ledger failed", &e),
+    };
     if let Err(e) = insert(&s.db, &key, &cmd.order_id, "charge", cmd.amount, &last4, status).await {
         return internal("the ledger failed", &e);
     }
@@ -207,6 +243,10 @@ struct Refund {
 
 /// Refunds what the order has captured and not yet refunded.
 async fn refund(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    detached(refund_inner(s, headers, body)).await
+}
+
+async fn refund_inner(s: Arc<Provider>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let Some(key) = idempotency_key(&headers) else {
         return key_missing();
     };
@@ -232,9 +272,8 @@ async fn refund(State(s): State<Arc<Provider>>, headers: HeaderMap, body: axum::
         Ok(v) => v,
         Err(e) => return internal("the ledger failed", &e),
     };
-    if open > 0
-        && let Err(e) = insert(&s.db, &key, &cmd.order_id, "refund", open, "", "refunded").await
-    {
+    // Recorded even when nothing is open: the record voids a charge that arrives later.
+    if let Err(e) = insert(&s.db, &key, &cmd.order_id, "refund", open.max(0), "", "refunded").await {
         return internal("the ledger failed", &e);
     }
     ok(json!({ "refunded": open.max(0) }))
