@@ -335,6 +335,16 @@ impl Faults {
     }
 }
 
+/// Lower-case hex of `bytes`.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 /// An id derived from text: the same text always gives the same id (for ids that must survive
 /// a retry, such as the id of an event a handler appends).
 #[must_use]

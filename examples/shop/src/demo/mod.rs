@@ -75,22 +75,14 @@ fn secret() -> String {
     let mut h = Sha256::new();
     h.update(uuid::Uuid::new_v4().as_bytes());
     h.update(uuid::Uuid::new_v4().as_bytes());
-    h.finalize().iter().fold(String::new(), |mut s, b| {
-        use std::fmt::Write as _;
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    crate::common::hex(&h.finalize())
 }
 
 /// The trace id the demo gives an order's request.
 #[must_use]
 pub fn trace_id(order: &PlannedOrder) -> String {
     let d = Sha256::digest(format!("trace:{}", order.key).as_bytes());
-    d[..16].iter().fold(String::new(), |mut s, b| {
-        use std::fmt::Write as _;
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    crate::common::hex(&d[..16])
 }
 
 struct Urls {

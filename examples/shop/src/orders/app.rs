@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use super::domain::{self, Decision, Order, PlaceOrder, Placed, Transition};
-use crate::common::derived_id;
+use crate::common::{derived_id, hex};
 
 pub struct Orders {
     pub concord: Client,
@@ -211,12 +211,4 @@ fn with_fault_defaults(mut input: Value) -> Value {
     }
     input["faults"] = Value::Object(filled);
     input
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
