@@ -249,6 +249,18 @@ pub fn ok(body: Value) -> Response {
     (StatusCode::OK, Json(body)).into_response()
 }
 
+/// The whole router of a service: `routes` behind its bearer token, `open` (routes with their own
+/// auth) beside them, `GET /health` for anyone, and every request in a span continuing the
+/// caller's trace.
+pub fn service_router(routes: axum::Router, open: axum::Router, token: String) -> axum::Router {
+    let token: Arc<str> = token.into();
+    routes
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
+        .merge(open)
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn(crate::trace_layer))
+}
+
 /// Requires `Authorization: Bearer <token>` (compared as hashes, in constant time as far as the
 /// digest goes) on every request of the router it wraps.
 pub async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {

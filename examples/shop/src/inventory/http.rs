@@ -26,25 +26,20 @@ pub fn router(
     token: String,
     tx_token: String,
 ) -> Router {
-    let token: Arc<str> = token.into();
-    let mut router = Router::new()
+    let routes = Router::new()
         .route("/reservations", post(reserve))
         .route("/reservations/{order_id}/release", post(release))
         .route("/stock", get(stock))
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            token,
-            crate::common::require_token,
-        ));
+        .with_state(state);
+    // The coordinator's routes check the coordinator's own token.
+    let mut coordinator = Router::new();
     for (warehouse, participant) in participants {
-        router = router.nest(
+        coordinator = coordinator.nest(
             &format!("/2pc/{warehouse}"),
             concord_sdk::tx::router(participant, CoordinatorAuth::Token(tx_token.clone())),
         );
     }
-    router
-        .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(crate::trace_layer))
+    crate::common::service_router(routes, coordinator, token)
 }
 
 async fn reserve(State(s): State<Arc<Inventory>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {

@@ -19,20 +19,17 @@ use crate::common::{internal, ok, problem};
 pub const FAULTS_HEADER: &str = "x-shop-faults";
 
 pub fn router(orders: Arc<Orders>, idempotency: IdempotencyLayer, token: String) -> Router {
-    let token: Arc<str> = token.into();
-    Router::new()
-        .route("/orders", post(place).layer(idempotency))
-        .route("/orders/{id}", get(view))
-        .route("/orders/{id}/saga/open", post(open))
-        .route("/orders/{id}/saga/confirm", post(confirm))
-        .route("/orders/{id}/saga/reject", post(reject))
-        .with_state(orders)
-        .layer(axum::middleware::from_fn_with_state(
-            token,
-            crate::common::require_token,
-        ))
-        .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(crate::trace_layer))
+    crate::common::service_router(
+        Router::new()
+            .route("/orders", post(place).layer(idempotency))
+            .route("/orders/{id}", get(view))
+            .route("/orders/{id}/saga/open", post(open))
+            .route("/orders/{id}/saga/confirm", post(confirm))
+            .route("/orders/{id}/saga/reject", post(reject))
+            .with_state(orders),
+        Router::new(),
+        token,
+    )
 }
 
 fn answer(result: Result<Value, OrderError>) -> Response {

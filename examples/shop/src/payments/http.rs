@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::post;
 use concord_sdk::barrier::{BarrierKey, BarrierOp};
 use serde::Deserialize;
 use serde_json::json;
@@ -24,17 +24,14 @@ pub struct Payments {
 }
 
 pub fn router(state: Arc<Payments>, token: String) -> Router {
-    let token: Arc<str> = token.into();
-    Router::new()
-        .route("/charges", post(charge))
-        .route("/charges/{order_id}/refund", post(refund))
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            token,
-            crate::common::require_token,
-        ))
-        .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(crate::trace_layer))
+    crate::common::service_router(
+        Router::new()
+            .route("/charges", post(charge))
+            .route("/charges/{order_id}/refund", post(refund))
+            .with_state(state),
+        Router::new(),
+        token,
+    )
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::Row as _;
@@ -65,17 +65,11 @@ pub async fn run(args: ProviderArgs, shutdown: impl Future<Output = ()> + Send +
         concord: concord_client(&args.concord_url, &key)?,
         write: tokio::sync::Mutex::new(()),
     });
-    let token: Arc<str> = api_key.into();
-    let router = Router::new()
+    let routes = Router::new()
         .route("/v1/charges", post(charge))
         .route("/v1/refunds", post(refund))
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            token,
-            crate::common::require_token,
-        ))
-        .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(crate::trace_layer));
+        .with_state(state);
+    let router = crate::common::service_router(routes, Router::new(), api_key);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     crate::common::serve("provider", listener, router, shutdown).await
 }

@@ -21,17 +21,14 @@ pub struct Query {
 }
 
 pub fn router(state: Arc<Query>, token: String) -> Router {
-    let token: Arc<str> = token.into();
-    Router::new()
-        .route("/orders/{id}", get(order))
-        .route("/stock/{warehouse}/{sku}", get(stock))
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            token,
-            crate::common::require_token,
-        ))
-        .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(crate::trace_layer))
+    crate::common::service_router(
+        Router::new()
+            .route("/orders/{id}", get(order))
+            .route("/stock/{warehouse}/{sku}", get(stock))
+            .with_state(state),
+        Router::new(),
+        token,
+    )
 }
 
 /// One order of the read model: `(value, log position)`.
