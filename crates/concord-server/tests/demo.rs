@@ -23,10 +23,24 @@ fn demo(dir: &std::path::Path, extra: &[&str]) -> Run {
         }
     }
     let out = cmd.output().expect("the demo runs");
+    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        // What each process said last, so a failure can be read from the test's output alone.
+        let mut logs: Vec<_> = std::fs::read_dir(dir.join("run").join("logs"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            stderr.push_str(&format!("\n--- last lines of {}:\n", log.display()));
+            stderr.push_str(&lines[lines.len().saturating_sub(15)..].join("\n"));
+        }
+    }
     Run {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr,
     }
 }
 

@@ -24,23 +24,14 @@ pub enum Db {
     Pg(PgPool),
 }
 
-/// Runs `$body` once per backend with `$pool` bound to the pool and `$m` naming the sdk's module
-/// for that backend (`sqlite` or `postgres`), so one text of portable SQL (`$1` placeholders,
-/// `ON CONFLICT`, `RETURNING`) serves both. `begin!` opens the right write transaction.
+/// Runs `$body` once per backend with `$pool` bound to the pool, so one text of portable SQL
+/// (`$1` placeholders, `ON CONFLICT`, `RETURNING`) serves both.
 #[macro_export]
 macro_rules! with_db {
-    ($db:expr, |$pool:ident, $m:ident| $body:expr) => {
+    ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
-            $crate::common::Db::Sqlite($pool) => {
-                #[allow(unused_imports)]
-                use $crate::common::sqlite_mods as $m;
-                $body
-            }
-            $crate::common::Db::Pg($pool) => {
-                #[allow(unused_imports)]
-                use $crate::common::postgres_mods as $m;
-                $body
-            }
+            $crate::common::Db::Sqlite($pool) => $body,
+            $crate::common::Db::Pg($pool) => $body,
         }
     };
 }
@@ -155,13 +146,6 @@ impl Db {
                 .execute(p)
                 .await
                 .map(drop),
-        }
-    }
-
-    pub async fn close(&self) {
-        match self {
-            Self::Sqlite(p) => p.close().await,
-            Self::Pg(p) => p.close().await,
         }
     }
 }

@@ -142,7 +142,7 @@ async fn rows(db: &Db, sql: &'static str) -> Result<Vec<Vec<Value>>, sqlx::Error
             Value::Null
         }
     }
-    crate::with_db!(db, |p, _m| {
+    crate::with_db!(db, |p| {
         let rs = sqlx::query(sql).fetch_all(p).await?;
         Ok(rs.iter().map(|r| (0..r.len()).map(|i| cell(r, i)).collect()).collect())
     })

@@ -786,7 +786,7 @@ async fn count_sagas(admin: &Client, status: &str) -> anyhow::Result<usize> {
 }
 
 async fn scalar(db: &Db, sql: &'static str) -> Result<i64, sqlx::Error> {
-    crate::with_db!(db, |p, _m| sqlx::query_scalar(sql).fetch_one(p).await)
+    crate::with_db!(db, |p| sqlx::query_scalar(sql).fetch_one(p).await)
 }
 
 /// Waits until the system says it is done: no saga running or compensating, no transaction

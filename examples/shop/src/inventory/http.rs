@@ -83,7 +83,7 @@ async fn release(State(s): State<Arc<Inventory>>, headers: HeaderMap, Path(order
 
 async fn stock(State(s): State<Arc<Inventory>>) -> Response {
     type Row = (String, String, i64, i64, i64);
-    let rows: Result<Vec<Row>, sqlx::Error> = crate::with_db!(&s.north, |p, _m| {
+    let rows: Result<Vec<Row>, sqlx::Error> = crate::with_db!(&s.north, |p| {
         sqlx::query_as("SELECT warehouse, sku, on_hand, reserved, shipped FROM stock ORDER BY sku")
             .fetch_all(p)
             .await

@@ -196,6 +196,3 @@ async fn ship_orders(
         }
     }
 }
-
-/// The inventory's broker for stock changes.
-pub type SharedBroker = Arc<dyn Broker>;

@@ -98,7 +98,7 @@ struct Charge {
 }
 
 async fn stored(db: &Db, key: &str) -> Result<Option<(String, i64)>, sqlx::Error> {
-    crate::with_db!(db, |p, _m| {
+    crate::with_db!(db, |p| {
         sqlx::query("SELECT status, amount FROM ledger WHERE idempotency_key = $1")
             .bind(key)
             .fetch_optional(p)
@@ -117,7 +117,7 @@ async fn insert(
     last4: &str,
     status: &str,
 ) -> Result<(), sqlx::Error> {
-    crate::with_db!(db, |p, _m| {
+    crate::with_db!(db, |p| {
         sqlx::query(
             "INSERT INTO ledger (idempotency_key, order_id, kind, amount, last4, status) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT DO NOTHING",
@@ -209,7 +209,7 @@ async fn charge_inner(s: Arc<Provider>, headers: HeaderMap, body: axum::body::By
     let _write = s.write.lock().await;
     // A charge arriving after the order's refund was asked for is voided, not captured: the
     // refund (perhaps of nothing, then) has already answered.
-    let refunded: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p, _m| {
+    let refunded: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p| {
         sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE order_id = $1 AND kind = 'refund'")
             .bind(&cmd.order_id)
             .fetch_one(p)
@@ -253,7 +253,7 @@ async fn refund_inner(s: Arc<Provider>, headers: HeaderMap, body: axum::body::By
         Ok(None) => {}
         Err(e) => return internal("the ledger failed", &e),
     }
-    let open: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p, _m| {
+    let open: Result<i64, sqlx::Error> = crate::with_db!(&s.db, |p| {
         sqlx::query_scalar(
             "SELECT CAST(COALESCE(SUM(CASE WHEN kind = 'charge' AND status = 'captured' THEN amount \
              WHEN kind = 'refund' THEN -amount ELSE 0 END), 0) AS BIGINT) FROM ledger WHERE order_id = $1",

@@ -36,7 +36,7 @@ pub fn router(state: Arc<Query>, token: String) -> Router {
 /// # Errors
 /// The database's.
 pub async fn load_order(db: &Db, id: &str) -> Result<Option<(Value, u64)>, sqlx::Error> {
-    let row = crate::with_db!(db, |p, _m| {
+    let row = crate::with_db!(db, |p| {
         let sql = format!(
             "SELECT order_id, customer, total, status, position FROM {} WHERE order_id = $1",
             super::ORDERS_VIEW
@@ -66,7 +66,7 @@ pub async fn load_order(db: &Db, id: &str) -> Result<Option<(Value, u64)>, sqlx:
 /// # Errors
 /// The database's.
 pub async fn load_stock(db: &Db, warehouse: &str, sku: &str) -> Result<Option<(Value, u64)>, sqlx::Error> {
-    crate::with_db!(db, |p, _m| {
+    crate::with_db!(db, |p| {
         sqlx::query(
             "SELECT on_hand, reserved, shipped, held, version FROM stock_view WHERE warehouse = $1 AND sku = $2",
         )

@@ -104,6 +104,11 @@ fn spawn_projection(
     let source = ConcordLog::new(client, Some("order"));
     let config = RunnerConfig {
         idle_wait: Duration::from_millis(500),
+        // Back within 2 s of the server's return, not the default 30 s.
+        retry: concord_sdk::projection::Backoff {
+            max: Duration::from_secs(2),
+            ..concord_sdk::projection::Backoff::default()
+        },
         ..RunnerConfig::default()
     };
     let until = async move {
