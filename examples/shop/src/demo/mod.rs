@@ -607,15 +607,29 @@ async fn run_in(
     let trace = if args.trace {
         // Let the processes write their last spans, then stop them so the files are complete.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let sample = facts
-            .sample_saga
-            .as_ref()
-            .and_then(|g| g.id.strip_prefix("order-"))
-            .and_then(|id| plan.orders.iter().find(|o| o.order_id() == id))
-            .or_else(|| plan.orders.first());
+        let files = procs::files_under(&layout.dir.join("traces"));
+        let spans = trace_tree::load_spans(&files);
+        let mut services: std::collections::HashMap<&str, std::collections::BTreeSet<&str>> =
+            std::collections::HashMap::new();
+        for span in &spans {
+            services
+                .entry(span.trace_id.as_str())
+                .or_default()
+                .insert(span.service.as_str());
+        }
+        // The saga shown in the report if its trace is whole; a span in flight when its process
+        // was SIGKILLed is lost, so else the order whose trace reached the most services.
+        let preferred = facts.sample_saga.as_ref().and_then(|g| g.id.strip_prefix("order-"));
+        let breadth = |o: &PlannedOrder| {
+            services
+                .get(trace_id(o).as_str())
+                .map_or(0, std::collections::BTreeSet::len)
+        };
+        let sample = plan
+            .orders
+            .iter()
+            .max_by_key(|o| (breadth(o), preferred == Some(o.order_id().as_str())));
         sample.map(|o| {
-            let files = procs::files_under(&layout.dir.join("traces"));
-            let spans = trace_tree::load_spans(&files);
             let id = trace_id(o);
             (
                 format!(
