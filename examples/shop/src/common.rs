@@ -150,6 +150,18 @@ impl Db {
     }
 }
 
+/// What a participant's use case failed on: its database, the barrier or the outbox. Each is
+/// answered 5xx, so the orchestrator retries.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Barrier(#[from] concord_sdk::barrier::BarrierError),
+    #[error(transparent)]
+    Outbox(#[from] concord_sdk::outbox::OutboxError),
+}
+
 /// A `problem+json` answer with a stable `code`.
 pub fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
     let body = json!({

@@ -1,7 +1,7 @@
 //! The inventory's use cases on its own databases, written once in portable SQL and compiled for
 //! SQLite and PostgreSQL ([`crate::per_backend!`]).
 
-use concord_sdk::barrier::{BarrierError, BarrierKey, Enter};
+use concord_sdk::barrier::{BarrierKey, Enter};
 use concord_sdk::outbox::OutboxLimits;
 use serde_json::{Value, json};
 use sqlx::Row as _;
@@ -40,16 +40,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     PRIMARY KEY (xid, warehouse)
 )";
 
-/// What a use case failed on.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Barrier(#[from] BarrierError),
-    #[error(transparent)]
-    Outbox(#[from] concord_sdk::outbox::OutboxError),
-}
+pub use crate::common::StoreError;
 
 /// How a reservation went.
 #[derive(Debug)]

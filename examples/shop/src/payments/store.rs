@@ -1,6 +1,6 @@
 //! The payments table and its barrier, written once for both backends.
 
-use concord_sdk::barrier::{BarrierError, BarrierKey, Enter};
+use concord_sdk::barrier::{BarrierKey, Enter};
 use serde_json::Value;
 
 pub const SCHEMA: &str = "
@@ -12,13 +12,7 @@ CREATE TABLE IF NOT EXISTS charges (
     state      TEXT NOT NULL
 )";
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Barrier(#[from] BarrierError),
-}
+pub use crate::common::StoreError;
 
 /// Where a saga call stands at the barrier.
 #[derive(Debug)]
