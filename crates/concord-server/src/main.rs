@@ -57,11 +57,18 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// `concord demo`: the report on stdout, exit 1 unless every invariant holds.
+/// `concord demo`: the report on stdout, exit 1 unless every invariant holds, and 2 when the run
+/// itself broke (a process did not start, a database was unreachable), which is no verdict.
 async fn demo(args: concord_shop::demo::DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let exe = std::env::current_exe()?;
     let report_path = args.report.clone();
-    let outcome = concord_shop::demo::run(args, exe).await?;
+    let outcome = match concord_shop::demo::run(args, exe).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("concord demo: the run broke before its verdict: {e:#}");
+            return Ok(std::process::ExitCode::from(2));
+        }
+    };
     print!("{}", concord_shop::demo::report::render_text(&outcome.report));
     println!("report written to {}", report_path.display());
     if let Some((tree, services)) = &outcome.trace {

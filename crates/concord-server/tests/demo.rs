@@ -126,12 +126,14 @@ fn the_checker_fails_when_payments_charges_without_the_barrier() {
     let failed: Vec<&&str> = lines.iter().filter(|l| l.trim_start().starts_with("FAIL")).collect();
     assert!(
         failed.iter().any(|l| l.contains("no card was charged twice")),
-        "the double charges went unseen:\n{}",
-        run.stdout
+        "the double charges went unseen:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
     );
     assert!(
         failed.iter().any(|l| l.contains("money is conserved")),
-        "the extra money went unseen:\n{}",
-        run.stdout
+        "the extra money went unseen:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
     );
 }

@@ -740,7 +740,8 @@ async fn submit(http: &reqwest::Client, url: &str, token: &str, order: &PlannedO
                 let replayed = r.headers().contains_key(concord_sdk::idempotency::REPLAYED_HEADER);
                 return Ok(Submitted { retries, replayed });
             }
-            Ok(r) if r.status().is_client_error() && r.status().as_u16() != 409 && r.status().as_u16() != 429 => {
+            // 408, 409 (the same key still in flight), 425 and 429 ask the client to come back.
+            Ok(r) if r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 409 | 425 | 429) => {
                 let status = r.status();
                 let body: Value = r.json().await.unwrap_or(Value::Null);
                 anyhow::bail!("order {} was refused: {status} {body}", order.index);

@@ -116,7 +116,10 @@ impl Proc {
 
     async fn healthy(&mut self, layout: &Layout, http: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut answered = false;
         loop {
+            // Checked after the health answer too: an answer from a process that is not this
+            // one (its port taken) must not pass for it.
             if let Ok(Some(status)) = self.child.try_wait() {
                 anyhow::bail!(
                     "{} exited with {status}; see {}",
@@ -128,7 +131,11 @@ impl Proc {
                 .await
                 .is_ok()
             {
-                return Ok(());
+                if answered {
+                    return Ok(());
+                }
+                answered = true;
+                continue;
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
@@ -173,18 +180,38 @@ impl Drop for Proc {
 
 /// A free port on 127.0.0.1, to pin a service to across restarts. It is taken below Linux's
 /// ephemeral range (32768 and up), so no outgoing connection can take it while the service is
-/// down between a kill and its restart.
+/// down between a kill and its restart. Demos running at once on one machine keep out of each
+/// other's ports through a lock file per port, held until this process exits: a port that was
+/// free when probed is not bound until its service starts, and a killed service's port is free
+/// until it restarts.
 ///
 /// # Errors
-/// When none of the ports tried can be bound.
+/// When none of the ports tried can be bound, or the lock folder cannot be made.
 pub fn free_port() -> std::io::Result<u16> {
-    // Ports handed out earlier are not bound between calls: never hand one out twice.
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    free_port_from(20_000 + u16::from(uuid::Uuid::new_v4().as_bytes()[0]) * 40)
+}
+
+fn port_locks() -> PathBuf {
+    std::env::temp_dir().join("concord-demo-ports")
+}
+
+fn free_port_from(start: u16) -> std::io::Result<u16> {
+    // The ports handed out, each with its held lock: never hand one out twice.
+    static HANDED_OUT: std::sync::Mutex<Vec<(u16, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let start = 20_000 + u16::from(uuid::Uuid::new_v4().as_bytes()[0]) * 40;
+    let locks = port_locks();
+    std::fs::create_dir_all(&locks)?;
     for port in (start..32_000).chain(20_000..start) {
-        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            handed_out.push(port);
+        if handed_out.iter().any(|(p, _)| *p == port) {
+            continue;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(locks.join(format!("{port}.lock")))?;
+        if lock.try_lock().is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push((port, lock));
             return Ok(port);
         }
     }
@@ -212,4 +239,32 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_whose_lock_another_demo_holds_is_passed_over() {
+        // Another demo holds the lock of the first free port from 31000: it is skipped even
+        // though nothing is bound to it yet.
+        let taken = (31_000..32_000)
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .unwrap();
+        std::fs::create_dir_all(port_locks()).unwrap();
+        let other = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(port_locks().join(format!("{taken}.lock")))
+            .unwrap();
+        other.try_lock().unwrap();
+        let port = free_port_from(taken).unwrap();
+        assert_ne!(port, taken);
+        assert!(port > taken, "the search goes on upward from {taken}: {port}");
+        // And this process holds the port it was given: no other demo can take it.
+        let again = std::fs::File::open(port_locks().join(format!("{port}.lock"))).unwrap();
+        assert!(again.try_lock().is_err(), "the lock of {port} is held");
+    }
 }
