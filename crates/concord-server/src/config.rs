@@ -111,6 +111,11 @@ pub struct Settings {
     /// How long a node trusts the latest definition version it looked up, milliseconds: a new
     /// version put on another node reaches new sagas here within this time.
     pub saga_definition_cache_ms: u64,
+    /// Credentials for saga participants by name, used in definitions as `{{secrets.<name>}}`
+    /// in header values (`[saga_secrets]` in the file, or `CONCORD_SAGA_SECRETS='{name="..."}'`).
+    /// Secrets: never stored, shown or logged.
+    #[serde(skip_serializing)]
+    pub saga_secrets: std::collections::BTreeMap<String, String>,
     /// Most participants in one transaction.
     pub tx_max_participants: usize,
     /// Largest payload for one participant, bytes.
@@ -181,6 +186,7 @@ impl Default for Settings {
             saga_max_backoff_ms: 3_600_000,
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
+            saga_secrets: std::collections::BTreeMap::new(),
             tx_max_participants: 16,
             tx_max_payload_bytes: 64 * 1024,
             tx_max_timeout_ms: 60_000,
@@ -312,6 +318,17 @@ mod tests {
         assert_eq!(s.vault_url(), "postgres://db/concord", "every node shares the vault");
         s.vault_database_url = "postgres://vault-db/vault".into();
         assert_eq!(s.vault_url(), "postgres://vault-db/vault");
+    }
+
+    #[test]
+    fn saga_secrets_come_from_the_file_and_are_never_serialized() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("concord.toml");
+        std::fs::write(&path, "[saga_secrets]\nshop = \"t0ken\"\n").unwrap();
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        assert_eq!(s.saga_secrets.get("shop").map(String::as_str), Some("t0ken"));
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(!shown.contains("t0ken"), "{shown}");
     }
 
     #[test]

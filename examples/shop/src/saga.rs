@@ -9,20 +9,22 @@ pub const PLACE_ORDER: &str = "place-order";
 /// The saga calls a fault may be asked for on (see [`crate::common::FAULT_HEADER`]).
 pub const FAULT_SLOTS: &[&str] = &["reserve", "release", "charge", "refund"];
 
+/// The name of the server-held saga secret that is the shop's service token: the definition
+/// names it, so the token itself is never stored in a definition.
+pub const TOKEN_SECRET: &str = "shop_token";
+
 /// Where the participants listen and how they are called.
 #[derive(Debug, Clone)]
 pub struct Participants {
     pub orders_url: String,
     pub inventory_url: String,
     pub payments_url: String,
-    /// The shop's service token, sent as `Authorization: Bearer`.
-    pub token: String,
     /// Each attempt's timeout, milliseconds.
     pub timeout_ms: u64,
 }
 
-fn call(url: String, token: &str, fault: Option<&str>, body: Option<Value>) -> Value {
-    let mut headers = json!({ "authorization": format!("Bearer {token}") });
+fn call(url: String, fault: Option<&str>, body: Option<Value>) -> Value {
+    let mut headers = json!({ "authorization": format!("Bearer {{{{secrets.{TOKEN_SECRET}}}}}") });
     if let Some(slot) = fault {
         headers[crate::common::FAULT_HEADER] = Value::String(format!("{{{{input.faults.{slot}}}}}"));
     }
@@ -36,7 +38,6 @@ fn call(url: String, token: &str, fault: Option<&str>, body: Option<Value>) -> V
 /// The definition, for `PUT /v1/saga-definitions/place-order`.
 #[must_use]
 pub fn definition(p: &Participants) -> Value {
-    let t = &p.token;
     // Enough attempts to ride out a participant's restart (about 5 s of backoff) and an injected
     // fault, few enough that a step whose answers are all lost gives up in seconds.
     let retry = json!({ "max_attempts": 6, "backoff_ms": 200, "max_backoff_ms": 2_000 });
@@ -45,8 +46,8 @@ pub fn definition(p: &Participants) -> Value {
         "steps": [
             {
                 "name": "open",
-                "action": call(format!("{}/orders/{id}/saga/open", p.orders_url), t, None, None),
-                "compensation": call(format!("{}/orders/{id}/saga/reject", p.orders_url), t, None, None),
+                "action": call(format!("{}/orders/{id}/saga/open", p.orders_url), None, None),
+                "compensation": call(format!("{}/orders/{id}/saga/reject", p.orders_url), None, None),
                 "retry": retry,
                 "timeout_ms": p.timeout_ms,
             },
@@ -54,14 +55,12 @@ pub fn definition(p: &Participants) -> Value {
                 "name": "reserve",
                 "action": call(
                     format!("{}/reservations", p.inventory_url),
-                    t,
-                    Some("reserve"),
+                            Some("reserve"),
                     Some(json!({ "order_id": id, "items": "{{input.items}}" })),
                 ),
                 "compensation": call(
                     format!("{}/reservations/{id}/release", p.inventory_url),
-                    t,
-                    Some("release"),
+                            Some("release"),
                     None,
                 ),
                 "retry": retry,
@@ -71,17 +70,16 @@ pub fn definition(p: &Participants) -> Value {
                 "name": "charge",
                 "action": call(
                     format!("{}/charges", p.payments_url),
-                    t,
-                    Some("charge"),
+                            Some("charge"),
                     Some(json!({ "order_id": id, "amount": "{{input.total}}", "card_token": "{{input.card_token}}" })),
                 ),
-                "compensation": call(format!("{}/charges/{id}/refund", p.payments_url), t, Some("refund"), None),
+                "compensation": call(format!("{}/charges/{id}/refund", p.payments_url), Some("refund"), None),
                 "retry": retry,
                 "timeout_ms": p.timeout_ms,
             },
             {
                 "name": "confirm",
-                "action": call(format!("{}/orders/{id}/saga/confirm", p.orders_url), t, None, None),
+                "action": call(format!("{}/orders/{id}/saga/confirm", p.orders_url), None, None),
                 // The pivot: once stock is held and the card charged, the order is confirmed,
                 // retried for as long as it takes rather than left uncertain (it has no compensation,
                 // and its append may have landed).

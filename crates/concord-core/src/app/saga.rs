@@ -9,7 +9,7 @@ use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
-    SagaLimits, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, log_stream, on_outcome,
+    SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, log_stream, on_outcome,
 };
 use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -80,6 +80,8 @@ pub struct EngineConfig {
     /// How long a start trusts the latest version of a definition it looked up: a version put
     /// on another node is used by new sagas here within this time (one put here, at once).
     pub latest_definition_ttl: Duration,
+    /// Participant credentials, named in definitions as `{{secrets.<name>}}`.
+    pub secrets: SagaSecrets,
 }
 
 /// How a drive ended.
@@ -168,6 +170,18 @@ impl SagaEngine {
     /// An invalid definition, or the store.
     pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
         let def = SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
+        if let Some((step, secret)) = def
+            .secrets()
+            .into_iter()
+            .find(|(_, n)| !self.config.secrets.contains(n))
+        {
+            return Err(DefinitionError::Template {
+                step: step.to_owned(),
+                var: format!("secrets.{secret}"),
+                reason: "no such secret is configured on this server (saga_secrets)".into(),
+            }
+            .into());
+        }
         if !self.config.allowed_hosts.is_empty() {
             for (step, url, authority) in def.authorities() {
                 let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
@@ -625,6 +639,7 @@ impl SagaEngine {
             saga_id: &state.id,
             input: &state.input,
             outputs: &outputs,
+            secrets: &self.config.secrets,
         };
         let call = match ctx.render_call(template) {
             Ok(c) => c,
@@ -859,6 +874,7 @@ mod tests {
             event_limits: Limits::default(),
             allowed_hosts: Vec::new(),
             latest_definition_ttl: Duration::from_secs(1),
+            secrets: SagaSecrets::default(),
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
@@ -1068,6 +1084,7 @@ mod tests {
             event_limits: Limits::default(),
             allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             latest_definition_ttl: Duration::from_secs(1),
+            secrets: SagaSecrets::default(),
         };
         let only_inv = SagaEngine::new(
             store.clone(),

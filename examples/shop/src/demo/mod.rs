@@ -277,6 +277,11 @@ async fn run_in(
             env: vec![
                 ("CONCORD_ADMIN_KEY".into(), admin_key.clone()),
                 ("CONCORD_TX_PARTICIPANT_TOKEN".into(), tx_token.clone()),
+                // The saga's calls to the shop carry its token from here, not from the definition.
+                (
+                    "CONCORD_SAGA_SECRETS".into(),
+                    format!("{{{}=\"{token}\"}}", crate::saga::TOKEN_SECRET),
+                ),
                 (
                     "CONCORD_VAULT_MASTER_KEY_FILE".into(),
                     layout.dir.join("vault.key").display().to_string(),
@@ -313,7 +318,6 @@ async fn run_in(
                 orders_url: urls.orders.clone(),
                 inventory_url: urls.inventory.clone(),
                 payments_url: urls.payments.clone(),
-                token: token.clone(),
                 timeout_ms: 1_000,
             }),
         )

@@ -204,6 +204,20 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Headers Concord sets on every participant call; a definition may not set them.
+/// Headers that carry credentials: their values must come from `{{secrets.<name>}}`.
+const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization"];
+
+/// The secrets a string names (`{{secrets.<name>}}`).
+fn secret_names(s: &str) -> Vec<&str> {
+    parse_template(s)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Var(v) => v.strip_prefix("secrets."),
+            _ => None,
+        })
+        .collect()
+}
+
 const RESERVED_HEADERS: &[&str] = &[
     "idempotency-key",
     "concord-saga-id",
@@ -313,6 +327,22 @@ impl SagaDefinition {
 impl SagaDefinition {
     /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
     #[must_use]
+    pub fn secrets(&self) -> Vec<(&str, &str)> {
+        self.steps
+            .iter()
+            .flat_map(|s| {
+                std::iter::once(&s.action)
+                    .chain(s.compensation.as_ref())
+                    .map(move |c| (s, c))
+            })
+            .flat_map(|(s, c)| {
+                c.headers
+                    .values()
+                    .flat_map(move |v| secret_names(v).into_iter().map(move |n| (s.name.as_str(), n)))
+            })
+            .collect()
+    }
+
     pub fn authorities(&self) -> Vec<(&str, &str, &str)> {
         self.steps
             .iter()
@@ -363,9 +393,14 @@ fn check_call(step: &str, call: &HttpCall, visible: &[&str]) -> Result<(), Defin
         if value.bytes().any(|b| b.is_ascii_control()) {
             return bad("control characters in the value");
         }
-        check_templates(step, value, visible)?;
+        // A definition is stored and shown to every reader: a credential in it would be a
+        // secret in plaintext. It names a secret the server holds instead.
+        if CREDENTIAL_HEADERS.contains(&name.to_ascii_lowercase().as_str()) && secret_names(value).is_empty() {
+            return bad("a credential comes from a server-held secret: write {{secrets.<name>}}");
+        }
+        check_templates(step, value, visible, true)?;
     }
-    check_templates(step, &call.url, visible)?;
+    check_templates(step, &call.url, visible, false)?;
     if let Some(body) = &call.body {
         check_json_templates(step, body, visible)?;
     }
@@ -404,14 +439,16 @@ fn check_url(step: &str, url: &str) -> Result<(), DefinitionError> {
 
 fn check_json_templates(step: &str, v: &Value, visible: &[&str]) -> Result<(), DefinitionError> {
     match v {
-        Value::String(s) => check_templates(step, s, visible),
+        Value::String(s) => check_templates(step, s, visible, false),
         Value::Array(a) => a.iter().try_for_each(|x| check_json_templates(step, x, visible)),
         Value::Object(o) => o.values().try_for_each(|x| check_json_templates(step, x, visible)),
         _ => Ok(()),
     }
 }
 
-fn check_templates(step: &str, s: &str, visible: &[&str]) -> Result<(), DefinitionError> {
+/// Checks the variables of one string; `secrets` says whether `secrets.<name>` may be used
+/// (header values only: a URL or a body may be echoed into errors, logs and outputs).
+fn check_templates(step: &str, s: &str, visible: &[&str], secrets: bool) -> Result<(), DefinitionError> {
     for piece in parse_template(s) {
         let var = match piece {
             Piece::Text(_) => continue,
@@ -444,7 +481,10 @@ fn check_templates(step: &str, s: &str, visible: &[&str]) -> Result<(), Definiti
                 }
             }
             ["steps", ..] => return bad("use steps.<name>.output[.field]"),
-            _ => return bad("variables start with input., steps.<name>.output or saga.id"),
+            ["secrets", _] if secrets => {}
+            ["secrets", _] => return bad("a secret may be used in a header value only"),
+            ["secrets", ..] => return bad("use secrets.<name>"),
+            _ => return bad("variables start with input., steps.<name>.output, saga.id or secrets."),
         }
     }
     Ok(())
@@ -483,6 +523,37 @@ pub struct TemplateContext<'a> {
     pub input: &'a Value,
     /// Outputs of the steps that succeeded, by step name.
     pub outputs: &'a BTreeMap<String, Value>,
+    /// The secrets the server holds, by name (`{{secrets.<name>}}` in header values).
+    pub secrets: &'a SagaSecrets,
+}
+
+/// Credentials for participants, held by the server (its configuration), never stored in a
+/// definition or a saga log; a definition names them as `{{secrets.<name>}}` in header values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SagaSecrets(BTreeMap<String, zeroize::Zeroizing<String>>);
+
+impl SagaSecrets {
+    #[must_use]
+    pub fn new(secrets: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self(
+            secrets
+                .into_iter()
+                .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
+                .collect(),
+        )
+    }
+
+    #[must_use]
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+impl std::fmt::Debug for SagaSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The names only: a secret's value is never printed.
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// A template that cannot be filled at run time.
@@ -504,6 +575,14 @@ impl TemplateContext<'_> {
             ["saga", "id"] => return Ok(Value::String(self.saga_id.to_owned())),
             ["input", path @ ..] => (self.input, path),
             ["steps", name, "output", path @ ..] => (self.outputs.get(*name).ok_or_else(missing)?, path),
+            ["secrets", name] => {
+                return self
+                    .secrets
+                    .0
+                    .get(*name)
+                    .map(|v| Value::String(v.as_str().to_owned()))
+                    .ok_or_else(missing);
+            }
             _ => return Err(missing()),
         };
         let mut v = root;
@@ -708,6 +787,7 @@ mod tests {
             saga_id: "s1",
             input: &input,
             outputs: &outputs,
+            secrets: &SagaSecrets::default(),
         };
         let d = SagaDefinition::new("order", 1, spec(two_steps()), &SagaLimits::default()).unwrap();
         let a = ctx.render_call(&d.steps[0].action).unwrap();
@@ -726,10 +806,77 @@ mod tests {
             saga_id: "s1",
             input: &dots,
             outputs: &outputs,
+            secrets: &SagaSecrets::default(),
         };
         assert_eq!(
             ctx.render_str("http://x/orders/{{input.id}}/cancel", true),
             Err(MissingValue::DotSegment("input.id".into()))
+        );
+    }
+
+    #[test]
+    fn credentials_come_from_server_secrets_filled_in_header_values_only() {
+        let l = SagaLimits::default();
+        let with_headers = |headers: Value, url: &str| {
+            let mut v = two_steps();
+            v["steps"][1]["action"]["headers"] = headers;
+            v["steps"][1]["action"]["url"] = json!(url);
+            SagaDefinition::new("order", 1, spec(v), &l)
+        };
+        let ok = with_headers(
+            json!({"Authorization": "Bearer {{secrets.pay}}"}),
+            "http://pay.local/charge",
+        )
+        .unwrap();
+        assert_eq!(ok.secrets(), vec![("charge", "pay")]);
+        // A credential written into the definition would be stored and shown in plaintext.
+        for plain in ["Bearer abc", "Bearer {{input.token}}"] {
+            assert!(
+                matches!(
+                    with_headers(json!({"authorization": plain}), "http://pay.local/charge"),
+                    Err(DefinitionError::Header { .. })
+                ),
+                "{plain}"
+            );
+        }
+        assert!(matches!(
+            with_headers(json!({"Proxy-Authorization": "Basic xyz"}), "http://pay.local/charge"),
+            Err(DefinitionError::Header { .. })
+        ));
+        // Nowhere but header values: a URL or a body is echoed into errors and outputs.
+        assert!(matches!(
+            with_headers(json!({}), "http://pay.local/charge?k={{secrets.pay}}"),
+            Err(DefinitionError::Template { .. })
+        ));
+        let mut body = two_steps();
+        body["steps"][0]["action"]["body"] = json!({"key": "{{secrets.pay}}"});
+        assert!(matches!(
+            SagaDefinition::new("order", 1, spec(body), &l),
+            Err(DefinitionError::Template { .. })
+        ));
+        assert!(matches!(
+            with_headers(json!({"X-Key": "{{secrets.a.b}}"}), "http://pay.local/charge"),
+            Err(DefinitionError::Template { .. })
+        ));
+
+        let secrets = SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned())]);
+        assert_eq!(format!("{secrets:?}"), r#"{"pay"}"#, "Debug shows names, never values");
+        let (input, outputs) = (json!({}), BTreeMap::from([("reserve".to_owned(), json!({"id": "r1"}))]));
+        let ctx = TemplateContext {
+            saga_id: "s1",
+            input: &input,
+            outputs: &outputs,
+            secrets: &secrets,
+        };
+        let call = ctx.render_call(&ok.steps[1].action).unwrap();
+        assert_eq!(call.headers["Authorization"], "Bearer s3cr3t");
+        // The stored spec still names the secret, not its value.
+        assert_eq!(ok.steps[1].action.headers["Authorization"], "Bearer {{secrets.pay}}");
+        let none = SagaSecrets::default();
+        let ctx = TemplateContext { secrets: &none, ..ctx };
+        assert_eq!(
+            ctx.render_call(&ok.steps[1].action),
+            Err(MissingValue::Missing("secrets.pay".into()))
         );
     }
 

@@ -5,8 +5,8 @@ pub mod definition;
 pub mod machine;
 
 pub use definition::{
-    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, StepSpec, TemplateContext,
-    check_saga_id,
+    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, SagaSecrets, StepSpec,
+    TemplateContext, check_saga_id,
 };
 pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
 
