@@ -112,10 +112,11 @@ pub struct Settings {
     /// version put on another node reaches new sagas here within this time.
     pub saga_definition_cache_ms: u64,
     /// Credentials for saga participants by name, used in definitions as `{{secrets.<name>}}`
-    /// in header values (`[saga_secrets]` in the file, or `CONCORD_SAGA_SECRETS='{name="..."}'`).
-    /// Secrets: never stored, shown or logged.
+    /// in header values, each sent only to its hosts (`[saga_secrets.<name>]` in the file, or
+    /// `CONCORD_SAGA_SECRETS='{name={value="...",hosts=["payments"]}}'`). Never stored, shown
+    /// or logged.
     #[serde(skip_serializing)]
-    pub saga_secrets: std::collections::BTreeMap<String, String>,
+    pub saga_secrets: std::collections::BTreeMap<String, SagaSecretSetting>,
     /// Most participants in one transaction.
     pub tx_max_participants: usize,
     /// Largest payload for one participant, bytes.
@@ -136,6 +137,23 @@ pub struct Settings {
     /// commit or abort. A secret: never logged.
     #[serde(skip_serializing)]
     pub tx_participant_token: Option<String>,
+}
+
+/// One saga secret: its value and the hosts (`name` or `name:port`) it may be sent to.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SagaSecretSetting {
+    pub value: String,
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for SagaSecretSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaSecretSetting")
+            .field("value", &"[secret]")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
 }
 
 impl Default for Settings {
@@ -222,6 +240,19 @@ impl Settings {
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         Ok(settings)
+    }
+
+    /// The saga secrets, checked.
+    ///
+    /// # Errors
+    /// A bad name, an empty value or a secret without hosts.
+    pub fn saga_secrets(&self) -> anyhow::Result<concord_core::domain::saga::SagaSecrets> {
+        concord_core::domain::saga::SagaSecrets::new(
+            self.saga_secrets
+                .iter()
+                .map(|(name, s)| (name.clone(), s.value.clone(), s.hosts.clone())),
+        )
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))
     }
 
     #[must_use]
@@ -324,11 +355,17 @@ mod tests {
     fn saga_secrets_come_from_the_file_and_are_never_serialized() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("concord.toml");
-        std::fs::write(&path, "[saga_secrets]\nshop = \"t0ken\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[saga_secrets.shop]\nvalue = \"t0ken\"\nhosts = [\"orders\", \"payments:8082\"]\n",
+        )
+        .unwrap();
         let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
-        assert_eq!(s.saga_secrets.get("shop").map(String::as_str), Some("t0ken"));
-        let shown = serde_json::to_string(&s).unwrap();
-        assert!(!shown.contains("t0ken"), "{shown}");
+        let shop = &s.saga_secrets["shop"];
+        assert_eq!((shop.value.as_str(), shop.hosts.len()), ("t0ken", 2));
+        for shown in [serde_json::to_string(&s).unwrap(), format!("{s:?}")] {
+            assert!(!shown.contains("t0ken"), "{shown}");
+        }
     }
 
     #[test]

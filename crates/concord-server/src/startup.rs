@@ -110,7 +110,7 @@ impl Application {
                 event_limits: settings.limits(),
                 allowed_hosts: settings.saga_allowed_hosts.clone(),
                 latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
-                secrets: concord_core::domain::saga::SagaSecrets::new(settings.saga_secrets.clone()),
+                secrets: settings.saga_secrets()?,
             },
         ));
         let sagas = crate::saga::SagaRunner::new(

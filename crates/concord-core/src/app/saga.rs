@@ -6,10 +6,12 @@
 //! partitioned) cannot record anything once another node has moved the saga on.
 
 use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
+use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
-    SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, log_stream, on_outcome,
+    SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, host_listed, log_stream,
+    on_outcome,
 };
 use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -170,22 +172,10 @@ impl SagaEngine {
     /// An invalid definition, or the store.
     pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
         let def = SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
-        if let Some((step, secret)) = def
-            .secrets()
-            .into_iter()
-            .find(|(_, n)| !self.config.secrets.contains(n))
-        {
-            return Err(DefinitionError::Template {
-                step: step.to_owned(),
-                var: format!("secrets.{secret}"),
-                reason: "no such secret is configured on this server (saga_secrets)".into(),
-            }
-            .into());
-        }
+        def.check_secrets(&self.config.secrets)?;
         if !self.config.allowed_hosts.is_empty() {
             for (step, url, authority) in def.authorities() {
-                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-                if !self.config.allowed_hosts.iter().any(|a| a == authority || a == host) {
+                if !host_listed(&self.config.allowed_hosts, authority) {
                     return Err(DefinitionError::Url {
                         step: step.to_owned(),
                         url: url.to_owned(),
@@ -643,6 +633,9 @@ impl SagaEngine {
         };
         let call = match ctx.render_call(template) {
             Ok(c) => c,
+            // This node lacks a secret another node put the definition with: one that has it
+            // (or this one, reconfigured) can still make the call.
+            Err(e @ MissingValue::Secret(_)) => return CallOutcome::Transient(e.to_string()),
             // The data a call needs is not there: no retry will bring it.
             Err(e) => return CallOutcome::Refused(e.to_string()),
         };
@@ -658,6 +651,15 @@ impl SagaEngine {
         };
         let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
         let outcome = self.participants.call(&pc).instrument(span).await;
+        // Kept in the log and shown to readers: a participant that echoes a secret it was sent
+        // must not put it there.
+        let secrets = &self.config.secrets;
+        let outcome = match outcome {
+            CallOutcome::Succeeded(v) => CallOutcome::Succeeded(secrets.redact_json(v)),
+            CallOutcome::Refused(e) => CallOutcome::Refused(secrets.redact(&e)),
+            CallOutcome::Transient(e) => CallOutcome::Transient(secrets.redact(&e)),
+            CallOutcome::Unusable(e) => CallOutcome::Unusable(secrets.redact(&e)),
+        };
         match outcome {
             CallOutcome::Succeeded(v) => {
                 let size = serde_json::to_vec(&v).map_or(usize::MAX, |b| b.len());

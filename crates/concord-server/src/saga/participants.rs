@@ -77,7 +77,13 @@ impl HttpParticipants {
             .header("concord-saga-id", &c.saga_id)
             .header("traceparent", outgoing_traceparent(incoming.as_ref()));
         for (k, v) in &c.call.headers {
-            req = req.header(k, v);
+            // A definition's headers may carry a secret: kept out of HTTP/2 header compression
+            // tables and out of any Debug print of the request.
+            let Ok(mut value) = reqwest::header::HeaderValue::from_str(v) else {
+                return CallOutcome::Refused(format!("header {k} has a value that cannot be sent"));
+            };
+            value.set_sensitive(true);
+            req = req.header(k, value);
         }
         if let Some(body) = &c.call.body {
             req = req.json(body);

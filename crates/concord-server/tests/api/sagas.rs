@@ -512,31 +512,38 @@ both_backends!(definitions_call_only_the_allowed_hosts);
 
 async fn participant_credentials_come_from_server_secrets(b: Backend) {
     let Some(app) = crate::helpers::spawn_app_with(b, |s| {
-        s.saga_secrets.insert("pay".into(), "s3cr3t-token".into());
+        s.saga_secrets.insert(
+            "pay".into(),
+            concord_server::config::SagaSecretSetting {
+                value: "s3cr3t-token".into(),
+                hosts: vec!["127.0.0.1".into()],
+            },
+        );
     })
     .await
     else {
         return;
     };
-    // A participant that answers with the Authorization header it was sent.
+    // A participant that answers with the Authorization header it was sent, and says whether
+    // it was the secret's value.
     let router = axum::Router::new().route(
         "/charge",
         axum::routing::post(|headers: axum::http::HeaderMap| async move {
             let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            axum::Json(json!({ "authorization": auth }))
+            axum::Json(json!({ "authorization": auth, "is_the_secret": auth == "Bearer s3cr3t-token" }))
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/charge", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    let def = |auth: &str| json!({"steps": [{"name": "charge", "action": {"method": "POST", "url": url, "headers": {"Authorization": auth}}}]});
+    let def = |url: &str, auth: &str| json!({"steps": [{"name": "charge", "action": {"method": "POST", "url": url, "headers": {"Authorization": auth}}}]});
     let put = |name: &str, d: Value| {
         app.admin(Method::PUT, &format!("/v1/saga-definitions/{name}"))
             .json(&d)
             .send()
     };
 
-    let r = put("pay", def("Bearer {{secrets.pay}}")).await.unwrap();
+    let r = put("pay", def(&url, "Bearer {{secrets.pay}}")).await.unwrap();
     assert_eq!(r.status(), 201);
     let shown = app
         .admin(Method::GET, "/v1/saga-definitions/pay")
@@ -554,18 +561,38 @@ async fn participant_credentials_come_from_server_secrets(b: Backend) {
 
     let saga = run(&app, "pay", "pay-1", json!({})).await;
     assert_eq!(saga["status"], "completed", "{saga}");
-    assert_eq!(
-        saga["steps"][0]["output"]["authorization"], "Bearer s3cr3t-token",
-        "{saga}"
+    assert_eq!(saga["steps"][0]["output"]["is_the_secret"], true, "{saga}");
+    // The participant echoed the secret; the log keeps its answer without it.
+    assert_eq!(saga["steps"][0]["output"]["authorization"], "Bearer [secret]", "{saga}");
+    let log = app
+        .admin(Method::GET, "/v1/streams/saga-pay-1")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains("ActionSucceeded") && !log.contains("s3cr3t-token"),
+        "{log}"
     );
 
-    let r = put("other", def("Bearer {{secrets.nope}}")).await.unwrap();
+    let r = put("other", def(&url, "Bearer {{secrets.nope}}")).await.unwrap();
     let problem = assert_problem(r, 400, "unknown_template_variable").await;
     assert!(
         problem["detail"].as_str().unwrap().contains("secrets.nope"),
         "{problem}"
     );
-    let r = put("plain", def("Bearer s3cr3t-token")).await.unwrap();
+    let r = put("plain", def(&url, "Bearer s3cr3t-token")).await.unwrap();
     assert_problem(r, 400, "invalid_step_header").await;
+    // The secret goes only to its hosts.
+    let r = put("elsewhere", def("http://localhost:9/charge", "Bearer {{secrets.pay}}"))
+        .await
+        .unwrap();
+    let problem = assert_problem(r, 400, "unknown_template_variable").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("not for localhost:9"),
+        "{problem}"
+    );
 }
 both_backends!(participant_credentials_come_from_server_secrets);

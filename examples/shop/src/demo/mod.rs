@@ -280,7 +280,10 @@ async fn run_in(
                 // The saga's calls to the shop carry its token from here, not from the definition.
                 (
                     "CONCORD_SAGA_SECRETS".into(),
-                    format!("{{{}=\"{token}\"}}", crate::saga::TOKEN_SECRET),
+                    format!(
+                        "{{{}={{value=\"{token}\",hosts=[\"127.0.0.1\"]}}}}",
+                        crate::saga::TOKEN_SECRET
+                    ),
                 ),
                 (
                     "CONCORD_VAULT_MASTER_KEY_FILE".into(),

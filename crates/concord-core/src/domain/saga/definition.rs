@@ -144,7 +144,7 @@ impl RetryPolicy {
 }
 
 /// An HTTP call to a participant; its strings may hold `{{...}}` templates.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCall {
     pub method: String,
@@ -153,6 +153,18 @@ pub struct HttpCall {
     pub headers: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+}
+
+impl std::fmt::Debug for HttpCall {
+    /// Header names without their values: a filled-in call carries its secrets there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCall")
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body", &self.body)
+            .finish()
+    }
 }
 
 /// One step as written by the user.
@@ -203,9 +215,8 @@ pub struct SagaDefinition {
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
-/// Headers Concord sets on every participant call; a definition may not set them.
-/// Headers that carry credentials: their values must come from `{{secrets.<name>}}`.
-const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization"];
+/// Headers that carry credentials: a new definition fills them from one server-held secret.
+const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "x-auth-token"];
 
 /// The secrets a string names (`{{secrets.<name>}}`).
 fn secret_names(s: &str) -> Vec<&str> {
@@ -218,6 +229,30 @@ fn secret_names(s: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A credential header's value as a new definition may write it: `{{secrets.<name>}}` alone or
+/// after an auth scheme (`Bearer {{secrets.<name>}}`), nothing else that could hold plaintext.
+fn is_secret_credential(value: &str) -> bool {
+    let pieces = parse_template(value);
+    match pieces.as_slice() {
+        [Piece::Var(v)] => v.starts_with("secrets."),
+        [Piece::Text(scheme), Piece::Var(v)] => {
+            v.starts_with("secrets.")
+                && scheme
+                    .strip_suffix(' ')
+                    .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `authority` (`host[:port]`) is named in `hosts`, by itself or by its host.
+#[must_use]
+pub fn host_listed(hosts: &[String], authority: &str) -> bool {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    hosts.iter().any(|a| a == authority || a == host)
+}
+
+/// Headers Concord sets on every participant call; a definition may not set them.
 const RESERVED_HEADERS: &[&str] = &[
     "idempotency-key",
     "concord-saga-id",
@@ -325,24 +360,57 @@ impl SagaDefinition {
 }
 
 impl SagaDefinition {
-    /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
-    #[must_use]
-    pub fn secrets(&self) -> Vec<(&str, &str)> {
-        self.steps
-            .iter()
-            .flat_map(|s| {
-                std::iter::once(&s.action)
-                    .chain(s.compensation.as_ref())
-                    .map(move |c| (s, c))
-            })
-            .flat_map(|(s, c)| {
-                c.headers
-                    .values()
-                    .flat_map(move |v| secret_names(v).into_iter().map(move |n| (s.name.as_str(), n)))
-            })
-            .collect()
+    fn calls(&self) -> impl Iterator<Item = (&str, &HttpCall)> {
+        self.steps.iter().flat_map(|s| {
+            std::iter::once(&s.action)
+                .chain(s.compensation.as_ref())
+                .map(move |c| (s.name.as_str(), c))
+        })
     }
 
+    /// The checks of a new definition against the server's secrets (a stored one was checked
+    /// when it was put, so a secret changed since does not strand its sagas): credential
+    /// headers take their value from one secret, every secret named is held, and each goes
+    /// only to the hosts it is for.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Header`] for a credential written in plaintext,
+    /// [`DefinitionError::Template`] for a secret not held or not for that host.
+    pub fn check_secrets(&self, secrets: &SagaSecrets) -> Result<(), DefinitionError> {
+        for (step, call) in self.calls() {
+            for (header, value) in &call.headers {
+                if CREDENTIAL_HEADERS.contains(&header.to_ascii_lowercase().as_str()) && !is_secret_credential(value) {
+                    return Err(DefinitionError::Header {
+                        step: step.into(),
+                        header: header.clone(),
+                        reason: "a definition is shown to every reader, so a credential comes from a server-held \
+                                 secret: write {{secrets.<name>}} or <scheme> {{secrets.<name>}}"
+                            .into(),
+                    });
+                }
+                for name in secret_names(value) {
+                    let bad = |reason: String| {
+                        Err(DefinitionError::Template {
+                            step: step.into(),
+                            var: format!("secrets.{name}"),
+                            reason,
+                        })
+                    };
+                    let Some(secret) = secrets.0.get(name) else {
+                        return bad("no such secret is configured on this server (saga_secrets)".into());
+                    };
+                    let authority = authority(&call.url);
+                    if !host_listed(&secret.hosts, authority) {
+                        return bad(format!("this secret is not for {authority} (its hosts)"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
+    #[must_use]
     pub fn authorities(&self) -> Vec<(&str, &str, &str)> {
         self.steps
             .iter()
@@ -392,11 +460,6 @@ fn check_call(step: &str, call: &HttpCall, visible: &[&str]) -> Result<(), Defin
         }
         if value.bytes().any(|b| b.is_ascii_control()) {
             return bad("control characters in the value");
-        }
-        // A definition is stored and shown to every reader: a credential in it would be a
-        // secret in plaintext. It names a secret the server holds instead.
-        if CREDENTIAL_HEADERS.contains(&name.to_ascii_lowercase().as_str()) && secret_names(value).is_empty() {
-            return bad("a credential comes from a server-held secret: write {{secrets.<name>}}");
         }
         check_templates(step, value, visible, true)?;
     }
@@ -528,24 +591,84 @@ pub struct TemplateContext<'a> {
 }
 
 /// Credentials for participants, held by the server (its configuration), never stored in a
-/// definition or a saga log; a definition names them as `{{secrets.<name>}}` in header values.
+/// definition or a saga log; a definition names them as `{{secrets.<name>}}` in header values,
+/// and each goes only to the hosts it lists.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct SagaSecrets(BTreeMap<String, zeroize::Zeroizing<String>>);
+pub struct SagaSecrets(BTreeMap<String, SagaSecret>);
+
+#[derive(Clone, PartialEq, Eq)]
+struct SagaSecret {
+    value: zeroize::Zeroizing<String>,
+    hosts: Vec<String>,
+}
+
+/// Replaces a secret's value wherever a participant's answer repeats it.
+const REDACTED: &str = "[secret]";
 
 impl SagaSecrets {
-    #[must_use]
-    pub fn new(secrets: impl IntoIterator<Item = (String, String)>) -> Self {
-        Self(
-            secrets
-                .into_iter()
-                .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
-                .collect(),
-        )
+    /// From (name, value, hosts) triples.
+    ///
+    /// # Errors
+    /// A name outside `A-Z a-z 0-9 _ -`, an empty value or an empty host list (a secret for
+    /// every host would go wherever a definition sends it).
+    pub fn new(secrets: impl IntoIterator<Item = (String, String, Vec<String>)>) -> Result<Self, String> {
+        let mut out = BTreeMap::new();
+        for (name, value, hosts) in secrets {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(format!("saga secret name {name:?}: use A-Z a-z 0-9 _ -"));
+            }
+            if value.is_empty() {
+                return Err(format!("saga secret {name}: empty value"));
+            }
+            if hosts.is_empty() {
+                return Err(format!("saga secret {name}: list the hosts it may be sent to"));
+            }
+            out.insert(
+                name,
+                SagaSecret {
+                    value: zeroize::Zeroizing::new(value),
+                    hosts,
+                },
+            );
+        }
+        Ok(Self(out))
     }
 
     #[must_use]
     pub fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
+    }
+
+    /// `s` with every secret value replaced by `[secret]`: what a participant answers is kept
+    /// in the saga log, and an answer may echo what it was sent.
+    #[must_use]
+    pub fn redact(&self, s: &str) -> String {
+        // Longest first, so a secret inside another does not leave the rest of that one.
+        let mut values: Vec<&str> = self.0.values().map(|v| v.value.as_str()).collect();
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.into_iter().fold(s.to_owned(), |s, v| s.replace(v, REDACTED))
+    }
+
+    /// [`Self::redact`] over every string of a JSON value, keys included.
+    #[must_use]
+    pub fn redact_json(&self, v: Value) -> Value {
+        if self.0.is_empty() {
+            return v;
+        }
+        match v {
+            Value::String(s) => Value::String(self.redact(&s)),
+            Value::Array(a) => Value::Array(a.into_iter().map(|x| self.redact_json(x)).collect()),
+            Value::Object(o) => Value::Object(
+                o.into_iter()
+                    .map(|(k, x)| (self.redact(&k), self.redact_json(x)))
+                    .collect(),
+            ),
+            other => other,
+        }
     }
 }
 
@@ -562,6 +685,10 @@ pub enum MissingValue {
     /// The variable has no value (an output lacks the field).
     #[error("template variable {{{{{0}}}}} has no value")]
     Missing(String),
+    /// The server holds no secret of that name (its configuration changed since the
+    /// definition was put); a node configured with it can make the call.
+    #[error("secret {0} is not configured on this node")]
+    Secret(String),
     /// A value of `.` or `..` in a URL would climb the participant's path.
     #[error("template variable {{{{{0}}}}} is a dot segment, not allowed in a URL")]
     DotSegment(String),
@@ -580,8 +707,8 @@ impl TemplateContext<'_> {
                     .secrets
                     .0
                     .get(*name)
-                    .map(|v| Value::String(v.as_str().to_owned()))
-                    .ok_or_else(missing);
+                    .map(|v| Value::String(v.value.as_str().to_owned()))
+                    .ok_or_else(|| MissingValue::Secret((*name).to_owned()));
             }
             _ => return Err(missing()),
         };
@@ -817,32 +944,62 @@ mod tests {
     #[test]
     fn credentials_come_from_server_secrets_filled_in_header_values_only() {
         let l = SagaLimits::default();
+        let secrets = SagaSecrets::new([
+            ("pay".to_owned(), "s3cr3t".to_owned(), vec!["pay.local".to_owned()]),
+            (
+                "inv".to_owned(),
+                "other-s3cr3t".to_owned(),
+                vec!["inv.local:8080".to_owned()],
+            ),
+        ])
+        .unwrap();
         let with_headers = |headers: Value, url: &str| {
             let mut v = two_steps();
             v["steps"][1]["action"]["headers"] = headers;
             v["steps"][1]["action"]["url"] = json!(url);
             SagaDefinition::new("order", 1, spec(v), &l)
         };
+        let checked = |headers: Value, url: &str| with_headers(headers, url).and_then(|d| d.check_secrets(&secrets));
         let ok = with_headers(
             json!({"Authorization": "Bearer {{secrets.pay}}"}),
             "http://pay.local/charge",
         )
         .unwrap();
-        assert_eq!(ok.secrets(), vec![("charge", "pay")]);
-        // A credential written into the definition would be stored and shown in plaintext.
-        for plain in ["Bearer abc", "Bearer {{input.token}}"] {
+        ok.check_secrets(&secrets).unwrap();
+        checked(json!({"X-Api-Key": "{{ secrets.pay }}"}), "http://pay.local:9/charge").unwrap();
+        // A credential written into the definition would be stored and shown in plaintext, in
+        // whole or in part.
+        for plain in [
+            "Bearer abc",
+            "Bearer {{input.token}}",
+            "Bearer real {{secrets.pay}}",
+            "{{input.a}}{{secrets.pay}}",
+            "Bearer {{secrets.pay}} x",
+        ] {
             assert!(
                 matches!(
-                    with_headers(json!({"authorization": plain}), "http://pay.local/charge"),
+                    checked(json!({"authorization": plain}), "http://pay.local/charge"),
                     Err(DefinitionError::Header { .. })
                 ),
                 "{plain}"
             );
         }
         assert!(matches!(
-            with_headers(json!({"Proxy-Authorization": "Basic xyz"}), "http://pay.local/charge"),
+            checked(json!({"Proxy-Authorization": "Basic xyz"}), "http://pay.local/charge"),
             Err(DefinitionError::Header { .. })
         ));
+        // A secret the server does not hold, or one for another host, is refused.
+        for (headers, url) in [
+            (json!({"X-Key": "{{secrets.nope}}"}), "http://pay.local/charge"),
+            (json!({"X-Key": "{{secrets.pay}}"}), "http://evil.example/charge"),
+            (json!({"X-Key": "{{secrets.inv}}"}), "http://inv.local:9090/charge"),
+        ] {
+            assert!(
+                matches!(checked(headers.clone(), url), Err(DefinitionError::Template { .. })),
+                "{headers} {url}"
+            );
+        }
+        checked(json!({"X-Key": "{{secrets.inv}}"}), "http://inv.local:8080/charge").unwrap();
         // Nowhere but header values: a URL or a body is echoed into errors and outputs.
         assert!(matches!(
             with_headers(json!({}), "http://pay.local/charge?k={{secrets.pay}}"),
@@ -859,8 +1016,11 @@ mod tests {
             Err(DefinitionError::Template { .. })
         ));
 
-        let secrets = SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned())]);
-        assert_eq!(format!("{secrets:?}"), r#"{"pay"}"#, "Debug shows names, never values");
+        assert_eq!(
+            format!("{secrets:?}"),
+            r#"{"inv", "pay"}"#,
+            "Debug shows names, never values"
+        );
         let (input, outputs) = (json!({}), BTreeMap::from([("reserve".to_owned(), json!({"id": "r1"}))]));
         let ctx = TemplateContext {
             saga_id: "s1",
@@ -870,14 +1030,31 @@ mod tests {
         };
         let call = ctx.render_call(&ok.steps[1].action).unwrap();
         assert_eq!(call.headers["Authorization"], "Bearer s3cr3t");
+        assert!(!format!("{call:?}").contains("s3cr3t"), "{call:?}");
         // The stored spec still names the secret, not its value.
         assert_eq!(ok.steps[1].action.headers["Authorization"], "Bearer {{secrets.pay}}");
+        // An answer that repeats a secret is kept without it.
+        assert_eq!(
+            secrets.redact_json(json!({"seen": ["Bearer s3cr3t"], "other-s3cr3t": 1})),
+            json!({"seen": ["Bearer [secret]"], "[secret]": 1})
+        );
         let none = SagaSecrets::default();
         let ctx = TemplateContext { secrets: &none, ..ctx };
         assert_eq!(
             ctx.render_call(&ok.steps[1].action),
-            Err(MissingValue::Missing("secrets.pay".into()))
+            Err(MissingValue::Secret("pay".into()))
         );
+        for bad in [
+            ("", "v", vec!["h".to_owned()]),
+            ("a b", "v", vec!["h".to_owned()]),
+            ("n", "", vec!["h".to_owned()]),
+            ("n", "v", vec![]),
+        ] {
+            assert!(
+                SagaSecrets::new([(bad.0.to_owned(), bad.1.to_owned(), bad.2.clone())]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod machine;
 
 pub use definition::{
     DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, SagaSecrets, StepSpec,
-    TemplateContext, check_saga_id,
+    TemplateContext, check_saga_id, host_listed,
 };
 pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
 
