@@ -865,6 +865,15 @@ mod tests {
         lease_ms: u64,
         answer: impl Fn(&ParticipantCall) -> CallOutcome + Send + Sync + 'static,
     ) -> (SagaEngine, Arc<Scripted>) {
+        engine_with(store, lease_ms, SagaSecrets::default(), answer)
+    }
+
+    fn engine_with(
+        store: &Arc<MemoryStore>,
+        lease_ms: u64,
+        secrets: SagaSecrets,
+        answer: impl Fn(&ParticipantCall) -> CallOutcome + Send + Sync + 'static,
+    ) -> (SagaEngine, Arc<Scripted>) {
         let p = Arc::new(Scripted {
             answer: Box::new(answer),
             calls: Mutex::new(Vec::new()),
@@ -876,10 +885,48 @@ mod tests {
             event_limits: Limits::default(),
             allowed_hosts: Vec::new(),
             latest_definition_ttl: Duration::from_secs(1),
-            secrets: SagaSecrets::default(),
+            secrets,
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_secret_retries_and_one_with_it_sends_it_and_keeps_it_out_of_the_log() {
+        let store = Arc::new(MemoryStore::default());
+        let secrets = SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned(), vec!["pay".to_owned()])]).unwrap();
+        // The participant echoes the header it got.
+        let echo =
+            |c: &ParticipantCall| CallOutcome::Succeeded(json!({"auth": c.call.headers.get("authorization").cloned()}));
+        let (with, sent) = engine_with(&store, 10_000, secrets, echo);
+        let (without, _) = engine(&store, 10_000, echo);
+        let mut def = serde_json::to_value(spec()).unwrap();
+        def["steps"][1]["action"]["headers"] = json!({"authorization": "Bearer {{secrets.pay}}"});
+        let def: DefinitionSpec = serde_json::from_value(def).unwrap();
+        assert!(
+            without.define("order", def.clone()).await.is_err(),
+            "this node holds no such secret"
+        );
+        with.define("order", def).await.unwrap();
+
+        let (_, held) = without.start(start("o-s")).await.unwrap();
+        assert_eq!(
+            without.drive(held.unwrap()).await.unwrap(),
+            DriveEnd::Waiting,
+            "not compensated"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut claimed = with.claim(10).await.unwrap();
+        assert_eq!(
+            with.drive(claimed.pop().unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Completed)
+        );
+        let calls = sent.calls.lock().unwrap().clone();
+        let charge = calls.iter().find(|c| c.step == "charge").unwrap();
+        assert_eq!(charge.call.headers["authorization"], "Bearer s3cr3t");
+        let (_, state) = with.load("o-s").await.unwrap();
+        let log = serde_json::to_string(&state.unwrap().outputs()).unwrap();
+        assert!(log.contains("Bearer [secret]") && !log.contains("s3cr3t"), "{log}");
     }
 
     fn spec() -> DefinitionSpec {
