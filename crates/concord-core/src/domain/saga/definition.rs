@@ -360,6 +360,7 @@ impl SagaDefinition {
 }
 
 impl SagaDefinition {
+    /// Every call with its step's name: actions and compensations.
     fn calls(&self) -> impl Iterator<Item = (&str, &HttpCall)> {
         self.steps.iter().flat_map(|s| {
             std::iter::once(&s.action)
@@ -412,14 +413,8 @@ impl SagaDefinition {
     /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
     #[must_use]
     pub fn authorities(&self) -> Vec<(&str, &str, &str)> {
-        self.steps
-            .iter()
-            .flat_map(|s| {
-                std::iter::once(&s.action)
-                    .chain(s.compensation.as_ref())
-                    .map(move |c| (s, c))
-            })
-            .map(|(s, c)| (s.name.as_str(), c.url.as_str(), authority(&c.url)))
+        self.calls()
+            .map(|(step, c)| (step, c.url.as_str(), authority(&c.url)))
             .collect()
     }
 }
