@@ -116,10 +116,10 @@ impl Proc {
 
     async fn healthy(&mut self, layout: &Layout, http: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
+        // Healthy takes two answers with the exit check between them: an answer from another
+        // process that holds this port must not pass for this one, which has then exited.
         let mut answered = false;
         loop {
-            // Checked after the health answer too: an answer from a process that is not this
-            // one (its port taken) must not pass for it.
             if let Ok(Some(status)) = self.child.try_wait() {
                 anyhow::bail!(
                     "{} exited with {status}; see {}",
@@ -191,25 +191,26 @@ pub fn free_port() -> std::io::Result<u16> {
     free_port_from(20_000 + u16::from(uuid::Uuid::new_v4().as_bytes()[0]) * 40)
 }
 
-fn port_locks() -> PathBuf {
-    std::env::temp_dir().join("concord-demo-ports")
+/// The lock file of `port`, shared by every demo on this machine.
+fn port_lock(port: u16) -> std::io::Result<std::fs::File> {
+    let locks = std::env::temp_dir().join("concord-demo-ports");
+    std::fs::create_dir_all(&locks)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(locks.join(format!("{port}.lock")))
 }
 
 fn free_port_from(start: u16) -> std::io::Result<u16> {
     // The ports handed out, each with its held lock: never hand one out twice.
     static HANDED_OUT: std::sync::Mutex<Vec<(u16, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let locks = port_locks();
-    std::fs::create_dir_all(&locks)?;
     for port in (start..32_000).chain(20_000..start) {
         if handed_out.iter().any(|(p, _)| *p == port) {
             continue;
         }
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(locks.join(format!("{port}.lock")))?;
+        let lock = port_lock(port)?;
         if lock.try_lock().is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             handed_out.push((port, lock));
             return Ok(port);
@@ -252,19 +253,13 @@ mod tests {
         let taken = (31_000..32_000)
             .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
             .unwrap();
-        std::fs::create_dir_all(port_locks()).unwrap();
-        let other = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(port_locks().join(format!("{taken}.lock")))
-            .unwrap();
+        let other = port_lock(taken).unwrap();
         other.try_lock().unwrap();
         let port = free_port_from(taken).unwrap();
         assert_ne!(port, taken);
         assert!(port > taken, "the search goes on upward from {taken}: {port}");
         // And this process holds the port it was given: no other demo can take it.
-        let again = std::fs::File::open(port_locks().join(format!("{port}.lock"))).unwrap();
+        let again = port_lock(port).unwrap();
         assert!(again.try_lock().is_err(), "the lock of {port} is held");
     }
 }
