@@ -1,4 +1,5 @@
-//! The command line: `serve`, client commands over the HTTP API, and `bench`.
+//! The command line: `serve`, client commands over the HTTP API, `relay`, and `bench` (which
+//! runs the `concord-bench` binary).
 
 use crate::config::Settings;
 use anyhow::Context as _;
@@ -70,15 +71,33 @@ pub enum Command {
     },
     /// Publish a service's outbox to a broker (NATS JetStream or this server's event store).
     Relay(crate::relay::RelayArgs),
-    /// Measure an area against a baseline taken in the same run.
-    Bench(crate::bench::BenchArgs),
-    /// Run the reference shop under injected faults and check that nothing became inconsistent.
-    Demo(concord_shop::demo::DemoArgs),
-    /// Run one service of the reference shop (the demo starts them this way).
-    Shop {
-        #[command(subcommand)]
-        service: concord_shop::ShopCommand,
+    /// Measure an area against a baseline taken in the same run: runs `concord-bench` (from
+    /// beside this binary, else from PATH) with these arguments; `concord bench --help` lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
+}
+
+/// Runs the helper binary `concord-<name>` with `args` in place of this process (as `git` and
+/// `cargo` run their external commands), so its output and exit code are the command's own.
+///
+/// # Errors
+/// When the helper binary is neither beside this binary nor on PATH.
+pub fn run_helper(name: &str, args: &[String]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let file = format!("concord-{name}");
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(&file)))
+        .filter(|path| path.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(&file));
+    let error = std::process::Command::new(&program).args(args).exec();
+    anyhow::anyhow!(
+        "cannot run {}: {error} (build it with `cargo build --release -p {file}`)",
+        program.display()
+    )
 }
 
 #[derive(Debug, Args)]

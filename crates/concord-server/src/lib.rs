@@ -1,8 +1,7 @@
-//! The Concord server: HTTP API, background work, configuration, telemetry, CLI and benchmarks.
+//! The Concord server: HTTP API, background work, configuration, telemetry and CLI.
 //! `main.rs` only parses the command line; [`startup`] builds a running application.
 
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -289,6 +289,22 @@ where
 }
 
 /// Completes on SIGTERM or SIGINT.
+/// `concord serve`: telemetry, the application, the generated admin key printed once, then
+/// serving until SIGINT or SIGTERM.
+///
+/// # Errors
+/// When the application cannot be built or stops with an error.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let _telemetry = crate::telemetry::init(settings.log_json);
+    let app = Application::build(settings).await?;
+    if let Some(key) = &app.generated_admin_key {
+        // Printed once, to the terminal only: never through the log pipeline.
+        println!("Generated admin API key (shown once, store it now): {key}");
+    }
+    tracing::info!(addr = %app.local_addr()?, "concord listening");
+    app.run_until(shutdown_signal()).await
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -6,9 +6,9 @@
 #[path = "support/proc.rs"]
 mod proc;
 
+use concord_bench::bank::Bank;
 use concord_server::config::Settings;
 use concord_server::startup::Application;
-use concord_server::tx::bank::Bank;
 use proc::{ADMIN_KEY, Proc, Server, bare_serve};
 use serde_json::{Value, json};
 use std::time::Duration;

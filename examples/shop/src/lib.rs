@@ -127,7 +127,7 @@ impl BrokerArgs {
     }
 }
 
-/// `concord shop <service>`: runs one service of the shop.
+/// `concord-shop <service>`: runs one service of the shop.
 #[derive(Debug, clap::Subcommand)]
 pub enum ShopCommand {
     Orders(orders::OrdersArgs),

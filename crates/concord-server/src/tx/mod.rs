@@ -2,7 +2,6 @@
 //! delivers phase 2 until every participant acknowledged and recovers transactions whose
 //! coordinator died.
 
-pub mod bank;
 pub mod participants;
 pub mod runner;
 

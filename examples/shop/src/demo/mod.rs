@@ -1,4 +1,4 @@
-//! `concord demo`: starts the Concord server and the shop (embedded: SQLite files in a temporary
+//! `concord-shop demo`: starts the Concord server and the shop (embedded: SQLite files in a temporary
 //! folder, the event store as broker, in-process caches; scale-out: PostgreSQL, NATS JetStream and
 //! Redis), places orders from concurrent clients under faults drawn from `--seed` (participant
 //! 5xx and timeouts, card declines, out-of-stock, duplicate submissions and deliveries, a SIGKILL
@@ -26,7 +26,7 @@ use model::{Count, Report, Timeline, TimelineEntry};
 use plan::{Plan, PlannedOrder};
 use procs::{Layout, Proc, Spec, free_port};
 
-/// `concord demo`.
+/// `concord-shop demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Orders to place.
@@ -242,7 +242,7 @@ async fn run_in(
     let shape = if scale_out { "scale-out" } else { "embedded" };
     let plan = Plan::draw(args.seed, args.orders);
     println!(
-        "concord demo: {shape} shape, {} orders from {} clients, seed {}; files in {}",
+        "concord-shop demo: {shape} shape, {} orders from {} clients, seed {}; files in {}",
         args.orders,
         args.clients,
         args.seed,
@@ -330,7 +330,6 @@ async fn run_in(
     let common = |name: &str, url: &str, db: &str, concord_key: &str| -> (Vec<String>, Vec<(String, String)>) {
         (
             vec![
-                "shop".into(),
                 name.into(),
                 "--listen".into(),
                 listen(url),
@@ -376,7 +375,6 @@ async fn run_in(
         Spec {
             name: "provider".into(),
             args: vec![
-                "shop".into(),
                 "provider".into(),
                 "--listen".into(),
                 listen(&urls.provider),

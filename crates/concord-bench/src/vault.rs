@@ -180,7 +180,7 @@ pub(super) async fn vault(args: &BenchArgs, database_url: &str) -> anyhow::Resul
 
 /// Per shared-write queue: (batches, items, write seconds) so far, from this process's metrics.
 fn batch_sums() -> std::collections::HashMap<&'static str, [f64; 3]> {
-    let text = crate::telemetry::metrics_handle().render();
+    let text = concord_server::telemetry::metrics_handle().render();
     let value = |name: &str, queue: &str| {
         let prefix = format!("{name}{{queue=\"{queue}\"}} ");
         text.lines()

@@ -1,11 +1,11 @@
-//! `concord bench <area>`: our figure beside a baseline measured in the same run, on the same
+//! `concord-bench <area>` (also `concord bench <area>`): our figure beside a baseline measured in the same run, on the same
 //! database, at the same concurrency. With `--json` the last line is one JSON object.
 
-use crate::config::Settings;
-use crate::startup::Application;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use concord_sdk::{Client, EventInput, ExpectedVersion};
+use concord_server::config::Settings;
+use concord_server::startup::Application;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::Executor as _;
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+pub mod bank;
 mod outbox;
 mod vault;
 
@@ -394,7 +395,7 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
 const BANK_ACCOUNTS: u64 = 10_000;
 
 async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
-    use crate::tx::bank::Bank;
+    use crate::bank::Bank;
     let base = std::env::var("CONCORD_TEST_POSTGRES_URL")
         .ok()
         .or_else(|| args.database_url.clone().filter(|u| u.starts_with("postgres")))
@@ -531,7 +532,7 @@ where
 /// Average batch size and transaction time of the group committer over the whole run, read from
 /// this process's own metrics.
 fn group_commit_figures() -> serde_json::Map<String, serde_json::Value> {
-    let text = crate::telemetry::metrics_handle().render();
+    let text = concord_server::telemetry::metrics_handle().render();
     let value = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))

@@ -1,9 +1,9 @@
-//! `concord demo` end to end: the shop under faults keeps every invariant, and the checker does
+//! `concord-shop demo` end to end: the shop under faults keeps every invariant, and the checker does
 //! fail when a part is broken on purpose.
 
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_concord");
+const BIN: &str = env!("CARGO_BIN_EXE_concord-shop");
 
 struct Run {
     code: Option<i32>,
