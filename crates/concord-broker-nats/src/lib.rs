@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! use concord_broker_nats::{NatsBroker, NatsConfig};
-//! use concord_core::ports::Broker;
+//! use concord_kernel::broker::Broker;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let broker = NatsBroker::connect("nats://127.0.0.1:4222", NatsConfig::default()).await?;
@@ -34,7 +34,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use concord_core::ports::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
+use concord_kernel::broker::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
 use futures::StreamExt as _;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;

@@ -5,35 +5,16 @@ use crate::domain::saga::SagaStatus;
 use crate::domain::stream::Partition;
 use crate::domain::tx::Outcome;
 use crate::domain::vault::{Sealed, TokenType};
-use crate::domain::{
-    ApiKeyRecord, AppendOutcome, AppendRequest, Category, ExpectedVersion, Fingerprint, IdempotencyKey, KeyHash,
-    RecordedEvent, StreamName,
-};
+use crate::domain::{ApiKeyRecord, AppendOutcome, AppendRequest, Category, KeyHash, RecordedEvent, StreamName};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// Failures of a store. Each variant's doc says what a caller should do.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    /// The stream is not at the expected version; re-read it, decide again, retry.
-    #[error("stream {stream} is at version {current}, expected {expected}")]
-    WrongExpectedVersion {
-        stream: String,
-        expected: ExpectedVersion,
-        current: u64,
-    },
-    /// An event id of the append already exists but not as this exact append; use fresh ids.
-    #[error("event id {0} already exists elsewhere")]
-    EventIdConflict(Uuid),
-    /// The stream has no events.
-    #[error("stream {0} not found")]
-    StreamNotFound(String),
-    /// The database failed or is unreachable; retrying later may succeed.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-}
+// The ports the services share with the server live in the shared kernel.
+pub use concord_kernel::StoreError;
+pub use concord_kernel::broker::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
+pub use concord_kernel::idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoredResponse};
 
 /// One read of the global log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,57 +73,6 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn revoke_key(&self, id: Uuid) -> Result<bool, StoreError>;
     /// Number of live keys carrying `admin`.
     async fn count_admin_keys(&self) -> Result<u64, StoreError>;
-}
-
-/// A response kept for replay under an idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub body: Vec<u8>,
-}
-
-/// What to do with a request that carries an idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdempotencyBegin {
-    /// This request holds the key now: run it, then `complete` or `release`.
-    Started,
-    /// The same request already completed: answer its stored response.
-    Replay(StoredResponse),
-    /// The key was used with a different request.
-    Mismatch,
-    /// The first request with this key is still running.
-    InFlight,
-}
-
-/// One idempotency key of one caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyClaim<'a> {
-    pub owner: Uuid,
-    pub key: &'a IdempotencyKey,
-    pub fingerprint: Fingerprint,
-    pub now: DateTime<Utc>,
-    /// Until when this claim's in-flight record holds the key; after it, another request may
-    /// take the key over, since a holder that has not finished by then has died.
-    pub locked_until: DateTime<Utc>,
-    /// When a completed record stops being replayed.
-    pub expires_at: DateTime<Utc>,
-}
-
-/// Records of idempotency keys, scoped per owner (the API key).
-#[async_trait]
-pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims the key atomically, even across nodes.
-    async fn begin(&self, claim: &IdempotencyClaim<'_>) -> Result<IdempotencyBegin, StoreError>;
-    /// Stores the response of the request that holds the key.
-    ///
-    /// Only the claim that still holds the key is heard: after a takeover, a late first holder
-    /// neither overwrites nor releases the new holder's record (the claim is the fencing token).
-    async fn complete(&self, claim: &IdempotencyClaim<'_>, response: &StoredResponse) -> Result<(), StoreError>;
-    /// Gives the key up without a response (the request failed in a way worth retrying).
-    async fn release(&self, claim: &IdempotencyClaim<'_>) -> Result<(), StoreError>;
-    /// Deletes records past their expiry; returns how many.
-    async fn purge_expired(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
 /// One stored version of a saga definition: the spec as the user wrote it, validated.
@@ -395,77 +325,4 @@ pub trait VaultStore: Send + Sync + 'static {
     -> Result<(), StoreError>;
     /// The rules of a category, as stored.
     async fn get_rules(&self, category: &str) -> Result<Option<serde_json::Value>, StoreError>;
-}
-
-/// A message on its way from a service's outbox through a broker to its consumers.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct BrokerMessage {
-    /// Chosen once, when the message is enqueued: brokers drop a second publish of the same id
-    /// inside their duplicate window, and consumers' inboxes drop a second delivery.
-    pub id: Uuid,
-    /// Where it goes: a NATS subject suffix, or an event-store stream category.
-    pub topic: String,
-    /// Messages of one key keep their order from the outbox to the consumer.
-    pub key: String,
-    pub payload: serde_json::Value,
-    pub headers: std::collections::BTreeMap<String, String>,
-}
-
-/// Failures of a broker.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BrokerError {
-    /// The broker is unreachable or did not answer in time; retrying later may succeed.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
-    /// The broker refuses this message itself (too large, bad topic or key); retrying the same
-    /// message will not help.
-    #[error("message rejected: {0}")]
-    Rejected(String),
-}
-
-impl BrokerError {
-    /// Whether the failure belongs to the message (so it counts towards a dead-letter limit)
-    /// rather than to the broker.
-    #[must_use]
-    pub fn is_rejection(&self) -> bool {
-        matches!(self, Self::Rejected(_))
-    }
-}
-
-/// One delivery of a message to a consumer. It is delivered again until acknowledged.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    pub message: BrokerMessage,
-    /// The broker's position of the message in its topic; grows with publish order.
-    pub sequence: u64,
-    /// 1 on the first delivery, more on redeliveries.
-    pub attempt: u64,
-    /// The adapter's handle for acknowledging this delivery.
-    pub token: String,
-}
-
-/// A message broker: durable topics, publish with acknowledgement, durable consumer groups.
-#[async_trait]
-pub trait Broker: Send + Sync + 'static {
-    /// Publishes the messages and waits until the broker holds each one durably. They leave in
-    /// the slice's order but may be stored in parallel: a caller that needs two messages in
-    /// order publishes the second after the first succeeded. Answer `i` belongs to message `i`.
-    async fn publish(&self, messages: &[BrokerMessage]) -> Vec<Result<(), BrokerError>>;
-
-    /// Joins the durable consumer group `group` of `topic`, creating it at the topic's start if
-    /// it is new. A message is delivered to one member at a time, again and again until a
-    /// member acknowledges it.
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn BrokerConsumer>, BrokerError>;
-}
-
-/// A member of a consumer group.
-#[async_trait]
-pub trait BrokerConsumer: Send + 'static {
-    /// Up to `max` deliveries, waiting up to `wait` for the first. Within a key, deliveries come
-    /// in publish order.
-    async fn fetch(&mut self, max: usize, wait: std::time::Duration) -> Result<Vec<Delivery>, BrokerError>;
-    /// The message is handled: do not deliver it again.
-    async fn ack(&mut self, delivery: &Delivery) -> Result<(), BrokerError>;
-    /// The message could not be handled now: deliver it again after `delay`.
-    async fn nack(&mut self, delivery: &Delivery, delay: std::time::Duration) -> Result<(), BrokerError>;
 }

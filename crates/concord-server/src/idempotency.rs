@@ -34,7 +34,7 @@ pub async fn idempotency(State(state): State<AppState>, req: Request, next: Next
     let Some(raw) = req.headers().get(HEADER).filter(|_| mutating) else {
         return Ok(next.run(req).await);
     };
-    let key = IdempotencyKey::parse(raw.to_str().unwrap_or(""))?;
+    let key = IdempotencyKey::parse(raw.to_str().unwrap_or("")).map_err(concord_core::domain::ValidationError::from)?;
     let owner = req
         .extensions()
         .get::<Principal>()

@@ -39,73 +39,11 @@ impl EventType {
     }
 }
 
-/// The version a writer expects the stream to be at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpectedVersion {
-    /// No check.
-    Any,
-    /// The stream must have no events.
-    NoStream,
-    /// The stream must have at least one event.
-    Exists,
-    /// The stream's last event must have exactly this version (0: empty).
-    Exact(u64),
-}
+pub use concord_kernel::{ExpectedVersion, InvalidExpectedVersion};
 
-impl ExpectedVersion {
-    /// Parses the JSON form: `"any"`, `"no_stream"`, `"exists"` or a non-negative integer.
-    /// Absent means `any`.
-    ///
-    /// # Errors
-    /// [`ValidationError::ExpectedVersion`] for any other form.
-    pub fn from_json(value: Option<&Value>) -> Result<Self, ValidationError> {
-        match value {
-            None | Some(Value::Null) => Ok(Self::Any),
-            Some(Value::String(s)) => Self::parse(s),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(Self::Exact)
-                .ok_or_else(|| ValidationError::ExpectedVersion(n.to_string())),
-            Some(other) => Err(ValidationError::ExpectedVersion(other.to_string())),
-        }
-    }
-
-    /// Parses the text form used on the command line: the JSON strings or a number.
-    ///
-    /// # Errors
-    /// [`ValidationError::ExpectedVersion`] for any other form.
-    pub fn parse(s: &str) -> Result<Self, ValidationError> {
-        match s {
-            "any" => Ok(Self::Any),
-            "no_stream" => Ok(Self::NoStream),
-            "exists" => Ok(Self::Exists),
-            n => n
-                .parse::<u64>()
-                .map(Self::Exact)
-                .map_err(|_| ValidationError::ExpectedVersion(format!("{s:?}"))),
-        }
-    }
-
-    /// Whether a stream whose version is `current` (0: no events) satisfies this expectation.
-    #[must_use]
-    pub fn admits(self, current: u64) -> bool {
-        match self {
-            Self::Any => true,
-            Self::NoStream => current == 0,
-            Self::Exists => current > 0,
-            Self::Exact(v) => current == v,
-        }
-    }
-}
-
-impl std::fmt::Display for ExpectedVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Any => f.write_str("any"),
-            Self::NoStream => f.write_str("no_stream"),
-            Self::Exists => f.write_str("exists"),
-            Self::Exact(v) => write!(f, "{v}"),
-        }
+impl From<InvalidExpectedVersion> for ValidationError {
+    fn from(e: InvalidExpectedVersion) -> Self {
+        Self::ExpectedVersion(e.0)
     }
 }
 

@@ -1,101 +1,10 @@
-//! `Idempotency-Key` values and request fingerprints.
+//! `Idempotency-Key` values and request fingerprints: the shared kernel's, which the server and
+//! the services' idempotency layer both use.
 
-use super::ValidationError;
-use sha2::{Digest, Sha256};
+pub use concord_kernel::idempotency::{Fingerprint, IdempotencyKey, InvalidIdempotencyKey, MAX_IDEMPOTENCY_KEY_LEN};
 
-/// The longest `Idempotency-Key` accepted.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-
-/// A client's idempotency key: 1 to 255 visible ASCII characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
-
-impl IdempotencyKey {
-    /// Accepts the header value with or without the quotes of the draft's sf-string form.
-    ///
-    /// # Errors
-    /// [`ValidationError::IdempotencyKey`] when empty, too long or not visible ASCII.
-    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let v = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(raw);
-        if v.is_empty() || v.len() > MAX_IDEMPOTENCY_KEY_LEN {
-            return Err(ValidationError::IdempotencyKey(format!(
-                "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
-            )));
-        }
-        if !v.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ValidationError::IdempotencyKey(
-                "only visible ASCII characters are allowed".into(),
-            ));
-        }
-        Ok(Self(v.to_owned()))
-    }
-
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// What makes two requests "the same request" for an idempotency key: method, path and body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl Fingerprint {
-    /// HMAC-SHA256 of method, path and body under a server secret. Stored fingerprints of
-    /// bodies holding low-entropy secrets (a card number, an SSN) cannot be guessed offline
-    /// without the key.
-    #[must_use]
-    pub fn keyed(key: &[u8], method: &str, path: &str, body: &[u8]) -> Self {
-        use hmac::Mac as _;
-        let mut mac = <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-        mac.update(method.as_bytes());
-        mac.update(&[0]);
-        mac.update(path.as_bytes());
-        mac.update(&[0]);
-        mac.update(body);
-        Self(mac.finalize().into_bytes().into())
-    }
-
-    #[must_use]
-    pub fn of(method: &str, path: &str, body: &[u8]) -> Self {
-        let mut h = Sha256::new();
-        h.update(method.as_bytes());
-        h.update([0]);
-        h.update(path.as_bytes());
-        h.update([0]);
-        h.update(body);
-        Self(h.finalize().into())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keyed_fingerprints_depend_on_the_key() {
-        let body = br#"{"value":"4242"}"#;
-        let a = Fingerprint::keyed(b"key one", "POST", "/v1/vault/tokenize", body);
-        assert_ne!(a, Fingerprint::keyed(b"key two", "POST", "/v1/vault/tokenize", body));
-        assert_ne!(a, Fingerprint::of("POST", "/v1/vault/tokenize", body));
-        assert_eq!(a, Fingerprint::keyed(b"key one", "POST", "/v1/vault/tokenize", body));
-    }
-
-    #[test]
-    fn keys_accept_plain_and_quoted_forms() {
-        assert_eq!(IdempotencyKey::parse("abc").unwrap().as_str(), "abc");
-        assert_eq!(IdempotencyKey::parse("\"abc\"").unwrap().as_str(), "abc");
-        for bad in ["", "\"\"", "a b", "é", &"x".repeat(256)] {
-            assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn fingerprints_differ_by_method_path_and_body() {
-        let a = Fingerprint::of("POST", "/v1/streams/a", b"{}");
-        assert_eq!(a, Fingerprint::of("POST", "/v1/streams/a", b"{}"));
-        assert_ne!(a, Fingerprint::of("PUT", "/v1/streams/a", b"{}"));
-        assert_ne!(a, Fingerprint::of("POST", "/v1/streams/b", b"{}"));
-        assert_ne!(a, Fingerprint::of("POST", "/v1/streams/a", b"{ }"));
+impl From<InvalidIdempotencyKey> for super::ValidationError {
+    fn from(e: InvalidIdempotencyKey) -> Self {
+        Self::IdempotencyKey(e.0)
     }
 }

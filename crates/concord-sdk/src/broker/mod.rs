@@ -8,5 +8,5 @@
 
 mod event_store;
 
-pub use concord_core::ports::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
+pub use concord_kernel::broker::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
 pub use event_store::EventStoreBroker;

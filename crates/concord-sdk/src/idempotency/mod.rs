@@ -145,8 +145,9 @@ use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 pub use crate::barrier::IDEMPOTENCY_KEY_HEADER;
-pub use concord_core::domain::{Fingerprint, IdempotencyKey};
-pub use concord_core::ports::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoreError, StoredResponse};
+pub use concord_kernel::StoreError;
+pub use concord_kernel::idempotency::{Fingerprint, IdempotencyKey};
+pub use concord_kernel::idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoredResponse};
 pub use layer::{IdempotencyLayer, IdempotencyService};
 
 /// The header set on a response that is a replay of a stored one (its value is `true`).

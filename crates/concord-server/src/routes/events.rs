@@ -67,7 +67,8 @@ pub async fn append(
         ));
     }
     let Json(body) = body?;
-    let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
+    let expected = ExpectedVersion::from_json(body.expected_version.as_ref())
+        .map_err(concord_core::domain::ValidationError::from)?;
     let mut events: Vec<UncheckedEvent> = body
         .events
         .into_iter()
