@@ -162,16 +162,21 @@ error_codes! {
     Internal = ("internal", 500, "Internal error"),
 }
 
-/// An RFC 9457 problem: the body of every error, `application/problem+json`.
+/// The media type of every problem body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem: the body of every error, `application/problem+json`, whoever answers it
+/// (the server, the sdk's layers, a service built on the sdk). With the `axum` feature it is an
+/// axum response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Problem {
-    /// `urn:concord:error:<code>`.
+    /// `urn:concord:error:<code>` for a code of Concord's table; `about:blank` otherwise.
     #[serde(rename = "type")]
     pub problem_type: String,
     pub title: String,
     pub status: u16,
     pub detail: String,
-    /// The stable machine code from the error table.
+    /// The stable machine code: from the error table, or a service's own.
     pub code: String,
     /// For `wrong_expected_version`: the stream's current version.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -179,6 +184,7 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// The problem of a code of Concord's table.
     #[must_use]
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self {
@@ -191,10 +197,49 @@ impl Problem {
         }
     }
 
+    /// A problem outside Concord's table (a service's own code, or an answer that was no problem
+    /// document): `type` `about:blank`, the status's reason phrase as title, as RFC 9457 asks.
+    #[must_use]
+    pub fn custom(status: u16, code: impl Into<String>, detail: impl Into<String>) -> Self {
+        let title = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("HTTP error");
+        Self {
+            problem_type: "about:blank".to_owned(),
+            title: title.to_owned(),
+            status,
+            detail: detail.into(),
+            code: code.into(),
+            current_version: None,
+        }
+    }
+
     /// The code as a known variant, if it is one.
     #[must_use]
     pub fn error_code(&self) -> Option<ErrorCode> {
         ErrorCode::from_code(&self.code)
+    }
+
+    /// The serialized body.
+    #[must_use]
+    pub fn to_body(&self) -> Vec<u8> {
+        // A struct of strings and integers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for Problem {
+    /// The status, `Content-Type: application/problem+json` and the body.
+    fn into_response(self) -> axum_core::response::Response {
+        let status = http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = axum_core::response::Response::new(axum_core::body::Body::from(self.to_body()));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(PROBLEM_JSON));
+        response
     }
 }
 
@@ -212,5 +257,31 @@ mod tests {
             assert_eq!(ErrorCode::from_code(c.code()), Some(*c));
             assert!((400..600).contains(&c.status()));
         }
+    }
+
+    #[test]
+    fn a_problem_body_has_the_five_members() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&Problem::new(ErrorCode::PayloadTooLarge, "over 10 bytes").to_body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "type": "urn:concord:error:payload_too_large",
+                "title": "Payload too large",
+                "status": 413,
+                "detail": "over 10 bytes",
+                "code": "payload_too_large",
+            })
+        );
+    }
+
+    #[test]
+    fn a_problem_outside_the_table_is_about_blank_with_the_reason_phrase() {
+        let p = Problem::custom(503, "injected_fault", "injected");
+        assert_eq!(
+            (p.problem_type.as_str(), p.title.as_str(), p.status, p.code.as_str()),
+            ("about:blank", "Service Unavailable", 503, "injected_fault")
+        );
+        assert_eq!(p.error_code(), None);
     }
 }

@@ -8,4 +8,4 @@ pub mod sagas;
 pub mod tx;
 pub mod vault;
 
-pub use error::{ErrorCode, Problem};
+pub use error::{ErrorCode, PROBLEM_JSON, Problem};

@@ -749,14 +749,7 @@ fn problem_from(status: StatusCode, is_json: bool, body: &[u8]) -> Problem {
     .find(|code| code.status() == status.as_u16());
     match generic {
         Some(code) => Problem::new(code, detail),
-        None => Problem {
-            problem_type: "about:blank".to_owned(),
-            title: status.canonical_reason().unwrap_or("HTTP error").to_owned(),
-            status: status.as_u16(),
-            detail,
-            code: format!("http_{}", status.as_u16()),
-            current_version: None,
-        },
+        None => Problem::custom(status.as_u16(), format!("http_{}", status.as_u16()), detail),
     }
 }
 

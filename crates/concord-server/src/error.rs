@@ -35,9 +35,6 @@ impl ApiError {
     }
 }
 
-/// The content type of every error body.
-pub const PROBLEM_JSON: &str = "application/problem+json";
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.code.status() >= 500 {
@@ -45,10 +42,7 @@ impl IntoResponse for ApiError {
         }
         let mut problem = Problem::new(self.code, self.detail);
         problem.current_version = self.current_version;
-        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp = (status, axum::Json(problem)).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        let mut resp = problem.into_response();
         if let Some(s) = self.retry_after_s {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -11,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -162,21 +162,9 @@ pub enum StoreError {
     Outbox(#[from] concord_sdk::outbox::OutboxError),
 }
 
-/// A `problem+json` answer with a stable `code`.
+/// A `problem+json` answer with a stable `code` of the shop's own.
 pub fn problem(status: StatusCode, code: &str, detail: impl Into<String>) -> Response {
-    let body = json!({
-        "type": format!("https://concord.dev/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail.into(),
-        "code": code,
-    });
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        body.to_string(),
-    )
-        .into_response()
+    concord_api::Problem::custom(status.as_u16(), code, detail).into_response()
 }
 
 /// A 500 for a failure of the service's own storage or of a call it made; the detail is logged,

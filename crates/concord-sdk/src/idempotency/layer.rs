@@ -10,14 +10,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use concord_api::ErrorCode;
+use concord_api::{ErrorCode, PROBLEM_JSON, Problem};
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::problem::{self, PROBLEM_JSON};
 use super::{
     Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig, IdempotencyConfigError,
     IdempotencyKey, IdempotencyStore, KeyDigest, REPLAYED_HEADER, StoreError, StoredResponse, owner_for_caller,
@@ -174,7 +173,7 @@ where
         Ok(Some(key)) => key,
         Ok(None) if !config.require_key => return pass(inner, req).await,
         Ok(None) => {
-            return Ok(problem::response(
+            return Ok(problem_response(
                 ErrorCode::IdempotencyKeyMissing,
                 format!(
                     "{} requests to this service need an Idempotency-Key header",
@@ -182,20 +181,20 @@ where
                 ),
             ));
         }
-        Err(detail) => return Ok(problem::response(ErrorCode::InvalidIdempotencyKey, detail)),
+        Err(detail) => return Ok(problem_response(ErrorCode::InvalidIdempotencyKey, detail)),
     };
     let (parts, body) = req.into_parts();
     let limit = config.max_body_bytes;
     let body = match read_request(body, limit).await {
         Read::Whole(body) => body,
         Read::TooLarge => {
-            return Ok(problem::response(
+            return Ok(problem_response(
                 ErrorCode::PayloadTooLarge,
                 format!("the request body is over {limit} bytes"),
             ));
         }
         Read::Failed => {
-            return Ok(problem::response(
+            return Ok(problem_response(
                 ErrorCode::BodyUnreadable,
                 "the request body could not be read",
             ));
@@ -221,14 +220,14 @@ where
         }
         Ok(IdempotencyBegin::Mismatch) => {
             span.in_scope(|| tracing::debug!("key reused with a different request"));
-            return Ok(problem::response(
+            return Ok(problem_response(
                 ErrorCode::IdempotencyKeyReused,
                 "this Idempotency-Key was used with a different request (method, path, query or body)",
             ));
         }
         Ok(IdempotencyBegin::InFlight) => {
             span.in_scope(|| tracing::debug!("the first request with this key is still running"));
-            let mut response = problem::response(
+            let mut response = problem_response(
                 ErrorCode::IdempotencyKeyInFlight,
                 "the first request with this Idempotency-Key is still running; retry later",
             );
@@ -239,7 +238,7 @@ where
         }
         Err(e) => {
             span.in_scope(|| tracing::warn!(error = %e, "idempotency store unavailable; the request is refused"));
-            let mut response = problem::response(
+            let mut response = problem_response(
                 ErrorCode::IdempotencyStoreUnavailable,
                 "the idempotency store is unavailable; the request did not run, retry later",
             );
@@ -264,7 +263,7 @@ where
         Ok(answer) => answer,
         Err(e) => {
             tracing::error!(error = %e, "the idempotent request's task failed");
-            Ok(problem::response(ErrorCode::Internal, "the request's task failed"))
+            Ok(problem_response(ErrorCode::Internal, "the request's task failed"))
         }
     }
 }
@@ -312,7 +311,7 @@ where
         }
         Err(_) => {
             release(&shared, &claim, "the handler panicked").await;
-            return Ok(problem::response(
+            return Ok(problem_response(
                 ErrorCode::Internal,
                 "the handler failed; retry with the same Idempotency-Key",
             ));
@@ -374,7 +373,7 @@ fn not_stored(detail: &str) -> StoredResponse {
     StoredResponse {
         status: ErrorCode::IdempotencyResponseNotStored.status(),
         content_type: Some(PROBLEM_JSON.to_owned()),
-        body: problem::body(ErrorCode::IdempotencyResponseNotStored, detail),
+        body: Problem::new(ErrorCode::IdempotencyResponseNotStored, detail).to_body(),
     }
 }
 
@@ -461,4 +460,10 @@ async fn buffer_response(body: Body, limit: usize) -> Kept {
         }
     }
     Kept::Whole(buf.freeze())
+}
+
+/// The `application/problem+json` answer of `code` that the layer makes itself.
+fn problem_response(code: ErrorCode, detail: impl Into<String>) -> Response<Body> {
+    use axum::response::IntoResponse as _;
+    Problem::new(code, detail).into_response()
 }

@@ -130,7 +130,6 @@
 
 mod layer;
 pub mod postgres;
-mod problem;
 pub mod redis;
 mod sql;
 pub mod sqlite;
