@@ -1,5 +1,5 @@
-//! Concord's Rust sdk: the typed client of the Concord server ([`Client`]) and the service-side
-//! kit: [`barrier`], the saga participant barrier; [`tx`], the two-phase-commit participant (an
+//! Concord's Rust sdk: the typed client of the Concord server ([`Client`], from `concord-client`,
+//! re-exported) and the service-side kit: [`barrier`], the saga participant barrier; [`tx`], the two-phase-commit participant (an
 //! axum router over a [`tx::Participant`], on PostgreSQL prepared transactions and on SQLite
 //! reservation records); [`outbox`], the transactional outbox and its relays; [`broker`], the
 //! broker port and the event-store broker (NATS JetStream is in `concord-broker-nats`);
@@ -47,7 +47,6 @@
 pub mod barrier;
 pub mod broker;
 pub mod cache;
-mod client;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
@@ -55,10 +54,8 @@ pub mod projection;
 pub mod trace;
 pub mod tx;
 
-pub use client::{Client, ClientError, Created, ExpectedVersion, Subscription};
-pub use concord_api as api;
-pub use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
-pub use concord_api::keys::{CreatedKey, Health};
-pub use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
-pub use concord_api::tx::{BeginTxBody, ParticipantIn, ParticipantOut, TxDecision, TxOut, TxPage};
-pub use concord_api::{ErrorCode, Problem};
+pub use concord_client::{
+    AppendBody, AppendResponse, AttemptOut, BeginTxBody, CheckpointBody, Client, ClientError, Created, CreatedKey,
+    DefinitionOut, ErrorCode, EventInput, EventOut, EventsPage, ExpectedVersion, Health, ParticipantIn, ParticipantOut,
+    Problem, SagaOut, SagaPage, StartSagaBody, StepOut, Subscription, TxDecision, TxOut, TxPage, api,
+};

@@ -1,7 +1,7 @@
-//! W3C trace context across processes: the `traceparent` of the current span for outgoing work
-//! ([`traceparent`], [`inject`]; the [`Client`](crate::Client) and [`outbox::message`] send it),
-//! and the way back in: [`server_span`], the axum middleware that continues an incoming trace, and
-//! [`continue_from`] for a consumed message.
+//! W3C trace context across processes: everything of `concord_client::trace` (the current
+//! span's `traceparent` for outgoing work, [`continue_from`] for a consumed message, re-exported
+//! here), and [`server_span`], the axum middleware that continues an incoming request's trace.
+//! The [`Client`](crate::Client) and [`outbox::message`] send the trace.
 //!
 //! Everything here goes through OpenTelemetry's context of `tracing` spans, so it only has an effect
 //! once the process installed a `tracing-opentelemetry` layer and the W3C propagator
@@ -11,54 +11,15 @@
 //! [`outbox::message`]: crate::outbox::message
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use opentelemetry::Context;
-use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-/// The W3C trace context header (and the outbox message header) that carries the trace.
-pub const TRACEPARENT: &str = "traceparent";
-
-/// The W3C `traceparent` (version 00) of the current `tracing` span's OpenTelemetry context;
-/// `None` when there is no valid span context (no current span, or no OpenTelemetry layer).
-#[must_use]
-pub fn traceparent() -> Option<String> {
-    traceparent_of(&tracing::Span::current())
-}
-
-/// The W3C `traceparent` of `span`'s OpenTelemetry context; `None` when it has none.
-#[must_use]
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let otel_span = cx.span();
-    let sc = otel_span.span_context();
-    sc.is_valid()
-        .then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
-}
-
-/// Sets `traceparent` in `headers` to the current span's ([`traceparent`]); leaves them alone when
-/// there is none.
-pub fn inject(headers: &mut HeaderMap) {
-    if let Some(value) = traceparent().and_then(|tp| HeaderValue::from_str(&tp).ok()) {
-        headers.insert(HeaderName::from_static(TRACEPARENT), value);
-    }
-}
-
-/// Makes `span` continue the trace that `traceparent` names (for example the header of a consumed
-/// outbox message), so the work done in it joins the producer's trace. Call it before the span is
-/// first entered; a malformed value leaves `span` where it was.
-pub fn continue_from(span: &tracing::Span, traceparent: &str) {
-    let parent = extract(&OneHeader(traceparent));
-    if parent.span().span_context().is_valid() {
-        // Fails only without an OpenTelemetry layer, where there is no trace to continue.
-        let _ = span.set_parent(parent);
-    }
-}
+pub use concord_client::trace::*;
 
 /// The HTTP method as a bounded label for spans and metrics: extension methods are client-chosen
 /// strings, so they fold into `OTHER`.
@@ -102,7 +63,7 @@ pub async fn server_span(req: Request, next: Next) -> Response {
         otel.status_code = Empty
     );
 
-    let parent = extract(&HeaderExtractor(req.headers()));
+    let parent = remote_context(&HeaderExtractor(req.headers()));
     let incoming = parent.span().span_context().trace_id();
     let incoming_valid = parent.span().span_context().is_valid();
     // Always set, so a request without a traceparent starts its own trace instead of joining
@@ -125,40 +86,12 @@ pub async fn server_span(req: Request, next: Next) -> Response {
     response
 }
 
-/// The remote context in `carrier` on top of an empty context: `extract` alone builds on the current
-/// OpenTelemetry context, which would make a request without a traceparent join whatever span is
-/// active where the middleware runs.
-fn extract(carrier: &dyn Extractor) -> Context {
-    opentelemetry::global::get_text_map_propagator(|p| p.extract_with_context(&Context::new(), carrier))
-}
-
-struct HeaderExtractor<'a>(&'a HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
-    }
-}
-
-struct OneHeader<'a>(&'a str);
-
-impl Extractor for OneHeader<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        key.eq_ignore_ascii_case(TRACEPARENT).then_some(self.0)
-    }
-    fn keys(&self) -> Vec<&str> {
-        vec![TRACEPARENT]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::Router;
     use axum::body::Body;
+    use axum::http::HeaderMap;
     use axum::routing::get;
     use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
     use opentelemetry_sdk::propagation::TraceContextPropagator;

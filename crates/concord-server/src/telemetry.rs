@@ -2,7 +2,6 @@
 //! W3C trace context, Prometheus.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
@@ -12,13 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use concord_sdk::trace::method_label;
+use concord_sdk::trace::{self, TRACEPARENT, method_label};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use rand::Rng as _;
 use serde::Serialize;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -301,92 +299,16 @@ fn prometheus_builder() -> PrometheusBuilder {
         .expect("bucket list is non-empty")
 }
 
-/// A parsed W3C `traceparent` header; also stored in request extensions by [`observe`].
-/// `Display` renders it back as a version-00 header value.
+/// The valid `traceparent` a request came with, put in its extensions by [`observe`] for the
+/// routes that keep it (a saga or a transaction continues its starter's trace, across restarts).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TraceParent {
-    pub trace_id: String,
-    pub parent_id: String,
-    pub flags: u8,
-}
-
-impl fmt::Display for TraceParent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", self.trace_id, self.parent_id, self.flags)
-    }
-}
-
-/// Parses a W3C `traceparent` header value; `None` when invalid.
-#[must_use]
-pub fn parse_traceparent(v: &str) -> Option<TraceParent> {
-    fn lower_hex(s: &str, len: usize) -> bool {
-        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    }
-    fn non_zero(s: &str) -> bool {
-        s.bytes().any(|b| b != b'0')
-    }
-
-    if v.len() != 55 {
-        return None;
-    }
-    let mut parts = v.split('-');
-    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let well_formed = parts.next().is_none()
-        && lower_hex(version, 2)
-        && version != "ff"
-        && lower_hex(trace_id, 32)
-        && non_zero(trace_id)
-        && lower_hex(parent_id, 16)
-        && non_zero(parent_id)
-        && lower_hex(flags, 2);
-    well_formed.then(|| TraceParent {
-        trace_id: trace_id.to_owned(),
-        parent_id: parent_id.to_owned(),
-        flags: u8::from_str_radix(flags, 16).unwrap_or_default(),
-    })
-}
-
-/// The `traceparent` value for an outgoing call made from the current tracing span: the
-/// OpenTelemetry span context when a tracer is active, else the incoming trace continued under a
-/// fresh span id, else a brand-new trace.
-#[must_use]
-pub fn outgoing_traceparent(incoming: Option<&TraceParent>) -> String {
-    if let Some(traceparent) = concord_sdk::trace::traceparent() {
-        return traceparent;
-    }
-    let next = match incoming {
-        Some(tp) => TraceParent {
-            trace_id: tp.trace_id.clone(),
-            parent_id: random_hex::<8>(),
-            flags: tp.flags,
-        },
-        // Sampled, so downstream parent-based samplers still record the trace we start here.
-        None => TraceParent {
-            trace_id: random_hex::<16>(),
-            parent_id: random_hex::<8>(),
-            flags: 0x01,
-        },
-    };
-    next.to_string()
-}
-
-fn random_hex<const N: usize>() -> String {
-    let mut bytes = [0u8; N];
-    // All-zero ids are invalid in W3C trace context.
-    while bytes.iter().all(|&b| b == 0) {
-        rand::rng().fill_bytes(&mut bytes);
-    }
-    bytes.iter().fold(String::with_capacity(N * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
+pub struct IncomingTrace(pub String);
 
 /// Per-request span, W3C context propagation and HTTP metrics; use with
 /// `axum::middleware::from_fn(observe)` via `Router::layer` so `MatchedPath` is available.
 /// The span is the sdk's [`server_span`](concord_sdk::trace::server_span) (named `POST /v1/sagas`
-/// and so on), so the server and the services built on the sdk trace requests alike; the parsed
-/// incoming `traceparent` is put in the request's extensions for the routes that keep it.
+/// and so on), so the server and the services built on the sdk trace requests alike; a valid
+/// incoming `traceparent` is put in the request's extensions ([`IncomingTrace`]).
 pub async fn observe(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = method_label(req.method());
@@ -398,14 +320,15 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .to_owned();
     let incoming = req
         .headers()
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    if let Some(tp) = incoming {
-        req.extensions_mut().insert(tp);
+        .filter(|v| trace::parse(v).is_some())
+        .map(|v| IncomingTrace(v.to_owned()));
+    if let Some(trace) = incoming {
+        req.extensions_mut().insert(trace);
     }
 
-    let response = concord_sdk::trace::server_span(req, next).await;
+    let response = trace::server_span(req, next).await;
 
     let status = response.status().as_u16();
     metrics::counter!(
@@ -425,51 +348,6 @@ mod tests {
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-    #[test]
-    fn parses_valid_traceparent() {
-        let tp = parse_traceparent(VALID).unwrap();
-        assert_eq!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(tp.parent_id, "00f067aa0ba902b7");
-        assert_eq!(tp.flags, 1);
-        assert_eq!(tp.to_string(), VALID);
-    }
-
-    #[test]
-    fn rejects_invalid_traceparents() {
-        let cases = [
-            "",
-            &VALID[..54],
-            &format!("{VALID}0"),
-            &VALID.to_uppercase(),
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "004-bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ];
-        for case in cases {
-            assert_eq!(parse_traceparent(case), None, "{case:?}");
-        }
-    }
-
-    #[test]
-    fn outgoing_continues_incoming_trace() {
-        let incoming = parse_traceparent(VALID).unwrap();
-        let out = parse_traceparent(&outgoing_traceparent(Some(&incoming))).unwrap();
-        assert_eq!(out.trace_id, incoming.trace_id);
-        assert_ne!(out.parent_id, incoming.parent_id);
-        assert_eq!(out.flags, incoming.flags);
-    }
-
-    #[test]
-    fn outgoing_without_incoming_starts_a_valid_trace() {
-        let a = parse_traceparent(&outgoing_traceparent(None)).unwrap();
-        let b = parse_traceparent(&outgoing_traceparent(None)).unwrap();
-        assert_ne!(a.trace_id, b.trace_id);
-    }
-
     #[tokio::test]
     async fn observe_records_route_template_and_trace_context() {
         use axum::{Extension, Router, body::Body, routing::get};
@@ -479,8 +357,8 @@ mod tests {
         let app = Router::new()
             .route(
                 "/t/items/{id}",
-                get(|tp: Option<Extension<TraceParent>>| async move {
-                    tp.map(|Extension(tp)| tp.trace_id).unwrap_or_default()
+                get(|tp: Option<Extension<IncomingTrace>>| async move {
+                    tp.map(|Extension(IncomingTrace(tp))| tp).unwrap_or_default()
                 }),
             )
             .layer(axum::middleware::from_fn(observe));
@@ -491,7 +369,7 @@ mod tests {
             .unwrap();
         let res = app.clone().oneshot(req).await.unwrap();
         let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
-        assert_eq!(&body[..], b"4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(&body[..], VALID.as_bytes());
 
         let req = Request::builder().uri("/nowhere/42").body(Body::empty()).unwrap();
         let _ = app.oneshot(req).await.unwrap();

@@ -2,10 +2,11 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::telemetry::IncomingTrace;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
 use concord_api::ErrorCode;
 use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 use concord_core::app::saga::{SagaError, StartSaga};
@@ -75,18 +76,14 @@ fn wait_of(p: &WaitParams, state: &AppState) -> Result<Option<Duration>, ApiErro
 
 pub async fn start(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    trace: Option<Extension<IncomingTrace>>,
     params: Result<Query<WaitParams>, QueryRejection>,
     body: Result<Json<StartSagaBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SagaOut>), ApiError> {
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
     let Json(body) = body?;
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| crate::telemetry::parse_traceparent(v).is_some())
-        .map(str::to_owned);
+    let trace = trace.map(|Extension(IncomingTrace(t))| t);
     let (row, held) = state
         .sagas
         .engine()

@@ -2,10 +2,11 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::telemetry::IncomingTrace;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
 use concord_api::ErrorCode;
 use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
 use concord_core::app::tx::TxFailure;
@@ -15,15 +16,11 @@ use serde::Deserialize;
 
 pub async fn begin(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    trace: Option<Extension<IncomingTrace>>,
     body: Result<Json<BeginTxBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TxDecision>), ApiError> {
     let Json(body) = body?;
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| crate::telemetry::parse_traceparent(v).is_some())
-        .map(str::to_owned);
+    let trace = trace.map(|Extension(IncomingTrace(t))| t);
     let participants = body
         .participants
         .into_iter()

@@ -2,10 +2,10 @@
 //! is the step's output), 4xx other than 408/425/429 is a refusal, anything else (5xx, 408, 425,
 //! 429, timeouts, connection errors) may work on a retry.
 
-use crate::telemetry::{outgoing_traceparent, parse_traceparent};
 use async_trait::async_trait;
 use concord_core::app::saga::{ParticipantCall, Participants};
 use concord_core::domain::saga::CallOutcome;
+use concord_sdk::trace;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tracing::Instrument as _;
@@ -68,14 +68,13 @@ impl HttpParticipants {
         let Ok(method) = reqwest::Method::from_bytes(c.call.method.as_bytes()) else {
             return CallOutcome::Refused(format!("unsupported method {}", c.call.method));
         };
-        let incoming = c.origin_trace.as_deref().and_then(parse_traceparent);
         let mut req = self
             .client
             .request(method, &c.call.url)
             .timeout(c.timeout)
             .header("idempotency-key", &c.idempotency_key)
             .header("concord-saga-id", &c.saga_id)
-            .header("traceparent", outgoing_traceparent(incoming.as_ref()));
+            .header(trace::TRACEPARENT, trace::outgoing(c.origin_trace.as_deref()));
         for (k, v) in &c.call.headers {
             // A definition's headers may carry a secret: kept out of HTTP/2 header compression
             // tables and out of any Debug print of the request.

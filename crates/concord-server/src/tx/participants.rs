@@ -2,12 +2,12 @@
 //! votes abort; 5xx, timeouts and connection errors are retried until the deadline), then
 //! `POST {url}/commit` or `{url}/abort` (2xx acknowledges).
 
-use crate::telemetry::outgoing_traceparent;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_api::tx::{PhaseTwoMessage, PrepareMessage};
 use concord_core::app::tx::{PrepareAnswer, TxParticipants};
 use concord_core::domain::tx::{Outcome, TxParticipant};
+use concord_sdk::trace;
 use std::time::Duration;
 
 /// Sends prepare, commit and abort with `traceparent`.
@@ -82,7 +82,7 @@ impl TxParticipants for HttpTxParticipants {
             let sent = self
                 .authorized(self.client.post(url(&p.url, "prepare")))
                 .timeout(left)
-                .header("traceparent", outgoing_traceparent(None))
+                .header(trace::TRACEPARENT, trace::outgoing(None))
                 .json(&body)
                 .send()
                 .await;
@@ -107,7 +107,7 @@ impl TxParticipants for HttpTxParticipants {
         let sent = self
             .authorized(self.client.post(url(&p.url, outcome.phase2_path())))
             .timeout(self.phase2_timeout)
-            .header("traceparent", outgoing_traceparent(None))
+            .header(trace::TRACEPARENT, trace::outgoing(None))
             .json(&body)
             .send()
             .await;

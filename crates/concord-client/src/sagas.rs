@@ -1,0 +1,139 @@
+//! Saga definitions and sagas: define, start, watch, list, retry.
+
+use std::time::Duration;
+
+use crate::transport::{append_wait, created, endpoint, json, segment};
+use crate::{Client, ClientError, Created};
+use concord_api::ErrorCode;
+use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, StartSagaBody};
+use reqwest::Method;
+
+impl Client {
+    /// `PUT /v1/saga-definitions/{name}`: `definition` is `{"steps": [...], "compensation_retry"?}`.
+    /// A definition that differs from the latest version becomes the next version; an equal one
+    /// answers the latest.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_name`, `duplicate_step_name`, `unknown_template_variable`, `invalid_step_url`,
+    /// `invalid_step_method`, `invalid_step_header`, `saga_limit_exceeded` and `malformed_json`
+    /// (400) for a definition the server refuses; see [`ClientError`].
+    pub async fn put_saga_definition(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> Result<DefinitionOut, ClientError> {
+        Ok(self.put_saga_definition_created(name, definition).await?.value)
+    }
+
+    /// As [`Client::put_saga_definition`], telling whether the call made a new version.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put_saga_definition`].
+    pub async fn put_saga_definition_created(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> Result<Created<DefinitionOut>, ClientError> {
+        let name = segment(name, ErrorCode::InvalidName)?;
+        let url = endpoint(&self.base_url, &["v1", "saga-definitions", name])?;
+        created(self.request(Method::PUT, url).json(definition)).await
+    }
+
+    /// `GET /v1/saga-definitions/{name}?version=`: one version, the latest by default.
+    ///
+    /// # Errors
+    ///
+    /// `saga_definition_not_found` (404); see [`ClientError`].
+    pub async fn saga_definition(&self, name: &str, version: Option<u32>) -> Result<DefinitionOut, ClientError> {
+        let name = segment(name, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "saga-definitions", name])?;
+        if let Some(version) = version {
+            url.query_pairs_mut().append_pair("version", &version.to_string());
+        }
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `POST /v1/sagas?wait_ms=`: starts a saga of the definition's latest version, or answers
+    /// the saga that already has `body.id`. With `wait`, the answer comes once the saga finished
+    /// or the wait ran out, and holds its steps; without, it is the saga as just started.
+    ///
+    /// # Errors
+    ///
+    /// `saga_definition_not_found` (404), `invalid_name` (400) for a bad id,
+    /// `saga_limit_exceeded` (400) for an input too large, `invalid_parameter` (400) for a wait
+    /// beyond the server's limit; see [`ClientError`].
+    pub async fn start_saga(&self, body: &StartSagaBody, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        Ok(self.start_saga_created(body, wait).await?.value)
+    }
+
+    /// As [`Client::start_saga`], telling whether the call started the saga or found it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::start_saga`].
+    pub async fn start_saga_created(
+        &self,
+        body: &StartSagaBody,
+        wait: Option<Duration>,
+    ) -> Result<Created<SagaOut>, ClientError> {
+        let mut url = endpoint(&self.base_url, &["v1", "sagas"])?;
+        append_wait(&mut url, wait);
+        created(self.request(Method::POST, url).json(body)).await
+    }
+
+    /// `GET /v1/sagas/{id}?wait_ms=`: the saga with each step and its attempts, once it finished
+    /// or `wait` ran out.
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404); see [`ClientError`].
+    pub async fn saga(&self, id: &str, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "sagas", id])?;
+        append_wait(&mut url, wait);
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `GET /v1/sagas?status=&limit=&after=`: up to `limit` sagas by id after `after`, without
+    /// their steps. Pass the page's `next` as `after` for the following page.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_parameter` (400) for an unknown status or a limit out of range; see
+    /// [`ClientError`].
+    pub async fn list_sagas(
+        &self,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<SagaPage, ClientError> {
+        let mut url = endpoint(&self.base_url, &["v1", "sagas"])?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(status) = status {
+                query.append_pair("status", status);
+            }
+            query.append_pair("limit", &limit.to_string());
+            if let Some(after) = after {
+                query.append_pair("after", after);
+            }
+        }
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `POST /v1/sagas/{id}/retry?wait_ms=`: resumes a `failed` saga; `wait` as in
+    /// [`Client::saga`].
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404), `saga_not_failed` (409) for a saga in any other status,
+    /// `saga_busy` (409) while another node holds it; see [`ClientError`].
+    pub async fn retry_saga(&self, id: &str, wait: Option<Duration>) -> Result<SagaOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let mut url = endpoint(&self.base_url, &["v1", "sagas", id, "retry"])?;
+        append_wait(&mut url, wait);
+        json(self.request(Method::POST, url)).await
+    }
+}
