@@ -77,21 +77,3 @@ pub(crate) async fn read_all(
         }
     }
 }
-
-impl From<AppendError> for super::saga::SagaError {
-    fn from(e: AppendError) -> Self {
-        match e {
-            AppendError::Invalid(v) => v.into(),
-            AppendError::Store(s) => s.into(),
-        }
-    }
-}
-
-impl From<AppendError> for super::tx::TxFailure {
-    fn from(e: AppendError) -> Self {
-        match e {
-            AppendError::Invalid(v) => v.into(),
-            AppendError::Store(s) => s.into(),
-        }
-    }
-}

@@ -5,7 +5,7 @@
 //! lease, and every log append names the version it expects, so a node that lost its lease (paused,
 //! partitioned) cannot record anything once another node has moved the saga on.
 
-use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
+use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
@@ -68,6 +68,15 @@ pub enum SagaError {
     Validation(#[from] ValidationError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<AppendError> for SagaError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Invalid(v) => v.into(),
+            AppendError::Store(s) => s.into(),
+        }
+    }
 }
 
 /// Settings of the engine, all configurable.

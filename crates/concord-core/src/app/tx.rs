@@ -6,7 +6,7 @@
 //! logged even when a recovering node and a slow coordinator race. No phase-2 message goes out
 //! before the decision is in the log and the row.
 
-use crate::app::log::{self, LEASE_MARGIN, chrono_dur};
+use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::tx::{
     Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, decide, next_step, validate,
 };
@@ -50,6 +50,15 @@ pub enum TxFailure {
     Validation(#[from] ValidationError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<AppendError> for TxFailure {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Invalid(v) => v.into(),
+            AppendError::Store(s) => s.into(),
+        }
+    }
 }
 
 /// Settings of the coordinator, all configurable.
