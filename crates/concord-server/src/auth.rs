@@ -11,57 +11,8 @@ use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use concord_api::ErrorCode;
-use concord_core::app::auth::authenticate;
+use concord_core::app::auth::authenticate_cached;
 use concord_core::domain::{KeyHash, Principal};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// Recently verified keys, so a busy client does not cost a database query per request. An entry
-/// lives `ttl`: a key revoked on another node keeps working here for at most that long; one
-/// revoked on this node is forgotten at once. A `ttl` of zero turns the cache off.
-pub struct KeyCache {
-    ttl: Duration,
-    entries: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
-}
-
-/// Entries kept at most; past it the cache starts over rather than grow without bound.
-const KEY_CACHE_MAX: usize = 10_000;
-
-impl KeyCache {
-    #[must_use]
-    pub fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn get(&self, hash: &KeyHash) -> Option<Principal> {
-        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries
-            .get(&hash.0)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(p, _)| p.clone())
-    }
-
-    fn put(&self, hash: &KeyHash, principal: &Principal) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if entries.len() >= KEY_CACHE_MAX {
-            entries.clear();
-        }
-        entries.insert(hash.0, (principal.clone(), Instant::now()));
-    }
-
-    /// Drops a revoked key.
-    pub fn forget(&self, key_id: uuid::Uuid) {
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.retain(|_, (p, _)| p.key_id != key_id);
-    }
-}
 
 /// What a route needs: a scope, or only a valid key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,16 +74,9 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
         .filter(|k| !k.is_empty())
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "send Authorization: Bearer <api key>"))?;
     let hash = KeyHash::of(presented);
-    let principal = match state.key_cache.get(&hash) {
-        Some(p) => p,
-        None => {
-            let p = authenticate(state.keys.as_ref(), &hash)
-                .await?
-                .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown or revoked API key"))?;
-            state.key_cache.put(&hash, &p);
-            p
-        }
-    };
+    let principal = authenticate_cached(state.keys.as_ref(), &state.key_cache, &hash)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown or revoked API key"))?;
     let route = req
         .extensions()
         .get::<MatchedPath>()

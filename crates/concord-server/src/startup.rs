@@ -162,7 +162,7 @@ impl Application {
             keys: stores.keys,
             idempotency: stores.idempotency,
             limits: settings.limits(),
-            key_cache: Arc::new(crate::auth::KeyCache::new(Duration::from_millis(
+            key_cache: Arc::new(concord_core::app::auth::KeyCache::new(Duration::from_millis(
                 settings.auth_cache_ttl_ms,
             ))),
             settings: Arc::new(settings),

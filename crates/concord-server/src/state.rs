@@ -17,7 +17,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Turns true when the server starts shutting down, so long-lived streams end.
     pub shutdown: watch::Receiver<bool>,
-    pub key_cache: Arc<crate::auth::KeyCache>,
+    pub key_cache: Arc<concord_core::app::auth::KeyCache>,
     pub sagas: Arc<crate::saga::SagaRunner>,
     pub transactions: Arc<crate::tx::TxRunner>,
     pub vault: Arc<concord_core::app::vault::Vault>,

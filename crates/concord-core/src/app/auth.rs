@@ -4,6 +4,9 @@ use crate::domain::auth::generate_key;
 use crate::domain::{ApiKeyRecord, KeyHash, Principal, Scope, ValidationError};
 use crate::ports::{KeyStore, StoreError};
 use chrono::Utc;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// Why a key was not created.
@@ -27,6 +30,73 @@ pub async fn authenticate(keys: &dyn KeyStore, hash: &KeyHash) -> Result<Option<
         .await?
         .filter(|k| k.hash.matches(hash))
         .map(Principal::from))
+}
+
+/// [`authenticate`] through `cache`: a key verified within the cache's time is not looked up
+/// again.
+///
+/// # Errors
+/// When the key store fails.
+pub async fn authenticate_cached(
+    keys: &dyn KeyStore,
+    cache: &KeyCache,
+    hash: &KeyHash,
+) -> Result<Option<Principal>, StoreError> {
+    if let Some(principal) = cache.get(hash) {
+        return Ok(Some(principal));
+    }
+    let found = authenticate(keys, hash).await?;
+    if let Some(principal) = &found {
+        cache.put(hash, principal);
+    }
+    Ok(found)
+}
+
+/// Recently verified keys, so a busy client does not cost a database query per request. An entry
+/// lives `ttl`: a key revoked on another node keeps working here for at most that long; one
+/// revoked on this node is forgotten at once. A `ttl` of zero turns the cache off.
+pub struct KeyCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+}
+
+/// Entries kept at most; past it the cache starts over rather than grow without bound.
+const KEY_CACHE_MAX: usize = 10_000;
+
+impl KeyCache {
+    #[must_use]
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[must_use]
+    pub fn get(&self, hash: &KeyHash) -> Option<Principal> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries
+            .get(&hash.0)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(p, _)| p.clone())
+    }
+
+    pub fn put(&self, hash: &KeyHash, principal: &Principal) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(hash.0, (principal.clone(), Instant::now()));
+    }
+
+    /// Drops a revoked key.
+    pub fn forget(&self, key_id: uuid::Uuid) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.retain(|_, (p, _)| p.key_id != key_id);
+    }
 }
 
 /// Creates a key with a name and scopes; answers the record and the key, which is shown only here.
