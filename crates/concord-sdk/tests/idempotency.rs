@@ -271,6 +271,7 @@ on_every_store!(
     a_dead_holder_is_taken_over_and_its_late_complete_is_fenced_out,
     server_errors_are_not_stored_so_a_retry_runs_again,
     client_errors_are_stored_and_replayed,
+    a_response_marked_do_not_store_is_never_replayed,
     a_panicking_handler_releases_the_key,
     a_response_over_the_limit_is_answered_but_not_replayed,
     expired_records_run_again_and_are_purged,
@@ -342,6 +343,14 @@ async fn big(State(h): State<Handlers>) -> Response {
     (StatusCode::OK, "x".repeat(RESPONSE_LIMIT + 1)).into_response()
 }
 
+/// A new secret on every run, marked so that it is never kept for replay.
+async fn secret(State(h): State<Handlers>) -> Response {
+    let run = h.run();
+    let mut response = (StatusCode::CREATED, axum::Json(json!({ "secret": format!("s-{run}") }))).into_response();
+    response.extensions_mut().insert(idempotency::DoNotStore);
+    response
+}
+
 async fn list_orders(State(h): State<Handlers>) -> Response {
     let run = h.run();
     axum::Json(json!({ "orders": [], "run": run })).into_response()
@@ -390,6 +399,7 @@ async fn spawn_app(store: Arc<dyn IdempotencyStore>, config: IdempotencyConfig, 
         .route("/refuse", post(refuse))
         .route("/panics", post(panics_once))
         .route("/big", post(big))
+        .route("/secret", post(secret))
         .with_state(handlers)
         .layer(layer.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -830,6 +840,20 @@ async fn client_errors_are_stored_and_replayed(backend: &Backend) {
         assert_eq!((answer.status, answer.replayed), (400, false));
         assert_eq!(answer.json()["run"], json!(run));
     }
+}
+
+async fn a_response_marked_do_not_store_is_never_replayed(backend: &Backend) {
+    let app = spawn_app(Arc::clone(&backend.store), config(), Duration::ZERO).await;
+    let first = app.post("/secret", Some("k-secret"), ALICE, "{}").await;
+    let again = app.post("/secret", Some("k-secret"), ALICE, "{}").await;
+    assert_eq!((first.status, first.replayed), (201, false));
+    assert_eq!((again.status, again.replayed), (201, false));
+    assert_eq!(
+        (first.json()["secret"].clone(), again.json()["secret"].clone()),
+        (json!("s-1"), json!("s-2")),
+        "each run answers its own secret, none is kept"
+    );
+    assert_eq!(app.runs(), 2);
 }
 
 async fn a_panicking_handler_releases_the_key(backend: &Backend) {

@@ -9,6 +9,7 @@ use concord_core::app::group_commit::GroupCommitLimits;
 use concord_core::app::saga::{EngineConfig, SagaEngine};
 use concord_core::app::tx::{TxConfig, TxCoordinator};
 use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore, TxStore};
+use concord_sdk::idempotency;
 use concord_store_postgres::{PostgresConfig, PostgresStore};
 use concord_store_sqlite::{SqliteConfig, SqliteStore};
 use std::future::Future;
@@ -30,15 +31,18 @@ pub struct Stores {
 }
 
 impl Stores {
-    fn from<S: EventStore + CheckpointStore + KeyStore + IdempotencyStore + SagaStore + TxStore>(s: S) -> Self {
+    fn from<S: EventStore + CheckpointStore + KeyStore + SagaStore + TxStore>(
+        s: S,
+        idempotency: Arc<dyn IdempotencyStore>,
+    ) -> Self {
         let s = Arc::new(s);
         Self {
             events: s.clone(),
             txs: s.clone(),
             sagas: s.clone(),
             checkpoints: s.clone(),
-            keys: s.clone(),
-            idempotency: s,
+            keys: s,
+            idempotency,
         }
     }
 }
@@ -58,15 +62,27 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         config.read_connections = settings.db_connections.clamp(1, 8);
         config.synchronous_full = settings.sqlite_synchronous_full;
         config.group_commit = group_commit;
+        let store = SqliteStore::connect(&config).await.context("opening SQLite")?;
+        let pool = store.write_pool();
+        idempotency::sqlite::ensure_schema(&pool)
+            .await
+            .context("creating the idempotency table")?;
         Ok(Stores::from(
-            SqliteStore::connect(&config).await.context("opening SQLite")?,
+            store,
+            Arc::new(idempotency::sqlite::SqliteIdempotencyStore::new(pool)),
         ))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let mut config = PostgresConfig::new(url);
         config.max_connections = settings.db_connections;
         config.group_commit = group_commit;
+        let store = PostgresStore::connect(&config).await.context("opening PostgreSQL")?;
+        let pool = store.pool();
+        idempotency::postgres::ensure_schema(&pool)
+            .await
+            .context("creating the idempotency table")?;
         Ok(Stores::from(
-            PostgresStore::connect(&config).await.context("opening PostgreSQL")?,
+            store,
+            Arc::new(idempotency::postgres::PostgresIdempotencyStore::new(pool)),
         ))
     } else {
         anyhow::bail!("database URL must start with sqlite:// or postgres://")
@@ -153,7 +169,10 @@ impl Application {
             settings.workers,
         );
         let vault = crate::vault::open(&settings, stores.events.clone()).await?;
+        let idempotency_layer =
+            crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret())?;
         let state = AppState {
+            idempotency_layer,
             vault,
             sagas,
             transactions,

@@ -13,6 +13,8 @@ pub struct AppState {
     pub checkpoints: Arc<dyn CheckpointStore>,
     pub keys: Arc<dyn KeyStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
+    /// The `Idempotency-Key` layer of the `/v1` routes, over `idempotency`.
+    pub idempotency_layer: concord_sdk::idempotency::IdempotencyLayer,
     pub limits: Limits,
     pub settings: Arc<Settings>,
     /// Turns true when the server starts shutting down, so long-lived streams end.

@@ -3,7 +3,6 @@
 //! wake-ups from LISTEN/NOTIFY, and every claim is a statement the database arbitrates.
 
 mod events;
-mod idempotency;
 mod keys;
 mod sagas;
 mod sql;
@@ -83,6 +82,13 @@ fn migrator() -> Migrator {
 }
 
 impl PostgresStore {
+    /// The pool, for a store of the service kit that keeps its table in this database (the
+    /// `Idempotency-Key` records).
+    #[must_use]
+    pub fn pool(&self) -> PgPool {
+        self.inner.pool.clone()
+    }
+
     /// Connects, applies migrations (under the migrator's advisory lock, so nodes starting
     /// together apply them once) and starts the NOTIFY listener.
     ///

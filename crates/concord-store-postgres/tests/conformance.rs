@@ -34,12 +34,6 @@ async fn postgres_passes_the_key_store_suite() {
 }
 
 #[tokio::test]
-async fn postgres_passes_the_idempotency_suite() {
-    let Some(base) = base_url() else { return };
-    testkit::idempotency_store_suite(fresh(&base).await).await;
-}
-
-#[tokio::test]
 async fn postgres_passes_the_saga_store_suite() {
     let Some(base) = base_url() else { return };
     testkit::saga_store_suite(fresh(&base).await).await;

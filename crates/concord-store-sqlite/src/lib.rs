@@ -4,7 +4,6 @@
 //! a busy lock); a small pool reads concurrently thanks to WAL mode.
 
 mod events;
-mod idempotency;
 mod keys;
 mod sagas;
 mod sql;
@@ -83,6 +82,11 @@ fn migrator() -> Migrator {
         migration(1, "init", include_str!("../migrations/0001_init.sql")),
         migration(2, "sagas", include_str!("../migrations/0002_sagas.sql")),
         migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
+        migration(
+            4,
+            "idempotency moves to the kit",
+            include_str!("../migrations/0004_idempotency.sql"),
+        ),
     ]);
     m.set_ignore_missing(true);
     m
@@ -174,6 +178,13 @@ impl SqliteStore {
         }
         let committer = GroupCommitter::spawn(Arc::new(events::Writer(Arc::clone(&inner))), config.group_commit);
         Ok(Self { inner, committer })
+    }
+
+    /// The pool of the single writer connection, for a store of the service kit that keeps its
+    /// table in this database (the `Idempotency-Key` records): its writes queue with the log's.
+    #[must_use]
+    pub fn write_pool(&self) -> SqlitePool {
+        self.inner.write.clone()
     }
 
     /// Closes both pools.

@@ -23,12 +23,6 @@ async fn sqlite_passes_the_key_store_suite() {
 }
 
 #[tokio::test]
-async fn sqlite_passes_the_idempotency_suite() {
-    let dir = tempfile::tempdir().unwrap();
-    testkit::idempotency_store_suite(fresh(&dir).await).await;
-}
-
-#[tokio::test]
 async fn sqlite_passes_the_saga_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     testkit::saga_store_suite(fresh(&dir).await).await;

@@ -18,8 +18,9 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{
-    Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig, IdempotencyConfigError,
-    IdempotencyKey, IdempotencyStore, KeyDigest, REPLAYED_HEADER, StoreError, StoredResponse, owner_for_caller,
+    DoNotStore, Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig,
+    IdempotencyConfigError, IdempotencyKey, IdempotencyStore, KeyDigest, REPLAYED_HEADER, StoreError, StoredResponse,
+    owner_for_caller,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -319,6 +320,10 @@ where
     };
     let (parts, body) = response.into_parts();
     let body = Body::new(body);
+    if parts.extensions.get::<DoNotStore>().is_some() {
+        release(&shared, &claim, "the response carries a secret").await;
+        return Ok(Response::from_parts(parts, body));
+    }
     if !(shared.config.store_policy)(parts.status) {
         release(&shared, &claim, "the response is not kept for replay").await;
         return Ok(Response::from_parts(parts, body));

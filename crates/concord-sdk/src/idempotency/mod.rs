@@ -34,6 +34,9 @@
 //! every other answer — 5xx, 1xx, 3xx and those four — the key is released, so a retry runs
 //! the handler again. Change it with [`IdempotencyConfig::store_response_when`].
 //!
+//! A response whose extensions hold [`DoNotStore`] is never kept, whatever its status: a
+//! handler marks an answer that carries a secret with it.
+//!
 //! A stored response keeps its status, `Content-Type` and body; other headers (a 201's
 //! `Location`, cookies) are not replayed, so put what a retry needs in the body. A response
 //! larger than [`IdempotencyConfig::max_response_bytes`] still reaches its client unchanged, but
@@ -148,6 +151,13 @@ pub use concord_kernel::StoreError;
 pub use concord_kernel::idempotency::{Fingerprint, IdempotencyKey};
 pub use concord_kernel::idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoredResponse};
 pub use layer::{IdempotencyLayer, IdempotencyService};
+
+/// Marks a response that must never be kept for replay, whatever its status: one whose body
+/// holds a secret (a new API key, a revealed value), since stored responses sit in the database
+/// in plaintext. A handler inserts it into the response's extensions; the layer then releases
+/// the key, so a retry runs the handler again.
+#[derive(Debug, Clone, Copy)]
+pub struct DoNotStore;
 
 /// The header set on a response that is a replay of a stored one (its value is `true`).
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";

@@ -1,7 +1,6 @@
 //! Creating and revoking API keys.
 
 use crate::error::ApiError;
-use crate::idempotency::SecretResponse;
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -12,6 +11,7 @@ use concord_api::ErrorCode;
 use concord_api::keys::{CreateKeyBody, CreatedKey};
 use concord_core::app::auth::{KeyError, create_key};
 use concord_core::domain::{Principal, Scope};
+use concord_sdk::idempotency::DoNotStore;
 use uuid::Uuid;
 
 pub async fn create(
@@ -45,7 +45,7 @@ pub async fn create(
         key,
     };
     let mut resp = (StatusCode::CREATED, Json(created)).into_response();
-    resp.extensions_mut().insert(SecretResponse);
+    resp.extensions_mut().insert(DoNotStore);
     Ok(resp)
 }
 

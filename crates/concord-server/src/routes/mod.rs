@@ -9,7 +9,7 @@ pub mod tx;
 pub mod vault;
 
 use crate::state::AppState;
-use crate::{auth, error, idempotency, telemetry};
+use crate::{auth, error, telemetry};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::{from_fn, from_fn_with_state};
@@ -47,7 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/openapi.json", get(system::openapi))
         // Layers run bottom-up: authentication first, then idempotency (which needs the caller).
-        .route_layer(from_fn_with_state(state.clone(), idempotency::idempotency))
+        .route_layer(state.idempotency_layer.clone())
         .route_layer(from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(system::health))

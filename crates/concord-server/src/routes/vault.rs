@@ -1,7 +1,6 @@
 //! The tokenization vault: tokenize, detokenize, tokenized-field rules, erasure, rotation.
 
 use crate::error::ApiError;
-use crate::idempotency::SecretResponse;
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -14,6 +13,7 @@ use concord_api::vault::{
 use concord_core::app::vault::{Reveal, TokenizeItem};
 use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType, VaultError};
 use concord_core::domain::{Category, Principal};
+use concord_sdk::idempotency::DoNotStore;
 use zeroize::Zeroizing;
 
 /// A body the vault routes cannot parse: the parser's message without the values it quotes
@@ -93,7 +93,7 @@ pub async fn detokenize(
             .collect(),
     };
     let mut resp = Json(out).into_response();
-    resp.extensions_mut().insert(SecretResponse);
+    resp.extensions_mut().insert(DoNotStore);
     Ok(resp)
 }
 
@@ -152,7 +152,7 @@ pub async fn erase_subject(
     })
     .into_response();
     // The answer names the erased subject: it is not kept for replay.
-    resp.extensions_mut().insert(SecretResponse);
+    resp.extensions_mut().insert(DoNotStore);
     Ok(resp)
 }
 

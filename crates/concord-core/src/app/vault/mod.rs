@@ -201,12 +201,12 @@ impl Vault {
         &self.config
     }
 
-    /// The fingerprint of a request for `Idempotency-Key`, keyed with a secret derived from the
-    /// master key (the same on every node), so a stored fingerprint of a body holding a card
-    /// number cannot be matched against guesses.
+    /// A secret for keying `Idempotency-Key` fingerprints, derived from the keyring's first
+    /// version under its own label: the same on every node and across master-key changes, and
+    /// unknown to anyone holding only the databases.
     #[must_use]
-    pub fn fingerprint(&self, method: &str, target: &str, body: &[u8]) -> crate::domain::Fingerprint {
-        crate::domain::Fingerprint::keyed(self.derived().fingerprint.bytes(), method, target, body)
+    pub fn fingerprint_secret(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(self.derived().fingerprint.bytes().to_vec())
     }
 }
 
