@@ -19,6 +19,14 @@ pub const TRACEPARENT: &str = "traceparent";
 #[cfg(feature = "otel")]
 pub use with_otel::*;
 
+/// Without the `otel` feature there is no span context to send: always `None`, so callers
+/// (the outbox's message headers) need no feature switch of their own.
+#[cfg(not(feature = "otel"))]
+#[must_use]
+pub fn traceparent() -> Option<String> {
+    None
+}
+
 #[cfg(feature = "otel")]
 mod with_otel {
     use super::TRACEPARENT;

@@ -88,7 +88,7 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 
 /// The header that names the call: `{saga_id}:{step}:{action|compensation}`.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+pub use crate::idempotency::IDEMPOTENCY_KEY_HEADER;
 /// The header that names the saga; it must agree with the idempotency key.
 pub const SAGA_ID_HEADER: &str = "concord-saga-id";
 
@@ -414,6 +414,7 @@ async fn save_output<C: BarrierRows>(
 }
 
 /// The barrier on SQLite. Begin the transaction with `BEGIN IMMEDIATE` (see the module docs).
+#[cfg(feature = "sqlite")]
 pub mod sqlite {
     use super::{BarrierError, BarrierKey, BarrierOp, BarrierRows, Enter};
     use sqlx::{Row as _, SqliteConnection};
@@ -515,6 +516,7 @@ pub mod sqlite {
 }
 
 /// The barrier on PostgreSQL. Use `READ COMMITTED`, the default (see the module docs).
+#[cfg(feature = "postgres")]
 pub mod postgres {
     use super::{BarrierError, BarrierKey, BarrierOp, BarrierRows, Enter};
     use sqlx::{Connection as _, PgConnection, Row as _};

@@ -64,6 +64,7 @@ fn check_consumer(consumer: &str) -> Result<(), sqlx::Error> {
 }
 
 /// The inbox on PostgreSQL.
+#[cfg(feature = "postgres")]
 pub mod postgres {
     use super::{BoxFuture, Handled, InboxError, check_consumer};
     use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -185,6 +186,7 @@ pub mod postgres {
 }
 
 /// The inbox on SQLite.
+#[cfg(feature = "sqlite")]
 pub mod sqlite {
     use super::{BoxFuture, Handled, InboxError, check_consumer};
     use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};

@@ -1,11 +1,29 @@
-//! Concord's Rust sdk: the typed client of the Concord server ([`Client`], from `concord-client`,
-//! re-exported) and the service-side kit: [`barrier`], the saga participant barrier; [`tx`], the two-phase-commit participant (an
-//! axum router over a [`tx::Participant`], on PostgreSQL prepared transactions and on SQLite
-//! reservation records); [`outbox`], the transactional outbox and its relays; [`broker`], the
-//! broker port and the event-store broker (NATS JetStream is in `concord-broker-nats`);
-//! [`inbox`], the idempotent consumer; [`idempotency`], the `Idempotency-Key` tower layer;
-//! [`projection`], the CQRS projection runner; [`cache`], the read-through cache; [`trace`], W3C
-//! trace context for outgoing calls, outbox messages and axum servers.
+//! Concord's service kit: the parts a service links to stay consistent with the others, and the
+//! typed client of the Concord server ([`Client`], from `concord-client`, re-exported).
+//!
+//! - [`barrier`], the saga participant barrier; [`tx`], the two-phase-commit participant (an axum
+//!   router over a [`tx::Participant`], on PostgreSQL prepared transactions and on SQLite
+//!   reservation records); [`outbox`], the transactional outbox and its relays; [`inbox`], the
+//!   idempotent consumer; [`projection`], the CQRS projection runner;
+//! - [`broker`], the broker port with the event-store broker (and NATS JetStream);
+//! - [`idempotency`], the `Idempotency-Key` tower layer and its stores;
+//! - [`cache`], the read-through cache; [`trace`], W3C trace context for outgoing calls, outbox
+//!   messages and axum servers.
+//!
+//! # Features
+//!
+//! A service compiles only what it uses (`default-features = false` and the features it needs);
+//! all of them are on by default.
+//!
+//! | feature    | adds |
+//! |------------|------|
+//! | (none)     | the client, the broker port and the event-store broker, idempotency's types |
+//! | `postgres` | barrier, outbox and relay, inbox, 2PC participant, projections, idempotency store on PostgreSQL |
+//! | `sqlite`   | the same on SQLite |
+//! | `redis`    | the read-through cache (moka in the process, Redis shared) and the Redis idempotency store |
+//! | `nats`     | `broker::nats`, the NATS JetStream broker |
+//! | `axum`     | the `Idempotency-Key` layer, the 2PC participant's router |
+//! | `otel`     | the trace context: sent by the client, continued by `trace::server_span` (with `axum`) |
 //!
 //! # TLS crypto provider
 //!
@@ -44,14 +62,20 @@
 //! # }
 //! ```
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod barrier;
 pub mod broker;
+#[cfg(feature = "redis")]
 pub mod cache;
 pub mod idempotency;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod inbox;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod outbox;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod projection;
 pub mod trace;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod tx;
 
 pub use concord_client::{

@@ -10,3 +10,7 @@ mod event_store;
 
 pub use concord_kernel::broker::{Broker, BrokerConsumer, BrokerError, BrokerMessage, Delivery};
 pub use event_store::EventStoreBroker;
+
+/// NATS JetStream, one stream per topic (`concord-broker-nats`).
+#[cfg(feature = "nats")]
+pub use concord_broker_nats as nats;

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::{
     DoNotStore, Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig,
-    IdempotencyConfigError, IdempotencyKey, IdempotencyStore, KeyDigest, REPLAYED_HEADER, StoreError, StoredResponse,
+    IdempotencyConfigError, IdempotencyKey, IdempotencyStore, REPLAYED_HEADER, StoreError, StoredResponse,
     owner_for_caller,
 };
 
@@ -471,4 +471,14 @@ async fn buffer_response(body: Body, limit: usize) -> Kept {
 fn problem_response(code: ErrorCode, detail: impl Into<String>) -> Response<Body> {
     use axum::response::IntoResponse as _;
     Problem::new(code, detail).into_response()
+}
+
+/// Shows a key in logs as the first hex digits of its SHA-256, never the key itself.
+struct KeyDigest<'a>(&'a IdempotencyKey);
+
+impl std::fmt::Display for KeyDigest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(self.0.as_str().as_bytes());
+        f.write_str(&super::hex(&digest[..4]))
+    }
 }

@@ -131,25 +131,32 @@
 //! and one repeated key to measure replays; compare the median and tail latencies of the two
 //! routers. Everything here is public, so such a benchmark lives in another crate.
 
+#[cfg(feature = "axum")]
 mod layer;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, header};
+use http::request::Parts;
+use http::{Method, StatusCode, header};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-pub use crate::barrier::IDEMPOTENCY_KEY_HEADER;
+/// The request header that carries the key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub use concord_kernel::StoreError;
 pub use concord_kernel::idempotency::{Fingerprint, IdempotencyKey};
 pub use concord_kernel::idempotency::{IdempotencyBegin, IdempotencyClaim, IdempotencyStore, StoredResponse};
+#[cfg(feature = "axum")]
 pub use layer::{IdempotencyLayer, IdempotencyService};
 
 /// Marks a response that must never be kept for replay, whatever its status: one whose body
@@ -423,16 +430,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
-}
-
-/// Shows a key in logs as the first hex digits of its SHA-256, never the key itself.
-struct KeyDigest<'a>(&'a IdempotencyKey);
-
-impl fmt::Display for KeyDigest<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let digest = Sha256::digest(self.0.as_str().as_bytes());
-        f.write_str(&hex(&digest[..4]))
-    }
 }
 
 #[cfg(test)]

@@ -64,8 +64,10 @@
 //! # }
 //! ```
 
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod relay;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use crate::broker::BrokerMessage;

@@ -104,7 +104,9 @@ pub(crate) struct Failure {
     pub seq: i64,
     pub attempts: u32,
     pub error: BrokerError,
-    /// The rows of its key after it, in this batch: they wait as long as it does.
+    /// The rows of its key after it, in this batch: they wait as long as it does. Only
+    /// PostgreSQL relays, which share an outbox, hold them back by row.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub behind: Vec<i64>,
 }
 
@@ -165,6 +167,7 @@ pub(crate) async fn publish_waves(broker: &dyn Broker, rows: Vec<Row>) -> Publis
 
 /// Of the rows claimed, those that are, for each key, a prefix of that key's pending rows up to
 /// the batch's end (`pending` in seq order per key). The others wait for a later round.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn head_prefix(claimed: Vec<Row>, pending: &[(String, i64)]) -> (Vec<Row>, usize) {
     let claimed_seqs: std::collections::HashSet<i64> = claimed.iter().map(|r| r.seq).collect();
     // The first pending seq per key that this batch did not claim: rows of that key from it on wait.

@@ -135,9 +135,11 @@
 //! ```
 
 mod names;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod runner;
 mod source;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 use std::time::Duration;

@@ -64,8 +64,11 @@
 //! # }
 //! ```
 
+#[cfg(feature = "axum")]
 mod http;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 use std::fmt;
@@ -76,6 +79,7 @@ use serde_json::Value;
 
 use crate::Client;
 
+#[cfg(feature = "axum")]
 pub use http::{CoordinatorAuth, router};
 
 /// An error of a participant's own code: the work, or the storage behind it.
