@@ -12,8 +12,10 @@ use uuid::Uuid;
 pub struct AppendBody {
     /// `"any"` (default), `"no_stream"`, `"exists"` or the stream's current version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<crate::schema::ExpectedVersionSchema>)]
     pub expected_version: Option<Value>,
+    /// At least one; at most the server's `max_events_per_append`.
+    #[schema(min_items = 1)]
     pub events: Vec<EventInput>,
 }
 
@@ -24,13 +26,16 @@ pub struct EventInput {
     /// Makes a re-sent append idempotent; a UUIDv7 is assigned when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
+    /// 1–200 of `A-Z a-z 0-9 - _ . : /`.
     #[serde(rename = "type")]
+    #[schema(pattern = r"^[A-Za-z0-9_.:/-]+$", min_length = 1, max_length = 200)]
     pub event_type: String,
-    #[schema(value_type = Object)]
+    /// Any JSON value; with the metadata at most the server's `max_event_bytes`.
+    #[schema(value_type = crate::schema::StorableJson)]
     pub data: Value,
     /// A JSON object; `correlation_id` and `causation_id` are kept like any other field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<crate::schema::StorableObject>)]
     pub metadata: Option<Value>,
 }
 
@@ -52,7 +57,7 @@ pub struct EventOut {
     pub position: u64,
     #[serde(rename = "type")]
     pub event_type: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = crate::schema::StorableJson)]
     pub data: Value,
     #[schema(value_type = Object)]
     pub metadata: Value,
@@ -72,9 +77,10 @@ pub struct EventsPage {
 #[serde(deny_unknown_fields)]
 pub struct CheckpointBody {
     /// The member index within the group (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "concord_kernel::json::uint")]
     pub member: u32,
     /// The position of the last event the member has processed.
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
     pub position: u64,
 }
 

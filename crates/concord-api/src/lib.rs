@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod sagas;
+pub mod schema;
 pub mod tx;
 pub mod vault;
 

@@ -20,12 +20,16 @@ pub struct DefinitionOut {
 #[serde(deny_unknown_fields)]
 pub struct StartSagaBody {
     /// The definition's name; its latest version runs, and the saga keeps that version.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
     pub definition: String,
+    /// What the steps' templates read as `{{input.x}}`; at most the server's `saga_max_input_bytes`.
     #[serde(default)]
+    #[schema(value_type = crate::schema::StorableJson)]
     pub input: Value,
     /// A caller-chosen id (1–128 of letters, digits and `-_.:`); a UUID by default. Starting an
     /// existing id again returns that saga.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]+$", min_length = 1, max_length = 128)]
     pub id: Option<String>,
 }
 
@@ -83,4 +87,101 @@ pub struct SagaPage {
     pub sagas: Vec<SagaOut>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+}
+
+/// The body of `PUT /v1/saga-definitions/{name}`: the steps in order, each a call and, when it
+/// can be undone, its compensation. Strings of a call may hold `{{input.x}}`,
+/// `{{steps.<earlier step>.output.x}}`, `{{saga.id}}` and, in header values,
+/// `{{secrets.<name>}}` templates (see the README); the schema admits literal text only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionIn {
+    /// At least one; at most the server's `saga_max_steps`.
+    #[schema(min_items = 1)]
+    pub steps: Vec<StepIn>,
+    /// How compensations are retried (default 10 attempts, 100 ms doubling to 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_retry: Option<RetryIn>,
+}
+
+/// One step of a saga definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepIn {
+    /// Unique in the definition.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
+    pub name: String,
+    pub action: CallIn,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<CallIn>,
+    /// How the action is retried (default 3 attempts, 100 ms doubling to 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryIn>,
+    /// How long one attempt may take (default 5 s).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    #[schema(minimum = 1)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// An HTTP call to a participant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CallIn {
+    #[schema(inline)]
+    pub method: CallMethod,
+    /// `http://` or `https://` with a fixed host (on the server's `saga_allowed_hosts` when it
+    /// has any); templates may fill the path and the query.
+    #[schema(
+        pattern = r"^https?://[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?(:[1-9][0-9]{0,4})?(/[A-Za-z0-9._~%/-]*)?$",
+        max_length = 2048
+    )]
+    pub url: String,
+    /// Headers Concord sets itself (`Idempotency-Key`, `Concord-Saga-Id`, `traceparent`, `Host`,
+    /// ...) cannot be set; a credential header's value must be a `{{secrets.<name>}}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The JSON body; a string that is exactly one template takes the value's JSON type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::StorableJson>)]
+    pub body: Option<Value>,
+}
+
+/// The methods a participant call may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CallMethod {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// When and how often a call is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryIn {
+    /// Attempts in all, the first included.
+    #[schema(minimum = 1)]
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
+    pub max_attempts: u32,
+    /// Delay before the second attempt; each later delay doubles, up to `max_backoff_ms`.
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
+    pub backoff_ms: u64,
+    /// At least `backoff_ms`.
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
+    pub max_backoff_ms: u64,
+    /// Fraction of each delay drawn at random and taken off.
+    #[serde(default = "default_jitter")]
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.2)]
+    pub jitter: f64,
+}
+
+fn default_jitter() -> f64 {
+    0.2
 }

@@ -10,10 +10,18 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct ParticipantIn {
     /// 1–64 of `[A-Za-z0-9_.-]`, unique in the transaction.
+    #[schema(pattern = r"^[A-Za-z0-9_.-]+$", min_length = 1, max_length = 64)]
     pub name: String,
-    /// Base URL: phase 1 posts to `{url}/prepare`, phase 2 to `{url}/commit` or `{url}/abort`.
+    /// Base URL (`http://` or `https://`, on the server's `tx_allowed_hosts` when it has any):
+    /// phase 1 posts to `{url}/prepare`, phase 2 to `{url}/commit` or `{url}/abort`.
+    #[schema(
+        pattern = r"^https?://[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?(:[1-9][0-9]{0,4})?(/[A-Za-z0-9._~%/-]*)?$",
+        max_length = 2048
+    )]
     pub url: String,
+    /// Sent with the prepare; at most the server's `tx_max_payload_bytes`.
     #[serde(default)]
+    #[schema(value_type = crate::schema::StorableJson)]
     pub payload: Value,
 }
 
@@ -21,8 +29,13 @@ pub struct ParticipantIn {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BeginTxBody {
+    /// At least one, names unique; at most the server's `tx_max_participants`.
+    #[schema(min_items = 1)]
     pub participants: Vec<ParticipantIn>,
-    /// How long prepare answers are awaited; a participant silent until then aborts the transaction.
+    /// How long prepare answers are awaited; a participant silent until then aborts the
+    /// transaction. At most the server's `tx_max_timeout_ms`.
+    #[schema(minimum = 1)]
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
     pub timeout_ms: u64,
 }
 

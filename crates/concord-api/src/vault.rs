@@ -4,28 +4,43 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-/// One value of `POST /v1/vault/tokenize`.
+/// One value of `POST /v1/vault/tokenize`: its `type` is `card` (Luhn checked), `ssn`, `email`,
+/// `phone` or `generic`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeItemIn {
-    /// `card` (Luhn checked), `ssn`, `email`, `phone` or `generic`.
     #[serde(rename = "type")]
+    #[schema(inline, value_type = crate::schema::ValueType)]
     pub kind: String,
+    /// Valid for its type (a card number passing the Luhn check, ...); at most the server's
+    /// `vault_max_value_bytes`.
+    #[schema(min_length = 1)]
     pub value: String,
     /// `random` (default), `uuid`, or `last4` (cards only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, value_type = Option<crate::schema::TokenFormat>)]
     pub format: Option<String>,
     /// The same type, format, subject and value give the same token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub convergent: Option<bool>,
-    /// Whose data this is: each subject has its own data key, so it can be erased.
+    /// Whose data this is: each subject has its own data key, so it can be erased. 1–200 bytes
+    /// without control characters or `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[ -.0-~]+$", min_length = 1, max_length = 200)]
     pub subject: Option<String>,
-    /// Seconds after which the token stops revealing and is purged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Seconds after which the token stops revealing and is purged; at most the server's
+    /// `vault_max_ttl_s`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    #[schema(minimum = 1)]
     pub ttl_s: Option<u64>,
-    /// A JSON object kept in plain beside the token (never put sensitive data here).
+    /// A JSON object kept in plain beside the token (never put sensitive data here); at most the
+    /// server's `vault_max_metadata_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::StorableObject>)]
     pub metadata: Option<Value>,
 }
 
@@ -33,6 +48,8 @@ pub struct TokenizeItemIn {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeBody {
+    /// At least one; at most the server's `vault_max_batch`.
+    #[schema(min_items = 1)]
     pub items: Vec<TokenizeItemIn>,
 }
 
@@ -46,9 +63,12 @@ pub struct Tokenized {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetokenizeBody {
+    /// At least one; at most the server's `vault_max_batch`. Each 1–64 of `A-Z a-z 0-9 _ -`.
+    #[schema(min_items = 1, value_type = Vec<crate::schema::TokenText>)]
     pub tokens: Vec<String>,
     /// `plain` (default) or `masked`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, value_type = Option<crate::schema::Reveal>)]
     pub reveal: Option<String>,
 }
 

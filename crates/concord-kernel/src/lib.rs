@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod idempotency;
+pub mod json;
 mod store;
 mod version;
 

@@ -35,8 +35,7 @@ impl ExpectedVersion {
         match value {
             None | Some(Value::Null) => Ok(Self::Any),
             Some(Value::String(s)) => Self::parse(s),
-            Some(Value::Number(n)) => n
-                .as_u64()
+            Some(Value::Number(n)) => crate::json::as_uint(n)
                 .map(Self::Exact)
                 .ok_or_else(|| InvalidExpectedVersion(n.to_string())),
             Some(other) => Err(InvalidExpectedVersion(other.to_string())),
@@ -119,6 +118,12 @@ impl<'de> Deserialize<'de> for ExpectedVersion {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ExpectedVersion, E> {
                 Ok(ExpectedVersion::Exact(v))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ExpectedVersion, E> {
+                serde_json::Number::from_f64(v)
+                    .and_then(|n| crate::json::as_uint(&n))
+                    .map(ExpectedVersion::Exact)
+                    .ok_or_else(|| E::invalid_value(de::Unexpected::Float(v), &self))
+            }
         }
         deserializer.deserialize_any(Expected)
     }
@@ -142,6 +147,14 @@ mod tests {
             assert_eq!(serde_json::from_value::<ExpectedVersion>(wire.clone()).unwrap(), v);
             assert_eq!(ExpectedVersion::from_json(Some(&wire)).unwrap(), v);
         }
+        assert_eq!(
+            ExpectedVersion::from_json(Some(&json!(7.0))).unwrap(),
+            ExpectedVersion::Exact(7)
+        );
+        assert_eq!(
+            serde_json::from_value::<ExpectedVersion>(json!(7.0)).unwrap(),
+            ExpectedVersion::Exact(7)
+        );
         for bad in [json!(-1), json!(1.5), json!("latest"), json!([1]), json!(true)] {
             assert!(ExpectedVersion::from_json(Some(&bad)).is_err(), "{bad}");
             assert!(serde_json::from_value::<ExpectedVersion>(bad.clone()).is_err(), "{bad}");

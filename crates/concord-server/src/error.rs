@@ -84,6 +84,16 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<concord_core::app::auth::KeyError> for ApiError {
+    fn from(e: concord_core::app::auth::KeyError) -> Self {
+        use concord_core::app::auth::KeyError as K;
+        match e {
+            K::Invalid(v) => v.into(),
+            K::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<concord_core::app::vault::VaultFailure> for ApiError {
     fn from(e: concord_core::app::vault::VaultFailure) -> Self {
         use concord_core::app::vault::VaultFailure as F;

@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod relay;
 pub mod routes;
 pub mod saga;
+pub mod scopes;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -1,8 +1,11 @@
 //! The OpenAPI document of the whole API, served at `GET /v1/openapi.json`.
 //!
-//! The operations are declared on stubs here rather than on the handlers, so the handlers stay
-//! plain functions and the whole API reads in one page.
-#![allow(dead_code)]
+//! Each operation is declared once, on its handler (`#[utoipa::path]`: method, path, the scope
+//! it needs as its `security`, its own answers), and registered with axum and the document
+//! together (`routes::declared`). What every route of a kind answers is added here once
+//! ([`finish`]): the authentication, idempotency, body and store answers, each error as
+//! `application/problem+json`. The limits the settings make configurable are written into the
+//! schemas, so the document says what this server enforces.
 
 use concord_api::Problem;
 use concord_api::events::{AppendBody, AppendResponse, CheckpointBody, EventInput, EventOut, EventsPage};
@@ -13,159 +16,29 @@ use concord_api::vault::{
     DetokenizeBody, Detokenized, DetokenizedItem, ErasedOut, RotatedOut, RulesBody, RulesOut, TokenizeBody,
     TokenizeItemIn, Tokenized,
 };
+use concord_core::domain::Scope;
+use concord_core::domain::saga::definition::{CREDENTIAL_HEADERS, RESERVED_HEADERS};
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "The store answers", body = Health)))]
-fn health() {}
+use crate::config::Settings;
+use crate::scopes::required_scopes;
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
-fn metrics() {}
-
-#[utoipa::path(post, path = "/v1/streams/{stream}", request_body = AppendBody,
-    params(("stream" = String, Path, description = "1-200 of [A-Za-z0-9-_.:@], optional leading $"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
-    responses((status = 200, description = "Appended, or the original answer of a re-sent append", body = AppendResponse),
-              (status = 400, description = "Invalid request; nothing written", body = Problem),
-              (status = 409, description = "wrong_expected_version or event_id_conflict", body = Problem)))]
-fn append() {}
-
-#[utoipa::path(get, path = "/v1/streams/{stream}",
-    params(("stream" = String, Path), ("from" = Option<u64>, Query), ("limit" = Option<u32>, Query)),
-    responses((status = 200, description = "Events in version order", body = EventsPage),
-              (status = 404, description = "stream_not_found", body = Problem)))]
-fn read_stream() {}
-
-#[utoipa::path(get, path = "/v1/events",
-    params(("after" = Option<u64>, Query), ("limit" = Option<u32>, Query), ("category" = Option<String>, Query)),
-    responses((status = 200, description = "The global log in position order", body = EventsPage)))]
-fn read_log() {}
-
-#[utoipa::path(get, path = "/v1/events/subscribe",
-    params(("after" = Option<u64>, Query), ("category" = Option<String>, Query),
-           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position")),
-    responses((status = 200, description = "text/event-stream; each event's id is its position, data an EventOut")))]
-fn subscribe() {}
-
-#[utoipa::path(get, path = "/v1/subscriptions/{group}/events",
-    params(("group" = String, Path), ("member" = Option<u32>, Query), ("size" = Option<u32>, Query),
-           ("category" = Option<String>, Query), ("wait_ms" = Option<u64>, Query), ("limit" = Option<u32>, Query)),
-    responses((status = 200, description = "The member's next events after its checkpoint", body = EventsPage)))]
-fn group_events() {}
-
-#[utoipa::path(put, path = "/v1/subscriptions/{group}/checkpoint", request_body = CheckpointBody,
-    params(("group" = String, Path)),
-    responses((status = 204, description = "Saved")))]
-fn save_checkpoint() {}
-
-#[utoipa::path(post, path = "/v1/keys", request_body = CreateKeyBody,
-    responses((status = 201, description = "Created; the key is shown only here", body = CreatedKey),
-              (status = 400, description = "invalid_scope or invalid_parameter", body = Problem)))]
-fn create_key() {}
-
-#[utoipa::path(delete, path = "/v1/keys/{id}", params(("id" = String, Path)),
-    responses((status = 204, description = "Revoked"), (status = 404, description = "key_not_found", body = Problem)))]
-fn revoke_key() {}
-
-#[utoipa::path(put, path = "/v1/saga-definitions/{name}",
-    request_body(content = serde_json::Value, description = "{\"steps\": [{name, action, compensation?, retry?, timeout_ms?}], \"compensation_retry\"?}; see the README"),
-    params(("name" = String, Path, description = "1-64 of [A-Za-z0-9_.-]")),
-    responses((status = 201, description = "A new version", body = DefinitionOut),
-              (status = 200, description = "Unchanged: the latest version already has this spec", body = DefinitionOut),
-              (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, invalid_step_method, invalid_step_header, saga_limit_exceeded", body = Problem)))]
-fn put_definition() {}
-
-#[utoipa::path(get, path = "/v1/saga-definitions/{name}", params(("name" = String, Path), ("version" = Option<u32>, Query)),
-    responses((status = 200, description = "The version asked, or the latest", body = DefinitionOut),
-              (status = 404, description = "saga_definition_not_found", body = Problem)))]
-fn get_definition() {}
-
-#[utoipa::path(post, path = "/v1/sagas", request_body = StartSagaBody,
-    params(("wait_ms" = Option<u64>, Query, description = "Wait up to this long for the saga to finish"),
-           ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
-    responses((status = 201, description = "Started", body = SagaOut),
-              (status = 200, description = "A saga with this id exists: it is returned", body = SagaOut),
-              (status = 404, description = "saga_definition_not_found", body = Problem)))]
-fn start_saga() {}
-
-#[utoipa::path(get, path = "/v1/sagas",
-    params(("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("after" = Option<String>, Query)),
-    responses((status = 200, description = "Sagas in id order", body = SagaPage)))]
-fn list_sagas() {}
-
-#[utoipa::path(get, path = "/v1/sagas/{id}", params(("id" = String, Path), ("wait_ms" = Option<u64>, Query)),
-    responses((status = 200, description = "The saga with each step's attempts, output and error", body = SagaOut),
-              (status = 404, description = "saga_not_found", body = Problem)))]
-fn get_saga() {}
-
-#[utoipa::path(post, path = "/v1/sagas/{id}/retry", params(("id" = String, Path), ("wait_ms" = Option<u64>, Query)),
-    responses((status = 200, description = "Resumed: its compensations run again", body = SagaOut),
-              (status = 409, description = "saga_not_failed", body = Problem),
-              (status = 503, description = "saga_busy: another node is working on it; retry shortly", body = Problem)))]
-fn retry_saga() {}
-
-#[utoipa::path(post, path = "/v1/transactions", request_body = BeginTxBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
-    responses((status = 200, description = "Decided; the decision is durable, phase 2 runs on", body = TxDecision),
-              (status = 202, description = "Logged, but the decision could not be confirmed (outcome `pending`): recovery finishes it; ask GET", body = TxDecision),
-              (status = 400, description = "invalid_participant or transaction_limit_exceeded", body = Problem)))]
-fn begin_tx() {}
-
-#[utoipa::path(get, path = "/v1/transactions/{xid}", params(("xid" = String, Path)),
-    responses((status = 200, description = "Outcome, votes and acknowledgements; an unknown xid is presumed aborted", body = TxOut)))]
-fn get_tx() {}
-
-#[utoipa::path(get, path = "/v1/transactions",
-    params(("outcome" = Option<String>, Query, description = "committed, aborted or undecided"),
-           ("pending" = Option<bool>, Query), ("after" = Option<String>, Query), ("limit" = Option<u32>, Query)),
-    responses((status = 200, description = "Transactions in xid order", body = TxPage)))]
-fn list_tx() {}
-
-#[utoipa::path(post, path = "/v1/vault/tokenize", request_body = TokenizeBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe")),
-    responses((status = 200, description = "One token per item, in order (scope vault:tokenize)", body = Tokenized),
-              (status = 400, description = "invalid_value, invalid_value_type, value_too_large, invalid_token_format, invalid_subject, invalid_vault_item or vault_batch_size; nothing written", body = Problem)))]
-fn tokenize() {}
-
-#[utoipa::path(post, path = "/v1/vault/detokenize", request_body = DetokenizeBody,
-    responses((status = 200, description = "Each item's value or error (not_found, expired, erased, corrupted); audited; never stored for replay", body = Detokenized),
-              (status = 403, description = "Some item's type needs a vault:detokenize scope this key lacks: nothing revealed, audited", body = Problem),
-              (status = 429, description = "rate_limited: over this key's detokenize rate; see Retry-After", body = Problem)))]
-fn detokenize() {}
-
-#[utoipa::path(put, path = "/v1/vault/rules/{category}", request_body = RulesBody,
-    params(("category" = String, Path, description = "A stream category")),
-    responses((status = 200, description = "Stored; appends to the category tokenize these fields (scope vault:admin)", body = RulesOut),
-              (status = 400, description = "invalid_vault_rule", body = Problem)))]
-fn put_rules() {}
-
-#[utoipa::path(get, path = "/v1/vault/rules/{category}", params(("category" = String, Path)),
-    responses((status = 200, description = "The category's rules", body = RulesOut),
-              (status = 404, description = "not_found", body = Problem)))]
-fn get_rules() {}
-
-#[utoipa::path(delete, path = "/v1/vault/subjects/{subject}", params(("subject" = String, Path)),
-    responses((status = 200, description = "The subject's data key is deleted: its tokens answer erased (scope vault:admin)", body = ErasedOut)))]
-fn erase_subject() {}
-
-#[utoipa::path(post, path = "/v1/vault/keys/rotate",
-    responses((status = 200, description = "A new master key version wraps every data key (scope vault:admin)", body = RotatedOut)))]
-fn rotate_keys() {}
-
+/// The document's frame: its title, the bearer scheme, the schemas every route shares.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault."),
-    paths(health, metrics, append, read_stream, read_log, subscribe, group_events, save_checkpoint, create_key, revoke_key,
-          put_definition, get_definition, start_saga, list_sagas, get_saga, retry_saga, begin_tx, get_tx, list_tx,
-          tokenize, detokenize, put_rules, get_rules, erase_subject, rotate_keys),
+    info(title = "Concord", description = "Data consistency across microservices: event store, sagas, 2PC, vault. \
+        Every /v1 route needs `Authorization: Bearer <key>`; the scope an operation needs is its security requirement's \
+        role. Errors are application/problem+json with a stable `code`."),
     components(schemas(Problem, AppendBody, EventInput, AppendResponse, EventOut, EventsPage, CheckpointBody,
                        CreateKeyBody, CreatedKey, Health, DefinitionOut, StartSagaBody, SagaOut, SagaPage, StepOut,
                        AttemptOut, BeginTxBody, ParticipantIn, TxDecision, TxOut, ParticipantOut, TxPage,
                        TokenizeBody, TokenizeItemIn, Tokenized, DetokenizeBody, Detokenized, DetokenizedItem,
                        RulesBody, RulesOut, RotatedOut, ErasedOut)),
     modifiers(&BearerAuth),
-    security(("bearer" = []))
+    tags((name = "events"), (name = "sagas"), (name = "transactions"), (name = "vault"), (name = "keys"), (name = "system"))
 )]
-struct ApiDoc;
+pub struct ApiDoc;
 
 struct BearerAuth;
 
@@ -181,8 +54,359 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The document.
+/// The media type of every error.
+const PROBLEM_JSON: &str = "application/problem+json";
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+/// The served document: the declared operations with what every route of a kind answers, and
+/// the settings' limits.
 #[must_use]
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+pub fn finish(declared: &utoipa::openapi::OpenApi, settings: &Settings) -> Value {
+    // A document of strings, numbers and maps always serializes.
+    let mut doc = serde_json::to_value(declared).unwrap_or_default();
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            for method in METHODS {
+                if let Some(op) = item.get_mut(method) {
+                    add_common_answers(path, method, op);
+                    problems_are_problem_json(op);
+                    event_streams_are_framed(op);
+                }
+            }
+        }
+    }
+    apply_limits(&mut doc, settings);
+    doc
+}
+
+fn add_common_answers(path: &str, method: &str, op: &mut Value) {
+    let scopes = required_scopes(op);
+    let has_body = op.get("requestBody").is_some();
+    let has_params = op
+        .get("parameters")
+        .and_then(Value::as_array)
+        .is_some_and(|p| p.iter().any(|p| p["in"] == "query" || p["in"] == "path"));
+    let mutating = method != "get";
+    let mut answers: Vec<(&str, &str)> = Vec::new();
+    if scopes.is_some() {
+        answers.push(("401", "unauthorized: no API key, or an unknown or revoked one"));
+        if scopes.as_ref().is_some_and(|s| !s.is_empty()) {
+            answers.push(("403", "forbidden: the key lacks the scope this operation needs"));
+        }
+    }
+    if path != "/v1/openapi.json" && path != "/metrics" {
+        answers.push((
+            "503",
+            "store_unavailable: the database failed or is unreachable; retry with backoff",
+        ));
+    }
+    if has_body {
+        answers.push(("400", "malformed_json: the body is not the JSON this operation takes"));
+        answers.push(("413", "body_too_large: over the server's body limit"));
+        answers.push(("415", "unsupported_media_type: the body is not application/json"));
+    }
+    if has_params {
+        answers.push(("400", "invalid_parameter: a path or query parameter out of its range"));
+    }
+    if mutating {
+        answers.push(("400", "invalid_idempotency_key"));
+        answers.push((
+            "409",
+            "idempotency_key_in_flight: the first request with this key still runs; see Retry-After",
+        ));
+        answers.push(("413", "payload_too_large: over what the idempotency layer buffers"));
+        answers.push(("422", "idempotency_key_reused: the key was used with another request"));
+        answers.push((
+            "500",
+            "idempotency_response_not_stored: the request ran, its answer could not be kept",
+        ));
+        answers.push(("503", "idempotency_store_unavailable: the request did not run; retry"));
+        add_idempotency_header(op);
+    }
+    answers.push((
+        "500",
+        "internal: a bug; nothing was written that a retry would duplicate",
+    ));
+    let responses = op
+        .as_object_mut()
+        .map(|o| o.entry("responses").or_insert_with(|| json!({})));
+    let Some(responses) = responses.and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (status, description) in answers {
+        let answer = responses.entry(status).or_insert_with(|| json!({"description": ""}));
+        let text = answer["description"].as_str().unwrap_or_default().to_owned();
+        answer["description"] = Value::String(if text.is_empty() {
+            description.to_owned()
+        } else {
+            format!("{text}; {description}")
+        });
+    }
+}
+
+fn add_idempotency_header(op: &mut Value) {
+    let header = json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "Makes a retry safe: the first request's answer is replayed (Idempotent-Replayed: true). \
+            Scoped per API key.",
+        "schema": {"type": "string", "pattern": "^[!-~]+$", "minLength": 1, "maxLength": 255},
+    });
+    if let Some(o) = op.as_object_mut() {
+        let params = o.entry("parameters").or_insert_with(|| json!([]));
+        if let Some(list) = params.as_array_mut() {
+            list.push(header);
+        }
+    }
+}
+
+/// Every error answer is a problem document.
+fn problems_are_problem_json(op: &mut Value) {
+    let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (status, answer) in responses.iter_mut() {
+        if status.as_str() >= "400" {
+            answer["content"] = json!({PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}});
+        }
+    }
+}
+
+/// A `text/event-stream` answer is a sequence of events whose `data` is the declared JSON: the
+/// schema describes one event (`id`, `event`, `data` holding the JSON as text).
+fn event_streams_are_framed(op: &mut Value) {
+    let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for answer in responses.values_mut() {
+        if let Some(media) = answer.pointer_mut("/content/text~1event-stream") {
+            let data = media.get("schema").cloned().unwrap_or_else(|| json!({}));
+            media["schema"] = json!({
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string", "description": "The event's position in the log"},
+                    "event": {"type": "string", "enum": ["event"]},
+                    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+                },
+            });
+        }
+    }
+}
+
+/// Writes a configurable limit into the schema at `pointer` (a JSON pointer into the document).
+fn set(doc: &mut Value, pointer: &str, key: &str, value: impl Into<Value>) {
+    if let Some(Value::Object(schema)) = doc.pointer_mut(pointer) {
+        schema.insert(key.to_owned(), value.into());
+    }
+}
+
+/// The limits the settings choose, where the schemas carry them.
+fn apply_limits(doc: &mut Value, s: &Settings) {
+    let schemas = "/components/schemas";
+    set(
+        doc,
+        &format!("{schemas}/AppendBody/properties/events"),
+        "maxItems",
+        s.max_events_per_append,
+    );
+    set(
+        doc,
+        &format!("{schemas}/TokenizeBody/properties/items"),
+        "maxItems",
+        s.vault_max_batch,
+    );
+    set(
+        doc,
+        &format!("{schemas}/DetokenizeBody/properties/tokens"),
+        "maxItems",
+        s.vault_max_batch,
+    );
+    set(
+        doc,
+        &format!("{schemas}/TokenizeItemIn/properties/value"),
+        "maxLength",
+        s.vault_max_value_bytes,
+    );
+    set(
+        doc,
+        &format!("{schemas}/TokenizeItemIn/properties/ttl_s"),
+        "maximum",
+        s.vault_max_ttl_s,
+    );
+    set(
+        doc,
+        &format!("{schemas}/RulesBody/properties/fields"),
+        "maxProperties",
+        s.vault_max_rule_fields,
+    );
+    set(
+        doc,
+        &format!("{schemas}/BeginTxBody/properties/participants"),
+        "maxItems",
+        s.tx_max_participants,
+    );
+    set(
+        doc,
+        &format!("{schemas}/BeginTxBody/properties/timeout_ms"),
+        "maximum",
+        s.tx_max_timeout_ms,
+    );
+    set(
+        doc,
+        &format!("{schemas}/DefinitionIn/properties/steps"),
+        "maxItems",
+        s.saga_max_steps,
+    );
+    set(
+        doc,
+        &format!("{schemas}/StepIn/properties/timeout_ms"),
+        "maximum",
+        s.saga_max_timeout_ms,
+    );
+    set(
+        doc,
+        &format!("{schemas}/RetryIn/properties/max_attempts"),
+        "maximum",
+        s.saga_max_attempts,
+    );
+    set(
+        doc,
+        &format!("{schemas}/RetryIn/properties/backoff_ms"),
+        "maximum",
+        s.saga_max_backoff_ms,
+    );
+    set(
+        doc,
+        &format!("{schemas}/RetryIn/properties/max_backoff_ms"),
+        "maximum",
+        s.saga_max_backoff_ms,
+    );
+    // Header names a definition may set: not one Concord sets itself, not a credential header
+    // (those take `{{secrets.<name>}}` values, which the schema does not spell); values are
+    // literal printable text.
+    let taken: Vec<Value> = RESERVED_HEADERS
+        .iter()
+        .chain(CREDENTIAL_HEADERS)
+        .map(|h| Value::String((*h).to_owned()))
+        .collect();
+    set(
+        doc,
+        &format!("{schemas}/CallIn/properties/headers"),
+        "propertyNames",
+        json!({
+            "pattern": "^[a-z][a-z0-9-]*$", "maxLength": 64, "not": {"enum": taken}
+        }),
+    );
+    set(
+        doc,
+        &format!("{schemas}/CallIn/properties/headers"),
+        "additionalProperties",
+        json!({
+            "type": "string", "pattern": "^[ -z|~]*$", "maxLength": 1024
+        }),
+    );
+    // A rule's key is a JSON pointer into the event data (printable ASCII here; `~` only as
+    // `~0` or `~1`); its value a type, or a type and a format (`last4` for cards only).
+    set(
+        doc,
+        &format!("{schemas}/RulesBody/properties/fields"),
+        "propertyNames",
+        json!({
+            "pattern": "^(/([!-.0-}]|~[01])*)+$", "maxLength": 512
+        }),
+    );
+    let types = json!(["card", "ssn", "email", "phone", "generic"]);
+    set(
+        doc,
+        &format!("{schemas}/RulesBody/properties/fields"),
+        "additionalProperties",
+        json!({"oneOf": [
+            {"type": "string", "enum": types},
+            {"type": "object", "required": ["type"], "properties": {
+                "type": {"type": "string", "enum": ["card"]}, "format": {"type": "string", "enum": ["random", "uuid", "last4"]}}},
+            {"type": "object", "required": ["type"], "properties": {
+                "type": {"type": "string", "enum": ["ssn", "email", "phone", "generic"]}, "format": {"type": "string", "enum": ["random", "uuid"]}}},
+        ]}),
+    );
+    let scopes: Vec<Value> = Scope::all().iter().map(|s| Value::String(s.to_string())).collect();
+    set(
+        doc,
+        &format!("{schemas}/CreateKeyBody/properties/scopes/items"),
+        "enum",
+        scopes,
+    );
+    // Query parameters: the read limit and the longest waits.
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        for method in METHODS {
+            let Some(params) = item
+                .pointer_mut(&format!("/{method}/parameters"))
+                .and_then(Value::as_array_mut)
+            else {
+                continue;
+            };
+            for p in params.iter_mut() {
+                let max: Option<u64> = match p["name"].as_str() {
+                    Some("limit") => u64::try_from(s.max_read_limit).ok(),
+                    Some("wait_ms") if path.starts_with("/v1/sagas") => Some(s.saga_max_wait_ms),
+                    Some("wait_ms") => Some(s.max_wait_ms),
+                    _ => None,
+                };
+                if let (Some(max), Some(schema)) = (max, p.get_mut("schema").and_then(Value::as_object_mut)) {
+                    schema.insert("maximum".into(), max.into());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use concord_api::sagas::DefinitionIn;
+    use concord_core::domain::saga::DefinitionSpec;
+    use serde_json::json;
+
+    /// The document's definition schema (`DefinitionIn`) and the definition the engine parses
+    /// (`DefinitionSpec`) take the same JSON: every field of each, both ways.
+    #[test]
+    fn the_documented_definition_is_the_one_the_engine_reads() {
+        let full = json!({
+            "steps": [{
+                "name": "reserve",
+                "action": {"method": "POST", "url": "http://inventory:8081/r", "headers": {"x-tenant": "t"}, "body": {"n": 1}},
+                "compensation": {"method": "DELETE", "url": "http://inventory:8081/r/1"},
+                "retry": {"max_attempts": 5, "backoff_ms": 200, "max_backoff_ms": 5000, "jitter": 0.5},
+                "timeout_ms": 2000
+            }],
+            "compensation_retry": {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 30000, "jitter": 0.2}
+        });
+        let documented: DefinitionIn = serde_json::from_value(full.clone()).unwrap();
+        let engine: DefinitionSpec = serde_json::from_value(full.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&documented).unwrap(), full);
+        assert_eq!(serde_json::to_value(&engine).unwrap(), full);
+        let minimal = json!({"steps": [{"name": "a", "action": {"method": "GET", "url": "http://a"}}]});
+        let documented: DefinitionIn = serde_json::from_value(minimal.clone()).unwrap();
+        let engine: DefinitionSpec = serde_json::from_value(minimal).unwrap();
+        assert_eq!(
+            serde_json::from_value::<DefinitionSpec>(serde_json::to_value(&documented).unwrap()).unwrap(),
+            engine
+        );
+        for unknown in [
+            json!({"steps": [], "x": 1}),
+            json!({"steps": [{"name": "a", "action": {"method": "GET", "url": "u", "y": 2}}]}),
+        ] {
+            assert!(
+                serde_json::from_value::<DefinitionIn>(unknown.clone()).is_err(),
+                "{unknown}"
+            );
+            assert!(
+                serde_json::from_value::<DefinitionSpec>(unknown.clone()).is_err(),
+                "{unknown}"
+            );
+        }
+    }
 }

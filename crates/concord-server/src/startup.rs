@@ -171,8 +171,12 @@ impl Application {
         let vault = crate::vault::open(&settings, stores.events.clone()).await?;
         let idempotency_layer =
             crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret())?;
+        let openapi = crate::routes::document(&settings);
+        let route_scopes = crate::scopes::RouteScopes::from_document(&openapi)?;
         let state = AppState {
             idempotency_layer,
+            openapi: Arc::new(openapi),
+            route_scopes: Arc::new(route_scopes),
             vault,
             sagas,
             transactions,

@@ -15,6 +15,10 @@ pub struct AppState {
     pub idempotency: Arc<dyn IdempotencyStore>,
     /// The `Idempotency-Key` layer of the `/v1` routes, over `idempotency`.
     pub idempotency_layer: concord_sdk::idempotency::IdempotencyLayer,
+    /// This server's OpenAPI document (`GET /v1/openapi.json`).
+    pub openapi: Arc<serde_json::Value>,
+    /// What each `/v1` operation needs, read off the document's security requirements.
+    pub route_scopes: Arc<crate::scopes::RouteScopes>,
     pub limits: Limits,
     pub settings: Arc<Settings>,
     /// Turns true when the server starts shutting down, so long-lived streams end.

@@ -99,19 +99,35 @@ impl KeyCache {
     }
 }
 
-/// Creates a key with a name and scopes; answers the record and the key, which is shown only here.
+/// Where the making of a key that can reveal vault values is recorded (the vault's audit trail):
+/// `admin` cannot reveal values itself, but it can make a key that can, so that grant is on the
+/// record before the key exists.
+#[async_trait::async_trait]
+pub trait GrantAudit: Send + Sync {
+    /// Records that `by` makes the key `name` with the reveal `scopes`; durable when it returns.
+    ///
+    /// # Errors
+    /// When the record cannot be written: the key must then not be made.
+    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[&str]) -> Result<(), StoreError>;
+}
+
+/// Creates a key with a name and scopes for `by`; answers the record and the key, which is shown
+/// only here. The request is checked first; a key that can reveal vault values is recorded in
+/// `grants` before it is stored.
 ///
 /// # Errors
-/// A bad name or scope, or a store failure.
+/// A bad name or scope, or a failure of the store or of the grant's record.
 pub async fn create_key(
     keys: &dyn KeyStore,
+    grants: &dyn GrantAudit,
+    by: &Principal,
     name: &str,
     scopes: &[String],
 ) -> Result<(ApiKeyRecord, String), KeyError> {
-    if name.trim().is_empty() || name.len() > 100 {
+    if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(ValidationError::Parameter {
             name: "name",
-            reason: "must be 1 to 100 characters".into(),
+            reason: "must be 1 to 100 characters, not only spaces, without control characters".into(),
         }
         .into());
     }
@@ -125,6 +141,14 @@ pub async fn create_key(
     let mut parsed = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
     parsed.sort();
     parsed.dedup();
+    let reveals: Vec<&str> = parsed
+        .iter()
+        .map(Scope::as_str)
+        .filter(|s| s.starts_with("vault:detokenize"))
+        .collect();
+    if !reveals.is_empty() {
+        grants.record_grant(by, name, &reveals).await?;
+    }
     let key = generate_key();
     let record = ApiKeyRecord {
         id: Uuid::now_v7(),

@@ -53,9 +53,29 @@ impl Scope {
         &self.0
     }
 
+    /// Every scope Concord knows.
+    #[must_use]
+    pub fn all() -> Vec<Scope> {
+        let reveal = ["vault:detokenize:", "vault:detokenize-masked:"]
+            .into_iter()
+            .flat_map(|prefix| VAULT_TYPES.iter().map(move |t| format!("{prefix}{t}")));
+        FIXED_SCOPES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(reveal)
+            .map(Self)
+            .collect()
+    }
+
     /// Revealing vault values is never implied by `admin` (separation of duties).
     fn implied_by_admin(name: &str) -> bool {
         !name.starts_with("vault:detokenize")
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -148,6 +168,15 @@ mod tests {
         assert!(Scope::parse("vault:detokenize-masked:email").is_ok());
         for bad in ["", "root", "events:*", "vault:detokenize:passport", "Admin"] {
             assert!(Scope::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_listed_scope_parses() {
+        let all = Scope::all();
+        assert_eq!(all.len(), 10 + 2 * VAULT_TYPES.len());
+        for scope in all {
+            assert_eq!(Scope::parse(scope.as_str()).unwrap(), scope);
         }
     }
 

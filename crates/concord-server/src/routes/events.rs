@@ -14,6 +14,7 @@ use concord_core::domain::{AppendRequest, Category, ExpectedVersion, RecordedEve
 use concord_core::domain::{Principal, Scope};
 use concord_core::ports::LogQuery;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 /// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive.
 const SAGA_CATEGORY: &str = "saga";
@@ -44,10 +45,20 @@ fn saga_logs_forbidden() -> ApiError {
     )
 }
 
+/// Appends events atomically to a stream if it is at the expected version.
+#[utoipa::path(post, path = "/v1/streams/{stream}", tag = "events",
+    security(("bearer" = ["events:write"])),
+    params(StreamPath), request_body = AppendBody,
+    responses(
+        (status = 200, description = "Appended, or the original answer of a re-sent append", body = AppendResponse),
+        (status = 400, description = "invalid_stream_name, invalid_event_type, invalid_expected_version, event_too_large, batch_too_large, invalid_event_data, empty_append, duplicate_event_id or invalid_metadata: nothing written"),
+        (status = 403, description = "The vault's streams are written by the vault alone; system streams, saga and transaction logs need admin"),
+        (status = 409, description = "wrong_expected_version (with current_version) or event_id_conflict"),
+    ))]
 pub async fn append(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(stream): Path<String>,
+    Path(StreamPath { stream }): Path<StreamPath>,
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
@@ -95,16 +106,40 @@ pub async fn append(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A stream named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct StreamPath {
+    /// 1–200 of `A-Z a-z 0-9 - _ . : @`, optionally after one leading `$`; not starting with `-`.
+    #[param(pattern = r"^\$?[A-Za-z0-9_.:@][A-Za-z0-9_.:@-]*$", min_length = 1, max_length = 200)]
+    pub stream: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamParams {
+    /// The first version to read (default 1).
+    #[param(minimum = 1)]
     from: Option<u64>,
+    /// Events per page (default 100, at most the server's read limit).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
+/// Reads a stream forward from a version.
+#[utoipa::path(get, path = "/v1/streams/{stream}", tag = "events",
+    security(("bearer" = ["events:read"])),
+    params(StreamPath, StreamParams),
+    responses(
+        (status = 200, description = "Events in version order", body = EventsPage),
+        (status = 400, description = "invalid_stream_name or invalid_parameter"),
+        (status = 403, description = "Saga logs need sagas:read, transaction logs tx:read, the vault audit vault:audit"),
+        (status = 404, description = "stream_not_found"),
+    ))]
 pub async fn read_stream(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(stream): Path<String>,
+    Path(StreamPath { stream }): Path<StreamPath>,
     params: Result<Query<StreamParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let stream = StreamName::parse(&stream)?;
@@ -125,13 +160,28 @@ pub async fn read_stream(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogParams {
+    /// Only events after this position (default 0: from the start).
     after: Option<u64>,
+    /// Events per page (default 100, at most the server's read limit).
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Only this category: a stream name without `-`.
+    #[param(pattern = r"^\$?[A-Za-z0-9_.:@]+$", min_length = 1, max_length = 200)]
     category: Option<String>,
 }
 
+/// Reads the global log in position order.
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    security(("bearer" = ["events:read"])),
+    params(LogParams),
+    responses(
+        (status = 200, description = "The global log in position order; events the key may not read are left out", body = EventsPage),
+        (status = 400, description = "invalid_parameter"),
+        (status = 403, description = "A category of logs this key may not read"),
+    ))]
 pub async fn read_log(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -9,34 +9,33 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use concord_api::ErrorCode;
 use concord_api::keys::{CreateKeyBody, CreatedKey};
-use concord_core::app::auth::{KeyError, create_key};
+use concord_core::app::auth::create_key;
 use concord_core::domain::{Principal, Scope};
 use concord_sdk::idempotency::DoNotStore;
 use uuid::Uuid;
 
+/// Creates an API key; the key is shown only in this answer.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys",
+    security(("bearer" = ["admin"])),
+    request_body = CreateKeyBody,
+    responses(
+        (status = 201, description = "Created; the key is shown only here, and never kept for replay", body = CreatedKey),
+        (status = 400, description = "invalid_scope or invalid_parameter"),
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     body: Result<Json<CreateKeyBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    // admin cannot reveal vault values itself, but it can make a key that can: that grant is
-    // recorded in the vault's audit trail before the key exists.
-    let reveals: Vec<&str> = body
-        .scopes
-        .iter()
-        .map(String::as_str)
-        .filter(|s| s.starts_with("vault:detokenize"))
-        .collect();
-    if !reveals.is_empty() {
-        state.vault.record_grant(&principal, &body.name, &reveals).await?;
-    }
-    let (record, key) = create_key(state.keys.as_ref(), &body.name, &body.scopes)
-        .await
-        .map_err(|e| match e {
-            KeyError::Invalid(v) => ApiError::from(v),
-            KeyError::Store(s) => ApiError::from(s),
-        })?;
+    let (record, key) = create_key(
+        state.keys.as_ref(),
+        state.vault.as_ref(),
+        &principal,
+        &body.name,
+        &body.scopes,
+    )
+    .await?;
     tracing::info!(key_id = %record.id, name = %record.name, "api key created");
     let created = CreatedKey {
         id: record.id,
@@ -49,6 +48,15 @@ pub async fn create(
     Ok(resp)
 }
 
+/// Revokes an API key.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    security(("bearer" = ["admin"])),
+    params(("id" = uuid::Uuid, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "invalid_parameter: not a UUID"),
+        (status = 404, description = "key_not_found"),
+    ))]
 pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::parameter("id", "must be a UUID"))?;
     if state.keys.revoke_key(id).await? {

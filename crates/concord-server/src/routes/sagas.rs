@@ -8,17 +8,28 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use concord_api::ErrorCode;
-use concord_api::sagas::{AttemptOut, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
+use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 use concord_core::app::saga::{SagaError, StartSaga};
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{DefinitionError, DefinitionSpec, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
 use serde::Deserialize;
 use std::time::Duration;
+use utoipa::IntoParams;
 
+/// Stores a new version of a saga definition.
+#[utoipa::path(put, path = "/v1/saga-definitions/{name}", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(DefinitionPath),
+    request_body = DefinitionIn,
+    responses(
+        (status = 201, description = "A new version", body = DefinitionOut),
+        (status = 200, description = "Unchanged: the latest version already has this spec", body = DefinitionOut),
+        (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, invalid_step_method, invalid_step_header or saga_limit_exceeded"),
+    ))]
 pub async fn put_definition(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
     body: Result<Json<DefinitionSpec>, JsonRejection>,
 ) -> Result<(StatusCode, Json<DefinitionOut>), ApiError> {
     let Json(spec) = body?;
@@ -27,14 +38,44 @@ pub async fn put_definition(
     Ok((status, Json(definition_out(stored))))
 }
 
-#[derive(Debug, Deserialize)]
+/// A saga definition named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DefinitionPath {
+    /// 1–64 of `A-Z a-z 0-9 _ -`.
+    #[param(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
+    pub name: String,
+}
+
+/// A saga named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SagaPath {
+    /// 1–128 of `A-Z a-z 0-9 _ - . :`.
+    #[param(pattern = r"^[A-Za-z0-9_.:-]+$", min_length = 1, max_length = 128)]
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DefinitionParams {
+    /// This version (default: the latest).
+    #[param(minimum = 1)]
     version: Option<u32>,
 }
 
+/// Reads a saga definition: a version, or the latest.
+#[utoipa::path(get, path = "/v1/saga-definitions/{name}", tag = "sagas",
+    security(("bearer" = ["sagas:read"])),
+    params(DefinitionPath, DefinitionParams),
+    responses(
+        (status = 200, description = "The version asked, or the latest", body = DefinitionOut),
+        (status = 400, description = "invalid_name or invalid_parameter"),
+        (status = 404, description = "saga_definition_not_found"),
+    ))]
 pub async fn get_definition(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Path(DefinitionPath { name }): Path<DefinitionPath>,
     params: Result<Query<DefinitionParams>, QueryRejection>,
 ) -> Result<Json<DefinitionOut>, ApiError> {
     let Query(p) = params?;
@@ -57,9 +98,10 @@ fn definition_out(d: StoredDefinition) -> DefinitionOut {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitParams {
-    /// Wait up to this long for the saga to finish, then answer its state.
+    /// Wait up to this long for the saga to finish, then answer its state (0: do not wait).
     wait_ms: Option<u64>,
 }
 
@@ -74,6 +116,16 @@ fn wait_of(p: &WaitParams, state: &AppState) -> Result<Option<Duration>, ApiErro
     }
 }
 
+/// Starts a saga, or returns the saga with this id.
+#[utoipa::path(post, path = "/v1/sagas", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(WaitParams), request_body = StartSagaBody,
+    responses(
+        (status = 201, description = "Started", body = SagaOut),
+        (status = 200, description = "A saga with this id exists: it is returned", body = SagaOut),
+        (status = 400, description = "invalid_name, saga_limit_exceeded or invalid_parameter"),
+        (status = 404, description = "saga_definition_not_found"),
+    ))]
 pub async fn start(
     State(state): State<AppState>,
     trace: Option<Extension<IncomingTrace>>,
@@ -119,9 +171,18 @@ pub async fn start(
     }
 }
 
+/// A saga with each step's attempts, output and error.
+#[utoipa::path(get, path = "/v1/sagas/{id}", tag = "sagas",
+    security(("bearer" = ["sagas:read"])),
+    params(SagaPath, WaitParams),
+    responses(
+        (status = 200, description = "The saga with each step's attempts, output and error", body = SagaOut),
+        (status = 400, description = "invalid_parameter"),
+        (status = 404, description = "saga_not_found"),
+    ))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(SagaPath { id }): Path<SagaPath>,
     params: Result<Query<WaitParams>, QueryRejection>,
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;
@@ -131,13 +192,40 @@ pub async fn get(
     Ok(Json(full_view(&state, &id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only sagas in this status.
+    #[param(inline, value_type = Option<SagaStatusParam>)]
     status: Option<String>,
+    /// Sagas per page (default 100, at most the server's read limit).
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Only sagas whose id sorts after this one.
+    #[param(max_length = 128)]
     after: Option<String>,
 }
 
+/// The statuses a saga list can be filtered by.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum SagaStatusParam {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
+}
+
+/// Sagas in id order.
+#[utoipa::path(get, path = "/v1/sagas", tag = "sagas",
+    security(("bearer" = ["sagas:read"])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "Sagas in id order", body = SagaPage),
+        (status = 400, description = "invalid_parameter"),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -168,9 +256,20 @@ pub async fn list(
     }))
 }
 
+/// Gives a failed saga's compensations a fresh budget.
+#[utoipa::path(post, path = "/v1/sagas/{id}/retry", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(SagaPath, WaitParams),
+    responses(
+        (status = 200, description = "Resumed: its compensations run again", body = SagaOut),
+        (status = 400, description = "invalid_parameter"),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "saga_not_failed"),
+        (status = 503, description = "saga_busy: another node is working on it; retry shortly"),
+    ))]
 pub async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(SagaPath { id }): Path<SagaPath>,
     params: Result<Query<WaitParams>, QueryRejection>,
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;

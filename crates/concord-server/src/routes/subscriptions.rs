@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::{Extension, Json};
-use concord_api::events::{CheckpointBody, EventsPage};
+use concord_api::events::{CheckpointBody, EventOut, EventsPage};
 use concord_core::app::subscribe::LogFollower;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{Principal, StreamName};
@@ -16,11 +16,25 @@ use futures::{Stream, StreamExt, future, stream};
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::time::Duration;
+use utoipa::IntoParams;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SubscribeParams {
+    /// Only events after this position (default 0: from the start).
     after: Option<u64>,
+    /// Only this category: a stream name without `-`.
+    #[param(pattern = r"^\$?[A-Za-z0-9_.:@]+$", min_length = 1, max_length = 200)]
     category: Option<String>,
+}
+
+/// A consumer group named in the path: a name of the stream-name alphabet.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct GroupPath {
+    /// 1–200 of `A-Z a-z 0-9 - _ . : @`, optionally after one leading `$`; not starting with `-`.
+    #[param(pattern = r"^\$?[A-Za-z0-9_.:@][A-Za-z0-9_.:@-]*$", min_length = 1, max_length = 200)]
+    pub group: String,
 }
 
 /// How long one wait for new events lasts before the loop checks for shutdown again.
@@ -30,6 +44,15 @@ const WAIT_SLICE: Duration = Duration::from_secs(5);
 /// `id` is the event's position, so a client that reconnects resumes exactly where it stopped.
 /// Events the principal may not read are left out; resuming after a visible one reads the hidden
 /// ones again and leaves them out again.
+#[utoipa::path(get, path = "/v1/events/subscribe", tag = "events",
+    security(("bearer" = ["events:read"])),
+    params(SubscribeParams,
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position")),
+    responses(
+        (status = 200, description = "Each event's `id` is its position, its data an EventOut", content_type = "text/event-stream", body = EventOut),
+        (status = 400, description = "invalid_parameter"),
+        (status = 403, description = "A category of logs this key may not read"),
+    ))]
 pub async fn subscribe(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -90,12 +113,21 @@ impl Drop for SubscriberGuard {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GroupParams {
+    /// Only this category: a stream name without `-`.
+    #[param(pattern = r"^\$?[A-Za-z0-9_.:@]+$", min_length = 1, max_length = 200)]
     category: Option<String>,
+    /// This member's index, below `size` (default 0).
     member: Option<u32>,
+    /// How many members share the group (default 1).
+    #[param(minimum = 1)]
     size: Option<u32>,
+    /// Wait up to this long for events when there are none (default 0).
     wait_ms: Option<u64>,
+    /// Events per page (default 100, at most the server's read limit).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
@@ -105,10 +137,18 @@ fn group_name(raw: &str) -> Result<StreamName, ApiError> {
 
 /// The next events of a group member's share after its checkpoint, waiting up to `wait_ms` for
 /// some. Reading does not move the checkpoint: a member saves it once it has processed the page.
+#[utoipa::path(get, path = "/v1/subscriptions/{group}/events", tag = "events",
+    security(("bearer" = ["events:read"])),
+    params(GroupPath, GroupParams),
+    responses(
+        (status = 200, description = "The member's next events after its checkpoint", body = EventsPage),
+        (status = 400, description = "invalid_parameter"),
+        (status = 403, description = "A category of logs this key may not read"),
+    ))]
 pub async fn group_events(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(group): Path<String>,
+    Path(GroupPath { group }): Path<GroupPath>,
     params: Result<Query<GroupParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
     let group = group_name(&group)?;
@@ -139,9 +179,17 @@ pub async fn group_events(
     Ok(Json(page_after(&principal, events, start)))
 }
 
+/// Saves a group member's checkpoint.
+#[utoipa::path(put, path = "/v1/subscriptions/{group}/checkpoint", tag = "events",
+    security(("bearer" = ["events:read"])),
+    params(GroupPath), request_body = CheckpointBody,
+    responses(
+        (status = 204, description = "Saved"),
+        (status = 400, description = "invalid_parameter"),
+    ))]
 pub async fn save_checkpoint(
     State(state): State<AppState>,
-    Path(group): Path<String>,
+    Path(GroupPath { group }): Path<GroupPath>,
     body: Result<Json<CheckpointBody>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let group = group_name(&group)?;

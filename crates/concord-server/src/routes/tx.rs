@@ -13,7 +13,17 @@ use concord_core::app::tx::TxFailure;
 use concord_core::domain::tx::{Outcome, TxError, TxParticipant, TxState, Vote};
 use concord_core::ports::TxRow;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
+/// Runs a two-phase commit over the participants.
+#[utoipa::path(post, path = "/v1/transactions", tag = "transactions",
+    security(("bearer" = ["tx:write"])),
+    request_body = BeginTxBody,
+    responses(
+        (status = 200, description = "Decided; the decision is durable, phase 2 runs on", body = TxDecision),
+        (status = 202, description = "Logged, but the decision could not be confirmed (outcome `pending`): recovery finishes it; ask GET", body = TxDecision),
+        (status = 400, description = "invalid_participant or transaction_limit_exceeded"),
+    ))]
 pub async fn begin(
     State(state): State<AppState>,
     trace: Option<Extension<IncomingTrace>>,
@@ -66,6 +76,13 @@ pub async fn begin(
     })
 }
 
+/// A transaction's outcome, votes and acknowledgements.
+#[utoipa::path(get, path = "/v1/transactions/{xid}", tag = "transactions",
+    security(("bearer" = ["tx:read"])),
+    params(("xid" = String, Path, description = "The transaction id")),
+    responses(
+        (status = 200, description = "Outcome, votes and acknowledgements; an unknown xid is presumed aborted", body = TxOut),
+    ))]
 pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Result<Json<TxOut>, ApiError> {
     let coordinator = state.transactions.coordinator();
     let row = coordinator.store().get_tx(&xid).await?;
@@ -88,14 +105,39 @@ pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Resu
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only transactions with this outcome.
+    #[param(inline, value_type = Option<OutcomeParam>)]
     outcome: Option<String>,
+    /// Only transactions whose phase 2 is not finished (`true`) or is (`false`).
     pending: Option<bool>,
+    /// Only transactions whose xid sorts after this one.
     after: Option<String>,
+    /// Transactions per page (default 100, at most the server's read limit).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
+/// The outcomes a transaction list can be filtered by.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum OutcomeParam {
+    Committed,
+    Aborted,
+    Undecided,
+}
+
+/// Transactions in xid order.
+#[utoipa::path(get, path = "/v1/transactions", tag = "transactions",
+    security(("bearer" = ["tx:read"])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "Transactions in xid order", body = TxPage),
+        (status = 400, description = "invalid_parameter"),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,

@@ -14,7 +14,27 @@ use concord_core::app::vault::{Reveal, TokenizeItem};
 use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType, VaultError};
 use concord_core::domain::{Category, Principal};
 use concord_sdk::idempotency::DoNotStore;
+use serde::Deserialize;
+use utoipa::IntoParams;
 use zeroize::Zeroizing;
+
+/// A stream category named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct CategoryPath {
+    /// A stream name without `-`, and not a system stream's (`$...`): those take no rules.
+    #[param(pattern = r"^[A-Za-z0-9_.:@]+$", min_length = 1, max_length = 200)]
+    pub category: String,
+}
+
+/// A data subject named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SubjectPath {
+    /// 1–200 bytes without control characters or `/` (printable ASCII here).
+    #[param(pattern = r"^[ -.0-~]+$", min_length = 1, max_length = 200)]
+    pub subject: String,
+}
 
 /// A body the vault routes cannot parse: the parser's message without the values it quotes
 /// (a card number sent as a JSON number would be repeated in the answer, and so in any stored
@@ -29,6 +49,14 @@ fn redacted(r: JsonRejection) -> ApiError {
     e
 }
 
+/// Tokenizes values; one token per item, in order.
+#[utoipa::path(post, path = "/v1/vault/tokenize", tag = "vault",
+    security(("bearer" = ["vault:tokenize"])),
+    request_body = TokenizeBody,
+    responses(
+        (status = 200, description = "One token per item, in order", body = Tokenized),
+        (status = 400, description = "invalid_value, invalid_value_type, value_too_large, invalid_token_format, invalid_subject, invalid_vault_item, vault_batch_size or invalid_parameter: nothing written"),
+    ))]
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Json<TokenizeBody>, JsonRejection>,
@@ -61,8 +89,18 @@ pub async fn tokenize(
     }))
 }
 
-/// Answers revealed values, so the response is marked as a secret: an `Idempotency-Key` never
-/// stores it (stored responses are plaintext).
+/// Reveals tokens, each allowed by the key's detokenize scope of its type. Answers revealed
+/// values, so the response is marked as a secret: an `Idempotency-Key` never stores it (stored
+/// responses are plaintext).
+#[utoipa::path(post, path = "/v1/vault/detokenize", tag = "vault",
+    security(("bearer" = [])),
+    request_body = DetokenizeBody,
+    responses(
+        (status = 200, description = "Each item's value or error (not_found, expired, erased, corrupted); audited; never stored for replay", body = Detokenized),
+        (status = 400, description = "invalid_token, vault_batch_size or invalid_parameter"),
+        (status = 403, description = "Some item's type needs a vault:detokenize scope this key lacks: nothing revealed, audited"),
+        (status = 429, description = "rate_limited: over this key's detokenize rate; see Retry-After"),
+    ))]
 pub async fn detokenize(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -108,10 +146,18 @@ fn category(raw: &str) -> Result<Category, ApiError> {
     Ok(c)
 }
 
+/// Stores the tokenized-field rules of a stream category.
+#[utoipa::path(put, path = "/v1/vault/rules/{category}", tag = "vault",
+    security(("bearer" = ["vault:admin"])),
+    params(CategoryPath), request_body = RulesBody,
+    responses(
+        (status = 200, description = "Stored; appends to the category tokenize these fields", body = RulesOut),
+        (status = 400, description = "invalid_vault_rule or invalid_stream_name"),
+    ))]
 pub async fn put_rules(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(raw): Path<String>,
+    Path(CategoryPath { category: raw }): Path<CategoryPath>,
     body: Result<Json<RulesBody>, JsonRejection>,
 ) -> Result<Json<RulesOut>, ApiError> {
     let category = category(&raw)?;
@@ -126,7 +172,19 @@ pub async fn put_rules(
     }))
 }
 
-pub async fn get_rules(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<RulesOut>, ApiError> {
+/// The tokenized-field rules of a stream category.
+#[utoipa::path(get, path = "/v1/vault/rules/{category}", tag = "vault",
+    security(("bearer" = ["vault:admin"])),
+    params(CategoryPath),
+    responses(
+        (status = 200, description = "The category's rules", body = RulesOut),
+        (status = 400, description = "invalid_stream_name"),
+        (status = 404, description = "not_found"),
+    ))]
+pub async fn get_rules(
+    State(state): State<AppState>,
+    Path(CategoryPath { category: raw }): Path<CategoryPath>,
+) -> Result<Json<RulesOut>, ApiError> {
     let category = category(&raw)?;
     let rules = state
         .vault
@@ -139,10 +197,18 @@ pub async fn get_rules(State(state): State<AppState>, Path(raw): Path<String>) -
     }))
 }
 
+/// Crypto-shredding: deletes a subject's data key.
+#[utoipa::path(delete, path = "/v1/vault/subjects/{subject}", tag = "vault",
+    security(("bearer" = ["vault:admin"])),
+    params(SubjectPath),
+    responses(
+        (status = 200, description = "The subject's data key is deleted: its tokens answer erased", body = ErasedOut),
+        (status = 400, description = "invalid_subject"),
+    ))]
 pub async fn erase_subject(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Path(raw): Path<String>,
+    Path(SubjectPath { subject: raw }): Path<SubjectPath>,
 ) -> Result<Response, ApiError> {
     let subject = Subject::parse(&raw)?;
     let erased = state.vault.erase_subject(&principal, &subject).await?;
@@ -156,6 +222,12 @@ pub async fn erase_subject(
     Ok(resp)
 }
 
+/// Adds a master key version that re-wraps every data key.
+#[utoipa::path(post, path = "/v1/vault/keys/rotate", tag = "vault",
+    security(("bearer" = ["vault:admin"])),
+    responses(
+        (status = 200, description = "A new master key version wraps every data key", body = RotatedOut),
+    ))]
 pub async fn rotate(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

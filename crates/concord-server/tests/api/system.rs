@@ -53,12 +53,73 @@ async fn the_openapi_document_lists_every_route() {
         .await
         .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with('3'));
-    for (method, path, _) in concord_server::auth::ROUTE_SCOPES {
-        if *path == "/v1/openapi.json" {
-            continue;
-        }
-        let op = &doc["paths"][*path][method.to_lowercase()];
+    // Every operation with the scope it needs (None: public, Some(""): any valid key); the
+    // authentication layer enforces what the document says.
+    let expected: &[(&str, &str, Option<&str>)] = &[
+        ("get", "/health", None),
+        ("get", "/metrics", None),
+        ("post", "/v1/streams/{stream}", Some("events:write")),
+        ("get", "/v1/streams/{stream}", Some("events:read")),
+        ("get", "/v1/events", Some("events:read")),
+        ("get", "/v1/events/subscribe", Some("events:read")),
+        ("get", "/v1/subscriptions/{group}/events", Some("events:read")),
+        ("put", "/v1/subscriptions/{group}/checkpoint", Some("events:read")),
+        ("put", "/v1/saga-definitions/{name}", Some("sagas:write")),
+        ("get", "/v1/saga-definitions/{name}", Some("sagas:read")),
+        ("post", "/v1/sagas", Some("sagas:write")),
+        ("get", "/v1/sagas", Some("sagas:read")),
+        ("get", "/v1/sagas/{id}", Some("sagas:read")),
+        ("post", "/v1/sagas/{id}/retry", Some("sagas:write")),
+        ("post", "/v1/transactions", Some("tx:write")),
+        ("get", "/v1/transactions", Some("tx:read")),
+        ("get", "/v1/transactions/{xid}", Some("tx:read")),
+        ("post", "/v1/vault/tokenize", Some("vault:tokenize")),
+        ("post", "/v1/vault/detokenize", Some("")),
+        ("put", "/v1/vault/rules/{category}", Some("vault:admin")),
+        ("get", "/v1/vault/rules/{category}", Some("vault:admin")),
+        ("delete", "/v1/vault/subjects/{subject}", Some("vault:admin")),
+        ("post", "/v1/vault/keys/rotate", Some("vault:admin")),
+        ("post", "/v1/keys", Some("admin")),
+        ("delete", "/v1/keys/{id}", Some("admin")),
+        ("get", "/v1/openapi.json", Some("")),
+    ];
+    let documented: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|i| i.as_object().unwrap().len())
+        .sum();
+    assert_eq!(documented, expected.len(), "documented operations");
+    for (method, path, scope) in expected {
+        let op = &doc["paths"][*path][*method];
         assert!(op.is_object(), "{method} {path} is not documented");
+        let security = &op["security"];
+        match scope {
+            None => assert_eq!(security, &serde_json::json!([{}]), "{method} {path}"),
+            Some("") => assert_eq!(security, &serde_json::json!([{"bearer": []}]), "{method} {path}"),
+            Some(scope) => assert_eq!(security, &serde_json::json!([{"bearer": [scope]}]), "{method} {path}"),
+        }
+        for (status, answer) in op["responses"].as_object().unwrap() {
+            if status.as_str() >= "400" {
+                assert!(
+                    answer["content"]["application/problem+json"].is_object(),
+                    "{method} {path} {status} is a problem document"
+                );
+            }
+        }
+        if scope.is_some() {
+            assert!(op["responses"]["401"].is_object(), "{method} {path} answers 401");
+        }
     }
+    // Public routes answer without a key, the others do not.
+    for (method, path, scope) in expected.iter().filter(|(m, p, _)| *m == "get" && !p.contains('{')) {
+        let r = app.request(Method::GET, path, None).send().await.unwrap();
+        assert_eq!(r.status() == 401, scope.is_some(), "{method} {path}: {}", r.status());
+    }
+    // The settings' limits are in the schemas.
+    assert_eq!(
+        doc["components"]["schemas"]["AppendBody"]["properties"]["events"]["maxItems"],
+        serde_json::json!(app.state.settings.max_events_per_append)
+    );
     assert!(doc["components"]["schemas"]["Problem"].is_object());
 }

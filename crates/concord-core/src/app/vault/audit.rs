@@ -126,3 +126,13 @@ impl Vault {
         Ok(())
     }
 }
+
+#[async_trait::async_trait]
+impl crate::app::auth::GrantAudit for Vault {
+    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[&str]) -> Result<(), StoreError> {
+        Vault::record_grant(self, by, name, scopes).await.map_err(|e| match e {
+            VaultFailure::Store(s) => s,
+            other => StoreError::Unavailable(format!("audit record: {other}")),
+        })
+    }
+}

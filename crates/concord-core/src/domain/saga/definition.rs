@@ -82,9 +82,12 @@ impl Default for SagaLimits {
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (at least 1).
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
     pub max_attempts: u32,
     /// Delay before the second attempt; each later delay doubles, up to `max_backoff_ms`.
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
     pub backoff_ms: u64,
+    #[serde(deserialize_with = "concord_kernel::json::uint")]
     pub max_backoff_ms: u64,
     /// Fraction (0 to 1) of each delay drawn at random and taken off, so retries spread out.
     #[serde(default = "default_jitter")]
@@ -177,7 +180,11 @@ pub struct StepSpec {
     pub compensation: Option<HttpCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
     pub timeout_ms: Option<u64>,
 }
 
@@ -216,7 +223,7 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Headers that carry credentials: a new definition fills them from one server-held secret.
-const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "x-auth-token"];
+pub const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "x-auth-token"];
 
 /// The secrets a string names (`{{secrets.<name>}}`).
 fn secret_names(s: &str) -> Vec<&str> {
@@ -253,7 +260,7 @@ pub fn host_listed(hosts: &[String], authority: &str) -> bool {
 }
 
 /// Headers Concord sets on every participant call; a definition may not set them.
-const RESERVED_HEADERS: &[&str] = &[
+pub const RESERVED_HEADERS: &[&str] = &[
     "idempotency-key",
     "concord-saga-id",
     "traceparent",
