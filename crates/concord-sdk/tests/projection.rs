@@ -3,9 +3,8 @@
 //! `CONCORD_TEST_POSTGRES_URL` is set. Every read model is compared with a replay of the log
 //! computed here, from the events the server answers.
 
-#[allow(dead_code)]
-#[path = "api/helpers.rs"]
-mod helpers;
+#[path = "support/server.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,18 +20,41 @@ use concord_sdk::projection::{
     TableName,
 };
 use concord_sdk::{Client, EventInput, EventOut, ExpectedVersion};
-use helpers::{Backend, TestApp, spawn_app};
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 use serde_json::json;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, Row as _};
+use support::{TestServer, postgres_url};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// How long a runner may take to catch up before the test fails (the machine may be busy).
 const CATCH_UP: Duration = Duration::from_secs(120);
+
+/// The read model's database in a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares a test that runs on SQLite and, when configured, on PostgreSQL.
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await;
+            }
+        }
+    };
+}
 
 // ---------------------------------------------------------------------------------------------
 // The read model under test: balance per account, and in version 2 the number of events too.
@@ -310,7 +332,7 @@ struct PgDb {
 impl PgDb {
     /// A scratch database, or `None` (after printing that the test skipped).
     async fn new() -> Option<Self> {
-        let base = helpers::postgres_url()?;
+        let base = postgres_url()?;
         let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
             .await
             .unwrap();
@@ -374,7 +396,7 @@ macro_rules! on_read_model {
 
 struct Server {
     /// Keeps the server running.
-    _app: TestApp,
+    _app: TestServer,
     /// Appends, with the admin key.
     admin: Client,
     /// Reads for the projections, with a key that may only read events.
@@ -383,11 +405,9 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let app = spawn_app(Backend::Sqlite)
-            .await
-            .expect("the SQLite server always starts");
+        let app = TestServer::start().await;
         let admin = Client::new(&app.address, &app.admin_key).unwrap();
-        let key = app.create_key(&["events:read"]).await;
+        let key = admin.create_key("test", &["events:read"]).await.unwrap().key;
         let reader = Client::new(&app.address, key).unwrap();
         Self {
             _app: app,
