@@ -1,9 +1,20 @@
-//! The API's error type: a code from the one table in `concord-api`, answered as problem+json.
+//! The API's error type: a code from the one table in `concord-api`, answered as problem+json,
+//! and every error of the layers below mapped to its code, here and nowhere else.
 
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use concord_api::{ErrorCode, Problem};
+use concord_core::app::auth::KeyError;
+use concord_core::app::events::AppendError;
+use concord_core::app::saga::SagaError;
+use concord_core::app::tx::TxFailure;
+use concord_core::app::vault::VaultFailure;
 use concord_core::domain::ValidationError;
+use concord_core::domain::event::InvalidExpectedVersion;
+use concord_core::domain::saga::DefinitionError;
+use concord_core::domain::tx::TxError;
+use concord_core::domain::vault::VaultError;
 use concord_core::ports::StoreError;
 
 /// An error answered to a client.
@@ -50,83 +61,229 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ValidationError> for ApiError {
-    fn from(e: ValidationError) -> Self {
-        let code = match &e {
-            ValidationError::StreamName(_) => ErrorCode::InvalidStreamName,
-            ValidationError::EventType(_) => ErrorCode::InvalidEventType,
-            ValidationError::ExpectedVersion(_) => ErrorCode::InvalidExpectedVersion,
-            ValidationError::EventTooLarge { .. } => ErrorCode::EventTooLarge,
-            ValidationError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
-            ValidationError::EmptyAppend => ErrorCode::EmptyAppend,
-            ValidationError::DuplicateEventId(_) => ErrorCode::DuplicateEventId,
-            ValidationError::Metadata(_) => ErrorCode::InvalidMetadata,
-            ValidationError::NulCharacter(_) => ErrorCode::InvalidEventData,
-            ValidationError::Scope(_) => ErrorCode::InvalidScope,
-            ValidationError::IdempotencyKey(_) => ErrorCode::InvalidIdempotencyKey,
-            ValidationError::Parameter { .. } => ErrorCode::InvalidParameter,
-        };
-        Self::new(code, e.to_string())
+/// What an error of a layer below answers: its code in the one table of `concord-api` and what
+/// the client is told. Every error a route can meet implements it here, in this one place; one
+/// conversion turns any of them into an [`ApiError`] (the shape of Meilisearch's `ErrorCode`).
+pub trait Coded: std::fmt::Display {
+    fn code(&self) -> ErrorCode;
+    /// The client's explanation; the error's text unless it holds what must not be repeated.
+    fn detail(&self) -> String {
+        self.to_string()
+    }
+    /// For `wrong_expected_version`: the stream's current version.
+    fn current_version(&self) -> Option<u64> {
+        None
+    }
+    /// Sent as `Retry-After`, seconds.
+    fn retry_after_s(&self) -> Option<u64> {
+        None
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::WrongExpectedVersion { current, .. } => Self {
-                current_version: Some(current),
-                ..Self::new(ErrorCode::WrongExpectedVersion, e.to_string())
+impl<E: Coded> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        Self {
+            code: e.code(),
+            detail: e.detail(),
+            current_version: e.current_version(),
+            retry_after_s: e.retry_after_s(),
+        }
+    }
+}
+
+impl Coded for ValidationError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::StreamName(_) => ErrorCode::InvalidStreamName,
+            Self::EventType(_) => ErrorCode::InvalidEventType,
+            Self::ExpectedVersion(_) => ErrorCode::InvalidExpectedVersion,
+            Self::EventTooLarge { .. } => ErrorCode::EventTooLarge,
+            Self::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+            Self::EmptyAppend => ErrorCode::EmptyAppend,
+            Self::DuplicateEventId(_) => ErrorCode::DuplicateEventId,
+            Self::Metadata(_) => ErrorCode::InvalidMetadata,
+            Self::NulCharacter(_) => ErrorCode::InvalidEventData,
+            Self::Scope(_) => ErrorCode::InvalidScope,
+            Self::IdempotencyKey(_) => ErrorCode::InvalidIdempotencyKey,
+            Self::Parameter { .. } => ErrorCode::InvalidParameter,
+        }
+    }
+}
+
+impl Coded for StoreError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::WrongExpectedVersion { .. } => ErrorCode::WrongExpectedVersion,
+            Self::EventIdConflict(_) => ErrorCode::EventIdConflict,
+            Self::StreamNotFound(_) => ErrorCode::StreamNotFound,
+            Self::Unavailable(_) => ErrorCode::StoreUnavailable,
+        }
+    }
+    fn current_version(&self) -> Option<u64> {
+        match self {
+            Self::WrongExpectedVersion { current, .. } => Some(*current),
+            _ => None,
+        }
+    }
+}
+
+impl Coded for InvalidExpectedVersion {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::InvalidExpectedVersion
+    }
+}
+
+impl Coded for AppendError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Invalid(v) => v.code(),
+            Self::Vault(v) => v.code(),
+            Self::Store(s) => s.code(),
+        }
+    }
+    fn detail(&self) -> String {
+        match self {
+            Self::Vault(v) => v.detail(),
+            other => other.to_string(),
+        }
+    }
+    fn current_version(&self) -> Option<u64> {
+        match self {
+            Self::Store(s) => s.current_version(),
+            _ => None,
+        }
+    }
+}
+
+impl Coded for KeyError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(v) => v.code(),
+            Self::Store(s) => s.code(),
+        }
+    }
+}
+
+impl Coded for VaultError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownType(_) => ErrorCode::InvalidValueType,
+            Self::InvalidValue { .. } => ErrorCode::InvalidValue,
+            Self::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            Self::FormatNotAllowed { .. } => ErrorCode::InvalidTokenFormat,
+            Self::InvalidToken => ErrorCode::InvalidToken,
+            Self::BatchSize { .. } => ErrorCode::VaultBatchSize,
+            Self::InvalidSubject(_) => ErrorCode::InvalidSubject,
+            Self::InvalidRule(_) => ErrorCode::InvalidVaultRule,
+            Self::InvalidItem(_) => ErrorCode::InvalidVaultItem,
+            Self::MasterKey(_) | Self::Crypto | Self::Rng => ErrorCode::VaultKeyFailure,
+        }
+    }
+}
+
+impl Coded for VaultFailure {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(v) => v.code(),
+            Self::Store(s) => s.code(),
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
+        }
+    }
+    fn detail(&self) -> String {
+        match self {
+            Self::Forbidden(m) => m.clone(),
+            Self::RateLimited { retry_after_ms } => {
+                format!("over this key's detokenize rate; retry in {retry_after_ms} ms")
+            }
+            other => other.to_string(),
+        }
+    }
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_ms } => Some(retry_after_ms.div_ceil(1000).max(1)),
+            _ => None,
+        }
+    }
+}
+
+impl Coded for SagaError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Definition(d) => match d {
+                DefinitionError::Name(_) => ErrorCode::InvalidName,
+                DefinitionError::DuplicateStep(_) => ErrorCode::DuplicateStepName,
+                DefinitionError::Template { .. } => ErrorCode::UnknownTemplateVariable,
+                DefinitionError::Url { .. } => ErrorCode::InvalidStepUrl,
+                DefinitionError::Method { .. } => ErrorCode::InvalidStepMethod,
+                DefinitionError::Header { .. } => ErrorCode::InvalidStepHeader,
+                DefinitionError::Limit(_) => ErrorCode::SagaLimitExceeded,
             },
-            StoreError::EventIdConflict(_) => Self::new(ErrorCode::EventIdConflict, e.to_string()),
-            StoreError::StreamNotFound(_) => Self::new(ErrorCode::StreamNotFound, e.to_string()),
-            StoreError::Unavailable(_) => Self::new(ErrorCode::StoreUnavailable, e.to_string()),
+            Self::DefinitionNotFound(_) => ErrorCode::SagaDefinitionNotFound,
+            Self::NotFound(_) => ErrorCode::SagaNotFound,
+            Self::NotFailed(..) => ErrorCode::SagaNotFailed,
+            Self::Busy(_) => ErrorCode::SagaBusy,
+            Self::InputTooLarge { .. } => ErrorCode::SagaLimitExceeded,
+            Self::Log(_) => ErrorCode::Internal,
+            Self::Validation(v) => v.code(),
+            Self::Store(s) => s.code(),
+        }
+    }
+    fn current_version(&self) -> Option<u64> {
+        match self {
+            Self::Store(s) => s.current_version(),
+            _ => None,
         }
     }
 }
 
-impl From<concord_core::app::auth::KeyError> for ApiError {
-    fn from(e: concord_core::app::auth::KeyError) -> Self {
-        use concord_core::app::auth::KeyError as K;
-        match e {
-            K::Invalid(v) => v.into(),
-            K::Store(s) => s.into(),
+impl Coded for TxFailure {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid(TxError::Limit(_)) => ErrorCode::TransactionLimitExceeded,
+            Self::Invalid(_) => ErrorCode::InvalidParticipant,
+            Self::Log(_) => ErrorCode::Internal,
+            Self::Validation(v) => v.code(),
+            Self::Store(s) => s.code(),
+        }
+    }
+    fn current_version(&self) -> Option<u64> {
+        match self {
+            Self::Store(s) => s.current_version(),
+            _ => None,
         }
     }
 }
 
-impl From<concord_core::app::vault::VaultFailure> for ApiError {
-    fn from(e: concord_core::app::vault::VaultFailure) -> Self {
-        use concord_core::app::vault::VaultFailure as F;
-        match e {
-            F::Invalid(v) => v.into(),
-            F::Store(s) => s.into(),
-            F::Forbidden(m) => Self::new(ErrorCode::Forbidden, m),
-            F::RateLimited { retry_after_ms } => Self {
-                retry_after_s: Some(retry_after_ms.div_ceil(1000).max(1)),
-                ..Self::new(
-                    ErrorCode::RateLimited,
-                    format!("over this key's detokenize rate; retry in {retry_after_ms} ms"),
-                )
-            },
+impl Coded for crate::tx::runner::BeginError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Tx(t) => t.code(),
+            Self::Task(_) => ErrorCode::Internal,
         }
     }
 }
 
-impl From<axum::extract::rejection::JsonRejection> for ApiError {
-    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
-        use axum::extract::rejection::JsonRejection as J;
-        let code = match &r {
-            J::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
-            J::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
+impl Coded for JsonRejection {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
+            Self::BytesRejection(_) if self.status() == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
             _ => ErrorCode::MalformedJson,
-        };
-        Self::new(code, r.body_text())
+        }
+    }
+    fn detail(&self) -> String {
+        self.body_text()
     }
 }
 
-impl From<axum::extract::rejection::QueryRejection> for ApiError {
-    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
-        Self::new(ErrorCode::InvalidParameter, r.body_text())
+impl Coded for QueryRejection {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::InvalidParameter
+    }
+    fn detail(&self) -> String {
+        self.body_text()
     }
 }
 

@@ -173,7 +173,13 @@ impl Application {
             crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret())?;
         let openapi = crate::routes::document(&settings);
         let route_scopes = crate::scopes::RouteScopes::from_document(&openapi)?;
+        let appender = Arc::new(concord_core::app::events::Appender::new(
+            stores.events.clone(),
+            vault.clone(),
+            settings.limits(),
+        ));
         let state = AppState {
+            appender,
             idempotency_layer,
             openapi: Arc::new(openapi),
             route_scopes: Arc::new(route_scopes),

@@ -27,4 +27,6 @@ pub struct AppState {
     pub sagas: Arc<crate::saga::SagaRunner>,
     pub transactions: Arc<crate::tx::TxRunner>,
     pub vault: Arc<concord_core::app::vault::Vault>,
+    /// The append use case: write policy, tokenized fields, validation, the store, metrics.
+    pub appender: Arc<concord_core::app::events::Appender>,
 }

@@ -161,6 +161,20 @@ pub async fn create_key(
     Ok((record, key))
 }
 
+/// Revokes a key: it stops at once on this node (its cache entry goes), on the others within
+/// their cache time. `false` when there is no live key with this id.
+///
+/// # Errors
+/// When the key store fails.
+pub async fn revoke_key(keys: &dyn KeyStore, cache: &KeyCache, id: Uuid) -> Result<bool, StoreError> {
+    let revoked = keys.revoke_key(id).await?;
+    if revoked {
+        cache.forget(id);
+        tracing::info!(key_id = %id, "api key revoked");
+    }
+    Ok(revoked)
+}
+
 /// Makes sure an admin key exists. A configured key is stored (once) and nothing is returned; with
 /// none configured and no admin key stored, a new key is generated and returned to be printed once.
 ///

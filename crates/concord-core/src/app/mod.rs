@@ -2,6 +2,7 @@
 
 pub mod append;
 pub mod auth;
+pub mod events;
 pub mod group_commit;
 mod log;
 pub mod saga;

@@ -8,41 +8,19 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use concord_api::ErrorCode;
 use concord_api::events::{AppendBody, AppendResponse, EventOut, EventsPage};
+use concord_core::app::events::READ_FORBIDDEN;
 use concord_core::domain::event::UncheckedEvent;
 use concord_core::domain::stream::Partition;
-use concord_core::domain::{AppendRequest, Category, ExpectedVersion, RecordedEvent, StreamName};
-use concord_core::domain::{Principal, Scope};
+use concord_core::domain::{Category, ExpectedVersion, Principal, RecordedEvent, StreamName};
 use concord_core::ports::LogQuery;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-/// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive.
-const SAGA_CATEGORY: &str = "saga";
-const SAGAS_READ: &str = "sagas:read";
-/// Transaction logs (`tx-{xid}`): a forged decision would break a transaction's atomicity.
-const TX_CATEGORY: &str = "tx";
-const TX_READ: &str = "tx:read";
-/// The vault's audit trail (`$vault-audit`): who revealed what. Read with `vault:audit`, written
-/// only by the vault itself, so not even an admin key can forge or bury an entry.
-const VAULT_CATEGORY: &str = "$vault";
-const VAULT_AUDIT: &str = "vault:audit";
-
-/// Whether `principal` may read events of `category`: saga logs need `sagas:read` besides
-/// `events:read`. Every read of events (one stream, the log, SSE, consumer groups) goes through it.
-pub fn visible(principal: &Principal, category: &str) -> bool {
-    match category {
-        SAGA_CATEGORY => principal.allows(SAGAS_READ),
-        TX_CATEGORY => principal.allows(TX_READ),
-        VAULT_CATEGORY => principal.allows(VAULT_AUDIT),
-        _ => true,
-    }
-}
+/// Whether `principal` may read events of `category` (the use case's read policy).
+pub use concord_core::app::events::may_read as visible;
 
 fn saga_logs_forbidden() -> ApiError {
-    ApiError::new(
-        ErrorCode::Forbidden,
-        "saga logs (saga-...) need the sagas:read scope, transaction logs (tx-...) tx:read, the vault audit ($vault-...) vault:audit",
-    )
+    ApiError::new(ErrorCode::Forbidden, READ_FORBIDDEN)
 }
 
 /// Appends events atomically to a stream if it is at the expected version.
@@ -62,25 +40,9 @@ pub async fn append(
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
-    if stream.category() == VAULT_CATEGORY {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            "the vault's streams ($vault-...) are written by the vault alone",
-        ));
-    }
-    // System streams (`$...`: audit trails), saga and transaction logs are written by Concord
-    // itself; a forged event would steer a saga or decide a transaction.
-    let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
-    if (stream.as_str().starts_with('$') || reserved) && !principal.allows(Scope::ADMIN) {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
-        ));
-    }
     let Json(body) = body?;
-    let expected = ExpectedVersion::from_json(body.expected_version.as_ref())
-        .map_err(concord_core::domain::ValidationError::from)?;
-    let mut events: Vec<UncheckedEvent> = body
+    let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
+    let events = body
         .events
         .into_iter()
         .map(|e| UncheckedEvent {
@@ -90,14 +52,10 @@ pub async fn append(
             metadata: e.metadata,
         })
         .collect();
-    // Fields the vault's rules name for this category are stored as tokens, never in plain.
-    state.vault.tokenize_events(&stream, &mut events).await?;
-    let request = AppendRequest::new(stream.clone(), expected, events, &state.limits)?;
-    let count = request.events.len();
-    let outcome = state.events.append(request).await;
-    metrics::counter!("concord_appends_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" }).increment(1);
-    let outcome = outcome?;
-    metrics::counter!("concord_events_appended_total").increment(count as u64);
+    let outcome = state
+        .appender
+        .append(&principal, stream.clone(), expected, events)
+        .await?;
     Ok(Json(AppendResponse {
         stream: stream.to_string(),
         first_version: outcome.first_version,

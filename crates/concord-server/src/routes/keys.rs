@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use concord_api::ErrorCode;
 use concord_api::keys::{CreateKeyBody, CreatedKey};
-use concord_core::app::auth::create_key;
+use concord_core::app::auth::{create_key, revoke_key};
 use concord_core::domain::{Principal, Scope};
 use concord_sdk::idempotency::DoNotStore;
 use uuid::Uuid;
@@ -59,9 +59,7 @@ pub async fn create(
     ))]
 pub async fn revoke(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::parameter("id", "must be a UUID"))?;
-    if state.keys.revoke_key(id).await? {
-        state.key_cache.forget(id);
-        tracing::info!(key_id = %id, "api key revoked");
+    if revoke_key(state.keys.as_ref(), &state.key_cache, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(ErrorCode::KeyNotFound, format!("no live key {id}")))

@@ -1,17 +1,17 @@
 //! Saga definitions and instances.
 
 use crate::error::ApiError;
+use crate::saga::runner::SagaView;
 use crate::state::AppState;
 use crate::telemetry::IncomingTrace;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
-use concord_api::ErrorCode;
 use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
-use concord_core::app::saga::{SagaError, StartSaga};
+use concord_core::app::saga::StartSaga;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
-use concord_core::domain::saga::{DefinitionError, DefinitionSpec, SagaState, SagaStatus};
+use concord_core::domain::saga::{DefinitionSpec, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
 use serde::Deserialize;
 use std::time::Duration;
@@ -33,7 +33,7 @@ pub async fn put_definition(
     body: Result<Json<DefinitionSpec>, JsonRejection>,
 ) -> Result<(StatusCode, Json<DefinitionOut>), ApiError> {
     let Json(spec) = body?;
-    let (stored, created) = state.sagas.engine().define(&name, spec).await?;
+    let (stored, created) = state.sagas.define(&name, spec).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(definition_out(stored))))
 }
@@ -79,13 +79,7 @@ pub async fn get_definition(
     params: Result<Query<DefinitionParams>, QueryRejection>,
 ) -> Result<Json<DefinitionOut>, ApiError> {
     let Query(p) = params?;
-    let stored = state
-        .sagas
-        .engine()
-        .store()
-        .get_definition(&name, p.version)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::SagaDefinitionNotFound, format!("no definition {name}")))?;
+    let stored = state.sagas.definition(&name, p.version).await?;
     Ok(Json(definition_out(stored)))
 }
 
@@ -136,39 +130,15 @@ pub async fn start(
     let wait = wait_of(&p, &state)?;
     let Json(body) = body?;
     let trace = trace.map(|Extension(IncomingTrace(t))| t);
-    let (row, held) = state
-        .sagas
-        .engine()
-        .start(StartSaga {
-            definition: body.definition,
-            input: body.input,
-            id: body.id,
-            trace,
-        })
-        .await?;
-    let created = held.is_some();
+    let request = StartSaga {
+        definition: body.definition,
+        input: body.input,
+        id: body.id,
+        trace,
+    };
+    let (created, saga) = state.sagas.start(request, wait).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    let Some(wait) = wait else {
-        if let Some(h) = held {
-            state.sagas.spawn(h);
-        }
-        return Ok((status, Json(summary(&row))));
-    };
-    let Some(h) = held else {
-        state.sagas.wait_finished(&row.id, wait).await;
-        return Ok((status, Json(full_view(&state, &row.id).await?)));
-    };
-    // Heard from the drive itself: the answer needs no read of what was just written.
-    let finished = state.sagas.watch(&row.id);
-    state.sagas.spawn(h);
-    match state.sagas.wait(&row.id, finished, wait).await {
-        Some(saga) => {
-            let mut out = summary(&row);
-            fill_from_log(&mut out, &saga);
-            Ok((status, Json(out)))
-        }
-        None => Ok((status, Json(full_view(&state, &row.id).await?))),
-    }
+    Ok((status, Json(saga_out(&saga))))
 }
 
 /// A saga with each step's attempts, output and error.
@@ -186,10 +156,8 @@ pub async fn get(
     params: Result<Query<WaitParams>, QueryRejection>,
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;
-    if let Some(w) = wait_of(&p, &state)? {
-        state.sagas.wait_finished(&id, w).await;
-    }
-    Ok(Json(full_view(&state, &id).await?))
+    let wait = wait_of(&p, &state)?;
+    Ok(Json(saga_out(&state.sagas.view(&id, wait).await?)))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -241,12 +209,7 @@ pub async fn list(
         })
         .transpose()?;
     let limit = super::events::read_limit(p.limit, &state)?;
-    let rows = state
-        .sagas
-        .engine()
-        .store()
-        .list_sagas(status, p.after.as_deref(), limit)
-        .await?;
+    let rows = state.sagas.list(status, p.after.as_deref(), limit).await?;
     let next = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
@@ -274,22 +237,16 @@ pub async fn retry(
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
-    let held = state.sagas.engine().retry(&id).await?;
-    let finished = wait.map(|_| state.sagas.watch(&id));
-    state.sagas.spawn(held);
-    if let (Some(w), Some(rx)) = (wait, finished) {
-        state.sagas.wait(&id, rx, w).await;
-    }
-    Ok(Json(full_view(&state, &id).await?))
+    Ok(Json(saga_out(&state.sagas.retry(&id, wait).await?)))
 }
 
-async fn full_view(state: &AppState, id: &str) -> Result<SagaOut, ApiError> {
-    let (row, saga) = state.sagas.engine().load(id).await?;
-    let mut out = summary(&row);
-    if let Some(s) = saga {
-        fill_from_log(&mut out, &s);
+/// The answer of a saga: its row, then what its log says when it was read.
+fn saga_out(saga: &SagaView) -> SagaOut {
+    let mut out = summary(&saga.row);
+    if let Some(s) = &saga.state {
+        fill_from_log(&mut out, s);
     }
-    Ok(out)
+    out
 }
 
 /// The row's view: what lists show.
@@ -349,32 +306,4 @@ fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
                 .collect(),
         })
         .collect();
-}
-
-impl From<SagaError> for ApiError {
-    fn from(e: SagaError) -> Self {
-        let detail = e.to_string();
-        match e {
-            SagaError::Definition(d) => Self::new(
-                match d {
-                    DefinitionError::Name(_) => ErrorCode::InvalidName,
-                    DefinitionError::DuplicateStep(_) => ErrorCode::DuplicateStepName,
-                    DefinitionError::Template { .. } => ErrorCode::UnknownTemplateVariable,
-                    DefinitionError::Url { .. } => ErrorCode::InvalidStepUrl,
-                    DefinitionError::Method { .. } => ErrorCode::InvalidStepMethod,
-                    DefinitionError::Header { .. } => ErrorCode::InvalidStepHeader,
-                    DefinitionError::Limit(_) => ErrorCode::SagaLimitExceeded,
-                },
-                detail,
-            ),
-            SagaError::DefinitionNotFound(_) => Self::new(ErrorCode::SagaDefinitionNotFound, detail),
-            SagaError::NotFound(_) => Self::new(ErrorCode::SagaNotFound, detail),
-            SagaError::NotFailed(..) => Self::new(ErrorCode::SagaNotFailed, detail),
-            SagaError::Busy(_) => Self::new(ErrorCode::SagaBusy, detail),
-            SagaError::InputTooLarge { .. } => Self::new(ErrorCode::SagaLimitExceeded, detail),
-            SagaError::Log(_) => Self::new(ErrorCode::Internal, detail),
-            SagaError::Validation(v) => v.into(),
-            SagaError::Store(s) => s.into(),
-        }
-    }
 }

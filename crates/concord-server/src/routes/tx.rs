@@ -7,10 +7,8 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
-use concord_api::ErrorCode;
 use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
-use concord_core::app::tx::TxFailure;
-use concord_core::domain::tx::{Outcome, TxError, TxParticipant, TxState, Vote};
+use concord_core::domain::tx::{Outcome, TxParticipant, TxState, Vote};
 use concord_core::ports::TxRow;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -40,23 +38,7 @@ pub async fn begin(
             payload: p.payload,
         })
         .collect();
-    // Run to the decision even if the client goes away: cancelled in the middle of phase 1, the
-    // transaction would keep its participants prepared until recovery presumed an abort.
-    let runner = state.transactions.clone();
-    let begun = tokio::spawn(async move {
-        let begun = runner
-            .coordinator()
-            .begin(participants, body.timeout_ms, trace.as_deref())
-            .await?;
-        // The decision is durable: phase 2 goes on in the background.
-        if let Some(held) = begun.held {
-            runner.spawn(held);
-        }
-        Ok::<_, TxFailure>((begun.xid, begun.outcome))
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorCode::Internal, format!("transaction task failed: {e}")))??;
-    let (xid, outcome) = begun;
+    let (xid, outcome) = state.transactions.begin(participants, body.timeout_ms, trace).await?;
     Ok(match outcome {
         Some(o) => (
             StatusCode::OK,
@@ -84,9 +66,7 @@ pub async fn begin(
         (status = 200, description = "Outcome, votes and acknowledgements; an unknown xid is presumed aborted", body = TxOut),
     ))]
 pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Result<Json<TxOut>, ApiError> {
-    let coordinator = state.transactions.coordinator();
-    let row = coordinator.store().get_tx(&xid).await?;
-    let log = coordinator.read_log(&xid).await?;
+    let (row, log) = state.transactions.view(&xid).await?;
     Ok(Json(match (row, log) {
         (Some(row), Some(log)) => full(&row, &log),
         (Some(row), None) => summary(&row),
@@ -153,9 +133,7 @@ pub async fn list(
     let limit = super::events::read_limit(p.limit, &state)?;
     let rows = state
         .transactions
-        .coordinator()
-        .store()
-        .list_txs(outcome, p.pending, p.after.as_deref(), limit)
+        .list(outcome, p.pending, p.after.as_deref(), limit)
         .await?;
     let next = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.xid.clone()))
@@ -207,18 +185,5 @@ fn full(row: &TxRow, s: &TxState) -> TxOut {
         created_at: Some(row.created_at),
         decided_at: s.decided_at,
         completed_at: s.completed_at.or((!row.pending).then_some(row.updated_at)),
-    }
-}
-
-impl From<TxFailure> for ApiError {
-    fn from(e: TxFailure) -> Self {
-        let detail = e.to_string();
-        match e {
-            TxFailure::Invalid(TxError::Limit(_)) => Self::new(ErrorCode::TransactionLimitExceeded, detail),
-            TxFailure::Invalid(_) => Self::new(ErrorCode::InvalidParticipant, detail),
-            TxFailure::Log(_) => Self::new(ErrorCode::Internal, detail),
-            TxFailure::Validation(v) => v.into(),
-            TxFailure::Store(s) => s.into(),
-        }
     }
 }

@@ -11,7 +11,7 @@ use concord_api::vault::{
     DetokenizeBody, Detokenized, DetokenizedItem, ErasedOut, RotatedOut, RulesBody, RulesOut, TokenizeBody, Tokenized,
 };
 use concord_core::app::vault::{Reveal, TokenizeItem};
-use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType, VaultError};
+use concord_core::domain::vault::{Subject, Token, TokenFormat, TokenType};
 use concord_core::domain::{Category, Principal};
 use concord_sdk::idempotency::DoNotStore;
 use serde::Deserialize;
@@ -237,22 +237,4 @@ pub async fn rotate(
         master_key_version: r.master_key_version,
         rewrapped: r.rewrapped,
     }))
-}
-
-impl From<VaultError> for ApiError {
-    fn from(e: VaultError) -> Self {
-        let code = match &e {
-            VaultError::UnknownType(_) => ErrorCode::InvalidValueType,
-            VaultError::InvalidValue { .. } => ErrorCode::InvalidValue,
-            VaultError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
-            VaultError::FormatNotAllowed { .. } => ErrorCode::InvalidTokenFormat,
-            VaultError::InvalidToken => ErrorCode::InvalidToken,
-            VaultError::BatchSize { .. } => ErrorCode::VaultBatchSize,
-            VaultError::InvalidSubject(_) => ErrorCode::InvalidSubject,
-            VaultError::InvalidRule(_) => ErrorCode::InvalidVaultRule,
-            VaultError::InvalidItem(_) => ErrorCode::InvalidVaultItem,
-            VaultError::MasterKey(_) | VaultError::Crypto | VaultError::Rng => ErrorCode::VaultKeyFailure,
-        };
-        Self::new(code, e.to_string())
-    }
 }

@@ -2,8 +2,10 @@
 //! sagas (retries whose backoff passed, sagas abandoned by a dead node) are claimed from the
 //! database every poll interval. A semaphore bounds how many sagas one node drives at a time.
 
-use concord_core::app::saga::{DriveEnd, Held, SagaEngine};
+use concord_core::app::saga::{DriveEnd, Held, SagaEngine, SagaError, StartSaga};
+use concord_core::domain::saga::DefinitionSpec;
 use concord_core::domain::saga::{SagaState, SagaStatus};
+use concord_core::ports::{SagaRow, StoredDefinition};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +23,13 @@ pub struct RunnerConfig {
 }
 
 /// Drives sagas and tells local waiters when one finishes.
+/// A saga as the API shows it: its row (what lists show), and its log's state when it was read
+/// (the truth: it may be ahead of the row while a node works on the saga).
+pub struct SagaView {
+    pub row: SagaRow,
+    pub state: Option<Arc<SagaState>>,
+}
+
 pub struct SagaRunner {
     engine: Arc<SagaEngine>,
     config: RunnerConfig,
@@ -168,6 +177,107 @@ impl SagaRunner {
                 w.remove(id);
             }
         }
+    }
+
+    /// Stores a new version of a definition, or answers the latest when it is unchanged
+    /// (`true`: a new version).
+    ///
+    /// # Errors
+    /// A definition the engine refuses, or a store failure.
+    pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
+        self.engine.define(name, spec).await
+    }
+
+    /// A version of a definition, or its latest.
+    ///
+    /// # Errors
+    /// [`SagaError::DefinitionNotFound`], or a store failure.
+    pub async fn definition(&self, name: &str, version: Option<u32>) -> Result<StoredDefinition, SagaError> {
+        self.engine
+            .store()
+            .get_definition(name, version)
+            .await?
+            .ok_or_else(|| SagaError::DefinitionNotFound(name.to_owned()))
+    }
+
+    /// Starts a saga (or finds the one with its id) and, with `wait`, waits up to that long for
+    /// it to finish. Answers whether this call created it, and the saga: its row alone when
+    /// nothing was awaited, with its log's state otherwise.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::start`] refuses, or a store failure.
+    pub async fn start(
+        self: &Arc<Self>,
+        request: StartSaga,
+        wait: Option<Duration>,
+    ) -> Result<(bool, SagaView), SagaError> {
+        let (row, held) = self.engine.start(request).await?;
+        let created = held.is_some();
+        let Some(wait) = wait else {
+            if let Some(h) = held {
+                self.spawn(h);
+            }
+            return Ok((created, SagaView { row, state: None }));
+        };
+        let Some(h) = held else {
+            self.wait_finished(&row.id, wait).await;
+            return Ok((created, self.view(&row.id, None).await?));
+        };
+        // Heard from the drive itself: the answer needs no read of what was just written.
+        let finished = self.watch(&row.id);
+        self.spawn(h);
+        match self.wait(&row.id, finished, wait).await {
+            Some(state) => Ok((
+                created,
+                SagaView {
+                    row,
+                    state: Some(state),
+                },
+            )),
+            None => Ok((created, self.view(&row.id, None).await?)),
+        }
+    }
+
+    /// A saga with its log's state, after waiting up to `wait` for it to finish.
+    ///
+    /// # Errors
+    /// [`SagaError::NotFound`], or a store failure.
+    pub async fn view(&self, id: &str, wait: Option<Duration>) -> Result<SagaView, SagaError> {
+        if let Some(w) = wait {
+            self.wait_finished(id, w).await;
+        }
+        let (row, state) = self.engine.load(id).await?;
+        Ok(SagaView {
+            row,
+            state: state.map(Arc::new),
+        })
+    }
+
+    /// Gives a failed saga's compensations a fresh budget and, with `wait`, waits for it.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::retry`] refuses (not failed, busy, unknown), or a store failure.
+    pub async fn retry(self: &Arc<Self>, id: &str, wait: Option<Duration>) -> Result<SagaView, SagaError> {
+        let held = self.engine.retry(id).await?;
+        let finished = wait.map(|_| self.watch(id));
+        self.spawn(held);
+        if let (Some(w), Some(rx)) = (wait, finished) {
+            self.wait(id, rx, w).await;
+        }
+        self.view(id, None).await
+    }
+
+    /// Sagas in id order, after `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SagaRow>, SagaError> {
+        Ok(self.engine.store().list_sagas(status, after, limit).await?)
     }
 
     /// Claims and drives due sagas until `stopping` turns true (see [`crate::worker::run`]).

@@ -1,12 +1,25 @@
 //! Delivers phase 2 in the background: right after a decision on this node, and for due rows
 //! claimed from the database (retries, and transactions whose coordinator died).
 
-use concord_core::app::tx::{HeldTx, TxCoordinator, TxDriveEnd};
+use concord_core::app::tx::{HeldTx, TxCoordinator, TxDriveEnd, TxFailure};
+use concord_core::domain::tx::{Outcome, TxParticipant, TxState};
+use concord_core::ports::TxRow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// The coordinator's worker on this node.
+/// Why a transaction could not be begun.
+#[derive(Debug, thiserror::Error)]
+pub enum BeginError {
+    /// The coordinator refused it, or the store failed before it was logged.
+    #[error(transparent)]
+    Tx(#[from] TxFailure),
+    /// The task running it failed (a bug): nothing was logged that a retry would duplicate.
+    #[error("the transaction's task failed: {0}")]
+    Task(String),
+}
+
 pub struct TxRunner {
     coordinator: Arc<TxCoordinator>,
     config: crate::worker::WorkerConfig,
@@ -60,6 +73,65 @@ impl TxRunner {
             drop(permit);
             me.wake.notify_one();
         });
+    }
+
+    /// Runs a transaction to its durable decision, then phase 2 in the background. The work
+    /// runs in a task of its own: a caller that goes away in the middle of phase 1 would
+    /// otherwise leave the participants prepared until recovery presumed an abort. Answers the
+    /// xid and the decision, none when it could not be confirmed (recovery finishes it).
+    ///
+    /// # Errors
+    /// What the coordinator refuses, or a store failure before the transaction was logged.
+    pub async fn begin(
+        self: &Arc<Self>,
+        participants: Vec<TxParticipant>,
+        timeout_ms: u64,
+        trace: Option<String>,
+    ) -> Result<(String, Option<Outcome>), BeginError> {
+        let runner = Arc::clone(self);
+        tokio::spawn(async move {
+            let begun = runner
+                .coordinator
+                .begin(participants, timeout_ms, trace.as_deref())
+                .await?;
+            // The decision is durable: phase 2 goes on in the background.
+            if let Some(held) = begun.held {
+                runner.spawn(held);
+            }
+            Ok::<_, TxFailure>((begun.xid, begun.outcome))
+        })
+        .await
+        .map_err(|e| BeginError::Task(e.to_string()))?
+        .map_err(BeginError::Tx)
+    }
+
+    /// A transaction's row and the state its log records; `None`s for an unknown xid.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn view(&self, xid: &str) -> Result<(Option<TxRow>, Option<TxState>), TxFailure> {
+        let row = self.coordinator.store().get_tx(xid).await?;
+        let log = self.coordinator.read_log(xid).await?;
+        Ok((row, log))
+    }
+
+    /// Transactions in xid order: with an outcome (`Some(None)`: undecided), pending or not,
+    /// after `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn list(
+        &self,
+        outcome: Option<Option<Outcome>>,
+        pending: Option<bool>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TxRow>, TxFailure> {
+        Ok(self
+            .coordinator
+            .store()
+            .list_txs(outcome, pending, after, limit)
+            .await?)
     }
 
     /// Claims and delivers until `stopping` turns true (see [`crate::worker::run`]).
