@@ -16,21 +16,6 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    // reqwest is built without a default crypto provider: choose ring, once, for the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(concord_bench::run(cli.args)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    concord_server::startup::run_main(concord_bench::run(cli.args))
 }

@@ -6,23 +6,8 @@ use concord_server::startup;
 use concord_server::{cli, telemetry};
 
 fn main() -> std::process::ExitCode {
-    // reqwest is built without a default crypto provider: choose ring, once, for the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    startup::run_main(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {

@@ -318,6 +318,27 @@ where
 }
 
 /// Completes on SIGTERM or SIGINT.
+/// What the `main` of each binary (`concord`, `concord-bench`, `concord-shop`) does around its
+/// work: the process's TLS crypto provider (reqwest is built without one: ring, chosen once), a
+/// runtime, `run` on it, and its result as the exit code, an error printed to stderr.
+pub fn run_main<F: Future<Output = anyhow::Result<std::process::ExitCode>>>(run: F) -> std::process::ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// `concord serve`: telemetry, the application, the generated admin key printed once, then
 /// serving until SIGINT or SIGTERM.
 ///

@@ -30,23 +30,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // reqwest is built without a default crypto provider: choose ring, once, for the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    concord_server::startup::run_main(run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {

@@ -109,15 +109,7 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
-
-    fn principal(scopes: &[&str]) -> Principal {
-        Principal {
-            key_id: Uuid::nil(),
-            name: "t".into(),
-            scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
-        }
-    }
+    use crate::testkit::principal;
 
     #[test]
     fn concords_own_logs_need_their_own_read_scopes() {

@@ -152,14 +152,7 @@ impl From<ApiKeyRecord> for Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn principal(scopes: &[&str]) -> Principal {
-        Principal {
-            key_id: Uuid::nil(),
-            name: "t".into(),
-            scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
-        }
-    }
+    use crate::testkit::principal;
 
     #[test]
     fn scopes_outside_the_list_are_rejected() {
