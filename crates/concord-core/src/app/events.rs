@@ -109,7 +109,10 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::principal;
+
+    fn principal(scopes: &[&str]) -> Principal {
+        Principal::with_scopes(scopes)
+    }
 
     #[test]
     fn concords_own_logs_need_their_own_read_scopes() {

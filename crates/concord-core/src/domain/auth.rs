@@ -139,6 +139,19 @@ impl Principal {
     }
 }
 
+#[cfg(any(test, feature = "testkit"))]
+impl Principal {
+    /// A principal with these scopes (each one Concord knows), for tests of what it may do.
+    #[must_use]
+    pub fn with_scopes(scopes: &[&str]) -> Self {
+        Self {
+            key_id: Uuid::nil(),
+            name: "t".into(),
+            scopes: scopes.iter().map(|s| Scope::parse(s).expect("a known scope")).collect(),
+        }
+    }
+}
+
 impl From<ApiKeyRecord> for Principal {
     fn from(r: ApiKeyRecord) -> Self {
         Self {
@@ -152,7 +165,10 @@ impl From<ApiKeyRecord> for Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::principal;
+
+    fn principal(scopes: &[&str]) -> Principal {
+        Principal::with_scopes(scopes)
+    }
 
     #[test]
     fn scopes_outside_the_list_are_rejected() {

@@ -49,16 +49,3 @@ pub fn append(name: &str, expected: ExpectedVersion, types: &[&str]) -> AppendRe
         .collect();
     AppendRequest::new(stream(name), expected, events, &Limits::default()).expect("valid test append")
 }
-
-/// A principal with these scopes (each must be one Concord knows), for tests of what it may do.
-#[must_use]
-pub fn principal(scopes: &[&str]) -> crate::domain::Principal {
-    crate::domain::Principal {
-        key_id: uuid::Uuid::nil(),
-        name: "t".into(),
-        scopes: scopes
-            .iter()
-            .map(|s| crate::domain::Scope::parse(s).expect("a known scope"))
-            .collect(),
-    }
-}
