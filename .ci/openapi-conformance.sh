@@ -20,11 +20,11 @@ dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 key="openapi-conformance-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 CONCORD_ADMIN_KEY="$key" CONCORD_VAULT_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
-  target/debug/concord serve --listen "127.0.0.1:$port" --database-url "sqlite://$dir/concord.db" \
+  "${CARGO_TARGET_DIR:-target}/debug/concord" serve --listen "127.0.0.1:$port" --database-url "sqlite://$dir/concord.db" \
   > "$dir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$dir"' EXIT
-python3 - "$port" <<'PY'
+if python3 - "$port" <<'PY'
 import sys, time, urllib.request
 for _ in range(120):
     try:
@@ -34,6 +34,10 @@ for _ in range(120):
         time.sleep(0.5)
 sys.exit("openapi-conformance: the server did not answer /health")
 PY
+then :; else
+  tail -n 50 "$dir/server.log" >&2
+  exit 1
+fi
 
 status=0
 timeout 1200 "$venv/bin/st" --config-file .ci/schemathesis.toml run "http://127.0.0.1:$port/v1/openapi.json" \
