@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 fail=0
 forbid() { # what, crates to forbid (regex), cargo tree arguments...
   local what=$1 pattern=$2; shift 2
-  local found
-  found=$(cargo tree -e normal --prefix none "$@" | awk '{print $1}' | grep -Ex "$pattern" | sort -u || true)
+  local tree found
+  # cargo tree's own failure (a wrong package or feature) stops the script: only grep may find nothing.
+  tree=$(cargo tree -e normal --prefix none "$@")
+  found=$(printf '%s\n' "$tree" | awk '{print $1}' | grep -Ex "$pattern" | sort -u || true)
   if [ -n "$found" ]; then
     echo "dependency-rules: $what depends on: $(echo "$found" | tr '\n' ' ')" >&2
     fail=1

@@ -19,9 +19,12 @@ cargo build --quiet -p concord-server
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 key="openapi-conformance-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-CONCORD_ADMIN_KEY="$key" CONCORD_VAULT_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
-  "${CARGO_TARGET_DIR:-target}/debug/concord" serve --listen "127.0.0.1:$port" --database-url "sqlite://$dir/concord.db" \
-  > "$dir/server.log" 2>&1 &
+bin=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)/concord
+# A clean environment in a folder of its own: no CONCORD_* setting or ./concord.toml of the caller's
+# leaks into the server under test.
+(cd "$dir" && exec env -i PATH="$PATH" CONCORD_ADMIN_KEY="$key" \
+  CONCORD_VAULT_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
+  "$bin" serve --listen "127.0.0.1:$port" --database-url "sqlite://$dir/concord.db") > "$dir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$dir"' EXIT
 if python3 - "$port" <<'PY'

@@ -63,12 +63,19 @@ mod with_otel {
 
     /// The span context a `traceparent` value names, when it is a valid one (W3C: version not
     /// `ff`, lower-case hex, non-zero ids), as the propagator reads it. The propagator also takes
-    /// fields of other lengths (a one-digit flags field, a 31-digit trace id); W3C's fixed layout
-    /// of version 00 (2-32-16-2 digits) refuses them.
+    /// fields of other lengths or signs (a one-digit flags field, a 31-digit trace id, `+1`);
+    /// W3C's fixed layout of version 00 (2-32-16-2 lower-case hex digits) refuses them.
     #[must_use]
     pub fn parse(traceparent: &str) -> Option<SpanContext> {
         let bytes = traceparent.as_bytes();
-        if bytes.len() != 55 || [2, 35, 52].iter().any(|&i| bytes[i] != b'-') {
+        let hex = |range: std::ops::Range<usize>| bytes[range].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let layout = bytes.len() == 55
+            && [2, 35, 52].iter().all(|&i| bytes[i] == b'-')
+            && hex(0..2)
+            && hex(3..35)
+            && hex(36..52)
+            && hex(53..55);
+        if !layout {
             return None;
         }
         let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), &OneHeader(traceparent));
@@ -200,6 +207,8 @@ mod with_otel {
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
                 "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 "004-bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-+bf92f3577b34da6a3ce929d0e0e4736-+0f067aa0ba902b7-+1",
+                "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             ];
             let accepted: Vec<_> = cases.iter().filter(|case| parse(case).is_some()).collect();
             assert!(accepted.is_empty(), "{accepted:?}");

@@ -22,7 +22,7 @@
 //! | `sqlite`   | the same on SQLite |
 //! | `redis`    | the read-through cache (moka in the process, Redis shared) and the Redis idempotency store |
 //! | `nats`     | `broker::nats`, the NATS JetStream broker |
-//! | `axum`     | the `Idempotency-Key` layer, the 2PC participant's router |
+//! | `axum`     | the `Idempotency-Key` layer, and (with `postgres` or `sqlite`) the 2PC participant's router |
 //! | `otel`     | the trace context: sent by the client, continued by `trace::server_span` (with `axum`) |
 //!
 //! # TLS crypto provider

@@ -49,7 +49,9 @@ pub fn layer(
         .max_response_bytes(MAX_STORED_RESPONSE)
         .lock_ttl(Duration::from_secs(settings.idempotency_lock_s))
         .ttl(Duration::from_secs(settings.idempotency_ttl_s))
-        .caller(|parts| parts.extensions.get::<Principal>().map(|p| p.key_id.to_string()))
+        // Scoped by the API key's id itself; a request without a principal (the layer placed
+        // before authentication) is refused rather than share a key space.
+        .owner(|parts| parts.extensions.get::<Principal>().map(|p| p.key_id))
         .store_response_when(store_policy);
     IdempotencyLayer::new(store, config)
 }

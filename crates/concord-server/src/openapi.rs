@@ -75,7 +75,9 @@ pub fn finish(declared: &utoipa::openapi::OpenApi, settings: &Settings) -> Value
             }
         }
     }
-    apply_limits(&mut doc, settings);
+    let missing = apply_limits(&mut doc, settings);
+    // Every limit has its schema (a test builds the document in debug).
+    debug_assert!(missing.is_empty(), "limits with no schema to hold them: {missing:?}");
     doc
 }
 
@@ -94,7 +96,9 @@ fn add_common_answers(path: &str, method: &str, op: &mut Value) {
             answers.push(("403", "forbidden: the key lacks the scope this operation needs"));
         }
     }
-    if path != "/v1/openapi.json" && path != "/metrics" {
+    // Every route but the metrics asks a database: the store itself, or the key store behind
+    // authentication.
+    if path != "/metrics" {
         answers.push((
             "503",
             "store_unavailable: the database failed or is unreachable; retry with backoff",
@@ -195,94 +199,21 @@ fn event_streams_are_framed(op: &mut Value) {
     }
 }
 
-/// Writes a configurable limit into the schema at `pointer` (a JSON pointer into the document).
-fn set(doc: &mut Value, pointer: &str, key: &str, value: impl Into<Value>) {
-    if let Some(Value::Object(schema)) = doc.pointer_mut(pointer) {
-        schema.insert(key.to_owned(), value.into());
+/// Writes a configurable limit into the schema at `pointer` (a JSON pointer into the document);
+/// answers `false` when there is no such schema (a type renamed or no longer used).
+fn set(doc: &mut Value, pointer: &str, key: &str, value: impl Into<Value>) -> bool {
+    match doc.pointer_mut(pointer) {
+        Some(Value::Object(schema)) => {
+            schema.insert(key.to_owned(), value.into());
+            true
+        }
+        _ => false,
     }
 }
 
-/// The limits the settings choose, where the schemas carry them.
-fn apply_limits(doc: &mut Value, s: &Settings) {
-    let schemas = "/components/schemas";
-    set(
-        doc,
-        &format!("{schemas}/AppendBody/properties/events"),
-        "maxItems",
-        s.max_events_per_append,
-    );
-    set(
-        doc,
-        &format!("{schemas}/TokenizeBody/properties/items"),
-        "maxItems",
-        s.vault_max_batch,
-    );
-    set(
-        doc,
-        &format!("{schemas}/DetokenizeBody/properties/tokens"),
-        "maxItems",
-        s.vault_max_batch,
-    );
-    set(
-        doc,
-        &format!("{schemas}/TokenizeItemIn/properties/value"),
-        "maxLength",
-        s.vault_max_value_bytes,
-    );
-    set(
-        doc,
-        &format!("{schemas}/TokenizeItemIn/properties/ttl_s"),
-        "maximum",
-        s.vault_max_ttl_s,
-    );
-    set(
-        doc,
-        &format!("{schemas}/RulesBody/properties/fields"),
-        "maxProperties",
-        s.vault_max_rule_fields,
-    );
-    set(
-        doc,
-        &format!("{schemas}/BeginTxBody/properties/participants"),
-        "maxItems",
-        s.tx_max_participants,
-    );
-    set(
-        doc,
-        &format!("{schemas}/BeginTxBody/properties/timeout_ms"),
-        "maximum",
-        s.tx_max_timeout_ms,
-    );
-    set(
-        doc,
-        &format!("{schemas}/DefinitionIn/properties/steps"),
-        "maxItems",
-        s.saga_max_steps,
-    );
-    set(
-        doc,
-        &format!("{schemas}/StepIn/properties/timeout_ms"),
-        "maximum",
-        s.saga_max_timeout_ms,
-    );
-    set(
-        doc,
-        &format!("{schemas}/RetryIn/properties/max_attempts"),
-        "maximum",
-        s.saga_max_attempts,
-    );
-    set(
-        doc,
-        &format!("{schemas}/RetryIn/properties/backoff_ms"),
-        "maximum",
-        s.saga_max_backoff_ms,
-    );
-    set(
-        doc,
-        &format!("{schemas}/RetryIn/properties/max_backoff_ms"),
-        "maximum",
-        s.saga_max_backoff_ms,
-    );
+/// The limits the settings choose, and the rules the derive cannot spell, where the schemas carry
+/// them; answers the schemas that were not there to hold one.
+fn apply_limits(doc: &mut Value, s: &Settings) -> Vec<String> {
     // Header names a definition may set: not one Concord sets itself, not a credential header
     // (those take `{{secrets.<name>}}` values, which the schema does not spell); values are
     // literal printable text.
@@ -291,55 +222,84 @@ fn apply_limits(doc: &mut Value, s: &Settings) {
         .chain(CREDENTIAL_HEADERS)
         .map(|h| Value::String((*h).to_owned()))
         .collect();
-    set(
-        doc,
-        &format!("{schemas}/CallIn/properties/headers"),
-        "propertyNames",
-        json!({
-            "pattern": "^[a-z][a-z0-9-]*$", "maxLength": 64, "not": {"enum": taken}
-        }),
-    );
-    set(
-        doc,
-        &format!("{schemas}/CallIn/properties/headers"),
-        "additionalProperties",
-        json!({
-            "type": "string", "pattern": "^[ -z|~]*$", "maxLength": 1024
-        }),
-    );
-    // A rule's key is a JSON pointer into the event data (printable ASCII here; `~` only as
-    // `~0` or `~1`); its value a type, or a type and a format (`last4` for cards only).
-    set(
-        doc,
-        &format!("{schemas}/RulesBody/properties/fields"),
-        "propertyNames",
-        json!({
-            "pattern": "^(/([!-.0-}]|~[01])*)+$", "maxLength": 512
-        }),
-    );
-    let types = json!(["card", "ssn", "email", "phone", "generic"]);
-    set(
-        doc,
-        &format!("{schemas}/RulesBody/properties/fields"),
-        "additionalProperties",
-        json!({"oneOf": [
-            {"type": "string", "enum": types},
-            {"type": "object", "required": ["type"], "properties": {
-                "type": {"type": "string", "enum": ["card"]}, "format": {"type": "string", "enum": ["random", "uuid", "last4"]}}},
-            {"type": "object", "required": ["type"], "properties": {
-                "type": {"type": "string", "enum": ["ssn", "email", "phone", "generic"]}, "format": {"type": "string", "enum": ["random", "uuid"]}}},
-        ]}),
-    );
     let scopes: Vec<Value> = Scope::all().iter().map(|s| Value::String(s.to_string())).collect();
-    set(
-        doc,
-        &format!("{schemas}/CreateKeyBody/properties/scopes/items"),
-        "enum",
-        scopes,
-    );
+    let types = json!(["card", "ssn", "email", "phone", "generic"]);
+    let limits: Vec<(&str, &str, Value)> = vec![
+        (
+            "AppendBody/properties/events",
+            "maxItems",
+            s.max_events_per_append.into(),
+        ),
+        ("TokenizeBody/properties/items", "maxItems", s.vault_max_batch.into()),
+        ("DetokenizeBody/properties/tokens", "maxItems", s.vault_max_batch.into()),
+        ("TokenizeItemIn/properties/ttl_s", "maximum", s.vault_max_ttl_s.into()),
+        (
+            "RulesBody/properties/fields",
+            "maxProperties",
+            s.vault_max_rule_fields.into(),
+        ),
+        (
+            "BeginTxBody/properties/participants",
+            "maxItems",
+            s.tx_max_participants.into(),
+        ),
+        (
+            "BeginTxBody/properties/timeout_ms",
+            "maximum",
+            s.tx_max_timeout_ms.into(),
+        ),
+        ("DefinitionIn/properties/steps", "maxItems", s.saga_max_steps.into()),
+        ("StepIn/properties/timeout_ms", "maximum", s.saga_max_timeout_ms.into()),
+        ("RetryIn/properties/max_attempts", "maximum", s.saga_max_attempts.into()),
+        ("RetryIn/properties/backoff_ms", "maximum", s.saga_max_backoff_ms.into()),
+        (
+            "RetryIn/properties/max_backoff_ms",
+            "maximum",
+            s.saga_max_backoff_ms.into(),
+        ),
+        ("CreateKeyBody/properties/scopes/items", "enum", scopes.into()),
+        (
+            "CallIn/properties/headers",
+            "propertyNames",
+            json!({"pattern": "^[a-z][a-z0-9-]*$", "maxLength": 64, "not": {"enum": taken}}),
+        ),
+        (
+            "CallIn/properties/headers",
+            "additionalProperties",
+            json!({"type": "string", "pattern": "^[ -z|~]*$", "maxLength": 1024}),
+        ),
+        // A rule's key is a JSON pointer into the event data (printable ASCII here; `~` only as
+        // `~0` or `~1`); its value a type, or a type and a format (`last4` for cards only).
+        (
+            "RulesBody/properties/fields",
+            "propertyNames",
+            json!({"pattern": "^(/([!-.0-}]|~[01])*)+$", "maxLength": 512}),
+        ),
+        (
+            "RulesBody/properties/fields",
+            "additionalProperties",
+            json!({"oneOf": [
+                {"type": "string", "enum": types},
+                {"type": "object", "required": ["type"], "properties": {
+                    "type": {"type": "string", "enum": ["card"]},
+                    "format": {"type": "string", "enum": ["random", "uuid", "last4"]}}},
+                {"type": "object", "required": ["type"], "properties": {
+                    "type": {"type": "string", "enum": ["ssn", "email", "phone", "generic"]},
+                    "format": {"type": "string", "enum": ["random", "uuid"]}}},
+            ]}),
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (at, key, value) in limits {
+        let pointer = format!("/components/schemas/{at}");
+        if !set(doc, &pointer, key, value) {
+            missing.push(pointer);
+        }
+    }
     // Query parameters: the read limit and the longest waits.
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
-        return;
+        missing.push("/paths".to_owned());
+        return missing;
     };
     for (path, item) in paths.iter_mut() {
         for method in METHODS {
@@ -362,6 +322,7 @@ fn apply_limits(doc: &mut Value, s: &Settings) {
             }
         }
     }
+    missing
 }
 
 #[cfg(test)]

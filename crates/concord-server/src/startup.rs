@@ -170,7 +170,9 @@ impl Application {
         );
         let vault = crate::vault::open(&settings, stores.events.clone()).await?;
         let idempotency_layer =
-            crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret())?;
+            crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret()).context(
+                "settings: idempotency_ttl_s must be 1 s to 366 days, idempotency_lock_s 1 s to idempotency_ttl_s",
+            )?;
         let openapi = crate::routes::document(&settings);
         let route_scopes = crate::scopes::RouteScopes::from_document(&openapi)?;
         let appender = Arc::new(concord_core::app::events::Appender::new(
@@ -317,7 +319,6 @@ where
     });
 }
 
-/// Completes on SIGTERM or SIGINT.
 /// What the `main` of each binary (`concord`, `concord-bench`, `concord-shop`) does around its
 /// work: the process's TLS crypto provider (reqwest is built without one: ring, chosen once), a
 /// runtime, `run` on it, and its result as the exit code, an error printed to stderr.
@@ -355,6 +356,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     app.run_until(shutdown_signal()).await
 }
 
+/// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -20,7 +20,6 @@ use uuid::Uuid;
 use super::{
     DoNotStore, Fingerprint, IDEMPOTENCY_KEY_HEADER, IdempotencyBegin, IdempotencyClaim, IdempotencyConfig,
     IdempotencyConfigError, IdempotencyKey, IdempotencyStore, REPLAYED_HEADER, StoreError, StoredResponse,
-    owner_for_caller,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -201,7 +200,13 @@ where
             ));
         }
     };
-    let owner = owner_for_caller(&config.caller_id(&parts));
+    let Some(owner) = config.owner_of(&parts) else {
+        tracing::error!("no owner for an idempotent request: the layer runs before the authentication it relies on");
+        return Ok(problem_response(
+            ErrorCode::Internal,
+            "this request has no caller to scope its Idempotency-Key; it did not run",
+        ));
+    };
     let fingerprint = config.fingerprint(&parts.method, target(&parts), &body);
     let now = Utc::now();
     let held = Held {
@@ -238,7 +243,7 @@ where
             return Ok(response);
         }
         Err(e) => {
-            span.in_scope(|| tracing::warn!(error = %e, "idempotency store unavailable; the request is refused"));
+            span.in_scope(|| tracing::error!(error = %e, "idempotency store unavailable; the request is refused"));
             let mut response = problem_response(
                 ErrorCode::IdempotencyStoreUnavailable,
                 "the idempotency store is unavailable; the request did not run, retry later",

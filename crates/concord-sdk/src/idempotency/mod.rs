@@ -178,6 +178,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Names the caller of a request; see [`IdempotencyConfig::caller`].
 pub type CallerFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
+/// Names the store's owner of a request directly; see [`IdempotencyConfig::owner`].
+pub type OwnerFn = Arc<dyn Fn(&Parts) -> Option<Uuid> + Send + Sync>;
+
 /// Decides whether a response with this status is kept for replay; see
 /// [`IdempotencyConfig::store_response_when`].
 pub type StorePolicyFn = Arc<dyn Fn(StatusCode) -> bool + Send + Sync>;
@@ -195,6 +198,7 @@ pub struct IdempotencyConfig {
     ttl: Duration,
     retry_after: Duration,
     caller: CallerFn,
+    owner: Option<OwnerFn>,
     store_policy: StorePolicyFn,
 }
 
@@ -212,6 +216,7 @@ impl Default for IdempotencyConfig {
             ttl: Duration::from_secs(24 * 3600),
             retry_after: Duration::from_secs(1),
             caller: Arc::new(default_caller),
+            owner: None,
             store_policy: Arc::new(default_store_policy),
         }
     }
@@ -310,6 +315,21 @@ impl IdempotencyConfig {
         self
     }
 
+    /// Names the store's owner of a request directly, for a service whose authentication layer
+    /// already gives each caller a stable id that is no secret (an API key's id): records are
+    /// then scoped by it as it is, not by a hash of a caller id. A request it has no owner for is
+    /// refused with 500 `internal` and its handler does not run: the layer was placed before the
+    /// authentication it relies on, and no request may fall into a shared key space. Overrides
+    /// [`IdempotencyConfig::caller`].
+    #[must_use]
+    pub fn owner<F>(mut self, owner: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<Uuid> + Send + Sync + 'static,
+    {
+        self.owner = Some(Arc::new(owner));
+        self
+    }
+
     /// Which response statuses are kept for replay; the key of any other is released so that a
     /// retry runs again. Default: [`default_store_policy`].
     #[must_use]
@@ -355,6 +375,16 @@ impl IdempotencyConfig {
     #[must_use]
     pub fn caller_id(&self, parts: &Parts) -> String {
         (self.caller)(parts).unwrap_or_else(|| ANONYMOUS_CALLER.to_owned())
+    }
+
+    /// The store's owner of a request: what [`IdempotencyConfig::owner`] names, else the owner
+    /// of its caller id ([`owner_for_caller`]). `None` only when the owner function has none.
+    #[must_use]
+    pub fn owner_of(&self, parts: &Parts) -> Option<Uuid> {
+        match &self.owner {
+            Some(owner) => owner(parts),
+            None => Some(owner_for_caller(&self.caller_id(parts))),
+        }
     }
 }
 
@@ -456,6 +486,24 @@ mod tests {
         assert_eq!(owner_for_caller(&alice), owner_for_caller(&alice));
         assert_ne!(owner_for_caller(&alice), owner_for_caller(&bob));
         assert_eq!(owner_for_caller(&alice).get_version_num(), 8);
+    }
+
+    #[test]
+    fn an_owner_function_names_the_owner_as_it_is() {
+        let id = Uuid::now_v7();
+        let config = IdempotencyConfig::default().owner(move |p| p.headers.get(header::AUTHORIZATION).map(|_| id));
+        assert_eq!(config.owner_of(&parts(Some("Bearer k"))), Some(id));
+        assert_eq!(
+            config.owner_of(&parts(None)),
+            None,
+            "no owner: refused, never a shared one"
+        );
+        let by_caller = IdempotencyConfig::default();
+        let alice = parts(Some("Bearer alice"));
+        assert_eq!(
+            by_caller.owner_of(&alice),
+            Some(owner_for_caller(&by_caller.caller_id(&alice)))
+        );
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub fn run_helper(name: &str, args: &[String]) -> anyhow::Error {
     let program = beside.unwrap_or_else(|| PathBuf::from(&file));
     let error = std::process::Command::new(&program).args(args).exec();
     anyhow::anyhow!(
-        "cannot run {}: {error} (build it with `cargo build --release -p {file}`)",
+        "cannot run {}: {error} (build it beside this binary, in the same profile: `cargo build -p {file}`, \
+         with `--release` for a release build)",
         program.display()
     )
 }

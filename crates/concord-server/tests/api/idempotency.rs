@@ -3,7 +3,6 @@ use crate::helpers::{Backend, assert_problem, spawn_app};
 use concord_core::app::auth::authenticate;
 use concord_core::domain::{IdempotencyKey, KeyHash};
 use concord_core::ports::{IdempotencyBegin, IdempotencyClaim};
-use concord_sdk::idempotency::owner_for_caller;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -52,12 +51,11 @@ both_backends!(a_completed_request_is_replayed_not_run_again);
 async fn a_key_in_flight_answers_409(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     // Another node holds the key right now: claim it directly in the store, as the layer would.
-    let key_id = authenticate(app.state.keys.as_ref(), &KeyHash::of(&app.admin_key))
+    let owner = authenticate(app.state.keys.as_ref(), &KeyHash::of(&app.admin_key))
         .await
         .unwrap()
         .unwrap()
         .key_id;
-    let owner = owner_for_caller(&key_id.to_string());
     let key = IdempotencyKey::parse("busy").unwrap();
     let raw = serde_json::to_vec(&body(1)).unwrap();
     let now = chrono::Utc::now();
