@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: every port but the vault store and the broker, in memory.
 
 use crate::app::append::{StoredId, plan_batch};
-use crate::domain::saga::SagaStatus;
+use crate::domain::saga::{SagaId, SagaStatus};
 use crate::domain::tx::Outcome;
 use crate::domain::{
     ApiKeyRecord, AppendOutcome, AppendRequest, Fingerprint, KeyHash, RecordedEvent, Scope, StreamName,
@@ -24,7 +24,7 @@ struct MemState {
     keys: Vec<(ApiKeyRecord, bool)>,
     idem: HashMap<(Uuid, String), IdemRecord>,
     definitions: Vec<StoredDefinition>,
-    sagas: std::collections::BTreeMap<String, SagaRow>,
+    sagas: std::collections::BTreeMap<SagaId, SagaRow>,
     txs: std::collections::BTreeMap<String, TxRow>,
 }
 
@@ -299,7 +299,7 @@ impl SagaStore for MemoryStore {
         Ok((row.clone(), true))
     }
 
-    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError> {
+    async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError> {
         Ok(self.lock().sagas.get(id).cloned())
     }
 
