@@ -2,7 +2,7 @@
 
 use crate::app::append::{StoredId, plan_batch};
 use crate::domain::saga::{SagaId, SagaStatus};
-use crate::domain::tx::Outcome;
+use crate::domain::tx::{Outcome, Xid};
 use crate::domain::{
     ApiKeyRecord, AppendOutcome, AppendRequest, Fingerprint, KeyHash, RecordedEvent, Scope, StreamName,
 };
@@ -25,7 +25,7 @@ struct MemState {
     idem: HashMap<(Uuid, String), IdemRecord>,
     definitions: Vec<StoredDefinition>,
     sagas: std::collections::BTreeMap<SagaId, SagaRow>,
-    txs: std::collections::BTreeMap<String, TxRow>,
+    txs: std::collections::BTreeMap<Xid, TxRow>,
 }
 
 #[derive(Clone)]
@@ -383,7 +383,7 @@ impl TxStore for MemoryStore {
         Ok(())
     }
 
-    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError> {
+    async fn get_tx(&self, xid: &Xid) -> Result<Option<TxRow>, StoreError> {
         Ok(self.lock().txs.get(xid).cloned())
     }
 
