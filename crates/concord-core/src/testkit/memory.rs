@@ -191,7 +191,7 @@ impl KeyStore for MemoryStore {
             .lock()
             .keys
             .iter()
-            .filter(|(k, revoked)| !revoked && k.scopes.iter().any(|s| s.as_str() == Scope::ADMIN))
+            .filter(|(k, revoked)| !revoked && k.scopes.contains(&Scope::Admin))
             .count() as u64)
     }
 }
