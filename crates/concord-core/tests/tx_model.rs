@@ -27,7 +27,9 @@ use std::fmt;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use concord_core::domain::tx::{Outcome, TxEvent, TxLogError, TxParticipant, TxState, TxStep, Vote, decide, next_step};
+use concord_core::domain::tx::{
+    Outcome, TxEvent, TxLogError, TxParticipant, TxState, TxStep, Vote, Xid, decide, next_step,
+};
 use stateright::{Checker, HasDiscoveries, Model, Property};
 
 /// The largest transaction modelled; arrays of this size keep the state `Copy` and small.
@@ -462,7 +464,7 @@ impl TwoPhaseCommit {
             faults,
             kit: KIT,
             bug: None,
-            after_start: TxState::new("x1", participants, 1000, t0()),
+            after_start: TxState::new(&Xid::parse("x1").unwrap(), participants, 1000, t0()),
         }
     }
 

@@ -89,10 +89,12 @@ use reqwest::header::HeaderMap;
 
 /// The header that names the call: `{saga_id}:{step}:{action|compensation}`.
 pub use crate::idempotency::IDEMPOTENCY_KEY_HEADER;
+/// A saga's id, as [`BarrierKey::saga_id`] gives it: the kernel's type, which the orchestrator
+/// uses too.
+pub use concord_kernel::SagaId;
 /// The header that names the saga; it must agree with the idempotency key.
 pub const SAGA_ID_HEADER: &str = "concord-saga-id";
 
-const MAX_SAGA_ID_CHARS: usize = 128;
 const MAX_STEP_CHARS: usize = 64;
 
 /// What went wrong at the barrier. Each variant says how a participant answers it;
@@ -191,7 +193,7 @@ impl fmt::Display for BarrierOp {
 /// One saga call: saga id, step and side. Only a valid key can be built.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BarrierKey {
-    saga_id: String,
+    saga_id: SagaId,
     step: String,
     op: BarrierOp,
 }
@@ -202,8 +204,9 @@ impl BarrierKey {
     /// # Errors
     /// [`BarrierError::InvalidKey`] when the saga id or the step is not valid.
     pub fn new(saga_id: impl Into<String>, step: impl Into<String>, op: BarrierOp) -> Result<Self, BarrierError> {
-        let (saga_id, step) = (saga_id.into(), step.into());
-        validate_saga_id(&saga_id)?;
+        let saga_id = SagaId::parse(saga_id)
+            .map_err(|_| BarrierError::InvalidKey("the saga id must be 1-128 letters, digits and -_.:"))?;
+        let step = step.into();
         validate_step(&step)?;
         Ok(Self { saga_id, step, op })
     }
@@ -242,10 +245,10 @@ impl BarrierKey {
         };
         let key = Self::parse(header(IDEMPOTENCY_KEY_HEADER)?)?;
         let saga_id = header(SAGA_ID_HEADER)?;
-        if saga_id != key.saga_id {
+        if key.saga_id != saga_id {
             return Err(BarrierError::SagaIdMismatch {
                 header: saga_id.to_owned(),
-                key: key.saga_id,
+                key: key.saga_id.to_string(),
             });
         }
         Ok(key)
@@ -253,7 +256,7 @@ impl BarrierKey {
 
     /// The saga's id.
     #[must_use]
-    pub fn saga_id(&self) -> &str {
+    pub fn saga_id(&self) -> &SagaId {
         &self.saga_id
     }
 
@@ -274,20 +277,6 @@ impl BarrierKey {
 impl fmt::Display for BarrierKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}", self.saga_id, self.step, self.op)
-    }
-}
-
-fn validate_saga_id(saga_id: &str) -> Result<(), BarrierError> {
-    let valid = (1..=MAX_SAGA_ID_CHARS).contains(&saga_id.len())
-        && saga_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    if valid {
-        Ok(())
-    } else {
-        Err(BarrierError::InvalidKey(
-            "the saga id must be 1-128 letters, digits and -_.:",
-        ))
     }
 }
 
@@ -476,7 +465,7 @@ pub mod sqlite {
                 "INSERT INTO concord_barrier (saga_id, step, op, origin) VALUES (?, ?, ?, ?) \
                  ON CONFLICT (saga_id, step, op) DO NOTHING",
             )
-            .bind(key.saga_id())
+            .bind(key.saga_id().as_str())
             .bind(key.step())
             .bind(op.as_str())
             .bind(origin.as_str())
@@ -492,7 +481,7 @@ pub mod sqlite {
         ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
             let row =
                 sqlx::query("SELECT origin, output FROM concord_barrier WHERE saga_id = ? AND step = ? AND op = ?")
-                    .bind(key.saga_id())
+                    .bind(key.saga_id().as_str())
                     .bind(key.step())
                     .bind(op.as_str())
                     .fetch_optional(self)
@@ -505,7 +494,7 @@ pub mod sqlite {
                 "UPDATE concord_barrier SET output = ? WHERE saga_id = ? AND step = ? AND op = ? AND origin = op",
             )
             .bind(output)
-            .bind(key.saga_id())
+            .bind(key.saga_id().as_str())
             .bind(key.step())
             .bind(key.op().as_str())
             .execute(self)
@@ -586,7 +575,7 @@ pub mod postgres {
                 "INSERT INTO concord_barrier (saga_id, step, op, origin) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (saga_id, step, op) DO NOTHING",
             )
-            .bind(key.saga_id())
+            .bind(key.saga_id().as_str())
             .bind(key.step())
             .bind(op.as_str())
             .bind(origin.as_str())
@@ -602,7 +591,7 @@ pub mod postgres {
         ) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
             let row =
                 sqlx::query("SELECT origin, output FROM concord_barrier WHERE saga_id = $1 AND step = $2 AND op = $3")
-                    .bind(key.saga_id())
+                    .bind(key.saga_id().as_str())
                     .bind(key.step())
                     .bind(op.as_str())
                     .fetch_optional(self)
@@ -616,7 +605,7 @@ pub mod postgres {
                  WHERE saga_id = $2 AND step = $3 AND op = $4 AND origin = op",
             )
             .bind(output)
-            .bind(key.saga_id())
+            .bind(key.saga_id().as_str())
             .bind(key.step())
             .bind(key.op().as_str())
             .execute(self)

@@ -532,7 +532,7 @@ fn a_key_splits_on_its_last_two_colons() {
 
     let plain = BarrierKey::parse("0b1c.A-z_9:pay:action").expect("valid");
     assert_eq!(
-        (plain.saga_id(), plain.step(), plain.op()),
+        (plain.saga_id().as_str(), plain.step(), plain.op()),
         ("0b1c.A-z_9", "pay", BarrierOp::Action)
     );
 

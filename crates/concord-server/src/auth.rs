@@ -37,7 +37,7 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
         .unwrap_or_default();
     match state.route_scopes.need(req.method(), &route) {
         Some(Need::AnyKey) => {}
-        Some(Need::Scope(scope)) if principal.allows(scope.as_str()) => {}
+        Some(Need::Scope(scope)) if principal.allows(*scope) => {}
         Some(Need::Scope(scope)) => {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,

@@ -9,7 +9,7 @@ use crate::sql::{WorkTable, bigint, claim_due, sql_limit, unsigned};
 use crate::{PostgresStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use concord_core::domain::saga::SagaStatus;
+use concord_core::domain::saga::{SagaId, SagaStatus};
 use concord_core::ports::{SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
 use serde_json::Value;
 use sqlx::Row as _;
@@ -33,6 +33,10 @@ fn status(s: &str) -> Result<SagaStatus, StoreError> {
     SagaStatus::parse(s).ok_or_else(|| unavailable(format!("unknown saga status {s:?} stored in concord_sagas")))
 }
 
+fn saga_id(s: String) -> Result<SagaId, StoreError> {
+    SagaId::parse(s).map_err(|e| unavailable(format!("{e}, stored in concord_sagas")))
+}
+
 fn definition_from_row(row: &PgRow) -> Result<StoredDefinition, StoreError> {
     Ok(StoredDefinition {
         name: row.try_get("name").map_err(unavailable)?,
@@ -44,7 +48,7 @@ fn definition_from_row(row: &PgRow) -> Result<StoredDefinition, StoreError> {
 
 fn saga_from_row(row: &PgRow) -> Result<SagaRow, StoreError> {
     Ok(SagaRow {
-        id: row.try_get("id").map_err(unavailable)?,
+        id: saga_id(row.try_get("id").map_err(unavailable)?)?,
         definition: row.try_get("definition").map_err(unavailable)?,
         version: unsigned(row.try_get("version").map_err(unavailable)?, "version")?,
         input: row.try_get::<Json<Value>, _>("input").map_err(unavailable)?.0,
@@ -123,7 +127,7 @@ impl SagaStore for PostgresStore {
             "INSERT INTO concord_sagas ({SAGA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (id) DO NOTHING RETURNING {SAGA_COLUMNS}"
         )))
-        .bind(&row.id)
+        .bind(row.id.as_str())
         .bind(&row.definition)
         .bind(i64::from(row.version))
         .bind(Json(&row.input))
@@ -149,11 +153,11 @@ impl SagaStore for PostgresStore {
         Ok((existing, false))
     }
 
-    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError> {
+    async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SAGA_COLUMNS} FROM concord_sagas WHERE id = $1"
         )))
-        .bind(id)
+        .bind(id.as_str())
         .fetch_optional(&self.inner.pool)
         .await
         .map_err(unavailable)?;
@@ -195,7 +199,7 @@ impl SagaStore for PostgresStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(skip_all, fields(saga = update.id, status = update.status.as_str()))]
+    #[tracing::instrument(skip_all, fields(saga = %update.id, status = update.status.as_str()))]
     async fn update_saga(&self, update: &SagaUpdate<'_>) -> Result<bool, StoreError> {
         // The conditions are the fence: a node whose lease was taken over, or an update older
         // than what the row shows, changes nothing.
@@ -204,7 +208,7 @@ impl SagaStore for PostgresStore {
                log_version = $6, updated_at = $7 \
              WHERE id = $1 AND lease_owner IS NOT DISTINCT FROM $8 AND log_version <= $6",
         )
-        .bind(update.id)
+        .bind(update.id.as_str())
         .bind(update.status.as_str())
         .bind(update.next_run_at)
         .bind(update.lease.map(|(owner, _)| owner))

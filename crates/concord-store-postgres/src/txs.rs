@@ -9,7 +9,7 @@ use crate::sql::{WorkTable, bigint, claim_due, sql_limit, unsigned};
 use crate::{PostgresStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use concord_core::domain::tx::Outcome;
+use concord_core::domain::tx::{Outcome, Xid};
 use concord_core::ports::{StoreError, TxRow, TxStore, TxUpdate};
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
@@ -31,9 +31,13 @@ fn outcome(s: Option<&str>) -> Result<Option<Outcome>, StoreError> {
     .transpose()
 }
 
+fn xid(s: String) -> Result<Xid, StoreError> {
+    Xid::parse(s).map_err(|e| unavailable(format!("{e}, stored in concord_transactions")))
+}
+
 fn tx_from_row(row: &PgRow) -> Result<TxRow, StoreError> {
     Ok(TxRow {
-        xid: row.try_get("xid").map_err(unavailable)?,
+        xid: xid(row.try_get("xid").map_err(unavailable)?)?,
         outcome: outcome(row.try_get("outcome").map_err(unavailable)?)?,
         pending: row.try_get("pending").map_err(unavailable)?,
         next_run_at: row.try_get("next_run_at").map_err(unavailable)?,
@@ -52,7 +56,7 @@ impl TxStore for PostgresStore {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO concord_transactions ({TX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         )))
-        .bind(&row.xid)
+        .bind(row.xid.as_str())
         .bind(row.outcome.map(Outcome::as_str))
         .bind(row.pending)
         .bind(row.next_run_at)
@@ -71,11 +75,11 @@ impl TxStore for PostgresStore {
         Ok(())
     }
 
-    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError> {
+    async fn get_tx(&self, xid: &Xid) -> Result<Option<TxRow>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TX_COLUMNS} FROM concord_transactions WHERE xid = $1"
         )))
-        .bind(xid)
+        .bind(xid.as_str())
         .fetch_optional(&self.inner.pool)
         .await
         .map_err(unavailable)?;
@@ -123,7 +127,7 @@ impl TxStore for PostgresStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(skip_all, fields(xid = update.xid, pending = update.pending))]
+    #[tracing::instrument(skip_all, fields(xid = %update.xid, pending = update.pending))]
     async fn update_tx(&self, update: &TxUpdate<'_>) -> Result<bool, StoreError> {
         // The conditions are the fence: a node whose lease was taken over, or an update older
         // than what the row shows, changes nothing.
@@ -132,7 +136,7 @@ impl TxStore for PostgresStore {
                lease_until = $6, log_version = $7, updated_at = $8 \
              WHERE xid = $1 AND lease_owner IS NOT DISTINCT FROM $9 AND log_version <= $7",
         )
-        .bind(update.xid)
+        .bind(update.xid.as_str())
         .bind(update.outcome.map(Outcome::as_str))
         .bind(update.pending)
         .bind(update.next_run_at)

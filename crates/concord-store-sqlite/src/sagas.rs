@@ -9,7 +9,7 @@ use crate::sql::{WorkTable, bigint, claim_due, micros, optional_time, sql_limit,
 use crate::{SqliteStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use concord_core::domain::saga::SagaStatus;
+use concord_core::domain::saga::{SagaId, SagaStatus};
 use concord_core::ports::{SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
 use serde_json::Value;
 use sqlx::Row as _;
@@ -34,6 +34,10 @@ fn status(s: &str) -> Result<SagaStatus, StoreError> {
     SagaStatus::parse(s).ok_or_else(|| unavailable(format!("unknown saga status {s:?} stored in sagas")))
 }
 
+fn saga_id(s: String) -> Result<SagaId, StoreError> {
+    SagaId::parse(s).map_err(|e| unavailable(format!("{e}, stored in sagas")))
+}
+
 fn definition_from_row(row: &SqliteRow) -> Result<StoredDefinition, StoreError> {
     Ok(StoredDefinition {
         name: row.try_get("name").map_err(unavailable)?,
@@ -45,7 +49,7 @@ fn definition_from_row(row: &SqliteRow) -> Result<StoredDefinition, StoreError> 
 
 fn saga_from_row(row: &SqliteRow) -> Result<SagaRow, StoreError> {
     Ok(SagaRow {
-        id: row.try_get("id").map_err(unavailable)?,
+        id: saga_id(row.try_get("id").map_err(unavailable)?)?,
         definition: row.try_get("definition").map_err(unavailable)?,
         version: unsigned(row.try_get("version").map_err(unavailable)?, "version")?,
         input: json(row.try_get("input").map_err(unavailable)?)?,
@@ -134,11 +138,11 @@ impl SagaStore for SqliteStore {
         Ok((existing, false))
     }
 
-    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError> {
+    async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SAGA_COLUMNS} FROM sagas WHERE id = ?"
         )))
-        .bind(id)
+        .bind(id.as_str())
         .fetch_optional(&self.inner.read)
         .await
         .map_err(unavailable)?;
@@ -190,10 +194,10 @@ impl SagaStore for SqliteStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(skip_all, fields(saga = update.id, status = update.status.as_str()))]
+    #[tracing::instrument(skip_all, fields(saga = %update.id, status = update.status.as_str()))]
     async fn update_saga(&self, update: &SagaUpdate<'_>) -> Result<bool, StoreError> {
         let owned = OwnedUpdate {
-            id: update.id.to_owned(),
+            id: update.id.clone(),
             holder: update.holder,
             status: update.status,
             next_run_at: update.next_run_at,
@@ -237,7 +241,7 @@ pub(crate) enum RowOp {
 }
 
 pub(crate) struct OwnedUpdate {
-    id: String,
+    id: SagaId,
     holder: Option<Uuid>,
     status: SagaStatus,
     next_run_at: Option<DateTime<Utc>>,
@@ -323,7 +327,7 @@ async fn insert_row(conn: &mut sqlx::SqliteConnection, row: &SagaRow) -> Result<
         "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (id) DO NOTHING RETURNING {SAGA_COLUMNS}"
     )))
-    .bind(&row.id)
+    .bind(row.id.as_str())
     .bind(&row.definition)
     .bind(i64::from(row.version))
     .bind(row.input.to_string())
@@ -354,7 +358,7 @@ async fn update_row(conn: &mut sqlx::SqliteConnection, update: &OwnedUpdate) -> 
     .bind(update.lease.map(|(_, until)| micros(until)))
     .bind(log_version)
     .bind(micros(update.now))
-    .bind(&update.id)
+    .bind(update.id.as_str())
     .bind(update.holder)
     .bind(log_version)
     .execute(&mut *conn)

@@ -8,7 +8,7 @@ use crate::sql::{WorkTable, bigint, claim_due, micros, optional_time, sql_limit,
 use crate::{SqliteStore, unavailable};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use concord_core::domain::tx::Outcome;
+use concord_core::domain::tx::{Outcome, Xid};
 use concord_core::ports::{StoreError, TxRow, TxStore, TxUpdate};
 use sqlx::Row as _;
 use sqlx::sqlite::SqliteRow;
@@ -28,9 +28,13 @@ fn outcome(s: Option<&str>) -> Result<Option<Outcome>, StoreError> {
         .transpose()
 }
 
+fn xid(s: String) -> Result<Xid, StoreError> {
+    Xid::parse(s).map_err(|e| unavailable(format!("{e}, stored in transactions")))
+}
+
 fn tx_from_row(row: &SqliteRow) -> Result<TxRow, StoreError> {
     Ok(TxRow {
-        xid: row.try_get("xid").map_err(unavailable)?,
+        xid: xid(row.try_get("xid").map_err(unavailable)?)?,
         outcome: outcome(row.try_get("outcome").map_err(unavailable)?)?,
         pending: row.try_get("pending").map_err(unavailable)?,
         next_run_at: optional_time(row, "next_run_at")?,
@@ -49,7 +53,7 @@ impl TxStore for SqliteStore {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO transactions ({TX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )))
-        .bind(&row.xid)
+        .bind(row.xid.as_str())
         .bind(row.outcome.map(Outcome::as_str))
         .bind(row.pending)
         .bind(row.next_run_at.map(micros))
@@ -68,11 +72,11 @@ impl TxStore for SqliteStore {
         Ok(())
     }
 
-    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError> {
+    async fn get_tx(&self, xid: &Xid) -> Result<Option<TxRow>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TX_COLUMNS} FROM transactions WHERE xid = ?"
         )))
-        .bind(xid)
+        .bind(xid.as_str())
         .fetch_optional(&self.inner.read)
         .await
         .map_err(unavailable)?;
@@ -132,7 +136,7 @@ impl TxStore for SqliteStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(skip_all, fields(xid = update.xid, pending = update.pending))]
+    #[tracing::instrument(skip_all, fields(xid = %update.xid, pending = update.pending))]
     async fn update_tx(&self, update: &TxUpdate<'_>) -> Result<bool, StoreError> {
         let log_version = bigint(update.log_version)?;
         // The conditions are the fence: a node whose lease was taken over, or an update older
@@ -149,7 +153,7 @@ impl TxStore for SqliteStore {
         .bind(update.lease.map(|(_, until)| micros(until)))
         .bind(log_version)
         .bind(micros(update.now))
-        .bind(update.xid)
+        .bind(update.xid.as_str())
         .bind(update.holder)
         .bind(log_version)
         .execute(&self.inner.write)

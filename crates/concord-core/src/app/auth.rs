@@ -108,7 +108,7 @@ pub trait GrantAudit: Send + Sync {
     ///
     /// # Errors
     /// When the record cannot be written: the key must then not be made.
-    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[&str]) -> Result<(), StoreError>;
+    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[Scope]) -> Result<(), StoreError>;
 }
 
 /// Creates a key with a name and scopes for `by`; answers the record and the key, which is shown
@@ -141,11 +141,7 @@ pub async fn create_key(
     let mut parsed = scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
     parsed.sort();
     parsed.dedup();
-    let reveals: Vec<&str> = parsed
-        .iter()
-        .map(Scope::as_str)
-        .filter(|s| s.starts_with("vault:detokenize"))
-        .collect();
+    let reveals: Vec<Scope> = parsed.iter().copied().filter(|s| s.reveals_vault_values()).collect();
     if !reveals.is_empty() {
         grants.record_grant(by, name, &reveals).await?;
     }
@@ -181,7 +177,7 @@ pub async fn revoke_key(keys: &dyn KeyStore, cache: &KeyCache, id: Uuid) -> Resu
 /// # Errors
 /// When the key store fails.
 pub async fn bootstrap_admin(keys: &dyn KeyStore, configured: Option<&str>) -> Result<Option<String>, StoreError> {
-    let admin = vec![Scope::parse(Scope::ADMIN).map_err(|e| StoreError::Unavailable(e.to_string()))?];
+    let admin = vec![Scope::Admin];
     if let Some(key) = configured {
         let hash = KeyHash::of(key);
         if keys.find_key(&hash).await?.is_none() {

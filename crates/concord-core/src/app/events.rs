@@ -11,16 +11,15 @@ use crate::domain::{
 use crate::ports::{EventStore, StoreError};
 use std::sync::Arc;
 
-/// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive.
+/// Saga logs (`saga-{id}`) hold saga inputs and participant outputs, which may be sensitive;
+/// read with `sagas:read`.
 const SAGA_CATEGORY: &str = "saga";
-const SAGAS_READ: &str = "sagas:read";
-/// Transaction logs (`tx-{xid}`): a forged decision would break a transaction's atomicity.
+/// Transaction logs (`tx-{xid}`): a forged decision would break a transaction's atomicity; read
+/// with `tx:read`.
 const TX_CATEGORY: &str = "tx";
-const TX_READ: &str = "tx:read";
 /// The vault's audit trail (`$vault-audit`): who revealed what. Read with `vault:audit`, written
 /// only by the vault itself, so not even an admin key can forge or bury an entry.
 const VAULT_CATEGORY: &str = "$vault";
-const VAULT_AUDIT: &str = "vault:audit";
 
 /// What a reader who may not read a category is told.
 pub const READ_FORBIDDEN: &str = "saga logs (saga-...) need the sagas:read scope, transaction logs (tx-...) tx:read, the vault audit ($vault-...) vault:audit";
@@ -31,9 +30,9 @@ pub const READ_FORBIDDEN: &str = "saga logs (saga-...) need the sagas:read scope
 #[must_use]
 pub fn may_read(principal: &Principal, category: &str) -> bool {
     match category {
-        SAGA_CATEGORY => principal.allows(SAGAS_READ),
-        TX_CATEGORY => principal.allows(TX_READ),
-        VAULT_CATEGORY => principal.allows(VAULT_AUDIT),
+        SAGA_CATEGORY => principal.allows(Scope::SagasRead),
+        TX_CATEGORY => principal.allows(Scope::TxRead),
+        VAULT_CATEGORY => principal.allows(Scope::VaultAudit),
         _ => true,
     }
 }
@@ -88,7 +87,7 @@ impl Appender {
         // System streams (`$...`: audit trails), saga and transaction logs are written by Concord
         // itself; a forged event would steer a saga or decide a transaction.
         let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
-        if (stream.as_str().starts_with('$') || reserved) && !by.allows(Scope::ADMIN) {
+        if (stream.as_str().starts_with('$') || reserved) && !by.allows(Scope::Admin) {
             return Err(AppendError::Forbidden(
                 "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
             ));

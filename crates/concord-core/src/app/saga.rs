@@ -10,7 +10,7 @@ use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
-    SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, check_saga_id, decide, host_listed, log_stream,
+    SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, host_listed, log_stream,
     on_outcome,
 };
 use crate::domain::{Limits, StreamName, ValidationError};
@@ -27,7 +27,7 @@ use uuid::Uuid;
 /// A participant call ready to send: templates filled, headers decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParticipantCall {
-    pub saga_id: String,
+    pub saga_id: SagaId,
     pub step: String,
     pub op: Op,
     pub attempt: u32,
@@ -52,14 +52,16 @@ pub enum SagaError {
     Definition(#[from] DefinitionError),
     #[error("saga definition {0} not found")]
     DefinitionNotFound(String),
+    /// No saga has this id. The text is what was asked, which an id that does not parse names
+    /// too (no saga has it either).
     #[error("saga {0} not found")]
     NotFound(String),
     /// Only `failed` sagas can be retried.
     #[error("saga {0} is {1}, not failed")]
-    NotFailed(String, &'static str),
+    NotFailed(SagaId, &'static str),
     /// Another node holds the saga right now; try again shortly.
     #[error("saga {0} is being worked on; try again shortly")]
-    Busy(String),
+    Busy(SagaId),
     #[error("input is {size} bytes, over the limit of {limit}")]
     InputTooLarge { size: usize, limit: usize },
     #[error(transparent)]
@@ -68,6 +70,13 @@ pub enum SagaError {
     Validation(#[from] ValidationError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A saga id that does not parse, given to start a saga: a name outside its alphabet.
+impl From<crate::domain::InvalidSagaId> for SagaError {
+    fn from(e: crate::domain::InvalidSagaId) -> Self {
+        Self::Definition(e.into())
+    }
 }
 
 impl From<AppendError> for SagaError {
@@ -117,7 +126,7 @@ pub struct Held {
 
 impl Held {
     #[must_use]
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &SagaId {
         &self.row.id
     }
 }
@@ -140,7 +149,8 @@ pub struct SagaEngine {
 pub struct StartSaga {
     pub definition: String,
     pub input: Value,
-    pub id: Option<String>,
+    /// The caller's id; none: a generated one.
+    pub id: Option<SagaId>,
     pub trace: Option<String>,
 }
 
@@ -276,15 +286,9 @@ impl SagaEngine {
     /// node, ready for [`Self::drive`]; an existing one comes back as it is.
     ///
     /// # Errors
-    /// Unknown definition, bad id, oversized input, or the store.
+    /// Unknown definition, oversized input, or the store.
     pub async fn start(&self, req: StartSaga) -> Result<(SagaRow, Option<Held>), SagaError> {
-        let id = match req.id {
-            Some(id) => {
-                check_saga_id(&id)?;
-                id
-            }
-            None => Uuid::now_v7().to_string(),
-        };
+        let id = req.id.unwrap_or_else(SagaId::generate);
         let size = serde_json::to_vec(&req.input).map_or(usize::MAX, |v| v.len());
         if size > self.config.limits.max_input_bytes {
             return Err(SagaError::InputTooLarge {
@@ -370,12 +374,12 @@ impl SagaEngine {
     ///
     /// # Errors
     /// Unknown saga, a log that does not fit its definition, or the store.
-    pub async fn load(&self, id: &str) -> Result<(SagaRow, Option<SagaState>), SagaError> {
+    pub async fn load(&self, id: &SagaId) -> Result<(SagaRow, Option<SagaState>), SagaError> {
         let row = self
             .store
             .get_saga(id)
             .await?
-            .ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
         let (state, _) = self.read_log(&row).await?;
         Ok((row, state))
     }
@@ -404,14 +408,14 @@ impl SagaEngine {
     ///
     /// # Errors
     /// Unknown saga, not failed, held by another node, or the store.
-    pub async fn retry(&self, id: &str) -> Result<Held, SagaError> {
+    pub async fn retry(&self, id: &SagaId) -> Result<Held, SagaError> {
         let row = self
             .store
             .get_saga(id)
             .await?
-            .ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
         if row.status != SagaStatus::Failed {
-            return Err(SagaError::NotFailed(id.to_owned(), row.status.as_str()));
+            return Err(SagaError::NotFailed(id.clone(), row.status.as_str()));
         }
         let now = Utc::now();
         let token = Uuid::now_v7();
@@ -430,7 +434,7 @@ impl SagaEngine {
             })
             .await?;
         if !took {
-            return Err(SagaError::Busy(id.to_owned()));
+            return Err(SagaError::Busy(id.clone()));
         }
         let mut row = row;
         row.lease_owner = Some(token);
@@ -719,7 +723,13 @@ impl SagaEngine {
         }
     }
 
-    async fn append(&self, id: &str, after: u64, events: &[SagaEvent], trace: Option<&str>) -> Result<(), SagaError> {
+    async fn append(
+        &self,
+        id: &SagaId,
+        after: u64,
+        events: &[SagaEvent],
+        trace: Option<&str>,
+    ) -> Result<(), SagaError> {
         let entries = events
             .iter()
             .map(|e| (e.type_name(), serde_json::to_value(e).unwrap_or(Value::Null)))
@@ -842,7 +852,7 @@ fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished:
     }
 }
 
-fn stream_name(id: &str) -> Result<StreamName, SagaError> {
+fn stream_name(id: &SagaId) -> Result<StreamName, SagaError> {
     Ok(StreamName::parse(&log_stream(id))?)
 }
 
@@ -933,7 +943,7 @@ mod tests {
         let calls = sent.calls.lock().unwrap().clone();
         let charge = calls.iter().find(|c| c.step == "charge").unwrap();
         assert_eq!(charge.call.headers["authorization"], "Bearer s3cr3t");
-        let (_, state) = with.load("o-s").await.unwrap();
+        let (_, state) = with.load(&sid("o-s")).await.unwrap();
         let log = serde_json::to_string(&state.unwrap().outputs()).unwrap();
         assert!(log.contains("Bearer [secret]") && !log.contains("s3cr3t"), "{log}");
     }
@@ -949,11 +959,15 @@ mod tests {
         .unwrap()
     }
 
+    fn sid(id: &str) -> SagaId {
+        SagaId::parse(id).unwrap()
+    }
+
     fn start(id: &str) -> StartSaga {
         StartSaga {
             definition: "order".into(),
             input: json!({"qty": 2}),
-            id: Some(id.into()),
+            id: Some(sid(id)),
             trace: None,
         }
     }
@@ -978,7 +992,7 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].idempotency_key, "o-1:reserve:action");
         assert_eq!(calls[0].call.body, Some(json!({"qty": 2})));
-        let (row, state) = e.load("o-1").await.unwrap();
+        let (row, state) = e.load(&sid("o-1")).await.unwrap();
         let state = state.unwrap();
         assert_eq!(
             (row.status, row.lease_owner, row.next_run_at),
@@ -1007,7 +1021,7 @@ mod tests {
         e.define("order", spec()).await.unwrap();
         let (_, held) = e.start(start("o-2")).await.unwrap();
         assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
-        let row = store.get_saga("o-2").await.unwrap().unwrap();
+        let row = store.get_saga(&sid("o-2")).await.unwrap().unwrap();
         assert!(row.next_run_at.is_some() && row.lease_owner.is_none());
         assert!(e.claim(10).await.unwrap().is_empty(), "not due before its backoff");
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -1038,13 +1052,13 @@ mod tests {
         assert_eq!(undo.call.url, "http://inv/release/o-3");
         assert_eq!(undo.idempotency_key, "o-3:reserve:compensation");
         undo_ok.store(true, Ordering::SeqCst);
-        let held = e.retry("o-3").await.unwrap();
+        let held = e.retry(&sid("o-3")).await.unwrap();
         assert_eq!(
             e.drive(held).await.unwrap(),
             DriveEnd::Finished(SagaStatus::Compensated)
         );
-        assert!(matches!(e.retry("o-3").await, Err(SagaError::NotFailed(..))));
-        assert!(matches!(e.retry("nope").await, Err(SagaError::NotFound(_))));
+        assert!(matches!(e.retry(&sid("o-3")).await, Err(SagaError::NotFailed(..))));
+        assert!(matches!(e.retry(&sid("nope")).await, Err(SagaError::NotFound(_))));
     }
 
     #[tokio::test]
@@ -1067,7 +1081,7 @@ mod tests {
         assert_eq!(pb.count.load(Ordering::SeqCst), 2);
         // Node a wakes up: its first record is refused by the log, so it stops.
         assert_eq!(a.drive(held_by_a.unwrap()).await.unwrap(), DriveEnd::Lost);
-        let (row, state) = b.load("o-4").await.unwrap();
+        let (row, state) = b.load(&sid("o-4")).await.unwrap();
         assert_eq!(row.status, SagaStatus::Completed);
         assert_eq!(state.unwrap().log_version, 4);
     }
@@ -1107,7 +1121,7 @@ mod tests {
         // a's refusal, recorded first, would have sent the saga compensating while b's charge
         // went through; b's takeover record made the log refuse it.
         assert_eq!(stalled.await.unwrap().unwrap(), DriveEnd::Lost);
-        let (_, state) = b.load("o-8").await.unwrap();
+        let (_, state) = b.load(&sid("o-8")).await.unwrap();
         let state = state.unwrap();
         assert_eq!(state.status, SagaStatus::Completed);
         assert_eq!(state.steps[1].attempts.len(), 1, "only b's call is recorded");
@@ -1175,7 +1189,11 @@ mod tests {
             Err(SagaError::DefinitionNotFound(_))
         ));
         e.define("order", spec()).await.unwrap();
-        assert!(matches!(e.start(start("bad id")).await, Err(SagaError::Definition(_))));
+        // A bad id is refused where it enters, as a bad name: no start is ever made of it.
+        assert!(matches!(
+            SagaId::parse("bad id").map_err(SagaError::from),
+            Err(SagaError::Definition(_))
+        ));
         let mut big = start("o-7");
         big.input = json!({"x": "y".repeat(70_000)});
         assert!(matches!(e.start(big).await, Err(SagaError::InputTooLarge { .. })));

@@ -8,7 +8,7 @@
 
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::tx::{
-    Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, decide, next_step, validate,
+    Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, Xid, decide, next_step, validate,
 };
 use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, StoreError, TxRow, TxStore, TxUpdate};
@@ -34,9 +34,9 @@ pub enum PrepareAnswer {
 #[async_trait]
 pub trait TxParticipants: Send + Sync + 'static {
     /// Asks to prepare, retrying transient failures until `deadline`.
-    async fn prepare(&self, xid: &str, participant: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer;
+    async fn prepare(&self, xid: &Xid, participant: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer;
     /// Sends the phase-2 message once; true when acknowledged.
-    async fn finish(&self, xid: &str, participant: &TxParticipant, outcome: Outcome) -> bool;
+    async fn finish(&self, xid: &Xid, participant: &TxParticipant, outcome: Outcome) -> bool;
 }
 
 /// What can go wrong for a caller of the coordinator.
@@ -77,7 +77,7 @@ pub struct TxConfig {
 
 /// What `begin` came to.
 pub struct Begun {
-    pub xid: String,
+    pub xid: Xid,
     /// The durable decision; none when it could not be confirmed after the transaction was
     /// logged (a store failure): the transaction then finishes through recovery, and
     /// `GET /v1/transactions/{xid}` tells the outcome.
@@ -94,7 +94,7 @@ pub struct HeldTx {
 
 impl HeldTx {
     #[must_use]
-    pub fn xid(&self) -> &str {
+    pub fn xid(&self) -> &Xid {
         &self.row.xid
     }
 }
@@ -156,7 +156,7 @@ impl TxCoordinator {
     ) -> Result<Begun, TxFailure> {
         validate(&participants, timeout_ms, &self.config.limits)?;
         self.check_hosts(&participants)?;
-        let xid = Uuid::now_v7().to_string();
+        let xid = Xid::generate();
         let now = Utc::now();
         let started = TxEvent::TxStarted {
             participants: participants.clone(),
@@ -309,7 +309,7 @@ impl TxCoordinator {
     ///
     /// # Errors
     /// The store, or a log that cannot be.
-    pub async fn read_log(&self, xid: &str) -> Result<Option<TxState>, TxFailure> {
+    pub async fn read_log(&self, xid: &Xid) -> Result<Option<TxState>, TxFailure> {
         let Ok(stream) = StreamName::parse(&format!("tx-{xid}")) else {
             return Ok(None);
         };
@@ -466,7 +466,7 @@ impl TxCoordinator {
         (since / 2).clamp(self.config.retry_backoff, self.config.max_retry_backoff)
     }
 
-    async fn record(&self, xid: &str, state: &mut TxState, e: TxEvent) -> Result<bool, TxFailure> {
+    async fn record(&self, xid: &Xid, state: &mut TxState, e: TxEvent) -> Result<bool, TxFailure> {
         match self
             .append(xid, state.log_version, std::slice::from_ref(&e), None)
             .await
@@ -522,7 +522,7 @@ impl TxCoordinator {
             .await?)
     }
 
-    async fn append(&self, xid: &str, after: u64, events: &[TxEvent], trace: Option<&str>) -> Result<(), TxFailure> {
+    async fn append(&self, xid: &Xid, after: u64, events: &[TxEvent], trace: Option<&str>) -> Result<(), TxFailure> {
         let entries = events
             .iter()
             .map(|e| (e.type_name(), serde_json::to_value(e).unwrap_or(Value::Null)))
@@ -566,11 +566,11 @@ mod tests {
 
     #[async_trait]
     impl TxParticipants for Script {
-        async fn prepare(&self, _xid: &str, p: &TxParticipant, _deadline: DateTime<Utc>) -> PrepareAnswer {
+        async fn prepare(&self, _xid: &Xid, p: &TxParticipant, _deadline: DateTime<Utc>) -> PrepareAnswer {
             let i: usize = p.name[1..].parse().unwrap();
             self.votes[i].clone()
         }
-        async fn finish(&self, _xid: &str, p: &TxParticipant, outcome: Outcome) -> bool {
+        async fn finish(&self, _xid: &Xid, p: &TxParticipant, outcome: Outcome) -> bool {
             self.finished.lock().unwrap().push((p.name.clone(), outcome));
             *self.ack.lock().unwrap()
         }
@@ -675,8 +675,9 @@ mod tests {
         row.lease_owner = Some(Uuid::now_v7());
         row.lease_until = Some(now - chrono::Duration::seconds(1));
         store.create_tx(&row).await.unwrap();
+        let dead = crate::testkit::tx_id("dead-1");
         c.append(
-            "dead-1",
+            &dead,
             0,
             &[TxEvent::TxStarted {
                 participants: parts(1),
@@ -700,9 +701,9 @@ mod tests {
             reason: "late".into(),
             at: now,
         };
-        assert!(c.append("dead-1", 1, &[late], None).await.is_err());
+        assert!(c.append(&dead, 1, &[late], None).await.is_err());
         assert_eq!(
-            c.read_log("dead-1").await.unwrap().unwrap().decision,
+            c.read_log(&dead).await.unwrap().unwrap().decision,
             Some(Outcome::Aborted)
         );
     }

@@ -1,6 +1,7 @@
 //! API keys, their scopes and the principal a request acts as.
 
 use super::ValidationError;
+use super::vault::TokenType;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use rand::Rng as _;
@@ -8,74 +9,136 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-/// The vault's value types; detokenize scopes are granted per type.
-pub const VAULT_TYPES: [&str; 5] = ["card", "ssn", "email", "phone", "generic"];
+/// A permission a key carries. Deny by default: a route names the scope it needs, and a key
+/// without it (or without `admin`) is refused. Written as today's strings (`events:read`,
+/// `vault:detokenize:card`, ...) wherever it leaves the server: stores, answers, the OpenAPI
+/// document; ordered by that text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `admin`: every scope but revealing vault values.
+    Admin,
+    /// `events:read`
+    EventsRead,
+    /// `events:write`
+    EventsWrite,
+    /// `sagas:read`
+    SagasRead,
+    /// `sagas:write`
+    SagasWrite,
+    /// `tx:read`
+    TxRead,
+    /// `tx:write`
+    TxWrite,
+    /// `vault:tokenize`
+    VaultTokenize,
+    /// `vault:admin`
+    VaultAdmin,
+    /// `vault:audit`
+    VaultAudit,
+    /// `vault:detokenize:<type>`: reveals values of the type in plain (and masked).
+    VaultDetokenize(TokenType),
+    /// `vault:detokenize-masked:<type>`: reveals only the masked form of values of the type.
+    VaultDetokenizeMasked(TokenType),
+}
 
-const FIXED_SCOPES: [&str; 10] = [
-    "admin",
-    "events:read",
-    "events:write",
-    "sagas:read",
-    "sagas:write",
-    "tx:read",
-    "tx:write",
-    "vault:tokenize",
-    "vault:admin",
-    "vault:audit",
+/// The scopes that are not per vault type, in the order [`Scope::all`] lists them.
+const FIXED_SCOPES: [Scope; 10] = [
+    Scope::Admin,
+    Scope::EventsRead,
+    Scope::EventsWrite,
+    Scope::SagasRead,
+    Scope::SagasWrite,
+    Scope::TxRead,
+    Scope::TxWrite,
+    Scope::VaultTokenize,
+    Scope::VaultAdmin,
+    Scope::VaultAudit,
 ];
 
-/// A permission a key carries. Deny by default: a route names the scope it needs, and a key
-/// without it (or without `admin`) is refused.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Scope(String);
+const DETOKENIZE: &str = "vault:detokenize:";
+const DETOKENIZE_MASKED: &str = "vault:detokenize-masked:";
 
 impl Scope {
-    pub const ADMIN: &'static str = "admin";
-    pub const EVENTS_READ: &'static str = "events:read";
-    pub const EVENTS_WRITE: &'static str = "events:write";
-
     /// # Errors
     /// [`ValidationError::Scope`] for a scope Concord does not know.
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-        let known = FIXED_SCOPES.contains(&raw)
-            || ["vault:detokenize:", "vault:detokenize-masked:"]
-                .iter()
-                .any(|p| raw.strip_prefix(p).is_some_and(|t| VAULT_TYPES.contains(&t)));
-        if known {
-            Ok(Self(raw.to_owned()))
-        } else {
-            Err(ValidationError::Scope(raw.to_owned()))
+        let per_type = |prefix: &str| raw.strip_prefix(prefix).and_then(|t| TokenType::parse(t).ok());
+        FIXED_SCOPES
+            .into_iter()
+            .find(|s| s.as_str() == raw)
+            .or_else(|| per_type(DETOKENIZE).map(Self::VaultDetokenize))
+            .or_else(|| per_type(DETOKENIZE_MASKED).map(Self::VaultDetokenizeMasked))
+            .ok_or_else(|| ValidationError::Scope(raw.to_owned()))
+    }
+
+    /// The scope's name, as keys are granted it and stores keep it.
+    #[must_use]
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::EventsRead => "events:read",
+            Self::EventsWrite => "events:write",
+            Self::SagasRead => "sagas:read",
+            Self::SagasWrite => "sagas:write",
+            Self::TxRead => "tx:read",
+            Self::TxWrite => "tx:write",
+            Self::VaultTokenize => "vault:tokenize",
+            Self::VaultAdmin => "vault:admin",
+            Self::VaultAudit => "vault:audit",
+            Self::VaultDetokenize(t) => match t {
+                TokenType::Card => "vault:detokenize:card",
+                TokenType::Ssn => "vault:detokenize:ssn",
+                TokenType::Email => "vault:detokenize:email",
+                TokenType::Phone => "vault:detokenize:phone",
+                TokenType::Generic => "vault:detokenize:generic",
+            },
+            Self::VaultDetokenizeMasked(t) => match t {
+                TokenType::Card => "vault:detokenize-masked:card",
+                TokenType::Ssn => "vault:detokenize-masked:ssn",
+                TokenType::Email => "vault:detokenize-masked:email",
+                TokenType::Phone => "vault:detokenize-masked:phone",
+                TokenType::Generic => "vault:detokenize-masked:generic",
+            },
         }
     }
 
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Every scope Concord knows.
+    /// Every scope Concord knows: the fixed ones, then plain and masked reveal per vault type.
     #[must_use]
     pub fn all() -> Vec<Scope> {
-        let reveal = ["vault:detokenize:", "vault:detokenize-masked:"]
-            .into_iter()
-            .flat_map(|prefix| VAULT_TYPES.iter().map(move |t| format!("{prefix}{t}")));
-        FIXED_SCOPES
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain(reveal)
-            .map(Self)
-            .collect()
+        let reveal = TokenType::ALL.into_iter().map(Self::VaultDetokenize);
+        let masked = TokenType::ALL.into_iter().map(Self::VaultDetokenizeMasked);
+        FIXED_SCOPES.into_iter().chain(reveal).chain(masked).collect()
+    }
+
+    /// Whether the scope reveals vault values (plain or masked), which a grant records in the
+    /// vault's audit trail.
+    #[must_use]
+    pub fn reveals_vault_values(self) -> bool {
+        matches!(self, Self::VaultDetokenize(_) | Self::VaultDetokenizeMasked(_))
     }
 
     /// Revealing vault values is never implied by `admin` (separation of duties).
-    fn implied_by_admin(name: &str) -> bool {
-        !name.starts_with("vault:detokenize")
+    fn implied_by_admin(self) -> bool {
+        !self.reveals_vault_values()
+    }
+}
+
+/// By name, as the scopes were ordered when they were strings (a key's list is kept sorted).
+impl Ord for Scope {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for Scope {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
 impl std::fmt::Display for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -130,12 +193,13 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// Whether this principal may use a route that needs `needed`.
+    /// Whether this principal may do what needs `needed`: it holds that scope, or `admin` when
+    /// `admin` implies it.
     #[must_use]
-    pub fn allows(&self, needed: &str) -> bool {
+    pub fn allows(&self, needed: Scope) -> bool {
         self.scopes
             .iter()
-            .any(|s| s.as_str() == needed || (s.as_str() == Scope::ADMIN && Scope::implied_by_admin(needed)))
+            .any(|&s| s == needed || (s == Scope::Admin && needed.implied_by_admin()))
     }
 }
 
@@ -170,6 +234,10 @@ mod tests {
         Principal::with_scopes(scopes)
     }
 
+    fn scope(name: &str) -> Scope {
+        Scope::parse(name).unwrap()
+    }
+
     #[test]
     fn scopes_outside_the_list_are_rejected() {
         assert!(Scope::parse("events:read").is_ok());
@@ -183,27 +251,106 @@ mod tests {
     #[test]
     fn every_listed_scope_parses() {
         let all = Scope::all();
-        assert_eq!(all.len(), 10 + 2 * VAULT_TYPES.len());
+        assert_eq!(all.len(), 10 + 2 * TokenType::ALL.len());
         for scope in all {
             assert_eq!(Scope::parse(scope.as_str()).unwrap(), scope);
         }
     }
 
     #[test]
+    fn scopes_read_and_write_todays_names_in_todays_order() {
+        let names = [
+            "admin",
+            "events:read",
+            "events:write",
+            "sagas:read",
+            "sagas:write",
+            "tx:read",
+            "tx:write",
+            "vault:tokenize",
+            "vault:admin",
+            "vault:audit",
+            "vault:detokenize:card",
+            "vault:detokenize:ssn",
+            "vault:detokenize:email",
+            "vault:detokenize:phone",
+            "vault:detokenize:generic",
+            "vault:detokenize-masked:card",
+            "vault:detokenize-masked:ssn",
+            "vault:detokenize-masked:email",
+            "vault:detokenize-masked:phone",
+            "vault:detokenize-masked:generic",
+        ];
+        let all = Scope::all();
+        assert_eq!(all.iter().map(Scope::as_str).collect::<Vec<_>>(), names);
+        assert_eq!(all.iter().map(Scope::to_string).collect::<Vec<_>>(), names);
+        assert_eq!(scope("tx:read"), Scope::TxRead);
+        assert_eq!(scope("vault:detokenize:ssn"), Scope::VaultDetokenize(TokenType::Ssn));
+        assert_eq!(
+            scope("vault:detokenize-masked:phone"),
+            Scope::VaultDetokenizeMasked(TokenType::Phone)
+        );
+        for bad in [
+            "vault:detokenize:",
+            "vault:detokenize",
+            "vault:detokenize-masked:CARD",
+            " admin",
+            "tx:read ",
+        ] {
+            assert_eq!(Scope::parse(bad), Err(ValidationError::Scope(bad.to_owned())));
+        }
+    }
+
+    #[test]
+    fn scopes_sort_by_name_as_keys_list_them() {
+        let mut scopes = [
+            Scope::VaultAudit,
+            Scope::VaultDetokenizeMasked(TokenType::Card),
+            Scope::Admin,
+            Scope::VaultDetokenize(TokenType::Generic),
+            Scope::VaultDetokenize(TokenType::Card),
+            Scope::EventsWrite,
+        ];
+        scopes.sort();
+        assert_eq!(
+            scopes.iter().map(Scope::as_str).collect::<Vec<_>>(),
+            [
+                "admin",
+                "events:write",
+                "vault:audit",
+                "vault:detokenize-masked:card",
+                "vault:detokenize:card",
+                "vault:detokenize:generic"
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_implies_exactly_the_scopes_that_reveal_no_vault_value() {
+        let admin = principal(&["admin"]);
+        for needed in Scope::all() {
+            let reveals = needed.as_str().starts_with("vault:detokenize");
+            assert_eq!(needed.reveals_vault_values(), reveals, "{needed}");
+            assert_eq!(admin.allows(needed), !reveals, "{needed}");
+            assert!(Principal::with_scopes(&[needed.as_str()]).allows(needed), "{needed}");
+        }
+    }
+
+    #[test]
     fn admin_grants_everything_but_revealing_vault_values() {
         let admin = principal(&["admin"]);
-        assert!(admin.allows("events:write"));
-        assert!(admin.allows("vault:tokenize"));
-        assert!(!admin.allows("vault:detokenize:card"));
-        assert!(!admin.allows("vault:detokenize-masked:card"));
+        assert!(admin.allows(scope("events:write")));
+        assert!(admin.allows(scope("vault:tokenize")));
+        assert!(!admin.allows(scope("vault:detokenize:card")));
+        assert!(!admin.allows(scope("vault:detokenize-masked:card")));
     }
 
     #[test]
     fn a_key_is_denied_what_it_was_not_given() {
         let reader = principal(&["events:read"]);
-        assert!(reader.allows("events:read"));
-        assert!(!reader.allows("events:write"));
-        assert!(!reader.allows("admin"));
+        assert!(reader.allows(scope("events:read")));
+        assert!(!reader.allows(scope("events:write")));
+        assert!(!reader.allows(scope("admin")));
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub use auth::{ApiKeyRecord, KeyHash, Principal, Scope};
 pub use event::{AppendOutcome, AppendRequest, EventType, ExpectedVersion, NewEvent, RecordedEvent};
 pub use idempotency::{Fingerprint, IdempotencyKey};
 pub use limits::Limits;
+pub use saga::{InvalidSagaId, SagaId};
 pub use stream::{Category, StreamName};
+pub use tx::{InvalidXid, Xid};
 
 /// A value rejected at the edge. Each variant maps to one stable error code in the API.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use concord_kernel::{InvalidXid, Xid};
+
 /// A request rejected at the edge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
@@ -185,7 +187,7 @@ pub struct TxLogError(pub String);
 /// A transaction as its log tells it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxState {
-    pub xid: String,
+    pub xid: Xid,
     pub participants: Vec<TxParticipant>,
     pub timeout_ms: u64,
     pub started_at: DateTime<Utc>,
@@ -203,7 +205,7 @@ impl TxState {
     ///
     /// # Errors
     /// A log that does not start with `TxStarted` or breaks the protocol.
-    pub fn from_log(xid: &str, events: &[TxEvent]) -> Result<Self, TxLogError> {
+    pub fn from_log(xid: &Xid, events: &[TxEvent]) -> Result<Self, TxLogError> {
         let Some(TxEvent::TxStarted {
             participants,
             timeout_ms,
@@ -221,10 +223,10 @@ impl TxState {
 
     /// The state right after `TxStarted`.
     #[must_use]
-    pub fn new(xid: &str, participants: Vec<TxParticipant>, timeout_ms: u64, at: DateTime<Utc>) -> Self {
+    pub fn new(xid: &Xid, participants: Vec<TxParticipant>, timeout_ms: u64, at: DateTime<Utc>) -> Self {
         let n = participants.len();
         Self {
-            xid: xid.to_owned(),
+            xid: xid.clone(),
             participants,
             timeout_ms,
             started_at: at,
@@ -354,6 +356,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn xid(x: &str) -> Xid {
+        Xid::parse(x).unwrap()
+    }
+
     fn parts(n: usize) -> Vec<TxParticipant> {
         (0..n)
             .map(|i| TxParticipant {
@@ -410,7 +416,7 @@ mod tests {
             timeout_ms: 1000,
             at: t0(),
         };
-        let mut s = TxState::from_log("x1", std::slice::from_ref(&started)).unwrap();
+        let mut s = TxState::from_log(&xid("x1"), std::slice::from_ref(&started)).unwrap();
         assert_eq!(next_step(&s), TxStep::PresumeAbort, "no decision: presumed abort");
         let decided = TxEvent::TxDecided {
             outcome: Outcome::Committed,
@@ -455,7 +461,7 @@ mod tests {
             reason: "all voted commit".into(),
             at: t0(),
         };
-        assert!(TxState::from_log("x", &[started.clone(), abort, commit.clone()]).is_err());
+        assert!(TxState::from_log(&xid("x"), &[started.clone(), abort, commit.clone()]).is_err());
         let half = TxEvent::TxDecided {
             outcome: Outcome::Committed,
             votes: vec![Some(Vote::Commit), None],
@@ -463,12 +469,12 @@ mod tests {
             at: t0(),
         };
         assert!(
-            TxState::from_log("x", &[started.clone(), half]).is_err(),
+            TxState::from_log(&xid("x"), &[started.clone(), half]).is_err(),
             "commit needs every vote"
         );
         let early = TxEvent::TxCompleted { at: t0() };
-        assert!(TxState::from_log("x", &[started.clone(), commit, early]).is_err());
-        assert!(TxState::from_log("x", &[]).is_err());
+        assert!(TxState::from_log(&xid("x"), &[started.clone(), commit, early]).is_err());
+        assert!(TxState::from_log(&xid("x"), &[]).is_err());
     }
 
     #[test]

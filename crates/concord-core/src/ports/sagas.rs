@@ -1,6 +1,6 @@
 //! The saga store port: saga definitions, saga rows and their updates.
 
-use crate::domain::saga::SagaStatus;
+use crate::domain::saga::{SagaId, SagaStatus};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_kernel::StoreError;
@@ -19,7 +19,7 @@ pub struct StoredDefinition {
 /// (when it is due, who holds it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaRow {
-    pub id: String,
+    pub id: SagaId,
     pub definition: String,
     pub version: u32,
     pub input: serde_json::Value,
@@ -38,7 +38,7 @@ pub struct SagaRow {
 /// A change to a saga's row by the node that holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaUpdate<'a> {
-    pub id: &'a str,
+    pub id: &'a SagaId,
     /// Applied only while the row's lease owner is this (none: only while nobody holds it).
     pub holder: Option<Uuid>,
     pub status: SagaStatus,
@@ -67,8 +67,9 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Inserts a saga's row unless one with its id exists; returns the stored row and whether
     /// it is new.
     async fn create_saga(&self, row: &SagaRow) -> Result<(SagaRow, bool), StoreError>;
-    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError>;
-    /// Rows in id order after `after`, optionally of one status.
+    async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError>;
+    /// Rows in id order after `after`, optionally of one status. `after` is a position in that
+    /// order (the last id of the previous page, or any text), not necessarily an id.
     async fn list_sagas(
         &self,
         status: Option<SagaStatus>,

@@ -1,6 +1,6 @@
 //! The 2PC transaction store port: the coordinator's transaction rows and their updates.
 
-use crate::domain::tx::Outcome;
+use crate::domain::tx::{Outcome, Xid};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_kernel::StoreError;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// the coordinator's work queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TxRow {
-    pub xid: String,
+    pub xid: Xid,
     /// The logged decision; none while phase 1 runs.
     pub outcome: Option<Outcome>,
     /// True until every participant acknowledged phase 2.
@@ -27,7 +27,7 @@ pub struct TxRow {
 /// A change to a transaction's row by the node that holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TxUpdate<'a> {
-    pub xid: &'a str,
+    pub xid: &'a Xid,
     /// Applied only while the row's lease owner is this (none: only while nobody holds it).
     pub holder: Option<Uuid>,
     pub outcome: Option<Outcome>,
@@ -46,9 +46,10 @@ pub struct TxUpdate<'a> {
 pub trait TxStore: Send + Sync + 'static {
     /// Inserts a new row; an existing xid is an [`StoreError::Unavailable`] (xids are generated).
     async fn create_tx(&self, row: &TxRow) -> Result<(), StoreError>;
-    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError>;
+    async fn get_tx(&self, xid: &Xid) -> Result<Option<TxRow>, StoreError>;
     /// Rows in xid order after `after`, optionally of one outcome (`Some(None)`: undecided) and
-    /// pending state.
+    /// pending state. `after` is a position in that order (the last xid of the previous page, or
+    /// any text), not necessarily an xid.
     async fn list_txs(
         &self,
         outcome: Option<Option<Outcome>>,

@@ -1,8 +1,8 @@
 //! [`MemoryStore`]: every port but the vault store and the broker, in memory.
 
 use crate::app::append::{StoredId, plan_batch};
-use crate::domain::saga::SagaStatus;
-use crate::domain::tx::Outcome;
+use crate::domain::saga::{SagaId, SagaStatus};
+use crate::domain::tx::{Outcome, Xid};
 use crate::domain::{
     ApiKeyRecord, AppendOutcome, AppendRequest, Fingerprint, KeyHash, RecordedEvent, Scope, StreamName,
 };
@@ -24,8 +24,8 @@ struct MemState {
     keys: Vec<(ApiKeyRecord, bool)>,
     idem: HashMap<(Uuid, String), IdemRecord>,
     definitions: Vec<StoredDefinition>,
-    sagas: std::collections::BTreeMap<String, SagaRow>,
-    txs: std::collections::BTreeMap<String, TxRow>,
+    sagas: std::collections::BTreeMap<SagaId, SagaRow>,
+    txs: std::collections::BTreeMap<Xid, TxRow>,
 }
 
 #[derive(Clone)]
@@ -191,7 +191,7 @@ impl KeyStore for MemoryStore {
             .lock()
             .keys
             .iter()
-            .filter(|(k, revoked)| !revoked && k.scopes.iter().any(|s| s.as_str() == Scope::ADMIN))
+            .filter(|(k, revoked)| !revoked && k.scopes.contains(&Scope::Admin))
             .count() as u64)
     }
 }
@@ -299,7 +299,7 @@ impl SagaStore for MemoryStore {
         Ok((row.clone(), true))
     }
 
-    async fn get_saga(&self, id: &str) -> Result<Option<SagaRow>, StoreError> {
+    async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError> {
         Ok(self.lock().sagas.get(id).cloned())
     }
 
@@ -383,7 +383,7 @@ impl TxStore for MemoryStore {
         Ok(())
     }
 
-    async fn get_tx(&self, xid: &str) -> Result<Option<TxRow>, StoreError> {
+    async fn get_tx(&self, xid: &Xid) -> Result<Option<TxRow>, StoreError> {
         Ok(self.lock().txs.get(xid).cloned())
     }
 

@@ -24,8 +24,8 @@ pub use event_store::event_store_suite;
 pub use idempotency_store::idempotency_store_suite;
 pub use key_store::key_store_suite;
 pub use memory::MemoryStore;
-pub use saga_store::{saga_row, saga_store_suite};
-pub use tx_store::{tx_row, tx_store_suite};
+pub use saga_store::{saga_id, saga_row, saga_store_suite};
+pub use tx_store::{tx_id, tx_row, tx_store_suite};
 pub use vault::{MemoryVaultStore, vault_store_suite};
 
 /// A stream name for tests; panics on a bad literal.

@@ -1,17 +1,23 @@
 //! The conformance suite of the [`SagaStore`] port.
 
-use crate::domain::saga::SagaStatus;
+use crate::domain::saga::{SagaId, SagaStatus};
 use crate::ports::{SagaRow, SagaStore, SagaUpdate};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// A saga id for tests; panics on a bad literal.
+#[must_use]
+pub fn saga_id(id: &str) -> SagaId {
+    SagaId::parse(id).expect("valid test saga id")
+}
+
 /// A new saga row, due now, held by nobody.
 #[must_use]
 pub fn saga_row(id: &str, now: DateTime<Utc>) -> SagaRow {
     SagaRow {
-        id: id.to_owned(),
+        id: saga_id(id),
         definition: "order".into(),
         version: 1,
         input: json!({"sku": "a", "qty": 2}),
@@ -65,8 +71,8 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
     let mut again = saga_row("s-1", now);
     again.input = json!({"other": true});
     assert_eq!(s.create_saga(&again).await.unwrap(), (row.clone(), false));
-    assert_eq!(s.get_saga("s-1").await.unwrap(), Some(row.clone()));
-    assert_eq!(s.get_saga("s-404").await.unwrap(), None);
+    assert_eq!(s.get_saga(&saga_id("s-1")).await.unwrap(), Some(row.clone()));
+    assert_eq!(s.get_saga(&saga_id("s-404")).await.unwrap(), None);
 
     // Claims take due rows without a live lease, oldest due first.
     let mut later = saga_row("s-2", now + secs(60));
@@ -93,8 +99,9 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
     assert_eq!(taken.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["s-1"]);
 
     // Updates hold only for the lease holder, and never go back in the log.
+    let s1 = saga_id("s-1");
     let update = |holder, log_version, status, next: Option<DateTime<Utc>>| SagaUpdate {
-        id: "s-1",
+        id: &s1,
         holder,
         status,
         next_run_at: next,
@@ -112,7 +119,7 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
             .await
             .unwrap()
     );
-    let r = s.get_saga("s-1").await.unwrap().unwrap();
+    let r = s.get_saga(&saga_id("s-1")).await.unwrap().unwrap();
     assert_eq!(
         (r.status, r.lease_owner, r.lease_until, r.log_version, r.next_run_at),
         (SagaStatus::Compensating, None, None, 3, Some(now + secs(30)))
@@ -130,7 +137,7 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
         s.update_saga(&keep).await.unwrap(),
         "an unheld row can be taken by an update"
     );
-    let r = s.get_saga("s-1").await.unwrap().unwrap();
+    let r = s.get_saga(&saga_id("s-1")).await.unwrap().unwrap();
     assert_eq!((r.lease_owner, r.lease_until), (Some(node_a), Some(now + secs(40))));
     assert!(
         !s.update_saga(&update(None, 5, SagaStatus::Completed, None))
@@ -140,7 +147,7 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
     );
     assert!(
         !s.update_saga(&SagaUpdate {
-            id: "s-404",
+            id: &saga_id("s-404"),
             ..update(None, 1, SagaStatus::Completed, None)
         })
         .await

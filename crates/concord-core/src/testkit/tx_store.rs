@@ -1,16 +1,22 @@
 //! The conformance suite of the [`TxStore`] port.
 
-use crate::domain::tx::Outcome;
+use crate::domain::tx::{Outcome, Xid};
 use crate::ports::{TxRow, TxStore, TxUpdate};
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// A transaction id for tests; panics on a bad literal.
+#[must_use]
+pub fn tx_id(xid: &str) -> Xid {
+    Xid::parse(xid).expect("valid test xid")
+}
+
 /// A new transaction row, undecided, due now, held by nobody.
 #[must_use]
 pub fn tx_row(xid: &str, now: DateTime<Utc>) -> TxRow {
     TxRow {
-        xid: xid.to_owned(),
+        xid: tx_id(xid),
         outcome: None,
         pending: true,
         next_run_at: Some(now),
@@ -31,8 +37,8 @@ pub async fn tx_store_suite<S: TxStore>(s: S) {
     let a = tx_row("x-1", now);
     s.create_tx(&a).await.unwrap();
     assert!(s.create_tx(&a).await.is_err(), "an xid is created once");
-    assert_eq!(s.get_tx("x-1").await.unwrap(), Some(a.clone()));
-    assert_eq!(s.get_tx("x-404").await.unwrap(), None);
+    assert_eq!(s.get_tx(&tx_id("x-1")).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.get_tx(&tx_id("x-404")).await.unwrap(), None);
     let mut later = tx_row("x-2", now - secs(5));
     later.next_run_at = Some(now + secs(60));
     s.create_tx(&later).await.unwrap();
@@ -61,8 +67,9 @@ pub async fn tx_store_suite<S: TxStore>(s: S) {
     assert_eq!(got.iter().map(|r| r.xid.as_str()).collect::<Vec<_>>(), ["x-1"]);
 
     // Updates: only by the holder, never backwards.
+    let x1 = tx_id("x-1");
     let update = |holder, log_version, outcome, pending, next| TxUpdate {
-        xid: "x-1",
+        xid: &x1,
         holder,
         outcome,
         pending,
@@ -87,7 +94,7 @@ pub async fn tx_store_suite<S: TxStore>(s: S) {
         .await
         .unwrap()
     );
-    let r = s.get_tx("x-1").await.unwrap().unwrap();
+    let r = s.get_tx(&tx_id("x-1")).await.unwrap().unwrap();
     assert_eq!(
         (
             r.outcome,
@@ -121,7 +128,7 @@ pub async fn tx_store_suite<S: TxStore>(s: S) {
     );
     assert!(
         !s.update_tx(&TxUpdate {
-            xid: "x-404",
+            xid: &tx_id("x-404"),
             ..update(None, 9, None, true, None)
         })
         .await

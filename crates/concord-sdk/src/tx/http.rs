@@ -132,7 +132,7 @@ impl IntoResponse for Failure {
 async fn prepare(State(participant): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let vote = async {
         let message: PrepareMessage = parse(body)?;
-        let xid = Xid::parse(message.xid)?;
+        let xid = Xid::parse(message.xid).map_err(ParticipantError::from)?;
         let payload = message.payload;
         let vote = run_detached({
             let xid = xid.clone();
@@ -180,7 +180,7 @@ async fn abort(State(participant): State<Shared>, body: Result<Bytes, BytesRejec
 async fn phase_two(participant: Shared, body: Result<Bytes, BytesRejection>, decision: Decision) -> Response {
     let done = async {
         let message: PhaseTwoMessage = parse(body)?;
-        let xid = Xid::parse(message.xid)?;
+        let xid = Xid::parse(message.xid).map_err(ParticipantError::from)?;
         run_detached({
             let xid = xid.clone();
             async move {

@@ -71,65 +71,23 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-use std::fmt;
-
 use concord_api::ErrorCode;
 use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::Client;
 
+/// An xid that does not parse; it converts into [`ParticipantError::InvalidXid`].
+pub use concord_kernel::InvalidXid;
+/// A transaction id as the coordinator sends it: 1–128 letters, digits and `_.:-` (the
+/// coordinator's are UUIDs). It is the kernel's type, which the coordinator uses too. Only a
+/// valid one can be built, so it can be spliced into a PostgreSQL gid literal.
+pub use concord_kernel::Xid;
 #[cfg(feature = "axum")]
 pub use http::{CoordinatorAuth, router};
 
 /// An error of a participant's own code: the work, or the storage behind it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-const MAX_XID_CHARS: usize = 128;
-
-/// A transaction id as the coordinator sends it: 1–128 letters, digits and `_.:-` (the
-/// coordinator's are UUIDs). Only a valid one can be built, so it can be spliced into a
-/// PostgreSQL gid literal.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Xid(String);
-
-impl Xid {
-    /// Checks `xid`.
-    ///
-    /// # Errors
-    /// [`ParticipantError::InvalidXid`] when it is empty, longer than 128 characters or holds a
-    /// character outside `[A-Za-z0-9_.:-]`.
-    pub fn parse(xid: impl Into<String>) -> Result<Self, ParticipantError> {
-        let xid = xid.into();
-        let valid = (1..=MAX_XID_CHARS).contains(&xid.len())
-            && xid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-        if valid {
-            Ok(Self(xid))
-        } else {
-            Err(ParticipantError::InvalidXid(xid))
-        }
-    }
-
-    /// The id as sent.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Xid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl AsRef<str> for Xid {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
 
 /// A participant's answer to prepare.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +180,13 @@ pub enum ParticipantError {
     /// unchanged or rolled back.
     #[error("participant database error: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+/// An xid that does not parse: [`ParticipantError::InvalidXid`] with what was given.
+impl From<InvalidXid> for ParticipantError {
+    fn from(InvalidXid(xid): InvalidXid) -> Self {
+        Self::InvalidXid(xid)
+    }
 }
 
 impl ParticipantError {
@@ -342,7 +307,7 @@ mod tests {
         }
         for bad in ["", "a'b", "a b", "a;b", "a%b", "é", &"x".repeat(129)] {
             assert!(
-                matches!(Xid::parse(bad), Err(ParticipantError::InvalidXid(ref x)) if x == bad),
+                matches!(Xid::parse(bad).map_err(ParticipantError::from), Err(ParticipantError::InvalidXid(ref x)) if x == bad),
                 "{bad:?}"
             );
         }

@@ -9,9 +9,9 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
-use concord_core::app::saga::StartSaga;
+use concord_core::app::saga::{SagaError, StartSaga};
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
-use concord_core::domain::saga::{DefinitionSpec, SagaState, SagaStatus};
+use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
 use serde::Deserialize;
 use std::time::Duration;
@@ -54,6 +54,14 @@ pub struct SagaPath {
     /// 1–128 of `A-Z a-z 0-9 _ - . :`.
     #[param(pattern = r"^[A-Za-z0-9_.:-]+$", min_length = 1, max_length = 128)]
     pub id: String,
+}
+
+impl SagaPath {
+    /// The id, parsed where it enters. No saga has an id that does not parse: it is answered
+    /// as one that is not found.
+    fn id(self) -> Result<SagaId, SagaError> {
+        SagaId::parse(self.id).map_err(|InvalidSagaId(id)| SagaError::NotFound(id))
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -130,10 +138,12 @@ pub async fn start(
     let wait = wait_of(&p, &state)?;
     let Json(body) = body?;
     let trace = trace.map(|Extension(IncomingTrace(t))| t);
+    // An id that does not parse is a bad name (`invalid_name`), as the engine answered it.
+    let id = body.id.map(SagaId::parse).transpose().map_err(SagaError::from)?;
     let request = StartSaga {
         definition: body.definition,
         input: body.input,
-        id: body.id,
+        id,
         trace,
     };
     let (created, saga) = state.sagas.start(request, wait).await?;
@@ -152,11 +162,12 @@ pub async fn start(
     ))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(SagaPath { id }): Path<SagaPath>,
+    Path(path): Path<SagaPath>,
     params: Result<Query<WaitParams>, QueryRejection>,
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
+    let id = path.id()?;
     Ok(Json(saga_out(&state.sagas.view(&id, wait).await?)))
 }
 
@@ -211,7 +222,7 @@ pub async fn list(
     let limit = super::events::read_limit(p.limit, &state)?;
     let rows = state.sagas.list(status, p.after.as_deref(), limit).await?;
     let next = (rows.len() == limit)
-        .then(|| rows.last().map(|r| r.id.clone()))
+        .then(|| rows.last().map(|r| r.id.to_string()))
         .flatten();
     Ok(Json(SagaPage {
         sagas: rows.iter().map(summary).collect(),
@@ -232,11 +243,12 @@ pub async fn list(
     ))]
 pub async fn retry(
     State(state): State<AppState>,
-    Path(SagaPath { id }): Path<SagaPath>,
+    Path(path): Path<SagaPath>,
     params: Result<Query<WaitParams>, QueryRejection>,
 ) -> Result<Json<SagaOut>, ApiError> {
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
+    let id = path.id()?;
     Ok(Json(saga_out(&state.sagas.retry(&id, wait).await?)))
 }
 
@@ -252,7 +264,7 @@ fn saga_out(saga: &SagaView) -> SagaOut {
 /// The row's view: what lists show.
 fn summary(row: &SagaRow) -> SagaOut {
     SagaOut {
-        id: row.id.clone(),
+        id: row.id.to_string(),
         definition: row.definition.clone(),
         version: row.version,
         status: row.status.as_str().to_owned(),

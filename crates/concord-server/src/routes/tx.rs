@@ -8,7 +8,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
-use concord_core::domain::tx::{Outcome, TxParticipant, TxState, Vote};
+use concord_core::domain::tx::{Outcome, TxParticipant, TxState, Vote, Xid};
 use concord_core::ports::TxRow;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -43,7 +43,7 @@ pub async fn begin(
         Some(o) => (
             StatusCode::OK,
             Json(TxDecision {
-                xid,
+                xid: xid.to_string(),
                 outcome: o.as_str().to_owned(),
             }),
         ),
@@ -51,7 +51,7 @@ pub async fn begin(
         None => (
             StatusCode::ACCEPTED,
             Json(TxDecision {
-                xid,
+                xid: xid.to_string(),
                 outcome: "pending".to_owned(),
             }),
         ),
@@ -65,14 +65,18 @@ pub async fn begin(
     responses(
         (status = 200, description = "Outcome, votes and acknowledgements; an unknown xid is presumed aborted", body = TxOut),
     ))]
-pub async fn get(State(state): State<AppState>, Path(xid): Path<String>) -> Result<Json<TxOut>, ApiError> {
-    let (row, log) = state.transactions.view(&xid).await?;
+pub async fn get(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<TxOut>, ApiError> {
+    // An xid that does not parse is one the coordinator never made: it has no record of it.
+    let (row, log) = match Xid::parse(raw.as_str()) {
+        Ok(xid) => state.transactions.view(&xid).await?,
+        Err(_) => (None, None),
+    };
     Ok(Json(match (row, log) {
         (Some(row), Some(log)) => full(&row, &log),
         (Some(row), None) => summary(&row),
         // Presumed abort: the coordinator has no record, so it never decided to commit.
         (None, _) => TxOut {
-            xid,
+            xid: raw,
             outcome: Some(Outcome::Aborted.as_str().to_owned()),
             presumed: true,
             pending: false,
@@ -136,7 +140,7 @@ pub async fn list(
         .list(outcome, p.pending, p.after.as_deref(), limit)
         .await?;
     let next = (rows.len() == limit)
-        .then(|| rows.last().map(|r| r.xid.clone()))
+        .then(|| rows.last().map(|r| r.xid.to_string()))
         .flatten();
     Ok(Json(TxPage {
         transactions: rows.iter().map(summary).collect(),
@@ -146,7 +150,7 @@ pub async fn list(
 
 fn summary(row: &TxRow) -> TxOut {
     TxOut {
-        xid: row.xid.clone(),
+        xid: row.xid.to_string(),
         outcome: row.outcome.map(|o| o.as_str().to_owned()),
         presumed: false,
         pending: row.pending,
@@ -161,7 +165,7 @@ fn summary(row: &TxRow) -> TxOut {
 /// The log is the truth: it may be ahead of the row while a node works on the transaction.
 fn full(row: &TxRow, s: &TxState) -> TxOut {
     TxOut {
-        xid: s.xid.clone(),
+        xid: s.xid.to_string(),
         outcome: s.decision.map(|o| o.as_str().to_owned()),
         presumed: false,
         pending: row.pending && s.completed_at.is_none(),

@@ -73,7 +73,7 @@ impl HttpParticipants {
             .request(method, &c.call.url)
             .timeout(c.timeout)
             .header("idempotency-key", &c.idempotency_key)
-            .header("concord-saga-id", &c.saga_id)
+            .header("concord-saga-id", c.saga_id.as_str())
             .header(trace::TRACEPARENT, trace::outgoing(c.origin_trace.as_deref()));
         for (k, v) in &c.call.headers {
             // A definition's headers may carry a secret: kept out of HTTP/2 header compression

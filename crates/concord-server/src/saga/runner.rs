@@ -4,7 +4,7 @@
 
 use concord_core::app::saga::{DriveEnd, Held, SagaEngine, SagaError, StartSaga};
 use concord_core::domain::saga::DefinitionSpec;
-use concord_core::domain::saga::{SagaState, SagaStatus};
+use concord_core::domain::saga::{SagaId, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ pub struct SagaRunner {
     /// Whether this node drives sagas at all.
     runs: bool,
     slots: Arc<Semaphore>,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>>,
+    waiters: Mutex<HashMap<SagaId, Vec<oneshot::Sender<Arc<SagaState>>>>>,
     /// Poked when a slot frees up or a saga may be due sooner than the next poll.
     wake: Arc<Notify>,
 }
@@ -89,7 +89,7 @@ impl SagaRunner {
     }
 
     async fn drive(&self, held: Held) {
-        let id = held.id().to_owned();
+        let id = held.id().clone();
         match self.engine.drive_with(held, |state| self.finished(state)).await {
             Ok(DriveEnd::Finished(_) | DriveEnd::Waiting | DriveEnd::Lost) => {}
             // The lease will expire and a runner (maybe this one) continues from the log.
@@ -111,14 +111,14 @@ impl SagaRunner {
     }
 
     #[allow(clippy::type_complexity)]
-    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<Arc<SagaState>>>>> {
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<SagaId, Vec<oneshot::Sender<Arc<SagaState>>>>> {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Asks to hear when a saga driven on this node finishes: register before the drive starts.
-    pub fn watch(&self, id: &str) -> oneshot::Receiver<Arc<SagaState>> {
+    pub fn watch(&self, id: &SagaId) -> oneshot::Receiver<Arc<SagaState>> {
         let (tx, rx) = oneshot::channel();
-        self.lock_waiters().entry(id.to_owned()).or_default().push(tx);
+        self.lock_waiters().entry(id.clone()).or_default().push(tx);
         rx
     }
 
@@ -127,7 +127,7 @@ impl SagaRunner {
     /// then reads the saga's state.
     pub async fn wait(
         &self,
-        id: &str,
+        id: &SagaId,
         mut rx: oneshot::Receiver<Arc<SagaState>>,
         timeout: Duration,
     ) -> Option<Arc<SagaState>> {
@@ -155,7 +155,7 @@ impl SagaRunner {
 
     /// Waits up to `timeout` for a saga that may already be running (here or on another node)
     /// to finish. Returns at once when it already has; the caller then reads its state.
-    pub async fn wait_finished(&self, id: &str, timeout: Duration) {
+    pub async fn wait_finished(&self, id: &SagaId, timeout: Duration) {
         let rx = self.watch(id);
         if let Ok(Some(row)) = self.engine.store().get_saga(id).await
             && row.status.is_terminal()
@@ -169,7 +169,7 @@ impl SagaRunner {
         self.wait(id, rx, timeout).await;
     }
 
-    fn forget_waiter(&self, id: &str) {
+    fn forget_waiter(&self, id: &SagaId) {
         let mut w = self.lock_waiters();
         if let Some(list) = w.get_mut(id) {
             list.retain(|s| !s.is_closed());
@@ -242,7 +242,7 @@ impl SagaRunner {
     ///
     /// # Errors
     /// [`SagaError::NotFound`], or a store failure.
-    pub async fn view(&self, id: &str, wait: Option<Duration>) -> Result<SagaView, SagaError> {
+    pub async fn view(&self, id: &SagaId, wait: Option<Duration>) -> Result<SagaView, SagaError> {
         if let Some(w) = wait {
             self.wait_finished(id, w).await;
         }
@@ -257,7 +257,7 @@ impl SagaRunner {
     ///
     /// # Errors
     /// What [`SagaEngine::retry`] refuses (not failed, busy, unknown), or a store failure.
-    pub async fn retry(self: &Arc<Self>, id: &str, wait: Option<Duration>) -> Result<SagaView, SagaError> {
+    pub async fn retry(self: &Arc<Self>, id: &SagaId, wait: Option<Duration>) -> Result<SagaView, SagaError> {
         let held = self.engine.retry(id).await?;
         let finished = wait.map(|_| self.watch(id));
         self.spawn(held);

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_api::tx::{PhaseTwoMessage, PrepareMessage};
 use concord_core::app::tx::{PrepareAnswer, TxParticipants};
-use concord_core::domain::tx::{Outcome, TxParticipant};
+use concord_core::domain::tx::{Outcome, TxParticipant, Xid};
 use concord_sdk::trace;
 use std::time::Duration;
 
@@ -66,9 +66,9 @@ fn url(base: &str, path: &str) -> String {
 
 #[async_trait]
 impl TxParticipants for HttpTxParticipants {
-    async fn prepare(&self, xid: &str, p: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer {
+    async fn prepare(&self, xid: &Xid, p: &TxParticipant, deadline: DateTime<Utc>) -> PrepareAnswer {
         let body = PrepareMessage {
-            xid: xid.to_owned(),
+            xid: xid.to_string(),
             payload: p.payload.clone(),
         };
         let mut last = String::from("no attempt before the deadline");
@@ -102,8 +102,8 @@ impl TxParticipants for HttpTxParticipants {
         }
     }
 
-    async fn finish(&self, xid: &str, p: &TxParticipant, outcome: Outcome) -> bool {
-        let body = PhaseTwoMessage { xid: xid.to_owned() };
+    async fn finish(&self, xid: &Xid, p: &TxParticipant, outcome: Outcome) -> bool {
+        let body = PhaseTwoMessage { xid: xid.to_string() };
         let sent = self
             .authorized(self.client.post(url(&p.url, outcome.phase2_path())))
             .timeout(self.phase2_timeout)
@@ -114,11 +114,11 @@ impl TxParticipants for HttpTxParticipants {
         match sent {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
-                tracing::warn!(tx.xid = xid, participant = %p.name, status = r.status().as_u16(), "phase 2 not acknowledged");
+                tracing::warn!(tx.xid = %xid, participant = %p.name, status = r.status().as_u16(), "phase 2 not acknowledged");
                 false
             }
             Err(e) => {
-                tracing::warn!(tx.xid = xid, participant = %p.name, error = %e, "phase 2 not delivered");
+                tracing::warn!(tx.xid = %xid, participant = %p.name, error = %e, "phase 2 not delivered");
                 false
             }
         }

@@ -2,7 +2,7 @@
 //! claimed from the database (retries, and transactions whose coordinator died).
 
 use concord_core::app::tx::{HeldTx, TxCoordinator, TxDriveEnd, TxFailure};
-use concord_core::domain::tx::{Outcome, TxParticipant, TxState};
+use concord_core::domain::tx::{Outcome, TxParticipant, TxState, Xid};
 use concord_core::ports::TxRow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,7 +65,7 @@ impl TxRunner {
     fn spawn_with(self: &Arc<Self>, held: HeldTx, permit: OwnedSemaphorePermit) {
         let me = self.clone();
         tokio::spawn(async move {
-            let xid = held.xid().to_owned();
+            let xid = held.xid().clone();
             match me.coordinator.deliver(held).await {
                 Ok(TxDriveEnd::Completed(_) | TxDriveEnd::Waiting(_) | TxDriveEnd::Lost) => {}
                 Err(e) => tracing::warn!(tx.xid = %xid, error = %e, "phase 2 stopped; the lease will expire"),
@@ -87,7 +87,7 @@ impl TxRunner {
         participants: Vec<TxParticipant>,
         timeout_ms: u64,
         trace: Option<String>,
-    ) -> Result<(String, Option<Outcome>), BeginError> {
+    ) -> Result<(Xid, Option<Outcome>), BeginError> {
         let runner = Arc::clone(self);
         tokio::spawn(async move {
             let begun = runner
@@ -109,7 +109,7 @@ impl TxRunner {
     ///
     /// # Errors
     /// A store failure.
-    pub async fn view(&self, xid: &str) -> Result<(Option<TxRow>, Option<TxState>), TxFailure> {
+    pub async fn view(&self, xid: &Xid) -> Result<(Option<TxRow>, Option<TxState>), TxFailure> {
         let row = self.coordinator.store().get_tx(xid).await?;
         let log = self.coordinator.read_log(xid).await?;
         Ok((row, log))

@@ -268,6 +268,15 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
     assert_eq!(got["steps"], saga["steps"]);
     let r = app.admin(Method::GET, "/v1/sagas/nope").send().await.unwrap();
     assert_problem(r, 404, "saga_not_found").await;
+    // An id no saga can have (outside the alphabet, too long) is not found either.
+    for bad in ["bad%20id", "a'b", &"x".repeat(129)] {
+        let r = app
+            .admin(Method::GET, &format!("/v1/sagas/{bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 404, "saga_not_found").await;
+    }
     let page: Value = app
         .admin(Method::GET, "/v1/sagas?status=completed")
         .send()
@@ -438,6 +447,12 @@ async fn a_failed_compensation_stops_at_its_limit_and_retry_resumes_it(b: Backen
     let r = app.admin(Method::POST, "/v1/sagas/f-1/retry").send().await.unwrap();
     assert_problem(r, 409, "saga_not_failed").await;
     let r = app.admin(Method::POST, "/v1/sagas/nope/retry").send().await.unwrap();
+    assert_problem(r, 404, "saga_not_found").await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas/bad%20id/retry")
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 404, "saga_not_found").await;
 }
 both_backends!(a_failed_compensation_stops_at_its_limit_and_retry_resumes_it);

@@ -214,6 +214,27 @@ async fn unknown_xids_are_presumed_aborted_and_bad_requests_are_named(b: Backend
         (t["outcome"].as_str(), t["presumed"].as_bool()),
         (Some("aborted"), Some(true))
     );
+    // So is an xid the coordinator could never have made (outside the alphabet, too long),
+    // answered with the xid as asked.
+    for (asked, xid) in [
+        ("bad%20xid", "bad xid".to_owned()),
+        ("a'b", "a'b".to_owned()),
+        (&"x".repeat(129), "x".repeat(129)),
+    ] {
+        let t: Value = app
+            .admin(Method::GET, &format!("/v1/transactions/{asked}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (t["xid"].as_str(), t["outcome"].as_str(), t["presumed"].as_bool()),
+            (Some(xid.as_str()), Some("aborted"), Some(true)),
+            "{t}"
+        );
+    }
     let p = json!({"name": "a", "url": "http://127.0.0.1:9"});
     let cases = [
         (

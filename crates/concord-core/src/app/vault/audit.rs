@@ -5,7 +5,7 @@ use super::{Vault, VaultFailure};
 use crate::app::group_commit::Drain;
 use crate::domain::event::UncheckedEvent;
 use crate::domain::vault::Subject;
-use crate::domain::{AppendRequest, ExpectedVersion, Limits, Principal, StreamName};
+use crate::domain::{AppendRequest, ExpectedVersion, Limits, Principal, Scope, StreamName};
 use crate::ports::{EventStore, StoreError};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -97,7 +97,8 @@ impl Vault {
     ///
     /// # Errors
     /// [`VaultFailure::Store`]: the key must then not be created.
-    pub async fn record_grant(&self, principal: &Principal, name: &str, scopes: &[&str]) -> Result<(), VaultFailure> {
+    pub async fn record_grant(&self, principal: &Principal, name: &str, scopes: &[Scope]) -> Result<(), VaultFailure> {
+        let scopes: Vec<&str> = scopes.iter().map(Scope::as_str).collect();
         self.audit(
             principal,
             "RevealGranted",
@@ -129,7 +130,7 @@ impl Vault {
 
 #[async_trait::async_trait]
 impl crate::app::auth::GrantAudit for Vault {
-    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[&str]) -> Result<(), StoreError> {
+    async fn record_grant(&self, by: &Principal, name: &str, scopes: &[Scope]) -> Result<(), StoreError> {
         Vault::record_grant(self, by, name, scopes).await.map_err(|e| match e {
             VaultFailure::Store(s) => s,
             other => StoreError::Unavailable(format!("audit record: {other}")),

@@ -2,9 +2,9 @@
 //! audit record every call leaves before any value is returned.
 
 use super::{Vault, VaultFailure};
-use crate::domain::Principal;
 use crate::domain::vault::crypto::value_aad;
 use crate::domain::vault::{Token, TokenType, VaultError};
+use crate::domain::{Principal, Scope};
 use chrono::Utc;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -241,11 +241,13 @@ impl Vault {
     }
 }
 
+/// Whether `principal` may see values of `kind` as `reveal` asks: the plain scope shows both
+/// forms, the masked one only the masked form. `admin` implies neither.
 fn allowed(principal: &Principal, kind: TokenType, reveal: Reveal) -> bool {
-    let plain = principal.scopes.iter().any(|s| s.as_str() == kind.plain_scope());
+    let plain = principal.allows(Scope::VaultDetokenize(kind));
     match reveal {
         Reveal::Plain => plain,
-        Reveal::Masked => plain || principal.scopes.iter().any(|s| s.as_str() == kind.masked_scope()),
+        Reveal::Masked => plain || principal.allows(Scope::VaultDetokenizeMasked(kind)),
     }
 }
 

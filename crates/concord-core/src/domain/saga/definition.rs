@@ -1,6 +1,7 @@
 //! Saga definitions: the steps a saga runs, validated once when the definition is stored, and
 //! the templates their HTTP calls are filled from when a step runs.
 
+use concord_kernel::{InvalidSagaId, SagaId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -281,14 +282,11 @@ pub fn check_definition_name(name: &str) -> Result<(), DefinitionError> {
     })
 }
 
-/// Checks a saga id: 1–128 of letters, digits and `-_.:`.
-///
-/// # Errors
-/// [`DefinitionError::Name`] when it breaks the rule.
-pub fn check_saga_id(id: &str) -> Result<(), DefinitionError> {
-    check_name(id, 128, |b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
-    })
+/// A saga id that does not parse is a name outside its alphabet or length, answered as such.
+impl From<InvalidSagaId> for DefinitionError {
+    fn from(InvalidSagaId(id): InvalidSagaId) -> Self {
+        Self::Name(format!("{id:?} must be 1 to 128 characters of the allowed alphabet"))
+    }
 }
 
 fn check_step_name(name: &str) -> Result<(), DefinitionError> {
@@ -584,7 +582,7 @@ fn parse_template(s: &str) -> Vec<Piece<'_>> {
 
 /// What templates are filled from when a step runs.
 pub struct TemplateContext<'a> {
-    pub saga_id: &'a str,
+    pub saga_id: &'a SagaId,
     pub input: &'a Value,
     /// Outputs of the steps that succeeded, by step name.
     pub outputs: &'a BTreeMap<String, Value>,
@@ -701,7 +699,7 @@ impl TemplateContext<'_> {
         let missing = || MissingValue::Missing(var.to_owned());
         let parts: Vec<&str> = var.split('.').collect();
         let (root, path) = match parts.as_slice() {
-            ["saga", "id"] => return Ok(Value::String(self.saga_id.to_owned())),
+            ["saga", "id"] => return Ok(Value::String(self.saga_id.as_str().to_owned())),
             ["input", path @ ..] => (self.input, path),
             ["steps", name, "output", path @ ..] => (self.outputs.get(*name).ok_or_else(missing)?, path),
             ["secrets", name] => {
@@ -913,7 +911,7 @@ mod tests {
         let mut outputs = BTreeMap::new();
         outputs.insert("reserve".to_owned(), json!({"id": "r/1"}));
         let ctx = TemplateContext {
-            saga_id: "s1",
+            saga_id: &SagaId::parse("s1").unwrap(),
             input: &input,
             outputs: &outputs,
             secrets: &SagaSecrets::default(),
@@ -932,7 +930,7 @@ mod tests {
         );
         let dots = serde_json::json!({"id": ".."});
         let ctx = TemplateContext {
-            saga_id: "s1",
+            saga_id: &SagaId::parse("s1").unwrap(),
             input: &dots,
             outputs: &outputs,
             secrets: &SagaSecrets::default(),
@@ -1025,7 +1023,7 @@ mod tests {
         );
         let (input, outputs) = (json!({}), BTreeMap::from([("reserve".to_owned(), json!({"id": "r1"}))]));
         let ctx = TemplateContext {
-            saga_id: "s1",
+            saga_id: &SagaId::parse("s1").unwrap(),
             input: &input,
             outputs: &outputs,
             secrets: &secrets,
@@ -1076,9 +1074,16 @@ mod tests {
 
     #[test]
     fn saga_ids_follow_their_alphabet() {
-        assert!(check_saga_id("order-42:retry_1.a").is_ok());
-        assert!(check_saga_id("").is_err());
-        assert!(check_saga_id("a/b").is_err());
-        assert!(check_saga_id(&"x".repeat(129)).is_err());
+        let check = |id: &str| SagaId::parse(id).map_err(DefinitionError::from);
+        assert!(check("order-42:retry_1.a").is_ok());
+        assert!(check("").is_err());
+        assert!(check("a/b").is_err());
+        assert!(check(&"x".repeat(129)).is_err());
+        assert_eq!(
+            check("a/b"),
+            Err(DefinitionError::Name(
+                r#""a/b" must be 1 to 128 characters of the allowed alphabet"#.into()
+            ))
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 use super::definition::SagaDefinition;
 use chrono::{DateTime, Utc};
+use concord_kernel::SagaId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -218,7 +219,7 @@ pub struct StepState {
 /// A saga as the log tells it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaState {
-    pub id: String,
+    pub id: SagaId,
     pub definition: String,
     pub version: u32,
     pub input: Value,
@@ -240,9 +241,9 @@ pub struct LogError(pub String);
 impl SagaState {
     /// The state right after `SagaStarted`.
     #[must_use]
-    pub fn new(id: &str, def: &SagaDefinition, input: Value, at: DateTime<Utc>) -> Self {
+    pub fn new(id: &SagaId, def: &SagaDefinition, input: Value, at: DateTime<Utc>) -> Self {
         Self {
-            id: id.to_owned(),
+            id: id.clone(),
             definition: def.name.clone(),
             version: def.version,
             input,
@@ -271,7 +272,7 @@ impl SagaState {
     ///
     /// # Errors
     /// A log that does not fit the definition.
-    pub fn from_log(id: &str, def: &SagaDefinition, events: &[SagaEvent]) -> Result<Self, LogError> {
+    pub fn from_log(id: &SagaId, def: &SagaDefinition, events: &[SagaEvent]) -> Result<Self, LogError> {
         let Some(SagaEvent::SagaStarted { input, at, .. }) = events.first() else {
             return Err(LogError("the log does not start with SagaStarted".into()));
         };
@@ -640,6 +641,10 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
+    fn id() -> SagaId {
+        SagaId::parse("s").unwrap()
+    }
+
     fn def(steps: &[(&str, bool)], attempts: u32, comp_attempts: u32) -> SagaDefinition {
         let steps: Vec<Value> = steps
             .iter()
@@ -676,7 +681,7 @@ mod tests {
             at: now,
         };
         let mut events = vec![started];
-        let mut state = SagaState::from_log("s", d, &events).unwrap();
+        let mut state = SagaState::from_log(&id(), d, &events).unwrap();
         let mut calls = Vec::new();
         for _ in 0..10_000 {
             match decide(&state, now) {
@@ -707,7 +712,7 @@ mod tests {
             }
         }
         // The log alone rebuilds the same state: recovery continues where the saga was.
-        assert_eq!(SagaState::from_log("s", d, &events).unwrap(), state);
+        assert_eq!(SagaState::from_log(&id(), d, &events).unwrap(), state);
         (calls, events, state)
     }
 
@@ -796,7 +801,7 @@ mod tests {
                 attempt: 3
             }
         );
-        assert_eq!(SagaState::from_log("s", &d, &events).unwrap(), state);
+        assert_eq!(SagaState::from_log(&id(), &d, &events).unwrap(), state);
         // Retrying a saga that is not failed is not a valid transition.
         let d2 = def(&[("a", true)], 1, 1);
         let (_, _, mut done) = run(&d2, |_, _| CallOutcome::Succeeded(json!(null)));
@@ -830,7 +835,7 @@ mod tests {
     #[test]
     fn a_log_that_does_not_fit_is_an_error_not_a_panic() {
         let d = def(&[("a", true)], 1, 1);
-        assert!(SagaState::from_log("s", &d, &[]).is_err());
+        assert!(SagaState::from_log(&id(), &d, &[]).is_err());
         let started = SagaEvent::SagaStarted {
             definition: "t".into(),
             version: 1,
@@ -844,14 +849,14 @@ mod tests {
             output: json!(null),
             at: t0(),
         };
-        assert!(SagaState::from_log("s", &d, &[started.clone(), bad_step]).is_err());
+        assert!(SagaState::from_log(&id(), &d, &[started.clone(), bad_step]).is_err());
         let early = SagaEvent::CompensationSucceeded {
             step: 0,
             attempt: 1,
             started_at: t0(),
             at: t0(),
         };
-        assert!(SagaState::from_log("s", &d, &[started, early]).is_err());
+        assert!(SagaState::from_log(&id(), &d, &[started, early]).is_err());
     }
 
     #[test]

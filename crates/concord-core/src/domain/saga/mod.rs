@@ -4,14 +4,15 @@
 pub mod definition;
 pub mod machine;
 
+pub use concord_kernel::{InvalidSagaId, SagaId};
 pub use definition::{
     DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, SagaSecrets, StepSpec,
-    TemplateContext, check_saga_id, host_listed,
+    TemplateContext, host_listed,
 };
 pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
 
 /// The event-store stream that holds a saga's log.
 #[must_use]
-pub fn log_stream(id: &str) -> String {
+pub fn log_stream(id: &SagaId) -> String {
     format!("saga-{id}")
 }

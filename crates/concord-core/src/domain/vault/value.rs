@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// The type of a sensitive value. Detokenize scopes are granted per type
-/// (`vault:detokenize:card`, `vault:detokenize-masked:card`, ...).
+/// (`vault:detokenize:card`, `vault:detokenize-masked:card`, ...: `Scope::VaultDetokenize` and
+/// `Scope::VaultDetokenizeMasked` in `domain::auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenType {
@@ -43,18 +44,6 @@ impl TokenType {
             .into_iter()
             .find(|t| t.as_str() == raw)
             .ok_or_else(|| VaultError::UnknownType(raw.chars().take(32).collect()))
-    }
-
-    /// The scope that reveals values of this type in plain.
-    #[must_use]
-    pub fn plain_scope(self) -> String {
-        format!("vault:detokenize:{}", self.as_str())
-    }
-
-    /// The scope that reveals only the masked form.
-    #[must_use]
-    pub fn masked_scope(self) -> String {
-        format!("vault:detokenize-masked:{}", self.as_str())
     }
 
     /// Checks a value of this type and returns its normalized form (what is encrypted, and what
