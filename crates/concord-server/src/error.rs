@@ -154,6 +154,12 @@ impl Coded for AppendError {
             _ => None,
         }
     }
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Self::Vault(v) => v.retry_after_s(),
+            _ => None,
+        }
+    }
 }
 
 impl Coded for KeyError {

@@ -67,6 +67,28 @@ impl Appender {
         Self { store, vault, limits }
     }
 
+    /// Whether `by` may write `stream` at all, before anything of the request is read: the
+    /// vault's streams are the vault's alone; system streams (`$...`: audit trails), saga and
+    /// transaction logs are written by Concord itself (a forged event would steer a saga or
+    /// decide a transaction), so only `admin` may.
+    ///
+    /// # Errors
+    /// [`AppendError::Forbidden`].
+    pub fn check_write(by: &Principal, stream: &StreamName) -> Result<(), AppendError> {
+        if stream.category() == VAULT_CATEGORY {
+            return Err(AppendError::Forbidden(
+                "the vault's streams ($vault-...) are written by the vault alone",
+            ));
+        }
+        let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
+        if (stream.as_str().starts_with('$') || reserved) && !by.allows(Scope::Admin) {
+            return Err(AppendError::Forbidden(
+                "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
+            ));
+        }
+        Ok(())
+    }
+
     /// Appends `events` to `stream` for `by`, atomically, if the stream is at `expected`.
     ///
     /// # Errors
@@ -79,19 +101,7 @@ impl Appender {
         expected: ExpectedVersion,
         mut events: Vec<UncheckedEvent>,
     ) -> Result<AppendOutcome, AppendError> {
-        if stream.category() == VAULT_CATEGORY {
-            return Err(AppendError::Forbidden(
-                "the vault's streams ($vault-...) are written by the vault alone",
-            ));
-        }
-        // System streams (`$...`: audit trails), saga and transaction logs are written by Concord
-        // itself; a forged event would steer a saga or decide a transaction.
-        let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
-        if (stream.as_str().starts_with('$') || reserved) && !by.allows(Scope::Admin) {
-            return Err(AppendError::Forbidden(
-                "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
-            ));
-        }
+        Self::check_write(by, &stream)?;
         // Fields the vault's rules name for this category are stored as tokens, never in plain.
         self.vault.tokenize_events(&stream, &mut events).await?;
         let request = AppendRequest::new(stream, expected, events, &self.limits)?;

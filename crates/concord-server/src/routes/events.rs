@@ -8,7 +8,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use concord_api::ErrorCode;
 use concord_api::events::{AppendBody, AppendResponse, EventOut, EventsPage};
-use concord_core::app::events::READ_FORBIDDEN;
+use concord_core::app::events::{Appender, READ_FORBIDDEN};
 use concord_core::domain::event::UncheckedEvent;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{Category, ExpectedVersion, Principal, RecordedEvent, StreamName};
@@ -40,6 +40,8 @@ pub async fn append(
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
+    // Refused before the body is read, as a write it may not make.
+    Appender::check_write(&principal, &stream)?;
     let Json(body) = body?;
     let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
     let events = body

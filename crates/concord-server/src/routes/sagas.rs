@@ -181,7 +181,6 @@ pub struct ListParams {
     #[param(minimum = 1)]
     limit: Option<usize>,
     /// Only sagas whose id sorts after this one.
-    #[param(max_length = 128)]
     after: Option<String>,
 }
 

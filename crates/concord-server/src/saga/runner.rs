@@ -22,7 +22,6 @@ pub struct RunnerConfig {
     pub claim_batch: usize,
 }
 
-/// Drives sagas and tells local waiters when one finishes.
 /// A saga as the API shows it: its row (what lists show), and its log's state when it was read
 /// (the truth: it may be ahead of the row while a node works on the saga).
 pub struct SagaView {
@@ -30,6 +29,7 @@ pub struct SagaView {
     pub state: Option<Arc<SagaState>>,
 }
 
+/// Drives sagas and tells local waiters when one finishes.
 pub struct SagaRunner {
     engine: Arc<SagaEngine>,
     config: RunnerConfig,
@@ -59,8 +59,6 @@ impl SagaRunner {
         &self.engine
     }
 
-    /// Drives a saga this node holds, in the background. When all slots are busy it waits for
-    /// one; the saga stays leased to this node meanwhile.
     /// Drives a saga this node holds, in the background, if a slot is free and this node runs
     /// sagas; otherwise gives it back to the queue in the database, where a runner with room
     /// claims it.

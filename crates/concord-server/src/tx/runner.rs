@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
-/// The coordinator's worker on this node.
 /// Why a transaction could not be begun.
 #[derive(Debug, thiserror::Error)]
 pub enum BeginError {
@@ -20,6 +19,7 @@ pub enum BeginError {
     Task(String),
 }
 
+/// The coordinator's worker on this node.
 pub struct TxRunner {
     coordinator: Arc<TxCoordinator>,
     config: crate::worker::WorkerConfig,

@@ -190,6 +190,15 @@ async fn system_streams_are_written_only_with_admin() {
         .await
         .unwrap();
     assert_problem(r, 403, "forbidden").await;
+    // A write the key may not make is refused before its body is read.
+    let r = app
+        .request(Method::POST, "/v1/streams/saga-x", Some(&writer))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
     let r = app.append("$audit-1", body).await;
     assert_eq!(r.status(), 200, "admin may write a system stream");
 }
