@@ -34,72 +34,45 @@ pub struct InvalidXid(pub String);
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SagaId(String);
 
-impl SagaId {
-    /// Checks `id`.
-    ///
-    /// # Errors
-    /// [`InvalidSagaId`] when it is empty, longer than 128 characters or holds a character
-    /// outside `[A-Za-z0-9_.:-]`.
-    pub fn parse(id: impl Into<String>) -> Result<Self, InvalidSagaId> {
-        let id = id.into();
-        if valid_id(&id) {
-            Ok(Self(id))
-        } else {
-            Err(InvalidSagaId(id))
-        }
-    }
-
-    /// A fresh id, for a saga started without one: a UUIDv7, so ids sort by creation time.
-    #[must_use]
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7().to_string())
-    }
-
-    /// The id as text.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
 /// A two-phase-commit transaction's id: 1–128 of `A-Z a-z 0-9 _ - . :`. The coordinator's are
 /// UUIDv7 strings; a participant accepts any of the alphabet, and only a valid one can be built,
 /// so it can be spliced into a PostgreSQL gid literal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Xid(String);
 
-impl Xid {
-    /// Checks `xid`.
-    ///
-    /// # Errors
-    /// [`InvalidXid`] when it is empty, longer than 128 characters or holds a character outside
-    /// `[A-Za-z0-9_.:-]`.
-    pub fn parse(xid: impl Into<String>) -> Result<Self, InvalidXid> {
-        let xid = xid.into();
-        if valid_id(&xid) {
-            Ok(Self(xid))
-        } else {
-            Err(InvalidXid(xid))
-        }
-    }
-
-    /// A fresh id for a new transaction: a UUIDv7, so ids sort by creation time.
-    #[must_use]
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7().to_string())
-    }
-
-    /// The id as text.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// The text form, the impls both ids share: `Display`, `AsRef<str>`, comparison with `str`, and
-/// serde as a plain string (deserializing checks it).
+/// What both ids are made of: `parse` (the one alphabet), `generate` (a UUIDv7, so ids sort by
+/// creation time), `as_str`, `Display`, `AsRef<str>`, comparison with `str`, and serde as a
+/// plain string (deserializing checks it).
 macro_rules! text_id {
-    ($id:ident, $what:literal) => {
+    ($id:ident, $invalid:ident, $what:literal) => {
+        impl $id {
+            #[doc = concat!("Checks a ", $what, ".")]
+            ///
+            /// # Errors
+            /// When it is empty, longer than 128 characters or holds a character outside
+            /// `[A-Za-z0-9_.:-]`.
+            pub fn parse(id: impl Into<String>) -> Result<Self, $invalid> {
+                let id = id.into();
+                if valid_id(&id) {
+                    Ok(Self(id))
+                } else {
+                    Err($invalid(id))
+                }
+            }
+
+            /// A fresh id: a UUIDv7, so ids sort by creation time.
+            #[must_use]
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7().to_string())
+            }
+
+            /// The id as text.
+            #[must_use]
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $id {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
@@ -144,8 +117,8 @@ macro_rules! text_id {
     };
 }
 
-text_id!(SagaId, "saga id");
-text_id!(Xid, "transaction id");
+text_id!(SagaId, InvalidSagaId, "saga id");
+text_id!(Xid, InvalidXid, "transaction id");
 
 #[cfg(test)]
 mod tests {
