@@ -5,8 +5,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-/// All server settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// All server settings. `Debug` shows what serializes, so the secrets (marked
+/// `skip_serializing`: the master keys, the admin key, the 2PC token, the saga secrets) never
+/// reach a log or a panic message; only whether each is set.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     /// Address to listen on.
@@ -137,6 +139,21 @@ pub struct Settings {
     /// commit or abort. A secret: never logged.
     #[serde(skip_serializing)]
     pub tx_participant_token: Option<String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = serde_json::to_value(self).unwrap_or_default();
+        let set = |v: bool| if v { "<set>" } else { "<unset>" };
+        f.debug_struct("Settings")
+            .field("settings", &format_args!("{shown}"))
+            .field("vault_master_key", &set(self.vault_master_key.is_some()))
+            .field("vault_previous_master_keys", &self.vault_previous_master_keys.len())
+            .field("admin_key", &set(self.admin_key.is_some()))
+            .field("tx_participant_token", &set(self.tx_participant_token.is_some()))
+            .field("saga_secrets", &self.saga_secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// One saga secret: its value and the hosts (`name` or `name:port`) it may be sent to.
@@ -326,6 +343,36 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let s = Settings {
+            vault_master_key: Some("master-key-text".into()),
+            vault_previous_master_keys: vec!["previous-key-text".into()],
+            admin_key: Some("admin-key-text".into()),
+            tx_participant_token: Some("tx-token-text".into()),
+            saga_secrets: [(
+                "shop".to_owned(),
+                SagaSecretSetting {
+                    value: "saga-secret-text".into(),
+                    hosts: vec!["orders".into()],
+                },
+            )]
+            .into(),
+            ..Settings::default()
+        };
+        let shown = format!("{s:?} {s:#?}");
+        for secret in [
+            "master-key-text",
+            "previous-key-text",
+            "admin-key-text",
+            "tx-token-text",
+            "saga-secret-text",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("127.0.0.1:7400") && shown.contains("shop"), "{shown}");
+    }
 
     #[test]
     fn defaults_match_the_contract() {
