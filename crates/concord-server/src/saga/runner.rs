@@ -29,6 +29,21 @@ pub struct SagaView {
     pub state: Option<Arc<SagaState>>,
 }
 
+/// One wait of a local waiter: dropped however the wait ends, it drops its receiver and then
+/// forgets the saga's closed waiters, so an abandoned request leaves nothing behind.
+struct Waiting<'a> {
+    runner: &'a SagaRunner,
+    id: &'a SagaId,
+    rx: Option<oneshot::Receiver<Arc<SagaState>>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        self.runner.forget_waiter(self.id);
+    }
+}
+
 /// Drives sagas and tells local waiters when one finishes.
 pub struct SagaRunner {
     engine: Arc<SagaEngine>,
@@ -126,29 +141,37 @@ impl SagaRunner {
     pub async fn wait(
         &self,
         id: &SagaId,
-        mut rx: oneshot::Receiver<Arc<SagaState>>,
+        rx: oneshot::Receiver<Arc<SagaState>>,
         timeout: Duration,
     ) -> Option<Arc<SagaState>> {
+        // However the wait ends (a client that goes away drops it mid-way), its waiter goes.
+        let mut waiting = Waiting {
+            runner: self,
+            id,
+            rx: Some(rx),
+        };
         let deadline = tokio::time::Instant::now() + timeout;
-        let result = loop {
+        loop {
+            let rx = waiting.rx.as_mut()?;
             tokio::select! {
-                r = &mut rx => break r.ok(),
-                () = tokio::time::sleep_until(deadline) => break None,
+                r = rx => return r.ok(),
+                () = tokio::time::sleep_until(deadline) => return None,
                 () = tokio::time::sleep(WAIT_POLL) => {
                     if let Ok(Some(row)) = self.engine.store().get_saga(id).await
                         && row.status.is_terminal()
                         && row.lease_owner.is_none()
                     {
-                        break None;
+                        return None;
                     }
                 }
             }
-        };
-        if result.is_none() {
-            drop(rx);
-            self.forget_waiter(id);
         }
-        result
+    }
+
+    /// How many local waiters there are, for tests that check none is left behind.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.lock_waiters().values().map(Vec::len).sum()
     }
 
     /// Waits up to `timeout` for a saga that may already be running (here or on another node)
@@ -242,6 +265,10 @@ impl SagaRunner {
     /// [`SagaError::NotFound`], or a store failure.
     pub async fn view(&self, id: &SagaId, wait: Option<Duration>) -> Result<SagaView, SagaError> {
         if let Some(w) = wait {
+            // An unknown saga is answered at once, with no waiter to leave behind.
+            if self.engine.store().get_saga(id).await?.is_none() {
+                return Err(SagaError::NotFound(id.to_string()));
+            }
             self.wait_finished(id, w).await;
         }
         let (row, state) = self.engine.load(id).await?;

@@ -611,3 +611,50 @@ async fn participant_credentials_come_from_server_secrets(b: Backend) {
     );
 }
 both_backends!(participant_credentials_come_from_server_secrets);
+
+/// Waiting for a saga holds a waiter only while someone waits: requests that give up mid-wait
+/// (the client went away) and waits on unknown sagas (answered at once) leave none behind.
+async fn abandoned_and_unknown_waits_leave_no_waiter(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_secs(30)).await;
+    define(&app, "order", &p.definition(&["reserve", "charge"], 20_000)).await;
+    // A saga that stays running: its charge hangs past the test.
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "order", "id": "w-1", "input": {"plan": {"charge": "hang:9"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let waits = (0..40).map(|_| {
+        impatient
+            .get(format!("{}/v1/sagas/w-1?wait_ms=20000", app.address))
+            .bearer_auth(&app.admin_key)
+            .send()
+    });
+    for r in futures::future::join_all(waits).await {
+        assert!(r.is_err(), "the client gave up before the saga finished");
+    }
+    // An unknown saga is answered at once: the impatient client gets its 404.
+    for n in 0..20 {
+        let r = impatient
+            .get(format!("{}/v1/sagas/nope-{n}?wait_ms=20000", app.address))
+            .bearer_auth(&app.admin_key)
+            .send()
+            .await
+            .expect("answered before the client gives up");
+        assert_problem(r, 404, "saga_not_found").await;
+    }
+    // The server sees the hang-ups a moment after the clients; the saga itself runs on (its
+    // first attempt alone lasts 20 s), so its own end cannot be what clears the waiters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.state.sagas.waiting() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.state.sagas.waiting(), 0, "no waiter left behind");
+}
+both_backends!(abandoned_and_unknown_waits_leave_no_waiter);
