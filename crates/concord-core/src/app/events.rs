@@ -68,9 +68,9 @@ impl Appender {
     }
 
     /// Whether `by` may write `stream` at all, before anything of the request is read: the
-    /// vault's streams are the vault's alone; system streams (`$...`: audit trails), saga and
-    /// transaction logs are written by Concord itself (a forged event would steer a saga or
-    /// decide a transaction), so only `admin` may.
+    /// vault's streams are the vault's alone, and so are saga and transaction logs Concord's
+    /// (a forged event would steer a saga or decide a transaction: not even `admin` appends to
+    /// them); other system streams (`$...`: audit trails) need `admin`.
     ///
     /// # Errors
     /// [`AppendError::Forbidden`].
@@ -80,11 +80,13 @@ impl Appender {
                 "the vault's streams ($vault-...) are written by the vault alone",
             ));
         }
-        let reserved = matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY);
-        if (stream.as_str().starts_with('$') || reserved) && !by.allows(Scope::Admin) {
+        if matches!(stream.category(), SAGA_CATEGORY | TX_CATEGORY) {
             return Err(AppendError::Forbidden(
-                "system streams ($...), saga logs (saga-...) and transaction logs (tx-...) need the admin scope",
+                "saga logs (saga-...) and transaction logs (tx-...) are written by Concord alone",
             ));
+        }
+        if stream.as_str().starts_with('$') && !by.allows(Scope::Admin) {
+            return Err(AppendError::Forbidden("system streams ($...) need the admin scope"));
         }
         Ok(())
     }

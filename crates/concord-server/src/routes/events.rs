@@ -30,7 +30,7 @@ fn saga_logs_forbidden() -> ApiError {
     responses(
         (status = 200, description = "Appended, or the original answer of a re-sent append", body = AppendResponse),
         (status = 400, description = "invalid_stream_name, invalid_event_type, invalid_expected_version, event_too_large, batch_too_large, invalid_event_data, empty_append, duplicate_event_id or invalid_metadata: nothing written"),
-        (status = 403, description = "The vault's streams are written by the vault alone; system streams, saga and transaction logs need admin"),
+        (status = 403, description = "Saga logs, transaction logs and the vault's streams are written by Concord alone; other system streams need admin"),
         (status = 409, description = "wrong_expected_version (with current_version) or event_id_conflict"),
     ))]
 pub async fn append(

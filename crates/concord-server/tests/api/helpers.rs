@@ -130,6 +130,28 @@ impl TestApp {
         r.json().await.unwrap()
     }
 
+    /// Appends one event straight to the store, as Concord itself writes its own logs (`saga-`,
+    /// `tx-`), which no key may append to.
+    pub async fn seed_one(&self, stream: &str, event_type: &str) -> Value {
+        use concord_core::domain::event::UncheckedEvent;
+        use concord_core::domain::{AppendRequest, ExpectedVersion, StreamName};
+        let event = UncheckedEvent {
+            id: None,
+            event_type: event_type.to_owned(),
+            data: json!({"at": stream}),
+            metadata: None,
+        };
+        let request = AppendRequest::new(
+            StreamName::parse(stream).unwrap(),
+            ExpectedVersion::Any,
+            vec![event],
+            &self.state.limits,
+        )
+        .unwrap();
+        let outcome = self.state.events.append(request).await.unwrap();
+        json!({"stream": stream, "position": outcome.position})
+    }
+
     pub async fn create_key(&self, scopes: &[&str]) -> String {
         let r = self
             .admin(Method::POST, "/v1/keys")

@@ -8,10 +8,10 @@ use reqwest::{Method, Response};
 use serde_json::Value;
 use std::time::Duration;
 
-/// Appends (as admin, the only one who may write saga logs) an event to `saga-x`, then one to
-/// `order-1`; returns their positions.
+/// Writes an event to `saga-x` as Concord does (no key may), then appends one to `order-1`;
+/// returns their positions.
 async fn given_a_saga_log_and_an_order(app: &TestApp) -> (u64, u64) {
-    let saga = app.append_one("saga-x", "SagaStarted").await;
+    let saga = app.seed_one("saga-x", "SagaStarted").await;
     let order = app.append_one("order-1", "Placed").await;
     (saga["position"].as_u64().unwrap(), order["position"].as_u64().unwrap())
 }
@@ -100,7 +100,7 @@ async fn a_key_without_sagas_read_never_sees_a_saga_log(b: Backend) {
     let client = Client::new(app.address.clone(), reader.clone()).unwrap();
     let mut sub = client.subscribe(0, None).await.unwrap();
     assert_eq!(next_streams(&mut sub, 1).await, ["order-1"]);
-    app.append_one("saga-x", "StepSucceeded").await;
+    app.seed_one("saga-x", "StepSucceeded").await;
     app.append_one("order-2", "Placed").await;
     assert_eq!(next_streams(&mut sub, 1).await, ["order-2"]);
     assert!(

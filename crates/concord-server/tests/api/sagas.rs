@@ -185,13 +185,16 @@ async fn saga_routes_need_their_scopes(b: Backend) {
         .await
         .unwrap();
     assert_problem(r, 403, "forbidden").await;
-    // A saga log cannot be forged through the event API, even with events:write.
+    // A saga log cannot be forged through the event API, even with events:write, nor by admin.
+    let forged = json!({"events": [{"type": "SagaCompleted", "data": {}}]});
     let r = app
         .request(Method::POST, "/v1/streams/saga-x", Some(&writer))
-        .json(&json!({"events": [{"type": "SagaCompleted", "data": {}}]}))
+        .json(&forged)
         .send()
         .await
         .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = app.append("saga-x", forged).await;
     assert_problem(r, 403, "forbidden").await;
 }
 both_backends!(saga_routes_need_their_scopes);

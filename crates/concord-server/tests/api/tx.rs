@@ -312,6 +312,9 @@ async fn transaction_logs_are_guarded_and_begin_honours_idempotency_keys(b: Back
         .await
         .unwrap();
     assert_problem(r, 403, "forbidden").await;
+    // Not even by admin: a forged decision would commit despite an abort vote.
+    let r = app.append(&format!("tx-{xid}"), forged.clone()).await;
+    assert_problem(r, 403, "forbidden").await;
     let r = app
         .request(Method::GET, &format!("/v1/streams/tx-{xid}"), Some(&writer))
         .send()
