@@ -86,6 +86,9 @@ error_codes! {
     SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
     /// A transaction participant with a bad name, a duplicate name or a bad URL.
     InvalidParticipant = ("invalid_participant", 400, "Invalid participant"),
+    /// A step or participant URL the outbound policy does not allow (`saga_allowed_hosts`,
+    /// `tx_allowed_hosts`): by default no loopback, private, link-local or metadata address.
+    OutboundCallRefused = ("outbound_call_refused", 400, "Outbound call refused"),
     /// A transaction beyond a configured limit (participants, payload, timeout).
     TransactionLimitExceeded = ("transaction_limit_exceeded", 400, "Transaction limit exceeded"),
     /// A vault value type that is not card, ssn, email, phone or generic.

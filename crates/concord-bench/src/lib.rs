@@ -151,7 +151,11 @@ impl BenchServer {
         let tx_token = concord_core::domain::auth::generate_key();
         let settings = Settings {
             tx_participant_token: Some(tx_token.clone()),
+            tx_participant_token_hosts: vec!["127.0.0.1".into()],
             listen: "127.0.0.1:0".into(),
+            // The participants are on loopback, which the outbound policy refuses unless named.
+            saga_allowed_hosts: vec!["127.0.0.1".into()],
+            tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url: database_url.to_owned(),
             admin_key: Some(admin.clone()),
             db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),

@@ -139,6 +139,10 @@ pub struct Settings {
     /// commit or abort. A secret: never logged.
     #[serde(skip_serializing)]
     pub tx_participant_token: Option<String>,
+    /// The participants (`name`, `name:port`, or a network for participants called by address)
+    /// `tx_participant_token` is sent to; to any other the call goes without it. Required with a
+    /// token: the server does not start with a token bound to nothing.
+    pub tx_participant_token_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -156,12 +160,17 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-/// One saga secret: its value and the hosts (`name` or `name:port`) it may be sent to.
+/// One saga secret: its value and where it may be sent: hosts (`name` or `name:port`),
+/// methods (empty: any) and a path prefix (unset: `/`).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SagaSecretSetting {
     pub value: String,
     pub hosts: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for SagaSecretSetting {
@@ -169,6 +178,8 @@ impl std::fmt::Debug for SagaSecretSetting {
         f.debug_struct("SagaSecretSetting")
             .field("value", &"[secret]")
             .field("hosts", &self.hosts)
+            .field("methods", &self.methods)
+            .field("path_prefix", &self.path_prefix)
             .finish()
     }
 }
@@ -231,6 +242,7 @@ impl Default for Settings {
             tx_max_concurrent: 512,
             tx_allowed_hosts: Vec::new(),
             tx_participant_token: None,
+            tx_participant_token_hosts: Vec::new(),
         }
     }
 }
@@ -259,16 +271,44 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The 2PC token with the participants it is bound to.
+    ///
+    /// # Errors
+    /// A token bound to no participant, or a bad entry.
+    pub fn tx_token(&self) -> anyhow::Result<Option<crate::tx::participants::BoundToken>> {
+        let Some(token) = &self.tx_participant_token else {
+            return Ok(None);
+        };
+        if self.tx_participant_token_hosts.is_empty() {
+            anyhow::bail!(
+                "configuration: tx_participant_token is set but tx_participant_token_hosts is empty: \
+                 name the participants the token may be sent to"
+            );
+        }
+        let hosts = concord_core::domain::outbound::OutboundPolicy::new(
+            "tx_participant_token_hosts",
+            &self.tx_participant_token_hosts,
+        )
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        Ok(Some(crate::tx::participants::BoundToken {
+            token: zeroize::Zeroizing::new(token.clone()),
+            hosts,
+        }))
+    }
+
     /// The saga secrets, checked.
     ///
     /// # Errors
     /// A bad name, an empty value or a secret without hosts.
     pub fn saga_secrets(&self) -> anyhow::Result<concord_core::domain::saga::SagaSecrets> {
-        concord_core::domain::saga::SagaSecrets::new(
-            self.saga_secrets
-                .iter()
-                .map(|(name, s)| (name.clone(), s.value.clone(), s.hosts.clone())),
-        )
+        concord_core::domain::saga::SagaSecrets::new(self.saga_secrets.iter().map(|(name, s)| {
+            let binding = concord_core::domain::saga::SecretBinding {
+                hosts: s.hosts.clone(),
+                methods: s.methods.clone(),
+                path_prefix: s.path_prefix.clone(),
+            };
+            (name.clone(), s.value.clone(), binding)
+        }))
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))
     }
 
@@ -356,6 +396,8 @@ mod tests {
                 SagaSecretSetting {
                     value: "saga-secret-text".into(),
                     hosts: vec!["orders".into()],
+                    methods: Vec::new(),
+                    path_prefix: None,
                 },
             )]
             .into(),

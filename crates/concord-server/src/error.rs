@@ -222,6 +222,7 @@ impl Coded for SagaError {
                 DefinitionError::DuplicateStep(_) => ErrorCode::DuplicateStepName,
                 DefinitionError::Template { .. } => ErrorCode::UnknownTemplateVariable,
                 DefinitionError::Url { .. } => ErrorCode::InvalidStepUrl,
+                DefinitionError::Refused { .. } => ErrorCode::OutboundCallRefused,
                 DefinitionError::Method { .. } => ErrorCode::InvalidStepMethod,
                 DefinitionError::Header { .. } => ErrorCode::InvalidStepHeader,
                 DefinitionError::Limit(_) => ErrorCode::SagaLimitExceeded,
@@ -248,6 +249,7 @@ impl Coded for TxFailure {
     fn code(&self) -> ErrorCode {
         match self {
             Self::Invalid(TxError::Limit(_)) => ErrorCode::TransactionLimitExceeded,
+            Self::Invalid(TxError::Refused { .. }) => ErrorCode::OutboundCallRefused,
             Self::Invalid(_) => ErrorCode::InvalidParticipant,
             Self::Log(_) => ErrorCode::Internal,
             Self::Validation(v) => v.code(),

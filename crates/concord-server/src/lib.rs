@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod openapi;
+pub mod outbound;
 pub mod relay;
 pub mod routes;
 pub mod saga;

@@ -8,6 +8,7 @@ use concord_core::app::auth::bootstrap_admin;
 use concord_core::app::group_commit::GroupCommitLimits;
 use concord_core::app::saga::{EngineConfig, SagaEngine};
 use concord_core::app::tx::{TxConfig, TxCoordinator};
+use concord_core::domain::outbound::OutboundPolicy;
 use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore, TxStore};
 use concord_sdk::idempotency;
 use concord_store_postgres::{PostgresConfig, PostgresStore};
@@ -112,8 +113,13 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let saga_outbound = OutboundPolicy::new("saga_allowed_hosts", &settings.saga_allowed_hosts)
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        let tx_outbound = OutboundPolicy::new("tx_allowed_hosts", &settings.tx_allowed_hosts)
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         let participants = Arc::new(crate::saga::HttpParticipants::new(
             settings.saga_limits().max_output_bytes,
+            saga_outbound.clone(),
         )?);
         let engine = Arc::new(SagaEngine::new(
             stores.events.clone(),
@@ -124,7 +130,7 @@ impl Application {
                 lease: Duration::from_millis(settings.lease_ms),
                 limits: settings.saga_limits(),
                 event_limits: settings.limits(),
-                allowed_hosts: settings.saga_allowed_hosts.clone(),
+                outbound: saga_outbound,
                 latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
                 secrets: settings.saga_secrets()?,
             },
@@ -143,7 +149,8 @@ impl Application {
             stores.txs.clone(),
             Arc::new(crate::tx::HttpTxParticipants::new(
                 Duration::from_millis(settings.tx_phase2_timeout_ms),
-                settings.tx_participant_token.clone(),
+                settings.tx_token()?,
+                tx_outbound.clone(),
             )?),
             uuid::Uuid::now_v7(),
             TxConfig {
@@ -156,7 +163,7 @@ impl Application {
                 event_limits: settings.limits(),
                 retry_backoff: Duration::from_millis(settings.tx_retry_backoff_ms),
                 max_retry_backoff: Duration::from_millis(settings.tx_max_retry_backoff_ms),
-                allowed_hosts: settings.tx_allowed_hosts.clone(),
+                outbound: tx_outbound,
             },
         ));
         let transactions = crate::tx::TxRunner::new(

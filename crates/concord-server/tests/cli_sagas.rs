@@ -39,6 +39,9 @@ impl Setup {
         let admin_key = format!("test-admin-{}", uuid::Uuid::now_v7());
         let settings = Settings {
             listen: "127.0.0.1:0".into(),
+            // The participants are on loopback, which the outbound policy refuses unless named.
+            saga_allowed_hosts: vec!["127.0.0.1".into()],
+            tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url: format!("sqlite://{}", dir.path().join("concord.db").display()),
             admin_key: Some(admin_key.clone()),
             db_connections: 4,

@@ -24,6 +24,8 @@ fn node(dir: &Path, database_url: &str) -> Command {
     let mut cmd = bare_serve(dir);
     cmd.args(["--database-url", database_url])
         .env("CONCORD_ADMIN_KEY", ADMIN_KEY)
+        .env("CONCORD_SAGA_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
+        .env("CONCORD_TX_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
         .env("CONCORD_LEASE_MS", "1000")
         .env("CONCORD_POLL_MS", "50")
         .env("RUST_LOG", "warn,concord=info");

@@ -19,6 +19,9 @@ const APPENDS_EACH: usize = 40;
 async fn start_node(database_url: &str, admin_key: &str) -> (String, oneshot::Sender<()>) {
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
+        // The participants are on loopback, which the outbound policy refuses unless named.
+        saga_allowed_hosts: vec!["127.0.0.1".into()],
+        tx_allowed_hosts: vec!["127.0.0.1".into()],
         database_url: database_url.to_owned(),
         admin_key: Some(admin_key.to_owned()),
         vault_master_key: Some(VAULT_KEY.into()),

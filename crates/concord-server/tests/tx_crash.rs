@@ -45,9 +45,13 @@ async fn coordinator(base: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
+        // The participants are on loopback, which the outbound policy refuses unless named.
+        saga_allowed_hosts: vec!["127.0.0.1".into()],
+        tx_allowed_hosts: vec!["127.0.0.1".into()],
         database_url: scratch(base).await,
         admin_key: Some(ADMIN_KEY.into()),
         tx_participant_token: Some(TX_TOKEN.into()),
+        tx_participant_token_hosts: vec!["127.0.0.1".into()],
         vault_master_key: Some(VAULT_KEY.into()),
         db_connections: 6,
         ..Settings::default()
@@ -199,10 +203,13 @@ async fn a_coordinator_killed_after_deciding_finishes_phase_two_after_a_restart(
         let mut cmd = bare_serve(dir.path());
         cmd.args(["--database-url", &coord_db])
             .env("CONCORD_ADMIN_KEY", ADMIN_KEY)
+            .env("CONCORD_SAGA_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
+            .env("CONCORD_TX_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
             .env("CONCORD_LEASE_MS", "1000")
             .env("CONCORD_POLL_MS", "50")
             .env("CONCORD_TX_RETRY_BACKOFF_MS", "200")
             .env("CONCORD_TX_PARTICIPANT_TOKEN", TX_TOKEN)
+            .env("CONCORD_TX_PARTICIPANT_TOKEN_HOSTS", r#"["127.0.0.1"]"#)
             .env("CONCORD_VAULT_MASTER_KEY", VAULT_KEY);
         cmd
     };

@@ -6,12 +6,12 @@
 //! partitioned) cannot record anything once another node has moved the saga on.
 
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
+use crate::domain::outbound::OutboundPolicy;
 use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
-    SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, host_listed, log_stream,
-    on_outcome,
+    SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, log_stream, on_outcome,
 };
 use crate::domain::{Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -95,8 +95,9 @@ pub struct EngineConfig {
     pub lease: Duration,
     pub limits: SagaLimits,
     pub event_limits: Limits,
-    /// Hosts (`name` or `name:port`) a definition may call; empty allows any.
-    pub allowed_hosts: Vec<String>,
+    /// Where definitions may send calls (`saga_allowed_hosts`): checked when a definition is put
+    /// and again at every call, so a stricter list also stops definitions stored before it.
+    pub outbound: OutboundPolicy,
     /// How long a start trusts the latest version of a definition it looked up: a version put
     /// on another node is used by new sagas here within this time (one put here, at once).
     pub latest_definition_ttl: Duration,
@@ -192,16 +193,14 @@ impl SagaEngine {
     pub async fn define(&self, name: &str, spec: DefinitionSpec) -> Result<(StoredDefinition, bool), SagaError> {
         let def = SagaDefinition::new(name, 0, spec.clone(), &self.config.limits)?;
         def.check_secrets(&self.config.secrets)?;
-        if !self.config.allowed_hosts.is_empty() {
-            for (step, url, authority) in def.authorities() {
-                if !host_listed(&self.config.allowed_hosts, authority) {
-                    return Err(DefinitionError::Url {
-                        step: step.to_owned(),
-                        url: url.to_owned(),
-                        reason: "the host is not in saga_allowed_hosts".into(),
-                    }
-                    .into());
+        for (step, url) in def.urls() {
+            if let Err(refused) = self.config.outbound.check(url) {
+                return Err(DefinitionError::Refused {
+                    step: step.to_owned(),
+                    url: url.to_owned(),
+                    reason: refused.0,
                 }
+                .into());
             }
         }
         let json = serde_json::to_value(&spec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -652,6 +651,13 @@ impl SagaEngine {
             // The data a call needs is not there: no retry will bring it.
             Err(e) => return CallOutcome::Refused(e.to_string()),
         };
+        // Checked again here: the list may have changed since the definition was put.
+        if let Err(refused) = self.config.outbound.check(&call.url) {
+            return CallOutcome::Refused(format!("the call is not allowed: {refused}"));
+        }
+        if let Err(why) = self.config.secrets.check_call(template, &call) {
+            return CallOutcome::Refused(format!("the call is not allowed: {why}"));
+        }
         let pc = ParticipantCall {
             saga_id: state.id.clone(),
             step: s.name.clone(),
@@ -902,7 +908,7 @@ mod tests {
             lease: Duration::from_millis(lease_ms),
             limits: SagaLimits::default(),
             event_limits: Limits::default(),
-            allowed_hosts: Vec::new(),
+            outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
             latest_definition_ttl: Duration::from_secs(1),
             secrets,
         };
@@ -913,7 +919,8 @@ mod tests {
     #[tokio::test]
     async fn a_node_without_a_secret_retries_and_one_with_it_sends_it_and_keeps_it_out_of_the_log() {
         let store = Arc::new(MemoryStore::default());
-        let secrets = SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned(), vec!["pay".to_owned()])]).unwrap();
+        let secrets =
+            SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned(), vec!["pay".to_owned()].into())]).unwrap();
         // The participant echoes the header it got.
         let echo =
             |c: &ParticipantCall| CallOutcome::Succeeded(json!({"auth": c.call.headers.get("authorization").cloned()}));
@@ -1154,7 +1161,11 @@ mod tests {
             lease: Duration::from_secs(10),
             limits: SagaLimits::default(),
             event_limits: Limits::default(),
-            allowed_hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            outbound: OutboundPolicy::new(
+                "saga_allowed_hosts",
+                &hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>(),
+            )
+            .unwrap(),
             latest_definition_ttl: Duration::from_secs(1),
             secrets: SagaSecrets::default(),
         };
@@ -1167,7 +1178,7 @@ mod tests {
         );
         let err = only_inv.define("order", spec()).await.unwrap_err();
         assert!(
-            matches!(&err, SagaError::Definition(DefinitionError::Url { url, .. }) if url == "http://pay/charge"),
+            matches!(&err, SagaError::Definition(DefinitionError::Refused { url, .. }) if url == "http://pay/charge"),
             "{err}"
         );
         let both = SagaEngine::new(
@@ -1178,6 +1189,29 @@ mod tests {
             config(&["inv", "pay:80", "pay"]),
         );
         assert!(both.define("order", spec()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_definition_stored_under_a_wider_list_is_refused_at_call_time() {
+        let store = Arc::new(MemoryStore::default());
+        let (mut wide, _) = engine(&store, 10_000, |_| CallOutcome::Succeeded(Value::Null));
+        wide.config.outbound = OutboundPolicy::new("saga_allowed_hosts", &["10.0.0.0/8".to_owned()]).unwrap();
+        let def: DefinitionSpec = serde_json::from_value(json!({"steps": [
+            {"name": "reserve", "action": {"method": "POST", "url": "http://10.0.0.5/reserve"}}
+        ]}))
+        .unwrap();
+        wide.define("order", def).await.unwrap();
+        // The list is narrowed (the default: public addresses only) after the definition was put.
+        let (strict, p) = engine(&store, 10_000, |_| CallOutcome::Succeeded(Value::Null));
+        let (_, held) = strict.start(start("o-wide")).await.unwrap();
+        assert_eq!(
+            strict.drive(held.unwrap()).await.unwrap(),
+            DriveEnd::Finished(SagaStatus::Compensated)
+        );
+        assert_eq!(p.count.load(Ordering::SeqCst), 0, "no call left");
+        let (_, state) = strict.load(&sid("o-wide")).await.unwrap();
+        let log = serde_json::to_string(&state.unwrap().steps).unwrap();
+        assert!(log.contains("private address"), "{log}");
     }
 
     #[tokio::test]

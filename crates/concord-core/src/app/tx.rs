@@ -7,6 +7,7 @@
 //! before the decision is in the log and the row.
 
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
+use crate::domain::outbound::OutboundPolicy;
 use crate::domain::tx::{
     Outcome, TxEvent, TxLimits, TxLogError, TxParticipant, TxState, TxStep, Vote, Xid, decide, next_step, validate,
 };
@@ -71,8 +72,9 @@ pub struct TxConfig {
     /// First and longest delay between phase-2 rounds for participants that did not acknowledge.
     pub retry_backoff: Duration,
     pub max_retry_backoff: Duration,
-    /// Hosts (`name` or `name:port`) participants may be on; empty allows any.
-    pub allowed_hosts: Vec<String>,
+    /// Where participants may be (`tx_allowed_hosts`): checked at begin, and again by the
+    /// adapter at every call.
+    pub outbound: OutboundPolicy,
 }
 
 /// What `begin` came to.
@@ -212,17 +214,12 @@ impl TxCoordinator {
     }
 
     fn check_hosts(&self, participants: &[TxParticipant]) -> Result<(), TxFailure> {
-        if self.config.allowed_hosts.is_empty() {
-            return Ok(());
-        }
         for p in participants {
-            let rest = p.url.split_once("://").map_or(p.url.as_str(), |(_, r)| r);
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-            if !self.config.allowed_hosts.iter().any(|a| a == authority || a == host) {
-                return Err(crate::domain::tx::TxError::Url {
+            if let Err(refused) = self.config.outbound.check(&p.url) {
+                return Err(crate::domain::tx::TxError::Refused {
                     name: p.name.clone(),
                     url: p.url.clone(),
+                    reason: refused.0,
                 }
                 .into());
             }
@@ -588,7 +585,7 @@ mod tests {
             event_limits: Limits::default(),
             retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(5),
-            allowed_hosts: Vec::new(),
+            outbound: OutboundPolicy::public_only("tx_allowed_hosts"),
         };
         let c = TxCoordinator::new(store.clone(), store.clone(), script.clone(), Uuid::now_v7(), config);
         (c, script)

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod event;
 pub mod idempotency;
 pub mod limits;
+pub mod outbound;
 pub mod saga;
 pub mod stream;
 pub mod tx;

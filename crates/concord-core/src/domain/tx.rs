@@ -17,6 +17,9 @@ pub enum TxError {
     DuplicateName(String),
     #[error("participant {name}: invalid url {url}: must be http:// or https:// with a host")]
     Url { name: String, url: String },
+    /// The URL is well formed but the outbound policy does not allow it.
+    #[error("participant {name}: {url} may not be called: {reason}")]
+    Refused { name: String, url: String, reason: String },
     #[error("{0}")]
     Limit(String),
 }

@@ -23,6 +23,9 @@ impl TestServer {
         let admin_key = format!("test-admin-{}", uuid::Uuid::now_v7());
         let settings = Settings {
             listen: "127.0.0.1:0".into(),
+            // The participants are on loopback, which the outbound policy refuses unless named.
+            saga_allowed_hosts: vec!["127.0.0.1".into()],
+            tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url,
             admin_key: Some(admin_key.clone()),
             vault_master_key: Some(test_master_key()),

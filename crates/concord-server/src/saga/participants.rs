@@ -2,8 +2,10 @@
 //! is the step's output), 4xx other than 408/425/429 is a refusal, anything else (5xx, 408, 425,
 //! 429, timeouts, connection errors) may work on a retry.
 
+use crate::outbound::{Outbound, refusal};
 use async_trait::async_trait;
 use concord_core::app::saga::{ParticipantCall, Participants};
+use concord_core::domain::outbound::OutboundPolicy;
 use concord_core::domain::saga::CallOutcome;
 use concord_sdk::trace;
 use reqwest::StatusCode;
@@ -12,7 +14,7 @@ use tracing::Instrument as _;
 
 /// Sends participant calls with `Idempotency-Key`, `Concord-Saga-Id` and `traceparent`.
 pub struct HttpParticipants {
-    client: reqwest::Client,
+    client: Outbound,
     /// Largest answer read; a larger one is not kept as an output.
     max_body: usize,
 }
@@ -20,23 +22,10 @@ pub struct HttpParticipants {
 impl HttpParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(max_body: usize) -> anyhow::Result<Self> {
-        let client = participant_client()?;
+    pub fn new(max_body: usize, policy: OutboundPolicy) -> anyhow::Result<Self> {
+        let client = Outbound::new(policy)?;
         Ok(Self { client, max_body })
     }
-}
-
-/// The HTTP client for calls to participants (sagas and transactions alike).
-///
-/// # Errors
-/// When it cannot be built (no TLS provider installed).
-pub fn participant_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        // A redirect would send the call somewhere the definition or request does not name.
-        .redirect(reqwest::redirect::Policy::none())
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(256)
-        .build()
 }
 
 /// How much of an error answer is kept in the saga log.
@@ -68,9 +57,11 @@ impl HttpParticipants {
         let Ok(method) = reqwest::Method::from_bytes(c.call.method.as_bytes()) else {
             return CallOutcome::Refused(format!("unsupported method {}", c.call.method));
         };
-        let mut req = self
-            .client
-            .request(method, &c.call.url)
+        let req = match self.client.request(method, &c.call.url) {
+            Ok(r) => r,
+            Err(refused) => return CallOutcome::Refused(format!("the call is not allowed: {refused}")),
+        };
+        let mut req = req
             .timeout(c.timeout)
             .header("idempotency-key", &c.idempotency_key)
             .header("concord-saga-id", c.saga_id.as_str())
@@ -90,6 +81,9 @@ impl HttpParticipants {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_builder() => return CallOutcome::Refused(format!("the call cannot be made: {e}")),
+            Err(e) if let Some(refused) = refusal(&e) => {
+                return CallOutcome::Refused(format!("the call is not allowed: {refused}"));
+            }
             Err(e) if e.is_timeout() => {
                 return CallOutcome::Transient(format!("timed out after {} ms", c.timeout.as_millis()));
             }

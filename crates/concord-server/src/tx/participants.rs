@@ -2,28 +2,36 @@
 //! votes abort; 5xx, timeouts and connection errors are retried until the deadline), then
 //! `POST {url}/commit` or `{url}/abort` (2xx acknowledges).
 
+use crate::outbound::{Outbound, refusal};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_api::tx::{PhaseTwoMessage, PrepareMessage};
 use concord_core::app::tx::{PrepareAnswer, TxParticipants};
+use concord_core::domain::outbound::OutboundPolicy;
 use concord_core::domain::tx::{Outcome, TxParticipant, Xid};
 use concord_sdk::trace;
 use std::time::Duration;
 
 /// Sends prepare, commit and abort with `traceparent`.
 pub struct HttpTxParticipants {
-    client: reqwest::Client,
+    client: Outbound,
     /// Longest wait for one phase-2 answer.
     phase2_timeout: Duration,
-    /// Shown to participants as `Authorization: Bearer`.
-    token: Option<String>,
+    /// Shown as `Authorization: Bearer` to the participants it is bound to, and to no other.
+    token: Option<BoundToken>,
+}
+
+/// The coordinator's token and the participants it may be sent to.
+pub struct BoundToken {
+    pub token: zeroize::Zeroizing<String>,
+    pub hosts: OutboundPolicy,
 }
 
 impl HttpTxParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(phase2_timeout: Duration, token: Option<String>) -> anyhow::Result<Self> {
-        let client = crate::saga::participants::participant_client()?;
+    pub fn new(phase2_timeout: Duration, token: Option<BoundToken>, policy: OutboundPolicy) -> anyhow::Result<Self> {
+        let client = Outbound::new(policy)?;
         Ok(Self {
             client,
             phase2_timeout,
@@ -33,10 +41,11 @@ impl HttpTxParticipants {
 }
 
 impl HttpTxParticipants {
-    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// The token goes only to a participant it is bound to.
+    fn authorized(&self, request: reqwest::RequestBuilder, url: &str) -> reqwest::RequestBuilder {
         match &self.token {
-            Some(t) => request.bearer_auth(t),
-            None => request,
+            Some(t) if t.hosts.binds(url) => request.bearer_auth(t.token.as_str()),
+            _ => request,
         }
     }
 }
@@ -79,8 +88,13 @@ impl TxParticipants for HttpTxParticipants {
             if left.is_zero() {
                 return PrepareAnswer::Silent(last);
             }
+            let to = url(&p.url, "prepare");
+            let request = match self.client.request(reqwest::Method::POST, &to) {
+                Ok(r) => r,
+                Err(refused) => return PrepareAnswer::Abort(format!("the call is not allowed: {refused}")),
+            };
             let sent = self
-                .authorized(self.client.post(url(&p.url, "prepare")))
+                .authorized(request, &to)
                 .timeout(left)
                 .header(trace::TRACEPARENT, trace::outgoing(None))
                 .json(&body)
@@ -96,6 +110,9 @@ impl TxParticipants for HttpTxParticipants {
                 Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
                 Err(e) if e.is_timeout() => return PrepareAnswer::Silent("timed out".into()),
                 Err(e) if e.is_builder() => return PrepareAnswer::Abort(format!("the call cannot be made: {e}")),
+                Err(e) if let Some(refused) = refusal(&e) => {
+                    return PrepareAnswer::Abort(format!("the call is not allowed: {refused}"));
+                }
                 Err(e) => last = format!("connection error: {e}"),
             }
             tokio::time::sleep(PREPARE_RETRY).await;
@@ -104,8 +121,16 @@ impl TxParticipants for HttpTxParticipants {
 
     async fn finish(&self, xid: &Xid, p: &TxParticipant, outcome: Outcome) -> bool {
         let body = PhaseTwoMessage { xid: xid.to_string() };
+        let to = url(&p.url, outcome.phase2_path());
+        let request = match self.client.request(reqwest::Method::POST, &to) {
+            Ok(r) => r,
+            Err(refused) => {
+                tracing::warn!(tx.xid = %xid, participant = %p.name, reason = %refused, "phase 2 not allowed");
+                return false;
+            }
+        };
         let sent = self
-            .authorized(self.client.post(url(&p.url, outcome.phase2_path())))
+            .authorized(request, &to)
             .timeout(self.phase2_timeout)
             .header(trace::TRACEPARENT, trace::outgoing(None))
             .json(&body)

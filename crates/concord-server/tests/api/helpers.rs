@@ -73,6 +73,9 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
     let admin_key = format!("test-admin-{}", uuid::Uuid::now_v7());
     let mut settings = Settings {
         listen: "127.0.0.1:0".into(),
+        // The participants are on loopback, which the outbound policy refuses unless named.
+        saga_allowed_hosts: vec!["127.0.0.1".into()],
+        tx_allowed_hosts: vec!["127.0.0.1".into()],
         database_url: database_url.clone(),
         admin_key: Some(admin_key.clone()),
         vault_master_key: Some(test_master_key()),

@@ -520,7 +520,7 @@ async fn definitions_call_only_the_allowed_hosts(b: Backend) {
         .send()
         .await
         .unwrap();
-    let problem = assert_problem(r, 400, "invalid_step_url").await;
+    let problem = assert_problem(r, 400, "outbound_call_refused").await;
     assert!(
         problem["detail"].as_str().unwrap().contains("saga_allowed_hosts"),
         "{problem}"
@@ -535,6 +535,8 @@ async fn participant_credentials_come_from_server_secrets(b: Backend) {
             concord_server::config::SagaSecretSetting {
                 value: "s3cr3t-token".into(),
                 hosts: vec!["127.0.0.1".into()],
+                methods: vec!["POST".into()],
+                path_prefix: Some("/charge".into()),
             },
         );
     })
@@ -612,6 +614,14 @@ async fn participant_credentials_come_from_server_secrets(b: Backend) {
         problem["detail"].as_str().unwrap().contains("not for localhost:9"),
         "{problem}"
     );
+    // ...with its methods and under its path prefix only.
+    let get = json!({"steps": [{"name": "charge", "action": {"method": "GET", "url": url, "headers": {"Authorization": "Bearer {{secrets.pay}}"}}}]});
+    let problem = assert_problem(put("get", get).await.unwrap(), 400, "unknown_template_variable").await;
+    assert!(problem["detail"].as_str().unwrap().contains("not for GET"), "{problem}");
+    let beside = url.replace("/charge", "/chargeback");
+    let r = put("beside", def(&beside, "Bearer {{secrets.pay}}")).await.unwrap();
+    let problem = assert_problem(r, 400, "unknown_template_variable").await;
+    assert!(problem["detail"].as_str().unwrap().contains("path_prefix"), "{problem}");
 }
 both_backends!(participant_credentials_come_from_server_secrets);
 

@@ -277,6 +277,10 @@ async fn run_in(
             env: vec![
                 ("CONCORD_ADMIN_KEY".into(), admin_key.clone()),
                 ("CONCORD_TX_PARTICIPANT_TOKEN".into(), tx_token.clone()),
+                ("CONCORD_TX_PARTICIPANT_TOKEN_HOSTS".into(), r#"["127.0.0.1"]"#.into()),
+                // The shop's services are on loopback, which Concord calls only when named.
+                ("CONCORD_SAGA_ALLOWED_HOSTS".into(), r#"["127.0.0.1"]"#.into()),
+                ("CONCORD_TX_ALLOWED_HOSTS".into(), r#"["127.0.0.1"]"#.into()),
                 // The saga's calls to the shop carry its token from here, not from the definition.
                 (
                     "CONCORD_SAGA_SECRETS".into(),

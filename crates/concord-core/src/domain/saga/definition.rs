@@ -7,6 +7,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::domain::outbound::OutboundPolicy;
+
 /// A definition rejected at the edge. Each variant maps to one stable error code in the API.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DefinitionError {
@@ -22,6 +24,9 @@ pub enum DefinitionError {
     /// A URL that is not `http://` or `https://` with a fixed host.
     #[error("step {step}: invalid url {url}: {reason}")]
     Url { step: String, url: String, reason: String },
+    /// A URL the outbound policy (`saga_allowed_hosts`) does not allow.
+    #[error("step {step}: {url} may not be called: {reason}")]
+    Refused { step: String, url: String, reason: String },
     /// A method other than GET, POST, PUT, PATCH, DELETE.
     #[error("step {step}: unsupported method {method}")]
     Method { step: String, method: String },
@@ -253,13 +258,6 @@ fn is_secret_credential(value: &str) -> bool {
     }
 }
 
-/// Whether `authority` (`host[:port]`) is named in `hosts`, by itself or by its host.
-#[must_use]
-pub fn host_listed(hosts: &[String], authority: &str) -> bool {
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    hosts.iter().any(|a| a == authority || a == host)
-}
-
 /// Headers Concord sets on every participant call; a definition may not set them.
 pub const RESERVED_HEADERS: &[&str] = &[
     "idempotency-key",
@@ -405,9 +403,8 @@ impl SagaDefinition {
                     let Some(secret) = secrets.0.get(name) else {
                         return bad("no such secret is configured on this server (saga_secrets)".into());
                     };
-                    let authority = authority(&call.url);
-                    if !host_listed(&secret.hosts, authority) {
-                        return bad(format!("this secret is not for {authority} (its hosts)"));
+                    if let Err(why) = secret.binding.permits(&call.method, &call.url) {
+                        return bad(why);
                     }
                 }
             }
@@ -415,12 +412,10 @@ impl SagaDefinition {
         Ok(())
     }
 
-    /// Every call's (step, URL, authority): the fixed `host[:port]` each call goes to.
+    /// Every call's (step, URL template).
     #[must_use]
-    pub fn authorities(&self) -> Vec<(&str, &str, &str)> {
-        self.calls()
-            .map(|(step, c)| (step, c.url.as_str(), authority(&c.url)))
-            .collect()
+    pub fn urls(&self) -> Vec<(&str, &str)> {
+        self.calls().map(|(step, c)| (step, c.url.as_str())).collect()
     }
 }
 
@@ -599,21 +594,69 @@ pub struct SagaSecrets(BTreeMap<String, SagaSecret>);
 #[derive(Clone, PartialEq, Eq)]
 struct SagaSecret {
     value: zeroize::Zeroizing<String>,
-    hosts: Vec<String>,
+    binding: Binding,
+}
+
+/// Where a secret may be sent: hosts (`name`, `name:port`), methods (none: any) and a path
+/// prefix (`/` by default). A prefix matches whole segments: `/pay` covers `/pay` and `/pay/x`,
+/// not `/payroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecretBinding {
+    pub hosts: Vec<String>,
+    pub methods: Vec<String>,
+    pub path_prefix: Option<String>,
+}
+
+impl From<Vec<String>> for SecretBinding {
+    /// Bound to hosts only: any method, any path.
+    fn from(hosts: Vec<String>) -> Self {
+        Self {
+            hosts,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Binding {
+    hosts: OutboundPolicy,
+    methods: Vec<String>,
+    path_prefix: String,
+}
+
+impl Binding {
+    /// Whether a call of `method` to `url` may carry the secret; why not otherwise.
+    fn permits(&self, method: &str, url: &str) -> Result<(), String> {
+        if !self.hosts.binds(url) {
+            return Err(format!("this secret is not for {} (its hosts)", authority(url)));
+        }
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
+            return Err(format!("this secret is not for {method} (its methods)"));
+        }
+        let path = url::Url::parse(url).map(|u| u.path().to_owned()).unwrap_or_default();
+        let prefix = self.path_prefix.as_str();
+        let under = path == prefix
+            || (path.starts_with(prefix) && (prefix.ends_with('/') || path[prefix.len()..].starts_with('/')));
+        if !under {
+            return Err(format!("this secret is not for path {path} (its path_prefix {prefix})"));
+        }
+        Ok(())
+    }
 }
 
 /// Replaces a secret's value wherever a participant's answer repeats it.
 const REDACTED: &str = "[secret]";
 
 impl SagaSecrets {
-    /// From (name, value, hosts) triples.
+    /// From (name, value, binding) triples.
     ///
     /// # Errors
-    /// A name outside `A-Z a-z 0-9 _ -`, an empty value or an empty host list (a secret for
-    /// every host would go wherever a definition sends it).
-    pub fn new(secrets: impl IntoIterator<Item = (String, String, Vec<String>)>) -> Result<Self, String> {
+    /// A name outside `A-Z a-z 0-9 _ -`, an empty value, an empty host list (a secret for every
+    /// host would go wherever a definition sends it), an unknown method or a path prefix that
+    /// does not start with `/`.
+    pub fn new(secrets: impl IntoIterator<Item = (String, String, SecretBinding)>) -> Result<Self, String> {
         let mut out = BTreeMap::new();
-        for (name, value, hosts) in secrets {
+        for (name, value, binding) in secrets {
             if name.is_empty()
                 || !name
                     .bytes()
@@ -624,18 +667,51 @@ impl SagaSecrets {
             if value.is_empty() {
                 return Err(format!("saga secret {name}: empty value"));
             }
-            if hosts.is_empty() {
+            if binding.hosts.is_empty() {
                 return Err(format!("saga secret {name}: list the hosts it may be sent to"));
+            }
+            let hosts = OutboundPolicy::new("saga_secrets.hosts", &binding.hosts)
+                .map_err(|e| format!("saga secret {name}: {e}"))?;
+            let methods: Vec<String> = binding.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+            if let Some(m) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+                return Err(format!("saga secret {name}: unknown method {m}"));
+            }
+            let path_prefix = binding.path_prefix.unwrap_or_else(|| "/".to_owned());
+            if !path_prefix.starts_with('/') {
+                return Err(format!("saga secret {name}: path_prefix must start with /"));
             }
             out.insert(
                 name,
                 SagaSecret {
                     value: zeroize::Zeroizing::new(value),
-                    hosts,
+                    binding: Binding {
+                        hosts,
+                        methods,
+                        path_prefix,
+                    },
                 },
             );
         }
         Ok(Self(out))
+    }
+
+    /// Checks a filled-in call against the bindings of the secrets its template names, at every
+    /// call: the secrets' configuration may have changed since the definition was put.
+    ///
+    /// # Errors
+    /// The first secret the call may not carry, and why.
+    pub fn check_call(&self, template: &HttpCall, call: &HttpCall) -> Result<(), String> {
+        for value in template.headers.values() {
+            for name in secret_names(value) {
+                if let Some(secret) = self.0.get(name) {
+                    secret
+                        .binding
+                        .permits(&call.method, &call.url)
+                        .map_err(|why| format!("secret {name}: {why}"))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     #[must_use]
@@ -945,11 +1021,15 @@ mod tests {
     fn credentials_come_from_server_secrets_filled_in_header_values_only() {
         let l = SagaLimits::default();
         let secrets = SagaSecrets::new([
-            ("pay".to_owned(), "s3cr3t".to_owned(), vec!["pay.local".to_owned()]),
+            (
+                "pay".to_owned(),
+                "s3cr3t".to_owned(),
+                vec!["pay.local".to_owned()].into(),
+            ),
             (
                 "inv".to_owned(),
                 "other-s3cr3t".to_owned(),
-                vec!["inv.local:8080".to_owned()],
+                vec!["inv.local:8080".to_owned()].into(),
             ),
         ])
         .unwrap();
@@ -1051,10 +1131,64 @@ mod tests {
             ("n", "v", vec![]),
         ] {
             assert!(
-                SagaSecrets::new([(bad.0.to_owned(), bad.1.to_owned(), bad.2.clone())]).is_err(),
+                SagaSecrets::new([(bad.0.to_owned(), bad.1.to_owned(), bad.2.clone().into())]).is_err(),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_secret_goes_only_with_its_methods_and_under_its_path_prefix() {
+        let binding = SecretBinding {
+            hosts: vec!["pay.local".into()],
+            methods: vec!["post".into()],
+            path_prefix: Some("/pay".into()),
+        };
+        let secrets = SagaSecrets::new([("pay".to_owned(), "s3cr3t".to_owned(), binding)]).unwrap();
+        let template = HttpCall {
+            method: "POST".into(),
+            url: "http://pay.local/pay/{{input.id}}".into(),
+            headers: [("authorization".to_owned(), "Bearer {{secrets.pay}}".to_owned())].into(),
+            body: None,
+        };
+        let call = |method: &str, url: &str| HttpCall {
+            method: method.into(),
+            url: url.into(),
+            ..template.clone()
+        };
+        assert!(
+            secrets
+                .check_call(&template, &call("POST", "http://pay.local/pay/1"))
+                .is_ok()
+        );
+        assert!(
+            secrets
+                .check_call(&template, &call("POST", "http://pay.local/pay"))
+                .is_ok()
+        );
+        for (method, url) in [
+            ("GET", "http://pay.local/pay/1"),
+            ("POST", "http://pay.local/payroll"),
+            ("POST", "http://pay.local/pay/../admin"),
+            ("POST", "http://other.local/pay/1"),
+            ("POST", "http://pay.local.evil/pay/1"),
+        ] {
+            assert!(
+                secrets.check_call(&template, &call(method, url)).is_err(),
+                "{method} {url}"
+            );
+        }
+        let bad = |b: SecretBinding| SagaSecrets::new([("n".to_owned(), "v".to_owned(), b)]).is_err();
+        assert!(bad(SecretBinding {
+            hosts: vec!["h".into()],
+            methods: vec!["TRACE".into()],
+            path_prefix: None
+        }));
+        assert!(bad(SecretBinding {
+            hosts: vec!["h".into()],
+            methods: Vec::new(),
+            path_prefix: Some("pay".into())
+        }));
     }
 
     #[test]
