@@ -112,6 +112,8 @@ error_codes! {
     InvalidVaultItem = ("invalid_vault_item", 400, "Invalid vault item"),
     /// The API key detokenized more than its rate allows. Retry after `Retry-After` seconds.
     RateLimited = ("rate_limited", 429, "Too many requests"),
+    /// This API key already has `max_concurrent_requests_per_key` requests in progress.
+    TooManyConcurrentRequests = ("too_many_concurrent_requests", 429, "Too many concurrent requests"),
     /// A vault key failed to open (a keyring written under another master key, or tampering):
     /// nothing was revealed. An operator must look.
     VaultKeyFailure = ("vault_key_failure", 500, "Vault key failure"),
@@ -154,6 +156,10 @@ error_codes! {
     SagaBusy = ("saga_busy", 503, "Saga busy"),
     /// The database failed or is unreachable. Retry with backoff.
     StoreUnavailable = ("store_unavailable", 503, "Store unavailable"),
+    /// The server already serves `max_subscribers` event streams.
+    TooManySubscribers = ("too_many_subscribers", 503, "Too many subscribers"),
+    /// The request did not finish within `request_timeout_ms`.
+    RequestTimedOut = ("request_timed_out", 503, "Request timed out"),
     /// A service's idempotency store failed or is unreachable (answered by the sdk's layer); the
     /// handler did not run. Retry with backoff.
     IdempotencyStoreUnavailable = ("idempotency_store_unavailable", 503, "Idempotency store unavailable"),

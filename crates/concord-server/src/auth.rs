@@ -46,6 +46,11 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
         }
         None => return Err(ApiError::new(ErrorCode::Forbidden, "no scope grants this route")),
     }
+    // Held until the handler answered (an event stream's body is counted by max_subscribers).
+    let _slot = state
+        .key_slots
+        .try_take(principal.key_id)
+        .ok_or_else(|| crate::limits::too_many_requests(state.settings.max_concurrent_requests_per_key))?;
     req.extensions_mut().insert::<Principal>(principal);
     Ok(next.run(req).await)
 }

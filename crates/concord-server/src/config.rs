@@ -75,6 +75,20 @@ pub struct Settings {
     pub idempotency_ttl_s: u64,
     /// How long an in-flight idempotency key is held before another request may take it over.
     pub idempotency_lock_s: u64,
+    /// Longest time a client may take to send a request's head (request line and headers), ms;
+    /// then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest time one request may take, ms (answered 503 `request_timed_out`); at least 10 s
+    /// over the longest wait a request may ask (`max_wait_ms`, `saga_max_wait_ms`,
+    /// `tx_max_timeout_ms`). An event stream's body is not bound by it.
+    pub request_timeout_ms: u64,
+    /// Most connections served at once; beyond it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most requests one API key may have in progress at once (429
+    /// `too_many_concurrent_requests` beyond it).
+    pub max_concurrent_requests_per_key: usize,
+    /// Most event streams (`GET /v1/subscribe`) served at once (503 `too_many_subscribers`).
+    pub max_subscribers: usize,
     /// How long shutdown waits for in-flight requests, seconds.
     pub shutdown_grace_s: u64,
     /// Database connections (PostgreSQL pool size; SQLite readers).
@@ -212,7 +226,12 @@ impl Default for Settings {
             max_wait_ms: 30_000,
             max_batch_events: 2000,
             idempotency_ttl_s: 24 * 3600,
-            idempotency_lock_s: 60,
+            idempotency_lock_s: 120,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 90_000,
+            max_connections: 4096,
+            max_concurrent_requests_per_key: 256,
+            max_subscribers: 1024,
             shutdown_grace_s: 30,
             db_connections: 16,
             auth_cache_ttl_ms: 1000,
@@ -269,6 +288,41 @@ impl Settings {
             .extract()
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         Ok(settings)
+    }
+
+    /// The relations between settings that single values cannot express.
+    ///
+    /// # Errors
+    /// A request timeout not above the longest wait a request may ask, or an idempotency lock
+    /// that a live request could outlast (a retry would then run it a second time).
+    pub fn check(&self) -> anyhow::Result<()> {
+        const MARGIN_MS: u64 = 10_000;
+        let longest_wait = self.max_wait_ms.max(self.saga_max_wait_ms).max(self.tx_max_timeout_ms);
+        anyhow::ensure!(
+            self.request_timeout_ms >= longest_wait + MARGIN_MS,
+            "configuration: request_timeout_ms ({}) must be at least 10 s over the longest wait a request may ask \
+             ({longest_wait} ms, from max_wait_ms, saga_max_wait_ms and tx_max_timeout_ms)",
+            self.request_timeout_ms
+        );
+        anyhow::ensure!(
+            self.idempotency_lock_s.saturating_mul(1000) >= self.request_timeout_ms + MARGIN_MS,
+            "configuration: idempotency_lock_s ({} s) must outlast request_timeout_ms ({} ms) by 10 s, \
+             so no retry takes over the key of a request still running",
+            self.idempotency_lock_s,
+            self.request_timeout_ms
+        );
+        for (name, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_concurrent_requests_per_key",
+                self.max_concurrent_requests_per_key as u64,
+            ),
+            ("max_subscribers", self.max_subscribers as u64),
+        ] {
+            anyhow::ensure!(value > 0, "configuration: {name} must be above 0");
+        }
+        Ok(())
     }
 
     /// The 2PC token with the participants it is bound to.
@@ -383,6 +437,28 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_outlives_the_longest_request_and_that_the_longest_wait() {
+        assert!(Settings::default().check().is_ok());
+        let short_lock = Settings {
+            idempotency_lock_s: 60,
+            ..Settings::default()
+        };
+        let e = short_lock.check().unwrap_err().to_string();
+        assert!(e.contains("idempotency_lock_s"), "{e}");
+        let short_request = Settings {
+            request_timeout_ms: 60_000,
+            ..Settings::default()
+        };
+        let e = short_request.check().unwrap_err().to_string();
+        assert!(e.contains("request_timeout_ms"), "{e}");
+        let no_subscribers = Settings {
+            max_subscribers: 0,
+            ..Settings::default()
+        };
+        assert!(no_subscribers.check().is_err());
+    }
 
     #[test]
     fn debug_shows_no_secret() {

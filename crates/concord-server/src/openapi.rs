@@ -95,7 +95,15 @@ fn add_common_answers(path: &str, method: &str, op: &mut Value) {
         if scopes.as_ref().is_some_and(|s| !s.is_empty()) {
             answers.push(("403", "forbidden: the key lacks the scope this operation needs"));
         }
+        answers.push((
+            "429",
+            "too_many_concurrent_requests: this key has max_concurrent_requests_per_key requests in progress; see Retry-After",
+        ));
     }
+    answers.push((
+        "503",
+        "request_timed_out: the request took over request_timeout_ms; see Retry-After",
+    ));
     // Every route but the metrics asks a database: the store itself, or the key store behind
     // authentication.
     if path != "/metrics" {

@@ -105,6 +105,7 @@ impl Application {
     /// # Errors
     /// When the database or the address is unavailable.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.check()?;
         // Install the recorder before anything counts, so no early sample is lost.
         crate::telemetry::metrics_handle();
         let stores = open_stores(&settings).await?;
@@ -203,6 +204,8 @@ impl Application {
             key_cache: Arc::new(concord_core::app::auth::KeyCache::new(Duration::from_millis(
                 settings.auth_cache_ttl_ms,
             ))),
+            key_slots: crate::limits::KeySlots::new(settings.max_concurrent_requests_per_key),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(settings.max_subscribers)),
             settings: Arc::new(settings),
             shutdown: shutdown_rx,
         };
@@ -251,25 +254,17 @@ impl Application {
                 let _ = transactions.await;
             }
         });
-        let mut stopping = state.shutdown.clone();
+        let limits = crate::serve::ConnectionLimits {
+            header_read_timeout: Duration::from_millis(state.settings.header_read_timeout_ms),
+            max_connections: state.settings.max_connections,
+        };
         let app = routes::router(state);
-        // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's
-        // delayed ACK: tens of milliseconds of subscriber latency for nothing.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let signal = async move {
             signal.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            // Ends live subscriptions and tells the workers.
             let _ = shutdown.send(true);
-        });
-        tokio::select! {
-            r = server.into_future() => r.context("serving")?,
-            () = async move {
-                let _ = stopping.wait_for(|s| *s).await;
-                tokio::time::sleep(grace).await;
-            } => tracing::warn!("grace period over; closing remaining connections"),
-        }
+        };
+        crate::serve::serve(listener, app, limits, signal, grace).await;
         // Let sagas in flight reach their next record (bounded by the grace period inside).
         if let Some(r) = runner {
             r.await;

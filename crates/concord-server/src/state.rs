@@ -29,4 +29,8 @@ pub struct AppState {
     pub vault: Arc<concord_core::app::vault::Vault>,
     /// The append use case: write policy, tokenized fields, validation, the store, metrics.
     pub appender: Arc<concord_core::app::events::Appender>,
+    /// Requests in progress per API key (`max_concurrent_requests_per_key`).
+    pub key_slots: Arc<crate::limits::KeySlots>,
+    /// Event streams served at once (`max_subscribers`).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
 }

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), crate::limits::request_timeout))
         .layer(from_fn(telemetry::observe))
         .with_state(state)
 }

@@ -8,6 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::{Extension, Json};
+use concord_api::ErrorCode;
 use concord_api::events::{CheckpointBody, EventOut, EventsPage};
 use concord_core::app::subscribe::LogFollower;
 use concord_core::domain::stream::Partition;
@@ -52,6 +53,7 @@ const WAIT_SLICE: Duration = Duration::from_secs(5);
         (status = 200, description = "Each event's `id` is its position, its data an EventOut", content_type = "text/event-stream", body = EventOut),
         (status = 400, description = "invalid_parameter"),
         (status = 403, description = "A category of logs this key may not read"),
+        (status = 503, description = "too_many_subscribers: the server serves max_subscribers streams; see Retry-After"),
     ))]
 pub async fn subscribe(
     State(state): State<AppState>,
@@ -60,6 +62,17 @@ pub async fn subscribe(
     params: Result<Query<SubscribeParams>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(p) = params?;
+    let Ok(permit) = state.subscribers.clone().try_acquire_owned() else {
+        let mut e = ApiError::new(
+            ErrorCode::TooManySubscribers,
+            format!(
+                "this server serves {} event streams already (max_subscribers)",
+                state.settings.max_subscribers
+            ),
+        );
+        e.retry_after_s = Some(1);
+        return Err(e);
+    };
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -71,7 +84,7 @@ pub async fn subscribe(
     let mut shutdown = state.shutdown.clone();
     let gauge = metrics::gauge!("concord_subscribers", "kind" => "sse");
     gauge.increment(1.0);
-    let guard = SubscriberGuard(gauge);
+    let guard = SubscriberGuard(gauge, permit);
     let events = stream::unfold((follower, guard), |(mut follower, guard)| async move {
         let batch = follower.next_batch(WAIT_SLICE).await;
         match batch {
@@ -105,7 +118,8 @@ fn sse_event(e: concord_core::domain::RecordedEvent) -> Event {
 }
 
 /// Keeps the subscriber gauge right however the stream ends.
-struct SubscriberGuard(metrics::Gauge);
+/// Counts a live stream and holds its place among `max_subscribers` until it ends.
+struct SubscriberGuard(metrics::Gauge, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {

@@ -9,6 +9,7 @@ mod auth;
 mod errors;
 mod events;
 mod idempotency;
+mod limits;
 mod outbound;
 mod saga_logs;
 mod sagas;

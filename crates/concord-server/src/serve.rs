@@ -1,0 +1,88 @@
+//! The accept loop: HTTP/1.1 and HTTP/2 on hyper with the limits `axum::serve` does not set. A
+//! client gets `header_read_timeout_ms` to send its request head (then the connection is closed),
+//! and at most `max_connections` connections are served at once (beyond that, new ones wait in
+//! the listen backlog until one closes). Shutdown stops accepting, lets in-flight requests finish
+//! and closes idle connections, within the grace period.
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// The connection limits, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Longest time to receive a request's head, from the connection's first byte or the end of
+    /// the previous response.
+    pub header_read_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `signal`, then shuts down gracefully within `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    signal: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    tokio::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut signal => break,
+        };
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        // Without TCP_NODELAY, Nagle's algorithm holds back small SSE writes until the client's
+        // delayed ACK: tens of milliseconds of subscriber latency for nothing.
+        let _ = tcp.set_nodelay(true);
+        metrics::gauge!("concord_http_connections").increment(1.0);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            metrics::gauge!("concord_http_connections").decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+}
