@@ -66,6 +66,24 @@ macro_rules! text_id {
                 Self(Uuid::now_v7().to_string())
             }
 
+            /// The id of what a keyed request creates: `idem-` and 32 hex digits of a SHA-256 of
+            /// the caller and its `Idempotency-Key`, so a retry after a crash (the effect
+            /// committed, the key's record not) meets the same one instead of creating a second.
+            #[must_use]
+            pub fn derived(caller: &str, idempotency_key: &str) -> Self {
+                use sha2::Digest as _;
+                let digest = sha2::Sha256::new()
+                    .chain_update((caller.len() as u64).to_be_bytes())
+                    .chain_update(caller.as_bytes())
+                    .chain_update(idempotency_key.as_bytes())
+                    .finalize();
+                let mut id = String::from("idem-");
+                for b in &digest[..16] {
+                    id.push_str(&format!("{b:02x}"));
+                }
+                Self(id)
+            }
+
             /// The id as text.
             #[must_use]
             pub fn as_str(&self) -> &str {
@@ -123,6 +141,21 @@ text_id!(Xid, InvalidXid, "transaction id");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_derived_id_is_one_per_caller_and_key() {
+        let a = SagaId::derived("key-a", "order-1");
+        assert_eq!(a, SagaId::derived("key-a", "order-1"));
+        assert_ne!(a, SagaId::derived("key-b", "order-1"), "another caller, another id");
+        assert_ne!(a, SagaId::derived("key-a", "order-2"));
+        assert_ne!(
+            SagaId::derived("ab", "c"),
+            SagaId::derived("a", "bc"),
+            "no ambiguity at the seam"
+        );
+        assert!(SagaId::parse(a.as_str()).is_ok() && Xid::parse(Xid::derived("k", "x").as_str()).is_ok());
+        assert_eq!(a.as_str().len(), 37);
+    }
     use serde_json::json;
 
     const VALID: [&str; 5] = [

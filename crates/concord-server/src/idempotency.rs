@@ -12,6 +12,15 @@ use std::time::Duration;
 
 use crate::config::Settings;
 
+/// The request's `Idempotency-Key`, as the layer in front of the handler accepted it (one
+/// header, valid), when it has one.
+#[must_use]
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(concord_sdk::idempotency::IDEMPOTENCY_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// Largest response kept for replay; API responses are small JSON documents.
 const MAX_STORED_RESPONSE: usize = 4 * 1024 * 1024;
 

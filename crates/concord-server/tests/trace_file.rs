@@ -53,7 +53,9 @@ fn trace_this_thread(path: &Path) -> (SdkTracerProvider, tracing::subscriber::De
 async fn traced_server(dir: &Path, path: &Path) -> Server {
     let mut cmd = serve(dir);
     cmd.env("CONCORD_TRACE_FILE", path)
-        .env("OTEL_SERVICE_NAME", "concord-under-test");
+        .env("OTEL_SERVICE_NAME", "concord-under-test")
+        // The test's participants listen on loopback.
+        .env("CONCORD_SAGA_ALLOWED_HOSTS", r#"["127.0.0.1"]"#);
     Server::start(cmd).await
 }
 

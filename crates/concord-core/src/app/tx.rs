@@ -150,15 +150,25 @@ impl TxCoordinator {
     /// # Errors
     /// An invalid request, or the store (nothing was asked of any participant then, unless the
     /// failure came after the start was logged: recovery then aborts it).
+    ///
+    /// With `xid` (one derived from the caller's `Idempotency-Key`), a transaction already logged
+    /// under it is answered as it stands instead of being begun again: a retry after a crash
+    /// meets the transaction the first attempt began.
     pub async fn begin(
         &self,
         participants: Vec<TxParticipant>,
         timeout_ms: u64,
         trace: Option<&str>,
+        xid: Option<Xid>,
     ) -> Result<Begun, TxFailure> {
         validate(&participants, timeout_ms, &self.config.limits)?;
         self.check_hosts(&participants)?;
-        let xid = Xid::generate();
+        if let Some(xid) = &xid
+            && let Some(existing) = self.existing(xid).await?
+        {
+            return Ok(existing);
+        }
+        let xid = xid.unwrap_or_else(Xid::generate);
         let now = Utc::now();
         let started = TxEvent::TxStarted {
             participants: participants.clone(),
@@ -177,7 +187,13 @@ impl TxCoordinator {
         // Every participant is named durably before any is asked to prepare, so recovery knows
         // whom to tell; the row (the work queue) comes after, so a row always has its log. A log
         // without a row (a crash in between) asked nobody anything.
-        self.append(&xid, 0, std::slice::from_ref(&started), trace).await?;
+        if let Err(e) = self.append(&xid, 0, std::slice::from_ref(&started), trace).await {
+            // Another attempt with the same derived xid logged it first.
+            if let Some(existing) = self.existing(&xid).await? {
+                return Ok(existing);
+            }
+            return Err(e);
+        }
         let timeout = Duration::from_millis(timeout_ms);
         let row = TxRow {
             xid: xid.clone(),
@@ -211,6 +227,15 @@ impl TxCoordinator {
                 })
             }
         }
+    }
+
+    /// A transaction already logged under `xid`, as begin answers it.
+    async fn existing(&self, xid: &Xid) -> Result<Option<Begun>, TxFailure> {
+        Ok(self.read_log(xid).await?.map(|state| Begun {
+            xid: xid.clone(),
+            outcome: state.decision,
+            held: None,
+        }))
     }
 
     fn check_hosts(&self, participants: &[TxParticipant]) -> Result<(), TxFailure> {
@@ -605,7 +630,7 @@ mod tests {
     async fn all_votes_commit_then_phase_two_commits_everyone() {
         let store = Arc::new(MemoryStore::default());
         let (c, script) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
-        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None).await.unwrap();
+        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None, None).await.unwrap();
         assert_eq!(outcome, Some(Outcome::Committed));
         let held = held.unwrap();
         let row = store.get_tx(&xid).await.unwrap().unwrap();
@@ -636,6 +661,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_begin_under_an_xid_already_logged_meets_that_transaction() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, _) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
+        let xid = Xid::derived("caller", "key-1");
+        let first = c.begin(parts(2), 1000, None, Some(xid.clone())).await.unwrap();
+        assert_eq!((&first.xid, first.outcome), (&xid, Some(Outcome::Committed)));
+        // The retry is told to abort: it must not run a second phase 1.
+        let (retry, script) = coordinator(&store, vec![PrepareAnswer::Abort("no".into()); 2], true);
+        let again = retry.begin(parts(2), 1000, None, Some(xid.clone())).await.unwrap();
+        assert_eq!((&again.xid, again.outcome), (&xid, Some(Outcome::Committed)));
+        assert!(again.held.is_none() && script.finished.lock().unwrap().is_empty());
+        assert_eq!(store.list_txs(None, None, None, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn one_abort_or_silence_aborts_and_unacknowledged_participants_are_retried() {
         let store = Arc::new(MemoryStore::default());
         let (c, script) = coordinator(
@@ -643,7 +683,7 @@ mod tests {
             vec![PrepareAnswer::Commit, PrepareAnswer::Silent("timeout".into())],
             false,
         );
-        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None).await.unwrap();
+        let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None, None).await.unwrap();
         assert_eq!(outcome, Some(Outcome::Aborted));
         let held = held.unwrap();
         assert_eq!(c.deliver(held).await.unwrap(), TxDriveEnd::Waiting(Outcome::Aborted));
@@ -709,7 +749,10 @@ mod tests {
     async fn invalid_requests_write_nothing() {
         let store = Arc::new(MemoryStore::default());
         let (c, _) = coordinator(&store, vec![], true);
-        assert!(matches!(c.begin(vec![], 1000, None).await, Err(TxFailure::Invalid(_))));
+        assert!(matches!(
+            c.begin(vec![], 1000, None, None).await,
+            Err(TxFailure::Invalid(_))
+        ));
         assert!(store.list_txs(None, None, None, 10).await.unwrap().is_empty());
     }
 }

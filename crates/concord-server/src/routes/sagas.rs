@@ -1,15 +1,17 @@
 //! Saga definitions and instances.
 
 use crate::error::ApiError;
+use crate::idempotency::idempotency_key;
 use crate::saga::runner::SagaView;
 use crate::state::AppState;
 use crate::telemetry::IncomingTrace;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
 use concord_core::app::saga::{SagaError, StartSaga};
+use concord_core::domain::Principal;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
@@ -130,6 +132,8 @@ fn wait_of(p: &WaitParams, state: &AppState) -> Result<Option<Duration>, ApiErro
     ))]
 pub async fn start(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     trace: Option<Extension<IncomingTrace>>,
     params: Result<Query<WaitParams>, QueryRejection>,
     body: Result<Json<StartSagaBody>, JsonRejection>,
@@ -140,6 +144,9 @@ pub async fn start(
     let trace = trace.map(|Extension(IncomingTrace(t))| t);
     // An id that does not parse is a bad name (`invalid_name`), as the engine answered it.
     let id = body.id.map(SagaId::parse).transpose().map_err(SagaError::from)?;
+    // Without an id of its own, a keyed start gets one derived from the caller and the key: a
+    // retry after a crash that left the key's record behind the saga meets that saga.
+    let id = id.or_else(|| idempotency_key(&headers).map(|k| SagaId::derived(&principal.key_id.to_string(), k)));
     let request = StartSaga {
         definition: body.definition,
         input: body.input,

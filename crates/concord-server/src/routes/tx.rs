@@ -1,13 +1,15 @@
 //! Two-phase-commit transactions.
 
 use crate::error::ApiError;
+use crate::idempotency::idempotency_key;
 use crate::state::AppState;
 use crate::telemetry::IncomingTrace;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use concord_api::tx::{BeginTxBody, ParticipantOut, TxDecision, TxOut, TxPage};
+use concord_core::domain::Principal;
 use concord_core::domain::tx::{Outcome, TxParticipant, TxState, Vote, Xid};
 use concord_core::ports::TxRow;
 use serde::Deserialize;
@@ -24,6 +26,8 @@ use utoipa::IntoParams;
     ))]
 pub async fn begin(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     trace: Option<Extension<IncomingTrace>>,
     body: Result<Json<BeginTxBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TxDecision>), ApiError> {
@@ -38,7 +42,13 @@ pub async fn begin(
             payload: p.payload,
         })
         .collect();
-    let (xid, outcome) = state.transactions.begin(participants, body.timeout_ms, trace).await?;
+    // A keyed begin gets an xid derived from the caller and the key: a retry after a crash that
+    // left the key's record behind the transaction meets that transaction.
+    let xid = idempotency_key(&headers).map(|k| Xid::derived(&principal.key_id.to_string(), k));
+    let (xid, outcome) = state
+        .transactions
+        .begin(participants, body.timeout_ms, trace, xid)
+        .await?;
     Ok(match outcome {
         Some(o) => (
             StatusCode::OK,

@@ -87,12 +87,13 @@ impl TxRunner {
         participants: Vec<TxParticipant>,
         timeout_ms: u64,
         trace: Option<String>,
+        xid: Option<Xid>,
     ) -> Result<(Xid, Option<Outcome>), BeginError> {
         let runner = Arc::clone(self);
         tokio::spawn(async move {
             let begun = runner
                 .coordinator
-                .begin(participants, timeout_ms, trace.as_deref())
+                .begin(participants, timeout_ms, trace.as_deref(), xid)
                 .await?;
             // The decision is durable: phase 2 goes on in the background.
             if let Some(held) = begun.held {
