@@ -10,6 +10,24 @@ use uuid::Uuid;
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
+/// The id of the `index`-th event of a keyed append that names none: a UUIDv8 of a SHA-256 of
+/// the caller, its `Idempotency-Key` and the index, so a retry after a crash (the events
+/// committed, the key's record not) appends the same ids and the store answers it as a replay.
+#[must_use]
+pub fn derived_event_id(caller: &str, idempotency_key: &str, index: usize) -> Uuid {
+    let digest = Sha256::new()
+        .chain_update(b"event:")
+        .chain_update((caller.len() as u64).to_be_bytes())
+        .chain_update(caller.as_bytes())
+        .chain_update((idempotency_key.len() as u64).to_be_bytes())
+        .chain_update(idempotency_key.as_bytes())
+        .chain_update((index as u64).to_be_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 /// An `Idempotency-Key` header that is empty, too long or not visible ASCII.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid Idempotency-Key: {0}")]

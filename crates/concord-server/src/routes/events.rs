@@ -1,15 +1,18 @@
 //! Appending and reading events.
 
 use crate::error::ApiError;
+use crate::idempotency::idempotency_key;
 use crate::state::AppState;
 use axum::Extension;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use concord_api::ErrorCode;
 use concord_api::events::{AppendBody, AppendResponse, EventOut, EventsPage};
 use concord_core::app::events::{Appender, READ_FORBIDDEN};
 use concord_core::domain::event::UncheckedEvent;
+use concord_core::domain::idempotency::derived_event_id;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{Category, ExpectedVersion, Principal, RecordedEvent, StreamName};
 use concord_core::ports::LogQuery;
@@ -37,6 +40,7 @@ pub async fn append(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(StreamPath { stream }): Path<StreamPath>,
+    headers: HeaderMap,
     body: Result<Json<AppendBody>, JsonRejection>,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let stream = StreamName::parse(&stream)?;
@@ -44,11 +48,16 @@ pub async fn append(
     Appender::check_write(&principal, &stream)?;
     let Json(body) = body?;
     let expected = ExpectedVersion::from_json(body.expected_version.as_ref())?;
+    // A keyed append's events without ids get ids derived from the caller and the key: a retry
+    // after a crash that left the key's record behind the events is answered as a replay.
+    let key = idempotency_key(&headers);
+    let caller = principal.key_id.to_string();
     let events = body
         .events
         .into_iter()
-        .map(|e| UncheckedEvent {
-            id: e.id,
+        .enumerate()
+        .map(|(i, e)| UncheckedEvent {
+            id: e.id.or_else(|| key.map(|k| derived_event_id(&caller, k, i))),
             event_type: e.event_type,
             data: e.data,
             metadata: e.metadata,

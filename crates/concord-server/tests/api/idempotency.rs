@@ -136,3 +136,33 @@ async fn concurrent_duplicates_run_the_request_once() {
     assert!(statuses.iter().all(|s| *s == 200 || *s == 409), "{statuses:?}");
     assert_eq!(app.log_len().await, 1, "the append ran exactly once");
 }
+
+/// A keyed append whose record is gone (left locked by a crash, then expired) and that runs
+/// again appends nothing new: its events' ids were derived from the caller and the key, so the
+/// store answers the second run as a replay.
+async fn a_keyed_append_run_twice_appends_once(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let send = || {
+        app.admin(Method::POST, "/v1/streams/pay-2")
+            .header("Idempotency-Key", "crash-1")
+            .json(&json!({"expected_version": "any", "events": [{"type": "E", "data": {"n": 1}}, {"type": "E", "data": {"n": 2}}]}))
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    // The record disappears as an expired one does.
+    let purged = app
+        .state
+        .idempotency
+        .purge_expired(chrono::Utc::now() + chrono::Duration::days(400))
+        .await
+        .unwrap();
+    assert!(purged >= 1);
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.headers().get("idempotent-replayed").is_none(), "it ran again");
+    assert_eq!(again.json::<Value>().await.unwrap(), first, "answered as the first run");
+    assert_eq!(app.log_len().await, 2, "two events, not four");
+}
+both_backends!(a_keyed_append_run_twice_appends_once);
