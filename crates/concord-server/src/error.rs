@@ -245,6 +245,15 @@ impl Coded for SagaError {
     }
 }
 
+impl Coded for concord_core::app::auth::OwnershipError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotOwner { .. } => ErrorCode::NotOwner,
+            Self::Store(s) => s.code(),
+        }
+    }
+}
+
 impl Coded for TxFailure {
     fn code(&self) -> ErrorCode {
         match self {

@@ -73,4 +73,19 @@ impl KeyStore for PostgresStore {
         .map_err(unavailable)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+
+    async fn claim_owner(&self, kind: &str, name: &str, owner: &str) -> Result<String, StoreError> {
+        // The no-op update locks the row and returns it, so a concurrent first claim is waited
+        // for and read back rather than missed.
+        sqlx::query_scalar(
+            "INSERT INTO concord_owners (kind, name, owner, created_at) VALUES ($1, $2, $3, now()) \
+             ON CONFLICT (kind, name) DO UPDATE SET owner = concord_owners.owner RETURNING owner",
+        )
+        .bind(kind)
+        .bind(name)
+        .bind(owner)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(unavailable)
+    }
 }

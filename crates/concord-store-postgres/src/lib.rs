@@ -76,6 +76,7 @@ fn migrator() -> Migrator {
         migration(1, "init", include_str!("../migrations/0001_init.sql")),
         migration(2, "sagas", include_str!("../migrations/0002_sagas.sql")),
         migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
+        migration(4, "owners", include_str!("../migrations/0004_owners.sql")),
     ]);
     m.set_ignore_missing(true);
     m

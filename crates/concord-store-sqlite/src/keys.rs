@@ -76,4 +76,19 @@ impl KeyStore for SqliteStore {
         .map_err(unavailable)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
+
+    async fn claim_owner(&self, kind: &str, name: &str, owner: &str) -> Result<String, StoreError> {
+        // One statement on the one writer: the first claim inserts, later ones read it back.
+        sqlx::query_scalar(
+            "INSERT INTO owners (kind, name, owner, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (kind, name) DO UPDATE SET owner = owners.owner RETURNING owner",
+        )
+        .bind(kind)
+        .bind(name)
+        .bind(owner)
+        .bind(Utc::now())
+        .fetch_one(&self.inner.write)
+        .await
+        .map_err(unavailable)
+    }
 }

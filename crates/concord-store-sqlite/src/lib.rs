@@ -87,6 +87,7 @@ fn migrator() -> Migrator {
             "idempotency moves to the kit",
             include_str!("../migrations/0004_idempotency.sql"),
         ),
+        migration(5, "owners", include_str!("../migrations/0005_owners.sql")),
     ]);
     m.set_ignore_missing(true);
     m

@@ -206,3 +206,53 @@ pub async fn bootstrap_admin(keys: &dyn KeyStore, configured: Option<&str>) -> R
     .await?;
     Ok(Some(key))
 }
+
+/// What a key name may own: a consumer group (its checkpoints) or a saga definition (its
+/// versions). The first key name to change one owns it; only keys of that name, or an admin key,
+/// change it after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owned {
+    ConsumerGroup,
+    SagaDefinition,
+}
+
+impl Owned {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConsumerGroup => "consumer group",
+            Self::SagaDefinition => "saga definition",
+        }
+    }
+}
+
+/// Why a change to something owned is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("{} {name} belongs to the API key name {owner:?}: only its keys or an admin key may change it", .kind.as_str())]
+    NotOwner { kind: Owned, name: String, owner: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Claims `name` for the principal's key name, or checks that it holds it; an admin key may
+/// change anything (and claims what nobody owns).
+///
+/// # Errors
+/// [`OwnershipError::NotOwner`] when another key name owns it, or the store.
+pub async fn check_owner(
+    keys: &dyn KeyStore,
+    principal: &Principal,
+    kind: Owned,
+    name: &str,
+) -> Result<(), OwnershipError> {
+    let owner = keys.claim_owner(kind.as_str(), name, &principal.name).await?;
+    if owner == principal.name || principal.allows(Scope::Admin) {
+        return Ok(());
+    }
+    Err(OwnershipError::NotOwner {
+        kind,
+        name: name.to_owned(),
+        owner,
+    })
+}

@@ -16,4 +16,7 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn revoke_key(&self, id: Uuid) -> Result<bool, StoreError>;
     /// Number of live keys carrying `admin`.
     async fn count_admin_keys(&self) -> Result<u64, StoreError>;
+    /// Claims the thing `name` of `kind` (a consumer group, a saga definition) for the key name
+    /// `owner` unless it has an owner; returns its owner now. Concurrent claims agree.
+    async fn claim_owner(&self, kind: &str, name: &str, owner: &str) -> Result<String, StoreError>;
 }

@@ -35,4 +35,17 @@ pub async fn key_store_suite<S: KeyStore>(s: S) {
     assert!(!s.revoke_key(admin.id).await.unwrap(), "revoking twice finds nothing");
     assert!(s.find_key(&KeyHash::of("secret-a")).await.unwrap().is_none());
     assert_eq!(s.count_admin_keys().await.unwrap(), 0);
+
+    assert_eq!(s.claim_owner("group", "g", "orders").await.unwrap(), "orders");
+    assert_eq!(
+        s.claim_owner("group", "g", "billing").await.unwrap(),
+        "orders",
+        "the first claim holds"
+    );
+    assert_eq!(s.claim_owner("group", "g", "orders").await.unwrap(), "orders");
+    assert_eq!(
+        s.claim_owner("definition", "g", "billing").await.unwrap(),
+        "billing",
+        "one owner per kind"
+    );
 }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 struct MemState {
     log: Vec<RecordedEvent>,
     checkpoints: HashMap<(String, u32), u64>,
+    owners: HashMap<(String, String), String>,
     keys: Vec<(ApiKeyRecord, bool)>,
     idem: HashMap<(Uuid, String), IdemRecord>,
     definitions: Vec<StoredDefinition>,
@@ -193,6 +194,14 @@ impl KeyStore for MemoryStore {
             .iter()
             .filter(|(k, revoked)| !revoked && k.scopes.contains(&Scope::Admin))
             .count() as u64)
+    }
+    async fn claim_owner(&self, kind: &str, name: &str, owner: &str) -> Result<String, StoreError> {
+        Ok(self
+            .lock()
+            .owners
+            .entry((kind.to_owned(), name.to_owned()))
+            .or_insert_with(|| owner.to_owned())
+            .clone())
     }
 }
 

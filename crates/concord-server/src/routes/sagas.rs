@@ -10,8 +10,10 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
+use concord_core::app::auth::{Owned, check_owner};
 use concord_core::app::saga::{SagaError, StartSaga};
 use concord_core::domain::Principal;
+use concord_core::domain::saga::definition::check_definition_name;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
@@ -27,14 +29,18 @@ use utoipa::IntoParams;
     responses(
         (status = 201, description = "A new version", body = DefinitionOut),
         (status = 200, description = "Unchanged: the latest version already has this spec", body = DefinitionOut),
-        (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, invalid_step_method, invalid_step_header or saga_limit_exceeded"),
+        (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, outbound_call_refused, invalid_step_method, invalid_step_header or saga_limit_exceeded"),
+        (status = 403, description = "not_owner: another API key name owns this definition"),
     ))]
 pub async fn put_definition(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(DefinitionPath { name }): Path<DefinitionPath>,
     body: Result<Json<DefinitionSpec>, JsonRejection>,
 ) -> Result<(StatusCode, Json<DefinitionOut>), ApiError> {
     let Json(spec) = body?;
+    check_definition_name(&name).map_err(SagaError::from)?;
+    check_owner(state.keys.as_ref(), &principal, Owned::SagaDefinition, &name).await?;
     let (stored, created) = state.sagas.define(&name, spec).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(definition_out(stored))))

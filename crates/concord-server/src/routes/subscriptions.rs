@@ -10,6 +10,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::{Extension, Json};
 use concord_api::ErrorCode;
 use concord_api::events::{CheckpointBody, EventOut, EventsPage};
+use concord_core::app::auth::{Owned, check_owner};
 use concord_core::app::subscribe::LogFollower;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{Principal, StreamName};
@@ -200,14 +201,17 @@ pub async fn group_events(
     responses(
         (status = 204, description = "Saved"),
         (status = 400, description = "invalid_parameter"),
+        (status = 403, description = "not_owner: another API key name owns this consumer group"),
     ))]
 pub async fn save_checkpoint(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(GroupPath { group }): Path<GroupPath>,
     body: Result<Json<CheckpointBody>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
     let group = group_name(&group)?;
     let Json(body) = body?;
+    check_owner(state.keys.as_ref(), &principal, Owned::ConsumerGroup, group.as_str()).await?;
     state
         .checkpoints
         .save_checkpoint(group.as_str(), body.member, body.position)

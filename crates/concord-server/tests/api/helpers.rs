@@ -156,9 +156,13 @@ impl TestApp {
     }
 
     pub async fn create_key(&self, scopes: &[&str]) -> String {
+        self.create_named_key("test", scopes).await
+    }
+
+    pub async fn create_named_key(&self, name: &str, scopes: &[&str]) -> String {
         let r = self
             .admin(Method::POST, "/v1/keys")
-            .json(&json!({"name": "test", "scopes": scopes}))
+            .json(&json!({"name": name, "scopes": scopes}))
             .send()
             .await
             .unwrap();

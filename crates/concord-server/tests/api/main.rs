@@ -11,6 +11,7 @@ mod events;
 mod idempotency;
 mod limits;
 mod outbound;
+mod ownership;
 mod saga_logs;
 mod sagas;
 mod subscriptions;
