@@ -113,6 +113,8 @@ error_codes! {
     /// The API key detokenized more than its rate allows. Retry after `Retry-After` seconds.
     RateLimited = ("rate_limited", 429, "Too many requests"),
     /// This API key already has `max_concurrent_requests_per_key` requests in progress.
+    /// A card number sent where a token belongs; it is neither echoed nor recorded.
+    CardNumberAsToken = ("card_number_as_token", 400, "Card number sent as a token"),
     /// A consumer group or saga definition another API key name owns.
     NotOwner = ("not_owner", 403, "Not the owner"),
     TooManyConcurrentRequests = ("too_many_concurrent_requests", 429, "Too many concurrent requests"),

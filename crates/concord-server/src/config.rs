@@ -52,6 +52,10 @@ pub struct Settings {
     /// above it.
     pub vault_detokenize_per_s: f64,
     pub vault_detokenize_burst: f64,
+    /// Audit records of refused detokenize calls one key leaves per minute on one node (0: every
+    /// one); past it they are counted into the key's next record. A key with no detokenize scope
+    /// at all is refused before anything is recorded.
+    pub vault_refused_audit_per_min: f64,
     /// Most token records written in one statement; concurrent tokenizations share it.
     pub vault_write_batch: usize,
     /// Bootstrap admin key; when unset and no admin key exists, one is generated and printed once.
@@ -216,6 +220,7 @@ impl Default for Settings {
             vault_rules_cache_ms: 1000,
             vault_detokenize_per_s: 1000.0,
             vault_detokenize_burst: 2000.0,
+            vault_refused_audit_per_min: 60.0,
             vault_write_batch: 1000,
             admin_key: None,
             log_json: false,
@@ -418,6 +423,7 @@ impl Settings {
             rules_cache_ttl: std::time::Duration::from_millis(self.vault_rules_cache_ms),
             detokenize_per_s: self.vault_detokenize_per_s,
             detokenize_burst: self.vault_detokenize_burst,
+            refused_audit_per_min: self.vault_refused_audit_per_min,
             write_batch: self.vault_write_batch,
             event_limits: self.limits(),
             previous_master_keys: Vec::new(),

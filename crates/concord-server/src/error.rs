@@ -179,6 +179,7 @@ impl Coded for VaultError {
             Self::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
             Self::FormatNotAllowed { .. } => ErrorCode::InvalidTokenFormat,
             Self::InvalidToken => ErrorCode::InvalidToken,
+            Self::CardNumberAsToken => ErrorCode::CardNumberAsToken,
             Self::BatchSize { .. } => ErrorCode::VaultBatchSize,
             Self::InvalidSubject(_) => ErrorCode::InvalidSubject,
             Self::InvalidRule(_) => ErrorCode::InvalidVaultRule,

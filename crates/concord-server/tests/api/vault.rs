@@ -118,13 +118,11 @@ async fn revealing_needs_the_scope_of_each_type_and_every_attempt_is_audited(b: 
     assert_eq!(grants[0]["data"]["scopes"], json!(["vault:detokenize:card"]));
     let trail: Vec<Value> = everything.into_iter().filter(|e| e["type"] == "Detokenized").collect();
     let outcomes: Vec<&str> = trail.iter().map(|e| e["data"]["outcome"].as_str().unwrap()).collect();
-    assert_eq!(
-        outcomes,
-        vec!["denied", "denied", "allowed", "allowed", "denied", "allowed"]
-    );
-    assert_eq!(trail[1]["data"]["items"][1]["result"], "denied");
-    assert_eq!(trail[1]["data"]["items"][1]["type"], "ssn");
-    assert_eq!(trail[5]["data"]["items"][0]["token"], t[0]);
+    // The admin key holds no detokenize scope at all: refused before anything is recorded.
+    assert_eq!(outcomes, vec!["denied", "allowed", "allowed", "denied", "allowed"]);
+    assert_eq!(trail[0]["data"]["items"][1]["result"], "denied");
+    assert_eq!(trail[0]["data"]["items"][1]["type"], "ssn");
+    assert_eq!(trail[4]["data"]["items"][0]["token"], t[0]);
     let text = serde_json::to_string(&trail).unwrap();
     for secret in [CARD, "123456789", "123-45-6789", "ada@example.com"] {
         assert!(!text.contains(secret), "the audit holds {secret}");
@@ -427,3 +425,85 @@ async fn detokenize_is_rate_limited_per_key_and_never_replayed(b: Backend) {
     );
 }
 both_backends!(detokenize_is_rate_limited_per_key_and_never_replayed);
+
+/// Every run of 13 to 19 digits (with `-` between them allowed) in `bytes` that passes the Luhn
+/// check: what a card number left in a file would look like.
+fn luhn_runs(bytes: &[u8]) -> Vec<String> {
+    let luhn = |d: &[u8]| {
+        let sum: u32 = d
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, b)| {
+                let x = u32::from(b - b'0');
+                if i % 2 == 1 {
+                    if x * 2 > 9 { x * 2 - 9 } else { x * 2 }
+                } else {
+                    x
+                }
+            })
+            .sum();
+        sum % 10 == 0
+    };
+    bytes
+        .split(|b| !(b.is_ascii_digit() || *b == b'-'))
+        .map(|run| run.iter().copied().filter(u8::is_ascii_digit).collect::<Vec<u8>>())
+        .filter(|d| (13..=19).contains(&d.len()) && luhn(d))
+        .map(|d| String::from_utf8(d).unwrap())
+        .collect()
+}
+
+/// A key without any detokenize scope cannot fill the audit trail, a key with some scope leaves a
+/// bounded number of records of its refused calls, and a card number sent as a token is refused
+/// without being recorded: afterwards no card number is in any of the SQLite files.
+async fn refused_detokenize_calls_leave_a_bounded_trail_and_no_card_number(b: Backend) {
+    let Some(app) = spawn_app_with(b, |s| s.vault_refused_audit_per_min = 20.0).await else {
+        return;
+    };
+    let card = tokens(&app, json!([{"type": "card", "value": CARD}])).await;
+    let reader = app.create_key(&["events:read"]).await;
+    let ssn_only = app.create_key(&["vault:detokenize:ssn"]).await;
+    let card_reader = app.create_key(&["vault:detokenize:card"]).await;
+    let before = audit(&app).await.len();
+    let started = std::time::Instant::now();
+    let calls = (0..5000).map(|i| {
+        let key = if i % 2 == 0 { reader.clone() } else { ssn_only.clone() };
+        let card = card.clone();
+        let app = &app;
+        async move { detokenize(app, &key, &card, "plain").await.status() }
+    });
+    use futures::StreamExt as _;
+    let statuses: Vec<_> = futures::stream::iter(calls).buffer_unordered(32).collect().await;
+    assert!(statuses.iter().all(|s| *s == 403), "every call refused: {statuses:?}");
+    // The events:read key left none; the other at most its minute's budget (20) and what refilled
+    // (one every 3 s) while the calls ran.
+    let refilled = (started.elapsed().as_secs() / 3) as usize + 1;
+    let after = audit(&app).await.len();
+    assert!(
+        after - before <= 20 + refilled,
+        "5,000 refused calls left {} records in {:?}",
+        after - before,
+        started.elapsed()
+    );
+    for not_a_token in ["4111111111111111", "4111-1111-1111-1111", "tok_5500005555555559"] {
+        let r = detokenize(&app, &card_reader, &[not_a_token.to_owned()], "plain").await;
+        let problem = assert_problem(r, 400, "card_number_as_token").await;
+        assert!(!problem.to_string().contains(&not_a_token[4..12]), "{problem}");
+    }
+    assert_eq!(audit(&app).await.len(), after, "nothing recorded of them");
+    let trail = serde_json::to_string(&audit(&app).await).unwrap();
+    assert!(luhn_runs(trail.as_bytes()).is_empty(), "{trail}");
+
+    if let Some(path) = app.database_url.strip_prefix("sqlite://") {
+        let dir = std::path::Path::new(path).parent().unwrap();
+        let mut scanned = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let file = entry.unwrap().path();
+            let found = luhn_runs(&std::fs::read(&file).unwrap());
+            assert!(found.is_empty(), "{}: {found:?}", file.display());
+            scanned += 1;
+        }
+        assert!(scanned >= 2, "the database files were scanned");
+    }
+}
+both_backends!(refused_detokenize_calls_leave_a_bounded_trail_and_no_card_number);

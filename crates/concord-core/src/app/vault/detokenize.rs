@@ -100,17 +100,11 @@ impl Vault {
                 error: None,
             })
             .collect();
-        if let Err(retry_after_ms) = self.take_rate(principal.key_id, items.len()) {
-            self.audit_detokenize(principal, reveal, "rate_limited", &items).await?;
-            return Err(VaultFailure::RateLimited { retry_after_ms });
-        }
-        let may_reveal_any = TokenType::ALL.iter().any(|t| allowed(principal, *t, reveal));
-        if !may_reveal_any {
-            for i in &mut items {
-                i.error = Some(ItemError::Denied);
-            }
-            self.audit_detokenize(principal, reveal, "denied", &items).await?;
-            metrics::counter!("concord_vault_detokenize_total", "outcome" => "denied").increment(1);
+        // A key that may reveal nothing at all is refused before anything is recorded: it could
+        // otherwise fill the audit trail with records of calls that never had a chance.
+        let holds_any = TokenType::ALL.iter().any(|t| allowed(principal, *t, Reveal::Masked));
+        if !holds_any {
+            metrics::counter!("concord_vault_detokenize_total", "outcome" => "no_scope").increment(1);
             return Err(VaultFailure::Forbidden(format!(
                 "this key has no vault:detokenize{} scope",
                 if reveal == Reveal::Masked {
@@ -119,6 +113,10 @@ impl Vault {
                     ""
                 }
             )));
+        }
+        if let Err(retry_after_ms) = self.take_rate(principal.key_id, items.len()) {
+            self.audit_detokenize(principal, reveal, "rate_limited", &items).await?;
+            return Err(VaultFailure::RateLimited { retry_after_ms });
         }
         let wanted: Vec<String> = items.iter().map(|i| i.token.clone()).collect();
         let found: HashMap<String, crate::ports::FoundToken> = self
@@ -210,8 +208,19 @@ impl Vault {
         outcome: &str,
         items: &[Revealed],
     ) -> Result<(), VaultFailure> {
-        // A refused call reveals nothing, so its record lists only the first tokens: a key
-        // without any scope cannot fill the trail with large records.
+        // A refused call reveals nothing, so its record lists only the first tokens, and a key's
+        // refused calls are recorded at most `refused_audit_per_min` a minute: past that they are
+        // counted, and the count goes into the key's next record.
+        let mut suppressed = 0;
+        if outcome != "allowed" {
+            match self.take_refused_audit(principal.key_id) {
+                Ok(earlier) => suppressed = earlier,
+                Err(()) => {
+                    metrics::counter!("concord_vault_refusals_unaudited_total").increment(1);
+                    return Ok(());
+                }
+            }
+        }
         let total = items.len();
         let listed = if outcome == "allowed" {
             total
@@ -235,7 +244,8 @@ impl Vault {
         self.audit(
             principal,
             "Detokenized",
-            json!({"reveal": reveal.as_str(), "outcome": outcome, "items_total": total, "items": items}),
+            json!({"reveal": reveal.as_str(), "outcome": outcome, "items_total": total, "items": items,
+                   "refusals_not_recorded_before": suppressed}),
         )
         .await
     }
@@ -307,12 +317,11 @@ mod tests {
             Err(VaultFailure::Forbidden(_))
         ));
         let audit = audit_log(&g).await;
-        assert_eq!(audit.len(), 2);
+        assert_eq!(audit.len(), 1, "a key with no detokenize scope at all leaves no record");
         assert_eq!(audit[0]["outcome"], "denied");
         assert_eq!(audit[0]["items"][1]["result"], "denied");
         assert_eq!(audit[0]["items"][0]["result"], "withheld");
         assert_eq!(audit[0]["key_id"], json!(who.key_id));
-        assert_eq!(audit[1]["items"][0]["result"], "denied");
         let text = serde_json::to_string(&audit).unwrap();
         assert!(!text.contains("4242424242424242") && !text.contains("6789"), "{text}");
     }
@@ -349,10 +358,50 @@ mod tests {
     #[tokio::test]
     async fn a_refused_detokenize_lists_only_the_first_tokens() {
         let g = given(VaultConfig::default()).await;
-        let tokens: Vec<Token> = (0..40).map(|i| Token::parse(&format!("tok_{i}")).unwrap()).collect();
-        assert!(reveal(&g, &caller(&[]), &tokens, Reveal::Plain).await.is_err());
+        let card = g
+            .vault
+            .tokenize(vec![item(TokenType::Card, "4242424242424242")])
+            .await
+            .unwrap();
+        let tokens: Vec<Token> = (0..40).map(|_| card[0].clone()).collect();
+        let ssn_only = caller(&["vault:detokenize:ssn"]);
+        assert!(reveal(&g, &ssn_only, &tokens, Reveal::Plain).await.is_err());
         let audit = audit_log(&g).await;
         assert_eq!(audit[0]["items_total"], 40);
         assert_eq!(audit[0]["items"].as_array().unwrap().len(), MAX_REFUSED_LISTED);
+    }
+
+    #[tokio::test]
+    async fn a_keys_refused_calls_leave_a_bounded_number_of_records_and_a_count() {
+        let g = given(VaultConfig {
+            refused_audit_per_min: 60.0,
+            ..VaultConfig::default()
+        })
+        .await;
+        let card = g
+            .vault
+            .tokenize(vec![item(TokenType::Card, "4242424242424242")])
+            .await
+            .unwrap();
+        let ssn_only = caller(&["vault:detokenize:ssn"]);
+        for _ in 0..500 {
+            assert!(reveal(&g, &ssn_only, &card, Reveal::Plain).await.is_err());
+        }
+        let audit = audit_log(&g).await;
+        assert!((60..=61).contains(&audit.len()), "{} records", audit.len());
+        // A second's refill: the next record counts what went unrecorded.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(reveal(&g, &ssn_only, &card, Reveal::Plain).await.is_err());
+        let audit = audit_log(&g).await;
+        let unrecorded = audit.last().unwrap()["refusals_not_recorded_before"].as_u64().unwrap();
+        assert_eq!(
+            unrecorded as usize + audit.len() - 1,
+            500,
+            "every refusal is recorded or counted"
+        );
+        // Another key has its own budget.
+        let other = caller(&["vault:detokenize:ssn"]);
+        assert!(reveal(&g, &other, &card, Reveal::Plain).await.is_err());
+        assert_eq!(audit_log(&g).await.len(), audit.len() + 1);
     }
 }

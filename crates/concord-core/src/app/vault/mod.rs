@@ -56,6 +56,9 @@ pub struct VaultConfig {
     pub detokenize_per_s: f64,
     /// How many tokens above the rate a key may detokenize in a burst.
     pub detokenize_burst: f64,
+    /// Audit records of refused detokenize calls (denied, rate-limited) one key leaves per
+    /// minute on this node (0: every one); past it they are counted into its next record.
+    pub refused_audit_per_min: f64,
     /// Most token records written in one statement: concurrent tokenizations share it.
     pub write_batch: usize,
     /// Limits of the event store, for the audit records.
@@ -77,6 +80,7 @@ impl Default for VaultConfig {
             key_cache_ttl: Duration::from_secs(1),
             rules_cache_ttl: Duration::from_secs(1),
             detokenize_per_s: 1000.0,
+            refused_audit_per_min: 60.0,
             detokenize_burst: 2000.0,
             write_batch: 1000,
             event_limits: Limits::default(),
@@ -124,6 +128,8 @@ pub struct Vault {
     data_keys: Mutex<HashMap<String, (Uuid, SubjectKeys, Instant)>>,
     rules: Mutex<HashMap<String, CachedRules>>,
     buckets: Mutex<HashMap<Uuid, Bucket>>,
+    /// Per key: audit records of refused detokenize calls left this minute.
+    refused_audits: Mutex<HashMap<Uuid, rate::RefusedAudit>>,
     /// New token records of concurrent requests, written in one statement.
     token_writes: Batcher<TokenWrites>,
     /// Audit records of concurrent requests, written in one append.
@@ -166,6 +172,7 @@ impl Vault {
             data_keys: Mutex::new(HashMap::new()),
             rules: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            refused_audits: Mutex::new(HashMap::new()),
             config,
         };
         vault.adopt_master_key().await?;

@@ -9,7 +9,43 @@ pub(super) struct Bucket {
     at: Instant,
 }
 
+/// A key's budget of audit records for refused calls, and the refusals it left unrecorded.
+pub(super) struct RefusedAudit {
+    bucket: Bucket,
+    unrecorded: u64,
+}
+
 impl Vault {
+    /// Takes one audit record of a refused call from the key's budget: the refusals left
+    /// unrecorded since its last record, or `Err` when the budget is spent (this one is counted).
+    pub(super) fn take_refused_audit(&self, key: Uuid) -> Result<u64, ()> {
+        let per_s = self.config.refused_audit_per_min / 60.0;
+        if per_s <= 0.0 {
+            return Ok(0);
+        }
+        let burst = self.config.refused_audit_per_min.max(1.0);
+        let mut budgets = lock(&self.refused_audits);
+        if budgets.len() >= CACHE_MAX && !budgets.contains_key(&key) {
+            budgets.retain(|_, b| b.unrecorded > 0 || b.bucket.at.elapsed().as_secs_f64() * per_s < burst);
+        }
+        let b = budgets.entry(key).or_insert(RefusedAudit {
+            bucket: Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            },
+            unrecorded: 0,
+        });
+        b.bucket.tokens = (b.bucket.tokens + b.bucket.at.elapsed().as_secs_f64() * per_s).min(burst);
+        b.bucket.at = Instant::now();
+        if b.bucket.tokens >= 1.0 {
+            b.bucket.tokens -= 1.0;
+            Ok(std::mem::take(&mut b.unrecorded))
+        } else {
+            b.unrecorded += 1;
+            Err(())
+        }
+    }
+
     /// Takes `n` tokens from the key's bucket; the time to wait when it has too few.
     pub(super) fn take_rate(&self, key: Uuid, n: usize) -> Result<(), u64> {
         let rate = self.config.detokenize_per_s;

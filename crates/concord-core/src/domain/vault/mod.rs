@@ -30,6 +30,10 @@ pub enum VaultError {
     /// A token outside the token alphabet or length.
     #[error("a token is 1 to 64 characters of letters, digits, - and _")]
     InvalidToken,
+    /// A "token" that is a card number (a Luhn-valid run of 13 to 19 digits, `-` allowed
+    /// between them): refused without being echoed or recorded anywhere.
+    #[error("that is a card number, not a token: send its token (nothing was recorded)")]
+    CardNumberAsToken,
     /// More items in one request than the configured limit, or none.
     #[error("{count} items in one request; between 1 and {limit} are allowed")]
     BatchSize { count: usize, limit: usize },

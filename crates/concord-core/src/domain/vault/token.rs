@@ -101,6 +101,9 @@ impl Token {
         {
             return Err(VaultError::InvalidToken);
         }
+        if holds_card_number(raw) {
+            return Err(VaultError::CardNumberAsToken);
+        }
         Ok(Self(raw.to_owned()))
     }
 
@@ -121,10 +124,39 @@ impl std::fmt::Display for Token {
     }
 }
 
+/// Whether `raw` holds a card number: a run of digits (with `-` allowed between them, as cards
+/// are written) of 13 to 19 digits that passes the Luhn check. `last4` tokens are such runs that
+/// fail it, by construction.
+fn holds_card_number(raw: &str) -> bool {
+    raw.split(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .map(|run| run.replace('-', ""))
+        .any(|digits| (13..=19).contains(&digits.len()) && super::value::luhn_valid(&digits))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::vault::value::luhn_valid;
+
+    #[test]
+    fn a_card_number_is_not_a_token() {
+        for card in [
+            "4111111111111111",
+            "4111-1111-1111-1111",
+            "tok_4111111111111111",
+            "378282246310005",
+        ] {
+            assert_eq!(Token::parse(card), Err(VaultError::CardNumberAsToken), "{card}");
+        }
+        let last4 = TokenFormat::Last4.generate("4111111111111111").unwrap();
+        assert!(
+            Token::parse(last4.as_str()).is_ok(),
+            "a last4 token fails Luhn by design"
+        );
+        for fine in ["tok_abc", "4111111111111112", "123456789012", "12345678901234567890123"] {
+            assert!(Token::parse(fine).is_ok(), "{fine}");
+        }
+    }
 
     #[test]
     fn random_and_uuid_tokens_are_distinct_and_parse_back() {
