@@ -443,7 +443,7 @@ fn luhn_runs(bytes: &[u8]) -> Vec<String> {
                 }
             })
             .sum();
-        sum % 10 == 0
+        sum.is_multiple_of(10)
     };
     bytes
         .split(|b| !(b.is_ascii_digit() || *b == b'-'))
