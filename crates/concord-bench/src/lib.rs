@@ -150,21 +150,21 @@ impl BenchServer {
         let admin = concord_core::domain::auth::generate_key();
         let tx_token = concord_core::domain::auth::generate_key();
         let settings = Settings {
-            tx_participant_token: Some(tx_token.clone()),
+            tx_participant_token: Some(tx_token.clone().into()),
             tx_participant_token_hosts: vec!["127.0.0.1".into()],
             listen: "127.0.0.1:0".into(),
             // The participants are on loopback, which the outbound policy refuses unless named.
             saga_allowed_hosts: vec!["127.0.0.1".into()],
             tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url: database_url.to_owned(),
-            admin_key: Some(admin.clone()),
+            admin_key: Some(admin.clone().into()),
             db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
             sqlite_synchronous_full: true,
             vault_master_key: Some(
                 concord_core::domain::vault::SecretKey::generate()?
                     .to_base64()
                     .as_str()
-                    .to_owned(),
+                    .into(),
             ),
             // The vault benchmark measures throughput; the limit is a policy, set per deployment.
             vault_detokenize_per_s: 0.0,

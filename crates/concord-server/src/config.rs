@@ -23,7 +23,7 @@ pub struct Settings {
     /// The vault's master key, 32 bytes in base64 (`CONCORD_VAULT_MASTER_KEY`). A secret: never
     /// logged or serialized.
     #[serde(skip_serializing)]
-    pub vault_master_key: Option<String>,
+    pub vault_master_key: Option<Secret>,
     /// A file holding the master key in base64, when `vault_master_key` is unset. Unset too: the
     /// file beside a SQLite vault (`concord-vault.key`), generated (mode 0600) when a new vault
     /// is created; keep a copy somewhere safe, since without it no token can be revealed.
@@ -32,7 +32,7 @@ pub struct Settings {
     /// under the new key at start (`CONCORD_VAULT_PREVIOUS_MASTER_KEYS='["..."]'`). Secrets:
     /// never logged or serialized.
     #[serde(skip_serializing)]
-    pub vault_previous_master_keys: Vec<String>,
+    pub vault_previous_master_keys: Vec<Secret>,
     /// Most items in one tokenize or detokenize request.
     pub vault_max_batch: usize,
     /// Largest value the vault takes, bytes.
@@ -60,7 +60,7 @@ pub struct Settings {
     pub vault_write_batch: usize,
     /// Bootstrap admin key; when unset and no admin key exists, one is generated and printed once.
     #[serde(skip_serializing)]
-    pub admin_key: Option<String>,
+    pub admin_key: Option<Secret>,
     /// JSON log lines instead of human-readable ones.
     pub log_json: bool,
     /// Largest `data` + `metadata` of one event, bytes.
@@ -156,7 +156,7 @@ pub struct Settings {
     /// it (`concord_sdk::tx::CoordinatorAuth::Token`), so only the coordinator can prepare,
     /// commit or abort. A secret: never logged.
     #[serde(skip_serializing)]
-    pub tx_participant_token: Option<String>,
+    pub tx_participant_token: Option<Secret>,
     /// The participants (`name`, `name:port`, or a network for participants called by address)
     /// `tx_participant_token` is sent to; to any other the call goes without it. Required with a
     /// token: the server does not start with a token bound to nothing.
@@ -178,12 +178,44 @@ impl std::fmt::Debug for Settings {
     }
 }
 
+/// A secret of the configuration (a key, a token, a password): wiped from memory when dropped,
+/// printed as `[secret]`, never serialized.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(zeroize::Zeroizing<String>);
+
+impl Secret {
+    /// The secret's text, for the one place that uses it.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[secret]")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(zeroize::Zeroizing::new(s))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(zeroize::Zeroizing::new(s.to_owned()))
+    }
+}
+
 /// One saga secret: its value and where it may be sent: hosts (`name` or `name:port`),
 /// methods (empty: any) and a path prefix (unset: `/`).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SagaSecretSetting {
-    pub value: String,
+    pub value: Secret,
     pub hosts: Vec<String>,
     #[serde(default)]
     pub methods: Vec<String>,
@@ -295,6 +327,16 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Drops the secrets the server needs only to start (the master keys, the bootstrap admin
+    /// key), wiping them from memory: the settings live as long as the process.
+    pub fn forget_startup_secrets(&mut self) {
+        self.vault_master_key = None;
+        self.vault_previous_master_keys.clear();
+        self.admin_key = None;
+        self.tx_participant_token = None;
+        self.saga_secrets.clear();
+    }
+
     /// The relations between settings that single values cannot express.
     ///
     /// # Errors
@@ -350,7 +392,7 @@ impl Settings {
         )
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         Ok(Some(crate::tx::participants::BoundToken {
-            token: zeroize::Zeroizing::new(token.clone()),
+            token: zeroize::Zeroizing::new(token.expose().to_owned()),
             hosts,
         }))
     }
@@ -366,7 +408,7 @@ impl Settings {
                 methods: s.methods.clone(),
                 path_prefix: s.path_prefix.clone(),
             };
-            (name.clone(), s.value.clone(), binding)
+            (name.clone(), s.value.expose().to_owned(), binding)
         }))
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))
     }
@@ -533,7 +575,7 @@ mod tests {
         .unwrap();
         let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
         let shop = &s.saga_secrets["shop"];
-        assert_eq!((shop.value.as_str(), shop.hosts.len()), ("t0ken", 2));
+        assert_eq!((shop.value.expose(), shop.hosts.len()), ("t0ken", 2));
         for shown in [serde_json::to_string(&s).unwrap(), format!("{s:?}")] {
             assert!(!shown.contains("t0ken"), "{shown}");
         }

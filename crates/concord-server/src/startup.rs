@@ -1,6 +1,6 @@
 //! Building and running the application: stores, bootstrap, router, background work, shutdown.
 
-use crate::config::Settings;
+use crate::config::{Secret, Settings};
 use crate::routes;
 use crate::state::AppState;
 use anyhow::Context as _;
@@ -104,12 +104,13 @@ impl Application {
     ///
     /// # Errors
     /// When the database or the address is unavailable.
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
         settings.check()?;
         // Install the recorder before anything counts, so no early sample is lost.
         crate::telemetry::metrics_handle();
         let stores = open_stores(&settings).await?;
-        let generated_admin_key = bootstrap_admin(stores.keys.as_ref(), settings.admin_key.as_deref()).await?;
+        let generated_admin_key =
+            bootstrap_admin(stores.keys.as_ref(), settings.admin_key.as_ref().map(Secret::expose)).await?;
         let listener = TcpListener::bind(&settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
@@ -206,7 +207,12 @@ impl Application {
             ))),
             key_slots: crate::limits::KeySlots::new(settings.max_concurrent_requests_per_key),
             subscribers: Arc::new(tokio::sync::Semaphore::new(settings.max_subscribers)),
-            settings: Arc::new(settings),
+            settings: Arc::new({
+                // Each secret now lives in the part that uses it (the vault, the participants'
+                // clients); the settings kept for the process's life hold none.
+                settings.forget_startup_secrets();
+                settings
+            }),
             shutdown: shutdown_rx,
         };
         Ok(Self {

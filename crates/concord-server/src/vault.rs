@@ -37,7 +37,7 @@ pub async fn open(settings: &Settings, events: Arc<dyn EventStore>) -> anyhow::R
     config.previous_master_keys = settings
         .vault_previous_master_keys
         .iter()
-        .map(|k| SecretKey::from_base64(k))
+        .map(|k| SecretKey::from_base64(k.expose()))
         .collect::<Result<_, _>>()
         .context("CONCORD_VAULT_PREVIOUS_MASTER_KEYS")?;
     let vault = Vault::open(store, events, master, config)
@@ -60,13 +60,13 @@ fn default_key_file(vault_url: &str) -> PathBuf {
 
 async fn master_key(settings: &Settings, vault_url: &str, store: &dyn VaultStore) -> anyhow::Result<SecretKey> {
     if let Some(text) = &settings.vault_master_key {
-        return SecretKey::from_base64(text).context("CONCORD_VAULT_MASTER_KEY");
+        return SecretKey::from_base64(text.expose()).context("CONCORD_VAULT_MASTER_KEY");
     }
     let path = settings
         .vault_master_key_file
         .as_ref()
         .map_or_else(|| default_key_file(vault_url), PathBuf::from);
-    match std::fs::read_to_string(&path) {
+    match std::fs::read_to_string(&path).map(zeroize::Zeroizing::new) {
         Ok(text) => SecretKey::from_base64(&text).with_context(|| format!("vault master key file {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::ensure!(
@@ -100,6 +100,18 @@ fn write_key_file(path: &std::path::Path, key: &SecretKey) -> anyhow::Result<()>
     file.write_all(key.to_base64().as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
+    // The file's name is durable only once its directory is: fsync it too, or a crash could
+    // leave a vault whose keyring was sealed under a key that no file holds.
+    #[cfg(unix)]
+    {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing the directory of {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -43,7 +43,7 @@ impl Setup {
             saga_allowed_hosts: vec!["127.0.0.1".into()],
             tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url: format!("sqlite://{}", dir.path().join("concord.db").display()),
-            admin_key: Some(admin_key.clone()),
+            admin_key: Some(admin_key.clone().into()),
             db_connections: 4,
             ..Settings::default()
         };

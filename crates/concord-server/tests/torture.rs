@@ -23,7 +23,7 @@ async fn start_node(database_url: &str, admin_key: &str) -> (String, oneshot::Se
         saga_allowed_hosts: vec!["127.0.0.1".into()],
         tx_allowed_hosts: vec!["127.0.0.1".into()],
         database_url: database_url.to_owned(),
-        admin_key: Some(admin_key.to_owned()),
+        admin_key: Some(admin_key.into()),
         vault_master_key: Some(VAULT_KEY.into()),
         db_connections: 8,
         ..Settings::default()

@@ -27,8 +27,8 @@ impl TestServer {
             saga_allowed_hosts: vec!["127.0.0.1".into()],
             tx_allowed_hosts: vec!["127.0.0.1".into()],
             database_url,
-            admin_key: Some(admin_key.clone()),
-            vault_master_key: Some(test_master_key()),
+            admin_key: Some(admin_key.clone().into()),
+            vault_master_key: Some(test_master_key().into()),
             db_connections: 4,
             ..Settings::default()
         };

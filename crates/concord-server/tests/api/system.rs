@@ -1,3 +1,4 @@
+use crate::both_backends;
 use crate::helpers::{Backend, spawn_app};
 use reqwest::Method;
 use serde_json::Value;
@@ -123,3 +124,22 @@ async fn the_openapi_document_lists_every_route() {
     );
     assert!(doc["components"]["schemas"]["Problem"].is_object());
 }
+
+/// Once the server runs, the settings it keeps for its whole life hold no secret: the master
+/// key, the admin key, the 2PC token and the saga secrets live only in the parts that use them.
+async fn the_running_server_keeps_no_secret_in_its_settings(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |s| {
+        s.tx_participant_token = Some("tx-token".into());
+        s.tx_participant_token_hosts = vec!["127.0.0.1".into()];
+    })
+    .await
+    else {
+        return;
+    };
+    let s = &app.state.settings;
+    assert!(s.vault_master_key.is_none() && s.vault_previous_master_keys.is_empty());
+    assert!(s.admin_key.is_none() && s.tx_participant_token.is_none() && s.saga_secrets.is_empty());
+    let r = app.admin(Method::GET, "/v1/events?limit=1").send().await.unwrap();
+    assert_eq!(r.status(), 200, "the admin key still works: it lives in the key store");
+}
+both_backends!(the_running_server_keeps_no_secret_in_its_settings);
