@@ -2,9 +2,6 @@
 //! served at once, and the time one request may take.
 
 use crate::error::ApiError;
-use crate::state::AppState;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::Response;
 use concord_api::ErrorCode;
 use std::collections::HashMap;
@@ -80,14 +77,10 @@ pub fn too_many_requests(max: usize) -> ApiError {
     e
 }
 
-/// Answers 503 `request_timed_out` to a request still running after `request_timeout_ms`
-/// (dropping it: a database transaction in it rolls back). An event stream returns its head at
-/// once, so its body is not bound by this.
-pub async fn request_timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    within(Duration::from_millis(state.settings.request_timeout_ms), next.run(req)).await
-}
-
-async fn within(limit: Duration, response: impl Future<Output = Response>) -> Response {
+/// The response, or 503 `request_timed_out` when it takes over `limit` (dropping the handler:
+/// a database transaction in it rolls back). An event stream returns its head at once, so its
+/// body is not bound by this.
+pub async fn within(limit: Duration, response: impl Future<Output = Response>) -> Response {
     match tokio::time::timeout(limit, response).await {
         Ok(response) => response,
         Err(_) => {

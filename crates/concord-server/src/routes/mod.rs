@@ -62,6 +62,16 @@ pub fn document(settings: &Settings) -> serde_json::Value {
     openapi::finish(&declared, settings)
 }
 
+/// Bounds every request by `request_timeout_ms` (503 `request_timed_out` past it).
+async fn request_timeout(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = std::time::Duration::from_millis(state.settings.request_timeout_ms);
+    crate::limits::within(limit, next.run(req)).await
+}
+
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let (public, v1) = declared();
@@ -74,7 +84,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), crate::limits::request_timeout))
+        .layer(from_fn_with_state(state.clone(), request_timeout))
         .layer(from_fn(telemetry::observe))
         .with_state(state)
 }

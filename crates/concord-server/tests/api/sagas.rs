@@ -625,7 +625,7 @@ async fn participant_credentials_come_from_server_secrets(b: Backend) {
 }
 both_backends!(participant_credentials_come_from_server_secrets);
 
-/// Waiting for a saga holds a waiter only while someone waits: requests that give up mid-wait
+/// Waiting for a saga holds a waiter only while someone waits: 500 requests that give up mid-wait
 /// (the client went away) and waits on unknown sagas (answered at once) leave none behind.
 async fn abandoned_and_unknown_waits_leave_no_waiter(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
@@ -643,13 +643,16 @@ async fn abandoned_and_unknown_waits_leave_no_waiter(b: Backend) {
         .timeout(Duration::from_millis(150))
         .build()
         .unwrap();
-    let waits = (0..40).map(|_| {
+    // 500 waits that the client abandons, 100 at a time (under the key's concurrency cap).
+    let waits = (0..500).map(|_| {
         impatient
             .get(format!("{}/v1/sagas/w-1?wait_ms=20000", app.address))
             .bearer_auth(&app.admin_key)
             .send()
     });
-    for r in futures::future::join_all(waits).await {
+    use futures::StreamExt as _;
+    let abandoned: Vec<_> = futures::stream::iter(waits).buffer_unordered(100).collect().await;
+    for r in abandoned {
         assert!(r.is_err(), "the client gave up before the saga finished");
     }
     // An unknown saga is answered at once: the impatient client gets its 404.

@@ -15,14 +15,17 @@ impl Vault {
     /// [`VaultFailure::Store`].
     #[tracing::instrument(skip_all)]
     pub async fn erase_subject(&self, principal: &Principal, subject: &Subject) -> Result<bool, VaultFailure> {
-        let erased = self.store.delete_data_key(subject.as_str()).await?;
-        lock(&self.data_keys).remove(subject.as_str());
+        // Recorded before the key goes: an erasure the trail does not hold never happens (one
+        // whose delete then fails is recorded, and a retry records it again).
+        let had_key = self.store.data_key(subject.as_str()).await?.is_some();
         self.audit(
             principal,
             "SubjectErased",
-            json!({"subject_ref": self.subject_ref(subject), "had_key": erased}),
+            json!({"subject_ref": self.subject_ref(subject), "had_key": had_key}),
         )
         .await?;
+        let erased = self.store.delete_data_key(subject.as_str()).await?;
+        lock(&self.data_keys).remove(subject.as_str());
         metrics::counter!("concord_vault_subjects_erased_total").increment(u64::from(erased));
         Ok(erased)
     }
@@ -97,5 +100,74 @@ mod tests {
             .unwrap();
         assert_eq!(got[0].error, Some(ItemError::Erased));
         assert_eq!(values(&got)[1].as_deref(), Some("ada@example.com"));
+    }
+
+    /// An event store whose appends fail: the audit trail is down.
+    struct NoTrail(std::sync::Arc<crate::testkit::MemoryStore>);
+
+    #[async_trait::async_trait]
+    impl crate::ports::EventStore for NoTrail {
+        async fn append(
+            &self,
+            _: crate::domain::AppendRequest,
+        ) -> Result<crate::domain::AppendOutcome, crate::ports::StoreError> {
+            Err(crate::ports::StoreError::Unavailable("the trail is down".into()))
+        }
+        async fn read_stream(
+            &self,
+            stream: &crate::domain::StreamName,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<crate::domain::RecordedEvent>, crate::ports::StoreError> {
+            self.0.read_stream(stream, from, limit).await
+        }
+        async fn read_log(
+            &self,
+            q: &crate::ports::LogQuery,
+        ) -> Result<Vec<crate::domain::RecordedEvent>, crate::ports::StoreError> {
+            self.0.read_log(q).await
+        }
+        async fn head_position(&self) -> Result<u64, crate::ports::StoreError> {
+            self.0.head_position().await
+        }
+        fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.0.watch_head()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_erasure_the_trail_cannot_record_does_not_happen() {
+        let g = given(VaultConfig::default()).await;
+        let t = g
+            .vault
+            .tokenize(vec![with_subject(
+                item(TokenType::Email, "ada@example.com"),
+                "customer-9",
+            )])
+            .await
+            .unwrap();
+        // The same vault store, opened with an audit trail that cannot be written.
+        let blind = Vault::open(
+            g.store.clone(),
+            std::sync::Arc::new(NoTrail(g.events.clone())),
+            g.master.clone(),
+            VaultConfig::default(),
+        )
+        .await
+        .unwrap();
+        let admin = caller(&["vault:admin"]);
+        assert!(
+            blind
+                .erase_subject(&admin, &Subject::parse("customer-9").unwrap())
+                .await
+                .is_err()
+        );
+        let who = caller(&["vault:detokenize:email"]);
+        let got = reveal(&g, &who, &t, Reveal::Plain).await.unwrap();
+        assert_eq!(
+            values(&got),
+            vec![Some("ada@example.com".into())],
+            "the key is still there"
+        );
     }
 }

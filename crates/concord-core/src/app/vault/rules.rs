@@ -4,7 +4,7 @@
 use super::tokenize::{IndexContext, TokenizeItem};
 use super::{CACHE_MAX, Vault, VaultFailure, lock};
 use crate::domain::event::UncheckedEvent;
-use crate::domain::vault::{FieldRules, Subject};
+use crate::domain::vault::{FieldRules, Subject, VaultError};
 use crate::domain::{Principal, StreamName};
 use chrono::Utc;
 use serde_json::{Value, json};
@@ -99,6 +99,14 @@ impl Vault {
         if items.is_empty() {
             return Ok(0);
         }
+        // One append tokenizes no more values than one tokenize request may.
+        if items.len() > self.config.max_batch {
+            return Err(VaultError::BatchSize {
+                count: items.len(),
+                limit: self.config.max_batch,
+            }
+            .into());
+        }
         let tokens = self.tokenize_unbounded(items, IndexContext::EventFields).await?;
         for ((e, rule), token) in places.iter().zip(&tokens) {
             rules.replace(&mut events[*e].data, *rule, token.as_str());
@@ -113,6 +121,36 @@ mod tests {
     use crate::app::vault::testing::*;
     use crate::app::vault::{ItemError, Reveal, VaultConfig};
     use crate::domain::vault::{Token, TokenType};
+
+    #[tokio::test]
+    async fn an_append_tokenizes_no_more_fields_than_a_batch() {
+        let g = given(VaultConfig {
+            max_batch: 5,
+            ..VaultConfig::default()
+        })
+        .await;
+        let fields = json!({"/email": "email", "/phone": "generic"});
+        g.vault
+            .put_rules(&caller(&["vault:admin"]), "customer", fields.as_object().unwrap())
+            .await
+            .unwrap();
+        let stream = StreamName::parse("customer-8").unwrap();
+        let event = |n: usize| UncheckedEvent {
+            id: None,
+            event_type: "Registered".into(),
+            data: json!({"email": format!("u{n}@example.com"), "phone": format!("555-{n}")}),
+            metadata: None,
+        };
+        let mut fits: Vec<UncheckedEvent> = (0..2).map(event).collect();
+        assert_eq!(g.vault.tokenize_events(&stream, &mut fits).await.unwrap(), 4);
+        let mut over: Vec<UncheckedEvent> = (0..3).map(event).collect();
+        let err = g.vault.tokenize_events(&stream, &mut over).await.unwrap_err();
+        assert!(
+            matches!(err, VaultFailure::Invalid(VaultError::BatchSize { count: 6, limit: 5 })),
+            "{err}"
+        );
+        assert_eq!(over[0].data["email"], "u0@example.com", "nothing replaced");
+    }
 
     #[tokio::test]
     async fn an_api_caller_cannot_find_an_event_fields_token_by_guessing_its_value() {
