@@ -71,6 +71,10 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Most events one read returns.
     pub max_read_limit: usize,
+    /// Most bytes of events (`data` and `metadata`) one page or event-stream batch holds; a page
+    /// stops before the event that would cross it (it always holds one event). The events after
+    /// are read on the next page.
+    pub max_read_bytes: usize,
     /// Longest long-poll of a consumer group read, milliseconds.
     pub max_wait_ms: u64,
     /// Most events written in one group-commit transaction.
@@ -260,6 +264,7 @@ impl Default for Settings {
             max_events_per_append: 1000,
             max_body_bytes: 16 * 1024 * 1024,
             max_read_limit: 1000,
+            max_read_bytes: 8 * 1024 * 1024,
             max_wait_ms: 30_000,
             max_batch_events: 2000,
             idempotency_ttl_s: 24 * 3600,
@@ -366,6 +371,7 @@ impl Settings {
                 self.max_concurrent_requests_per_key as u64,
             ),
             ("max_subscribers", self.max_subscribers as u64),
+            ("max_read_bytes", self.max_read_bytes as u64),
         ] {
             anyhow::ensure!(value > 0, "configuration: {name} must be above 0");
         }

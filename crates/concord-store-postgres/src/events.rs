@@ -228,6 +228,40 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 const SELECT_EVENT: &str =
     "SELECT id, stream, version, position, event_type, data, metadata, recorded_at FROM concord_events";
 
+/// Reads rows one at a time, keeping events while their `data` and `metadata` fit in
+/// `max_bytes` (always the first): the rows past the budget are never decoded or kept.
+async fn collect_within(
+    mut rows: impl futures::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+    max_bytes: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    use futures::TryStreamExt as _;
+    let mut out = Vec::new();
+    let mut used = 0usize;
+    while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+        let size = row_bytes(&row)?;
+        if !out.is_empty() && used.saturating_add(size) > max_bytes {
+            break;
+        }
+        used = used.saturating_add(size);
+        out.push(event_from_row(&row)?);
+    }
+    Ok(out)
+}
+
+/// The bytes of `data` and `metadata` as they came (JSONB: a version byte and the JSON text).
+fn row_bytes(row: &PgRow) -> Result<usize, StoreError> {
+    use sqlx::ValueRef as _;
+    let len = |i: usize| -> Result<usize, StoreError> {
+        let raw = row.try_get_raw(i).map_err(unavailable)?;
+        Ok(if raw.is_null() {
+            0
+        } else {
+            raw.as_bytes().map_err(|e| unavailable(e.to_string()))?.len()
+        })
+    };
+    Ok(len(5)? + len(6)?)
+}
+
 fn event_from_row(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let stream: String = row.try_get(1).map_err(unavailable)?;
     Ok(RecordedEvent {
@@ -260,17 +294,15 @@ impl EventStore for PostgresStore {
         stream: &StreamName,
         from: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3"
-        )))
-        .bind(stream.as_str())
-        .bind(to_i64(from))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(unavailable)?;
-        if rows.is_empty() {
+        let sql = format!("{SELECT_EVENT} WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3");
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream.as_str())
+            .bind(to_i64(from))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let events = collect_within(query.fetch(&self.inner.pool), max_bytes).await?;
+        if events.is_empty() {
             let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM concord_events WHERE stream = $1 LIMIT 1")
                 .bind(stream.as_str())
                 .fetch_optional(&self.inner.pool)
@@ -280,11 +312,11 @@ impl EventStore for PostgresStore {
                 return Err(StoreError::StreamNotFound(stream.to_string()));
             }
         }
-        rows.iter().map(event_from_row).collect()
+        Ok(events)
     }
 
     async fn read_log(&self, q: &LogQuery) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT_EVENT} WHERE position > $1 \
              AND ($2::text IS NULL OR category = $2) \
              AND ($3::bigint IS NULL OR stream_hash % $3 = $4) \
@@ -294,11 +326,8 @@ impl EventStore for PostgresStore {
         .bind(q.category.as_ref().map(|c| c.as_str().to_owned()))
         .bind(q.partition.map(|p| i64::from(p.size)))
         .bind(q.partition.map_or(0, |p| i64::from(p.member)))
-        .bind(i64::try_from(q.limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(event_from_row).collect()
+        .bind(i64::try_from(q.limit).unwrap_or(i64::MAX));
+        collect_within(query.fetch(&self.inner.pool), q.max_bytes).await
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -120,6 +120,32 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 const SELECT_EVENT: &str = "SELECT id, stream, version, position, event_type, data, metadata, recorded_at FROM events";
 
+/// Reads rows one at a time, keeping events while their `data` and `metadata` fit in
+/// `max_bytes` (always the first): the rows past the budget are never decoded or kept.
+async fn collect_within(
+    mut rows: impl futures::Stream<Item = Result<SqliteRow, sqlx::Error>> + Unpin,
+    max_bytes: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    use futures::TryStreamExt as _;
+    let mut out = Vec::new();
+    let mut used = 0usize;
+    while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+        let size = row_bytes(&row)?;
+        if !out.is_empty() && used.saturating_add(size) > max_bytes {
+            break;
+        }
+        used = used.saturating_add(size);
+        out.push(event_from_row(&row)?);
+    }
+    Ok(out)
+}
+
+fn row_bytes(row: &SqliteRow) -> Result<usize, StoreError> {
+    let data: &str = row.try_get(5).map_err(unavailable)?;
+    let metadata: &str = row.try_get(6).map_err(unavailable)?;
+    Ok(data.len() + metadata.len())
+}
+
 fn event_from_row(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
     let stream: String = row.try_get(1).map_err(unavailable)?;
     let data: String = row.try_get(5).map_err(unavailable)?;
@@ -148,17 +174,15 @@ impl EventStore for SqliteStore {
         stream: &StreamName,
         from: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
-        )))
-        .bind(stream.as_str())
-        .bind(to_i64(from))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.inner.read)
-        .await
-        .map_err(unavailable)?;
-        if rows.is_empty() {
+        let sql = format!("{SELECT_EVENT} WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?");
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream.as_str())
+            .bind(to_i64(from))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let events = collect_within(query.fetch(&self.inner.read), max_bytes).await?;
+        if events.is_empty() {
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM events WHERE stream = ? LIMIT 1")
                 .bind(stream.as_str())
                 .fetch_optional(&self.inner.read)
@@ -168,7 +192,7 @@ impl EventStore for SqliteStore {
                 return Err(StoreError::StreamNotFound(stream.to_string()));
             }
         }
-        rows.iter().map(event_from_row).collect()
+        Ok(events)
     }
 
     async fn read_log(&self, q: &LogQuery) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -187,12 +211,8 @@ impl EventStore for SqliteStore {
         if let Some(p) = q.partition {
             query = query.bind(i64::from(p.size)).bind(i64::from(p.member));
         }
-        let rows = query
-            .bind(i64::try_from(q.limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.inner.read)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(event_from_row).collect()
+        let query = query.bind(i64::try_from(q.limit).unwrap_or(i64::MAX));
+        collect_within(query.fetch(&self.inner.read), q.max_bytes).await
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

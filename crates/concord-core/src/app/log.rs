@@ -65,7 +65,7 @@ pub(crate) async fn read_all(
     let mut events = Vec::new();
     loop {
         let from = events.last().map_or(1, |e: &RecordedEvent| e.version + 1);
-        let page = match store.read_stream(stream, from, PAGE).await {
+        let page = match store.read_stream(stream, from, PAGE, usize::MAX).await {
             Ok(p) => p,
             Err(StoreError::StreamNotFound(_)) => return Ok(None),
             Err(e) => return Err(e),

@@ -13,6 +13,9 @@ pub struct LogQuery {
     /// Only events with a position strictly greater than this.
     pub after: u64,
     pub limit: usize,
+    /// At most this many bytes of events (`data` and `metadata` as stored); always at least one
+    /// event when any is there. `usize::MAX`: no byte budget.
+    pub max_bytes: usize,
     pub category: Option<Category>,
     /// Only streams owned by this member of a consumer group.
     pub partition: Option<Partition>,
@@ -31,8 +34,13 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Reads a stream forward from `from` (a version, 1-based). [`StoreError::StreamNotFound`]
     /// when the stream has no events at all.
-    async fn read_stream(&self, stream: &StreamName, from: u64, limit: usize)
-    -> Result<Vec<RecordedEvent>, StoreError>;
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Reads the global log in position order.
     async fn read_log(&self, query: &LogQuery) -> Result<Vec<RecordedEvent>, StoreError>;

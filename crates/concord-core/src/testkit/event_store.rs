@@ -13,6 +13,7 @@ fn log_query(after: u64) -> LogQuery {
     LogQuery {
         after,
         limit: 10_000,
+        max_bytes: usize::MAX,
         category: None,
         partition: None,
     }
@@ -33,6 +34,27 @@ where
     the_head_signal_moves_on_append(make().await).await;
     concurrent_appends_never_share_a_version_or_position(Arc::new(make().await)).await;
     checkpoints_are_kept_per_group_member(make().await).await;
+    reads_stop_at_their_byte_budget(make().await).await;
+}
+
+async fn reads_stop_at_their_byte_budget<S: EventStore>(s: S) {
+    let mut req = append("big-1", ExpectedVersion::NoStream, &["A", "B", "C"]);
+    for e in &mut req.events {
+        e.data = json!({"pad": "x".repeat(1000)});
+    }
+    s.append(req).await.unwrap();
+    // Each event is a little over 1,000 bytes: a budget of 2,500 holds two of them.
+    let page = s.read_stream(&stream("big-1"), 1, 100, 2500).await.unwrap();
+    assert_eq!(page.len(), 2);
+    let rest = s.read_stream(&stream("big-1"), 3, 100, 2500).await.unwrap();
+    assert_eq!(rest.iter().map(|e| e.version).collect::<Vec<_>>(), vec![3]);
+    let one = s.read_stream(&stream("big-1"), 1, 100, 1).await.unwrap();
+    assert_eq!(one.len(), 1, "a page always holds one event");
+    let mut q = log_query(0);
+    q.max_bytes = 2500;
+    assert_eq!(s.read_log(&q).await.unwrap().len(), 2);
+    q.max_bytes = usize::MAX;
+    assert_eq!(s.read_log(&q).await.unwrap().len(), 3);
 }
 
 async fn appends_number_events_and_reads_them_back<S: EventStore>(s: S) {
@@ -48,7 +70,7 @@ async fn appends_number_events_and_reads_them_back<S: EventStore>(s: S) {
     assert_eq!((o2.first_version, o2.last_version), (3, 3));
     assert!(o2.position > o.position);
 
-    let all = s.read_stream(&stream("order-1"), 1, 100).await.unwrap();
+    let all = s.read_stream(&stream("order-1"), 1, 100, usize::MAX).await.unwrap();
     assert_eq!(all.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(all[0].id, ids[0]);
     assert_eq!(all[1].id, ids[1]);
@@ -59,9 +81,9 @@ async fn appends_number_events_and_reads_them_back<S: EventStore>(s: S) {
     assert_eq!(all[2].position, o2.position);
     assert!(all.windows(2).all(|w| w[0].position < w[1].position));
 
-    let page = s.read_stream(&stream("order-1"), 2, 1).await.unwrap();
+    let page = s.read_stream(&stream("order-1"), 2, 1, usize::MAX).await.unwrap();
     assert_eq!(page.iter().map(|e| e.version).collect::<Vec<_>>(), [2]);
-    let past_end = s.read_stream(&stream("order-1"), 4, 10).await.unwrap();
+    let past_end = s.read_stream(&stream("order-1"), 4, 10, usize::MAX).await.unwrap();
     assert!(past_end.is_empty());
     assert_eq!(s.head_position().await.unwrap(), o2.position);
 }
@@ -86,7 +108,7 @@ async fn expected_version_is_enforced<S: EventStore>(s: S) {
         .unwrap();
     s.append(append("acc-1", ExpectedVersion::Any, &["C"])).await.unwrap();
     // Nothing of a rejected append was written.
-    let events = s.read_stream(&stream("acc-1"), 1, 100).await.unwrap();
+    let events = s.read_stream(&stream("acc-1"), 1, 100, usize::MAX).await.unwrap();
     assert_eq!(events.len(), 3);
     assert_eq!(s.read_log(&log_query(0)).await.unwrap().len(), 3);
 }
@@ -98,7 +120,13 @@ async fn a_resent_append_answers_the_original_outcome<S: EventStore>(s: S) {
     s.append(append("cart-1", ExpectedVersion::Any, &["C"])).await.unwrap();
     let again = s.append(req.clone()).await.expect("a re-sent append is not an error");
     assert_eq!(again, first);
-    assert_eq!(s.read_stream(&stream("cart-1"), 1, 100).await.unwrap().len(), 4);
+    assert_eq!(
+        s.read_stream(&stream("cart-1"), 1, 100, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
 
     // The same ids in another stream, or mixed with new ones, are a conflict.
     let mut elsewhere = req.clone();
@@ -110,14 +138,14 @@ async fn a_resent_append_answers_the_original_outcome<S: EventStore>(s: S) {
         .push(append("cart-1", ExpectedVersion::Any, &["D"]).events.remove(0));
     assert!(matches!(s.append(mixed).await, Err(StoreError::EventIdConflict(_))));
     assert!(matches!(
-        s.read_stream(&stream("cart-2"), 1, 10).await,
+        s.read_stream(&stream("cart-2"), 1, 10, usize::MAX).await,
         Err(StoreError::StreamNotFound(_))
     ));
 }
 
 async fn reads_of_unknown_streams_are_not_found<S: EventStore>(s: S) {
     assert!(matches!(
-        s.read_stream(&stream("ghost-1"), 1, 10).await,
+        s.read_stream(&stream("ghost-1"), 1, 10, usize::MAX).await,
         Err(StoreError::StreamNotFound(name)) if name == "ghost-1"
     ));
     assert_eq!(s.head_position().await.unwrap(), 0);
@@ -202,7 +230,7 @@ async fn concurrent_appends_never_share_a_version_or_position<S: EventStore>(s: 
                     format!("cold-{w}")
                 };
                 loop {
-                    let current = match s.read_stream(&stream(&name), 1, 10_000).await {
+                    let current = match s.read_stream(&stream(&name), 1, 10_000, usize::MAX).await {
                         Ok(ev) => ev.last().map_or(0, |e| e.version),
                         Err(StoreError::StreamNotFound(_)) => 0,
                         Err(e) => panic!("{e}"),
@@ -232,7 +260,7 @@ async fn concurrent_appends_never_share_a_version_or_position<S: EventStore>(s: 
     let expected_events: usize = writers * (0..per_writer).map(|i| 1 + i % 2).sum::<usize>();
     assert_eq!(log.len(), expected_events);
     assert!(log.windows(2).all(|w| w[0].position < w[1].position));
-    let hot = s.read_stream(&stream("hot-1"), 1, 10_000).await.unwrap();
+    let hot = s.read_stream(&stream("hot-1"), 1, 10_000, usize::MAX).await.unwrap();
     let versions: Vec<u64> = hot.iter().map(|e| e.version).collect();
     assert_eq!(versions, (1..=hot.len() as u64).collect::<Vec<_>>());
 }

@@ -118,31 +118,34 @@ impl EventStore for MemoryStore {
         stream: &StreamName,
         from: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let st = self.lock();
         if !st.log.iter().any(|e| &e.stream == stream) {
             return Err(StoreError::StreamNotFound(stream.to_string()));
         }
-        Ok(st
-            .log
-            .iter()
-            .filter(|e| &e.stream == stream && e.version >= from)
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(within_bytes(
+            st.log
+                .iter()
+                .filter(|e| &e.stream == stream && e.version >= from)
+                .take(limit)
+                .cloned(),
+            max_bytes,
+        ))
     }
 
     async fn read_log(&self, q: &LogQuery) -> Result<Vec<RecordedEvent>, StoreError> {
         let st = self.lock();
-        Ok(st
-            .log
-            .iter()
-            .filter(|e| e.position > q.after)
-            .filter(|e| q.category.as_ref().is_none_or(|c| e.stream.category() == c.as_str()))
-            .filter(|e| q.partition.is_none_or(|p| p.owns(&e.stream)))
-            .take(q.limit)
-            .cloned()
-            .collect())
+        Ok(within_bytes(
+            st.log
+                .iter()
+                .filter(|e| e.position > q.after)
+                .filter(|e| q.category.as_ref().is_none_or(|c| e.stream.category() == c.as_str()))
+                .filter(|e| q.partition.is_none_or(|p| p.owns(&e.stream)))
+                .take(q.limit)
+                .cloned(),
+            q.max_bytes,
+        ))
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
@@ -152,6 +155,22 @@ impl EventStore for MemoryStore {
     fn watch_head(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
+}
+
+/// The events in order while their `data` and `metadata` (as JSON text) fit in `max_bytes`,
+/// and always the first.
+fn within_bytes(events: impl Iterator<Item = RecordedEvent>, max_bytes: usize) -> Vec<RecordedEvent> {
+    let mut used = 0usize;
+    let mut out = Vec::new();
+    for e in events {
+        let size = e.data.to_string().len() + e.metadata.to_string().len();
+        if !out.is_empty() && used.saturating_add(size) > max_bytes {
+            break;
+        }
+        used = used.saturating_add(size);
+        out.push(e);
+    }
+    out
 }
 
 #[async_trait]

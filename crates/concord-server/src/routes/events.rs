@@ -121,7 +121,10 @@ pub async fn read_stream(
         return Err(ApiError::parameter("from", "versions start at 1"));
     }
     let limit = read_limit(p.limit, &state)?;
-    let events = state.events.read_stream(&stream, from, limit).await?;
+    let events = state
+        .events
+        .read_stream(&stream, from, limit, state.settings.max_read_bytes)
+        .await?;
     let next = (events.len() == limit).then(|| events.last().map_or(from, |e| e.version + 1));
     Ok(Json(EventsPage {
         events: events.into_iter().map(to_api).collect(),
@@ -179,6 +182,7 @@ pub fn log_query(
     Ok(LogQuery {
         after: after.unwrap_or(0),
         limit: read_limit(limit, state)?,
+        max_bytes: state.settings.max_read_bytes,
         category,
         partition,
     })

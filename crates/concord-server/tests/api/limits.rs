@@ -123,3 +123,34 @@ async fn a_key_past_its_concurrent_requests_gets_429() {
         .unwrap();
     assert_eq!(r.status(), 200, "the slots came back");
 }
+
+/// A page holds at most `max_read_bytes` of events (always one), and the next page goes on
+/// where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_stops_at_its_byte_budget() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.max_read_bytes = 2500).await else {
+        return;
+    };
+    let pad = "x".repeat(1000);
+    let events: Vec<serde_json::Value> = (0..3)
+        .map(|i| serde_json::json!({"type": "Big", "data": {"n": i, "pad": pad}}))
+        .collect();
+    let r = app.append("big-1", serde_json::json!({"events": events})).await;
+    assert_eq!(r.status(), 200);
+    let page = |path: String| {
+        let app = &app;
+        async move {
+            let r = app.admin(Method::GET, &path).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["data"]["n"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page("/v1/streams/big-1?limit=100".into()).await, vec![0, 1]);
+    assert_eq!(page("/v1/streams/big-1?from=3&limit=100".into()).await, vec![2]);
+    assert_eq!(page("/v1/events?category=big&limit=100".into()).await, vec![0, 1]);
+}

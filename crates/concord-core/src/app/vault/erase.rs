@@ -118,8 +118,9 @@ mod tests {
             stream: &crate::domain::StreamName,
             from: u64,
             limit: usize,
+            max_bytes: usize,
         ) -> Result<Vec<crate::domain::RecordedEvent>, crate::ports::StoreError> {
-            self.0.read_stream(stream, from, limit).await
+            self.0.read_stream(stream, from, limit, max_bytes).await
         }
         async fn read_log(
             &self,

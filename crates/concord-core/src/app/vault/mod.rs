@@ -302,6 +302,7 @@ mod testing {
             .read_log(&LogQuery {
                 after: 0,
                 limit: 1000,
+                max_bytes: usize::MAX,
                 category: None,
                 partition: None,
             })
