@@ -58,10 +58,11 @@ impl Writer {
             // `stream = ANY($1) GROUP BY stream` reads every event of the stream instead, so a long
             // stream made each append slower than the last. A stream without events is at 0.
             "SELECT NULL::uuid, s.stream, \
-                    COALESCE((SELECT MAX(e.version) FROM concord_events e WHERE e.stream = s.stream), 0), NULL::bigint \
+                    COALESCE((SELECT MAX(e.version) FROM concord_events e WHERE e.stream = s.stream), 0), NULL::bigint, \
+                    NULL::text, NULL::jsonb, NULL::jsonb \
              FROM (SELECT DISTINCT unnest($1::text[]) AS stream) s \
              UNION ALL \
-             SELECT id, stream, version, position FROM concord_events WHERE id = ANY($2)",
+             SELECT id, stream, version, position, event_type, data, metadata FROM concord_events WHERE id = ANY($2)",
         )
         .bind(&streams)
         .bind(&ids)
@@ -79,12 +80,21 @@ impl Writer {
                 }
                 Some(id) => {
                     let position: Option<i64> = row.get(3);
+                    let json = |i: usize| -> Result<serde_json::Value, StoreError> {
+                        Ok(row
+                            .try_get::<sqlx::types::Json<serde_json::Value>, _>(i)
+                            .map_err(unavailable)?
+                            .0)
+                    };
                     stored.insert(
                         id,
                         StoredId {
                             stream,
                             version: to_u64(row.get(2)),
                             position: position.map_or(0, to_u64),
+                            event_type: row.get(4),
+                            data: json(5)?,
+                            metadata: json(6)?,
                         },
                     );
                 }

@@ -45,19 +45,25 @@ impl Writer {
                 heads.insert(req.stream.clone(), v.map_or(0, to_u64));
             }
             for e in &req.events {
-                let row = sqlx::query("SELECT stream, version, position FROM events WHERE id = ?")
-                    .bind(e.id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                let row = sqlx::query(
+                    "SELECT stream, version, position, event_type, data, metadata FROM events WHERE id = ?",
+                )
+                .bind(e.id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
                 if let Some(row) = row {
                     let stream: String = row.get(0);
+                    let (data, metadata): (String, String) = (row.get(4), row.get(5));
                     stored.insert(
                         e.id,
                         StoredId {
                             stream: StreamName::parse(&stream).map_err(unavailable)?,
                             version: to_u64(row.get(1)),
                             position: to_u64(row.get(2)),
+                            event_type: row.get(3),
+                            data: serde_json::from_str(&data).map_err(unavailable)?,
+                            metadata: serde_json::from_str(&metadata).map_err(unavailable)?,
                         },
                     );
                 }

@@ -10,12 +10,16 @@ use crate::ports::StoreError;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-/// Where an already-stored event sits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where an already-stored event sits, and what it holds (a re-sent append replays only when its
+/// events are the same).
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredId {
     pub stream: StreamName,
     pub version: u64,
     pub position: u64,
+    pub event_type: String,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
 }
 
 /// What to do with one request of the batch.
@@ -83,6 +87,9 @@ pub fn plan_batch(
                         stream: req.stream.clone(),
                         version: first_version + i as u64,
                         position: first_position + i as u64,
+                        event_type: e.event_type.as_str().to_owned(),
+                        data: e.data.clone(),
+                        metadata: e.metadata.clone(),
                     },
                 );
             }
@@ -119,7 +126,8 @@ fn plan_one(
 }
 
 /// A request whose ids are all stored, as this same append (same stream, consecutive versions in
-/// the same order), is a retry: replay it. Any other overlap with stored ids is a conflict.
+/// the same order, the same type, data and metadata), is a retry: replay it. Any other overlap
+/// with stored ids is a conflict: an id names one event, and another event under it is refused.
 fn replay_or_conflict(req: &AppendRequest, stored: &HashMap<Uuid, StoredId>) -> Option<Plan> {
     let found: Vec<Option<&StoredId>> = req.events.iter().map(|e| stored.get(&e.id)).collect();
     if found.iter().all(Option::is_none) {
@@ -131,7 +139,12 @@ fn replay_or_conflict(req: &AppendRequest, stored: &HashMap<Uuid, StoredId>) -> 
     };
     for (i, f) in found.iter().enumerate() {
         match f {
-            Some(s) if s.stream == req.stream && s.version == first.version + i as u64 => {}
+            Some(s)
+                if s.stream == req.stream
+                    && s.version == first.version + i as u64
+                    && s.event_type == req.events[i].event_type.as_str()
+                    && s.data == req.events[i].data
+                    && s.metadata == req.events[i].metadata => {}
             _ => return Some(conflict(i)),
         }
     }
@@ -247,13 +260,30 @@ mod tests {
                 stream: StreamName::parse("a-1").unwrap(),
                 version: 1,
                 position: 1,
+                event_type: "E".into(),
+                data: json!({}),
+                metadata: json!({}),
             },
         )]);
         let heads = HashMap::from([(StreamName::parse("a-1").unwrap(), 1)]);
+        let same = req("a-1", ExpectedVersion::Any, &[1]);
+        assert!(matches!(
+            plan_batch(std::slice::from_ref(&same), &heads, &stored, 1)[0],
+            Plan::Replay(_)
+        ));
+        let mut other_data = same.clone();
+        other_data.events[0].data = json!({"amount": 100});
+        let mut other_type = same.clone();
+        other_type.events[0].event_type = crate::domain::EventType::parse("F").unwrap();
+        let mut other_meta = same.clone();
+        other_meta.events[0].metadata = json!({"correlation_id": "c-2"});
         for r in [
             req("b-1", ExpectedVersion::Any, &[1]),    // other stream
             req("a-1", ExpectedVersion::Any, &[1, 9]), // partly new
             req("a-1", ExpectedVersion::Any, &[9, 1]), // new id first
+            other_data,                                // the same id, another event
+            other_type,
+            other_meta,
         ] {
             let plans = plan_batch(std::slice::from_ref(&r), &heads, &stored, 1);
             assert!(

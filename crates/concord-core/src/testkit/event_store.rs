@@ -137,6 +137,13 @@ async fn a_resent_append_answers_the_original_outcome<S: EventStore>(s: S) {
         .events
         .push(append("cart-1", ExpectedVersion::Any, &["D"]).events.remove(0));
     assert!(matches!(s.append(mixed).await, Err(StoreError::EventIdConflict(_))));
+    // The same ids with other content are another append, not a retry.
+    let mut changed = req.clone();
+    changed.events[1].data = json!({"amount": 1_000_000});
+    assert!(matches!(s.append(changed).await, Err(StoreError::EventIdConflict(_))));
+    let mut retagged = req.clone();
+    retagged.events[0].metadata = json!({"correlation_id": "another"});
+    assert!(matches!(s.append(retagged).await, Err(StoreError::EventIdConflict(_))));
     assert!(matches!(
         s.read_stream(&stream("cart-2"), 1, 10, usize::MAX).await,
         Err(StoreError::StreamNotFound(_))

@@ -81,6 +81,9 @@ impl EventStore for MemoryStore {
                         stream: e.stream.clone(),
                         version: e.version,
                         position: e.position,
+                        event_type: e.event_type.clone(),
+                        data: e.data.clone(),
+                        metadata: e.metadata.clone(),
                     },
                 )
             })
