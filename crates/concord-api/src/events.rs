@@ -64,8 +64,9 @@ pub struct EventOut {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// A page of events. For a stream, `next` is the `from` of the next page (absent at the end);
-/// for the log and consumer groups it is the `after` to continue from.
+/// A page of events. For a stream, `next` is the `from` of the next page, present whenever the
+/// page holds events (a page may stop before `limit` at the byte budget, so only an empty page
+/// marks the end); for the log and consumer groups it is the `after` to continue from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventsPage {
     pub events: Vec<EventOut>,

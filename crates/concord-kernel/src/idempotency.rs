@@ -11,10 +11,11 @@ use uuid::Uuid;
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// The id of the `index`-th event of a keyed append that names none: a UUIDv8 of a SHA-256 of
-/// the caller, its `Idempotency-Key` and the index, so a retry after a crash (the events
-/// committed, the key's record not) appends the same ids and the store answers it as a replay.
+/// the caller, its `Idempotency-Key`, the index and the event, so a retry after a crash (the
+/// events committed, the key's record not) appends the same ids and the store answers it as a
+/// replay, and the key reused for other events once its record expired appends them.
 #[must_use]
-pub fn derived_event_id(caller: &str, idempotency_key: &str, index: usize) -> Uuid {
+pub fn derived_event_id(caller: &str, idempotency_key: &str, index: usize, event: &[u8]) -> Uuid {
     let digest = Sha256::new()
         .chain_update(b"event:")
         .chain_update((caller.len() as u64).to_be_bytes())
@@ -22,6 +23,7 @@ pub fn derived_event_id(caller: &str, idempotency_key: &str, index: usize) -> Uu
         .chain_update((idempotency_key.len() as u64).to_be_bytes())
         .chain_update(idempotency_key.as_bytes())
         .chain_update((index as u64).to_be_bytes())
+        .chain_update(event)
         .finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 use uuid::Uuid;
 
+/// What every id derived from an `Idempotency-Key` starts with; a caller may not choose one.
+pub const DERIVED_PREFIX: &str = "idem-";
+
 /// Longest saga id and xid, in characters (all ASCII).
 const MAX_ID_CHARS: usize = 128;
 
@@ -67,17 +70,20 @@ macro_rules! text_id {
             }
 
             /// The id of what a keyed request creates: `idem-` and 32 hex digits of a SHA-256 of
-            /// the caller and its `Idempotency-Key`, so a retry after a crash (the effect
-            /// committed, the key's record not) meets the same one instead of creating a second.
+            /// the caller, its `Idempotency-Key` and the request, so a retry after a crash (the
+            /// effect committed, the key's record not) meets the same one instead of creating a
+            /// second, and the key reused for another request once its record expired does not.
             #[must_use]
-            pub fn derived(caller: &str, idempotency_key: &str) -> Self {
+            pub fn derived(caller: &str, idempotency_key: &str, request: &[u8]) -> Self {
                 use sha2::Digest as _;
                 let digest = sha2::Sha256::new()
                     .chain_update((caller.len() as u64).to_be_bytes())
                     .chain_update(caller.as_bytes())
+                    .chain_update((idempotency_key.len() as u64).to_be_bytes())
                     .chain_update(idempotency_key.as_bytes())
+                    .chain_update(request)
                     .finalize();
-                let mut id = String::from("idem-");
+                let mut id = String::from(DERIVED_PREFIX);
                 for b in &digest[..16] {
                     id.push_str(&format!("{b:02x}"));
                 }
@@ -144,16 +150,21 @@ mod tests {
 
     #[test]
     fn a_derived_id_is_one_per_caller_and_key() {
-        let a = SagaId::derived("key-a", "order-1");
-        assert_eq!(a, SagaId::derived("key-a", "order-1"));
-        assert_ne!(a, SagaId::derived("key-b", "order-1"), "another caller, another id");
-        assert_ne!(a, SagaId::derived("key-a", "order-2"));
+        let a = SagaId::derived("key-a", "order-1", b"{}");
+        assert_eq!(a, SagaId::derived("key-a", "order-1", b"{}"));
         assert_ne!(
-            SagaId::derived("ab", "c"),
-            SagaId::derived("a", "bc"),
+            a,
+            SagaId::derived("key-b", "order-1", b"{}"),
+            "another caller, another id"
+        );
+        assert_ne!(a, SagaId::derived("key-a", "order-2", b"{}"));
+        assert_ne!(a, SagaId::derived("key-a", "order-1", b"[1]"), "another request");
+        assert_ne!(
+            SagaId::derived("ab", "c", b""),
+            SagaId::derived("a", "bc", b""),
             "no ambiguity at the seam"
         );
-        assert!(SagaId::parse(a.as_str()).is_ok() && Xid::parse(Xid::derived("k", "x").as_str()).is_ok());
+        assert!(SagaId::parse(a.as_str()).is_ok() && Xid::parse(Xid::derived("k", "x", b"").as_str()).is_ok());
         assert_eq!(a.as_str().len(), 37);
     }
     use serde_json::json;

@@ -17,6 +17,6 @@ pub mod json;
 mod store;
 mod version;
 
-pub use ids::{InvalidSagaId, InvalidXid, SagaId, Xid};
+pub use ids::{DERIVED_PREFIX, InvalidSagaId, InvalidXid, SagaId, Xid};
 pub use store::StoreError;
 pub use version::{ExpectedVersion, InvalidExpectedVersion};

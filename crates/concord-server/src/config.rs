@@ -130,7 +130,9 @@ pub struct Settings {
     pub saga_max_timeout_ms: u64,
     /// Longest backoff between attempts, milliseconds.
     pub saga_max_backoff_ms: u64,
-    /// Hosts (`name` or `name:port`) saga definitions may call; empty allows any host.
+    /// Where saga definitions may call: hosts (`name`, `name:port`) and networks (`10.0.0.0/8`),
+    /// each called whatever it resolves to, and nothing else. Empty: public addresses only (no
+    /// loopback, private, link-local or metadata address). Checked at every call.
     pub saga_allowed_hosts: Vec<String>,
     /// How long a node trusts the latest definition version it looked up, milliseconds: a new
     /// version put on another node reaches new sagas here within this time.
@@ -154,7 +156,8 @@ pub struct Settings {
     pub tx_max_retry_backoff_ms: u64,
     /// Most transactions one node delivers phase 2 for at a time.
     pub tx_max_concurrent: usize,
-    /// Hosts (`name` or `name:port`) transaction participants may be on; empty allows any host.
+    /// Where transaction participants may be, as `saga_allowed_hosts` says for sagas. Empty:
+    /// public addresses only.
     pub tx_allowed_hosts: Vec<String>,
     /// Sent as `Authorization: Bearer` on every call to a transaction participant, which checks
     /// it (`concord_sdk::tx::CoordinatorAuth::Token`), so only the coordinator can prepare,

@@ -88,4 +88,13 @@ impl KeyStore for PostgresStore {
         .await
         .map_err(unavailable)
     }
+
+    async fn owner(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT owner FROM concord_owners WHERE kind = $1 AND name = $2")
+            .bind(kind)
+            .bind(name)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(unavailable)
+    }
 }

@@ -91,4 +91,13 @@ impl KeyStore for SqliteStore {
         .await
         .map_err(unavailable)
     }
+
+    async fn owner(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT owner FROM owners WHERE kind = ? AND name = ?")
+            .bind(kind)
+            .bind(name)
+            .fetch_optional(&self.inner.read)
+            .await
+            .map_err(unavailable)
+    }
 }

@@ -235,8 +235,8 @@ pub enum OwnershipError {
     Store(#[from] StoreError),
 }
 
-/// Claims `name` for the principal's key name, or checks that it holds it; an admin key may
-/// change anything (and claims what nobody owns).
+/// Checks that the principal may change `name`: nobody owns it, its key name does, or it is an
+/// admin key. Call [`claim_owner`] once the change succeeded.
 ///
 /// # Errors
 /// [`OwnershipError::NotOwner`] when another key name owns it, or the store.
@@ -246,13 +246,30 @@ pub async fn check_owner(
     kind: Owned,
     name: &str,
 ) -> Result<(), OwnershipError> {
-    let owner = keys.claim_owner(kind.as_str(), name, &principal.name).await?;
-    if owner == principal.name || principal.allows(Scope::Admin) {
-        return Ok(());
+    match keys.owner(kind.as_str(), name).await? {
+        Some(owner) if owner != principal.name && !principal.allows(Scope::Admin) => Err(OwnershipError::NotOwner {
+            kind,
+            name: name.to_owned(),
+            owner,
+        }),
+        _ => Ok(()),
     }
-    Err(OwnershipError::NotOwner {
-        kind,
-        name: name.to_owned(),
-        owner,
-    })
+}
+
+/// After a successful change: the principal's key name owns `name` unless someone does. An
+/// admin key claims nothing, so what an admin sets up is claimed by the service key that first
+/// changes it. Two first changes at once: the first claim wins, the other change stands.
+///
+/// # Errors
+/// The store.
+pub async fn claim_owner(
+    keys: &dyn KeyStore,
+    principal: &Principal,
+    kind: Owned,
+    name: &str,
+) -> Result<(), OwnershipError> {
+    if !principal.allows(Scope::Admin) {
+        keys.claim_owner(kind.as_str(), name, &principal.name).await?;
+    }
+    Ok(())
 }

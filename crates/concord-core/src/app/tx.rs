@@ -664,7 +664,7 @@ mod tests {
     async fn a_begin_under_an_xid_already_logged_meets_that_transaction() {
         let store = Arc::new(MemoryStore::default());
         let (c, _) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
-        let xid = Xid::derived("caller", "key-1");
+        let xid = Xid::derived("caller", "key-1", b"{}");
         let first = c.begin(parts(2), 1000, None, Some(xid.clone())).await.unwrap();
         assert_eq!((&first.xid, first.outcome), (&xid, Some(Outcome::Committed)));
         // The retry is told to abort: it must not run a second phase 1.

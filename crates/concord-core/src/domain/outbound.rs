@@ -116,7 +116,7 @@ impl OutboundPolicy {
             port,
             path: parsed.path().to_owned(),
         };
-        if self.names(&target.host, port) {
+        if self.names(target.host.trim_end_matches('.'), port) {
             return Ok(target);
         }
         let not_listed = || {
@@ -129,7 +129,10 @@ impl OutboundPolicy {
             Host::Ipv4(a) => IpAddr::V4(a),
             Host::Ipv6(a) => IpAddr::V6(a),
             Host::Domain(d) => {
-                if !self.entries.is_empty() && !self.has_nets() {
+                let d = d.trim_end_matches('.');
+                // A host listed with other ports is not open on this one, whatever it resolves
+                // to (the resolver, which sees no port, lets a listed host through).
+                if !self.entries.is_empty() && (!self.has_nets() || self.names_host(d)) {
                     return Err(not_listed());
                 }
                 if self.entries.is_empty() && (d == "localhost" || d.ends_with(".localhost")) {
@@ -266,6 +269,7 @@ fn forbidden_v4(a: Ipv4Addr) -> Option<&'static str> {
         (169, 254, _) => "link-local (cloud metadata)",
         (100, 64..=127, _) => "shared (carrier NAT, cloud metadata)",
         (192, 0, 0) => "protocol-assignment",
+        (192, 88, 99) => "6to4-relay",
         (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation",
         (198, 18..=19, _) => "benchmarking",
         (224..=239, ..) => "multicast",
@@ -282,8 +286,12 @@ fn forbidden_v6(a: Ipv6Addr) -> Option<&'static str> {
     if a.is_unspecified() {
         return Some("unspecified");
     }
-    // NAT64 (64:ff9b::/96) and IPv4-compatible (::/96) addresses reach the IPv4 inside them.
-    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || s[0..6] == [0; 6] {
+    // NAT64 (64:ff9b::/96), IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96)
+    // addresses reach the IPv4 inside them.
+    if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4])
+        || s[0..6] == [0; 6]
+        || (s[0..4] == [0; 4] && s[4] == 0xffff && s[5] == 0)
+    {
         let [a0, a1] = s[6].to_be_bytes();
         let [a2, a3] = s[7].to_be_bytes();
         return forbidden_v4(Ipv4Addr::new(a0, a1, a2, a3)).or(Some("IPv4-embedding"));
@@ -300,6 +308,10 @@ fn forbidden_v6(a: Ipv6Addr) -> Option<&'static str> {
         x if x & 0xffc0 == 0xfec0 => "site-local",
         x if x & 0xff00 == 0xff00 => "multicast",
         0x2001 if s[1] == 0x0db8 => "documentation",
+        // Teredo tunnels (2001::/32) carry an IPv4 server and client inside.
+        0x2001 if s[1] == 0 => "Teredo",
+        // Local-use NAT64 (64:ff9b:1::/48).
+        0x0064 if s[1] == 0xff9b && s[2] == 1 => "local NAT64",
         0x0100 if s[1..4] == [0; 3] => "discard",
         _ => return None,
     })
@@ -344,6 +356,11 @@ mod tests {
             "http://2130706433/",
             "http://0x7f.1/",
             "http://127.000.000.001/",
+            "http://localhost./",
+            "http://[::ffff:0:7f00:1]/",
+            "http://[64:ff9b:1::a00:1]/",
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "http://192.88.99.1/",
         ] {
             let e = p.check(url).expect_err(url);
             assert!(e.0.contains("x_allowed_hosts"), "{url}: {e}");
@@ -403,6 +420,21 @@ mod tests {
         assert!(p.permits_resolved("orders", "10.0.0.7".parse().unwrap()).is_ok());
         assert!(p.permits_resolved("orders.", "127.0.0.1".parse().unwrap()).is_ok());
         assert!(p.permits_resolved("other", "93.184.215.14".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_host_listed_with_a_port_is_not_open_on_others_beside_a_network() {
+        let p = policy(&["payments:8443", "10.0.0.0/8"]);
+        assert!(p.check("https://payments:8443/").is_ok());
+        assert!(
+            p.check("http://payments:6379/").is_err(),
+            "another port of a listed host"
+        );
+        assert!(p.check("http://payments.:6379/").is_err());
+        assert!(
+            p.check("http://orders.svc/").is_ok(),
+            "other names are judged on their addresses"
+        );
     }
 
     #[test]

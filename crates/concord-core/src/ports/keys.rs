@@ -19,4 +19,6 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Claims the thing `name` of `kind` (a consumer group, a saga definition) for the key name
     /// `owner` unless it has an owner; returns its owner now. Concurrent claims agree.
     async fn claim_owner(&self, kind: &str, name: &str, owner: &str) -> Result<String, StoreError>;
+    /// The owner of `name` of `kind`, if it has one.
+    async fn owner(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError>;
 }

@@ -36,7 +36,9 @@ pub async fn key_store_suite<S: KeyStore>(s: S) {
     assert!(s.find_key(&KeyHash::of("secret-a")).await.unwrap().is_none());
     assert_eq!(s.count_admin_keys().await.unwrap(), 0);
 
+    assert_eq!(s.owner("group", "g").await.unwrap(), None);
     assert_eq!(s.claim_owner("group", "g", "orders").await.unwrap(), "orders");
+    assert_eq!(s.owner("group", "g").await.unwrap().as_deref(), Some("orders"));
     assert_eq!(
         s.claim_owner("group", "g", "billing").await.unwrap(),
         "orders",

@@ -225,6 +225,10 @@ impl KeyStore for MemoryStore {
             .or_insert_with(|| owner.to_owned())
             .clone())
     }
+
+    async fn owner(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().owners.get(&(kind.to_owned(), name.to_owned())).cloned())
+    }
 }
 
 #[async_trait]

@@ -57,7 +57,12 @@ pub async fn append(
         .into_iter()
         .enumerate()
         .map(|(i, e)| UncheckedEvent {
-            id: e.id.or_else(|| key.map(|k| derived_event_id(&caller, k, i))),
+            id: e.id.or_else(|| {
+                key.map(|k| {
+                    let event = serde_json::to_vec(&(&e.event_type, &e.data, &e.metadata)).unwrap_or_default();
+                    derived_event_id(&caller, k, i, &event)
+                })
+            }),
             event_type: e.event_type,
             data: e.data,
             metadata: e.metadata,
@@ -125,7 +130,8 @@ pub async fn read_stream(
         .events
         .read_stream(&stream, from, limit, state.settings.max_read_bytes)
         .await?;
-    let next = (events.len() == limit).then(|| events.last().map_or(from, |e| e.version + 1));
+    // A page may stop short of `limit` at the byte budget: only an empty page is the end.
+    let next = events.last().map(|e| e.version + 1);
     Ok(Json(EventsPage {
         events: events.into_iter().map(to_api).collect(),
         next,

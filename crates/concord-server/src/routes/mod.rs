@@ -62,7 +62,8 @@ pub fn document(settings: &Settings) -> serde_json::Value {
     openapi::finish(&declared, settings)
 }
 
-/// Bounds every request by `request_timeout_ms` (503 `request_timed_out` past it).
+/// Bounds a handler by `request_timeout_ms` (503 `request_timed_out` past it). It runs inside
+/// the idempotency layer, which sees the 503 and frees the key at once.
 async fn request_timeout(
     axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
@@ -72,11 +73,24 @@ async fn request_timeout(
     crate::limits::within(limit, next.run(req)).await
 }
 
+/// Bounds the whole request, body upload and idempotency layer included, a little past
+/// `request_timeout_ms` so the handler's own bound answers first.
+async fn whole_request_timeout(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = std::time::Duration::from_millis(state.settings.request_timeout_ms + 5_000);
+    crate::limits::within(limit, next.run(req)).await
+}
+
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let (public, v1) = declared();
-    // Layers run bottom-up: authentication first, then idempotency (which needs the caller).
+    // Layers run bottom-up: authentication first, then idempotency (which needs the caller),
+    // then the handler's time bound.
     let v1 = v1
+        .route_layer(from_fn_with_state(state.clone(), request_timeout))
         .route_layer(state.idempotency_layer.clone())
         .route_layer(from_fn_with_state(state.clone(), auth::require_key));
     let (router, _) = OpenApiRouter::new().merge(public).merge(v1).split_for_parts();
@@ -84,7 +98,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), request_timeout))
+        .layer(from_fn_with_state(state.clone(), whole_request_timeout))
         .layer(from_fn(telemetry::observe))
         .with_state(state)
 }

@@ -9,10 +9,12 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use concord_api::ErrorCode;
 use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
-use concord_core::app::auth::{Owned, check_owner};
+use concord_core::app::auth::{Owned, check_owner, claim_owner};
 use concord_core::app::saga::{SagaError, StartSaga};
 use concord_core::domain::Principal;
+use concord_core::domain::saga::DERIVED_PREFIX;
 use concord_core::domain::saga::definition::check_definition_name;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
@@ -42,6 +44,7 @@ pub async fn put_definition(
     check_definition_name(&name).map_err(SagaError::from)?;
     check_owner(state.keys.as_ref(), &principal, Owned::SagaDefinition, &name).await?;
     let (stored, created) = state.sagas.define(&name, spec).await?;
+    claim_owner(state.keys.as_ref(), &principal, Owned::SagaDefinition, &name).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(definition_out(stored))))
 }
@@ -150,9 +153,20 @@ pub async fn start(
     let trace = trace.map(|Extension(IncomingTrace(t))| t);
     // An id that does not parse is a bad name (`invalid_name`), as the engine answered it.
     let id = body.id.map(SagaId::parse).transpose().map_err(SagaError::from)?;
-    // Without an id of its own, a keyed start gets one derived from the caller and the key: a
-    // retry after a crash that left the key's record behind the saga meets that saga.
-    let id = id.or_else(|| idempotency_key(&headers).map(|k| SagaId::derived(&principal.key_id.to_string(), k)));
+    if id.as_ref().is_some_and(|i| i.as_str().starts_with(DERIVED_PREFIX)) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidName,
+            format!("saga ids starting with {DERIVED_PREFIX} are derived by Concord from Idempotency-Key"),
+        ));
+    }
+    // Without an id of its own, a keyed start gets one derived from the caller, the key and the
+    // request: a retry after a crash that left the key's record behind the saga meets that saga.
+    let id = id.or_else(|| {
+        idempotency_key(&headers).map(|k| {
+            let request = serde_json::to_vec(&(&body.definition, &body.input)).unwrap_or_default();
+            SagaId::derived(&principal.key_id.to_string(), k, &request)
+        })
+    });
     let request = StartSaga {
         definition: body.definition,
         input: body.input,

@@ -10,7 +10,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::{Extension, Json};
 use concord_api::ErrorCode;
 use concord_api::events::{CheckpointBody, EventOut, EventsPage};
-use concord_core::app::auth::{Owned, check_owner};
+use concord_core::app::auth::{Owned, check_owner, claim_owner};
 use concord_core::app::subscribe::LogFollower;
 use concord_core::domain::stream::Partition;
 use concord_core::domain::{Principal, StreamName};
@@ -216,5 +216,6 @@ pub async fn save_checkpoint(
         .checkpoints
         .save_checkpoint(group.as_str(), body.member, body.position)
         .await?;
+    claim_owner(state.keys.as_ref(), &principal, Owned::ConsumerGroup, group.as_str()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

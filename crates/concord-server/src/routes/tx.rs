@@ -44,7 +44,10 @@ pub async fn begin(
         .collect();
     // A keyed begin gets an xid derived from the caller and the key: a retry after a crash that
     // left the key's record behind the transaction meets that transaction.
-    let xid = idempotency_key(&headers).map(|k| Xid::derived(&principal.key_id.to_string(), k));
+    let xid = idempotency_key(&headers).map(|k| {
+        let request = serde_json::to_vec(&(&participants, body.timeout_ms)).unwrap_or_default();
+        Xid::derived(&principal.key_id.to_string(), k, &request)
+    });
     let (xid, outcome) = state
         .transactions
         .begin(participants, body.timeout_ms, trace, xid)

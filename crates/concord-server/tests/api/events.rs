@@ -33,7 +33,15 @@ async fn an_append_is_atomic_numbered_and_read_back(b: Backend) {
     assert_eq!(events[0]["metadata"]["causation_id"], "cmd-7");
     assert_eq!(events[1]["position"], a["position"]);
     assert!(events[0]["recorded_at"].is_string() && events[0]["id"].is_string());
-    assert_eq!(page["next"], Value::Null);
+    assert_eq!(page["next"], 3, "a page with events names the next");
+    let r = app
+        .admin(Method::GET, "/v1/streams/order-42?from=3")
+        .send()
+        .await
+        .unwrap();
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(page["events"], json!([]));
+    assert_eq!(page["next"], Value::Null, "an empty page is the end");
 
     let r = app
         .admin(Method::GET, "/v1/streams/order-42?from=2&limit=1")

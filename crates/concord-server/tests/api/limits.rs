@@ -41,6 +41,40 @@ async fn a_slow_request_head_is_cut_off() {
     assert!(at.duration_since(started) < Duration::from_secs(15));
 }
 
+/// A client that connects and sends nothing, or goes quiet after a request, does not keep its
+/// connection (and its place among `max_connections`) past the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_are_closed() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.header_read_timeout_ms = 500).await else {
+        return;
+    };
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let closed_within = |mut stream: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 4096];
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    };
+    let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(silent).await.is_some(), "a silent connection is closed");
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial.write_all(b"P").await.unwrap();
+    assert!(closed_within(partial).await.is_some(), "one byte and silence: closed");
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        closed_within(idle).await.is_some(),
+        "an idle keep-alive connection is closed"
+    );
+}
+
 /// Past `max_subscribers` streams a subscriber gets 503 `too_many_subscribers`; a stream that
 /// ends gives its place back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,5 +186,23 @@ async fn a_page_stops_at_its_byte_budget() {
     };
     assert_eq!(page("/v1/streams/big-1?limit=100".into()).await, vec![0, 1]);
     assert_eq!(page("/v1/streams/big-1?from=3&limit=100".into()).await, vec![2]);
+    // A reader that follows `next` gets every event: a short page is not the end.
+    let mut seen = Vec::new();
+    let mut from = 1;
+    loop {
+        let r = app
+            .admin(Method::GET, &format!("/v1/streams/big-1?from={from}&limit=100"))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        let events = body["events"].as_array().unwrap();
+        seen.extend(events.iter().map(|e| e["data"]["n"].as_u64().unwrap()));
+        match body["next"].as_u64() {
+            Some(next) if !events.is_empty() => from = next,
+            _ => break,
+        }
+    }
+    assert_eq!(seen, vec![0, 1, 2]);
     assert_eq!(page("/v1/events?category=big&limit=100".into()).await, vec![0, 1]);
 }

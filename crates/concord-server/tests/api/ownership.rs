@@ -74,5 +74,37 @@ async fn another_key_cannot_replace_a_definition(b: Backend) {
         201,
         "the owner puts version 2"
     );
+    // A refused put claims nothing, and an admin's put claims nothing either.
+    let put_as = |key: String, name: &'static str, d: Value| {
+        app.request(Method::PUT, &format!("/v1/saga-definitions/{name}"), Some(&key))
+            .json(&d)
+            .send()
+    };
+    let bad = json!({"steps": []});
+    assert_eq!(put_as(other.clone(), "refund", bad).await.unwrap().status(), 400);
+    let shop = app.create_named_key("shop", &["sagas:write"]).await;
+    assert_eq!(
+        put_as(shop.clone(), "refund", def("http://127.0.0.1:1/r"))
+            .await
+            .unwrap()
+            .status(),
+        201,
+        "a refused put did not claim the name"
+    );
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/ship")
+        .json(&def("http://127.0.0.1:1/s"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        put_as(shop, "ship", def("http://127.0.0.1:1/s2"))
+            .await
+            .unwrap()
+            .status(),
+        201,
+        "what an admin set up is the first service key's to claim"
+    );
 }
 both_backends!(another_key_cannot_replace_a_definition);

@@ -674,3 +674,46 @@ async fn abandoned_and_unknown_waits_leave_no_waiter(b: Backend) {
     assert_eq!(app.state.sagas.waiting(), 0, "no waiter left behind");
 }
 both_backends!(abandoned_and_unknown_waits_leave_no_waiter);
+
+/// A keyed start without an id gets an id derived from the caller, the key and the request: the
+/// same request again (its key's record gone) meets that saga, another request under the same
+/// key once the record expired starts its own, and no caller may choose such an id.
+async fn a_keyed_start_gets_an_id_derived_from_its_request(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    define(&app, "order", &p.definition(&["reserve"], 1000)).await;
+    let start = |plan: Value| {
+        app.admin(Method::POST, "/v1/sagas")
+            .header("Idempotency-Key", "order-9")
+            .json(&json!({"definition": "order", "input": {"plan": plan}}))
+            .send()
+    };
+    let first = start(json!({})).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("idem-"), "{id}");
+    let forget = || async {
+        app.state
+            .idempotency
+            .purge_expired(chrono::Utc::now() + chrono::Duration::days(400))
+            .await
+            .unwrap()
+    };
+    forget().await;
+    let again = start(json!({})).await.unwrap();
+    assert_eq!(again.status(), 200, "the same request meets its saga");
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], id.as_str());
+    forget().await;
+    let other = start(json!({"reserve": "refuse"})).await.unwrap();
+    assert_eq!(other.status(), 201, "another request under an expired key is its own");
+    assert_ne!(other.json::<Value>().await.unwrap()["id"], id.as_str());
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "order", "id": id, "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_name").await;
+}
+both_backends!(a_keyed_start_gets_an_id_derived_from_its_request);

@@ -4,7 +4,7 @@
 pub mod definition;
 pub mod machine;
 
-pub use concord_kernel::{InvalidSagaId, SagaId};
+pub use concord_kernel::{DERIVED_PREFIX, InvalidSagaId, SagaId};
 pub use definition::{
     DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, SagaSecrets, SecretBinding,
     StepSpec, TemplateContext,
