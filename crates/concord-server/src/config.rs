@@ -97,6 +97,9 @@ pub struct Settings {
     pub max_concurrent_requests_per_key: usize,
     /// Most event streams (`GET /v1/subscribe`) served at once (503 `too_many_subscribers`).
     pub max_subscribers: usize,
+    /// Most event streams one API key holds open at once (429 `too_many_concurrent_requests`
+    /// beyond it), so one key cannot take every place of `max_subscribers`.
+    pub max_subscribers_per_key: usize,
     /// How long shutdown waits for in-flight requests, seconds.
     pub shutdown_grace_s: u64,
     /// Database connections (PostgreSQL pool size; SQLite readers).
@@ -277,6 +280,7 @@ impl Default for Settings {
             max_connections: 4096,
             max_concurrent_requests_per_key: 256,
             max_subscribers: 1024,
+            max_subscribers_per_key: 64,
             shutdown_grace_s: 30,
             db_connections: 16,
             auth_cache_ttl_ms: 1000,
@@ -374,6 +378,7 @@ impl Settings {
                 self.max_concurrent_requests_per_key as u64,
             ),
             ("max_subscribers", self.max_subscribers as u64),
+            ("max_subscribers_per_key", self.max_subscribers_per_key as u64),
             ("max_read_bytes", self.max_read_bytes as u64),
         ] {
             anyhow::ensure!(value > 0, "configuration: {name} must be above 0");

@@ -207,6 +207,7 @@ impl Application {
             ))),
             key_slots: crate::limits::KeySlots::new(settings.max_concurrent_requests_per_key),
             subscribers: Arc::new(tokio::sync::Semaphore::new(settings.max_subscribers)),
+            key_streams: crate::limits::KeySlots::new(settings.max_subscribers_per_key),
             settings: Arc::new({
                 // Each secret now lives in the part that uses it (the vault, the participants'
                 // clients); the settings kept for the process's life hold none.

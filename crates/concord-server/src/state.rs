@@ -33,4 +33,6 @@ pub struct AppState {
     pub key_slots: Arc<crate::limits::KeySlots>,
     /// Event streams served at once (`max_subscribers`).
     pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// Event streams per API key (`max_subscribers_per_key`).
+    pub key_streams: Arc<crate::limits::KeySlots>,
 }

@@ -54,6 +54,7 @@ const WAIT_SLICE: Duration = Duration::from_secs(5);
         (status = 200, description = "Each event's `id` is its position, its data an EventOut", content_type = "text/event-stream", body = EventOut),
         (status = 400, description = "invalid_parameter"),
         (status = 403, description = "A category of logs this key may not read"),
+        (status = 429, description = "too_many_concurrent_requests: this key holds max_subscribers_per_key streams; see Retry-After"),
         (status = 503, description = "too_many_subscribers: the server serves max_subscribers streams; see Retry-After"),
     ))]
 pub async fn subscribe(
@@ -63,6 +64,17 @@ pub async fn subscribe(
     params: Result<Query<SubscribeParams>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(p) = params?;
+    let Some(key_stream) = state.key_streams.try_take(principal.key_id) else {
+        let mut e = ApiError::new(
+            ErrorCode::TooManyConcurrentRequests,
+            format!(
+                "this API key holds {} event streams open already (max_subscribers_per_key)",
+                state.settings.max_subscribers_per_key
+            ),
+        );
+        e.retry_after_s = Some(1);
+        return Err(e);
+    };
     let Ok(permit) = state.subscribers.clone().try_acquire_owned() else {
         let mut e = ApiError::new(
             ErrorCode::TooManySubscribers,
@@ -85,7 +97,7 @@ pub async fn subscribe(
     let mut shutdown = state.shutdown.clone();
     let gauge = metrics::gauge!("concord_subscribers", "kind" => "sse");
     gauge.increment(1.0);
-    let guard = SubscriberGuard(gauge, permit);
+    let guard = SubscriberGuard(gauge, permit, key_stream);
     let events = stream::unfold((follower, guard), |(mut follower, guard)| async move {
         let batch = follower.next_batch(WAIT_SLICE).await;
         match batch {
@@ -120,7 +132,11 @@ fn sse_event(e: concord_core::domain::RecordedEvent) -> Event {
 
 /// Keeps the subscriber gauge right however the stream ends.
 /// Counts a live stream and holds its place among `max_subscribers` until it ends.
-struct SubscriberGuard(metrics::Gauge, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+struct SubscriberGuard(
+    metrics::Gauge,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    #[allow(dead_code)] crate::limits::KeySlot,
+);
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {

@@ -111,6 +111,32 @@ async fn subscribers_past_the_cap_get_503() {
     drop(second);
 }
 
+/// One key cannot hold more than `max_subscribers_per_key` streams; another key still can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holds_at_most_its_share_of_streams() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.max_subscribers_per_key = 1).await else {
+        return;
+    };
+    let reader = app.create_key(&["events:read"]).await;
+    let open = |key: String| {
+        let app = &app;
+        async move {
+            app.request(Method::GET, "/v1/events/subscribe", Some(&key))
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = open(reader.clone()).await;
+    assert_eq!(first.status(), 200);
+    let second = open(reader.clone()).await;
+    assert_eq!(second.status(), 429);
+    let other = open(app.admin_key.clone()).await;
+    assert_eq!(other.status(), 200, "another key has its own share");
+    drop((first, other));
+}
+
 /// A key with `max_concurrent_requests_per_key` requests in progress gets 429 for one more;
 /// another key is not held up by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
