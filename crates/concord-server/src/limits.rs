@@ -66,15 +66,21 @@ impl Drop for KeySlot {
     }
 }
 
+/// A refusal of a request over a limit that frees itself: try again in a second.
+#[must_use]
+pub fn busy(code: ErrorCode, detail: String) -> ApiError {
+    let mut e = ApiError::new(code, detail);
+    e.retry_after_s = Some(1);
+    e
+}
+
 /// The refusal of a request over its key's share.
 #[must_use]
 pub fn too_many_requests(max: usize) -> ApiError {
-    let mut e = ApiError::new(
+    busy(
         ErrorCode::TooManyConcurrentRequests,
         format!("this API key has {max} requests in progress (max_concurrent_requests_per_key)"),
-    );
-    e.retry_after_s = Some(1);
-    e
+    )
 }
 
 /// The response, or 503 `request_timed_out` when it takes over `limit` (dropping the handler:
@@ -85,12 +91,10 @@ pub async fn within(limit: Duration, response: impl Future<Output = Response>) -
         Ok(response) => response,
         Err(_) => {
             metrics::counter!("concord_http_requests_timed_out_total").increment(1);
-            let mut e = ApiError::new(
+            axum::response::IntoResponse::into_response(busy(
                 ErrorCode::RequestTimedOut,
                 format!("the request took over {} ms (request_timeout_ms)", limit.as_millis()),
-            );
-            e.retry_after_s = Some(1);
-            axum::response::IntoResponse::into_response(e)
+            ))
         }
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use concord_core::app::append::{Plan, StoredId, plan_batch};
 use concord_core::app::group_commit::BatchWriter;
 use concord_core::domain::{AppendOutcome, AppendRequest, RecordedEvent, StreamName};
-use concord_core::ports::{CheckpointStore, EventStore, LogQuery, StoreError};
+use concord_core::ports::{CheckpointStore, EventStore, LogQuery, StoreError, collect_within};
 use sqlx::Row as _;
 use sqlx::sqlite::SqliteRow;
 use std::collections::HashMap;
@@ -126,26 +126,6 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 const SELECT_EVENT: &str = "SELECT id, stream, version, position, event_type, data, metadata, recorded_at FROM events";
 
-/// Reads rows one at a time, keeping events while their `data` and `metadata` fit in
-/// `max_bytes` (always the first): the rows past the budget are never decoded or kept.
-async fn collect_within(
-    mut rows: impl futures::Stream<Item = Result<SqliteRow, sqlx::Error>> + Unpin,
-    max_bytes: usize,
-) -> Result<Vec<RecordedEvent>, StoreError> {
-    use futures::TryStreamExt as _;
-    let mut out = Vec::new();
-    let mut used = 0usize;
-    while let Some(row) = rows.try_next().await.map_err(unavailable)? {
-        let size = row_bytes(&row)?;
-        if !out.is_empty() && used.saturating_add(size) > max_bytes {
-            break;
-        }
-        used = used.saturating_add(size);
-        out.push(event_from_row(&row)?);
-    }
-    Ok(out)
-}
-
 fn row_bytes(row: &SqliteRow) -> Result<usize, StoreError> {
     let data: &str = row.try_get(5).map_err(unavailable)?;
     let metadata: &str = row.try_get(6).map_err(unavailable)?;
@@ -187,7 +167,7 @@ impl EventStore for SqliteStore {
             .bind(stream.as_str())
             .bind(to_i64(from))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let events = collect_within(query.fetch(&self.inner.read), max_bytes).await?;
+        let events = collect_within(query.fetch(&self.inner.read), max_bytes, row_bytes, event_from_row).await?;
         if events.is_empty() {
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM events WHERE stream = ? LIMIT 1")
                 .bind(stream.as_str())
@@ -218,7 +198,7 @@ impl EventStore for SqliteStore {
             query = query.bind(i64::from(p.size)).bind(i64::from(p.member));
         }
         let query = query.bind(i64::try_from(q.limit).unwrap_or(i64::MAX));
-        collect_within(query.fetch(&self.inner.read), q.max_bytes).await
+        collect_within(query.fetch(&self.inner.read), q.max_bytes, row_bytes, event_from_row).await
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -60,3 +60,37 @@ pub trait CheckpointStore: Send + Sync + 'static {
     async fn load_checkpoint(&self, group: &str, member: u32) -> Result<Option<u64>, StoreError>;
     async fn save_checkpoint(&self, group: &str, member: u32, position: u64) -> Result<(), StoreError>;
 }
+
+/// The byte budget of [`LogQuery::max_bytes`] over rows an adapter streams from its database:
+/// rows are taken one at a time, each measured by `size` (its `data` and `metadata` as stored)
+/// and decoded by `decode` only once it fits; the first row always fits. Rows past the budget
+/// are never decoded or kept.
+///
+/// # Errors
+/// The first error of the stream, of `size` or of `decode`.
+pub async fn collect_within<R, E>(
+    mut rows: impl futures::Stream<Item = Result<R, E>> + Unpin,
+    max_bytes: usize,
+    size: impl Fn(&R) -> Result<usize, StoreError>,
+    decode: impl Fn(&R) -> Result<RecordedEvent, StoreError>,
+) -> Result<Vec<RecordedEvent>, StoreError>
+where
+    E: std::fmt::Display,
+{
+    use futures::TryStreamExt as _;
+    let mut out = Vec::new();
+    let mut used = 0usize;
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    {
+        let bytes = size(&row)?;
+        if !out.is_empty() && used.saturating_add(bytes) > max_bytes {
+            break;
+        }
+        used = used.saturating_add(bytes);
+        out.push(decode(&row)?);
+    }
+    Ok(out)
+}

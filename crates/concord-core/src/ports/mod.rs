@@ -8,7 +8,7 @@ mod sagas;
 mod txs;
 mod vault;
 
-pub use events::{CheckpointStore, EventStore, LogQuery};
+pub use events::{CheckpointStore, EventStore, LogQuery, collect_within};
 pub use keys::KeyStore;
 pub use sagas::{SagaRow, SagaStore, SagaUpdate, StoredDefinition};
 pub use txs::{TxRow, TxStore, TxUpdate};

@@ -1,6 +1,7 @@
 //! Live subscriptions (SSE) and consumer groups with server-side checkpoints.
 
 use crate::error::ApiError;
+use crate::limits::busy;
 use crate::routes::events::{log_query, page_after, to_api, visible};
 use crate::state::AppState;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -65,26 +66,22 @@ pub async fn subscribe(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(p) = params?;
     let Some(key_stream) = state.key_streams.try_take(principal.key_id) else {
-        let mut e = ApiError::new(
+        return Err(busy(
             ErrorCode::TooManyConcurrentRequests,
             format!(
                 "this API key holds {} event streams open already (max_subscribers_per_key)",
                 state.settings.max_subscribers_per_key
             ),
-        );
-        e.retry_after_s = Some(1);
-        return Err(e);
+        ));
     };
     let Ok(permit) = state.subscribers.clone().try_acquire_owned() else {
-        let mut e = ApiError::new(
+        return Err(busy(
             ErrorCode::TooManySubscribers,
             format!(
                 "this server serves {} event streams already (max_subscribers)",
                 state.settings.max_subscribers
             ),
-        );
-        e.retry_after_s = Some(1);
-        return Err(e);
+        ));
     };
     let resume = headers
         .get("last-event-id")
