@@ -162,6 +162,8 @@ error_codes! {
     StoreUnavailable = ("store_unavailable", 503, "Store unavailable"),
     /// The server already serves `max_subscribers` event streams.
     TooManySubscribers = ("too_many_subscribers", 503, "Too many subscribers"),
+    /// The node is shutting down (readiness): send requests to another.
+    Draining = ("draining", 503, "Draining"),
     /// The request did not finish within `request_timeout_ms`.
     RequestTimedOut = ("request_timed_out", 503, "Request timed out"),
     /// A service's idempotency store failed or is unreachable (answered by the sdk's layer); the

@@ -100,6 +100,10 @@ pub struct Settings {
     /// Most event streams one API key holds open at once (429 `too_many_concurrent_requests`
     /// beyond it), so one key cannot take every place of `max_subscribers`.
     pub max_subscribers_per_key: usize,
+    /// How long a node keeps serving after SIGTERM with readiness false (`GET /ready` 503
+    /// `draining`) before it stops accepting, ms: time for a load balancer to take it out (set it
+    /// to a few readiness periods behind Kubernetes). 0: stop accepting at once.
+    pub drain_ms: u64,
     /// How long shutdown waits for in-flight requests, seconds.
     pub shutdown_grace_s: u64,
     /// Database connections (PostgreSQL pool size; SQLite readers).
@@ -281,6 +285,7 @@ impl Default for Settings {
             max_concurrent_requests_per_key: 256,
             max_subscribers: 1024,
             max_subscribers_per_key: 64,
+            drain_ms: 0,
             shutdown_grace_s: 30,
             db_connections: 16,
             auth_cache_ttl_ms: 1000,

@@ -23,6 +23,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             concord_server::relay::run(args).await?;
         }
         Command::Bench { args } => return Err(cli::run_helper("bench", &args)),
+        Command::Healthcheck { url, timeout_ms } => {
+            if !cli::healthcheck(&url, std::time::Duration::from_millis(timeout_ms)).await {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

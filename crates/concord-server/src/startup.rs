@@ -206,6 +206,7 @@ impl Application {
                 settings.auth_cache_ttl_ms,
             ))),
             key_slots: crate::limits::KeySlots::new(settings.max_concurrent_requests_per_key),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             subscribers: Arc::new(tokio::sync::Semaphore::new(settings.max_subscribers)),
             key_streams: crate::limits::KeySlots::new(settings.max_subscribers_per_key),
             settings: Arc::new({
@@ -265,9 +266,18 @@ impl Application {
             header_read_timeout: Duration::from_millis(state.settings.header_read_timeout_ms),
             max_connections: state.settings.max_connections,
         };
+        let draining = state.draining.clone();
+        let drain = Duration::from_millis(state.settings.drain_ms);
         let app = routes::router(state);
         let signal = async move {
             signal.await;
+            // Readiness turns false at once; requests are still served for `drain_ms`, while load
+            // balancers take the node out, and only then does the node stop accepting.
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            if !drain.is_zero() {
+                tracing::info!(drain_ms = drain.as_millis(), "draining: readiness is false");
+                tokio::time::sleep(drain).await;
+            }
             // Ends live subscriptions and tells the workers.
             let _ = shutdown.send(true);
         };

@@ -21,6 +21,8 @@ pub struct AppState {
     pub route_scopes: Arc<crate::scopes::RouteScopes>,
     pub limits: Limits,
     pub settings: Arc<Settings>,
+    /// True from the start of a shutdown (SIGTERM) on: readiness answers 503 `draining`.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Turns true when the server starts shutting down, so long-lived streams end.
     pub shutdown: watch::Receiver<bool>,
     pub key_cache: Arc<concord_core::app::auth::KeyCache>,

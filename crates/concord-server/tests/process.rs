@@ -111,6 +111,33 @@ async fn serve_starts_in_a_working_directory_without_concord_toml() {
     assert_eq!(r.status(), 200);
 }
 
+/// `concord healthcheck` exits 0 when the server answers ready and 1 when nothing answers: the
+/// health check of an image without a shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_exits_0_for_a_ready_server_and_1_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(serve(dir.path())).await;
+    let check = |url: String| {
+        let dir = dir.path().to_owned();
+        async move {
+            let mut cmd = concord(&dir);
+            cmd.args(["healthcheck", "--url", &url]);
+            let mut p = Proc::spawn(cmd);
+            p.finish().await
+        }
+    };
+    let ok = within("healthcheck", check(server.url.clone())).await;
+    assert!(ok.status.success(), "{ok:?}");
+    // A port nothing listens on: bind one, then let it go.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = within("healthcheck", check(format!("http://{free}"))).await;
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    assert!(down.stderr.iter().any(|l| l.contains("unhealthy")), "{down:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_without_a_database_url_creates_concord_db_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();

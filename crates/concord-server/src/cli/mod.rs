@@ -76,6 +76,16 @@ pub enum Command {
         #[command(subcommand)]
         command: VaultCommand,
     },
+    /// Exit 0 when the server answers ready (`GET /ready`), 1 otherwise: for a container's
+    /// exec-form health check, where there is no shell or curl.
+    Healthcheck {
+        /// Server URL.
+        #[arg(long, env = "CONCORD_URL", default_value = "http://127.0.0.1:7400")]
+        url: String,
+        /// How long to wait for the answer, ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Publish a service's outbox to a broker (NATS JetStream or this server's event store).
     Relay(crate::relay::RelayArgs),
     /// Measure an area against a baseline taken in the same run: runs `concord-bench` (from
@@ -163,5 +173,28 @@ impl Remote {
     fn client(&self) -> anyhow::Result<Client> {
         let key = self.key.clone().context("an API key is needed: --key or CONCORD_KEY")?;
         Ok(Client::new(self.url.clone(), key)?)
+    }
+}
+
+/// `concord healthcheck`: whether the server at `url` answers `GET /ready` with 200 within
+/// `timeout`; says why not on stderr.
+pub async fn healthcheck(url: &str, timeout: std::time::Duration) -> bool {
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            return false;
+        }
+    };
+    match client.get(format!("{}/ready", url.trim_end_matches('/'))).send().await {
+        Ok(r) if r.status().is_success() => true,
+        Ok(r) => {
+            eprintln!("unhealthy: GET /ready answered {}", r.status());
+            false
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            false
+        }
     }
 }

@@ -26,6 +26,7 @@ use utoipa_axum::routes;
 fn declared() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
     let public = OpenApiRouter::new()
         .routes(routes!(system::health))
+        .routes(routes!(system::ready))
         .routes(routes!(system::metrics));
     let v1 = OpenApiRouter::new()
         .routes(routes!(events::append, events::read_stream))
@@ -140,7 +141,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 26, "every operation of the API");
+        assert_eq!(count, 27, "every operation of the API");
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct TestApp {
     pub state: AppState,
     pub database_url: String,
     _dir: Option<tempfile::TempDir>,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 /// The PostgreSQL URL for tests, or `None` (after printing that the test skipped).
@@ -97,11 +97,16 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
         state,
         database_url,
         _dir: dir,
-        _stop: stop,
+        stop: Some(stop),
     })
 }
 
 impl TestApp {
+    /// Starts the server's shutdown, as SIGTERM does.
+    pub fn shut_down(&mut self) {
+        self.stop.take();
+    }
+
     pub fn request(&self, method: Method, path: &str, key: Option<&str>) -> RequestBuilder {
         let rb = self.http.request(method, format!("{}{}", self.address, path));
         match key {

@@ -58,6 +58,7 @@ async fn the_openapi_document_lists_every_route() {
     // authentication layer enforces what the document says.
     let expected: &[(&str, &str, Option<&str>)] = &[
         ("get", "/health", None),
+        ("get", "/ready", None),
         ("get", "/metrics", None),
         ("post", "/v1/streams/{stream}", Some("events:write")),
         ("get", "/v1/streams/{stream}", Some("events:read")),
@@ -143,3 +144,30 @@ async fn the_running_server_keeps_no_secret_in_its_settings(b: Backend) {
     assert_eq!(r.status(), 200, "the admin key still works: it lives in the key store");
 }
 both_backends!(the_running_server_keeps_no_secret_in_its_settings);
+
+/// Readiness is its own endpoint: 200 while the store answers; from the start of a shutdown on it
+/// answers 503 `draining` while the node still serves for `drain_ms`, and liveness stays 200.
+async fn readiness_turns_false_when_a_drain_begins(b: Backend) {
+    let Some(mut app) = crate::helpers::spawn_app_with(b, |s| s.drain_ms = 3000).await else {
+        return;
+    };
+    let r = app.request(Method::GET, "/ready", None).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "ready");
+    app.shut_down();
+    let mut draining = None;
+    for _ in 0..100 {
+        let r = app.request(Method::GET, "/ready", None).send().await.unwrap();
+        if r.status() == 503 {
+            draining = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    crate::helpers::assert_problem(draining.expect("readiness turned false"), 503, "draining").await;
+    let r = app.request(Method::GET, "/health", None).send().await.unwrap();
+    assert_eq!(r.status(), 200, "alive while draining");
+    let r = app.admin(Method::GET, "/v1/events?limit=1").send().await.unwrap();
+    assert_eq!(r.status(), 200, "requests are still served during the drain");
+}
+both_backends!(readiness_turns_false_when_a_drain_begins);

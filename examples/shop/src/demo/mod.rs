@@ -294,7 +294,7 @@ async fn run_in(
                     layout.dir.join("vault.key").display().to_string(),
                 ),
             ],
-            health_url: format!("{}/health", urls.concord),
+            health_url: format!("{}/ready", urls.concord),
         },
     )
     .await?;
