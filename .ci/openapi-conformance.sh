@@ -31,11 +31,11 @@ if python3 - "$port" <<'PY'
 import sys, time, urllib.request
 for _ in range(120):
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=2)
         sys.exit(0)
     except Exception:
         time.sleep(0.5)
-sys.exit("openapi-conformance: the server did not answer /health")
+sys.exit("openapi-conformance: the server did not answer /ready")
 PY
 then :; else
   tail -n 50 "$dir/server.log" >&2
