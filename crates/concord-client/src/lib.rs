@@ -47,6 +47,7 @@ mod events;
 mod keys;
 mod sagas;
 mod sse;
+pub mod tls;
 pub mod trace;
 mod transport;
 mod tx;
@@ -66,6 +67,7 @@ pub use concord_api::{ErrorCode, Problem};
 pub use concord_kernel::ExpectedVersion;
 pub use error::ClientError;
 pub use sse::Subscription;
+pub use tls::ClientTls;
 
 /// The answer of a route that creates a resource or, when an equal one exists, returns that one.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +104,21 @@ impl Client {
     /// rustls crypto provider installed (see the crate docs); [`ClientError::Transport`] when
     /// reqwest cannot build its client.
     pub fn new(base_url: impl Into<String>, api_key: impl Into<String>) -> Result<Self, ClientError> {
+        Self::with_tls(base_url, api_key, &ClientTls::default())
+    }
+
+    /// A client that trusts `tls.ca` beyond the system's roots and shows `tls.client_cert` to
+    /// a server that asks for one (mutual TLS); [`ClientTls::from_env`] reads the settings every
+    /// Concord client shares.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::new`], and [`ClientError::Config`] when a TLS file cannot be used.
+    pub fn with_tls(
+        base_url: impl Into<String>,
+        api_key: impl Into<String>,
+        tls: &ClientTls,
+    ) -> Result<Self, ClientError> {
         let base_url = base_url.into();
         endpoint(&base_url, &[])?;
         if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -111,7 +128,7 @@ impl Client {
                     .into(),
             ));
         }
-        let http = reqwest::Client::builder().build()?;
+        let http = tls.apply(reqwest::Client::builder())?.build()?;
         Ok(Self::with_http(base_url, api_key, http))
     }
 

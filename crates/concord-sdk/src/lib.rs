@@ -74,6 +74,8 @@ pub mod inbox;
 pub mod outbox;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod projection;
+#[cfg(feature = "axum")]
+pub mod serve;
 pub mod trace;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod tx;
@@ -81,5 +83,5 @@ pub mod tx;
 pub use concord_client::{
     AppendBody, AppendResponse, AttemptOut, BeginTxBody, CheckpointBody, Client, ClientError, Created, CreatedKey,
     DefinitionOut, ErrorCode, EventInput, EventOut, EventsPage, ExpectedVersion, Health, ParticipantIn, ParticipantOut,
-    Problem, SagaOut, SagaPage, StartSagaBody, StepOut, Subscription, TxDecision, TxOut, TxPage, api,
+    Problem, SagaOut, SagaPage, StartSagaBody, StepOut, Subscription, TxDecision, TxOut, TxPage, api, tls::ClientTls,
 };

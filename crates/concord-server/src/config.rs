@@ -175,6 +175,21 @@ pub struct Settings {
     /// `tx_participant_token` is sent to; to any other the call goes without it. Required with a
     /// token: the server does not start with a token bound to nothing.
     pub tx_participant_token_hosts: Vec<String>,
+    /// The server's certificate chain, PEM (`CONCORD_TLS_CERT`). Set with `tls_key`, the server
+    /// speaks only TLS; a renewed file is served from the next handshake on, without a restart.
+    pub tls_cert: Option<String>,
+    /// The certificate's private key, PEM (`CONCORD_TLS_KEY`).
+    pub tls_key: Option<String>,
+    /// A PEM bundle of certificate authorities (`CONCORD_TLS_CLIENT_CA`): set, every client must
+    /// show a certificate one of them signed (mutual TLS). Needs `tls_cert`.
+    pub tls_client_ca: Option<String>,
+    /// Certificate authorities the server's own calls (saga steps, 2PC participants) trust beyond
+    /// the system's roots, PEM (`CONCORD_TLS_CA`, as every Concord client reads it).
+    pub tls_ca: Option<String>,
+    /// The certificate those calls show a participant that asks for one, PEM
+    /// (`CONCORD_TLS_CLIENT_CERT`), with its key `tls_client_key` (`CONCORD_TLS_CLIENT_KEY`).
+    pub tls_client_cert: Option<String>,
+    pub tls_client_key: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -316,6 +331,12 @@ impl Default for Settings {
             tx_allowed_hosts: Vec::new(),
             tx_participant_token: None,
             tx_participant_token_hosts: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
         }
     }
 }
@@ -352,6 +373,33 @@ impl Settings {
         self.admin_key = None;
         self.tx_participant_token = None;
         self.saga_secrets.clear();
+    }
+
+    /// The server's TLS files: none when `tls_cert` and `tls_key` are unset.
+    ///
+    /// # Errors
+    /// Only one of the certificate and its key set, or a client CA without them.
+    pub fn server_tls(&self) -> anyhow::Result<Option<concord_sdk::serve::ServerTlsFiles>> {
+        let set = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
+        match (set(&self.tls_cert), set(&self.tls_key), set(&self.tls_client_ca)) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), client_ca) => Ok(Some(concord_sdk::serve::ServerTlsFiles { cert, key, client_ca })),
+            (None, None, Some(_)) => anyhow::bail!(
+                "configuration: tls_client_ca (mutual TLS) needs tls_cert and tls_key: the server must speak TLS"
+            ),
+            _ => anyhow::bail!("configuration: tls_cert and tls_key go together: set both or neither"),
+        }
+    }
+
+    /// The TLS of the server's own calls to saga steps and 2PC participants.
+    #[must_use]
+    pub fn client_tls(&self) -> concord_sdk::ClientTls {
+        let set = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
+        concord_sdk::ClientTls {
+            ca: set(&self.tls_ca),
+            client_cert: set(&self.tls_client_cert),
+            client_key: set(&self.tls_client_key),
+        }
     }
 
     /// The relations between settings that single values cannot express.

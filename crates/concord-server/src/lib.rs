@@ -13,7 +13,6 @@ pub mod relay;
 pub mod routes;
 pub mod saga;
 pub mod scopes;
-pub mod serve;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -6,6 +6,7 @@
 //! would send the call somewhere the policy did not judge.
 
 use concord_core::domain::outbound::{OutboundPolicy, Refused};
+use concord_sdk::ClientTls;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,11 +18,15 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// `tls` adds certificate authorities to trust and the client certificate shown to a
+    /// participant that asks for one (mutual TLS).
+    ///
     /// # Errors
-    /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(policy: OutboundPolicy) -> reqwest::Result<Self> {
+    /// When the HTTP client cannot be built (no TLS provider installed, a TLS file unusable).
+    pub fn new(policy: OutboundPolicy, tls: &ClientTls) -> anyhow::Result<Self> {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
+        let client = tls
+            .apply(reqwest::Client::builder())?
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(GuardedResolver { policy: policy.clone() })

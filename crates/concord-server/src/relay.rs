@@ -68,7 +68,11 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 .key
                 .clone()
                 .context("--broker concord needs --key or CONCORD_KEY")?;
-            Arc::new(EventStoreBroker::new(Client::new(args.url.clone(), key)?))
+            Arc::new(EventStoreBroker::new(Client::with_tls(
+                args.url.clone(),
+                key,
+                &concord_sdk::ClientTls::from_env(),
+            )?))
         }
     };
     let config = RelayConfig {

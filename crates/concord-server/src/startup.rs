@@ -93,6 +93,7 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
 /// A built application, bound to its address, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    tls: Option<concord_sdk::serve::ServerTls>,
     state: AppState,
     shutdown: watch::Sender<bool>,
     /// A generated admin key to print once (none when one was configured or already existed).
@@ -106,6 +107,12 @@ impl Application {
     /// When the database or the address is unavailable.
     pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
         settings.check()?;
+        // Read the TLS files first: a bad certificate stops the start before anything opens.
+        let tls = match settings.server_tls()? {
+            Some(files) => Some(concord_sdk::serve::ServerTls::load(&files)?),
+            None => None,
+        };
+        let client_tls = settings.client_tls();
         // Install the recorder before anything counts, so no early sample is lost.
         crate::telemetry::metrics_handle();
         let stores = open_stores(&settings).await?;
@@ -122,6 +129,7 @@ impl Application {
         let participants = Arc::new(crate::saga::HttpParticipants::new(
             settings.saga_limits().max_output_bytes,
             saga_outbound.clone(),
+            &client_tls,
         )?);
         let engine = Arc::new(SagaEngine::new(
             stores.events.clone(),
@@ -153,6 +161,7 @@ impl Application {
                 Duration::from_millis(settings.tx_phase2_timeout_ms),
                 settings.tx_token()?,
                 tx_outbound.clone(),
+                &client_tls,
             )?),
             uuid::Uuid::now_v7(),
             TxConfig {
@@ -219,6 +228,7 @@ impl Application {
         };
         Ok(Self {
             listener,
+            tls,
             state,
             shutdown,
             generated_admin_key,
@@ -247,6 +257,7 @@ impl Application {
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Self {
             listener,
+            tls,
             state,
             shutdown,
             ..
@@ -262,7 +273,7 @@ impl Application {
                 let _ = transactions.await;
             }
         });
-        let limits = crate::serve::ConnectionLimits {
+        let limits = concord_sdk::serve::ConnectionLimits {
             header_read_timeout: Duration::from_millis(state.settings.header_read_timeout_ms),
             max_connections: state.settings.max_connections,
         };
@@ -281,7 +292,7 @@ impl Application {
             // Ends live subscriptions and tells the workers.
             let _ = shutdown.send(true);
         };
-        crate::serve::serve(listener, app, limits, signal, grace).await;
+        concord_sdk::serve::serve(listener, app, limits, tls, signal, grace).await;
         // Let sagas in flight reach their next record (bounded by the grace period inside).
         if let Some(r) = runner {
             r.await;
@@ -371,7 +382,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         // Printed once, to the terminal only: never through the log pipeline.
         println!("Generated admin API key (shown once, store it now): {key}");
     }
-    tracing::info!(addr = %app.local_addr()?, "concord listening");
+    tracing::info!(addr = %app.local_addr()?, tls = app.tls.is_some(), "concord listening");
     app.run_until(shutdown_signal()).await
 }
 

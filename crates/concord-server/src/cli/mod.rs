@@ -172,14 +172,20 @@ pub struct Remote {
 impl Remote {
     fn client(&self) -> anyhow::Result<Client> {
         let key = self.key.clone().context("an API key is needed: --key or CONCORD_KEY")?;
-        Ok(Client::new(self.url.clone(), key)?)
+        Ok(Client::with_tls(
+            self.url.clone(),
+            key,
+            &concord_sdk::ClientTls::from_env(),
+        )?)
     }
 }
 
 /// `concord healthcheck`: whether the server at `url` answers `GET /ready` with 200 within
-/// `timeout`; says why not on stderr.
+/// `timeout`; says why not on stderr. Over TLS it trusts and shows what `CONCORD_TLS_CA`,
+/// `CONCORD_TLS_CLIENT_CERT` and `CONCORD_TLS_CLIENT_KEY` name, as every Concord client does.
 pub async fn healthcheck(url: &str, timeout: std::time::Duration) -> bool {
-    let client = match reqwest::Client::builder().timeout(timeout).build() {
+    let builder = concord_sdk::ClientTls::from_env().apply(reqwest::Client::builder().timeout(timeout));
+    let client = match builder.map_err(anyhow::Error::from).and_then(|b| Ok(b.build()?)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("unhealthy: {e}");

@@ -22,8 +22,8 @@ pub struct HttpParticipants {
 impl HttpParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(max_body: usize, policy: OutboundPolicy) -> anyhow::Result<Self> {
-        let client = Outbound::new(policy)?;
+    pub fn new(max_body: usize, policy: OutboundPolicy, tls: &concord_sdk::ClientTls) -> anyhow::Result<Self> {
+        let client = Outbound::new(policy, tls)?;
         Ok(Self { client, max_body })
     }
 }

@@ -30,8 +30,13 @@ pub struct BoundToken {
 impl HttpTxParticipants {
     /// # Errors
     /// When the HTTP client cannot be built (no TLS provider installed).
-    pub fn new(phase2_timeout: Duration, token: Option<BoundToken>, policy: OutboundPolicy) -> anyhow::Result<Self> {
-        let client = Outbound::new(policy)?;
+    pub fn new(
+        phase2_timeout: Duration,
+        token: Option<BoundToken>,
+        policy: OutboundPolicy,
+        tls: &concord_sdk::ClientTls,
+    ) -> anyhow::Result<Self> {
+        let client = Outbound::new(policy, tls)?;
         Ok(Self {
             client,
             phase2_timeout,

@@ -16,5 +16,6 @@ mod saga_logs;
 mod sagas;
 mod subscriptions;
 mod system;
+mod tls;
 mod tx;
 mod vault;
