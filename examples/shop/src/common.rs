@@ -367,20 +367,34 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(service, addr = %addr, "shop service listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    // TLS, and mutual TLS, from the settings the Concord server reads (`CONCORD_TLS_CERT`, ...).
+    let tls = match concord_sdk::serve::ServerTlsFiles::from_env()? {
+        Some(files) => Some(concord_sdk::serve::ServerTls::load(&files)?),
+        None => None,
+    };
+    tracing::info!(service, addr = %addr, tls = tls.is_some(), "shop service listening");
+    let limits = concord_sdk::serve::ConnectionLimits::default();
+    concord_sdk::serve::serve(listener, router, limits, tls, shutdown, Duration::from_secs(10)).await;
     Ok(())
+}
+
+/// An HTTP client with `timeout` per request, trusting and showing what `tls` names.
+///
+/// # Errors
+/// A TLS file that cannot be used.
+pub fn http_client(timeout: Duration, tls: &concord_sdk::ClientTls) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2));
+    Ok(tls.apply(builder)?.build()?)
 }
 
 /// The sdk client of the Concord server.
 ///
 /// # Errors
-/// A bad URL.
-pub fn concord_client(url: &str, key: &str) -> anyhow::Result<concord_sdk::Client> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect_timeout(Duration::from_secs(2))
-        .build()?;
+/// A bad URL or TLS file.
+pub fn concord_client(url: &str, key: &str, tls: &concord_sdk::ClientTls) -> anyhow::Result<concord_sdk::Client> {
+    let http = http_client(Duration::from_secs(30), tls)?;
     Ok(concord_sdk::Client::with_http(url, key, http))
 }
 

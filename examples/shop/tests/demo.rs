@@ -137,3 +137,32 @@ fn the_checker_fails_when_payments_charges_without_the_barrier() {
         run.stderr
     );
 }
+
+#[test]
+fn the_shop_over_mutual_tls_keeps_every_invariant() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = demo(
+        dir.path(),
+        &["--orders", "40", "--clients", "8", "--seed", "5", "--tls"],
+    );
+    assert_eq!(run.code, Some(0), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("every call over mutual TLS"), "{}", run.stdout);
+    let lines = invariant_lines(&run.stdout);
+    assert_eq!(lines.len(), 8, "{}", run.stdout);
+    assert!(
+        lines.iter().all(|l| l.trim_start().starts_with("PASS")),
+        "{}",
+        run.stdout
+    );
+    // Every process served over TLS: each says so when it starts listening.
+    for service in ["concord", "orders", "inventory", "payments", "query", "provider"] {
+        let log = std::fs::read_to_string(dir.path().join("run").join("logs").join(format!("{service}.log"))).unwrap();
+        let listening: Vec<&str> = log.lines().filter(|l| l.contains("listening")).collect();
+        assert!(!listening.is_empty(), "{service} never listened:\n{log}");
+        assert!(
+            listening.iter().all(|l| l.contains("tls=true")),
+            "{service} served without TLS:\n{}",
+            listening.join("\n")
+        );
+    }
+}

@@ -28,6 +28,31 @@ pub struct ServerTlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+impl ServerTlsFiles {
+    /// The files `CONCORD_TLS_CERT`, `CONCORD_TLS_KEY` and `CONCORD_TLS_CLIENT_CA` name (the
+    /// settings the Concord server reads): none when the first two are unset or empty.
+    ///
+    /// # Errors
+    /// Only one of the certificate and its key set, or a client CA without them.
+    pub fn from_env() -> Result<Option<Self>, TlsError> {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        match (
+            var("CONCORD_TLS_CERT"),
+            var("CONCORD_TLS_KEY"),
+            var("CONCORD_TLS_CLIENT_CA"),
+        ) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), client_ca) => Ok(Some(Self { cert, key, client_ca })),
+            (None, None, Some(_)) => Err(TlsError::Config(
+                "CONCORD_TLS_CLIENT_CA (mutual TLS) needs CONCORD_TLS_CERT and CONCORD_TLS_KEY".into(),
+            )),
+            _ => Err(TlsError::Config(
+                "CONCORD_TLS_CERT and CONCORD_TLS_KEY go together: set both or neither".into(),
+            )),
+        }
+    }
+}
+
 /// TLS material that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

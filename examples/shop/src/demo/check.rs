@@ -27,6 +27,8 @@ pub struct Sources<'a> {
     /// The query service, to read through its cache.
     pub query_url: &'a str,
     pub token: &'a str,
+    /// The demo's own TLS, on a `--tls` run.
+    pub tls: &'a concord_sdk::ClientTls,
     /// Every file of the run (databases, logs, traces).
     pub files: Vec<PathBuf>,
     /// PostgreSQL databases to read every row of (the scale-out shape).
@@ -499,7 +501,7 @@ async fn read_model(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> anyhow
         }
     }
     // Reads through the cache answer what the table holds.
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let http = crate::common::http_client(Duration::from_secs(5), s.tls)?;
     let mut through_cache = 0;
     for id in orders.keys().take(25) {
         let got: Value = http

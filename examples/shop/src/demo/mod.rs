@@ -10,6 +10,7 @@ pub mod model;
 pub mod plan;
 pub mod procs;
 pub mod report;
+pub mod tls;
 pub mod trace_tree;
 
 use std::path::PathBuf;
@@ -56,6 +57,10 @@ pub struct DemoArgs {
     /// Keep the run's files (databases, logs, traces) in this folder instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Every call of the run over mutual TLS, with certificates made for the run: the server,
+    /// each service and the demo serve only clients with a certificate of the run's authority.
+    #[arg(long)]
+    pub tls: bool,
     /// Skip the SIGKILLs (for a quick look).
     #[arg(long)]
     pub no_kill: bool,
@@ -248,17 +253,42 @@ async fn run_in(
         args.seed,
         layout.dir.display()
     );
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    // On a `--tls` run, a certificate for each process and for the demo itself.
+    let pki = if args.tls {
+        let pki = tls::RunPki::create(&layout.dir.join("tls"))?;
+        for name in [
+            "concord",
+            "orders",
+            "inventory",
+            "payments",
+            "query",
+            "provider",
+            "demo",
+        ] {
+            pki.issue(name)?;
+        }
+        println!(
+            "concord-shop demo: every call over mutual TLS (certificates in {}/tls)",
+            layout.dir.display()
+        );
+        Some(pki)
+    } else {
+        None
+    };
+    let demo_tls = pki.as_ref().map(|p| p.client("demo")).unwrap_or_default();
+    let tls_env = |name: &str| pki.as_ref().map(|p| p.env(name)).unwrap_or_default();
+    let scheme = if args.tls { "https" } else { "http" };
+    let http = crate::common::http_client(Duration::from_secs(10), &demo_tls)?;
     let port = |_: &str| free_port();
     let urls = Urls {
-        concord: format!("http://127.0.0.1:{}", port("concord")?),
-        orders: format!("http://127.0.0.1:{}", port("orders")?),
-        inventory: format!("http://127.0.0.1:{}", port("inventory")?),
-        payments: format!("http://127.0.0.1:{}", port("payments")?),
-        query: format!("http://127.0.0.1:{}", port("query")?),
-        provider: format!("http://127.0.0.1:{}", port("provider")?),
+        concord: format!("{scheme}://127.0.0.1:{}", port("concord")?),
+        orders: format!("{scheme}://127.0.0.1:{}", port("orders")?),
+        inventory: format!("{scheme}://127.0.0.1:{}", port("inventory")?),
+        payments: format!("{scheme}://127.0.0.1:{}", port("payments")?),
+        query: format!("{scheme}://127.0.0.1:{}", port("query")?),
+        provider: format!("{scheme}://127.0.0.1:{}", port("provider")?),
     };
-    let listen = |url: &str| url.trim_start_matches("http://").to_owned();
+    let listen = |url: &str| url.split_once("://").map_or(url, |(_, rest)| rest).to_owned();
     let (admin_key, token, tx_token, provider_key) = (secret(), secret(), secret(), secret());
 
     // The server.
@@ -274,7 +304,7 @@ async fn run_in(
                 "--database-url".into(),
                 dbs.server.clone(),
             ],
-            env: vec![
+            env: [
                 ("CONCORD_ADMIN_KEY".into(), admin_key.clone()),
                 ("CONCORD_TX_PARTICIPANT_TOKEN".into(), tx_token.clone()),
                 ("CONCORD_TX_PARTICIPANT_TOKEN_HOSTS".into(), r#"["127.0.0.1"]"#.into()),
@@ -293,12 +323,15 @@ async fn run_in(
                     "CONCORD_VAULT_MASTER_KEY_FILE".into(),
                     layout.dir.join("vault.key").display().to_string(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_env("concord"))
+            .collect(),
             health_url: format!("{}/ready", urls.concord),
         },
     )
     .await?;
-    let admin = crate::common::concord_client(&urls.concord, &admin_key)?;
+    let admin = crate::common::concord_client(&urls.concord, &admin_key, &demo_tls)?;
     let key = |name: &'static str, scopes: &'static [&'static str]| {
         let admin = admin.clone();
         async move { admin.create_key(name, scopes).await.map(|k| k.key) }
@@ -347,12 +380,15 @@ async fn run_in(
                 "--seed".into(),
                 args.seed.to_string(),
             ],
-            vec![
+            [
                 (crate::TOKEN_ENV.into(), token.clone()),
                 (crate::CONCORD_KEY_ENV.into(), concord_key.into()),
                 (crate::TX_TOKEN_ENV.into(), tx_token.clone()),
                 (crate::payments::PROVIDER_KEY_ENV.into(), provider_key.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_env(name))
+            .collect(),
         )
     };
     let broker_args = |a: &mut Vec<String>| {
@@ -387,10 +423,13 @@ async fn run_in(
                 "--concord-url".into(),
                 urls.concord.clone(),
             ],
-            env: vec![
+            env: [
                 (crate::CONCORD_KEY_ENV.into(), provider_concord_key.clone()),
                 (crate::payments::PROVIDER_KEY_ENV.into(), provider_key.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_env("provider"))
+            .collect(),
             health_url: format!("{}/health", urls.provider),
         },
     )
@@ -450,6 +489,7 @@ async fn run_in(
             args.clients.max(1),
             (urls.orders.clone(), urls.query.clone()),
             token.clone(),
+            demo_tls.clone(),
             Arc::clone(&done),
             progress.clone(),
         );
@@ -549,6 +589,7 @@ async fn run_in(
         provider: &provider_db,
         query_url: &urls.query,
         token: &token,
+        tls: &demo_tls,
         files: procs::files_under(&layout.dir),
         pg_databases,
         external_broker,
@@ -600,7 +641,11 @@ async fn run_in(
     ];
     let timeline = facts.sample_saga.as_ref().map(timeline_of);
     let report = Report {
-        shape: shape.into(),
+        shape: if args.tls {
+            format!("{shape}, every call over mutual TLS")
+        } else {
+            shape.into()
+        },
         seed: args.seed,
         orders: args.orders,
         clients: args.clients,
@@ -668,10 +713,11 @@ async fn place_all(
     clients: usize,
     (url, query_url): (String, String),
     token: String,
+    tls: concord_sdk::ClientTls,
     done: Arc<AtomicUsize>,
     progress: indicatif::ProgressBar,
 ) -> anyhow::Result<Submissions> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+    let http = crate::common::http_client(Duration::from_secs(15), &tls)?;
     let queue = Arc::new(tokio::sync::Mutex::new(orders.into_iter()));
     let mut workers = Vec::new();
     for _ in 0..clients {

@@ -40,7 +40,7 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
     let c = &args.common;
     let north = Db::connect(&c.database_url).await?;
     let south = Db::connect(&args.south_database_url).await?;
-    let client = concord_client(&c.concord_url, &c.concord_key()?)?;
+    let client = concord_client(&c.concord_url, &c.concord_key()?, &concord_sdk::ClientTls::from_env())?;
     // The participants first, with pools of their own, and their recovery at once: a transfer a
     // crash left prepared holds locks that the rest of the startup could wait on. And a phase 2
     // must never wait behind the requests that wait on the rows its prepared transaction holds.

@@ -49,7 +49,7 @@ pub async fn run(args: OrdersArgs, shutdown: impl Future<Output = ()> + Send + '
         .ttl(Duration::from_secs(24 * 3600));
     let layer = IdempotencyLayer::new(store, config)?;
     let state = app::Orders {
-        concord: concord_client(&c.concord_url, &c.concord_key()?)?,
+        concord: concord_client(&c.concord_url, &c.concord_key()?, &concord_sdk::ClientTls::from_env())?,
         saga: args.saga.clone(),
         faults_enabled: c.faults,
     };

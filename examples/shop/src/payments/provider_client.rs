@@ -30,10 +30,7 @@ impl ProviderClient {
     /// When the HTTP client cannot be built.
     pub fn new(base: &str, key: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .connect_timeout(Duration::from_secs(2))
-                .build()?,
+            http: crate::common::http_client(Duration::from_secs(5), &concord_sdk::ClientTls::from_env())?,
             base: base.trim_end_matches('/').to_owned(),
             key: key.to_owned(),
         })

@@ -62,7 +62,7 @@ pub async fn run(args: ProviderArgs, shutdown: impl Future<Output = ()> + Send +
         .map_err(|_| anyhow::anyhow!("set {}", crate::payments::PROVIDER_KEY_ENV))?;
     let state = Arc::new(Provider {
         db,
-        concord: concord_client(&args.concord_url, &key)?,
+        concord: concord_client(&args.concord_url, &key, &concord_sdk::ClientTls::from_env())?,
         write: tokio::sync::Mutex::new(()),
     });
     let routes = Router::new()

@@ -46,7 +46,7 @@ pub async fn run(args: QueryArgs, shutdown: impl Future<Output = ()> + Send + 's
         Db::Sqlite(p) => views::on_sqlite::ensure_schema(p).await?,
         Db::Pg(p) => views::on_pg::ensure_schema(p).await?,
     }
-    let client = concord_client(&c.concord_url, &c.concord_key()?)?;
+    let client = concord_client(&c.concord_url, &c.concord_key()?, &concord_sdk::ClientTls::from_env())?;
     let (orders_cache, stock_cache) = caches(&args)?;
     let _order_feed = orders_cache.spawn_log_invalidation(client.clone(), Some("order".into()), 0, |e| {
         e.stream.strip_prefix("order-").map(str::to_owned)
