@@ -12,6 +12,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 #[path = "support/proc.rs"]
 mod proc;
 use proc::*;
+#[path = "support/pki.rs"]
+mod pki;
 
 // ---------------------------------------------------------------------------------------------
 // A fake OTLP/HTTP collector.
@@ -136,6 +138,45 @@ async fn healthcheck_exits_0_for_a_ready_server_and_1_otherwise() {
     let down = within("healthcheck", check(format!("http://{free}"))).await;
     assert_eq!(down.status.code(), Some(1), "{down:?}");
     assert!(down.stderr.iter().any(|l| l.contains("unhealthy")), "{down:?}");
+}
+
+/// `concord serve --tls-cert --tls-key --tls-client-ca` serves mutual TLS, and `concord
+/// healthcheck` reads the client settings every Concord client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_tls_flags_and_healthcheck_shows_its_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new();
+    pki.issue("server");
+    pki.issue("probe");
+    let path = |name: &str| pki.path(name).display().to_string();
+    let mut cmd = serve(dir.path());
+    cmd.args(["--tls-cert", &path("server.pem"), "--tls-key", &path("server.key")])
+        .args(["--tls-client-ca", &path("ca.pem")]);
+    let server = Server::start(cmd).await;
+    let url = server.url.replacen("http://", "https://", 1);
+    let check = |env: Vec<(&'static str, String)>| {
+        let (dir, url) = (dir.path().to_owned(), url.clone());
+        async move {
+            let mut cmd = concord(&dir);
+            cmd.args(["healthcheck", "--url", &url]).envs(env);
+            Proc::spawn(cmd).finish().await
+        }
+    };
+    let with_cert = vec![
+        ("CONCORD_TLS_CA", path("ca.pem")),
+        ("CONCORD_TLS_CLIENT_CERT", path("probe.pem")),
+        ("CONCORD_TLS_CLIENT_KEY", path("probe.key")),
+    ];
+    let ok = within("healthcheck", check(with_cert)).await;
+    assert!(ok.status.success(), "{ok:?}");
+    let no_cert = within("healthcheck", check(vec![("CONCORD_TLS_CA", path("ca.pem"))])).await;
+    assert_eq!(no_cert.status.code(), Some(1), "no client certificate: {no_cert:?}");
+    let untrusted = within("healthcheck", check(Vec::new())).await;
+    assert_eq!(
+        untrusted.status.code(),
+        Some(1),
+        "the server's CA not trusted: {untrusted:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,6 +135,17 @@ pub struct ServeArgs {
     /// Log JSON lines instead of human-readable text [env: CONCORD_LOG_JSON].
     #[arg(long)]
     pub log_json: bool,
+    /// Serve TLS with this PEM certificate chain; a renewed file is served without a restart
+    /// [env: CONCORD_TLS_CERT].
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The certificate's PEM private key [env: CONCORD_TLS_KEY].
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// Require client certificates signed by these PEM certificate authorities: mutual TLS
+    /// [env: CONCORD_TLS_CLIENT_CA].
+    #[arg(long)]
+    pub tls_client_ca: Option<String>,
 }
 
 impl ServeArgs {
@@ -154,6 +165,15 @@ impl ServeArgs {
             s.vault_database_url.clone_from(v);
         }
         s.log_json |= self.log_json;
+        for (flag, setting) in [
+            (&self.tls_cert, &mut s.tls_cert),
+            (&self.tls_key, &mut s.tls_key),
+            (&self.tls_client_ca, &mut s.tls_client_ca),
+        ] {
+            if flag.is_some() {
+                setting.clone_from(flag);
+            }
+        }
         Ok(s)
     }
 }

@@ -4,6 +4,8 @@
 mod helpers;
 #[path = "../support/participant.rs"]
 mod participant;
+#[path = "../support/pki.rs"]
+mod pki;
 
 mod auth;
 mod errors;

@@ -1,95 +1,13 @@
 //! TLS and mutual TLS on the server, its clients and its own calls to saga participants, with
 //! certificates made in the test. TLS does not depend on the store: these run on SQLite.
 
-use crate::helpers::{Backend, TestApp, init_crypto, spawn_app_with};
+use crate::helpers::{Backend, TestApp, spawn_app_with};
+use crate::pki::{Pki, put};
 use concord_sdk::ClientTls;
 use concord_sdk::serve::{ConnectionLimits, ServerTls, ServerTlsFiles, serve};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use reqwest::Method;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// A certificate authority made for one test.
-struct Authority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Authority {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// A leaf for `127.0.0.1` and `localhost` named `name`: (certificate PEM, key PEM, DER).
-    fn leaf(&self, name: &str) -> (String, String, Vec<u8>) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-}
-
-/// Writes `contents` to `dir/name` the way a renewal does (a new file renamed over the old).
-fn put(dir: &Path, name: &str, contents: &str) -> PathBuf {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    path
-}
-
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Authority,
-}
-
-impl Pki {
-    fn new() -> Self {
-        init_crypto();
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Authority::new("concord test CA");
-        put(dir.path(), "ca.pem", &ca.pem());
-        Self { dir, ca }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Issues a leaf into `<name>.pem` and `<name>.key`; its DER.
-    fn issue(&self, name: &str) -> Vec<u8> {
-        let (cert, key, der) = self.ca.leaf(name);
-        put(self.dir.path(), &format!("{name}.key"), &key);
-        put(self.dir.path(), &format!("{name}.pem"), &cert);
-        der
-    }
-
-    fn client_tls(&self, identity: Option<&str>) -> ClientTls {
-        ClientTls {
-            ca: Some(self.path("ca.pem")),
-            client_cert: identity.map(|n| self.path(&format!("{n}.pem"))),
-            client_key: identity.map(|n| self.path(&format!("{n}.key"))),
-        }
-    }
-
-    fn http(&self, identity: Option<&str>) -> reqwest::Client {
-        self.client_tls(identity)
-            .apply(reqwest::Client::builder().tls_info(true).pool_max_idle_per_host(0))
-            .unwrap()
-            .build()
-            .unwrap()
-    }
-}
 
 /// Concord over TLS with the server certificate `server` of `pki`; mutual TLS when `mutual`.
 async fn spawn_tls_app(pki: &Pki, mutual: bool, tweak: impl FnOnce(&mut concord_server::config::Settings)) -> TestApp {
