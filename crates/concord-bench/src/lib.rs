@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 pub mod bank;
 mod outbox;
+mod sustained;
 mod vault;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +64,12 @@ pub struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// `events` only, on SQLite: append at full speed for the whole run with an SSE subscriber
+    /// and a polling reader attached, sampling the database and its write-ahead log every second;
+    /// exit 1 when the log passed twice its bound, the files ended over twice the data, or the
+    /// subscriber missed an event.
+    #[arg(long)]
+    pub sustained: bool,
     /// NATS server of `bench outbox`.
     #[arg(long, env = "CONCORD_TEST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -97,6 +104,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         args.clients > 0 && args.seconds > 0 && args.rate > 0,
         "clients, seconds and rate must be positive"
     );
+    anyhow::ensure!(
+        !args.sustained || (args.area == BenchArea::Events && args.backend == BenchBackend::Sqlite),
+        "--sustained is a mode of `bench events` on SQLite"
+    );
     let mut scratch = None;
     let (database_url, _dir) = match args.backend {
         BenchBackend::Sqlite => match &args.database_url {
@@ -117,7 +128,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             (url, None)
         }
     };
+    let mut passed = true;
     let report = match args.area {
+        BenchArea::Events if args.sustained => sustained::sustained(&args, &database_url).await.map(|(r, ok)| {
+            passed = ok;
+            r
+        }),
         BenchArea::Events => events(&args, &database_url).await,
         BenchArea::Sagas => sagas(&args, &database_url).await,
         BenchArea::TwoPc => two_phase_commit(&args, &database_url).await,
@@ -129,7 +145,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     let report = report?;
     print_report(&report, args.json)?;
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(if passed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }
 
 /// A server of this process on port 0, with the defaults a user gets.

@@ -113,6 +113,12 @@ pub struct Settings {
     pub auth_cache_ttl_ms: u64,
     /// SQLite `synchronous=FULL` (an acknowledged append survives power loss). Off: NORMAL.
     pub sqlite_synchronous_full: bool,
+    /// The bound of SQLite's write-ahead log, bytes: past it the log is checkpointed and
+    /// truncated between two commits (README, "SQLite's write-ahead log").
+    pub sqlite_wal_limit_bytes: u64,
+    /// The longest that truncation waits for readers still in the log, milliseconds; appends wait
+    /// meanwhile, then it tries again half a second later.
+    pub sqlite_wal_reader_wait_ms: u64,
     /// Run the background workers (sagas, transactions) on this node; off: it only serves the API.
     pub workers: bool,
     /// How long a node holds a saga or transaction before another node may take it over,
@@ -305,6 +311,8 @@ impl Default for Settings {
             db_connections: 16,
             auth_cache_ttl_ms: 1000,
             sqlite_synchronous_full: true,
+            sqlite_wal_limit_bytes: 64 * 1024 * 1024,
+            sqlite_wal_reader_wait_ms: 100,
             workers: true,
             lease_ms: 10_000,
             poll_ms: 100,
@@ -433,6 +441,8 @@ impl Settings {
             ("max_subscribers", self.max_subscribers as u64),
             ("max_subscribers_per_key", self.max_subscribers_per_key as u64),
             ("max_read_bytes", self.max_read_bytes as u64),
+            ("sqlite_wal_limit_bytes", self.sqlite_wal_limit_bytes),
+            ("sqlite_wal_reader_wait_ms", self.sqlite_wal_reader_wait_ms),
         ] {
             anyhow::ensure!(value > 0, "configuration: {name} must be above 0");
         }

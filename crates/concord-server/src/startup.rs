@@ -63,6 +63,8 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         config.read_connections = settings.db_connections.clamp(1, 8);
         config.synchronous_full = settings.sqlite_synchronous_full;
         config.group_commit = group_commit;
+        config.wal_limit_bytes = settings.sqlite_wal_limit_bytes;
+        config.wal_reader_wait = Duration::from_millis(settings.sqlite_wal_reader_wait_ms);
         let store = SqliteStore::connect(&config).await.context("opening SQLite")?;
         let pool = store.write_pool();
         idempotency::sqlite::ensure_schema(&pool)

@@ -32,6 +32,12 @@ pub struct SqliteConfig {
     /// `FULL` syncs the WAL on every commit: an acknowledged append survives power loss.
     pub synchronous_full: bool,
     pub group_commit: GroupCommitLimits,
+    /// The write-ahead log's bound: past it the log is checkpointed and truncated from the writer
+    /// connection (see [`spawn_checkpointer`]).
+    pub wal_limit_bytes: u64,
+    /// The longest an append waits, past the bound, for readers to leave the log before that
+    /// truncation gives up until the next round.
+    pub wal_reader_wait: Duration,
 }
 
 impl SqliteConfig {
@@ -42,6 +48,8 @@ impl SqliteConfig {
             read_connections: 4,
             synchronous_full: true,
             group_commit: GroupCommitLimits::default(),
+            wal_limit_bytes: DEFAULT_WAL_LIMIT_BYTES,
+            wal_reader_wait: Duration::from_millis(100),
         }
     }
 }
@@ -96,10 +104,33 @@ fn migrator() -> Migrator {
 /// How often the WAL is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// Checkpoints the WAL from its own connection. SQLite's automatic checkpoint runs inside the
-/// commit that crosses the threshold, so one append in a thousand would pay for copying and
-/// syncing the database file; here no append waits for it. PASSIVE never blocks the writer.
-async fn spawn_checkpointer(inner: &Arc<Inner>, options: SqliteConnectOptions) -> Result<(), StoreError> {
+/// The default bound of the write-ahead log.
+pub const DEFAULT_WAL_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Keeps the write-ahead log bounded while appends keep flowing.
+///
+/// Every half second a `PASSIVE` checkpoint on its own connection copies the log's pages into the
+/// database file: it never blocks the writer, so no append waits for that copy or its fsyncs
+/// (SQLite's automatic checkpoint would run inside the commit that crosses its threshold). But a
+/// passive checkpoint alone never shortens the file: under sustained appends new frames land
+/// while it copies, the log is never wholly copied at a moment the writer starts, so SQLite never
+/// starts it over, and the file grows without end (seen: 3 GB beside a 174 MB database after
+/// 90 s at full speed).
+///
+/// So when the file has passed `wal_limit_bytes`, the same round runs `wal_checkpoint(TRUNCATE)`
+/// on the writer's own connection, between two group commits: no frame can be added meanwhile,
+/// what is left to copy is what came since the passive copy, and the log restarts at zero bytes.
+/// Readers still reading older frames hold the restart back; the writer waits for them at most
+/// `wal_reader_wait`, then gives up until the next round. That pause, once per `wal_limit_bytes`
+/// of log, is the most an append waits for a checkpoint. `journal_size_limit` also truncates the
+/// file to the bound whenever SQLite restarts the log on its own.
+async fn spawn_checkpointer(
+    inner: &Arc<Inner>,
+    options: SqliteConnectOptions,
+    wal: std::path::PathBuf,
+    limit: u64,
+    reader_wait: Duration,
+) -> Result<(), StoreError> {
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options)
@@ -107,20 +138,68 @@ async fn spawn_checkpointer(inner: &Arc<Inner>, options: SqliteConnectOptions) -
         .map_err(unavailable)?;
     let weak = Arc::downgrade(inner);
     tokio::spawn(async move {
+        let mut warned = false;
         loop {
             tokio::time::sleep(CHECKPOINT_EVERY).await;
             let Some(inner) = weak.upgrade() else { return };
             if inner.write.is_closed() {
                 return;
             }
-            drop(inner);
             if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
                 tracing::warn!(error = %e, "WAL checkpoint failed");
             }
+            let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+            if size > limit {
+                match truncate_wal(&inner.write, reader_wait).await {
+                    Ok(true) => metrics::counter!("concord_sqlite_wal_truncations_total").increment(1),
+                    Ok(false) => metrics::counter!("concord_sqlite_wal_truncations_deferred_total").increment(1),
+                    Err(e) => tracing::warn!(error = %e, "WAL truncation failed"),
+                }
+            }
+            let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+            #[allow(clippy::cast_precision_loss, reason = "a gauge")]
+            metrics::gauge!("concord_sqlite_wal_bytes").set(size as f64);
+            // A reader that holds a snapshot for long keeps the log from restarting.
+            if size > limit.saturating_mul(4) && !warned {
+                tracing::warn!(
+                    wal_bytes = size,
+                    limit_bytes = limit,
+                    "the SQLite WAL is past four times its bound: a long-lived reader (another \
+                     process with the database open?) keeps it from restarting"
+                );
+            }
+            warned = size > limit.saturating_mul(4);
         }
     });
     Ok(())
 }
+
+/// `wal_checkpoint(TRUNCATE)` on the writer connection, waiting at most `reader_wait` for
+/// readers; whether the log was wholly copied and truncated.
+async fn truncate_wal(write: &SqlitePool, reader_wait: Duration) -> Result<bool, sqlx::Error> {
+    use sqlx::Row as _;
+    let mut conn = write.acquire().await?;
+    let wait_ms = reader_wait.as_millis().max(1);
+    sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {wait_ms}")))
+        .execute(&mut *conn)
+        .await?;
+    let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .fetch_one(&mut *conn)
+        .await;
+    // The writer's own timeout back before anything else runs on this connection.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {}",
+        BUSY_TIMEOUT.as_millis()
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let row = result?;
+    let busy: i64 = row.try_get(0)?;
+    Ok(busy == 0)
+}
+
+/// How long a connection waits on a lock before it answers busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl SqliteStore {
     /// Opens (creating when missing) the database and applies migrations.
@@ -137,7 +216,7 @@ impl SqliteStore {
             } else {
                 SqliteSynchronous::Normal
             })
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let in_memory = config.url.contains(":memory:");
         let write = SqlitePoolOptions::new()
@@ -148,7 +227,8 @@ impl SqliteStore {
             .connect_with(
                 options
                     .clone()
-                    .pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" }),
+                    .pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" })
+                    .pragma("journal_size_limit", config.wal_limit_bytes.to_string()),
             )
             .await
             .map_err(unavailable)?;
@@ -175,7 +255,15 @@ impl SqliteStore {
             head: watch::channel(u64::try_from(last).unwrap_or(0)).0,
         });
         if !in_memory {
-            spawn_checkpointer(&inner, options).await?;
+            let wal = format!("{}-wal", options.get_filename().display());
+            spawn_checkpointer(
+                &inner,
+                options,
+                wal.into(),
+                config.wal_limit_bytes,
+                config.wal_reader_wait,
+            )
+            .await?;
         }
         let committer = GroupCommitter::spawn(Arc::new(events::Writer(Arc::clone(&inner))), config.group_commit);
         Ok(Self { inner, committer })

@@ -90,3 +90,77 @@ async fn sqlite_passes_the_vault_store_suite() {
         .expect("open the vault store");
     testkit::vault_store_suite(store).await;
 }
+
+/// Under appends that never pause, with readers reading the log meanwhile, the write-ahead log
+/// stays near its bound: a passive checkpoint alone would let it grow without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wal_stays_bounded_under_sustained_appends_and_readers() {
+    use concord_core::domain::ExpectedVersion;
+    use concord_core::ports::{EventStore, LogQuery};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bounded.db");
+    let wal = dir.path().join("bounded.db-wal");
+    let limit: u64 = 1024 * 1024;
+    let mut config = SqliteConfig::new(format!("sqlite://{}", path.display()));
+    config.wal_limit_bytes = limit;
+    let store = Arc::new(SqliteStore::connect(&config).await.unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = testkit::append(&format!("w{w}-{}", i / 100), ExpectedVersion::Any, &["E"]);
+                req.events[0].data = serde_json::json!({ "pad": "x".repeat(400), "i": i });
+                store.append(req).await.unwrap();
+                i += 1;
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (store, stop) = (store.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut after = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let query = LogQuery {
+                    after,
+                    limit: 500,
+                    max_bytes: usize::MAX,
+                    category: None,
+                    partition: None,
+                };
+                let page = store.read_log(&query).await.unwrap();
+                after = page.last().map_or(after, |e| e.position);
+            }
+        }));
+    }
+    // The bound, plus what half a second of appends adds before the next round looks.
+    let started = Instant::now();
+    let (mut largest, mut samples) = (0, 0);
+    while started.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        if started.elapsed() > Duration::from_secs(1) {
+            largest = largest.max(size);
+            samples += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = store.head_position().await.unwrap();
+    let db = std::fs::metadata(&path).unwrap().len();
+    eprintln!(
+        "{events} events; WAL at most {largest} bytes over {samples} samples (bound {limit}); database {db} bytes"
+    );
+    assert!(events > 2_000, "too few appends to say anything: {events}");
+    assert!(
+        largest < 8 * limit,
+        "the WAL grew to {largest} bytes, past its bound of {limit} and half a second of appends"
+    );
+}
