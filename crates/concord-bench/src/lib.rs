@@ -34,6 +34,8 @@ pub enum BenchArea {
     /// Outbox → relay → NATS JetStream → consumer with inbox, end to end, against direct
     /// JetStream publish-with-ack from one client; also the idempotency layer's added latency.
     Outbox,
+    /// Every area above in turn; with `--json`, one object holding each area's report.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -108,6 +110,54 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         !args.sustained || (args.area == BenchArea::Events && args.backend == BenchBackend::Sqlite),
         "--sustained is a mode of `bench events` on SQLite"
     );
+    if args.area == BenchArea::All {
+        return all(&args).await;
+    }
+    let (report, passed) = one(args.area, &args).await?;
+    print_report(&report, args.json)?;
+    Ok(if passed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// Every area in turn, each on a database of its own; with `--json`, one object holding each
+/// area's report as the last line.
+async fn all(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut reports = serde_json::Map::new();
+    let mut passed = true;
+    for area in [
+        BenchArea::Events,
+        BenchArea::Sagas,
+        BenchArea::TwoPc,
+        BenchArea::Vault,
+        BenchArea::Outbox,
+    ] {
+        let (report, ok) = one(area, args).await?;
+        passed &= ok;
+        print_report(&report, false)?;
+        reports.insert(report.area.to_owned(), serde_json::to_value(&report)?);
+    }
+    if args.json {
+        let all = json!({
+            "backend": args.backend,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "areas": reports,
+        });
+        println!("{}", serde_json::to_string(&all)?);
+    }
+    Ok(if passed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// One area on a fresh database (a scratch database on PostgreSQL, a file in a temporary
+/// directory on SQLite unless `--database-url` names one); its report and whether it passed.
+async fn one(area: BenchArea, args: &BenchArgs) -> anyhow::Result<(Report, bool)> {
     let mut scratch = None;
     let (database_url, _dir) = match args.backend {
         BenchBackend::Sqlite => match &args.database_url {
@@ -129,27 +179,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     };
     let mut passed = true;
-    let report = match args.area {
-        BenchArea::Events if args.sustained => sustained::sustained(&args, &database_url).await.map(|(r, ok)| {
+    let report = match area {
+        BenchArea::Events if args.sustained => sustained::sustained(args, &database_url).await.map(|(r, ok)| {
             passed = ok;
             r
         }),
-        BenchArea::Events => events(&args, &database_url).await,
-        BenchArea::Sagas => sagas(&args, &database_url).await,
-        BenchArea::TwoPc => two_phase_commit(&args, &database_url).await,
-        BenchArea::Vault => vault::vault(&args, &database_url).await,
-        BenchArea::Outbox => outbox::outbox(&args, &database_url).await,
+        BenchArea::Events => events(args, &database_url).await,
+        BenchArea::Sagas => sagas(args, &database_url).await,
+        BenchArea::TwoPc => two_phase_commit(args, &database_url).await,
+        BenchArea::Vault => vault::vault(args, &database_url).await,
+        BenchArea::Outbox => outbox::outbox(args, &database_url).await,
+        BenchArea::All => unreachable!("`all` runs each area through this function"),
     };
     if let Some(base) = scratch {
         concord_store_postgres::drop_scratch_database(&base, &database_url).await?;
     }
-    let report = report?;
-    print_report(&report, args.json)?;
-    Ok(if passed {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    })
+    Ok((report?, passed))
 }
 
 /// A server of this process on port 0, with the defaults a user gets.
@@ -498,6 +543,58 @@ async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Resul
             }
         })
         .await?;
+        eprintln!(
+            "bench: {} clients run the same transfer as PREPARE TRANSACTION and COMMIT PREPARED on both databases, \
+             directly, for {}s ...",
+            args.clients, args.seconds
+        );
+        let (pa, pb) = (a.pool.clone(), b.pool.clone());
+        let direct_2pc = run_clients(args.clients, duration, move |c, i| {
+            let (pa, pb) = (pa.clone(), pb.clone());
+            async move {
+                let account = format!("acct-{}", pick(c, i));
+                let gid = format!("bench-direct-{}", uuid::Uuid::now_v7());
+                // Phase 1 on both at once, as a coordinator would; then phase 2 on both.
+                // Transaction identifiers are per cluster, and both databases may share one.
+                let prepare = |pool: sqlx::PgPool, delta: i64| {
+                    let (account, gid) = (account.clone(), format!("{gid}-{delta}"));
+                    async move {
+                        let mut conn = pool.acquire().await?;
+                        sqlx::query("BEGIN").execute(&mut *conn).await?;
+                        sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                            .bind(&account)
+                            .bind(delta)
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE TRANSACTION '{gid}'")))
+                            .execute(&mut *conn)
+                            .await?;
+                        anyhow::Ok(())
+                    }
+                };
+                let prepared = tokio::join!(prepare(pa.clone(), -1), prepare(pb.clone(), 1));
+                if let (Err(e), _) | (_, Err(e)) = prepared {
+                    for (pool, delta) in [(&pa, -1), (&pb, 1)] {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ROLLBACK PREPARED '{gid}-{delta}'")))
+                            .execute(pool)
+                            .await;
+                    }
+                    return Err(e.context("direct PREPARE TRANSACTION"));
+                }
+                let commit = |pool: sqlx::PgPool, delta: i64| {
+                    let gid = format!("{gid}-{delta}");
+                    async move {
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("COMMIT PREPARED '{gid}'")))
+                            .execute(&pool)
+                            .await?;
+                        anyhow::Ok(())
+                    }
+                };
+                tokio::try_join!(commit(pa, -1), commit(pb, 1))?;
+                Ok(())
+            }
+        })
+        .await?;
         let prepared_left = a.prepared().await? + b.prepared().await?;
         a.stop().await;
         b.stop().await;
@@ -505,6 +602,12 @@ async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Resul
         let ours = figure("2PC transfer via HTTP, until the durable decision", &ours, duration);
         let baseline = figure("the same 2 local transactions, direct", &baseline, duration);
         let ratio = ratio(&ours, &baseline);
+        let direct_2pc = figure(
+            "the same transfer as PREPARE + COMMIT PREPARED, direct",
+            &direct_2pc,
+            duration,
+        );
+        let ratio_2pc = round(self::ratio(&ours, &direct_2pc));
         anyhow::Ok(Report {
             area: "2pc",
             backend: args.backend,
@@ -513,13 +616,22 @@ async fn two_phase_commit(args: &BenchArgs, database_url: &str) -> anyhow::Resul
             ours,
             baseline,
             ratio,
-            extra: json!({"participants": 2, "prepared_left_after_phase_2": prepared_left}),
+            // The cost of two-phase commit itself, with no coordinator log: the ratio against it
+            // is what the coordinator adds.
+            extra: json!({
+                "participants": 2,
+                "prepared_left_after_phase_2": prepared_left,
+                "baseline_2pc_direct": direct_2pc,
+                "ratio_vs_2pc_direct": ratio_2pc,
+            }),
         })
     }
     .await;
+    // The run's own error first: a failed run may leave what keeps a database from dropping.
+    let result = result?;
     concord_store_postgres::drop_scratch_database(&base, &db_a).await?;
     concord_store_postgres::drop_scratch_database(&base, &db_b).await?;
-    result
+    Ok(result)
 }
 
 /// Runs `clients` loops of `op` until `duration` passes; answers every operation's latency.
