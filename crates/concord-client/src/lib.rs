@@ -95,7 +95,8 @@ impl fmt::Debug for Client {
     }
 }
 impl Client {
-    /// A client with its own `reqwest::Client`. `base_url` may carry a path prefix
+    /// A client with its own `reqwest::Client` that trusts the system's roots and shows no client
+    /// certificate; [`Client::with_tls`] for more. `base_url` may carry a path prefix
     /// (`https://gateway/concord`).
     ///
     /// # Errors

@@ -171,11 +171,26 @@ async fn serve_takes_tls_flags_and_healthcheck_shows_its_client_certificate() {
     assert!(ok.status.success(), "{ok:?}");
     let no_cert = within("healthcheck", check(vec![("CONCORD_TLS_CA", path("ca.pem"))])).await;
     assert_eq!(no_cert.status.code(), Some(1), "no client certificate: {no_cert:?}");
-    let untrusted = within("healthcheck", check(Vec::new())).await;
+    // With its certificate but without the server's CA, the probe refuses the server.
+    let untrusted = within(
+        "healthcheck",
+        check(vec![
+            ("CONCORD_TLS_CLIENT_CERT", path("probe.pem")),
+            ("CONCORD_TLS_CLIENT_KEY", path("probe.key")),
+        ]),
+    )
+    .await;
     assert_eq!(
         untrusted.status.code(),
         Some(1),
         "the server's CA not trusted: {untrusted:?}"
+    );
+    assert!(
+        untrusted
+            .stderr
+            .iter()
+            .any(|l| l.to_lowercase().contains("certificate")),
+        "{untrusted:?}"
     );
 }
 

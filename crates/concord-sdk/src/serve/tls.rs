@@ -2,19 +2,12 @@
 //! change (a renewed certificate is served without a restart), and, when a client CA is given,
 //! mutual TLS (a client without a certificate that CA signed is refused in the handshake).
 
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
+use concord_client::tls::{ReloadingKey, TlsFileError, certificates, provider};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
-
-/// How often, at most, a handshake looks whether the certificate files changed.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 /// Where the server's TLS material lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,18 +49,8 @@ impl ServerTlsFiles {
 /// TLS material that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{what} {path}: {detail}")]
-    Invalid {
-        what: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
+    #[error(transparent)]
+    File(#[from] TlsFileError),
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -93,7 +76,7 @@ impl ServerTls {
     /// the certificate.
     pub fn load(files: &ServerTlsFiles) -> Result<Self, TlsError> {
         let provider = provider();
-        let resolver = Reloading::new(files.cert.clone(), files.key.clone(), provider.clone())?;
+        let resolver = ReloadingKey::load(&files.cert, &files.key)?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -102,11 +85,13 @@ impl ServerTls {
             Some(path) => {
                 let mut roots = RootCertStore::empty();
                 for cert in certificates(path, "client CA bundle")? {
-                    roots.add(cert).map_err(|e| invalid("client CA bundle", path, e))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| TlsError::Config(format!("client CA bundle {}: {e}", path.display())))?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .map_err(|e| invalid("client CA bundle", path, e))?;
+                    .map_err(|e| TlsError::Config(format!("client CA bundle {}: {e}", path.display())))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -120,125 +105,5 @@ impl ServerTls {
 
     pub(super) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.config.clone())
-    }
-}
-
-/// The process's provider (ring, the one the tree builds), or ring when none is installed yet.
-fn provider() -> Arc<CryptoProvider> {
-    CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
-}
-
-fn invalid(what: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Invalid {
-        what,
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    }
-}
-
-fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path, what)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(what, path, e))?;
-    if certs.is_empty() {
-        return Err(invalid(what, path, "no certificate in the file"));
-    }
-    Ok(certs)
-}
-
-fn certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
-    let chain = certificates(cert, "certificate")?;
-    let mut pem = read(key, "private key")?;
-    let parsed = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| invalid("private key", key, e));
-    // The file's bytes held the key: wipe them (the parsed key wipes itself when dropped).
-    zeroize::Zeroize::zeroize(&mut pem);
-    CertifiedKey::from_der(chain, parsed?, provider).map_err(|e| invalid("private key", key, e))
-}
-
-/// What the files looked like when last read: a renewal changes one of these (a Kubernetes
-/// Secret volume swaps a symbolic link, which changes the time and the inode behind the path).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<SystemTime>, u64, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Some(Stamp(meta.modified().ok(), meta.len(), inode))
-}
-
-/// The certificate resolver that reads the files again when they change.
-#[derive(Debug)]
-struct Reloading {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<CryptoProvider>,
-    state: Mutex<State>,
-}
-
-#[derive(Debug)]
-struct State {
-    current: Arc<CertifiedKey>,
-    stamps: (Option<Stamp>, Option<Stamp>),
-    checked: Instant,
-}
-
-impl Reloading {
-    fn new(cert: PathBuf, key: PathBuf, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
-        let stamps = (stamp(&cert), stamp(&key));
-        let current = Arc::new(certified_key(&cert, &key, &provider)?);
-        Ok(Self {
-            cert,
-            key,
-            provider,
-            state: Mutex::new(State {
-                current,
-                stamps,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    /// The current certificate, read again first when the files changed since the last look
-    /// (at most once per [`RELOAD_CHECK`]). A renewal caught half-written keeps the old one until
-    /// the files read whole.
-    fn current(&self) -> Arc<CertifiedKey> {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.checked.elapsed() < RELOAD_CHECK {
-            return state.current.clone();
-        }
-        state.checked = Instant::now();
-        let stamps = (stamp(&self.cert), stamp(&self.key));
-        if stamps != state.stamps {
-            match certified_key(&self.cert, &self.key, &self.provider) {
-                Ok(key) => {
-                    state.current = Arc::new(key);
-                    state.stamps = stamps;
-                    metrics::counter!("concord_tls_certificate_reloads_total").increment(1);
-                    tracing::info!(cert = %self.cert.display(), "TLS certificate read again");
-                }
-                Err(e) => tracing::warn!(error = %e, "renewed TLS certificate unusable; serving the previous one"),
-            }
-        }
-        state.current.clone()
-    }
-}
-
-impl ResolvesServerCert for Reloading {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
     }
 }

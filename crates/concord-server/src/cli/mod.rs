@@ -137,10 +137,10 @@ pub struct ServeArgs {
     pub log_json: bool,
     /// Serve TLS with this PEM certificate chain; a renewed file is served without a restart
     /// [env: CONCORD_TLS_CERT].
-    #[arg(long, requires = "tls_key")]
+    #[arg(long)]
     pub tls_cert: Option<String>,
     /// The certificate's PEM private key [env: CONCORD_TLS_KEY].
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     pub tls_key: Option<String>,
     /// Require client certificates signed by these PEM certificate authorities: mutual TLS
     /// [env: CONCORD_TLS_CLIENT_CA].
@@ -219,7 +219,8 @@ pub async fn healthcheck(url: &str, timeout: std::time::Duration) -> bool {
             false
         }
         Err(e) => {
-            eprintln!("unhealthy: {e}");
+            // The causes too: "error sending request" alone does not say a certificate was refused.
+            eprintln!("unhealthy: {:#}", anyhow::Error::from(e));
             false
         }
     }

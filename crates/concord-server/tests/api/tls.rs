@@ -128,10 +128,78 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // A renewal that does not parse keeps the last good certificate in service.
+    // A renewal that does not parse keeps the last good certificate in service, and the next
+    // good one is still picked up after it.
     put(pki.dir.path(), "server.pem", "not a certificate");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(served(&ready(&pki.http(None), &app).await.unwrap()), renewed);
+    let again = pki.issue("server");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while served(&ready(&pki.http(None), &app).await.unwrap()) != again {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewal after a broken one was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_renewed_client_certificate_is_shown_without_building_the_client_again() {
+    let pki = Pki::new();
+    let app = spawn_tls_app(&pki, true, |_| {}).await;
+    // The client's files first hold a certificate of an authority the server does not trust.
+    let stranger = Pki::new();
+    stranger.issue("client");
+    for file in ["client.pem", "client.key"] {
+        put(
+            pki.dir.path(),
+            file,
+            &std::fs::read_to_string(stranger.path(file)).unwrap(),
+        );
+    }
+    let http = pki.http(Some("client"));
+    let r = ready(&http, &app).await;
+    assert!(r.is_err(), "a certificate of another authority: {r:?}");
+    // Renewed in place by the right authority: the same client shows the new one.
+    pki.issue("client");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ready(&http, &app).await {
+            Ok(r) if r.status() == 200 => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the renewed client certificate was never shown: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_silent_or_plain_connection_cannot_hold_the_only_slot_past_the_handshake_deadline() {
+    let pki = Pki::new();
+    let app = spawn_tls_app(&pki, false, |s| {
+        s.max_connections = 1;
+        s.header_read_timeout_ms = 300;
+    })
+    .await;
+    let addr = app.address.trim_start_matches("https://").to_owned();
+    // A connection that never says anything takes the only slot...
+    let _silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // ...and a plain-HTTP request fails its handshake; neither keeps the slot past the deadline.
+    let plain = reqwest::Client::new().get(format!("http://{addr}/ready")).send().await;
+    assert!(plain.is_err(), "{plain:?}");
+    let started = std::time::Instant::now();
+    let r = pki
+        .http(None)
+        .get(format!("{}/ready", app.address))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
