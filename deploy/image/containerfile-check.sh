@@ -25,6 +25,9 @@ version=$(awk '/^\[workspace\.package\]/{s=1;next} /^\[/{s=0} s&&$1=="version"{g
 rust_standin=localhost/concord-standin-rust:check
 base_standin=localhost/concord-standin-distroless:check
 tag=containerfile-check
+# The source label as build.sh derives it, so the two images are compared like for like.
+source_url="${CONCORD_IMAGE_SOURCE:-$(git -C "$root" remote get-url origin 2>/dev/null | sed -E 's#^(https?://)[^/@]*@#\1#' || true)}"
+source_url="${source_url:-unknown}"
 
 ctr=""
 cleanup() {
@@ -91,7 +94,7 @@ for target in concord concord-shop; do
   buildah bud --quiet --format docker \
     --build-arg RUST_IMAGE="$rust_standin" --build-arg RUNTIME_IMAGE="$base_standin" \
     --build-arg VERSION="$tag" --build-arg REVISION="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)" \
-    --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" --build-arg SOURCE=unknown \
+    --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" --build-arg SOURCE="$source_url" \
     --target "$target" -t "localhost/$target:$tag" -f "$root/Containerfile" "$root" >/dev/null
 done
 
