@@ -349,6 +349,11 @@ impl Default for Settings {
     }
 }
 
+/// A file setting: unset when absent or empty (an empty `CONCORD_...=` clears it).
+fn path_setting(value: &Option<String>) -> Option<std::path::PathBuf> {
+    value.as_deref().filter(|s| !s.is_empty()).map(std::path::PathBuf::from)
+}
+
 impl Settings {
     /// Loads defaults, the config file and the environment. A file named explicitly must exist;
     /// `concord.toml` in the working directory is read when present.
@@ -388,25 +393,21 @@ impl Settings {
     /// # Errors
     /// Only one of the certificate and its key set, or a client CA without them.
     pub fn server_tls(&self) -> anyhow::Result<Option<concord_sdk::serve::ServerTlsFiles>> {
-        let set = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
-        match (set(&self.tls_cert), set(&self.tls_key), set(&self.tls_client_ca)) {
-            (None, None, None) => Ok(None),
-            (Some(cert), Some(key), client_ca) => Ok(Some(concord_sdk::serve::ServerTlsFiles { cert, key, client_ca })),
-            (None, None, Some(_)) => anyhow::bail!(
-                "configuration: tls_client_ca (mutual TLS) needs tls_cert and tls_key: the server must speak TLS"
-            ),
-            _ => anyhow::bail!("configuration: tls_cert and tls_key go together: set both or neither"),
-        }
+        concord_sdk::serve::ServerTlsFiles::from_paths(
+            path_setting(&self.tls_cert),
+            path_setting(&self.tls_key),
+            path_setting(&self.tls_client_ca),
+        )
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))
     }
 
     /// The TLS of the server's own calls to saga steps and 2PC participants.
     #[must_use]
     pub fn client_tls(&self) -> concord_sdk::ClientTls {
-        let set = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
         concord_sdk::ClientTls {
-            ca: set(&self.tls_ca),
-            client_cert: set(&self.tls_client_cert),
-            client_key: set(&self.tls_client_key),
+            ca: path_setting(&self.tls_ca),
+            client_cert: path_setting(&self.tls_client_cert),
+            client_key: path_setting(&self.tls_client_key),
         }
     }
 

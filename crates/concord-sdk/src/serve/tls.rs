@@ -29,18 +29,35 @@ impl ServerTlsFiles {
     /// Only one of the certificate and its key set, or a client CA without them.
     pub fn from_env() -> Result<Option<Self>, TlsError> {
         let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-        match (
+        Self::from_paths(
             var("CONCORD_TLS_CERT"),
             var("CONCORD_TLS_KEY"),
             var("CONCORD_TLS_CLIENT_CA"),
-        ) {
+        )
+    }
+
+    /// The files from the three settings (`tls_cert`, `tls_key`, `tls_client_ca`, whatever they
+    /// were read from): none when all are unset.
+    ///
+    /// # Errors
+    /// Only one of the certificate and its key set, or a client CA without them.
+    pub fn from_paths(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        client_ca: Option<PathBuf>,
+    ) -> Result<Option<Self>, TlsError> {
+        match (cert, key, client_ca) {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), client_ca) => Ok(Some(Self { cert, key, client_ca })),
             (None, None, Some(_)) => Err(TlsError::Config(
-                "CONCORD_TLS_CLIENT_CA (mutual TLS) needs CONCORD_TLS_CERT and CONCORD_TLS_KEY".into(),
+                "the client CA (mutual TLS, tls_client_ca or CONCORD_TLS_CLIENT_CA) needs a certificate and \
+                 its key: the server must speak TLS"
+                    .into(),
             )),
             _ => Err(TlsError::Config(
-                "CONCORD_TLS_CERT and CONCORD_TLS_KEY go together: set both or neither".into(),
+                "the certificate and its key (tls_cert and tls_key, or CONCORD_TLS_CERT and CONCORD_TLS_KEY) go \
+                 together: set both or neither"
+                    .into(),
             )),
         }
     }
