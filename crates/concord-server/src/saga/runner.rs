@@ -29,18 +29,19 @@ pub struct SagaView {
     pub state: Option<Arc<SagaState>>,
 }
 
-/// One wait of a local waiter: dropped however the wait ends, it drops its receiver and then
-/// forgets the saga's closed waiters, so an abandoned request leaves nothing behind.
-struct Waiting<'a> {
+/// One local waiter, from [`SagaRunner::watch`] on: dropped however the wait ends (also before
+/// it began, while the request still read the store), it drops its receiver and then forgets the
+/// saga's closed waiters, so an abandoned request leaves nothing behind.
+pub struct Waiting<'a> {
     runner: &'a SagaRunner,
-    id: &'a SagaId,
+    id: SagaId,
     rx: Option<oneshot::Receiver<Arc<SagaState>>>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         drop(self.rx.take());
-        self.runner.forget_waiter(self.id);
+        self.runner.forget_waiter(&self.id);
     }
 }
 
@@ -129,27 +130,21 @@ impl SagaRunner {
     }
 
     /// Asks to hear when a saga driven on this node finishes: register before the drive starts.
-    pub fn watch(&self, id: &SagaId) -> oneshot::Receiver<Arc<SagaState>> {
+    pub fn watch(&self, id: &SagaId) -> Waiting<'_> {
         let (tx, rx) = oneshot::channel();
         self.lock_waiters().entry(id.clone()).or_default().push(tx);
-        rx
+        Waiting {
+            runner: self,
+            id: id.clone(),
+            rx: Some(rx),
+        }
     }
 
     /// Waits up to `timeout` for what [`Self::watch`] asked. None on timeout, or when the saga
     /// finished on another node (seen in its row, looked at every [`WAIT_POLL`]); the caller
     /// then reads the saga's state.
-    pub async fn wait(
-        &self,
-        id: &SagaId,
-        rx: oneshot::Receiver<Arc<SagaState>>,
-        timeout: Duration,
-    ) -> Option<Arc<SagaState>> {
-        // However the wait ends (a client that goes away drops it mid-way), its waiter goes.
-        let mut waiting = Waiting {
-            runner: self,
-            id,
-            rx: Some(rx),
-        };
+    pub async fn wait(&self, mut waiting: Waiting<'_>, timeout: Duration) -> Option<Arc<SagaState>> {
+        let id = waiting.id.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let rx = waiting.rx.as_mut()?;
@@ -157,7 +152,7 @@ impl SagaRunner {
                 r = rx => return r.ok(),
                 () = tokio::time::sleep_until(deadline) => return None,
                 () = tokio::time::sleep(WAIT_POLL) => {
-                    if let Ok(Some(row)) = self.engine.store().get_saga(id).await
+                    if let Ok(Some(row)) = self.engine.store().get_saga(&id).await
                         && row.status.is_terminal()
                         && row.lease_owner.is_none()
                     {
@@ -177,17 +172,16 @@ impl SagaRunner {
     /// Waits up to `timeout` for a saga that may already be running (here or on another node)
     /// to finish. Returns at once when it already has; the caller then reads its state.
     pub async fn wait_finished(&self, id: &SagaId, timeout: Duration) {
-        let rx = self.watch(id);
+        // Registered before the read, so a finish between the two is heard; dropped (the request
+        // gone mid-read, or the saga already over) it forgets itself.
+        let waiting = self.watch(id);
         if let Ok(Some(row)) = self.engine.store().get_saga(id).await
             && row.status.is_terminal()
             && row.lease_owner.is_none()
         {
-            // Dropped first, so forgetting finds the waiter closed and removes it.
-            drop(rx);
-            self.forget_waiter(id);
             return;
         }
-        self.wait(id, rx, timeout).await;
+        self.wait(waiting, timeout).await;
     }
 
     fn forget_waiter(&self, id: &SagaId) {
@@ -247,7 +241,7 @@ impl SagaRunner {
         // Heard from the drive itself: the answer needs no read of what was just written.
         let finished = self.watch(&row.id);
         self.spawn(h);
-        match self.wait(&row.id, finished, wait).await {
+        match self.wait(finished, wait).await {
             Some(state) => Ok((
                 created,
                 SagaView {
@@ -286,8 +280,8 @@ impl SagaRunner {
         let held = self.engine.retry(id).await?;
         let finished = wait.map(|_| self.watch(id));
         self.spawn(held);
-        if let (Some(w), Some(rx)) = (wait, finished) {
-            self.wait(id, rx, w).await;
+        if let (Some(w), Some(waiting)) = (wait, finished) {
+            self.wait(waiting, w).await;
         }
         self.view(id, None).await
     }
