@@ -200,6 +200,8 @@ async fn one(area: BenchArea, args: &BenchArgs) -> anyhow::Result<(Report, bool)
 /// A server of this process on port 0, with the defaults a user gets.
 struct BenchServer {
     client: Client,
+    /// The server's event store, for the figure without HTTP.
+    events: std::sync::Arc<dyn concord_core::ports::EventStore>,
     /// What the coordinator shows transaction participants.
     tx_token: String,
     http: reqwest::Client,
@@ -238,6 +240,7 @@ impl BenchServer {
         let vault_url = settings.vault_url();
         let app = Application::build(settings).await?;
         let address = format!("http://{}", app.local_addr()?);
+        let events = app.state().events.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -249,6 +252,7 @@ impl BenchServer {
         let client = Client::with_http(address.clone(), admin, http.clone());
         Ok(Self {
             client,
+            events,
             tx_token,
             http,
             vault_url,
@@ -309,16 +313,53 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
     .await?;
     raw.close().await;
 
+    eprintln!(
+        "bench: {} clients append through the event store, without HTTP, for {}s ...",
+        args.clients, args.seconds
+    );
+    let (store, p3) = (server.events.clone(), payload.clone());
+    let direct = run_clients(args.clients, duration, move |c, i| {
+        let store = store.clone();
+        let payload = p3.clone();
+        async move {
+            let event = concord_core::domain::event::UncheckedEvent {
+                id: None,
+                event_type: "OrderPlaced".into(),
+                data: payload,
+                metadata: None,
+            };
+            let stream = concord_core::domain::StreamName::parse(&format!("direct{c}-{}", i / 1000))?;
+            let request = concord_core::domain::AppendRequest::new(
+                stream,
+                concord_core::domain::ExpectedVersion::Any,
+                vec![event],
+                &concord_core::domain::Limits::default(),
+            )?;
+            store.append(request).await.map(|_| ()).map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    let direct = figure("append via the event store", &direct, duration);
+
     eprintln!("bench: append→subscriber latency at {} events/s ...", args.rate);
     let latency = subscriber_latency(&client, args.rate, duration.min(Duration::from_secs(5))).await?;
 
     let mut latency = latency;
     if let Some(extra) = latency.as_object_mut() {
+        extra.insert("store_append_ops_per_s".into(), json!(round(direct.ops_per_s)));
+        extra.insert("store_append_p50_ms".into(), json!(direct.p50_ms));
+        extra.insert("store_append_p99_ms".into(), json!(direct.p99_ms));
         extra.extend(group_commit_figures());
     }
     server.stop().await;
     let ours = figure("append via HTTP", &ours, duration);
     let baseline = figure("raw single-row INSERT", &baseline, duration);
+    if let Some(extra) = latency.as_object_mut() {
+        extra.insert(
+            "ratio_store_vs_raw_insert".into(),
+            json!(round(ratio(&direct, &baseline))),
+        );
+    }
     let ratio = ratio(&ours, &baseline);
     Ok(Report {
         area: "events",

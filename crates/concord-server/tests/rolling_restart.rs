@@ -151,22 +151,8 @@ impl Node {
     /// Starts the node and waits until `/ready` answers 200; answers how long that took.
     async fn start(&mut self) -> Duration {
         let t = Instant::now();
-        let server = Server::start(self.command()).await;
+        let server = Server::start_ready(self.command()).await;
         assert_eq!(server.url, self.url, "the node listens where it did before");
-        let deadline = Instant::now() + proc::TIMEOUT;
-        loop {
-            let ready = server.http.get(format!("{}/ready", self.url)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {:?}",
-                self.url,
-                proc::TIMEOUT
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         self.server = Some(server);
         t.elapsed()
     }
@@ -180,15 +166,6 @@ impl Node {
         let waited = t.elapsed();
         (server.proc.finish().await, waited)
     }
-}
-
-fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
 }
 
 /// A small deterministic generator (xorshift), one per client.
@@ -655,7 +632,7 @@ async fn a_cluster_restarted_one_node_at_a_time_under_load_loses_and_doubles_not
     let dir = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = (0..NODES)
         .map(|_| {
-            let addr = free_addr();
+            let addr = proc::free_addr();
             Node {
                 url: format!("http://{addr}"),
                 addr,

@@ -4,13 +4,42 @@
 //!
 //! A sequence or identity column hands out positions at INSERT time, but transactions commit in
 //! any order: a reader can see position 11 committed while 10 is still in flight, move its
-//! cursor past 10, and never see it. Here every writing transaction first locks the single row
-//! of `concord_log_head` (`SELECT ... FOR UPDATE`) and holds that lock until it commits; it reads
-//! the last position under the lock and numbers its events after it. A second writer, on this
-//! node or any other, blocks on the row until the first has committed, and PostgreSQL makes a
-//! transaction visible before it releases its row locks. So positions become visible strictly in
-//! order, with no holes: whoever sees position P can already see every position below P.
-//! Group commit keeps this cheap: the lock is taken once per batch of appends, not per event.
+//! cursor past 10, and never see it. Here a writing transaction takes the single row of
+//! `concord_log_head` (a row lock) before it numbers its events after the position the row holds,
+//! and keeps the lock until it commits. A second writer, on this node or any other, blocks on the
+//! row until the first has committed, and PostgreSQL makes a transaction visible before it
+//! releases its row locks. So positions become visible strictly in order, with no holes: whoever
+//! sees position P can already see every position below P. A transaction that rolls back returns
+//! the row as it was, so the next writer takes the same positions.
+//!
+//! # Why the lock costs one statement, not a transaction
+//!
+//! The lock is the only serialization point, so it is held as briefly as the database allows. A
+//! batch is planned (expected versions, replays of stored event ids) from a read taken before any
+//! lock, and written by one statement in its own implicit transaction: it moves the head row
+//! (`UPDATE ... RETURNING`, which takes the lock and, under READ COMMITTED, re-reads the row as
+//! the previous holder committed it), inserts the events at positions after it, notifies, and
+//! commits. The lock is held for that statement's execution and its commit's WAL flush, not for
+//! round trips, and the answer carries the positions at once. Batches of other nodes read and plan
+//! meanwhile.
+//!
+//! A plan from a read that went stale (another writer took a version of one of the batch's
+//! streams, or one of its event ids, in between) cannot be written: the unique keys on
+//! `(stream, version)` and `id` refuse the insert, which is checked against every committed row,
+//! not the statement's snapshot, and the statement rolls back whole. The batch is then planned
+//! again with the lock held from before the read until COMMIT (the slow path, counted in
+//! `concord_append_conflict_retries_total`), where no plan can go stale. That any progress of a
+//! stream since the read collides rests on versions being dense per stream and on no event ever
+//! being deleted: every admitted write takes version `current + 1` of the read.
+//!
+//! A statement that fails otherwise may still have committed (its answer lost with the
+//! connection) or may yet commit (a backend waiting for the head row runs it even after its
+//! client left). The batch then goes the slow path too, which settles it by event id: events
+//! stored by then are answered as replays, and a statement that commits later meets the ids the
+//! slow path stored and rolls back. A COMMIT of the slow path whose answer was lost is settled the
+//! same way, by one more pass under the lock.
+//! Group commit keeps either path cheap: the lock is taken once per batch of appends, not per
+//! event.
 
 use crate::{EVENTS_CHANNEL, Inner, PostgresStore, unavailable};
 use async_trait::async_trait;
@@ -42,87 +71,97 @@ impl BatchWriter for Writer {
 
 impl Writer {
     async fn try_write(&self, batch: &[AppendRequest]) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+        match self.write_in_one_statement(batch).await {
+            Ok(Some(results)) => return Ok(results),
+            Ok(None) => metrics::counter!("concord_append_conflict_retries_total").increment(1),
+            // The statement may have committed (its answer lost with the connection), may still
+            // commit (a backend waiting for the head row runs it even after its client went away),
+            // or not: planning again under the lock settles it by event id. Events stored by then
+            // are answered as replays; a statement that commits later meets the ids the slow path
+            // stored and rolls back.
+            Err(e) => tracing::warn!(error = %e, "the append statement failed; writing the batch under the lock"),
+        }
+        match self.write_under_lock(batch).await {
+            Err(WriteError::CommitLost(e)) => {
+                // The same reasoning for a COMMIT whose answer was lost: once more, under the lock.
+                tracing::warn!(error = %e, "COMMIT answered an error; writing the batch under the lock again");
+                self.write_under_lock(batch).await.map_err(WriteError::into_store)
+            }
+            other => other.map_err(WriteError::into_store),
+        }
+    }
+
+    /// The fast path (see the module comment): the batch is planned from a read taken before any
+    /// lock, then written in one statement that runs in its own implicit transaction: it takes
+    /// the head row, numbers the events after it, inserts them, moves the head and notifies, and
+    /// commits, in one round trip. None when the read was stale (another writer took a version or
+    /// an event id of the batch meanwhile): the unique keys refuse the insert, the statement rolls
+    /// back whole, and the caller plans again under the lock.
+    async fn write_in_one_statement(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Option<Vec<Result<AppendOutcome, StoreError>>>, StoreError> {
+        let (heads, stored) = lookup(&self.0.pool, batch).await?;
+        // Positions relative to a head the statement reads: 1, 2, ...
+        let relative = plan_batch(batch, &heads, &stored, 0);
+        let cols = Columns::of(batch, &relative);
+        let Some(&count) = cols.position.last() else {
+            // Nothing to write: every request is a replay or a refusal, decided on committed rows.
+            return Ok(Some(batch.iter().zip(&relative).map(|(r, p)| p.outcome(r)).collect()));
+        };
+        let written = sqlx::query(
+            "WITH head AS ( \
+               UPDATE concord_log_head SET last_position = last_position + $10 WHERE id = 1 \
+               RETURNING last_position - $10 AS base), \
+             ins AS ( \
+               INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
+               SELECT head.base + p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
+               FROM head, UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
+                 AS u(p, i, s, v, c, h, t, d, m) \
+               RETURNING 1) \
+             SELECT head.base, pg_notify($11, (head.base + $10)::text), (SELECT count(*) FROM ins) FROM head",
+        )
+        .bind(&cols.position)
+        .bind(&cols.id)
+        .bind(&cols.stream)
+        .bind(&cols.version)
+        .bind(&cols.category)
+        .bind(&cols.hash)
+        .bind(&cols.event_type)
+        .bind(&cols.data)
+        .bind(&cols.metadata)
+        .bind(count)
+        .bind(EVENTS_CHANNEL)
+        .fetch_one(&self.0.pool)
+        .await
+        .and_then(|row| row.try_get::<i64, _>(0));
+        let base = match written {
+            Ok(base) => to_u64(base),
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        advance(&self.0.head, base + to_u64(count));
+        let plans = plan_batch(batch, &heads, &stored, base);
+        Ok(Some(batch.iter().zip(&plans).map(|(r, p)| p.outcome(r)).collect()))
+    }
+
+    /// The slow path, after a conflict or a failed statement: the head row locked from before
+    /// the read until COMMIT, so the plan cannot go stale.
+    async fn write_under_lock(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, WriteError> {
         let mut tx = self.0.pool.begin().await.map_err(unavailable)?;
         // The serialization point: held until COMMIT (see the module comment).
         let last: i64 = sqlx::query_scalar("SELECT last_position FROM concord_log_head WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
             .await
             .map_err(unavailable)?;
-
-        // One round trip for both lookups, in a statement that starts after the lock is held, so
-        // its snapshot includes every batch committed before ours.
-        let streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
-        let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.id)).collect();
-        let rows = sqlx::query(
-            // One index probe per stream (the backward scan of (stream, version)): a MAX over
-            // `stream = ANY($1) GROUP BY stream` reads every event of the stream instead, so a long
-            // stream made each append slower than the last. A stream without events is at 0.
-            "SELECT NULL::uuid, s.stream, \
-                    COALESCE((SELECT MAX(e.version) FROM concord_events e WHERE e.stream = s.stream), 0), NULL::bigint, \
-                    NULL::text, NULL::jsonb, NULL::jsonb \
-             FROM (SELECT DISTINCT unnest($1::text[]) AS stream) s \
-             UNION ALL \
-             SELECT id, stream, version, position, event_type, data, metadata FROM concord_events WHERE id = ANY($2)",
-        )
-        .bind(&streams)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let mut heads = HashMap::new();
-        let mut stored = HashMap::new();
-        for row in rows {
-            let name: String = row.get(1);
-            let stream = StreamName::parse(&name).map_err(unavailable)?;
-            match row.get::<Option<Uuid>, _>(0) {
-                None => {
-                    heads.insert(stream, to_u64(row.get(2)));
-                }
-                Some(id) => {
-                    let position: Option<i64> = row.get(3);
-                    let json = |i: usize| -> Result<serde_json::Value, StoreError> {
-                        Ok(row
-                            .try_get::<sqlx::types::Json<serde_json::Value>, _>(i)
-                            .map_err(unavailable)?
-                            .0)
-                    };
-                    stored.insert(
-                        id,
-                        StoredId {
-                            stream,
-                            version: to_u64(row.get(2)),
-                            position: position.map_or(0, to_u64),
-                            event_type: row.get(4),
-                            data: json(5)?,
-                            metadata: json(6)?,
-                        },
-                    );
-                }
-            }
-        }
-
+        // A statement that starts after the lock is held: its snapshot includes every batch
+        // committed before ours.
+        let (heads, stored) = lookup(&mut *tx, batch).await?;
         let plans = plan_batch(batch, &heads, &stored, to_u64(last));
-        let mut cols = Columns::default();
-        for (req, plan) in batch.iter().zip(&plans) {
-            let Plan::Write {
-                first_version,
-                first_position,
-            } = plan
-            else {
-                continue;
-            };
-            for (i, e) in req.events.iter().enumerate() {
-                cols.position.push(to_i64(first_position + i as u64));
-                cols.id.push(e.id);
-                cols.stream.push(req.stream.as_str());
-                cols.version.push(to_i64(first_version + i as u64));
-                cols.category.push(req.stream.category());
-                cols.hash.push(i64::from(req.stream.partition_hash()));
-                cols.event_type.push(e.event_type.as_str());
-                cols.data.push(e.data.to_string());
-                cols.metadata.push(e.metadata.to_string());
-            }
-        }
+        let cols = Columns::of(batch, &plans);
         let new_head = cols.position.last().copied();
         if let Some(head) = new_head {
             // Insert, move the head and notify in one round trip; NOTIFY is delivered at COMMIT to
@@ -153,23 +192,13 @@ impl Writer {
             .map_err(unavailable)?;
         }
         if let Err(e) = tx.commit().await {
-            // A COMMIT whose answer was lost (the connection broke) may have committed anyway.
-            // Answering "unavailable" then would invite a retry that writes the events twice, so
-            // look: the batch's last event id is there exactly when the whole batch committed.
-            let committed = match cols.id.last() {
-                Some(id) => sqlx::query_scalar::<_, i64>("SELECT position FROM concord_events WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.0.pool)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some(),
-                None => false,
-            };
-            if !committed {
-                return Err(unavailable(e));
-            }
-            tracing::warn!(error = %e, "COMMIT answered an error but the batch is stored");
+            // A COMMIT whose answer was lost (the connection broke) may have committed anyway:
+            // answering "unavailable" would invite a retry that writes the events twice.
+            return Err(if new_head.is_some() {
+                WriteError::CommitLost(unavailable(e))
+            } else {
+                WriteError::Store(unavailable(e))
+            });
         }
         if let Some(head) = new_head {
             advance(&self.0.head, to_u64(head));
@@ -178,6 +207,90 @@ impl Writer {
     }
 }
 
+type Lookup = (HashMap<StreamName, u64>, HashMap<Uuid, StoredId>);
+
+/// The current version of each stream of the batch and the events of the batch already stored,
+/// in one round trip.
+async fn lookup(db: impl sqlx::PgExecutor<'_>, batch: &[AppendRequest]) -> Result<Lookup, StoreError> {
+    let streams: Vec<&str> = batch.iter().map(|r| r.stream.as_str()).collect();
+    let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.id)).collect();
+    let rows = sqlx::query(
+        // One index probe per stream (the backward scan of (stream, version)): a MAX over
+        // `stream = ANY($1) GROUP BY stream` reads every event of the stream instead, so a long
+        // stream made each append slower than the last. A stream without events is at 0.
+        "SELECT NULL::uuid, s.stream, \
+                COALESCE((SELECT MAX(e.version) FROM concord_events e WHERE e.stream = s.stream), 0), NULL::bigint, \
+                NULL::text, NULL::jsonb, NULL::jsonb \
+         FROM (SELECT DISTINCT unnest($1::text[]) AS stream) s \
+         UNION ALL \
+         SELECT id, stream, version, position, event_type, data, metadata FROM concord_events WHERE id = ANY($2)",
+    )
+    .bind(&streams)
+    .bind(&ids)
+    .fetch_all(db)
+    .await
+    .map_err(unavailable)?;
+    let mut heads = HashMap::new();
+    let mut stored = HashMap::new();
+    for row in rows {
+        let name: String = row.get(1);
+        let stream = StreamName::parse(&name).map_err(unavailable)?;
+        match row.get::<Option<Uuid>, _>(0) {
+            None => {
+                heads.insert(stream, to_u64(row.get(2)));
+            }
+            Some(id) => {
+                let position: Option<i64> = row.get(3);
+                let json = |i: usize| -> Result<serde_json::Value, StoreError> {
+                    Ok(row
+                        .try_get::<sqlx::types::Json<serde_json::Value>, _>(i)
+                        .map_err(unavailable)?
+                        .0)
+                };
+                stored.insert(
+                    id,
+                    StoredId {
+                        stream,
+                        version: to_u64(row.get(2)),
+                        position: position.map_or(0, to_u64),
+                        event_type: row.get(4),
+                        data: json(5)?,
+                        metadata: json(6)?,
+                    },
+                );
+            }
+        }
+    }
+    Ok((heads, stored))
+}
+
+/// A failed write under the lock.
+enum WriteError {
+    Store(StoreError),
+    /// COMMIT answered an error: the batch may be stored.
+    CommitLost(StoreError),
+}
+
+impl WriteError {
+    fn into_store(self) -> StoreError {
+        match self {
+            Self::Store(e) | Self::CommitLost(e) => e,
+        }
+    }
+}
+
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+/// The rows a batch writes, column by column (for `UNNEST`).
 #[derive(Default)]
 struct Columns<'a> {
     position: Vec<i64>,
@@ -189,6 +302,33 @@ struct Columns<'a> {
     event_type: Vec<&'a str>,
     data: Vec<String>,
     metadata: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a [AppendRequest], plans: &[Plan]) -> Self {
+        let mut cols = Self::default();
+        for (req, plan) in batch.iter().zip(plans) {
+            let Plan::Write {
+                first_version,
+                first_position,
+            } = plan
+            else {
+                continue;
+            };
+            for (i, e) in req.events.iter().enumerate() {
+                cols.position.push(to_i64(first_position + i as u64));
+                cols.id.push(e.id);
+                cols.stream.push(req.stream.as_str());
+                cols.version.push(to_i64(first_version + i as u64));
+                cols.category.push(req.stream.category());
+                cols.hash.push(i64::from(req.stream.partition_hash()));
+                cols.event_type.push(e.event_type.as_str());
+                cols.data.push(e.data.to_string());
+                cols.metadata.push(e.metadata.to_string());
+            }
+        }
+        cols
+    }
 }
 
 fn advance(head: &watch::Sender<u64>, position: u64) {

@@ -16,6 +16,7 @@ use concord_core::ports::StoreError;
 use sqlx::SqlSafeStr as _;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -96,10 +97,16 @@ impl PostgresStore {
     /// # Errors
     /// When the database is unreachable or a migration fails.
     pub async fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
+        // The log's ordering (see `events`) rests on READ COMMITTED: a writer that waited for the
+        // head row re-reads it as the last holder committed it. Under a stricter default set for
+        // the database or role, that wait would end in a serialization failure instead.
+        let options = sqlx::postgres::PgConnectOptions::from_str(&config.url)
+            .map_err(unavailable)?
+            .options([("default_transaction_isolation", "read committed")]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&config.url)
+            .connect_with(options)
             .await
             .map_err(unavailable)?;
         migrator().run(&pool).await.map_err(unavailable)?;

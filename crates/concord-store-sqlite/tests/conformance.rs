@@ -138,7 +138,10 @@ async fn the_wal_stays_bounded_under_sustained_appends_and_readers() {
             }
         }));
     }
-    // The bound, plus what half a second of appends adds before the next round looks.
+    // The bound, plus what the appends add before a round can truncate: half a second between
+    // rounds, and a round or two deferred while both readers hold snapshots on a loaded machine
+    // (8.7× the bound was seen with the whole suite running beside it; the WAL without the
+    // truncation grew past 50× in the same time).
     let started = Instant::now();
     let (mut largest, mut samples) = (0, 0);
     while started.elapsed() < Duration::from_secs(8) {
@@ -160,7 +163,7 @@ async fn the_wal_stays_bounded_under_sustained_appends_and_readers() {
     );
     assert!(events > 2_000, "too few appends to say anything: {events}");
     assert!(
-        largest < 8 * limit,
-        "the WAL grew to {largest} bytes, past its bound of {limit} and half a second of appends"
+        largest < 16 * limit,
+        "the WAL grew to {largest} bytes, past its bound of {limit} and a few rounds of appends"
     );
 }

@@ -181,6 +181,17 @@ pub fn serve(dir: &Path) -> Command {
     cmd
 }
 
+/// A loopback address with a port free right now, for a node that must come back where its
+/// clients look for it.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// The address in the `concord listening` log line, human or JSON.
 pub fn listening_addr(line: &str) -> Option<String> {
     if !line.contains("concord listening") {
@@ -212,6 +223,20 @@ impl Server {
             proc,
             url: format!("http://{addr}"),
             http,
+        }
+    }
+
+    /// Spawns `cmd` and waits until the server listens and `/ready` answers 200.
+    pub async fn start_ready(cmd: Command) -> Self {
+        let server = Self::start(cmd).await;
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let ready = server.http.get(format!("{}/ready", server.url)).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "{} not ready within {TIMEOUT:?}", server.url);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
