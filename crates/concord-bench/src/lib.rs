@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// subscriber missed an event.
     #[arg(long)]
     pub sustained: bool,
+    /// `events` only: server nodes in this process on the one database, the clients spread over
+    /// them, so appends of several nodes race for the log (PostgreSQL).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
     /// NATS server of `bench outbox`.
     #[arg(long, env = "CONCORD_TEST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -214,7 +218,14 @@ struct BenchServer {
 
 impl BenchServer {
     async fn start(args: &BenchArgs, database_url: &str) -> anyhow::Result<Self> {
+        let vault_key = concord_core::domain::vault::SecretKey::generate()?.to_base64();
         let admin = concord_core::domain::auth::generate_key();
+        Self::start_node(args, database_url, vault_key.as_str(), &admin).await
+    }
+
+    /// One node of several on one database: they share the vault's master key and the admin key.
+    async fn start_node(args: &BenchArgs, database_url: &str, vault_key: &str, admin: &str) -> anyhow::Result<Self> {
+        let admin = admin.to_owned();
         let tx_token = concord_core::domain::auth::generate_key();
         let settings = Settings {
             tx_participant_token: Some(tx_token.clone().into()),
@@ -227,12 +238,7 @@ impl BenchServer {
             admin_key: Some(admin.clone().into()),
             db_connections: u32::try_from(args.clients.clamp(4, 32)).unwrap_or(16),
             sqlite_synchronous_full: true,
-            vault_master_key: Some(
-                concord_core::domain::vault::SecretKey::generate()?
-                    .to_base64()
-                    .as_str()
-                    .into(),
-            ),
+            vault_master_key: Some(vault_key.into()),
             // The vault benchmark measures throughput; the limit is a policy, set per deployment.
             vault_detokenize_per_s: 0.0,
             ..Settings::default()
@@ -269,18 +275,34 @@ impl BenchServer {
 }
 
 async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
-    let server = BenchServer::start(args, database_url).await?;
+    anyhow::ensure!(
+        args.nodes <= 1 || args.backend == BenchBackend::Postgres,
+        "--nodes above 1 needs --backend postgres: an embedded SQLite database has one node"
+    );
+    let vault_key = concord_core::domain::vault::SecretKey::generate()?.to_base64();
+    let admin = concord_core::domain::auth::generate_key();
+    let server = BenchServer::start_node(args, database_url, vault_key.as_str(), &admin).await?;
+    let mut others = Vec::new();
+    for _ in 1..args.nodes.max(1) {
+        others.push(BenchServer::start_node(args, database_url, vault_key.as_str(), &admin).await?);
+    }
     let client = server.client.clone();
+    let clients: Vec<Client> = std::iter::once(&server)
+        .chain(&others)
+        .map(|s| s.client.clone())
+        .collect();
     let duration = Duration::from_secs(args.seconds);
     let payload = json!({"customer": "c-0001", "items": [{"sku": "sku-1", "qty": 2}], "total_cents": 12_345, "note": "x".repeat(120)});
 
     eprintln!(
-        "bench: {} clients append over HTTP for {}s ...",
-        args.clients, args.seconds
+        "bench: {} clients append over HTTP to {} node(s) for {}s ...",
+        args.clients,
+        clients.len(),
+        args.seconds
     );
-    let (c2, p2) = (client.clone(), payload.clone());
+    let (c2, p2) = (clients.clone(), payload.clone());
     let ours = run_clients(args.clients, duration, move |c, i| {
-        let client = c2.clone();
+        let client = c2[c % c2.len()].clone();
         let payload = p2.clone();
         async move {
             let event = EventInput {
@@ -317,9 +339,13 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
         "bench: {} clients append through the event store, without HTTP, for {}s ...",
         args.clients, args.seconds
     );
-    let (store, p3) = (server.events.clone(), payload.clone());
+    let stores: Vec<_> = std::iter::once(&server)
+        .chain(&others)
+        .map(|s| s.events.clone())
+        .collect();
+    let p3 = payload.clone();
     let direct = run_clients(args.clients, duration, move |c, i| {
-        let store = store.clone();
+        let store = stores[c % stores.len()].clone();
         let payload = p3.clone();
         async move {
             let event = concord_core::domain::event::UncheckedEvent {
@@ -350,8 +376,12 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
         extra.insert("store_append_p50_ms".into(), json!(direct.p50_ms));
         extra.insert("store_append_p99_ms".into(), json!(direct.p99_ms));
         extra.extend(group_commit_figures());
+        extra.insert("nodes".into(), json!(clients.len()));
     }
     server.stop().await;
+    for s in others {
+        s.stop().await;
+    }
     let ours = figure("append via HTTP", &ours, duration);
     let baseline = figure("raw single-row INSERT", &baseline, duration);
     if let Some(extra) = latency.as_object_mut() {
