@@ -823,7 +823,12 @@ async fn a_cluster_restarted_one_node_at_a_time_under_load_loses_and_doubles_not
         *saga_status.entry(saga.status.clone()).or_default() += 1;
         let expected = if *refuse { "compensated" } else { "completed" };
         if saga.status != expected {
-            wrong_sagas.push(format!("{id}: {} where the plan makes it {expected}", saga.status));
+            // Its steps with every attempt, so a failure says which call went wrong and how.
+            let steps = serde_json::to_string(&saga.steps).unwrap_or_default();
+            wrong_sagas.push(format!(
+                "{id}: {} where the plan makes it {expected}; steps: {steps}",
+                saga.status
+            ));
         }
     }
     for status in ["running", "compensating", "failed"] {
