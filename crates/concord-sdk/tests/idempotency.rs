@@ -277,6 +277,7 @@ on_every_store!(
     expired_records_run_again_and_are_purged,
     a_completed_record_is_final_until_it_expires,
     an_unreachable_store_fails_closed_with_503,
+    a_request_dropped_while_its_claim_is_taken_still_runs_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1016,6 +1017,60 @@ async fn a_completed_record_is_final_until_it_expires(backend: &Backend) {
         assert!(!backend.record_exists(owner, "k-store").await);
         assert!(!backend.record_exists(other, "k-store").await);
     }
+}
+
+/// A store whose claims take effect at once but whose answer to a claim comes late, as an
+/// answer still on the wire when its client gives up.
+struct LateClaimAnswers(Arc<dyn IdempotencyStore>);
+
+#[async_trait::async_trait]
+impl IdempotencyStore for LateClaimAnswers {
+    async fn begin(&self, claim: &IdempotencyClaim<'_>) -> Result<IdempotencyBegin, idempotency::StoreError> {
+        let begun = self.0.begin(claim).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        begun
+    }
+    async fn complete(
+        &self,
+        claim: &IdempotencyClaim<'_>,
+        response: &StoredResponse,
+    ) -> Result<(), idempotency::StoreError> {
+        self.0.complete(claim, response).await
+    }
+    async fn release(&self, claim: &IdempotencyClaim<'_>) -> Result<(), idempotency::StoreError> {
+        self.0.release(claim).await
+    }
+    async fn purge_expired(&self, now: DateTime<Utc>) -> Result<u64, idempotency::StoreError> {
+        self.0.purge_expired(now).await
+    }
+}
+
+/// A client that gives up while the claim is being taken does not leave the key claimed by
+/// nobody (answered 409 in flight until the lock expires): the request runs and is recorded, and
+/// the retry is answered its response.
+async fn a_request_dropped_while_its_claim_is_taken_still_runs_once(backend: &Backend) {
+    let store = Arc::new(LateClaimAnswers(Arc::clone(&backend.store)));
+    let app = spawn_app(store, config(), Duration::ZERO).await;
+    let impatient = app
+        .request(Method::POST, "/orders")
+        .header("authorization", ALICE)
+        .header("idempotency-key", "k-dropped")
+        .body("{}")
+        .timeout(Duration::from_millis(100));
+    assert!(impatient.send().await.is_err(), "the client gives up during the claim");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let answer = app.post("/orders", Some("k-dropped"), ALICE, "{}").await;
+        if answer.status != 409 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        answer.replayed,
+        "the retry is answered the first request's response: {answer:?}"
+    );
+    assert_eq!(app.runs(), 1, "the handler ran once");
 }
 
 async fn an_unreachable_store_fails_closed_with_503(backend: &Backend) {

@@ -218,21 +218,60 @@ where
         expires_at: now + shared.ttl,
     };
     let span = tracing::debug_span!("idempotency", %owner, key = %KeyDigest(&held.key));
-    match shared.store.begin(&held.claim()).instrument(span.clone()).await {
+    // The claim and the handler run in a task of their own, so a client that goes away cancels
+    // neither halfway: not the handler (its outcome is always recorded), and not the claim (a
+    // claim taken in the store just as the request was dropped would hold the key, unowned,
+    // until its lock expired). The request's own span goes along too: the debug span is off at
+    // the default log level, and without the outer one the handler would lose the caller's trace.
+    let task = tokio::spawn(
+        claim_and_run(
+            Arc::clone(&shared),
+            inner,
+            Request::from_parts(parts, Body::from(body)),
+            held,
+        )
+        .instrument(span)
+        .in_current_span(),
+    );
+    match task.await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, "the idempotent request's task failed");
+            Ok(problem_response(ErrorCode::Internal, "the request's task failed"))
+        }
+    }
+}
+
+/// Claims the key and, when this request is the first with it, runs the handler and records
+/// its answer; otherwise answers the replay or the refusal.
+async fn claim_and_run<S, B>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<Body>,
+    held: Held,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match shared.store.begin(&held.claim()).await {
         Ok(IdempotencyBegin::Started) => {}
         Ok(IdempotencyBegin::Replay(stored)) => {
-            span.in_scope(|| tracing::debug!(status = stored.status, "replaying the stored response"));
+            tracing::debug!(status = stored.status, "replaying the stored response");
             return Ok(replay(stored));
         }
         Ok(IdempotencyBegin::Mismatch) => {
-            span.in_scope(|| tracing::debug!("key reused with a different request"));
+            tracing::debug!("key reused with a different request");
             return Ok(problem_response(
                 ErrorCode::IdempotencyKeyReused,
                 "this Idempotency-Key was used with a different request (method, path, query or body)",
             ));
         }
         Ok(IdempotencyBegin::InFlight) => {
-            span.in_scope(|| tracing::debug!("the first request with this key is still running"));
+            tracing::debug!("the first request with this key is still running");
             let mut response = problem_response(
                 ErrorCode::IdempotencyKeyInFlight,
                 "the first request with this Idempotency-Key is still running; retry later",
@@ -243,7 +282,7 @@ where
             return Ok(response);
         }
         Err(e) => {
-            span.in_scope(|| tracing::error!(error = %e, "idempotency store unavailable; the request is refused"));
+            tracing::error!(error = %e, "idempotency store unavailable; the request is refused");
             let mut response = problem_response(
                 ErrorCode::IdempotencyStoreUnavailable,
                 "the idempotency store is unavailable; the request did not run, retry later",
@@ -254,24 +293,8 @@ where
             return Ok(response);
         }
     }
-    span.in_scope(|| tracing::debug!("claimed the key; running the handler"));
-    // The handler runs in its own task, so a client that goes away does not cancel it halfway
-    // and leave the key locked until its lock expires.
-    let req = Request::from_parts(parts, Body::from(body));
-    // The request's own span goes along too: the debug span is off at the default log level, and
-    // without the outer one the handler would lose the caller's trace.
-    let task = tokio::spawn(
-        run_and_record(Arc::clone(&shared), inner, req, held)
-            .instrument(span)
-            .in_current_span(),
-    );
-    match task.await {
-        Ok(answer) => answer,
-        Err(e) => {
-            tracing::error!(error = %e, "the idempotent request's task failed");
-            Ok(problem_response(ErrorCode::Internal, "the request's task failed"))
-        }
-    }
+    tracing::debug!("claimed the key; running the handler");
+    run_and_record(shared, inner, req, held).await
 }
 
 /// The claim this request holds, owned so that it can move into the handler's task.

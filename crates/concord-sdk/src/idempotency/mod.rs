@@ -44,9 +44,9 @@
 //! did run, and a retry must not run it twice. A response whose body fails while being read is
 //! answered and kept the same way.
 //!
-//! The handler runs in a task of its own: a client that goes away mid-request does not cancel
-//! it, so its outcome is always recorded. A handler that panics releases the key and is answered
-//! 500 `internal`.
+//! The claim and the handler run in a task of their own: a client that goes away mid-request
+//! cancels neither, so its outcome is always recorded and no key is left claimed by nobody. A
+//! handler that panics releases the key and is answered 500 `internal`.
 //!
 //! # Locks, takeover and expiry
 //!
