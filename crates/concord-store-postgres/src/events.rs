@@ -56,6 +56,31 @@ use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// The fast path's statement: takes the head row, numbers the batch after it (`$1` holds
+/// positions relative to the head), inserts, moves the head by `$10` and notifies; its own
+/// transaction commits when it ends.
+const WRITE_AFTER_HEAD: &str = "WITH head AS ( \
+               UPDATE concord_log_head SET last_position = last_position + $10 WHERE id = 1 \
+               RETURNING last_position - $10 AS base), \
+             ins AS ( \
+               INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
+               SELECT head.base + p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
+               FROM head, UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
+                 AS u(p, i, s, v, c, h, t, d, m) \
+               RETURNING 1) \
+             SELECT head.base, pg_notify($11, (head.base + $10)::text), (SELECT count(*) FROM ins) FROM head";
+
+/// The slow path's write, under the head row's lock taken before: positions absolute, the head
+/// set to `$10`.
+const WRITE_UNDER_LOCK: &str = "WITH ins AS ( \
+                   INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
+                   SELECT p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
+                   FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
+                     AS u(p, i, s, v, c, h, t, d, m) \
+                   RETURNING 1), \
+                 upd AS (UPDATE concord_log_head SET last_position = $10 WHERE id = 1 RETURNING 1) \
+                 SELECT pg_notify($11, $10::text), (SELECT count(*) FROM ins), (SELECT count(*) FROM upd)";
+
 /// Writes batches for the group committer.
 pub(crate) struct Writer(pub(crate) Arc<Inner>);
 
@@ -109,32 +134,13 @@ impl Writer {
             // Nothing to write: every request is a replay or a refusal, decided on committed rows.
             return Ok(Some(batch.iter().zip(&relative).map(|(r, p)| p.outcome(r)).collect()));
         };
-        let written = sqlx::query(
-            "WITH head AS ( \
-               UPDATE concord_log_head SET last_position = last_position + $10 WHERE id = 1 \
-               RETURNING last_position - $10 AS base), \
-             ins AS ( \
-               INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
-               SELECT head.base + p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
-               FROM head, UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
-                 AS u(p, i, s, v, c, h, t, d, m) \
-               RETURNING 1) \
-             SELECT head.base, pg_notify($11, (head.base + $10)::text), (SELECT count(*) FROM ins) FROM head",
-        )
-        .bind(&cols.position)
-        .bind(&cols.id)
-        .bind(&cols.stream)
-        .bind(&cols.version)
-        .bind(&cols.category)
-        .bind(&cols.hash)
-        .bind(&cols.event_type)
-        .bind(&cols.data)
-        .bind(&cols.metadata)
-        .bind(count)
-        .bind(EVENTS_CHANNEL)
-        .fetch_one(&self.0.pool)
-        .await
-        .and_then(|row| row.try_get::<i64, _>(0));
+        let written = cols
+            .bind(sqlx::query(WRITE_AFTER_HEAD))
+            .bind(count)
+            .bind(EVENTS_CHANNEL)
+            .fetch_one(&self.0.pool)
+            .await
+            .and_then(|row| row.try_get::<i64, _>(0));
         let base = match written {
             Ok(base) => to_u64(base),
             Err(e) if is_unique_violation(&e) => return Ok(None),
@@ -166,30 +172,12 @@ impl Writer {
         if let Some(head) = new_head {
             // Insert, move the head and notify in one round trip; NOTIFY is delivered at COMMIT to
             // every node's listener, this one included.
-            sqlx::query(
-                "WITH ins AS ( \
-                   INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
-                   SELECT p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
-                   FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
-                     AS u(p, i, s, v, c, h, t, d, m) \
-                   RETURNING 1), \
-                 upd AS (UPDATE concord_log_head SET last_position = $10 WHERE id = 1 RETURNING 1) \
-                 SELECT pg_notify($11, $10::text), (SELECT count(*) FROM ins), (SELECT count(*) FROM upd)",
-            )
-            .bind(&cols.position)
-            .bind(&cols.id)
-            .bind(&cols.stream)
-            .bind(&cols.version)
-            .bind(&cols.category)
-            .bind(&cols.hash)
-            .bind(&cols.event_type)
-            .bind(&cols.data)
-            .bind(&cols.metadata)
-            .bind(head)
-            .bind(EVENTS_CHANNEL)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            cols.bind(sqlx::query(WRITE_UNDER_LOCK))
+                .bind(head)
+                .bind(EVENTS_CHANNEL)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         }
         if let Err(e) = tx.commit().await {
             // A COMMIT whose answer was lost (the connection broke) may have committed anyway:
@@ -208,6 +196,8 @@ impl Writer {
 }
 
 type Lookup = (HashMap<StreamName, u64>, HashMap<Uuid, StoredId>);
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// The current version of each stream of the batch and the events of the batch already stored,
 /// in one round trip.
@@ -305,6 +295,20 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
+    /// Binds the columns as `$1`–`$9`, in the order of the `UNNEST` of both writes.
+    fn bind(&'a self, query: PgQuery<'a>) -> PgQuery<'a> {
+        query
+            .bind(&self.position)
+            .bind(&self.id)
+            .bind(&self.stream)
+            .bind(&self.version)
+            .bind(&self.category)
+            .bind(&self.hash)
+            .bind(&self.event_type)
+            .bind(&self.data)
+            .bind(&self.metadata)
+    }
+
     fn of(batch: &'a [AppendRequest], plans: &[Plan]) -> Self {
         let mut cols = Self::default();
         for (req, plan) in batch.iter().zip(plans) {
