@@ -89,8 +89,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     if args.outbox_url.starts_with("postgres://") || args.outbox_url.starts_with("postgresql://") {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(u32::try_from(args.workers + 2).unwrap_or(8))
+        let pool = concord_store_postgres::pool_options(u32::try_from(args.workers + 2).unwrap_or(8))
             .connect(&args.outbox_url)
             .await
             .context("connecting to the outbox database")?;
@@ -105,6 +104,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             .busy_timeout(Duration::from_secs(10));
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(2)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .context("opening the outbox database")?;

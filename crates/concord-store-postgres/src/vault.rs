@@ -9,9 +9,8 @@ use concord_core::domain::vault::{Sealed, TokenType};
 use concord_core::ports::{DataKeyRow, FoundToken, MasterKeyRow, StoreError, TokenInsert, TokenRecord, VaultStore};
 use sqlx::Row as _;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgRow};
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 use uuid::Uuid;
 
 /// The vault's migrations. Numbered from 1001 and applied with `ignore_missing`, so the vault may
@@ -38,9 +37,7 @@ impl PostgresVaultStore {
     /// # Errors
     /// When the database is unreachable or a migration fails.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = crate::pool_options(max_connections)
             .connect(url)
             .await
             .map_err(unavailable)?;

@@ -132,6 +132,7 @@ async fn spawn_checkpointer(
     reader_wait: Duration,
 ) -> Result<(), StoreError> {
     let pool = SqlitePoolOptions::new()
+        .test_before_acquire(false)
         .max_connections(1)
         .connect_with(options)
         .await
@@ -219,7 +220,11 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let in_memory = config.url.contains(":memory:");
+        // No liveness check when a pool hands out a connection (sqlx's default is one per
+        // acquire, a hop to the connection's thread and back): a connection to a local file
+        // does not go stale, so every pool of this crate turns it off.
         let write = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -238,6 +243,7 @@ impl SqliteStore {
             write.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(config.read_connections.max(1))
                 .connect_with(options.clone().read_only(true))
                 .await

@@ -55,6 +55,7 @@ impl SqliteVaultStore {
             // free page.
             .pragma("secure_delete", "ON");
         let write = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -67,6 +68,7 @@ impl SqliteVaultStore {
             write.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(4)
                 .connect_with(options.read_only(true))
                 .await
