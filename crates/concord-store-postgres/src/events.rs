@@ -46,7 +46,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use concord_core::app::append::{Plan, StoredId, plan_batch};
 use concord_core::app::group_commit::BatchWriter;
-use concord_core::domain::{AppendOutcome, AppendRequest, RecordedEvent, StreamName};
+use concord_core::domain::{AppendOutcome, AppendRequest, ExpectedVersion, RecordedEvent, StreamName};
 use concord_core::ports::{CheckpointStore, EventStore, LogQuery, StoreError, collect_within};
 use sqlx::Row as _;
 use sqlx::postgres::{PgListener, PgRow};
@@ -58,15 +58,19 @@ use uuid::Uuid;
 
 /// The fast path's statement: takes the head row, numbers the batch after it (`$1` holds
 /// positions relative to the head), inserts, moves the head by `$10` and notifies; its own
-/// transaction commits when it ends.
+/// transaction commits when it ends. A row whose `$12` is not 0 is written only if its stream
+/// holds that version already (the plan's stated head, not read before): otherwise its version
+/// is NULL and the NOT NULL key refuses the whole statement, as a stale read would be refused.
 const WRITE_AFTER_HEAD: &str = "WITH head AS ( \
                UPDATE concord_log_head SET last_position = last_position + $10 WHERE id = 1 \
                RETURNING last_position - $10 AS base), \
              ins AS ( \
                INSERT INTO concord_events (position, id, stream, version, category, stream_hash, event_type, data, metadata, recorded_at) \
-               SELECT head.base + p, i, s, v, c, h, t, d::jsonb, m::jsonb, now() \
-               FROM head, UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[]) \
-                 AS u(p, i, s, v, c, h, t, d, m) \
+               SELECT head.base + p, i, s, \
+                      CASE WHEN g = 0 OR EXISTS (SELECT 1 FROM concord_events e WHERE e.stream = u.s AND e.version = u.g) THEN v END, \
+                      c, h, t, d::jsonb, m::jsonb, now() \
+               FROM head, UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::text[], $12::bigint[]) \
+                 AS u(p, i, s, v, c, h, t, d, m, g) \
                RETURNING 1) \
              SELECT head.base, pg_notify($11, (head.base + $10)::text), (SELECT count(*) FROM ins) FROM head";
 
@@ -117,33 +121,47 @@ impl Writer {
     }
 
     /// The fast path (see the module comment): the batch is planned from a read taken before any
-    /// lock, then written in one statement that runs in its own implicit transaction: it takes
-    /// the head row, numbers the events after it, inserts them, moves the head and notifies, and
-    /// commits, in one round trip. None when the read was stale (another writer took a version or
-    /// an event id of the batch meanwhile): the unique keys refuse the insert, the statement rolls
-    /// back whole, and the caller plans again under the lock.
+    /// lock, or from the versions it states itself, then written in one statement that runs in
+    /// its own implicit transaction: it takes the head row, numbers the events after it, inserts
+    /// them, moves the head and notifies, and commits, in one round trip. None when the plan was
+    /// stale (another writer took a version or an event id of the batch meanwhile, or a stated
+    /// version was not the stream's): the keys refuse the insert, the statement rolls back whole,
+    /// and the caller plans again under the lock.
     async fn write_in_one_statement(
         &self,
         batch: &[AppendRequest],
     ) -> Result<Option<Vec<Result<AppendOutcome, StoreError>>>, StoreError> {
-        let (heads, stored) = lookup(&self.0.pool, batch).await?;
+        let (heads, stored, stated) = match stated_heads(batch) {
+            Some(heads) => (heads, HashMap::new(), true),
+            None => {
+                let (heads, stored) = lookup(&self.0.pool, batch).await?;
+                (heads, stored, false)
+            }
+        };
         // Positions relative to a head the statement reads: 1, 2, ...
         let relative = plan_batch(batch, &heads, &stored, 0);
         let cols = Columns::of(batch, &relative);
         let Some(&count) = cols.position.last() else {
-            // Nothing to write: every request is a replay or a refusal, decided on committed rows.
+            // Nothing to write: every request is a replay or a refusal, decided on committed rows
+            // (a plan from stated versions always writes its first request of each stream).
             return Ok(Some(batch.iter().zip(&relative).map(|(r, p)| p.outcome(r)).collect()));
+        };
+        let guards = if stated {
+            stated_guards(batch, &relative)
+        } else {
+            vec![0; cols.position.len()]
         };
         let written = cols
             .bind(sqlx::query(WRITE_AFTER_HEAD))
             .bind(count)
             .bind(EVENTS_CHANNEL)
+            .bind(&guards)
             .fetch_one(&self.0.pool)
             .await
             .and_then(|row| row.try_get::<i64, _>(0));
         let base = match written {
             Ok(base) => to_u64(base),
-            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) if is_stale_plan(&e) => return Ok(None),
             Err(e) => return Err(unavailable(e)),
         };
         advance(&self.0.head, base + to_u64(count));
@@ -275,9 +293,56 @@ impl From<StoreError> for WriteError {
     }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+/// The fast path's statement refused by a key: a version or an event id taken meanwhile (unique),
+/// or a stated version that the stream does not hold (the NOT NULL version).
+fn is_stale_plan(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| {
+        matches!(
+            d.kind(),
+            sqlx::error::ErrorKind::UniqueViolation | sqlx::error::ErrorKind::NotNullViolation
+        )
+    })
+}
+
+/// The head of each stream of the batch as the batch states it, when the first request on every
+/// stream expects an exact version (or no stream): planning then needs no read. The statement
+/// checks what the read would have: a version taken meanwhile collides with the unique key on
+/// `(stream, version)`, an event id stored already with the one on `id` (and the slow path then
+/// answers it as a replay), and a stated version above the stream's is caught by the guard of
+/// [`stated_guards`]. Versions stay dense: a first event is written at `n + 1` only while `n`
+/// exists and `n + 1` does not.
+fn stated_heads(batch: &[AppendRequest]) -> Option<HashMap<StreamName, u64>> {
+    let mut heads = HashMap::new();
+    for r in batch {
+        if heads.contains_key(&r.stream) {
+            continue;
+        }
+        let head = match r.expected {
+            ExpectedVersion::NoStream => 0,
+            ExpectedVersion::Exact(v) => v,
+            ExpectedVersion::Any | ExpectedVersion::Exists => return None,
+        };
+        heads.insert(r.stream.clone(), head);
+    }
+    Some(heads)
+}
+
+/// Per row of a plan from stated heads (in the order of [`Columns::of`]): the version that must
+/// already be in the stream for the row to be written (0: none). Only a stream's first written
+/// row needs one; later rows follow it in the same statement.
+fn stated_guards(batch: &[AppendRequest], plans: &[Plan]) -> Vec<i64> {
+    let mut seen: std::collections::HashSet<&StreamName> = std::collections::HashSet::new();
+    let mut guards = Vec::new();
+    for (req, plan) in batch.iter().zip(plans) {
+        let Plan::Write { first_version, .. } = plan else {
+            continue;
+        };
+        let first = seen.insert(&req.stream);
+        for i in 0..req.events.len() {
+            guards.push(if first && i == 0 { to_i64(first_version - 1) } else { 0 });
+        }
+    }
+    guards
 }
 
 /// The rows a batch writes, column by column (for `UNNEST`).
