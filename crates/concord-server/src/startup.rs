@@ -176,6 +176,7 @@ impl Application {
                 event_limits: settings.limits(),
                 retry_backoff: Duration::from_millis(settings.tx_retry_backoff_ms),
                 max_retry_backoff: Duration::from_millis(settings.tx_max_retry_backoff_ms),
+                phase2_timeout: Duration::from_millis(settings.tx_phase2_timeout_ms),
                 outbound: tx_outbound,
             },
         ));

@@ -4,7 +4,8 @@
 //! The log `tx-{xid}` is the truth and names every participant before any is asked to prepare;
 //! the decision is appended with the log version it expects, so exactly one decision is ever
 //! logged even when a recovering node and a slow coordinator race. No phase-2 message goes out
-//! before the decision is in the log and the row.
+//! before the decision is in the log, nor under a lease that may run out before the round ends;
+//! the row learns the decision with the lease renewed, or else with the round's result.
 
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::outbound::OutboundPolicy;
@@ -72,6 +73,9 @@ pub struct TxConfig {
     /// First and longest delay between phase-2 rounds for participants that did not acknowledge.
     pub retry_backoff: Duration,
     pub max_retry_backoff: Duration,
+    /// The longest a phase-2 message may take: a held transaction whose lease outlasts it (and
+    /// a margin) sends a round without renewing the lease first.
+    pub phase2_timeout: Duration,
     /// Where participants may be (`tx_allowed_hosts`): checked at begin, and again by the
     /// adapter at every call.
     pub outbound: OutboundPolicy,
@@ -297,13 +301,8 @@ impl TxCoordinator {
             return Ok((outcome, None));
         }
         metrics::counter!("concord_tx_decided_total", "outcome" => outcome.as_str()).increment(1);
-        // The row says so too before any phase-2 message.
-        if !self.keep(&row, Some(outcome), state.log_version).await? {
-            return Ok((outcome, None));
-        }
-        let mut row = row;
-        row.outcome = Some(outcome);
-        row.log_version = state.log_version;
+        // The decision is durable in the log, which is what recovery and every reader of the
+        // outcome go by: the answer need not wait for the row (phase 2 records it there).
         Ok((
             outcome,
             Some(HeldTx {
@@ -401,9 +400,10 @@ impl TxCoordinator {
                     }
                 }
                 TxStep::Deliver(outcome, owed) => {
-                    // The row records the decision before any phase-2 message (also when this
-                    // node found it only in the log).
-                    if row.outcome != Some(outcome) {
+                    // The lease must outlast the round. The row learns the decision with the
+                    // lease renewed, or else with the round's result (one write, not two, when a
+                    // fresh transaction's lease still covers phase 2).
+                    if row.outcome != Some(outcome) && !self.lease_covers_a_round(&row) {
                         if !self.keep(&row, Some(outcome), state.log_version).await? {
                             return Ok(TxDriveEnd::Lost);
                         }
@@ -478,6 +478,12 @@ impl TxCoordinator {
         self.update(&held.row, held.row.outcome, true, next, log_version)
             .await?;
         Ok(())
+    }
+
+    /// Whether the held lease outlasts one phase-2 round (its messages' timeout and a margin).
+    fn lease_covers_a_round(&self, row: &TxRow) -> bool {
+        let needed = Utc::now() + chrono_dur(self.config.phase2_timeout + LEASE_MARGIN);
+        row.lease_until.is_some_and(|until| until > needed)
     }
 
     /// Grows with the time since the decision: rounds close together at first, then sparse.
@@ -584,6 +590,9 @@ mod tests {
         votes: Vec<PrepareAnswer>,
         ack: Mutex<bool>,
         finished: Mutex<Vec<(String, Outcome)>>,
+        /// The store, to note the outcome the row holds as each phase-2 message goes out.
+        store: Arc<MemoryStore>,
+        row_outcomes: Mutex<Vec<Option<Outcome>>>,
     }
 
     #[async_trait]
@@ -592,17 +601,30 @@ mod tests {
             let i: usize = p.name[1..].parse().unwrap();
             self.votes[i].clone()
         }
-        async fn finish(&self, _xid: &Xid, p: &TxParticipant, outcome: Outcome) -> bool {
+        async fn finish(&self, xid: &Xid, p: &TxParticipant, outcome: Outcome) -> bool {
+            let row = self.store.get_tx(xid).await.unwrap().unwrap();
+            self.row_outcomes.lock().unwrap().push(row.outcome);
             self.finished.lock().unwrap().push((p.name.clone(), outcome));
             *self.ack.lock().unwrap()
         }
     }
 
     fn coordinator(store: &Arc<MemoryStore>, votes: Vec<PrepareAnswer>, ack: bool) -> (TxCoordinator, Arc<Script>) {
+        coordinator_with(store, votes, ack, Duration::from_secs(1))
+    }
+
+    fn coordinator_with(
+        store: &Arc<MemoryStore>,
+        votes: Vec<PrepareAnswer>,
+        ack: bool,
+        phase2_timeout: Duration,
+    ) -> (TxCoordinator, Arc<Script>) {
         let script = Arc::new(Script {
             votes,
             ack: Mutex::new(ack),
             finished: Mutex::new(Vec::new()),
+            store: store.clone(),
+            row_outcomes: Mutex::new(Vec::new()),
         });
         let config = TxConfig {
             lease: Duration::from_secs(10),
@@ -610,6 +632,7 @@ mod tests {
             event_limits: Limits::default(),
             retry_backoff: Duration::from_millis(1),
             max_retry_backoff: Duration::from_millis(5),
+            phase2_timeout,
             outbound: OutboundPolicy::public_only("tx_allowed_hosts"),
         };
         let c = TxCoordinator::new(store.clone(), store.clone(), script.clone(), Uuid::now_v7(), config);
@@ -633,12 +656,14 @@ mod tests {
         let Begun { xid, outcome, held } = c.begin(parts(2), 1000, None, None).await.unwrap();
         assert_eq!(outcome, Some(Outcome::Committed));
         let held = held.unwrap();
-        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        // Decided in the log; the row learns it with phase 2's result (the lease covers a round).
         assert_eq!(
-            (row.outcome, row.pending),
-            (Some(Outcome::Committed), true),
+            c.read_log(&xid).await.unwrap().unwrap().decision,
+            Some(Outcome::Committed),
             "decided before phase 2"
         );
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert_eq!((row.outcome, row.pending), (None, true));
         assert!(
             script.finished.lock().unwrap().is_empty(),
             "no phase-2 message before deliver"
@@ -647,6 +672,8 @@ mod tests {
             c.deliver(held).await.unwrap(),
             TxDriveEnd::Completed(Outcome::Committed)
         );
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert_eq!((row.outcome, row.pending), (Some(Outcome::Committed), false));
         assert_eq!(
             *script.finished.lock().unwrap(),
             [
@@ -658,6 +685,36 @@ mod tests {
         assert_eq!(state.decision, Some(Outcome::Committed));
         let row = store.get_tx(&xid).await.unwrap().unwrap();
         assert_eq!((row.pending, row.next_run_at, row.lease_owner), (false, None, None));
+    }
+
+    #[tokio::test]
+    async fn a_lease_shorter_than_a_round_is_renewed_with_the_decision_before_phase_two() {
+        let store = Arc::new(MemoryStore::default());
+        // Phase-2 messages may take a minute; the lease is 10 s.
+        let (c, script) = coordinator_with(
+            &store,
+            vec![PrepareAnswer::Commit, PrepareAnswer::Commit],
+            true,
+            Duration::from_secs(60),
+        );
+        let Begun { held, .. } = c.begin(parts(2), 1000, None, None).await.unwrap();
+        assert_eq!(
+            c.deliver(held.unwrap()).await.unwrap(),
+            TxDriveEnd::Completed(Outcome::Committed)
+        );
+        assert_eq!(
+            *script.row_outcomes.lock().unwrap(),
+            [Some(Outcome::Committed), Some(Outcome::Committed)],
+            "the row held the decision, with a renewed lease, before any phase-2 message"
+        );
+        let (c2, script2) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
+        let Begun { held, .. } = c2.begin(parts(2), 1000, None, None).await.unwrap();
+        c2.deliver(held.unwrap()).await.unwrap();
+        assert_eq!(
+            *script2.row_outcomes.lock().unwrap(),
+            [None, None],
+            "a lease that covers the round is not renewed: the row learns the outcome with the result"
+        );
     }
 
     #[tokio::test]

@@ -47,6 +47,14 @@ const MAX_PREFIX_CHARS: usize = 64;
 /// keeps these locks apart from the application's single-key advisory locks.
 const CLAIM: &str = "SELECT pg_try_advisory_xact_lock(hashtext('concord_tx'), hashtext($1)), \
                      (SELECT outcome FROM concord_tx_outcome WHERE gid = $1)";
+/// [`CLAIM`], and when the gid is free and unrecorded, the `committed` row the prepared
+/// transaction carries, in one round trip. The claim is evaluated once (a CTE that is read twice
+/// is computed once), so the row is inserted only under the lock this statement took.
+const CLAIM_AND_RECORD: &str = "WITH c AS (SELECT pg_try_advisory_xact_lock(hashtext('concord_tx'), hashtext($1)) AS locked, \
+                                       (SELECT outcome FROM concord_tx_outcome WHERE gid = $1) AS outcome), \
+                                ins AS (INSERT INTO concord_tx_outcome (gid, outcome) \
+                                        SELECT $1, 'committed' FROM c WHERE c.locked AND c.outcome IS NULL) \
+                                SELECT locked, outcome FROM c";
 const IS_PREPARED: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database())";
 
@@ -190,7 +198,8 @@ impl Participant for PostgresParticipant {
         // rolls back before the connection is reused. `PREPARE TRANSACTION` below ends the
         // transaction on the server and is followed by an empty one, which sqlx's commit ends.
         let mut tx = conn.begin().await?;
-        match claim(&mut tx, &gid).await? {
+        match claim_with(&mut tx, &gid, CLAIM_AND_RECORD).await? {
+            // The `committed` row is in, visible only if the transaction commits.
             Claim::Free(None) => {}
             Claim::Taken => {
                 tx.rollback().await?;
@@ -210,10 +219,6 @@ impl Participant for PostgresParticipant {
                 return Ok(Vote::abort(format!("transaction {xid} was aborted already")));
             }
         }
-        sqlx::query("INSERT INTO concord_tx_outcome (gid, outcome) VALUES ($1, 'committed')")
-            .bind(&gid)
-            .execute(&mut *tx)
-            .await?;
         match self.work.run(&mut tx, xid, payload).await {
             Ok(()) => {}
             Err(WorkError::Refused(reason)) => {
@@ -333,7 +338,12 @@ impl Participant for PostgresParticipant {
 }
 
 async fn claim(conn: &mut PgConnection, gid: &str) -> Result<Claim, ParticipantError> {
-    let row = sqlx::query(CLAIM).bind(gid).fetch_one(conn).await?;
+    claim_with(conn, gid, CLAIM).await
+}
+
+/// Runs a claim statement (its columns: the lock taken, the recorded outcome) and reads it.
+async fn claim_with(conn: &mut PgConnection, gid: &str, statement: &'static str) -> Result<Claim, ParticipantError> {
+    let row = sqlx::query(statement).bind(gid).fetch_one(conn).await?;
     if !row.try_get::<bool, _>(0)? {
         return Ok(Claim::Taken);
     }
