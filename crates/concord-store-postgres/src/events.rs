@@ -131,19 +131,27 @@ impl Writer {
         &self,
         batch: &[AppendRequest],
     ) -> Result<Option<Vec<Result<AppendOutcome, StoreError>>>, StoreError> {
-        let (heads, stored, stated) = match stated_heads(batch) {
-            Some(heads) => (heads, HashMap::new(), true),
-            None => {
+        // Positions relative to a head the statement reads: 1, 2, ...
+        let from_stated = stated_heads(batch).map(|heads| {
+            let plans = plan_batch(batch, &heads, &HashMap::new(), 0);
+            (heads, plans)
+        });
+        // Only a plan in which every request writes is checked whole by the statement: a refusal
+        // or a replay would be decided on a stated version that no written row verified.
+        let (heads, stored, relative, stated) = match from_stated {
+            Some((heads, plans)) if plans.iter().all(|p| matches!(p, Plan::Write { .. })) => {
+                (heads, HashMap::new(), plans, true)
+            }
+            _ => {
                 let (heads, stored) = lookup(&self.0.pool, batch).await?;
-                (heads, stored, false)
+                let plans = plan_batch(batch, &heads, &stored, 0);
+                (heads, stored, plans, false)
             }
         };
-        // Positions relative to a head the statement reads: 1, 2, ...
-        let relative = plan_batch(batch, &heads, &stored, 0);
         let cols = Columns::of(batch, &relative);
         let Some(&count) = cols.position.last() else {
             // Nothing to write: every request is a replay or a refusal, decided on committed rows
-            // (a plan from stated versions always writes its first request of each stream).
+            // (a plan from stated versions is used only when every request writes).
             return Ok(Some(batch.iter().zip(&relative).map(|(r, p)| p.outcome(r)).collect()));
         };
         let guards = if stated {
@@ -175,7 +183,10 @@ impl Writer {
         &self,
         batch: &[AppendRequest],
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, WriteError> {
-        let mut tx = self.0.pool.begin().await.map_err(unavailable)?;
+        // This path settles a statement whose answer was lost, typically with its connection:
+        // it must not fail on the next dead connection of the pool.
+        let mut conn = crate::acquire_live(&self.0.pool).await.map_err(unavailable)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(unavailable)?;
         // The serialization point: held until COMMIT (see the module comment).
         let last: i64 = sqlx::query_scalar("SELECT last_position FROM concord_log_head WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
@@ -319,8 +330,9 @@ fn stated_heads(batch: &[AppendRequest]) -> Option<HashMap<StreamName, u64>> {
         }
         let head = match r.expected {
             ExpectedVersion::NoStream => 0,
-            ExpectedVersion::Exact(v) => v,
-            ExpectedVersion::Any | ExpectedVersion::Exists => return None,
+            // Versions are BIGINTs: a larger one is no stream's, and the read answers so.
+            ExpectedVersion::Exact(v) if v < i64::MAX as u64 => v,
+            _ => return None,
         };
         heads.insert(r.stream.clone(), head);
     }
@@ -567,5 +579,61 @@ impl CheckpointStore for PostgresStore {
         .await
         .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PostgresConfig, create_scratch_database};
+    use concord_core::testkit::append;
+
+    /// A batch as the group committer hands it over, written directly: a refusal decided on a
+    /// version the batch states (here after an id conflict left that stream unwritten) must not
+    /// be answered; the batch is planned from the read instead.
+    #[tokio::test]
+    async fn a_batch_with_a_refusal_is_planned_from_the_read_not_from_its_stated_versions() {
+        let Ok(base) = std::env::var("CONCORD_TEST_POSTGRES_URL") else {
+            eprintln!("skipped: CONCORD_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let url = create_scratch_database(&base, "concord_t").await.unwrap();
+        let store = PostgresStore::connect(&PostgresConfig::new(&url)).await.unwrap();
+        store
+            .append(append("b-1", ExpectedVersion::NoStream, &["A", "B", "C"]))
+            .await
+            .unwrap();
+        let first = append("a-1", ExpectedVersion::NoStream, &["X"]);
+        // The same event id on another stream, stating a version b-1 does not have.
+        let mut reused = append("b-1", ExpectedVersion::Exact(5), &["Y"]);
+        reused.events[0].id = first.events[0].id;
+        let right = append("b-1", ExpectedVersion::Exact(3), &["Z"]);
+        let writer = Writer(Arc::clone(&store.inner));
+        let results = writer.write_batch(&[first, reused, right]).await;
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(
+            matches!(results[1], Err(StoreError::EventIdConflict(_))),
+            "{:?}",
+            results[1]
+        );
+        let written = results[2].as_ref().expect("b-1 is at 3, as the third append expects");
+        assert_eq!((written.first_version, written.last_version), (4, 4));
+        let versions: Vec<u64> = store
+            .read_stream(&StreamName::parse("b-1").unwrap(), 1, 10, usize::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, [1, 2, 3, 4]);
+
+        // A stated version past what a BIGINT holds is no stream's: refused, not a panic.
+        let huge = append("b-1", ExpectedVersion::Exact(u64::MAX), &["W"]);
+        let results = writer.write_batch(&[huge]).await;
+        assert!(
+            matches!(results[0], Err(StoreError::WrongExpectedVersion { current: 4, .. })),
+            "{:?}",
+            results[0]
+        );
     }
 }

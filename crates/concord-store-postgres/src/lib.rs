@@ -57,17 +57,17 @@ struct Inner {
 pub const EVENTS_CHANNEL: &str = "concord_events";
 
 /// How long a pooled connection may sit idle before it is checked with a round trip before use.
-pub const CHECK_IDLE_AFTER: Duration = Duration::from_secs(10);
+pub const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
 
 /// The options of every pool this crate opens, for `max_connections` connections.
 ///
 /// By default sqlx checks every connection it hands out with a round trip to the server (a
 /// `Sync` and its answer) before the caller's first statement. On the write paths that is one
-/// round trip in every two or three: a 2PC transfer made about eleven of them beside the 28
-/// statements it needs. A connection returned moments ago is live, so only one idle for
-/// [`CHECK_IDLE_AFTER`] or longer (one a server restart or a firewall may have dropped since)
-/// is checked first. A connection that breaks while in use fails its statement as it did
-/// before, and sqlx drops it from the pool.
+/// round trip in every two or three. A connection returned moments ago is live, so only one idle
+/// for [`CHECK_IDLE_AFTER`] or longer (one a server restart, a failover or a firewall may have
+/// dropped since) is checked first. A connection that breaks while in use fails its statement
+/// as it did before, and sqlx drops it from the pool; a path that must not fail on the next dead
+/// connection (settling a write whose answer was lost) takes one with [`acquire_live`].
 #[must_use]
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     use sqlx::Connection as _;
@@ -83,6 +83,24 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
                 Ok(true)
             })
         })
+}
+
+/// A connection checked with a round trip, for a path that must not fail on a dead one: each
+/// that fails the check is closed, up to one more than the pool holds.
+pub(crate) async fn acquire_live(pool: &PgPool) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut last = None;
+    for _ in 0..=pool.options().get_max_connections() {
+        let mut conn = pool.acquire().await?;
+        match conn.ping().await {
+            Ok(()) => return Ok(conn),
+            Err(e) => {
+                conn.close_on_drop();
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(sqlx::Error::PoolClosed))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {

@@ -474,9 +474,11 @@ impl TxCoordinator {
     /// # Errors
     /// The store.
     pub async fn release(&self, held: HeldTx) -> Result<(), TxFailure> {
-        let (next, log_version) = (Some(Utc::now()), held.row.log_version);
-        self.update(&held.row, held.row.outcome, true, next, log_version)
-            .await?;
+        // A fresh transaction's row may not hold its logged decision yet.
+        let outcome = held.state.as_ref().and_then(|s| s.decision).or(held.row.outcome);
+        let log_version = held.state.as_ref().map_or(held.row.log_version, |s| s.log_version);
+        let next = Some(Utc::now());
+        self.update(&held.row, outcome, true, next, log_version).await?;
         Ok(())
     }
 
@@ -685,6 +687,20 @@ mod tests {
         assert_eq!(state.decision, Some(Outcome::Committed));
         let row = store.get_tx(&xid).await.unwrap().unwrap();
         assert_eq!((row.pending, row.next_run_at, row.lease_owner), (false, None, None));
+    }
+
+    #[tokio::test]
+    async fn a_decided_transaction_given_back_unsent_keeps_its_decision_in_the_row() {
+        let store = Arc::new(MemoryStore::default());
+        let (c, script) = coordinator(&store, vec![PrepareAnswer::Commit, PrepareAnswer::Commit], true);
+        let Begun { xid, held, .. } = c.begin(parts(2), 1000, None, None).await.unwrap();
+        c.release(held.unwrap()).await.unwrap();
+        let row = store.get_tx(&xid).await.unwrap().unwrap();
+        assert_eq!(
+            (row.outcome, row.pending, row.lease_owner),
+            (Some(Outcome::Committed), true, None)
+        );
+        assert!(script.finished.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
