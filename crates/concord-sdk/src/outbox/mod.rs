@@ -28,7 +28,8 @@
 //!   [`RelayConfig::batch_size`]; on PostgreSQL the table's autovacuum runs after a fixed number
 //!   of dead rows (not a fraction of the table), so the space is reused while the relay runs.
 //! - **Low latency.** On PostgreSQL the outbox handle [`postgres::PgOutbox`] sends
-//!   `NOTIFY concord_outbox` after the commit, which the relays `LISTEN` to (wherever they run);
+//!   `NOTIFY concord_outbox` after the commit, which the relays `LISTEN` to (wherever they run),
+//!   and wakes the relays of its own process directly;
 //!   on SQLite the handle carries an in-process signal ([`sqlite::SqliteOutbox::notify`]). Both
 //!   fall back to polling every [`RelayConfig::poll_interval`], which also finds rows committed
 //!   without the handle.

@@ -1,6 +1,6 @@
 //! The outbox on PostgreSQL: [`enqueue`] on the service's transaction, [`PgRelay`] to publish.
 
-use super::relay::{Next, Row, head_prefix, next_step, publish_waves};
+use super::relay::{Next, Row, next_step, publish_waves};
 use super::{OutboxError, OutboxLimits, RelayConfig, RelayError, RelayRound, validate};
 use crate::broker::{Broker, BrokerMessage};
 use sqlx::postgres::{PgListener, PgRow};
@@ -18,6 +18,26 @@ use tokio::sync::watch;
 /// transaction (measured here: producer commits at 1,000 transactions/s went from a few ms to
 /// tens of ms). A `NOTIFY` alone writes no WAL and releases the lock at once.
 pub const CHANNEL: &str = "concord_outbox";
+
+/// A relay round's claim (see [`PgRelay::run_once`]): `$1` the batch size, `$2` the advisory
+/// lock namespace. Each claimed row comes with `go`: whether this round may publish it.
+const CLAIM: &str = "\
+WITH claimed AS MATERIALIZED (
+    SELECT seq, id, topic, key, payload, headers, attempts FROM concord_outbox
+    WHERE available_at <= now() ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
+), owned AS MATERIALIZED (
+    SELECT k.key FROM (SELECT DISTINCT key FROM claimed) AS k
+    WHERE pg_try_advisory_xact_lock($2, hashtext(k.key))
+), cut AS (
+    SELECT w.key, (SELECT o.seq FROM concord_outbox AS o
+                   WHERE o.key = w.key AND o.seq NOT IN (SELECT seq FROM claimed)
+                   ORDER BY o.seq LIMIT 1) AS seq
+    FROM owned AS w
+)
+SELECT c.seq, c.id, c.topic, c.key, c.payload, c.headers, c.attempts,
+       (cut.key IS NOT NULL AND (cut.seq IS NULL OR c.seq < cut.seq)) AS go
+FROM claimed AS c LEFT JOIN cut ON cut.key = c.key
+ORDER BY c.seq";
 
 /// The tables and the index, for a migration tool of the service's own.
 pub const SCHEMA: &str = r"
@@ -130,7 +150,13 @@ pub async fn enqueue_all(
     Ok(())
 }
 
-/// An outbox handle that wakes relays (of any process) after a commit, with `NOTIFY`.
+/// Bumped by every [`PgOutbox::notify`]: relays of the same process wake on it at once, without
+/// waiting for the `NOTIFY` to come back from the database. (A relay of another database in the
+/// process wakes for nothing, and runs one empty round.)
+static LOCAL_WAKE: std::sync::LazyLock<watch::Sender<u64>> = std::sync::LazyLock::new(|| watch::channel(0).0);
+
+/// An outbox handle that wakes relays after a commit: those of this process directly, those of
+/// any process with `NOTIFY`.
 ///
 /// Wake-ups coalesce: while one `NOTIFY` is on its way, any number of commits share the next.
 /// Rows committed without this handle are found by the relays' poll.
@@ -185,6 +211,7 @@ impl PgOutbox {
 
     /// Wakes the relays: call it after committing a transaction that enqueued.
     pub fn notify(&self) {
+        LOCAL_WAKE.send_modify(|n| *n = n.wrapping_add(1));
         self.wake.notify_one();
     }
 }
@@ -253,53 +280,35 @@ impl PgRelay {
     pub async fn run_once(&self) -> Result<RelayRound, RelayError> {
         self.config.check()?;
         let mut round = RelayRound::default();
-        let mut tx = self.pool.begin().await?;
         // This transaction only removes rows that are already published: if a crash loses its
         // commit, the rows are published again and absorbed downstream (broker dedup, inbox).
-        // So it need not wait for its WAL flush.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
+        // So it need not wait for its WAL flush; the setting travels with the BEGIN.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
             .await?;
-        let claimed: Vec<Row> = sqlx::query(
-            "SELECT seq, id, topic, key, payload, headers, attempts FROM concord_outbox \
-             WHERE available_at <= now() ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(row)
-        .collect::<Result<_, _>>()?;
-        round.claimed = claimed.len();
-        if claimed.is_empty() {
+        // One statement claims the batch, takes the advisory lock of each of its keys that no
+        // other relay holds, and marks each claimed row that may go now: its key is locked here
+        // and no older row of its key is left unclaimed (published later, or claimed by another
+        // relay, or waiting for a retry). It reads one snapshot, so a row that another relay
+        // deleted after it began still counts as older, and holds its key back: conservative.
+        let rows = sqlx::query(CLAIM)
+            .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
+            .bind(self.config.lock_namespace)
+            .fetch_all(&mut *tx)
+            .await?;
+        round.claimed = rows.len();
+        if rows.is_empty() {
             tx.commit().await?;
             return Ok(round);
         }
-        let mut keys: Vec<&str> = claimed.iter().map(|r| r.message.key.as_str()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let owned: Vec<String> = sqlx::query_scalar(
-            "SELECT k FROM UNNEST($1::text[]) AS k WHERE pg_try_advisory_xact_lock($2, hashtext(k))",
-        )
-        .bind(&keys)
-        .bind(self.config.lock_namespace)
-        .fetch_all(&mut *tx)
-        .await?;
-        let max_seq = claimed.iter().map(|r| r.seq).max().unwrap_or(0);
-        let pending: Vec<(String, i64)> =
-            sqlx::query_as("SELECT key, seq FROM concord_outbox WHERE key = ANY($1) AND seq <= $2 ORDER BY key, seq")
-                .bind(&owned)
-                .bind(max_seq)
-                .fetch_all(&mut *tx)
-                .await?;
-        let owned: std::collections::HashSet<&str> = owned.iter().map(String::as_str).collect();
-        let mine: Vec<Row> = claimed
-            .into_iter()
-            .filter(|r| owned.contains(r.message.key.as_str()))
-            .collect();
-        let not_owned = round.claimed - mine.len();
-        let (go, held) = head_prefix(mine, &pending);
-        round.held = held + not_owned;
+        let mut go = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if r.try_get::<bool, _>("go")? {
+                go.push(row(r)?);
+            }
+        }
+        round.held = round.claimed - go.len();
 
         let published = publish_waves(self.broker.as_ref(), go).await;
         round.published = published.done.len();
@@ -365,6 +374,7 @@ impl PgRelay {
     }
 
     async fn worker(&self, mut wake: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
+        let mut local = LOCAL_WAKE.subscribe();
         loop {
             if *stop.borrow() {
                 return;
@@ -382,8 +392,13 @@ impl PgRelay {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = wake.changed() => {}
+                    _ = local.changed() => {}
                     _ = stop.changed() => {}
                 }
+                // Every wake-up is sent after its commit, so the round about to start sees the
+                // rows of all that arrived so far: one round answers them all.
+                wake.borrow_and_update();
+                local.borrow_and_update();
             }
         }
     }

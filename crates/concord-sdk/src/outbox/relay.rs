@@ -165,27 +165,6 @@ pub(crate) async fn publish_waves(broker: &dyn Broker, rows: Vec<Row>) -> Publis
     out
 }
 
-/// Of the rows claimed, those that are, for each key, a prefix of that key's pending rows up to
-/// the batch's end (`pending` in seq order per key). The others wait for a later round.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-pub(crate) fn head_prefix(claimed: Vec<Row>, pending: &[(String, i64)]) -> (Vec<Row>, usize) {
-    let claimed_seqs: std::collections::HashSet<i64> = claimed.iter().map(|r| r.seq).collect();
-    // The first pending seq per key that this batch did not claim: rows of that key from it on wait.
-    let mut cut: HashMap<&str, i64> = HashMap::new();
-    for (key, seq) in pending {
-        if !claimed_seqs.contains(seq) {
-            cut.entry(key.as_str()).or_insert(*seq);
-        }
-    }
-    let before = claimed.len();
-    let kept: Vec<Row> = claimed
-        .into_iter()
-        .filter(|r| cut.get(r.message.key.as_str()).is_none_or(|&c| r.seq < c))
-        .collect();
-    let held = before - kept.len();
-    (kept, held)
-}
-
 /// What becomes of a row whose publish failed.
 pub(crate) enum Next {
     /// Rejected too often: move it to the dead-letter table.
