@@ -28,11 +28,13 @@ WITH claimed AS MATERIALIZED (
 ), owned AS MATERIALIZED (
     SELECT k.key FROM (SELECT DISTINCT key FROM claimed) AS k
     WHERE pg_try_advisory_xact_lock($2, hashtext(k.key))
+), taken AS (
+    SELECT array_agg(seq) AS seqs FROM claimed
 ), cut AS (
     SELECT w.key, (SELECT o.seq FROM concord_outbox AS o
-                   WHERE o.key = w.key AND o.seq NOT IN (SELECT seq FROM claimed)
+                   WHERE o.key = w.key AND o.seq <> ALL (t.seqs)
                    ORDER BY o.seq LIMIT 1) AS seq
-    FROM owned AS w
+    FROM owned AS w, taken AS t
 )
 SELECT c.seq, c.id, c.topic, c.key, c.payload, c.headers, c.attempts,
        (cut.key IS NOT NULL AND (cut.seq IS NULL OR c.seq < cut.seq)) AS go
@@ -291,7 +293,9 @@ impl PgRelay {
         // other relay holds, and marks each claimed row that may go now: its key is locked here
         // and no older row of its key is left unclaimed (published later, or claimed by another
         // relay, or waiting for a retry). It reads one snapshot, so a row that another relay
-        // deleted after it began still counts as older, and holds its key back: conservative.
+        // deleted after it began still counts as older, and holds its key back: conservative,
+        // and the worker looks again after `held_retry`. The claimed seqs are compared as one
+        // array, not `NOT IN (subquery)`, whose plan turns quadratic when it cannot hash.
         let rows = sqlx::query(CLAIM)
             .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
             .bind(self.config.lock_namespace)
@@ -375,18 +379,29 @@ impl PgRelay {
 
     async fn worker(&self, mut wake: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
         let mut local = LOCAL_WAKE.subscribe();
+        let mut held_pause = self.config.held_retry;
         loop {
             if *stop.borrow() {
                 return;
             }
-            let pause = match self.run_once().await {
+            let round = self.run_once().await;
+            let held = matches!(&round, Ok(r) if r.held > 0 && !r.broker_down);
+            let pause = match round {
                 Ok(r) if r.broker_down => Some(self.config.backoff_initial),
                 Ok(r) if r.claimed >= self.config.batch_size && r.published + r.dead > 0 => None,
+                // Rows held back wait for another relay's commit, which no signal announces:
+                // look again soon, then less and less often while they stay held.
+                Ok(_) if held => Some(held_pause.min(self.config.poll_interval)),
                 Ok(_) => Some(self.config.poll_interval),
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay round failed");
                     Some(self.config.backoff_initial)
                 }
+            };
+            held_pause = if held {
+                held_pause.saturating_mul(2).min(self.config.poll_interval)
+            } else {
+                self.config.held_retry
             };
             if let Some(pause) = pause {
                 tokio::select! {

@@ -17,6 +17,10 @@ pub struct RelayConfig {
     pub backoff_max: Duration,
     /// How often the relay looks for rows without a wake-up signal (default 1 s).
     pub poll_interval: Duration,
+    /// On PostgreSQL, how soon a round that held rows back (their key's older rows were another
+    /// relay's, or waiting for a retry) looks again; it doubles while rounds keep holding rows,
+    /// up to `poll_interval` (default 20 ms).
+    pub held_retry: Duration,
     /// Claim rounds one relay runs at once (default 2; PostgreSQL only, SQLite runs one).
     pub workers: usize,
     /// How long a SQLite relay's lease on its outbox lasts without renewal (default 10 s).
@@ -33,6 +37,7 @@ impl Default for RelayConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            held_retry: Duration::from_millis(20),
             workers: 2,
             lease: Duration::from_secs(10),
             lock_namespace: 0x0c0c,
@@ -51,8 +56,10 @@ impl RelayConfig {
         if self.workers == 0 || self.workers > 64 {
             return Err(RelayError::Config("workers must be 1 to 64".into()));
         }
-        if self.poll_interval.is_zero() || self.lease.is_zero() {
-            return Err(RelayError::Config("poll_interval and lease must be positive".into()));
+        if self.poll_interval.is_zero() || self.lease.is_zero() || self.held_retry.is_zero() {
+            return Err(RelayError::Config(
+                "poll_interval, held_retry and lease must be positive".into(),
+            ));
         }
         Ok(())
     }
