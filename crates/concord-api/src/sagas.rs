@@ -162,26 +162,37 @@ pub enum CallMethod {
     Delete,
 }
 
-/// When and how often a call is retried.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+/// When and how often a call is retried. A field left out takes the default of its place: for a
+/// step's `retry` 3 attempts, 100 ms doubling up to 10 s; for `compensation_retry` 10 attempts,
+/// 100 ms doubling up to 30 s; jitter 0.2. A `max_backoff_ms` left out is never below the
+/// `backoff_ms` given.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryIn {
     /// Attempts in all, the first included.
     #[schema(minimum = 1)]
-    #[serde(deserialize_with = "concord_kernel::json::uint")]
-    pub max_attempts: u32,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub max_attempts: Option<u32>,
     /// Delay before the second attempt; each later delay doubles, up to `max_backoff_ms`.
-    #[serde(deserialize_with = "concord_kernel::json::uint")]
-    pub backoff_ms: u64,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub backoff_ms: Option<u64>,
     /// At least `backoff_ms`.
-    #[serde(deserialize_with = "concord_kernel::json::uint")]
-    pub max_backoff_ms: u64,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub max_backoff_ms: Option<u64>,
     /// Fraction of each delay drawn at random and taken off.
-    #[serde(default = "default_jitter")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.2)]
-    pub jitter: f64,
-}
-
-fn default_jitter() -> f64 {
-    0.2
+    pub jitter: Option<f64>,
 }

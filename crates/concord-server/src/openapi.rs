@@ -364,8 +364,18 @@ mod tests {
             serde_json::from_value::<DefinitionSpec>(serde_json::to_value(&documented).unwrap()).unwrap(),
             engine
         );
+        // A retry policy may name only some of its fields; the rest take their defaults.
+        let partial = json!({
+            "steps": [{"name": "a", "action": {"method": "GET", "url": "http://a"}, "retry": {"max_attempts": 2}}],
+            "compensation_retry": {}
+        });
+        let documented: DefinitionIn = serde_json::from_value(partial.clone()).unwrap();
+        let engine: DefinitionSpec = serde_json::from_value(partial.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&documented).unwrap(), partial);
+        assert_eq!(serde_json::to_value(&engine).unwrap(), partial);
         for unknown in [
             json!({"steps": [], "x": 1}),
+            json!({"steps": [{"name": "a", "action": {"method": "GET", "url": "u"}, "retry": {"tries": 2}}]}),
             json!({"steps": [{"name": "a", "action": {"method": "GET", "url": "u", "y": 2}}]}),
         ] {
             assert!(

@@ -83,7 +83,7 @@ impl Default for SagaLimits {
     }
 }
 
-/// When and how often a call is retried.
+/// When and how often a call is retried, resolved: every field has its value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -98,6 +98,59 @@ pub struct RetryPolicy {
     /// Fraction (0 to 1) of each delay drawn at random and taken off, so retries spread out.
     #[serde(default = "default_jitter")]
     pub jitter: f64,
+}
+
+/// A retry policy as written by the user: each field it leaves out takes the default of its
+/// place ([`RetryPolicy::ACTION`] for a step, [`RetryPolicy::COMPENSATION`] for
+/// `compensation_retry`), except `max_backoff_ms`, which is never below the `backoff_ms` given.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub max_attempts: Option<u32>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub backoff_ms: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub max_backoff_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<f64>,
+}
+
+impl RetrySpec {
+    /// The policy this spec makes with `default` filling what it leaves out.
+    #[must_use]
+    pub fn resolve(&self, default: RetryPolicy) -> RetryPolicy {
+        let backoff_ms = self.backoff_ms.unwrap_or(default.backoff_ms);
+        RetryPolicy {
+            max_attempts: self.max_attempts.unwrap_or(default.max_attempts),
+            backoff_ms,
+            max_backoff_ms: self.max_backoff_ms.unwrap_or(default.max_backoff_ms.max(backoff_ms)),
+            jitter: self.jitter.unwrap_or(default.jitter),
+        }
+    }
+}
+
+impl From<RetryPolicy> for RetrySpec {
+    fn from(p: RetryPolicy) -> Self {
+        Self {
+            max_attempts: Some(p.max_attempts),
+            backoff_ms: Some(p.backoff_ms),
+            max_backoff_ms: Some(p.max_backoff_ms),
+            jitter: Some(p.jitter),
+        }
+    }
 }
 
 fn default_jitter() -> f64 {
@@ -185,7 +238,7 @@ pub struct StepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<HttpCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetryPolicy>,
+    pub retry: Option<RetrySpec>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -200,7 +253,7 @@ pub struct StepSpec {
 pub struct DefinitionSpec {
     pub steps: Vec<StepSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub compensation_retry: Option<RetryPolicy>,
+    pub compensation_retry: Option<RetrySpec>,
 }
 
 /// A validated step with its defaults resolved.
@@ -320,7 +373,10 @@ impl SagaDefinition {
                 limits.max_steps
             )));
         }
-        let compensation_retry = spec.compensation_retry.unwrap_or(RetryPolicy::COMPENSATION);
+        let compensation_retry = spec
+            .compensation_retry
+            .unwrap_or_default()
+            .resolve(RetryPolicy::COMPENSATION);
         compensation_retry.validate("compensation_retry", limits)?;
         let mut steps: Vec<Step> = Vec::with_capacity(spec.steps.len());
         for s in &spec.steps {
@@ -328,7 +384,7 @@ impl SagaDefinition {
             if steps.iter().any(|p| p.name == s.name) {
                 return Err(DefinitionError::DuplicateStep(s.name.clone()));
             }
-            let retry = s.retry.unwrap_or(RetryPolicy::ACTION);
+            let retry = s.retry.unwrap_or_default().resolve(RetryPolicy::ACTION);
             retry.validate(&format!("step {} retry", s.name), limits)?;
             let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
             if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
@@ -909,6 +965,54 @@ mod tests {
         assert_eq!(d.steps[1].retry.max_attempts, 5);
         assert_eq!(d.steps[1].timeout, Duration::from_millis(500));
         assert_eq!(d.compensation_retry, RetryPolicy::COMPENSATION);
+    }
+
+    #[test]
+    fn a_retry_policy_takes_the_defaults_of_its_place_for_what_it_leaves_out() {
+        let mut v = two_steps();
+        v["steps"][0]["retry"] = json!({"max_attempts": 7});
+        v["steps"][1]["retry"] = json!({"backoff_ms": 20_000});
+        v["compensation_retry"] = json!({"jitter": 0.0});
+        let d = SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()).unwrap();
+        assert_eq!(
+            d.steps[0].retry,
+            RetryPolicy {
+                max_attempts: 7,
+                ..RetryPolicy::ACTION
+            }
+        );
+        // The default cap (10 s) is below the delay given: the cap rises to it.
+        assert_eq!(
+            d.steps[1].retry,
+            RetryPolicy {
+                backoff_ms: 20_000,
+                max_backoff_ms: 20_000,
+                ..RetryPolicy::ACTION
+            }
+        );
+        assert_eq!(
+            d.compensation_retry,
+            RetryPolicy {
+                jitter: 0.0,
+                ..RetryPolicy::COMPENSATION
+            }
+        );
+        // An empty policy is the default; a cap given below the delay is still refused.
+        v["steps"][0]["retry"] = json!({});
+        let d = SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()).unwrap();
+        assert_eq!(d.steps[0].retry, RetryPolicy::ACTION);
+        v["steps"][0]["retry"] = json!({"backoff_ms": 500, "max_backoff_ms": 100});
+        assert!(matches!(
+            SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()),
+            Err(DefinitionError::Limit(_))
+        ));
+        // What the user wrote is what is stored: no default is written into the spec.
+        v["steps"][0]["retry"] = json!({"max_attempts": 7});
+        let d = SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&d.spec).unwrap()["steps"][0]["retry"],
+            json!({"max_attempts": 7})
+        );
     }
 
     #[test]

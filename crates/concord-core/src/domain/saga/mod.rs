@@ -6,8 +6,8 @@ pub mod machine;
 
 pub use concord_kernel::{DERIVED_PREFIX, InvalidSagaId, SagaId};
 pub use definition::{
-    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, SagaDefinition, SagaLimits, SagaSecrets, SecretBinding,
-    StepSpec, TemplateContext,
+    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, RetrySpec, SagaDefinition, SagaLimits, SagaSecrets,
+    SecretBinding, StepSpec, TemplateContext,
 };
 pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
 
