@@ -82,6 +82,8 @@ error_codes! {
     InvalidStepMethod = ("invalid_step_method", 400, "Invalid step method"),
     /// A step header that is malformed or that Concord sets itself.
     InvalidStepHeader = ("invalid_step_header", 400, "Invalid step header"),
+    /// A step's `when` that is not one of its forms, or reads what the step cannot see.
+    InvalidStepCondition = ("invalid_step_condition", 400, "Invalid step condition"),
     /// A saga definition or input beyond a configured limit (steps, sizes, attempts, timeouts).
     SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
     /// A transaction participant with a bad name, a duplicate name or a bad URL.

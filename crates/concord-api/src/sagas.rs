@@ -51,7 +51,8 @@ pub struct AttemptOut {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StepOut {
     pub name: String,
-    /// `pending`, `succeeded`, `refused` or `uncertain` (attempts ran out).
+    /// `pending`, `succeeded`, `refused`, `uncertain` (attempts ran out) or `skipped` (its
+    /// `when` did not hold).
     pub action: String,
     /// `not_needed`, `pending`, `succeeded` or `gave_up`.
     pub compensation: String,
@@ -125,6 +126,46 @@ pub struct StepIn {
     )]
     #[schema(minimum = 1)]
     pub timeout_ms: Option<u64>,
+    /// Runs the step only when this holds when the saga reaches it; otherwise the step is
+    /// skipped, and never compensated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<WhenIn>,
+}
+
+/// A step's condition over the input and earlier outputs: `"{{input.express}}"` (the value is
+/// present and not `false`, `null`, `0`, `""`, `[]` or `{}`), or an object with the value and
+/// exactly one test.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum WhenIn {
+    /// Exactly one template.
+    Truthy(String),
+    Test(WhenTestIn),
+}
+
+/// The object form of a condition: `value` and one of `equals`, `not_equals`, `present`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhenTestIn {
+    /// Exactly one template, such as `{{steps.quote.output.tier}}`.
+    #[schema(pattern = r"^\{\{[^{}]+\}\}$")]
+    pub value: String,
+    /// Present and equal (numbers by value: `1` equals `1.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[schema(value_type = Option<crate::schema::StorableJson>)]
+    pub equals: Option<Value>,
+    /// Absent, or present and not equal.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[schema(value_type = Option<crate::schema::StorableJson>)]
+    pub not_equals: Option<Value>,
+    /// Present (`true`, a `null` value included) or absent (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// A member that is there holds a value, `null` included.
+fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// An HTTP call to a participant.

@@ -226,6 +226,7 @@ impl Coded for SagaError {
                 DefinitionError::Refused { .. } => ErrorCode::OutboundCallRefused,
                 DefinitionError::Method { .. } => ErrorCode::InvalidStepMethod,
                 DefinitionError::Header { .. } => ErrorCode::InvalidStepHeader,
+                DefinitionError::Condition { .. } => ErrorCode::InvalidStepCondition,
                 DefinitionError::Limit(_) => ErrorCode::SagaLimitExceeded,
             },
             Self::DefinitionNotFound(_) => ErrorCode::SagaDefinitionNotFound,

@@ -349,7 +349,8 @@ mod tests {
                 "action": {"method": "POST", "url": "http://inventory:8081/r", "headers": {"x-tenant": "t"}, "body": {"n": 1}},
                 "compensation": {"method": "DELETE", "url": "http://inventory:8081/r/1"},
                 "retry": {"max_attempts": 5, "backoff_ms": 200, "max_backoff_ms": 5000, "jitter": 0.5},
-                "timeout_ms": 2000
+                "timeout_ms": 2000,
+                "when": {"value": "{{input.x}}", "equals": null}
             }],
             "compensation_retry": {"max_attempts": 10, "backoff_ms": 100, "max_backoff_ms": 30000, "jitter": 0.2}
         });
@@ -366,7 +367,8 @@ mod tests {
         );
         // A retry policy may name only some of its fields; the rest take their defaults.
         let partial = json!({
-            "steps": [{"name": "a", "action": {"method": "GET", "url": "http://a"}, "retry": {"max_attempts": 2}}],
+            "steps": [{"name": "a", "action": {"method": "GET", "url": "http://a"}, "retry": {"max_attempts": 2},
+                       "when": "{{input.express}}"}],
             "compensation_retry": {}
         });
         let documented: DefinitionIn = serde_json::from_value(partial.clone()).unwrap();

@@ -534,7 +534,7 @@ impl SagaEngine {
         let mut on_finished = Some(on_finished);
         loop {
             let now = Utc::now();
-            match decide(&state, now) {
+            match decide(&def, &state, now) {
                 Decision::Record(e) => {
                     state.apply(&def, &e)?;
                     pending.push(e);

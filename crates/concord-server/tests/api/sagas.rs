@@ -353,6 +353,67 @@ async fn refusals_and_exhausted_retries_compensate_in_reverse_order(b: Backend) 
 }
 both_backends!(refusals_and_exhausted_retries_compensate_in_reverse_order);
 
+async fn a_step_whose_condition_fails_is_skipped_and_never_compensated(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["flight", "hotel", "car"], 2000);
+    def["steps"][1]["when"] = json!("{{input.plan.stay}}");
+    def["steps"][2]["when"] = json!({"value": "{{steps.flight.output.id}}", "present": true});
+    define(&app, "trip", &def).await;
+    let saga = run(&app, "trip", "w-1", json!({"car": "refuse"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["action"], "skipped");
+    assert_eq!(saga["steps"][1]["compensation"], "not_needed");
+    assert_eq!(saga["steps"][1]["attempts"], json!([]));
+    assert_eq!(p.effect("w-1", "hotel"), None, "never called");
+    assert_eq!(p.effect("w-1", "flight"), Some(Effect::Undone));
+    assert_eq!(check_saga(&p, &saga), None);
+    let log: Value = app
+        .admin(Method::GET, "/v1/streams/saga-w-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let skipped: Vec<&Value> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "StepSkipped")
+        .collect();
+    assert_eq!(skipped.len(), 1, "{log}");
+    assert_eq!(skipped[0]["data"]["step"], 1);
+
+    let saga = run(&app, "trip", "w-2", json!({"stay": true})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(attempts(&saga, 1, "action"), 1);
+    assert_eq!(check_saga(&p, &saga), None);
+
+    // A condition that is not one of the forms, or reads a later step, is refused when put.
+    for when in [
+        json!("{{input.stay}} or not"),
+        json!({"value": "{{input.stay}}", "equals": 1, "not_equals": 2}),
+        json!("{{steps.car.output.id}}"),
+    ] {
+        let mut bad = def.clone();
+        bad["steps"][1]["when"] = when.clone();
+        let r = app
+            .admin(Method::PUT, "/v1/saga-definitions/trip")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        let code = if when.as_str().is_some_and(|w| w.contains("car")) {
+            "unknown_template_variable"
+        } else {
+            "invalid_step_condition"
+        };
+        assert_problem(r, 400, code).await;
+    }
+}
+both_backends!(a_step_whose_condition_fails_is_skipped_and_never_compensated);
+
 async fn a_hanging_step_times_out_and_its_late_arrival_is_refused(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     let p = Participant::start(Duration::from_millis(600)).await;

@@ -37,6 +37,9 @@ pub enum DefinitionError {
         header: String,
         reason: String,
     },
+    /// A `when` that is not one of its forms, or that reads what its step cannot see.
+    #[error("step {step}: invalid condition: {reason}")]
+    Condition { step: String, reason: String },
     /// A size, count or duration beyond its configured limit.
     #[error("{0}")]
     Limit(String),
@@ -245,6 +248,142 @@ pub struct StepSpec {
         deserialize_with = "concord_kernel::json::opt_uint"
     )]
     pub timeout_ms: Option<u64>,
+    /// Runs the step only when this holds; otherwise it is skipped (and never compensated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<WhenSpec>,
+}
+
+/// A step's condition as written: `"{{x}}"` (x is truthy), or an object naming the value and
+/// one test, `{"value": "{{x}}", "equals": v}`, `"not_equals": v` or `"present": bool`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WhenSpec {
+    Truthy(String),
+    Test(WhenTest),
+}
+
+/// The object form of a [`WhenSpec`]: exactly one of the tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhenTest {
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    pub equals: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    pub not_equals: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// A field that is there holds a value, `null` included (`Option<Value>` alone reads `null` as
+/// absent).
+fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// A validated condition: one variable and its test.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    /// The variable, as in a template (`input.express`, `steps.reserve.output.split`).
+    pub var: String,
+    pub test: ConditionTest,
+}
+
+/// What a [`Condition`] asks of its variable's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConditionTest {
+    /// Present and not `false`, `null`, `0`, `""`, `[]` or `{}`.
+    Truthy,
+    /// Present and equal (as JSON; `1` and `1.0` are equal).
+    Equals(Value),
+    /// Absent, or present and not equal.
+    NotEquals(Value),
+    /// Present (`true`) or absent (`false`); a `null` value is present.
+    Present(bool),
+}
+
+impl Condition {
+    fn new(step: &str, spec: &WhenSpec, visible: &[&str]) -> Result<Self, DefinitionError> {
+        let bad = |reason: &str| {
+            Err(DefinitionError::Condition {
+                step: step.into(),
+                reason: reason.into(),
+            })
+        };
+        let (value, test) = match spec {
+            WhenSpec::Truthy(v) => (v, ConditionTest::Truthy),
+            WhenSpec::Test(t) => {
+                let test = match (&t.equals, &t.not_equals, t.present) {
+                    (Some(v), None, None) => ConditionTest::Equals(v.clone()),
+                    (None, Some(v), None) => ConditionTest::NotEquals(v.clone()),
+                    (None, None, Some(p)) => ConditionTest::Present(p),
+                    _ => return bad("give exactly one of equals, not_equals or present"),
+                };
+                (&t.value, test)
+            }
+        };
+        let var = match parse_template(value).as_slice() {
+            [Piece::Var(var)] => (*var).to_owned(),
+            _ => return bad("the value must be exactly one template, such as \"{{input.express}}\""),
+        };
+        check_templates(step, value, visible, false)?;
+        if var == "saga.id" {
+            return bad("saga.id is always present: test input or an earlier step's output");
+        }
+        Ok(Self { var, test })
+    }
+
+    /// Whether the step runs, given what the saga knows when it reaches it.
+    #[must_use]
+    pub fn holds(&self, input: &Value, outputs: &BTreeMap<String, Value>) -> bool {
+        let parts: Vec<&str> = self.var.split('.').collect();
+        let (root, path) = match parts.as_slice() {
+            ["input", path @ ..] => (Some(input), path),
+            ["steps", name, "output", path @ ..] => (outputs.get(*name), path),
+            _ => (None, &[][..]),
+        };
+        let found = root.and_then(|root| {
+            path.iter().try_fold(root, |v, p| match v {
+                Value::Object(o) => o.get(*p),
+                Value::Array(a) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
+                _ => None,
+            })
+        });
+        match (&self.test, found) {
+            (ConditionTest::Truthy, Some(v)) => truthy(v),
+            (ConditionTest::Truthy | ConditionTest::Equals(_), None) => false,
+            (ConditionTest::Equals(want), Some(v)) => json_eq(want, v),
+            (ConditionTest::NotEquals(_), None) => true,
+            (ConditionTest::NotEquals(want), Some(v)) => !json_eq(want, v),
+            (ConditionTest::Present(p), found) => *p == found.is_some(),
+        }
+    }
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// JSON equality where numbers compare by value (`1` equals `1.0`).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(i), Some(j)) => i == j,
+            _ => x.as_f64() == y.as_f64(),
+        },
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, a)| y.get(k).is_some_and(|b| json_eq(a, b)))
+        }
+        _ => a == b,
+    }
 }
 
 /// A definition as written by the user (the body of `PUT /v1/saga-definitions/{name}`).
@@ -264,6 +403,8 @@ pub struct Step {
     pub compensation: Option<HttpCall>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
+    /// Runs only when this holds (none: always).
+    pub when: Option<Condition>,
 }
 
 /// A validated, versioned definition. Instances keep the version they started with.
@@ -400,12 +541,18 @@ impl SagaDefinition {
                 // without one. The participant knows the call by its Idempotency-Key and saga id.
                 check_call(&s.name, c, &earlier)?;
             }
+            let when = s
+                .when
+                .as_ref()
+                .map(|w| Condition::new(&s.name, w, &earlier))
+                .transpose()?;
             steps.push(Step {
                 name: s.name.clone(),
                 action: s.action.clone(),
                 compensation: s.compensation.clone(),
                 retry,
                 timeout: Duration::from_millis(timeout_ms),
+                when,
             });
         }
         Ok(Self {

@@ -144,6 +144,12 @@ pub enum SagaEvent {
     SagaRetried {
         at: DateTime<Utc>,
     },
+    /// A step whose `when` did not hold when the saga reached it: never called, never
+    /// compensated.
+    StepSkipped {
+        step: usize,
+        at: DateTime<Utc>,
+    },
     /// A node took the saga over (its previous holder died or stalled); changes nothing but
     /// moves the log on, so the previous holder can record nothing more.
     SagaResumed {
@@ -166,6 +172,7 @@ impl SagaEvent {
             Self::SagaCompensated { .. } => "SagaCompensated",
             Self::SagaRetried { .. } => "SagaRetried",
             Self::SagaResumed { .. } => "SagaResumed",
+            Self::StepSkipped { .. } => "StepSkipped",
         }
     }
 }
@@ -179,6 +186,8 @@ pub enum ActionStatus {
     Refused,
     /// Attempts ran out on transient failures: it may or may not have taken effect.
     Uncertain,
+    /// Its `when` did not hold: it was never called.
+    Skipped,
 }
 
 /// Where a step's compensation is.
@@ -431,6 +440,15 @@ impl SagaState {
                 }
                 self.retry_at = *retry_at;
             }
+            SagaEvent::StepSkipped { step, .. } => {
+                self.expect(SagaStatus::Running, e)?;
+                let s = self.step_mut(*step)?;
+                if s.action != ActionStatus::Pending || !s.attempts.is_empty() {
+                    return Err(LogError(format!("StepSkipped of step {step}, which was called")));
+                }
+                s.action = ActionStatus::Skipped;
+                s.compensation = CompensationStatus::NotNeeded;
+            }
             SagaEvent::SagaCompleted { .. } => {
                 self.expect(SagaStatus::Running, e)?;
                 self.status = SagaStatus::Completed;
@@ -488,7 +506,8 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::SagaCompleted { at }
         | SagaEvent::SagaCompensated { at }
         | SagaEvent::SagaRetried { at }
-        | SagaEvent::SagaResumed { at } => *at,
+        | SagaEvent::SagaResumed { at }
+        | SagaEvent::StepSkipped { at, .. } => *at,
     }
 }
 
@@ -499,15 +518,15 @@ pub enum Decision {
     Call { step: usize, op: Op, attempt: u32 },
     /// Nothing is due before this time.
     Wait(DateTime<Utc>),
-    /// Record this event (it ends the saga).
+    /// Record this event (it skips a step, or ends the saga).
     Record(SagaEvent),
     /// Terminal: nothing more to do.
     Done,
 }
 
-/// The next thing to do for a saga at time `now`.
+/// The next thing to do for a saga of `def` at time `now`.
 #[must_use]
-pub fn decide(state: &SagaState, now: DateTime<Utc>) -> Decision {
+pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> Decision {
     if let Some(t) = state.retry_at.filter(|t| *t > now)
         && !state.status.is_terminal()
     {
@@ -519,6 +538,18 @@ pub fn decide(state: &SagaState, now: DateTime<Utc>) -> Decision {
     };
     match state.status {
         SagaStatus::Running => match state.steps.iter().position(|s| s.action == ActionStatus::Pending) {
+            // A step's condition is tested when the saga reaches it, over the input and the
+            // outputs of the steps before it; the decision is recorded, so recovery replays it.
+            Some(i)
+                if state.steps[i].attempts.is_empty()
+                    && def
+                        .steps
+                        .get(i)
+                        .and_then(|d| d.when.as_ref())
+                        .is_some_and(|w| !w.holds(&state.input, &state.outputs())) =>
+            {
+                Decision::Record(SagaEvent::StepSkipped { step: i, at: now })
+            }
             Some(i) => Decision::Call {
                 step: i,
                 op: Op::Action,
@@ -636,7 +667,7 @@ pub fn on_outcome(
 
 #[cfg(test)]
 mod tests {
-    use super::super::definition::{DefinitionSpec, SagaLimits};
+    use super::super::definition::{DefinitionError, DefinitionSpec, SagaLimits};
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -671,20 +702,29 @@ mod tests {
     /// calls made, the events and the final state.
     fn run(
         d: &SagaDefinition,
+        outcomes: impl FnMut(usize, Op) -> CallOutcome,
+    ) -> (Vec<(usize, Op)>, Vec<SagaEvent>, SagaState) {
+        run_with(d, json!({}), outcomes)
+    }
+
+    /// As [`run`], with the saga's input.
+    fn run_with(
+        d: &SagaDefinition,
+        input: Value,
         mut outcomes: impl FnMut(usize, Op) -> CallOutcome,
     ) -> (Vec<(usize, Op)>, Vec<SagaEvent>, SagaState) {
         let mut now = t0();
         let started = SagaEvent::SagaStarted {
             definition: "t".into(),
             version: 1,
-            input: json!({}),
+            input,
             at: now,
         };
         let mut events = vec![started];
         let mut state = SagaState::from_log(&id(), d, &events).unwrap();
         let mut calls = Vec::new();
         for _ in 0..10_000 {
-            match decide(&state, now) {
+            match decide(d, &state, now) {
                 Decision::Done => break,
                 Decision::Wait(t) => {
                     assert!(t > now);
@@ -789,12 +829,12 @@ mod tests {
         });
         assert_eq!(calls.iter().filter(|c| c.1 == Op::Compensation).count(), 2);
         assert_eq!(state.status, SagaStatus::Failed);
-        assert_eq!(decide(&state, t0()), Decision::Done);
+        assert_eq!(decide(&d, &state, t0()), Decision::Done);
         let retried = SagaEvent::SagaRetried { at: t0() };
         state.apply(&d, &retried).unwrap();
         events.push(retried);
         assert_eq!(
-            decide(&state, t0()),
+            decide(&d, &state, t0()),
             Decision::Call {
                 step: 0,
                 op: Op::Compensation,
@@ -830,6 +870,104 @@ mod tests {
             [(1, Op::Compensation), (0, Op::Compensation)],
             "the first attempt may still land, so b is compensated too"
         );
+    }
+
+    fn with_when(mut d: SagaDefinition, whens: &[(usize, serde_json::Value)]) -> SagaDefinition {
+        let mut spec = d.spec.clone();
+        for (i, w) in whens {
+            spec.steps[*i].when = Some(serde_json::from_value(w.clone()).unwrap());
+        }
+        d = SagaDefinition::new(&d.name, d.version, spec, &SagaLimits::default()).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_step_whose_condition_fails_is_skipped_recorded_and_never_compensated() {
+        let d = with_when(
+            def(&[("a", true), ("courier", true), ("c", true)], 3, 3),
+            &[(1, json!("{{input.express}}"))],
+        );
+        // Not express: the courier is skipped; c is refused, so a is undone and the courier not.
+        let (calls, events, state) = run_with(&d, json!({"express": false}), |step, op| match (step, op) {
+            (2, Op::Action) => CallOutcome::Refused("no".into()),
+            _ => CallOutcome::Succeeded(json!({"id": 1})),
+        });
+        assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action), (0, Op::Compensation)]);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, SagaEvent::StepSkipped { step: 1, .. }))
+                .count(),
+            1
+        );
+        assert_eq!(state.steps[1].action, ActionStatus::Skipped);
+        assert_eq!(state.status, SagaStatus::Compensated);
+        // Express: the courier is called, and undone with the rest.
+        let (calls, _, _) = run_with(&d, json!({"express": true}), |step, op| match (step, op) {
+            (2, Op::Action) => CallOutcome::Refused("no".into()),
+            _ => CallOutcome::Succeeded(json!({"id": 1})),
+        });
+        assert_eq!(calls.iter().filter(|c| c.0 == 1).count(), 2);
+        // A missing input is not truthy.
+        let (calls, _, state) = run_with(&d, json!({}), |_, _| CallOutcome::Succeeded(json!(null)));
+        assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action)]);
+        assert_eq!(state.status, SagaStatus::Completed);
+    }
+
+    #[test]
+    fn conditions_read_earlier_outputs_and_test_equality_and_presence() {
+        let d = with_when(
+            def(&[("a", false), ("b", false), ("c", false), ("d", false)], 1, 1),
+            &[
+                (1, json!({"value": "{{steps.a.output.tier}}", "equals": 2})),
+                (2, json!({"value": "{{steps.a.output.tier}}", "not_equals": 2})),
+                (3, json!({"value": "{{steps.a.output.note}}", "present": true})),
+            ],
+        );
+        let (calls, _, _) = run_with(&d, json!({}), |step, _| {
+            CallOutcome::Succeeded(if step == 0 {
+                json!({"tier": 2.0, "note": null})
+            } else {
+                json!(null)
+            })
+        });
+        // 2.0 equals 2; a null note is present.
+        assert_eq!(calls, vec![(0, Op::Action), (1, Op::Action), (3, Op::Action)]);
+        let (calls, _, _) = run_with(&d, json!({}), |_, _| CallOutcome::Succeeded(json!({"tier": "2"})));
+        assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action)]);
+    }
+
+    #[test]
+    fn a_condition_must_be_one_form_over_what_its_step_can_see() {
+        let base = || def(&[("a", false), ("b", false)], 1, 1).spec;
+        let put = |i: usize, w: serde_json::Value| {
+            let mut spec = base();
+            spec.steps[i].when = Some(serde_json::from_value(w)?);
+            Ok::<_, serde_json::Error>(SagaDefinition::new("t", 1, spec, &SagaLimits::default()))
+        };
+        for (i, w) in [
+            (1, json!("{{input.x}} and more")),
+            (1, json!("plain")),
+            (1, json!({"value": "{{input.x}}"})),
+            (1, json!({"value": "{{input.x}}", "equals": 1, "present": true})),
+            (1, json!("{{saga.id}}")),
+            (0, json!("{{steps.a.output.x}}")),
+            (1, json!("{{steps.b.output.x}}")),
+            (1, json!("{{secrets.k}}")),
+        ] {
+            let r = put(i, w.clone()).unwrap();
+            assert!(
+                matches!(
+                    r,
+                    Err(DefinitionError::Condition { .. } | DefinitionError::Template { .. })
+                ),
+                "{w}: {r:?}"
+            );
+        }
+        // An unknown member is not a condition at all.
+        assert!(put(1, json!({"value": "{{input.x}}", "is": 1})).is_err());
+        // `equals: null` is a test of its own, not a missing one.
+        assert!(put(1, json!({"value": "{{input.x}}", "equals": null})).unwrap().is_ok());
     }
 
     #[test]
@@ -883,15 +1021,24 @@ mod tests {
         #[test]
         fn any_outcome_sequence_ends_well_formed(
             comps in proptest::collection::vec(any::<bool>(), 1..6),
+            conds in proptest::collection::vec(proptest::option::of(any::<bool>()), 6),
             attempts in 1u32..4,
             comp_attempts in 1u32..4,
             script in proptest::collection::vec(outcome_strategy(), 0..64),
         ) {
             let names: Vec<String> = (0..comps.len()).map(|i| format!("s{i}")).collect();
             let steps: Vec<(&str, bool)> = names.iter().map(String::as_str).zip(comps.iter().copied()).collect();
-            let d = def(&steps, attempts, comp_attempts);
+            // Step i may carry `when: {{input.c<i>}}`, and the input says whether it holds.
+            let whens: Vec<(usize, serde_json::Value)> = (0..comps.len())
+                .filter(|&i| conds[i].is_some())
+                .map(|i| (i, json!(format!("{{{{input.c{i}}}}}"))))
+                .collect();
+            let input: serde_json::Map<String, Value> = (0..comps.len())
+                .filter_map(|i| conds[i].map(|c| (format!("c{i}"), json!(c))))
+                .collect();
+            let d = with_when(def(&steps, attempts, comp_attempts), &whens);
             let mut i = 0;
-            let (calls, events, state) = run(&d, |_, _| {
+            let (calls, events, state) = run_with(&d, Value::Object(input), |_, _| {
                 let o = script.get(i).copied().unwrap_or(0);
                 i += 1;
                 match o {
@@ -907,8 +1054,20 @@ mod tests {
             let gave_up = events.iter().any(|e| matches!(e, SagaEvent::CompensationFailed { retry_at: None, .. }));
             prop_assert_eq!(state.status == SagaStatus::Failed, gave_up);
             if state.status == SagaStatus::Completed {
-                prop_assert!(state.steps.iter().all(|s| s.action == ActionStatus::Succeeded));
+                prop_assert!(state.steps.iter().all(|s| matches!(s.action, ActionStatus::Succeeded | ActionStatus::Skipped)));
                 prop_assert!(calls.iter().all(|c| c.1 == Op::Action));
+            }
+            // A step whose condition fails is skipped, never called, never compensated; a step
+            // whose condition holds is never skipped.
+            for (k, c) in conds.iter().enumerate().take(comps.len()) {
+                let skipped = state.steps[k].action == ActionStatus::Skipped;
+                prop_assert!(!(skipped && calls.iter().any(|c| c.0 == k)));
+                if *c == Some(true) || c.is_none() {
+                    prop_assert!(!skipped);
+                }
+                if *c == Some(false) && state.status == SagaStatus::Completed {
+                    prop_assert!(skipped);
+                }
             }
             // 2. Compensations run are those of succeeded or uncertain steps, in reverse order.
             let mut comp_order: Vec<usize> = Vec::new();

@@ -6,8 +6,8 @@ pub mod machine;
 
 pub use concord_kernel::{DERIVED_PREFIX, InvalidSagaId, SagaId};
 pub use definition::{
-    DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, RetrySpec, SagaDefinition, SagaLimits, SagaSecrets,
-    SecretBinding, StepSpec, TemplateContext,
+    Condition, ConditionTest, DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, RetrySpec, SagaDefinition,
+    SagaLimits, SagaSecrets, SecretBinding, StepSpec, TemplateContext, WhenSpec, WhenTest,
 };
 pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
 
