@@ -84,6 +84,9 @@ error_codes! {
     InvalidStepHeader = ("invalid_step_header", 400, "Invalid step header"),
     /// A step's `when` that is not one of its forms, or reads what the step cannot see.
     InvalidStepCondition = ("invalid_step_condition", 400, "Invalid step condition"),
+    /// A step that is not exactly one kind (an `action`, `sleep_ms` or `sleep_until`), or a
+    /// timer with a compensation, retry or timeout.
+    InvalidStepKind = ("invalid_step_kind", 400, "Invalid step kind"),
     /// A saga definition or input beyond a configured limit (steps, sizes, attempts, timeouts).
     SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
     /// A transaction participant with a bad name, a duplicate name or a bad URL.

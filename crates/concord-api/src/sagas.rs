@@ -112,7 +112,22 @@ pub struct StepIn {
     /// Unique in the definition.
     #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
     pub name: String,
-    pub action: CallIn,
+    /// The call. A step has exactly one of `action`, `sleep_ms` and `sleep_until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<CallIn>,
+    /// A durable timer: the saga waits this long (no lease held, no worker busy), then goes on.
+    /// A timer has no compensation, retry or timeout.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub sleep_ms: Option<u64>,
+    /// A durable timer until a time: RFC 3339, or one template that gives it
+    /// (`{{input.ship_at}}`). A time already past goes on at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 2048)]
+    pub sleep_until: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CallIn>,
     /// How the action is retried (default 3 attempts, 100 ms doubling to 10 s).

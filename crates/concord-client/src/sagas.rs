@@ -16,7 +16,7 @@ impl Client {
     /// # Errors
     ///
     /// `invalid_name`, `duplicate_step_name`, `unknown_template_variable`, `invalid_step_url`,
-    /// `invalid_step_method`, `invalid_step_header`, `invalid_step_condition`,
+    /// `invalid_step_method`, `invalid_step_header`, `invalid_step_condition`, `invalid_step_kind`,
     /// `saga_limit_exceeded` and `malformed_json`
     /// (400) for a definition the server refuses; see [`ClientError`].
     pub async fn put_saga_definition(

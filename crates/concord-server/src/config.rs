@@ -143,6 +143,8 @@ pub struct Settings {
     pub saga_max_timeout_ms: u64,
     /// Longest backoff between attempts, milliseconds.
     pub saga_max_backoff_ms: u64,
+    /// Longest `sleep_ms` of a timer step, milliseconds (31 days).
+    pub saga_max_sleep_ms: u64,
     /// Where saga definitions may call: hosts (`name`, `name:port`) and networks (`10.0.0.0/8`),
     /// each called whatever it resolves to, and nothing else. Empty: public addresses only (no
     /// loopback, private, link-local or metadata address). Checked at every call.
@@ -326,6 +328,7 @@ impl Default for Settings {
             saga_max_attempts: 100,
             saga_max_timeout_ms: 300_000,
             saga_max_backoff_ms: 3_600_000,
+            saga_max_sleep_ms: concord_core::domain::saga::definition::DEFAULT_MAX_SLEEP_MS,
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
             saga_secrets: std::collections::BTreeMap::new(),
@@ -505,6 +508,7 @@ impl Settings {
             max_attempts: self.saga_max_attempts,
             max_timeout_ms: self.saga_max_timeout_ms,
             max_backoff_ms: self.saga_max_backoff_ms,
+            max_sleep_ms: self.saga_max_sleep_ms,
         }
     }
 

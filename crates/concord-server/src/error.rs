@@ -227,6 +227,7 @@ impl Coded for SagaError {
                 DefinitionError::Method { .. } => ErrorCode::InvalidStepMethod,
                 DefinitionError::Header { .. } => ErrorCode::InvalidStepHeader,
                 DefinitionError::Condition { .. } => ErrorCode::InvalidStepCondition,
+                DefinitionError::StepKind { .. } => ErrorCode::InvalidStepKind,
                 DefinitionError::Limit(_) => ErrorCode::SagaLimitExceeded,
             },
             Self::DefinitionNotFound(_) => ErrorCode::SagaDefinitionNotFound,

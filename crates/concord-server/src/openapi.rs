@@ -258,6 +258,7 @@ fn apply_limits(doc: &mut Value, s: &Settings) -> Vec<String> {
         ),
         ("DefinitionIn/properties/steps", "maxItems", s.saga_max_steps.into()),
         ("StepIn/properties/timeout_ms", "maximum", s.saga_max_timeout_ms.into()),
+        ("StepIn/properties/sleep_ms", "maximum", s.saga_max_sleep_ms.into()),
         ("RetryIn/properties/max_attempts", "maximum", s.saga_max_attempts.into()),
         ("RetryIn/properties/backoff_ms", "maximum", s.saga_max_backoff_ms.into()),
         (
@@ -368,7 +369,9 @@ mod tests {
         // A retry policy may name only some of its fields; the rest take their defaults.
         let partial = json!({
             "steps": [{"name": "a", "action": {"method": "GET", "url": "http://a"}, "retry": {"max_attempts": 2},
-                       "when": "{{input.express}}"}],
+                       "when": "{{input.express}}"},
+                      {"name": "b", "sleep_ms": 5000},
+                      {"name": "c", "sleep_until": "{{input.at}}"}],
             "compensation_retry": {}
         });
         let documented: DefinitionIn = serde_json::from_value(partial.clone()).unwrap();

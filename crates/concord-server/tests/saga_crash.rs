@@ -246,6 +246,92 @@ async fn sagas_survive_repeated_sigkill_on_postgres() {
     let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
 }
 
+/// Sagas asleep on a durable timer when their only node is SIGKILLed, and still asleep when it
+/// comes back: the restarted node wakes each at its time, never before, and each goes on once.
+async fn timers_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let server = Server::start(node(dir, database_url)).await;
+    let http = reqwest::Client::new();
+    let mut def = p.definition(&["reserve", "cool-off", "ship"], 2000);
+    def["steps"][1] = json!({"name": "cool-off", "sleep_ms": 1500});
+    let r = put(&http, &server.url, "/v1/saga-definitions/order", &def)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..20).map(|i| format!("sleep-{i:02}")).collect();
+    for id in &ids {
+        let body = json!({"definition": "order", "id": id, "input": {"plan": {}}});
+        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // Every saga reaches its timer, then the node dies with all of them asleep.
+    for id in &ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = get(&http, &server.url, &format!("/v1/sagas/{id}")).await.unwrap();
+            if s["steps"][0]["action"] == "succeeded" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id} never reached its timer: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut server = server;
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    assert!(
+        ids.iter().all(|id| p.effect(id, "ship").is_none()),
+        "nothing shipped before the kill"
+    );
+    let server = Server::start(node(dir, database_url)).await;
+    let sagas = settle(&http, &server.url, &ids, Duration::from_secs(60)).await;
+    for saga in &sagas {
+        let id = saga["id"].as_str().unwrap();
+        assert_eq!(saga["status"], "completed", "{saga}");
+        assert_eq!(p.attempts(id, "ship", "action"), 1, "{id} shipped once");
+        let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}"))
+            .await
+            .unwrap();
+        let events = log["events"].as_array().unwrap();
+        let find = |t: &str| {
+            events
+                .iter()
+                .find(|e| e["type"] == t)
+                .unwrap_or_else(|| panic!("{t} in {log}"))
+        };
+        let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+        let until = time(&find("TimerStarted")["data"]["until"]);
+        assert!(
+            time(&find("TimerFired")["data"]["at"]) >= until,
+            "{id} woke early: {log}"
+        );
+        assert!(time(&saga["steps"][2]["attempts"][0]["started_at"]) >= until);
+        assert_eq!(events.iter().filter(|e| e["type"] == "TimerStarted").count(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_outlive_a_sigkill_of_every_node_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+    timers_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_outlive_a_sigkill_of_every_node_on_postgres() {
+    let Some(base) = postgres_base() else { return };
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    timers_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {
     let Some(base) = postgres_base() else { return };

@@ -630,7 +630,10 @@ impl SagaEngine {
     ) -> CallOutcome {
         let s = &def.steps[step];
         let template = match op {
-            Op::Action => &s.action,
+            Op::Action => match &s.action {
+                Some(a) => a,
+                None => return CallOutcome::Refused("a timer step makes no call".into()),
+            },
             Op::Compensation => match &s.compensation {
                 Some(c) => c,
                 None => return CallOutcome::Succeeded(Value::Null),

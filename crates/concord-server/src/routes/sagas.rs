@@ -31,7 +31,7 @@ use utoipa::IntoParams;
     responses(
         (status = 201, description = "A new version", body = DefinitionOut),
         (status = 200, description = "Unchanged: the latest version already has this spec", body = DefinitionOut),
-        (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, outbound_call_refused, invalid_step_method, invalid_step_header, invalid_step_condition or saga_limit_exceeded"),
+        (status = 400, description = "invalid_name, duplicate_step_name, unknown_template_variable, invalid_step_url, outbound_call_refused, invalid_step_method, invalid_step_header, invalid_step_condition, invalid_step_kind or saga_limit_exceeded"),
         (status = 403, description = "not_owner: another API key name owns this definition"),
     ))]
 pub async fn put_definition(

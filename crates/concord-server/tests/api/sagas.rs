@@ -414,6 +414,93 @@ async fn a_step_whose_condition_fails_is_skipped_and_never_compensated(b: Backen
 }
 both_backends!(a_step_whose_condition_fails_is_skipped_and_never_compensated);
 
+async fn a_timer_parks_the_saga_and_any_runner_wakes_it_on_time(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["flight", "cool-off", "car"], 2000);
+    def["steps"][1] = json!({"name": "cool-off", "sleep_ms": 400});
+    define(&app, "trip", &def).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "trip", "id": "z-1", "input": {"plan": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // While it sleeps the saga says when it goes on, and the car is not booked.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let parked: Value = app
+        .admin(Method::GET, "/v1/sagas/z-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(parked["status"], "running", "{parked}");
+    assert_eq!(parked["steps"][1]["action"], "pending");
+    assert!(parked["next_attempt_at"].is_string(), "{parked}");
+    assert_eq!(p.effect("z-1", "car"), None);
+    let done: Value = app
+        .admin(Method::GET, "/v1/sagas/z-1?wait_ms=20000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["steps"][1]["action"], "succeeded");
+    assert_eq!(done["steps"][1]["attempts"], json!([]));
+    // The timer is no participant's step: the two calls took effect, each once.
+    assert_eq!(p.effect("z-1", "flight"), Some(Effect::Done));
+    assert_eq!(p.effect("z-1", "car"), Some(Effect::Done));
+    assert_eq!(p.effect("z-1", "cool-off"), None);
+    assert_eq!(
+        (
+            p.attempts("z-1", "flight", "action"),
+            p.attempts("z-1", "car", "action")
+        ),
+        (1, 1)
+    );
+    let log: Value = app
+        .admin(Method::GET, "/v1/streams/saga-z-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = log["events"].as_array().unwrap();
+    let data = |t: &str| events.iter().find(|e| e["type"] == t).map(|e| e["data"].clone());
+    let started = data("TimerStarted").expect("TimerStarted");
+    let fired = data("TimerFired").expect("TimerFired");
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert_eq!((time(&started["until"]) - time(&started["at"])).num_milliseconds(), 400);
+    assert!(time(&fired["at"]) >= time(&started["until"]), "{log}");
+    // The car was booked after the timer fired.
+    let car = &done["steps"][2]["attempts"][0]["started_at"];
+    assert!(time(car) >= time(&started["until"]));
+
+    // A step of two kinds, or a timer with a compensation, is refused when put.
+    for step in [
+        json!({"name": "cool-off", "sleep_ms": 5, "sleep_until": "2030-01-01T00:00:00Z"}),
+        json!({"name": "cool-off", "sleep_ms": 5, "compensation": def["steps"][0]["compensation"]}),
+        json!({"name": "cool-off"}),
+    ] {
+        let mut bad = def.clone();
+        bad["steps"][1] = step;
+        let r = app
+            .admin(Method::PUT, "/v1/saga-definitions/trip")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "invalid_step_kind").await;
+    }
+}
+both_backends!(a_timer_parks_the_saga_and_any_runner_wakes_it_on_time);
+
 async fn a_hanging_step_times_out_and_its_late_arrival_is_refused(b: Backend) {
     let Some(app) = spawn_app(b).await else { return };
     let p = Participant::start(Duration::from_millis(600)).await;

@@ -1,6 +1,7 @@
 //! Saga definitions: the steps a saga runs, validated once when the definition is stored, and
 //! the templates their HTTP calls are filled from when a step runs.
 
+use chrono::{DateTime, Utc};
 use concord_kernel::{InvalidSagaId, SagaId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -37,6 +38,10 @@ pub enum DefinitionError {
         header: String,
         reason: String,
     },
+    /// A step that is not exactly one kind (a call, `sleep_ms`, `sleep_until`), or a sleep with
+    /// what only a call has.
+    #[error("step {step}: {reason}")]
+    StepKind { step: String, reason: String },
     /// A `when` that is not one of its forms, or that reads what its step cannot see.
     #[error("step {step}: invalid condition: {reason}")]
     Condition { step: String, reason: String },
@@ -56,6 +61,8 @@ pub struct SagaLimits {
     pub max_attempts: u32,
     pub max_timeout_ms: u64,
     pub max_backoff_ms: u64,
+    /// Longest `sleep_ms` of a timer step.
+    pub max_sleep_ms: u64,
 }
 
 impl SagaLimits {
@@ -69,6 +76,7 @@ impl SagaLimits {
         max_attempts: u32::MAX,
         max_timeout_ms: u64::MAX,
         max_backoff_ms: u64::MAX,
+        max_sleep_ms: u64::MAX,
     };
 }
 
@@ -82,9 +90,13 @@ impl Default for SagaLimits {
             max_attempts: 100,
             max_timeout_ms: 300_000,
             max_backoff_ms: 3_600_000,
+            max_sleep_ms: DEFAULT_MAX_SLEEP_MS,
         }
     }
 }
+
+/// The longest `sleep_ms` by default: 31 days.
+pub const DEFAULT_MAX_SLEEP_MS: u64 = 31 * 24 * 3_600_000;
 
 /// When and how often a call is retried, resolved: every field has its value.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -237,7 +249,20 @@ impl std::fmt::Debug for HttpCall {
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
     pub name: String,
-    pub action: HttpCall,
+    /// The call; a timer step has `sleep_ms` or `sleep_until` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<HttpCall>,
+    /// A durable timer: the saga waits this long, holding no lease, then goes on.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub sleep_ms: Option<u64>,
+    /// A durable timer until a time: RFC 3339, or a template that gives one
+    /// (`"{{input.ship_at}}"`). A time already past goes on at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_until: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<HttpCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,11 +420,20 @@ pub struct DefinitionSpec {
     pub compensation_retry: Option<RetrySpec>,
 }
 
-/// A validated step with its defaults resolved.
+/// How long a timer step waits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sleep {
+    For(Duration),
+    /// RFC 3339, or a template filled when the saga reaches the step.
+    Until(String),
+}
+
+/// A validated step with its defaults resolved: a call (`action`) or a timer (`sleep`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub name: String,
-    pub action: HttpCall,
+    pub action: Option<HttpCall>,
+    pub sleep: Option<Sleep>,
     pub compensation: Option<HttpCall>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
@@ -535,7 +569,10 @@ impl SagaDefinition {
                 )));
             }
             let earlier: Vec<&str> = steps.iter().map(|p| p.name.as_str()).collect();
-            check_call(&s.name, &s.action, &earlier)?;
+            let sleep = check_kind(s, &earlier, limits)?;
+            if let Some(a) = &s.action {
+                check_call(&s.name, a, &earlier)?;
+            }
             if let Some(c) = &s.compensation {
                 // Not its own step's output: a step whose attempts ran out is compensated
                 // without one. The participant knows the call by its Idempotency-Key and saga id.
@@ -549,6 +586,7 @@ impl SagaDefinition {
             steps.push(Step {
                 name: s.name.clone(),
                 action: s.action.clone(),
+                sleep,
                 compensation: s.compensation.clone(),
                 retry,
                 timeout: Duration::from_millis(timeout_ms),
@@ -569,7 +607,8 @@ impl SagaDefinition {
     /// Every call with its step's name: actions and compensations.
     fn calls(&self) -> impl Iterator<Item = (&str, &HttpCall)> {
         self.steps.iter().flat_map(|s| {
-            std::iter::once(&s.action)
+            s.action
+                .iter()
                 .chain(s.compensation.as_ref())
                 .map(move |c| (s.name.as_str(), c))
         })
@@ -619,6 +658,70 @@ impl SagaDefinition {
     #[must_use]
     pub fn urls(&self) -> Vec<(&str, &str)> {
         self.calls().map(|(step, c)| (step, c.url.as_str())).collect()
+    }
+}
+
+/// A step is a call or a timer, not both; a timer has no compensation, retry or timeout.
+fn check_kind(s: &StepSpec, visible: &[&str], limits: &SagaLimits) -> Result<Option<Sleep>, DefinitionError> {
+    let bad = |reason: String| {
+        Err(DefinitionError::StepKind {
+            step: s.name.clone(),
+            reason,
+        })
+    };
+    let sleep = match (&s.action, s.sleep_ms, &s.sleep_until) {
+        (Some(_), None, None) => return Ok(None),
+        (None, Some(ms), None) => {
+            if ms > limits.max_sleep_ms {
+                return Err(DefinitionError::Limit(format!(
+                    "step {}: sleep_ms must be at most {}",
+                    s.name, limits.max_sleep_ms
+                )));
+            }
+            Sleep::For(Duration::from_millis(ms))
+        }
+        (None, None, Some(until)) => {
+            if parse_template(until).iter().any(|p| !matches!(p, Piece::Text(_))) {
+                check_templates(&s.name, until, visible, false)?;
+            } else if DateTime::parse_from_rfc3339(until).is_err() {
+                return bad(format!("sleep_until {until:?} is neither RFC 3339 nor a template"));
+            }
+            Sleep::Until(until.clone())
+        }
+        _ => return bad("a step has exactly one of action, sleep_ms and sleep_until".into()),
+    };
+    if s.compensation.is_some() || s.retry.is_some() || s.timeout_ms.is_some() {
+        return bad("a timer has no compensation, retry or timeout_ms".into());
+    }
+    Ok(Some(sleep))
+}
+
+/// When a timer step that the saga reaches at `now` ends.
+///
+/// # Errors
+/// `sleep_until` that does not give an RFC 3339 time (a missing value, or other text).
+pub fn timer_end(
+    sleep: &Sleep,
+    now: DateTime<Utc>,
+    saga_id: &SagaId,
+    input: &Value,
+    outputs: &BTreeMap<String, Value>,
+) -> Result<DateTime<Utc>, String> {
+    match sleep {
+        Sleep::For(d) => Ok(now + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::MAX)),
+        Sleep::Until(template) => {
+            let secrets = SagaSecrets::default();
+            let ctx = TemplateContext {
+                saga_id,
+                input,
+                outputs,
+                secrets: &secrets,
+            };
+            let text = ctx.render_str(template, false).map_err(|e| e.to_string())?;
+            DateTime::parse_from_rfc3339(&text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| format!("sleep_until {text:?} is not an RFC 3339 time: {e}"))
+        }
     }
 }
 
@@ -1244,11 +1347,11 @@ mod tests {
             secrets: &SagaSecrets::default(),
         };
         let d = SagaDefinition::new("order", 1, spec(two_steps()), &SagaLimits::default()).unwrap();
-        let a = ctx.render_call(&d.steps[0].action).unwrap();
+        let a = ctx.render_call(d.steps[0].action.as_ref().unwrap()).unwrap();
         assert_eq!(a.body, Some(json!({"sku": "a b/c", "qty": 3})));
         let c = ctx.render_call(d.steps[1].compensation.as_ref().unwrap()).unwrap();
         assert_eq!(c.url, "http://pay.local/refund/r%2F1");
-        let b = ctx.render_call(&d.steps[1].action).unwrap();
+        let b = ctx.render_call(d.steps[1].action.as_ref().unwrap()).unwrap();
         assert_eq!(b.headers["X-Order"], "s1");
         assert_eq!(ctx.render_str("n={{ input.qty }}!", false).unwrap(), "n=3!");
         assert_eq!(
@@ -1359,11 +1462,14 @@ mod tests {
             outputs: &outputs,
             secrets: &secrets,
         };
-        let call = ctx.render_call(&ok.steps[1].action).unwrap();
+        let call = ctx.render_call(ok.steps[1].action.as_ref().unwrap()).unwrap();
         assert_eq!(call.headers["Authorization"], "Bearer s3cr3t");
         assert!(!format!("{call:?}").contains("s3cr3t"), "{call:?}");
         // The stored spec still names the secret, not its value.
-        assert_eq!(ok.steps[1].action.headers["Authorization"], "Bearer {{secrets.pay}}");
+        assert_eq!(
+            ok.steps[1].action.as_ref().unwrap().headers["Authorization"],
+            "Bearer {{secrets.pay}}"
+        );
         // An answer that repeats a secret is kept without it.
         assert_eq!(
             secrets.redact_json(json!({"seen": ["Bearer s3cr3t"], "other-s3cr3t": 1})),
@@ -1372,7 +1478,7 @@ mod tests {
         let none = SagaSecrets::default();
         let ctx = TemplateContext { secrets: &none, ..ctx };
         assert_eq!(
-            ctx.render_call(&ok.steps[1].action),
+            ctx.render_call(ok.steps[1].action.as_ref().unwrap()),
             Err(MissingValue::Secret("pay".into()))
         );
         for bad in [

@@ -2,7 +2,7 @@
 //! state and the time, [`decide`] says what to do next; given the outcome of a participant call,
 //! [`on_outcome`] says which event records it. Nothing here does I/O.
 
-use super::definition::SagaDefinition;
+use super::definition::{SagaDefinition, timer_end};
 use chrono::{DateTime, Utc};
 use concord_kernel::SagaId;
 use serde::{Deserialize, Serialize};
@@ -144,6 +144,17 @@ pub enum SagaEvent {
     SagaRetried {
         at: DateTime<Utc>,
     },
+    /// A timer step was reached: the saga waits until `until`, holding no lease.
+    TimerStarted {
+        step: usize,
+        until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    /// A timer step's time came: the step is done (nothing to compensate).
+    TimerFired {
+        step: usize,
+        at: DateTime<Utc>,
+    },
     /// A step whose `when` did not hold when the saga reached it: never called, never
     /// compensated.
     StepSkipped {
@@ -173,6 +184,8 @@ impl SagaEvent {
             Self::SagaRetried { .. } => "SagaRetried",
             Self::SagaResumed { .. } => "SagaResumed",
             Self::StepSkipped { .. } => "StepSkipped",
+            Self::TimerStarted { .. } => "TimerStarted",
+            Self::TimerFired { .. } => "TimerFired",
         }
     }
 }
@@ -223,6 +236,9 @@ pub struct StepState {
     pub attempts: Vec<Attempt>,
     /// Tries of the current op counted against its limit (an operator retry resets them).
     pub tries: u32,
+    /// A timer step that was reached: when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<DateTime<Utc>>,
 }
 
 /// A saga as the log tells it.
@@ -268,6 +284,7 @@ impl SagaState {
                     error: None,
                     attempts: Vec::new(),
                     tries: 0,
+                    timer: None,
                 })
                 .collect(),
             started_at: at,
@@ -449,6 +466,28 @@ impl SagaState {
                 s.action = ActionStatus::Skipped;
                 s.compensation = CompensationStatus::NotNeeded;
             }
+            SagaEvent::TimerStarted { step, until, .. } => {
+                self.expect(SagaStatus::Running, e)?;
+                let is_timer = def.steps.get(*step).is_some_and(|d| d.sleep.is_some());
+                let s = self.step_mut(*step)?;
+                if !is_timer || s.action != ActionStatus::Pending || s.timer.is_some() {
+                    return Err(LogError(format!(
+                        "TimerStarted of step {step}, which is no waiting timer"
+                    )));
+                }
+                s.timer = Some(*until);
+                self.retry_at = Some(*until);
+            }
+            SagaEvent::TimerFired { step, .. } => {
+                self.expect(SagaStatus::Running, e)?;
+                let s = self.step_mut(*step)?;
+                if s.action != ActionStatus::Pending || s.timer.is_none() {
+                    return Err(LogError(format!("TimerFired of step {step}, which had no timer")));
+                }
+                s.action = ActionStatus::Succeeded;
+                s.compensation = CompensationStatus::NotNeeded;
+                self.retry_at = None;
+            }
             SagaEvent::SagaCompleted { .. } => {
                 self.expect(SagaStatus::Running, e)?;
                 self.status = SagaStatus::Completed;
@@ -507,7 +546,9 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::SagaCompensated { at }
         | SagaEvent::SagaRetried { at }
         | SagaEvent::SagaResumed { at }
-        | SagaEvent::StepSkipped { at, .. } => *at,
+        | SagaEvent::StepSkipped { at, .. }
+        | SagaEvent::TimerStarted { at, .. }
+        | SagaEvent::TimerFired { at, .. } => *at,
     }
 }
 
@@ -518,7 +559,7 @@ pub enum Decision {
     Call { step: usize, op: Op, attempt: u32 },
     /// Nothing is due before this time.
     Wait(DateTime<Utc>),
-    /// Record this event (it skips a step, or ends the saga).
+    /// Record this event (it skips a step, starts or fires a timer, or ends the saga).
     Record(SagaEvent),
     /// Terminal: nothing more to do.
     Done,
@@ -542,6 +583,7 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
             // outputs of the steps before it; the decision is recorded, so recovery replays it.
             Some(i)
                 if state.steps[i].attempts.is_empty()
+                    && state.steps[i].timer.is_none()
                     && def
                         .steps
                         .get(i)
@@ -549,6 +591,29 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                         .is_some_and(|w| !w.holds(&state.input, &state.outputs())) =>
             {
                 Decision::Record(SagaEvent::StepSkipped { step: i, at: now })
+            }
+            // A timer: its end is fixed and recorded when the saga reaches it; the saga then
+            // waits (the check above) and the step ends once the time has come.
+            Some(i) if let Some(sleep) = def.steps.get(i).and_then(|d| d.sleep.as_ref()) => {
+                match state.steps[i].timer {
+                    Some(until) if until > now => Decision::Wait(until),
+                    Some(_) => Decision::Record(SagaEvent::TimerFired { step: i, at: now }),
+                    None => match timer_end(sleep, now, &state.id, &state.input, &state.outputs()) {
+                        Ok(until) => Decision::Record(SagaEvent::TimerStarted {
+                            step: i,
+                            until,
+                            at: now,
+                        }),
+                        // The time the step names is not there: no wait will bring it.
+                        Err(error) => Decision::Record(SagaEvent::ActionRefused {
+                            step: i,
+                            attempt: 1,
+                            started_at: now,
+                            error,
+                            at: now,
+                        }),
+                    },
+                }
             }
             Some(i) => Decision::Call {
                 step: i,
@@ -970,6 +1035,131 @@ mod tests {
         assert!(put(1, json!({"value": "{{input.x}}", "equals": null})).unwrap().is_ok());
     }
 
+    /// `def` with step `i` turned into a timer: `sleep_ms` or `sleep_until`.
+    fn with_timer(d: &SagaDefinition, i: usize, sleep: serde_json::Value) -> SagaDefinition {
+        let mut spec = serde_json::to_value(&d.spec).unwrap();
+        let step = spec["steps"][i].as_object_mut().unwrap();
+        for k in ["action", "compensation", "retry", "timeout_ms"] {
+            step.remove(k);
+        }
+        step.extend(sleep.as_object().unwrap().clone());
+        SagaDefinition::new(
+            &d.name,
+            d.version,
+            serde_json::from_value(spec).unwrap(),
+            &SagaLimits::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_timer_waits_holding_nothing_then_the_saga_goes_on() {
+        let d = with_timer(
+            &def(&[("a", true), ("cool", false), ("b", true)], 1, 1),
+            1,
+            json!({"sleep_ms": 60_000}),
+        );
+        let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
+        assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action)]);
+        assert_eq!(state.status, SagaStatus::Completed);
+        let started = events.iter().find_map(|e| match e {
+            SagaEvent::TimerStarted { step: 1, until, at } => Some((*until, *at)),
+            _ => None,
+        });
+        let (until, at) = started.expect("TimerStarted");
+        assert_eq!(until - at, chrono::Duration::seconds(60));
+        let fired = events.iter().find_map(|e| match e {
+            SagaEvent::TimerFired { step: 1, at } => Some(*at),
+            _ => None,
+        });
+        assert!(fired.expect("TimerFired") >= until, "never before its time");
+        // Once reached, the saga waits for the timer: nothing is due before it.
+        let mut s = SagaState::from_log(&id(), &d, &events[..3]).unwrap();
+        assert!(matches!(events[2], SagaEvent::TimerStarted { .. }));
+        assert_eq!(decide(&d, &s, at), Decision::Wait(until));
+        assert_eq!(s.retry_at, Some(until));
+        s.apply(&d, &SagaEvent::SagaResumed { at }).unwrap();
+        assert_eq!(
+            decide(&d, &s, until - chrono::Duration::milliseconds(1)),
+            Decision::Wait(until)
+        );
+        assert!(matches!(
+            decide(&d, &s, until),
+            Decision::Record(SagaEvent::TimerFired { step: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_timer_until_a_time_from_the_input_and_one_without_a_time_compensates() {
+        let d = with_timer(
+            &def(&[("a", true), ("hold", false), ("b", true)], 1, 1),
+            1,
+            json!({"sleep_until": "{{input.at}}"}),
+        );
+        let (calls, events, state) = run_with(&d, json!({"at": "2023-11-14T23:00:00+01:00"}), |_, _| {
+            CallOutcome::Succeeded(json!(null))
+        });
+        assert_eq!(state.status, SagaStatus::Completed);
+        assert_eq!(calls.len(), 2);
+        let until = events.iter().find_map(|e| match e {
+            SagaEvent::TimerStarted { until, .. } => Some(*until),
+            _ => None,
+        });
+        assert_eq!(
+            until,
+            Some(
+                DateTime::parse_from_rfc3339("2023-11-14T22:00:00Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+            )
+        );
+        // A time already past goes on at once.
+        let (_, _, state) = run_with(&d, json!({"at": "2000-01-01T00:00:00Z"}), |_, _| {
+            CallOutcome::Succeeded(json!(null))
+        });
+        assert_eq!(state.status, SagaStatus::Completed);
+        // No time, or not a time: the step is refused and the saga undoes a.
+        for input in [json!({}), json!({"at": "tomorrow"})] {
+            let (calls, _, state) = run_with(&d, input, |_, _| CallOutcome::Succeeded(json!(null)));
+            assert_eq!(state.status, SagaStatus::Compensated);
+            assert_eq!(state.steps[1].action, ActionStatus::Refused);
+            assert_eq!(calls, vec![(0, Op::Action), (0, Op::Compensation)]);
+        }
+    }
+
+    #[test]
+    fn a_timer_is_one_kind_of_step_only() {
+        let base = def(&[("a", true), ("b", true)], 1, 1);
+        let put = |step: serde_json::Value| {
+            let mut spec = serde_json::to_value(&base.spec).unwrap();
+            spec["steps"][1] = step;
+            SagaDefinition::new("t", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default())
+        };
+        let call = json!({"method": "POST", "url": "http://p.local/x"});
+        for step in [
+            json!({"name": "b"}),
+            json!({"name": "b", "action": call, "sleep_ms": 5}),
+            json!({"name": "b", "sleep_ms": 5, "sleep_until": "2030-01-01T00:00:00Z"}),
+            json!({"name": "b", "sleep_ms": 5, "compensation": call}),
+            json!({"name": "b", "sleep_ms": 5, "retry": {}}),
+            json!({"name": "b", "sleep_until": "soon"}),
+        ] {
+            assert!(
+                matches!(put(step.clone()), Err(DefinitionError::StepKind { .. })),
+                "{step}"
+            );
+        }
+        assert!(matches!(
+            put(json!({"name": "b", "sleep_ms": super::super::definition::DEFAULT_MAX_SLEEP_MS + 1})),
+            Err(DefinitionError::Limit(_))
+        ));
+        assert!(matches!(
+            put(json!({"name": "b", "sleep_until": "{{steps.b.output.t}}"})),
+            Err(DefinitionError::Template { .. })
+        ));
+        assert!(put(json!({"name": "b", "sleep_until": "{{steps.a.output.t}}", "when": "{{input.x}}"})).is_ok());
+    }
+
     #[test]
     fn a_log_that_does_not_fit_is_an_error_not_a_panic() {
         let d = def(&[("a", true)], 1, 1);
@@ -1022,6 +1212,7 @@ mod tests {
         fn any_outcome_sequence_ends_well_formed(
             comps in proptest::collection::vec(any::<bool>(), 1..6),
             conds in proptest::collection::vec(proptest::option::of(any::<bool>()), 6),
+            timers in proptest::collection::vec(any::<bool>(), 6),
             attempts in 1u32..4,
             comp_attempts in 1u32..4,
             script in proptest::collection::vec(outcome_strategy(), 0..64),
@@ -1036,7 +1227,12 @@ mod tests {
             let input: serde_json::Map<String, Value> = (0..comps.len())
                 .filter_map(|i| conds[i].map(|c| (format!("c{i}"), json!(c))))
                 .collect();
-            let d = with_when(def(&steps, attempts, comp_attempts), &whens);
+            let mut d = with_when(def(&steps, attempts, comp_attempts), &whens);
+            for (k, t) in timers.iter().enumerate().take(comps.len()) {
+                if *t {
+                    d = with_timer(&d, k, json!({"sleep_ms": 50}));
+                }
+            }
             let mut i = 0;
             let (calls, events, state) = run_with(&d, Value::Object(input), |_, _| {
                 let o = script.get(i).copied().unwrap_or(0);
@@ -1056,6 +1252,18 @@ mod tests {
             if state.status == SagaStatus::Completed {
                 prop_assert!(state.steps.iter().all(|s| matches!(s.action, ActionStatus::Succeeded | ActionStatus::Skipped)));
                 prop_assert!(calls.iter().all(|c| c.1 == Op::Action));
+            }
+            // A timer is never called and never compensated; it ends only after its time.
+            for (k, t) in timers.iter().enumerate().take(comps.len()) {
+                if *t {
+                    prop_assert!(!calls.iter().any(|c| c.0 == k));
+                    prop_assert!(state.steps[k].compensation == CompensationStatus::NotNeeded);
+                }
+            }
+            for e in &events {
+                if let SagaEvent::TimerFired { step, at } = e {
+                    prop_assert!(state.steps[*step].timer.is_some_and(|u| u <= *at));
+                }
             }
             // A step whose condition fails is skipped, never called, never compensated; a step
             // whose condition holds is never skipped.
