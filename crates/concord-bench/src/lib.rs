@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// them, so appends of several nodes race for the log (PostgreSQL).
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// `sagas` only: sagas parked on a one-hour timer before the sagas are measured again beside
+    /// them (0: no parked-saga case).
+    #[arg(long, default_value_t = 10_000)]
+    pub parked: u64,
     /// NATS server of `bench outbox`.
     #[arg(long, env = "CONCORD_TEST_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -499,6 +503,19 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
     );
     let ours_one = run_clients(1, short, saga_op(server.client.clone(), not_completed.clone())).await?;
     let baseline_one = run_clients(1, short, direct_op(server.http.clone(), participant.clone())).await?;
+    let parked = if args.parked > 0 {
+        Some(
+            parked_case(
+                args,
+                &server,
+                duration,
+                saga_op(server.client.clone(), not_completed.clone()),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     server.stop().await;
     let ours = figure("2-step saga via HTTP, start to completed", &ours, duration);
     let baseline = figure("the same 2 participant calls, direct", &baseline, duration);
@@ -518,6 +535,15 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
             "overhead_per_step_p99_ms": round((ours_one.p99_ms - baseline_one.p99_ms) / STEPS),
         },
         "not_completed": not_completed.load(std::sync::atomic::Ordering::Relaxed),
+        "parked": parked.map(|(n, start_s, with)| json!({
+            "sagas_parked": n,
+            "parking_seconds": round(start_s),
+            "what": "sagas parked on a one-hour timer (no lease, no worker), then the 2-step sagas again beside them",
+            "sagas_per_s_beside_them": with.ops_per_s,
+            "p50_ms": with.p50_ms,
+            "p99_ms": with.p99_ms,
+            "ratio_to_without": round(with.ops_per_s / ours.ops_per_s.max(f64::MIN_POSITIVE)),
+        })),
     });
     Ok(Report {
         area: "sagas",
@@ -529,6 +555,68 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
         ratio,
         extra,
     })
+}
+
+/// Parks `args.parked` sagas on a one-hour timer (32 starts in flight), checks one is parked, then
+/// measures `op` again beside them: whether parked sagas cost the running ones anything.
+async fn parked_case<F, Fut>(
+    args: &BenchArgs,
+    server: &BenchServer,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(u64, f64, Figure)>
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let definition = json!({"steps": [{"name": "hold", "sleep_ms": 3_600_000}]});
+    server.client.put_saga_definition("bench-parked", &definition).await?;
+    eprintln!("bench: parking {} sagas on a one-hour timer ...", args.parked);
+    let start = Instant::now();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    futures::stream::iter(0..args.parked)
+        .map(|i| {
+            let client = server.client.clone();
+            let id = format!("parked-{}-{i}", &run[..8]);
+            async move {
+                let body = concord_api::sagas::StartSagaBody {
+                    definition: "bench-parked".into(),
+                    input: json!({}),
+                    id: Some(id),
+                };
+                client
+                    .start_saga(&body, None)
+                    .await
+                    .map(drop)
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let parking = start.elapsed().as_secs_f64();
+    // The last one started is parked: running, its timer's end as its next attempt.
+    let last = format!("parked-{}-{}", &run[..8], args.parked - 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let saga = server.client.saga(&last, None).await?;
+        if saga.status == "running" && saga.next_attempt_at.is_some() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "saga {last} did not park: {}", saga.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "bench: {} clients run 2-step sagas for {}s beside the parked ones ...",
+        args.clients, args.seconds
+    );
+    let with = run_clients(args.clients, duration, op).await?;
+    Ok((
+        args.parked,
+        parking,
+        figure("2-step saga beside parked sagas", &with, duration),
+    ))
 }
 
 /// Accounts per bank in the 2PC benchmark: enough that concurrent transfers seldom meet on one.

@@ -152,3 +152,16 @@ fn bench_events_on_postgres_prints_the_contract_json() {
     };
     bench_prints_the_contract_json("postgres", Some(&url));
 }
+
+#[test]
+fn bench_sagas_on_sqlite_parks_sagas_and_measures_the_others_beside_them() {
+    let report = bench_report_with("sagas", "sqlite", None, &["--parked", "200"]);
+    let parked = &report["extra"]["parked"];
+    assert_eq!(parked["sagas_parked"], 200, "{report}");
+    assert!(
+        parked["sagas_per_s_beside_them"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    assert!(parked["ratio_to_without"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert_eq!(report["extra"]["not_completed"], 0, "{report}");
+}
