@@ -147,7 +147,10 @@ impl RetrySpec {
     /// The policy this spec makes with `default` filling what it leaves out.
     #[must_use]
     pub fn resolve(&self, default: RetryPolicy) -> RetryPolicy {
-        let backoff_ms = self.backoff_ms.unwrap_or(default.backoff_ms);
+        // A cap given alone lowers the default delay to it, rather than refusing the pair.
+        let backoff_ms = self
+            .backoff_ms
+            .unwrap_or(default.backoff_ms.min(self.max_backoff_ms.unwrap_or(u64::MAX)));
         RetryPolicy {
             max_attempts: self.max_attempts.unwrap_or(default.max_attempts),
             backoff_ms,
@@ -280,11 +283,27 @@ pub struct StepSpec {
 
 /// A step's condition as written: `"{{x}}"` (x is truthy), or an object naming the value and
 /// one test, `{"value": "{{x}}", "equals": v}`, `"not_equals": v` or `"present": bool`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum WhenSpec {
     Truthy(String),
     Test(WhenTest),
+}
+
+impl<'de> Deserialize<'de> for WhenSpec {
+    /// A string is the truthy form, an object the test form (its errors named); nothing else.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Truthy(s)),
+            v @ Value::Object(_) => serde_json::from_value(v)
+                .map(Self::Test)
+                .map_err(|e| D::Error::custom(format!("when: {e}"))),
+            _ => Err(D::Error::custom(
+                "when is a template string or an object with value and one test",
+            )),
+        }
+    }
 }
 
 /// The object form of a [`WhenSpec`]: exactly one of the tests.
@@ -396,13 +415,33 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-/// JSON equality where numbers compare by value (`1` equals `1.0`).
+/// A JSON number by value: an integer (a whole float included) exactly, else its float.
+#[derive(PartialEq)]
+enum Num {
+    Int(i128),
+    Float(f64),
+}
+
+fn num(n: &serde_json::Number) -> Num {
+    if let Some(i) = n.as_i64() {
+        return Num::Int(i128::from(i));
+    }
+    if let Some(u) = n.as_u64() {
+        return Num::Int(i128::from(u));
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    // Whole and within the integers JSON numbers reach here: compare exactly as an integer.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    if f.fract() == 0.0 && f.abs() < 1.8e19 && (f as i128) as f64 == f {
+        return Num::Int(f as i128);
+    }
+    Num::Float(f)
+}
+
+/// JSON equality where numbers compare by value (`1` equals `1.0`), integers exactly.
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
-            (Some(i), Some(j)) => i == j,
-            _ => x.as_f64() == y.as_f64(),
-        },
+        (Value::Number(x), Value::Number(y)) => num(x) == num(y),
         (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len() && x.iter().all(|(k, a)| y.get(k).is_some_and(|b| json_eq(a, b)))
@@ -568,7 +607,12 @@ impl SagaDefinition {
                     s.name, limits.max_timeout_ms
                 )));
             }
-            let earlier: Vec<&str> = steps.iter().map(|p| p.name.as_str()).collect();
+            // Only calls have outputs: a timer's name is no variable.
+            let earlier: Vec<&str> = steps
+                .iter()
+                .filter(|p| p.action.is_some())
+                .map(|p| p.name.as_str())
+                .collect();
             let sleep = check_kind(s, &earlier, limits)?;
             if let Some(a) = &s.action {
                 check_call(&s.name, a, &earlier)?;
@@ -708,7 +752,10 @@ pub fn timer_end(
     outputs: &BTreeMap<String, Value>,
 ) -> Result<DateTime<Utc>, String> {
     match sleep {
-        Sleep::For(d) => Ok(now + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::MAX)),
+        Sleep::For(d) => chrono::Duration::from_std(*d)
+            .ok()
+            .and_then(|d| now.checked_add_signed(d))
+            .ok_or_else(|| format!("sleep_ms {} ends past the last time that can be kept", d.as_millis())),
         Sleep::Until(template) => {
             let secrets = SagaSecrets::default();
             let ctx = TemplateContext {
@@ -720,7 +767,13 @@ pub fn timer_end(
             let text = ctx.render_str(template, false).map_err(|e| e.to_string())?;
             DateTime::parse_from_rfc3339(&text)
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| format!("sleep_until {text:?} is not an RFC 3339 time: {e}"))
+                .map_err(|e| {
+                    // The value came from the input or an output: quote only its start, so the
+                    // error always fits in the event that records it.
+                    let shown: String = text.chars().take(64).collect();
+                    let more = if text.chars().nth(64).is_some() { "..." } else { "" };
+                    format!("sleep_until {shown:?}{more} is not an RFC 3339 time: {e}")
+                })
         }
     }
 }
@@ -1256,6 +1309,10 @@ mod tests {
             SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()),
             Err(DefinitionError::Limit(_))
         ));
+        // A cap given alone lowers the default delay to it.
+        v["steps"][0]["retry"] = json!({"max_backoff_ms": 50});
+        let d = SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()).unwrap();
+        assert_eq!((d.steps[0].retry.backoff_ms, d.steps[0].retry.max_backoff_ms), (50, 50));
         // What the user wrote is what is stored: no default is written into the spec.
         v["steps"][0]["retry"] = json!({"max_attempts": 7});
         let d = SagaDefinition::new("order", 1, spec(v.clone()), &SagaLimits::default()).unwrap();

@@ -1161,6 +1161,62 @@ mod tests {
     }
 
     #[test]
+    fn edges_of_conditions_and_timers_are_refused_or_kept_small_never_a_panic() {
+        use super::super::definition::{Condition, ConditionTest, Sleep, timer_end};
+        // Integers compare exactly, past what a float holds; a whole float equals its integer.
+        let eq = |want: Value, got: Value| {
+            Condition {
+                var: "input.x".into(),
+                test: ConditionTest::Equals(want),
+            }
+            .holds(&json!({ "x": got }), &BTreeMap::new())
+        };
+        assert!(!eq(json!(u64::MAX), json!(u64::MAX - 1)));
+        assert!(!eq(json!(9_007_199_254_740_993_u64), json!(9_007_199_254_740_992.0)));
+        assert!(eq(json!(2), json!(2.0)));
+        assert!(eq(json!(-3), json!(-3.0)));
+        assert!(!eq(json!(2), json!(2.5)));
+        assert!(eq(json!({"a": [1, 2.0]}), json!({"a": [1.0, 2]})));
+        // A sleep past the last time that can be kept refuses the step; it does not panic.
+        let end = timer_end(
+            &Sleep::For(std::time::Duration::from_millis(u64::MAX)),
+            t0(),
+            &id(),
+            &json!({}),
+            &BTreeMap::new(),
+        );
+        assert!(end.is_err());
+        // A long value that is no time is quoted short in the error, which fits in an event.
+        let long = "x".repeat(100_000);
+        let err = timer_end(
+            &Sleep::Until("{{input.at}}".into()),
+            t0(),
+            &id(),
+            &json!({ "at": long }),
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert!(err.len() < 300, "{err}");
+        // Shapes a `when` cannot have are refused with what is wrong.
+        for bad in [json!(5), json!(true), json!({"value": "{{input.x}}", "equal": 1})] {
+            let e = serde_json::from_value::<super::super::definition::WhenSpec>(bad.clone()).unwrap_err();
+            assert!(e.to_string().contains("when"), "{bad}: {e}");
+        }
+        // A timer has no output for a later step to read.
+        let d = with_timer(
+            &def(&[("a", false), ("t", false), ("b", false)], 1, 1),
+            1,
+            json!({"sleep_ms": 1}),
+        );
+        let mut spec = d.spec.clone();
+        spec.steps[2].when = Some(serde_json::from_value(json!("{{steps.t.output.x}}")).unwrap());
+        assert!(matches!(
+            SagaDefinition::new("t", 1, spec, &SagaLimits::default()),
+            Err(DefinitionError::Condition { .. } | DefinitionError::Template { .. })
+        ));
+    }
+
+    #[test]
     fn a_log_that_does_not_fit_is_an_error_not_a_panic() {
         let d = def(&[("a", true)], 1, 1);
         assert!(SagaState::from_log(&id(), &d, &[]).is_err());
