@@ -166,21 +166,24 @@ pub struct WhenTestIn {
     #[schema(pattern = r"^\{\{[^{}]+\}\}$")]
     pub value: String,
     /// Present and equal (numbers by value: `1` equals `1.0`).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::present_value"
+    )]
     #[schema(value_type = Option<crate::schema::StorableJson>)]
     pub equals: Option<Value>,
     /// Absent, or present and not equal.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::present_value"
+    )]
     #[schema(value_type = Option<crate::schema::StorableJson>)]
     pub not_equals: Option<Value>,
     /// Present (`true`, a `null` value included) or absent (`false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
-}
-
-/// A member that is there holds a value, `null` included.
-fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
 }
 
 /// An HTTP call to a participant.

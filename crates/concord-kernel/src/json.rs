@@ -60,6 +60,15 @@ pub fn as_uint(n: &Number) -> Option<u64> {
     whole(n)
 }
 
+/// For `Option<serde_json::Value>` fields with `#[serde(default)]`: a member that is there holds
+/// a value, `null` included (`Option<Value>` alone reads `null` as absent).
+///
+/// # Errors
+/// The deserializer's.
+pub fn present_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,17 @@ async fn run(app: &TestApp, definition: &str, id: &str, plan: Value) -> Value {
     r.json().await.unwrap()
 }
 
+/// The saga's log, as the event store serves its stream.
+async fn saga_log(app: &TestApp, id: &str) -> Value {
+    app.admin(Method::GET, &format!("/v1/streams/saga-{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn attempts(saga: &Value, step: usize, op: &str) -> usize {
     saga["steps"][step]["attempts"]
         .as_array()
@@ -232,14 +243,7 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "completed");
     assert_eq!(p.attempts("o-1", "reserve", "action"), 1);
     // The saga log is in the event store.
-    let log: Value = app
-        .admin(Method::GET, "/v1/streams/saga-o-1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = saga_log(&app, "o-1").await;
     let types: Vec<&str> = log["events"]
         .as_array()
         .unwrap()
@@ -368,14 +372,7 @@ async fn a_step_whose_condition_fails_is_skipped_and_never_compensated(b: Backen
     assert_eq!(p.effect("w-1", "hotel"), None, "never called");
     assert_eq!(p.effect("w-1", "flight"), Some(Effect::Undone));
     assert_eq!(check_saga(&p, &saga), None);
-    let log: Value = app
-        .admin(Method::GET, "/v1/streams/saga-w-1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = saga_log(&app, "w-1").await;
     let skipped: Vec<&Value> = log["events"]
         .as_array()
         .unwrap()
@@ -463,14 +460,7 @@ async fn a_timer_parks_the_saga_and_any_runner_wakes_it_on_time(b: Backend) {
         ),
         (1, 1)
     );
-    let log: Value = app
-        .admin(Method::GET, "/v1/streams/saga-z-1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = saga_log(&app, "z-1").await;
     let events = log["events"].as_array().unwrap();
     let data = |t: &str| events.iter().find(|e| e["type"] == t).map(|e| e["data"].clone());
     let started = data("TimerStarted").expect("TimerStarted");

@@ -311,18 +311,20 @@ impl<'de> Deserialize<'de> for WhenSpec {
 #[serde(deny_unknown_fields)]
 pub struct WhenTest {
     pub value: String,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::present_value"
+    )]
     pub equals: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_value")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::present_value"
+    )]
     pub not_equals: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
-}
-
-/// A field that is there holds a value, `null` included (`Option<Value>` alone reads `null` as
-/// absent).
-fn some_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
 }
 
 /// A validated condition: one variable and its test.
