@@ -508,11 +508,13 @@ impl EventStore for PostgresStore {
         max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!("{SELECT_EVENT} WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3");
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(stream.as_str())
-            .bind(to_i64(from))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let events = collect_within(query.fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
+        let read = || {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(stream.as_str())
+                .bind(to_i64(from))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        };
+        let mut events = collect_within(read().fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
         if events.is_empty() {
             let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM concord_events WHERE stream = $1 LIMIT 1")
                 .bind(stream.as_str())
@@ -522,6 +524,9 @@ impl EventStore for PostgresStore {
             if exists.is_none() {
                 return Err(StoreError::StreamNotFound(stream.to_string()));
             }
+            // The stream was created between the two reads: read again, after the check, so an
+            // existing stream is never answered as empty when it has events from `from` on.
+            events = collect_within(read().fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
         }
         Ok(events)
     }

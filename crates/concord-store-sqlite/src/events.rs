@@ -163,11 +163,13 @@ impl EventStore for SqliteStore {
         max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql = format!("{SELECT_EVENT} WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?");
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(stream.as_str())
-            .bind(to_i64(from))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        let events = collect_within(query.fetch(&self.inner.read), max_bytes, row_bytes, event_from_row).await?;
+        let read = || {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(stream.as_str())
+                .bind(to_i64(from))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        };
+        let mut events = collect_within(read().fetch(&self.inner.read), max_bytes, row_bytes, event_from_row).await?;
         if events.is_empty() {
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM events WHERE stream = ? LIMIT 1")
                 .bind(stream.as_str())
@@ -177,6 +179,9 @@ impl EventStore for SqliteStore {
             if exists.is_none() {
                 return Err(StoreError::StreamNotFound(stream.to_string()));
             }
+            // The stream was created between the two reads: read again, after the check, so an
+            // existing stream is never answered as empty when it has events from `from` on.
+            events = collect_within(read().fetch(&self.inner.read), max_bytes, row_bytes, event_from_row).await?;
         }
         Ok(events)
     }

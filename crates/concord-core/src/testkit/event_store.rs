@@ -35,6 +35,38 @@ where
     concurrent_appends_never_share_a_version_or_position(Arc::new(make().await)).await;
     checkpoints_are_kept_per_group_member(make().await).await;
     reads_stop_at_their_byte_budget(make().await).await;
+    a_read_racing_a_streams_creation_sees_all_or_nothing(Arc::new(make().await)).await;
+}
+
+/// A read of a stream from its start, racing the append that creates it, answers either "no
+/// such stream" or its events, never an existing stream with no events.
+async fn a_read_racing_a_streams_creation_sees_all_or_nothing<S: EventStore + 'static>(s: Arc<S>) {
+    const STREAMS: usize = 200;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 0..STREAMS {
+                s.append(append(&format!("race-{i}"), ExpectedVersion::NoStream, &["A", "B"]))
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for i in 0..STREAMS {
+        let name = stream(&format!("race-{i}"));
+        loop {
+            match s.read_stream(&name, 1, 100, usize::MAX).await {
+                Err(StoreError::StreamNotFound(_)) => tokio::task::yield_now().await,
+                Ok(events) => {
+                    assert_eq!(events.len(), 2, "stream {name} read half-created: {events:?}");
+                    break;
+                }
+                Err(e) => panic!("read of {name}: {e}"),
+            }
+        }
+    }
+    writer.await.unwrap();
 }
 
 async fn reads_stop_at_their_byte_budget<S: EventStore>(s: S) {
