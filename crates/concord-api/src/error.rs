@@ -84,8 +84,8 @@ error_codes! {
     InvalidStepHeader = ("invalid_step_header", 400, "Invalid step header"),
     /// A step's `when` that is not one of its forms, or reads what the step cannot see.
     InvalidStepCondition = ("invalid_step_condition", 400, "Invalid step condition"),
-    /// A step that is not exactly one kind (an `action`, `sleep_ms` or `sleep_until`), or a
-    /// timer with a compensation, retry or timeout.
+    /// A step that is not exactly one kind (an `action`, `sleep_ms`, `sleep_until` or `wait`), or
+    /// a timer or wait with a compensation, retry or timeout, or a wait with a bad signal name.
     InvalidStepKind = ("invalid_step_kind", 400, "Invalid step kind"),
     /// A saga definition or input beyond a configured limit (steps, sizes, attempts, timeouts).
     SagaLimitExceeded = ("saga_limit_exceeded", 400, "Saga limit exceeded"),
@@ -149,6 +149,12 @@ error_codes! {
     SagaNotFound = ("saga_not_found", 404, "Saga not found"),
     /// Only a `failed` saga can be retried.
     SagaNotFailed = ("saga_not_failed", 409, "Saga is not failed"),
+    /// No step of the saga waits for this signal, or none does any more (the saga went past
+    /// it, timed out or finished).
+    SignalNotExpected = ("signal_not_expected", 409, "Signal not expected"),
+    /// The saga already has as many signals of this name as its steps wait for (one per wait
+    /// step); this one is not kept.
+    SignalAlreadySent = ("signal_already_sent", 409, "Signal already sent"),
 
     /// The route exists but not with this method.
     MethodNotAllowed = ("method_not_allowed", 405, "Method not allowed"),

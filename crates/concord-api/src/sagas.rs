@@ -61,6 +61,12 @@ pub struct StepOut {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub attempts: Vec<AttemptOut>,
+    /// A wait step the saga has reached: the signal it waits for, while it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// When a reached timer ends, or when a reached wait gives up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// A saga instance.
@@ -112,7 +118,7 @@ pub struct StepIn {
     /// Unique in the definition.
     #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
     pub name: String,
-    /// The call. A step has exactly one of `action`, `sleep_ms` and `sleep_until`.
+    /// The call. A step has exactly one of `action`, `sleep_ms`, `sleep_until` and `wait`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<CallIn>,
     /// A durable timer: the saga waits this long (no lease held, no worker busy), then goes on.
@@ -145,6 +151,39 @@ pub struct StepIn {
     /// skipped, and never compensated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<WhenIn>,
+    /// Waits for a signal (`POST /v1/sagas/{id}/signals/{signal}`), holding no lease; the
+    /// signal's body is the step's output. A wait has no compensation, retry or timeout_ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitIn>,
+}
+
+/// A wait step: the signal it takes and how long it waits for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitIn {
+    /// The signal's name. Each wait step for a name takes one signal of it, in step order; a
+    /// signal sent before the saga reaches its step is kept for it.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
+    pub signal: String,
+    /// Time from reaching the step until the saga gives up and compensates (default and
+    /// maximum: the server's `saga_max_sleep_ms`, 31 days).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    #[schema(minimum = 1)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer of `POST /v1/sagas/{id}/signals/{signal}`: the signal is kept for the saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SignalOut {
+    pub saga_id: String,
+    pub signal: String,
+    /// Which signal of this name it is (1: the first): the wait step for that name, in step
+    /// order, takes it.
+    pub sequence: u64,
 }
 
 /// A step's condition over the input and earlier outputs: `"{{input.express}}"` (the value is

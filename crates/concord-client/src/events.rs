@@ -8,7 +8,7 @@ use reqwest::header::ACCEPT;
 use crate::Subscription;
 
 /// The header that makes an append idempotent.
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 use crate::transport::{check, empty, endpoint, json, media_type, segment};
 use crate::{Client, ClientError};

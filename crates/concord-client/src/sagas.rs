@@ -1,11 +1,12 @@
-//! Saga definitions and sagas: define, start, watch, list, retry.
+//! Saga definitions and sagas: define, start, watch, list, retry, signal.
 
 use std::time::Duration;
 
+use crate::events::IDEMPOTENCY_KEY;
 use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
-use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, StartSagaBody};
+use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody};
 use reqwest::Method;
 
 impl Client {
@@ -136,5 +137,32 @@ impl Client {
         let mut url = endpoint(&self.base_url, &["v1", "sagas", id, "retry"])?;
         append_wait(&mut url, wait);
         json(self.request(Method::POST, url)).await
+    }
+
+    /// `POST /v1/sagas/{id}/signals/{signal}`: sends a signal; its body becomes the output of
+    /// the wait step that takes it. A retry with the same `idempotency_key` answers the first
+    /// send again instead of sending a second signal.
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404), `signal_not_expected` (409) when no step of the saga waits for
+    /// it (any more), `signal_already_sent` (409) when its wait steps have theirs,
+    /// `saga_limit_exceeded` (400) for a body over the server's `saga_max_output_bytes`; see
+    /// [`ClientError`].
+    pub async fn signal_saga(
+        &self,
+        id: &str,
+        signal: &str,
+        body: &serde_json::Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<SignalOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let signal = segment(signal, ErrorCode::InvalidName)?;
+        let url = endpoint(&self.base_url, &["v1", "sagas", id, "signals", signal])?;
+        let mut request = self.request(Method::POST, url).json(body);
+        if let Some(key) = idempotency_key {
+            request = request.header(IDEMPOTENCY_KEY, key);
+        }
+        json(request).await
     }
 }

@@ -222,6 +222,19 @@ impl SagaStore for PostgresStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE concord_sagas SET next_run_at = $2 \
+             WHERE id = $1 AND status IN ('running', 'compensating')",
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM concord_sagas GROUP BY status ORDER BY status")
             .fetch_all(&self.inner.pool)

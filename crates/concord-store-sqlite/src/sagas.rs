@@ -214,6 +214,17 @@ impl SagaStore for SqliteStore {
         rx.await.map_err(|_| closed())?
     }
 
+    async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE sagas SET next_run_at = ? WHERE id = ? AND status IN ('running', 'compensating')")
+                .bind(micros(now))
+                .bind(id.as_str())
+                .execute(&self.inner.write)
+                .await
+                .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sagas GROUP BY status ORDER BY status")
             .fetch_all(&self.inner.read)

@@ -8,12 +8,15 @@
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::outbound::OutboundPolicy;
 use crate::domain::saga::definition::MissingValue;
+use crate::domain::saga::definition::check_signal_name;
+use crate::domain::saga::machine::ActionStatus;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
-    CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, HttpCall, Op, SagaDefinition, SagaEvent,
-    SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, log_stream, on_outcome,
+    CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, FoundSignal, HttpCall, Op, SagaDefinition,
+    SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, log_stream, on_outcome,
+    on_signal, signal_stream,
 };
-use crate::domain::{Limits, StreamName, ValidationError};
+use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -64,6 +67,14 @@ pub enum SagaError {
     Busy(SagaId),
     #[error("input is {size} bytes, over the limit of {limit}")]
     InputTooLarge { size: usize, limit: usize },
+    #[error("signal body is {size} bytes, over the limit of {limit} (saga_max_output_bytes)")]
+    SignalTooLarge { size: usize, limit: usize },
+    /// No step of the saga waits for the signal, or none does any more.
+    #[error("{0}")]
+    SignalNotExpected(String),
+    /// Every wait step for the signal has one already.
+    #[error("saga {id} already has the {taken} signal(s) {signal} its steps wait for")]
+    SignalAlreadySent { id: SagaId, signal: String, taken: u64 },
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -112,6 +123,8 @@ pub enum DriveEnd {
     Finished(SagaStatus),
     /// A retry is due later; the lease is released.
     Waiting,
+    /// Released to wait, but a signal came meanwhile: the saga is due again at once.
+    Woken,
     /// Another node moved the saga on (the lease was lost); nothing more here.
     Lost,
 }
@@ -534,7 +547,15 @@ impl SagaEngine {
         let mut on_finished = Some(on_finished);
         loop {
             let now = Utc::now();
-            match decide(&def, &state, now) {
+            let decision = match decide(&def, &state, now) {
+                Decision::Await { step, signal, sequence } => {
+                    let found = self.find_signal(&row.id, &signal, sequence).await?;
+                    on_signal(&def, &state, step, found, now)
+                }
+                d => d,
+            };
+            match decision {
+                Decision::Await { .. } => unreachable!("on_signal never answers Await"),
                 Decision::Record(e) => {
                     state.apply(&def, &e)?;
                     pending.push(e);
@@ -572,6 +593,15 @@ impl SagaEngine {
                     }
                     if !self.release(&mut row, &state, Some(until)).await? {
                         return Ok(DriveEnd::Lost);
+                    }
+                    // A signal sent while this node held the saga woke a row that the release
+                    // then put back to sleep: look once more, now that the row is free, and wake
+                    // it again if the signal is there (a signal sent from now on wakes it itself).
+                    if let Decision::Await { signal, sequence, .. } = decide(&def, &state, Utc::now())
+                        && self.find_signal(&row.id, &signal, sequence).await?.is_some()
+                    {
+                        self.store.wake_saga(&row.id, Utc::now()).await?;
+                        return Ok(DriveEnd::Woken);
                     }
                     return Ok(DriveEnd::Waiting);
                 }
@@ -703,6 +733,106 @@ impl SagaEngine {
         }
     }
 
+    /// Signal number `sequence` of name `signal` sent to saga `id`, if it has come.
+    async fn find_signal(&self, id: &SagaId, signal: &str, sequence: u64) -> Result<Option<FoundSignal>, SagaError> {
+        let stream = StreamName::parse(&signal_stream(id, signal))?;
+        match self.events.read_stream(&stream, sequence, 1, usize::MAX).await {
+            Ok(page) => Ok(page.into_iter().find(|e| e.version == sequence).map(|e| FoundSignal {
+                by: e.metadata.get("key").and_then(Value::as_str).map(str::to_owned),
+                payload: e.data,
+            })),
+            Err(StoreError::StreamNotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends signal `name` with `payload` to saga `id` for the API key `by`: kept until the saga's
+    /// wait step for it takes it (one signal per wait step for that name, in step order), and
+    /// wakes the saga if it waits. Answers which signal of that name this was (1: the first).
+    ///
+    /// # Errors
+    /// Unknown saga, a bad name, an oversized payload, a signal no step of the saga waits for
+    /// (any more), one more than its wait steps take, or the store.
+    pub async fn signal(&self, id: &SagaId, name: &str, payload: Value, by: Option<&str>) -> Result<u64, SagaError> {
+        check_signal_name(name)?;
+        let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
+        if size > self.config.limits.max_output_bytes {
+            return Err(SagaError::SignalTooLarge {
+                size,
+                limit: self.config.limits.max_output_bytes,
+            });
+        }
+        if has_nul(&payload) {
+            return Err(ValidationError::NulCharacter(0).into());
+        }
+        let row = self
+            .store
+            .get_saga(id)
+            .await?
+            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        let slots = def.signal_slots(name);
+        if slots == 0 {
+            return Err(SagaError::SignalNotExpected(format!(
+                "no step of saga {id} ({} v{}) waits for signal {name}",
+                def.name, def.version
+            )));
+        }
+        let (state, _) = self.read_log(&row).await?;
+        let stream = StreamName::parse(&signal_stream(id, name))?;
+        // Appended at the version read, so two concurrent senders never both take the last slot.
+        for _ in 0..SIGNAL_RACES {
+            let sent = match self
+                .events
+                .read_stream(&stream, 1, usize::try_from(slots).unwrap_or(usize::MAX), usize::MAX)
+                .await
+            {
+                Ok(page) => page.last().map_or(0, |e| e.version),
+                Err(StoreError::StreamNotFound(_)) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if sent >= slots {
+                return Err(SagaError::SignalAlreadySent {
+                    id: id.clone(),
+                    signal: name.to_owned(),
+                    taken: slots,
+                });
+            }
+            let sequence = sent + 1;
+            if let Some(s) = &state
+                && !signal_still_awaited(&def, s, name, sequence)
+            {
+                return Err(SagaError::SignalNotExpected(format!(
+                    "saga {id} is {} and its step for signal {name} no longer waits",
+                    s.status.as_str()
+                )));
+            }
+            let meta = serde_json::json!({"key": by});
+            let event = crate::domain::event::UncheckedEvent {
+                id: None,
+                event_type: "SignalSent".to_owned(),
+                data: payload.clone(),
+                metadata: Some(meta),
+            };
+            let expected = if sent == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(sent)
+            };
+            let request = AppendRequest::new(stream.clone(), expected, vec![event], &self.config.event_limits)?;
+            match self.events.append(request).await {
+                Ok(_) => {
+                    self.store.wake_saga(id, Utc::now()).await?;
+                    metrics::counter!("concord_saga_signals_total").increment(1);
+                    return Ok(sequence);
+                }
+                Err(StoreError::WrongExpectedVersion { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SagaError::Busy(id.clone()))
+    }
+
     /// Appends the pending events at the version we expect. False when the log moved on.
     async fn flush(
         &self,
@@ -826,6 +956,23 @@ impl SagaEngine {
             .await?;
         Ok(())
     }
+}
+
+/// How often a signal is tried again when another sender took its place in the meantime.
+const SIGNAL_RACES: usize = 8;
+
+/// Whether the wait step that takes signal `name` number `sequence` can still take it: the saga
+/// runs and that step has not ended (it may not have been reached yet).
+fn signal_still_awaited(def: &SagaDefinition, state: &SagaState, name: &str, sequence: u64) -> bool {
+    let step = def
+        .steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.wait.as_ref().is_some_and(|w| w.signal == name))
+        .nth(usize::try_from(sequence.saturating_sub(1)).unwrap_or(usize::MAX))
+        .map(|(i, _)| i);
+    state.status == SagaStatus::Running
+        && step.is_some_and(|i| state.steps.get(i).is_some_and(|s| s.action == ActionStatus::Pending))
 }
 
 /// True when a JSON value holds U+0000 anywhere (which no store can keep).

@@ -25,6 +25,8 @@ pub enum Scope {
     SagasRead,
     /// `sagas:write`
     SagasWrite,
+    /// `sagas:signal`: sends signals to waiting sagas, nothing else.
+    SagasSignal,
     /// `tx:read`
     TxRead,
     /// `tx:write`
@@ -42,12 +44,13 @@ pub enum Scope {
 }
 
 /// The scopes that are not per vault type, in the order [`Scope::all`] lists them.
-const FIXED_SCOPES: [Scope; 10] = [
+const FIXED_SCOPES: [Scope; 11] = [
     Scope::Admin,
     Scope::EventsRead,
     Scope::EventsWrite,
     Scope::SagasRead,
     Scope::SagasWrite,
+    Scope::SagasSignal,
     Scope::TxRead,
     Scope::TxWrite,
     Scope::VaultTokenize,
@@ -80,6 +83,7 @@ impl Scope {
             Self::EventsWrite => "events:write",
             Self::SagasRead => "sagas:read",
             Self::SagasWrite => "sagas:write",
+            Self::SagasSignal => "sagas:signal",
             Self::TxRead => "tx:read",
             Self::TxWrite => "tx:write",
             Self::VaultTokenize => "vault:tokenize",
@@ -251,7 +255,7 @@ mod tests {
     #[test]
     fn every_listed_scope_parses() {
         let all = Scope::all();
-        assert_eq!(all.len(), 10 + 2 * TokenType::ALL.len());
+        assert_eq!(all.len(), 11 + 2 * TokenType::ALL.len());
         for scope in all {
             assert_eq!(Scope::parse(scope.as_str()).unwrap(), scope);
         }
@@ -265,6 +269,7 @@ mod tests {
             "events:write",
             "sagas:read",
             "sagas:write",
+            "sagas:signal",
             "tx:read",
             "tx:write",
             "vault:tokenize",

@@ -87,6 +87,9 @@ pub trait SagaStore: Send + Sync + 'static {
     ) -> Result<Vec<SagaRow>, StoreError>;
     /// Applies an update if its conditions hold; false when they did not (the lease was lost).
     async fn update_saga(&self, update: &SagaUpdate<'_>) -> Result<bool, StoreError>;
+    /// Makes a saga that is not finished due now (its `next_run_at`), leaving its lease alone:
+    /// a signal came for it. False when no such unfinished saga is there.
+    async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError>;
     /// How many rows have each status.
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError>;
 }

@@ -397,6 +397,17 @@ impl SagaStore for MemoryStore {
         Ok(true)
     }
 
+    async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        match st.sagas.get_mut(id) {
+            Some(r) if !r.status.is_terminal() => {
+                r.next_run_at = Some(now);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let st = self.lock();
         Ok(SagaStatus::ALL

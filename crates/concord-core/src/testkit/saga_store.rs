@@ -154,6 +154,21 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
         .unwrap()
     );
 
+    // A wake makes an unfinished saga due now and leaves its lease and the rest alone; a
+    // finished one or an unknown id is not woken.
+    assert!(s.wake_saga(&saga_id("s-2"), now).await.unwrap());
+    let r = s.get_saga(&saga_id("s-2")).await.unwrap().unwrap();
+    assert_eq!(
+        (r.next_run_at, r.lease_owner, r.status),
+        (Some(now), None, SagaStatus::Running)
+    );
+    assert!(s.wake_saga(&saga_id("s-1"), now + secs(1)).await.unwrap());
+    let r = s.get_saga(&saga_id("s-1")).await.unwrap().unwrap();
+    assert_eq!((r.next_run_at, r.lease_owner), (Some(now + secs(1)), Some(node_a)));
+    assert!(!s.wake_saga(&saga_id("s-3"), now).await.unwrap());
+    assert_eq!(s.get_saga(&saga_id("s-3")).await.unwrap().unwrap().next_run_at, None);
+    assert!(!s.wake_saga(&saga_id("s-404"), now).await.unwrap());
+
     // Listing: id order, status filter, cursor, limit.
     let all = s.list_sagas(None, None, 10).await.unwrap();
     assert_eq!(

@@ -56,6 +56,17 @@ pub enum SagaCommand {
         #[arg(long)]
         after: Option<String>,
     },
+    /// Send a signal to a saga; its JSON body becomes the output of the wait step that takes it.
+    Signal {
+        id: String,
+        signal: String,
+        /// The signal's body, JSON.
+        #[arg(long, default_value = "{}")]
+        body: String,
+        /// Sent as `Idempotency-Key`: a retry with the same key sends nothing twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
     /// Resume a failed saga.
     Retry {
         id: String,
@@ -116,6 +127,22 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {
                 print!("{}", saga_list(&page));
+            }
+        }
+        SagaCommand::Signal {
+            id,
+            signal,
+            body,
+            idempotency_key,
+        } => {
+            let body = serde_json::from_str(&body).context("--body must be JSON")?;
+            let sent = client
+                .signal_saga(&id, &signal, &body, idempotency_key.as_deref())
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sent)?);
+            } else {
+                println!("{}  signal {} #{} kept", sent.saga_id, sent.signal, sent.sequence);
             }
         }
         SagaCommand::Retry { id, wait } => {
@@ -340,6 +367,8 @@ mod tests {
                     compensation: "succeeded".into(),
                     output: Some(json!({"id": "r1"})),
                     error: None,
+                    waiting_for: None,
+                    until: None,
                     attempts: vec![
                         attempt("action", 1, 100, 135, "succeeded", None),
                         attempt("compensation", 1, 2500, 2510, "succeeded", None),
@@ -351,6 +380,8 @@ mod tests {
                     compensation: "not_needed".into(),
                     output: None,
                     error: Some("HTTP 409:\n\u{1b}[31mno funds".into()),
+                    waiting_for: None,
+                    until: None,
                     attempts: vec![
                         attempt("action", 1, 200, 1700, "failed", Some("HTTP 503")),
                         attempt("action", 2, 1800, 1850, "refused", Some("HTTP 409")),

@@ -38,6 +38,7 @@ fn declared() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .routes(routes!(sagas::start, sagas::list))
         .routes(routes!(sagas::get))
         .routes(routes!(sagas::retry))
+        .routes(routes!(sagas::signal))
         .routes(routes!(tx::begin, tx::list))
         .routes(routes!(tx::get))
         .routes(routes!(vault::tokenize))
@@ -141,7 +142,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 27, "every operation of the API");
+        assert_eq!(count, 28, "every operation of the API");
     }
 
     #[test]

@@ -10,7 +10,9 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use concord_api::ErrorCode;
-use concord_api::sagas::{AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, StartSagaBody, StepOut};
+use concord_api::sagas::{
+    AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody, StepOut,
+};
 use concord_core::app::auth::{Owned, check_owner, claim_owner};
 use concord_core::app::saga::{SagaError, StartSaga};
 use concord_core::domain::Principal;
@@ -278,6 +280,50 @@ pub async fn retry(
     Ok(Json(saga_out(&state.sagas.retry(&id, wait).await?)))
 }
 
+/// A saga and a signal named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SignalPath {
+    /// 1–128 of `A-Z a-z 0-9 _ - . :`.
+    #[param(pattern = r"^[A-Za-z0-9_.:-]+$", min_length = 1, max_length = 128)]
+    pub id: String,
+    /// 1–64 of `A-Z a-z 0-9 _ -`.
+    #[param(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 64)]
+    pub signal: String,
+}
+
+/// Sends a signal to a saga: its JSON body becomes the output of the wait step that takes it.
+/// A signal sent before the saga reaches that step is kept for it.
+#[utoipa::path(post, path = "/v1/sagas/{id}/signals/{signal}", tag = "sagas",
+    security(("bearer" = ["sagas:signal"])),
+    params(SignalPath),
+    request_body(content = concord_api::schema::StorableJson, description = "Any JSON value: the wait step's output"),
+    responses(
+        (status = 202, description = "Kept for the saga, which is woken if it waits", body = SignalOut),
+        (status = 400, description = "invalid_name, saga_limit_exceeded (over saga_max_output_bytes) or malformed_json"),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "signal_not_expected or signal_already_sent"),
+    ))]
+pub async fn signal(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<SignalPath>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<(StatusCode, Json<SignalOut>), ApiError> {
+    let Json(payload) = body?;
+    let id = SagaId::parse(path.id).map_err(|InvalidSagaId(id)| SagaError::NotFound(id))?;
+    let by = principal.key_id.to_string();
+    let sequence = state.sagas.signal(&id, &path.signal, payload, &by).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SignalOut {
+            saga_id: id.to_string(),
+            signal: path.signal,
+            sequence,
+        }),
+    ))
+}
+
 /// The answer of a saga: its row, then what its log says when it was read.
 fn saga_out(saga: &SagaView) -> SagaOut {
     let mut out = summary(&saga.row);
@@ -306,7 +352,9 @@ fn summary(row: &SagaRow) -> SagaOut {
 fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
     out.status = s.status.as_str().to_owned();
     out.updated_at = s.updated_at;
-    out.next_attempt_at = s.retry_at.filter(|_| !s.status.is_terminal());
+    // A waiting step's end is when the saga runs next unless a signal comes first.
+    let waiting = s.steps.iter().find_map(|st| st.wait_until);
+    out.next_attempt_at = s.retry_at.or(waiting).filter(|_| !s.status.is_terminal());
     out.steps = s
         .steps
         .iter()
@@ -331,6 +379,11 @@ fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
             .to_owned(),
             output: st.output.clone(),
             error: st.error.clone(),
+            waiting_for: st.waiting_for.clone(),
+            until: st
+                .timer
+                .filter(|_| st.action == ActionStatus::Pending)
+                .or(st.wait_until),
             attempts: st
                 .attempts
                 .iter()

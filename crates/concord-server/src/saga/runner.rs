@@ -105,7 +105,7 @@ impl SagaRunner {
     async fn drive(&self, held: Held) {
         let id = held.id().clone();
         match self.engine.drive_with(held, |state| self.finished(state)).await {
-            Ok(DriveEnd::Finished(_) | DriveEnd::Waiting | DriveEnd::Lost) => {}
+            Ok(DriveEnd::Finished(_) | DriveEnd::Waiting | DriveEnd::Woken | DriveEnd::Lost) => {}
             // The lease will expire and a runner (maybe this one) continues from the log.
             Err(e) => {
                 metrics::counter!("concord_saga_drive_errors_total").increment(1);
@@ -284,6 +284,23 @@ impl SagaRunner {
             self.wait(waiting, w).await;
         }
         self.view(id, None).await
+    }
+
+    /// Sends a signal to a saga for the API key `by`, and makes this node look at the saga at
+    /// once (it is due now if it waits). Answers which signal of that name it was.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::signal`] refuses, or a store failure.
+    pub async fn signal(
+        &self,
+        id: &SagaId,
+        name: &str,
+        payload: serde_json::Value,
+        by: &str,
+    ) -> Result<u64, SagaError> {
+        let sequence = self.engine.signal(id, name, payload, Some(by)).await?;
+        self.wake.notify_one();
+        Ok(sequence)
     }
 
     /// Sagas in id order, after `after`, at most `limit`.

@@ -855,3 +855,278 @@ async fn a_keyed_start_gets_an_id_derived_from_its_request(b: Backend) {
     assert_problem(r, 400, "invalid_name").await;
 }
 both_backends!(a_keyed_start_gets_an_id_derived_from_its_request);
+
+async fn get_saga(app: &TestApp, id: &str) -> Value {
+    app.admin(Method::GET, &format!("/v1/sagas/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls until the saga's step `step` waits for its signal.
+async fn until_waiting(app: &TestApp, id: &str, step: usize) -> Value {
+    for _ in 0..200 {
+        let saga = get_saga(app, id).await;
+        if saga["steps"][step]["waiting_for"].is_string() {
+            return saga;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("saga {id} never waited at step {step}: {}", get_saga(app, id).await);
+}
+
+async fn a_wait_step_parks_the_saga_until_its_signal_and_its_body_is_the_output(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["reserve", "confirmed", "ship"], 2000);
+    def["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "payment-confirmed", "timeout_ms": 60_000}});
+    // The step after the wait reads the signal's body: a missing value would refuse it.
+    def["steps"][2]["action"]["body"]["ref"] = json!("{{steps.confirmed.output.ref}}");
+    define(&app, "pay", &def).await;
+    let start = |id: &str| {
+        app.admin(Method::POST, "/v1/sagas")
+            .json(&json!({"definition": "pay", "id": id, "input": {"plan": {}}}))
+            .send()
+    };
+    assert_eq!(start("w-1").await.unwrap().status(), 201);
+    let parked = until_waiting(&app, "w-1", 1).await;
+    assert_eq!(parked["status"], "running");
+    assert_eq!(parked["steps"][1]["waiting_for"], "payment-confirmed");
+    assert!(parked["next_attempt_at"].is_string(), "its timeout: {parked}");
+    assert_eq!(p.effect("w-1", "ship"), None, "nothing runs past a wait");
+
+    // Only a key with sagas:signal (or admin) may send it.
+    let reader = app.create_key(&["sagas:read"]).await;
+    let signaller = app.create_key(&["sagas:signal"]).await;
+    let signal = |key: &str, name: &str, idem: &str, body: Value| {
+        app.request(Method::POST, &format!("/v1/sagas/w-1/signals/{name}"), Some(key))
+            .header("Idempotency-Key", idem)
+            .json(&body)
+            .send()
+    };
+    let r = signal(&reader, "payment-confirmed", "k-0", json!({"ref": "x"}))
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+    let r = signal(&signaller, "nobody-waits", "k-1", json!({})).await.unwrap();
+    assert_problem(r, 409, "signal_not_expected").await;
+    let r = signal(&signaller, "payment-confirmed", "k-2", json!({"ref": "3ds-42"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let sent: Value = r.json().await.unwrap();
+    assert_eq!(
+        sent,
+        json!({"saga_id": "w-1", "signal": "payment-confirmed", "sequence": 1})
+    );
+    // The same send again (a client retry) answers the first; a second signal is refused.
+    let r = signal(&signaller, "payment-confirmed", "k-2", json!({"ref": "3ds-42"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap(), sent);
+    let r = signal(&signaller, "payment-confirmed", "k-3", json!({"ref": "other"}))
+        .await
+        .unwrap();
+    assert_problem(r, 409, "signal_already_sent").await;
+
+    let done: Value = app
+        .admin(Method::GET, "/v1/sagas/w-1?wait_ms=20000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["steps"][1]["output"], json!({"ref": "3ds-42"}));
+    assert_eq!(done["steps"][1]["waiting_for"], Value::Null);
+    assert_eq!(p.effect("w-1", "ship"), Some(Effect::Done));
+    // The log records the wait and the signal, attributed to the key that sent it.
+    let log = saga_log(&app, "w-1").await;
+    let events = log["events"].as_array().unwrap();
+    let received = events
+        .iter()
+        .find(|e| e["type"] == "SignalReceived")
+        .expect("SignalReceived");
+    assert_eq!(received["data"]["payload"], json!({"ref": "3ds-42"}));
+    assert_eq!(received["data"]["sequence"], 1);
+    let key_id = app
+        .admin(Method::GET, "/v1/streams/saga-w-1@payment-confirmed")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["events"][0]["metadata"]["key"]
+        .clone();
+    assert!(key_id.is_string(), "the sending key is kept");
+    assert_eq!(received["data"]["by"], key_id);
+    assert!(events.iter().any(|e| e["type"] == "WaitStarted"), "{log}");
+    // No one writes a saga's signals but Concord.
+    let r = app
+        .append(
+            "saga-w-1@payment-confirmed",
+            json!({"events": [{"type": "SignalSent", "data": {}}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+
+    // A signal sent before the saga reaches its step is kept and taken when it does.
+    let mut early = def.clone();
+    early["steps"][0] = json!({"name": "reserve", "sleep_ms": 300});
+    define(&app, "pay-early", &early).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "pay-early", "id": "w-2", "input": {"plan": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app
+        .admin(Method::POST, "/v1/sagas/w-2/signals/payment-confirmed")
+        .json(&json!({"ref": "early"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let done: Value = app
+        .admin(Method::GET, "/v1/sagas/w-2?wait_ms=20000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["steps"][1]["output"], json!({"ref": "early"}));
+    let log = saga_log(&app, "w-2").await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "WaitStarted"),
+        "a kept signal needs no wait: {log}"
+    );
+    // A finished saga's step waits no more.
+    let r = app
+        .admin(Method::POST, "/v1/sagas/w-2/signals/payment-confirmed")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 409, "signal_already_sent").await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas/nope/signals/payment-confirmed")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 404, "saga_not_found").await;
+}
+both_backends!(a_wait_step_parks_the_saga_until_its_signal_and_its_body_is_the_output);
+
+async fn a_wait_that_times_out_compensates_the_saga(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["reserve", "confirmed", "ship"], 2000);
+    def["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "ok", "timeout_ms": 300}});
+    define(&app, "pay", &def).await;
+    let saga = run(&app, "pay", "t-1", json!({})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["action"], "refused");
+    assert!(saga["steps"][1]["error"].as_str().unwrap().contains("no signal ok"));
+    assert_eq!(saga["steps"][0]["compensation"], "succeeded");
+    assert_eq!(p.effect("t-1", "ship"), None);
+    assert_eq!(check_saga(&p, &saga), None);
+    let log = saga_log(&app, "t-1").await;
+    assert!(
+        log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "WaitTimedOut")
+    );
+    // The step it waited for is over: a late signal is refused, and nothing is kept.
+    let r = app
+        .admin(Method::POST, "/v1/sagas/t-1/signals/ok")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 409, "signal_not_expected").await;
+
+    // Two wait steps for one name take one signal each, in step order; a third is refused.
+    let mut two = p.definition(&["a", "b", "c"], 2000);
+    two["steps"][0] = json!({"name": "a", "wait": {"signal": "approve"}});
+    two["steps"][1] = json!({"name": "b", "wait": {"signal": "approve"}});
+    define(&app, "two", &two).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "two", "id": "t-2", "input": {"plan": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for (n, who) in [(1, "alice"), (2, "bob")] {
+        let r = app
+            .admin(Method::POST, "/v1/sagas/t-2/signals/approve")
+            .json(&json!({"by": who}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert_eq!(r.json::<Value>().await.unwrap()["sequence"], n);
+    }
+    let r = app
+        .admin(Method::POST, "/v1/sagas/t-2/signals/approve")
+        .json(&json!({"by": "eve"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 409, "signal_already_sent").await;
+    let done: Value = app
+        .admin(Method::GET, "/v1/sagas/t-2?wait_ms=20000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        (&done["steps"][0]["output"], &done["steps"][1]["output"]),
+        (&json!({"by": "alice"}), &json!({"by": "bob"}))
+    );
+
+    // A wait is one kind of step, with a signal name of the step-name alphabet.
+    for step in [
+        json!({"name": "a", "wait": {"signal": "x"}, "sleep_ms": 5}),
+        json!({"name": "a", "wait": {"signal": "x"}, "compensation": def["steps"][0]["compensation"]}),
+        json!({"name": "a", "wait": {"signal": "bad name"}}),
+    ] {
+        let mut bad = two.clone();
+        bad["steps"][0] = step;
+        let r = app
+            .admin(Method::PUT, "/v1/saga-definitions/two")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "invalid_step_kind").await;
+    }
+    let mut bad = two.clone();
+    bad["steps"][0] = json!({"name": "a", "wait": {"signal": "x", "timeout_ms": 0}});
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/two")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "saga_limit_exceeded").await;
+}
+both_backends!(a_wait_that_times_out_compensates_the_saga);

@@ -279,6 +279,25 @@ pub struct StepSpec {
     /// Runs the step only when this holds; otherwise it is skipped (and never compensated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<WhenSpec>,
+    /// Waits for a signal (`POST /v1/sagas/{id}/signals/{name}`), holding no lease; its body is
+    /// the step's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitSpec>,
+}
+
+/// A wait step as written: the signal it waits for and how long it waits at most.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitSpec {
+    pub signal: String,
+    /// How long after the saga reaches the step it gives up and compensates (default and
+    /// maximum: `saga_max_sleep_ms`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A step's condition as written: `"{{x}}"` (x is truthy), or an object naming the value and
@@ -469,12 +488,21 @@ pub enum Sleep {
     Until(String),
 }
 
-/// A validated step with its defaults resolved: a call (`action`) or a timer (`sleep`).
+/// What a wait step waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wait {
+    pub signal: String,
+    pub timeout: Duration,
+}
+
+/// A validated step with its defaults resolved: a call (`action`), a timer (`sleep`) or a wait
+/// for a signal (`wait`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub name: String,
     pub action: Option<HttpCall>,
     pub sleep: Option<Sleep>,
+    pub wait: Option<Wait>,
     pub compensation: Option<HttpCall>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
@@ -609,13 +637,13 @@ impl SagaDefinition {
                     s.name, limits.max_timeout_ms
                 )));
             }
-            // Only calls have outputs: a timer's name is no variable.
+            // Only calls and waits have outputs: a timer's name is no variable.
             let earlier: Vec<&str> = steps
                 .iter()
-                .filter(|p| p.action.is_some())
+                .filter(|p| p.action.is_some() || p.wait.is_some())
                 .map(|p| p.name.as_str())
                 .collect();
-            let sleep = check_kind(s, &earlier, limits)?;
+            let (sleep, wait) = check_kind(s, &earlier, limits)?;
             if let Some(a) = &s.action {
                 check_call(&s.name, a, &earlier)?;
             }
@@ -633,6 +661,7 @@ impl SagaDefinition {
                 name: s.name.clone(),
                 action: s.action.clone(),
                 sleep,
+                wait,
                 compensation: s.compensation.clone(),
                 retry,
                 timeout: Duration::from_millis(timeout_ms),
@@ -700,6 +729,28 @@ impl SagaDefinition {
         Ok(())
     }
 
+    /// How many signals named `signal` a saga of this definition takes: one per wait step that
+    /// waits for it.
+    #[must_use]
+    pub fn signal_slots(&self, signal: &str) -> u64 {
+        self.steps
+            .iter()
+            .filter(|s| s.wait.as_ref().is_some_and(|w| w.signal == signal))
+            .count() as u64
+    }
+
+    /// Which signal of its name wait step `step` takes (1: the first sent), in step order.
+    #[must_use]
+    pub fn signal_index(&self, step: usize) -> u64 {
+        let Some(w) = self.steps.get(step).and_then(|s| s.wait.as_ref()) else {
+            return 0;
+        };
+        self.steps[..=step]
+            .iter()
+            .filter(|s| s.wait.as_ref().is_some_and(|x| x.signal == w.signal))
+            .count() as u64
+    }
+
     /// Every call's (step, URL template).
     #[must_use]
     pub fn urls(&self) -> Vec<(&str, &str)> {
@@ -707,17 +758,54 @@ impl SagaDefinition {
     }
 }
 
-/// A step is a call or a timer, not both; a timer has no compensation, retry or timeout.
-fn check_kind(s: &StepSpec, visible: &[&str], limits: &SagaLimits) -> Result<Option<Sleep>, DefinitionError> {
+/// A step is one kind: a call, a timer or a wait; a timer or a wait has no compensation, retry
+/// or timeout_ms of a call.
+fn check_kind(
+    s: &StepSpec,
+    visible: &[&str],
+    limits: &SagaLimits,
+) -> Result<(Option<Sleep>, Option<Wait>), DefinitionError> {
     let bad = |reason: String| {
         Err(DefinitionError::StepKind {
             step: s.name.clone(),
             reason,
         })
     };
-    let sleep = match (&s.action, s.sleep_ms, &s.sleep_until) {
-        (Some(_), None, None) => return Ok(None),
-        (None, Some(ms), None) => {
+    let kinds = [
+        s.action.is_some(),
+        s.sleep_ms.is_some(),
+        s.sleep_until.is_some(),
+        s.wait.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        return bad("a step has exactly one of action, sleep_ms, sleep_until and wait".into());
+    }
+    if s.action.is_some() {
+        return Ok((None, None));
+    }
+    if s.compensation.is_some() || s.retry.is_some() || s.timeout_ms.is_some() {
+        return bad("a timer or a wait has no compensation, retry or timeout_ms".into());
+    }
+    if let Some(w) = &s.wait {
+        check_signal_name(&w.signal).map_err(|_| DefinitionError::StepKind {
+            step: s.name.clone(),
+            reason: format!("signal {:?} must be 1 to 64 of [A-Za-z0-9_-]", w.signal),
+        })?;
+        let ms = w.timeout_ms.unwrap_or(limits.max_sleep_ms);
+        if ms == 0 || ms > limits.max_sleep_ms {
+            return Err(DefinitionError::Limit(format!(
+                "step {}: wait timeout_ms must be 1 to {}",
+                s.name, limits.max_sleep_ms
+            )));
+        }
+        let wait = Wait {
+            signal: w.signal.clone(),
+            timeout: Duration::from_millis(ms),
+        };
+        return Ok((None, Some(wait)));
+    }
+    let sleep = match (s.sleep_ms, &s.sleep_until) {
+        (Some(ms), _) => {
             if ms > limits.max_sleep_ms {
                 return Err(DefinitionError::Limit(format!(
                     "step {}: sleep_ms must be at most {}",
@@ -726,7 +814,7 @@ fn check_kind(s: &StepSpec, visible: &[&str], limits: &SagaLimits) -> Result<Opt
             }
             Sleep::For(Duration::from_millis(ms))
         }
-        (None, None, Some(until)) => {
+        (None, Some(until)) => {
             if parse_template(until).iter().any(|p| !matches!(p, Piece::Text(_))) {
                 check_templates(&s.name, until, visible, false)?;
             } else if DateTime::parse_from_rfc3339(until).is_err() {
@@ -734,12 +822,17 @@ fn check_kind(s: &StepSpec, visible: &[&str], limits: &SagaLimits) -> Result<Opt
             }
             Sleep::Until(until.clone())
         }
-        _ => return bad("a step has exactly one of action, sleep_ms and sleep_until".into()),
+        (None, None) => unreachable!("one kind was counted above"),
     };
-    if s.compensation.is_some() || s.retry.is_some() || s.timeout_ms.is_some() {
-        return bad("a timer has no compensation, retry or timeout_ms".into());
-    }
-    Ok(Some(sleep))
+    Ok((Some(sleep), None))
+}
+
+/// Checks a signal name: 1–64 of `[A-Za-z0-9_-]`, like a step name.
+///
+/// # Errors
+/// [`DefinitionError::Name`] when it breaks the rule.
+pub fn check_signal_name(name: &str) -> Result<(), DefinitionError> {
+    check_step_name(name)
 }
 
 /// When a timer step that the saga reaches at `now` ends.

@@ -155,6 +155,30 @@ pub enum SagaEvent {
         step: usize,
         at: DateTime<Utc>,
     },
+    /// A wait step was reached before its signal came: the saga waits for it until `until`,
+    /// holding no lease.
+    WaitStarted {
+        step: usize,
+        signal: String,
+        until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    /// The signal a wait step waited for: its body is the step's output. `sequence` is which
+    /// signal of that name it was (1: the first sent); `by` the API key that sent it.
+    SignalReceived {
+        step: usize,
+        signal: String,
+        sequence: u64,
+        payload: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// A wait step's time ran out before its signal came: the saga compensates.
+    WaitTimedOut {
+        step: usize,
+        at: DateTime<Utc>,
+    },
     /// A step whose `when` did not hold when the saga reached it: never called, never
     /// compensated.
     StepSkipped {
@@ -186,6 +210,9 @@ impl SagaEvent {
             Self::StepSkipped { .. } => "StepSkipped",
             Self::TimerStarted { .. } => "TimerStarted",
             Self::TimerFired { .. } => "TimerFired",
+            Self::WaitStarted { .. } => "WaitStarted",
+            Self::SignalReceived { .. } => "SignalReceived",
+            Self::WaitTimedOut { .. } => "WaitTimedOut",
         }
     }
 }
@@ -239,6 +266,12 @@ pub struct StepState {
     /// A timer step that was reached: when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<DateTime<Utc>>,
+    /// A wait step that was reached before its signal: when it gives up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_until: Option<DateTime<Utc>>,
+    /// The signal it waits for, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// A saga as the log tells it.
@@ -285,6 +318,8 @@ impl SagaState {
                     attempts: Vec::new(),
                     tries: 0,
                     timer: None,
+                    wait_until: None,
+                    waiting_for: None,
                 })
                 .collect(),
             started_at: at,
@@ -488,6 +523,61 @@ impl SagaState {
                 s.compensation = CompensationStatus::NotNeeded;
                 self.retry_at = None;
             }
+            SagaEvent::WaitStarted {
+                step, signal, until, ..
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let waits_for = def.steps.get(*step).and_then(|d| d.wait.as_ref()).map(|w| &w.signal);
+                let s = self.step_mut(*step)?;
+                if waits_for != Some(signal) || s.action != ActionStatus::Pending || s.wait_until.is_some() {
+                    return Err(LogError(format!(
+                        "WaitStarted of step {step}, which is no wait for {signal}"
+                    )));
+                }
+                // No retry_at: a signal may end the wait before `until`, so the saga is looked
+                // at whenever it is woken, and `until` is the row's next run.
+                s.wait_until = Some(*until);
+                s.waiting_for = Some(signal.clone());
+            }
+            SagaEvent::SignalReceived {
+                step, signal, payload, ..
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let waits_for = def.steps.get(*step).and_then(|d| d.wait.as_ref()).map(|w| &w.signal);
+                let s = self.step_mut(*step)?;
+                if waits_for != Some(signal) || s.action != ActionStatus::Pending {
+                    return Err(LogError(format!(
+                        "SignalReceived of step {step}, which does not wait for {signal}"
+                    )));
+                }
+                s.action = ActionStatus::Succeeded;
+                s.compensation = CompensationStatus::NotNeeded;
+                s.output = Some(payload.clone());
+                s.wait_until = None;
+                s.waiting_for = None;
+                self.retry_at = None;
+            }
+            SagaEvent::WaitTimedOut { step, .. } => {
+                self.expect(SagaStatus::Running, e)?;
+                let signal = def
+                    .steps
+                    .get(*step)
+                    .and_then(|d| d.wait.as_ref())
+                    .map(|w| w.signal.clone());
+                let s = self.step_mut(*step)?;
+                let (Some(signal), Some(_)) = (signal, s.wait_until) else {
+                    return Err(LogError(format!("WaitTimedOut of step {step}, which was not waiting")));
+                };
+                if s.action != ActionStatus::Pending {
+                    return Err(LogError(format!("WaitTimedOut of step {step}, which had ended")));
+                }
+                s.action = ActionStatus::Refused;
+                s.error = Some(format!("no signal {signal} came in time"));
+                s.wait_until = None;
+                s.waiting_for = None;
+                self.status = SagaStatus::Compensating;
+                self.retry_at = None;
+            }
             SagaEvent::SagaCompleted { .. } => {
                 self.expect(SagaStatus::Running, e)?;
                 self.status = SagaStatus::Completed;
@@ -548,7 +638,10 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::SagaResumed { at }
         | SagaEvent::StepSkipped { at, .. }
         | SagaEvent::TimerStarted { at, .. }
-        | SagaEvent::TimerFired { at, .. } => *at,
+        | SagaEvent::TimerFired { at, .. }
+        | SagaEvent::WaitStarted { at, .. }
+        | SagaEvent::SignalReceived { at, .. }
+        | SagaEvent::WaitTimedOut { at, .. } => *at,
     }
 }
 
@@ -561,6 +654,9 @@ pub enum Decision {
     Wait(DateTime<Utc>),
     /// Record this event (it skips a step, starts or fires a timer, or ends the saga).
     Record(SagaEvent),
+    /// Wait step `step` needs signal `signal` number `sequence`: look it up and ask
+    /// [`on_signal`].
+    Await { step: usize, signal: String, sequence: u64 },
     /// Terminal: nothing more to do.
     Done,
 }
@@ -584,6 +680,7 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
             Some(i)
                 if state.steps[i].attempts.is_empty()
                     && state.steps[i].timer.is_none()
+                    && state.steps[i].wait_until.is_none()
                     && def
                         .steps
                         .get(i)
@@ -615,6 +712,12 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                     },
                 }
             }
+            // A wait: whether its signal is there is for the caller to look up.
+            Some(i) if let Some(wait) = def.steps.get(i).and_then(|d| d.wait.as_ref()) => Decision::Await {
+                step: i,
+                signal: wait.signal.clone(),
+                sequence: def.signal_index(i),
+            },
             Some(i) => Decision::Call {
                 step: i,
                 op: Op::Action,
@@ -638,6 +741,55 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
             }
         }
         SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => Decision::Done,
+    }
+}
+
+/// A signal as the caller of [`on_signal`] found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundSignal {
+    pub payload: Value,
+    /// The API key that sent it.
+    pub by: Option<String>,
+}
+
+/// What a wait step ([`Decision::Await`]) does, given the signal it needs if it has come: take
+/// it, start waiting, go on waiting, or time out.
+#[must_use]
+pub fn on_signal(
+    def: &SagaDefinition,
+    state: &SagaState,
+    step: usize,
+    found: Option<FoundSignal>,
+    now: DateTime<Utc>,
+) -> Decision {
+    let Some(wait) = def.steps.get(step).and_then(|d| d.wait.as_ref()) else {
+        return Decision::Done;
+    };
+    if let Some(f) = found {
+        return Decision::Record(SagaEvent::SignalReceived {
+            step,
+            signal: wait.signal.clone(),
+            sequence: def.signal_index(step),
+            payload: f.payload,
+            by: f.by,
+            at: now,
+        });
+    }
+    match state.steps.get(step).and_then(|s| s.wait_until) {
+        Some(until) if until > now => Decision::Wait(until),
+        Some(_) => Decision::Record(SagaEvent::WaitTimedOut { step, at: now }),
+        None => {
+            let until = chrono::Duration::from_std(wait.timeout)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            Decision::Record(SagaEvent::WaitStarted {
+                step,
+                signal: wait.signal.clone(),
+                until,
+                at: now,
+            })
+        }
     }
 }
 
@@ -789,8 +941,14 @@ mod tests {
         let mut state = SagaState::from_log(&id(), d, &events).unwrap();
         let mut calls = Vec::new();
         for _ in 0..10_000 {
-            match decide(d, &state, now) {
+            let decision = match decide(d, &state, now) {
+                // No signal ever comes in this harness: a wait runs out.
+                Decision::Await { step, .. } => on_signal(d, &state, step, None, now),
+                other => other,
+            };
+            match decision {
                 Decision::Done => break,
+                Decision::Await { .. } => unreachable!(),
                 Decision::Wait(t) => {
                     assert!(t > now);
                     now = t;
@@ -1087,6 +1245,85 @@ mod tests {
             decide(&d, &s, until),
             Decision::Record(SagaEvent::TimerFired { step: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_wait_takes_its_signal_or_waits_until_its_timeout_then_compensates() {
+        let d = with_timer(
+            &def(&[("a", true), ("ok", false), ("b", true)], 1, 1),
+            1,
+            json!({"wait": {"signal": "approved", "timeout_ms": 60_000}}),
+        );
+        assert_eq!((d.signal_slots("approved"), d.signal_index(1)), (1, 1));
+        // Reached without its signal: the wait starts, and nothing is due before its end.
+        let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
+        assert_eq!(calls, vec![(0, Op::Action), (0, Op::Compensation)]);
+        assert_eq!(state.status, SagaStatus::Compensated);
+        assert_eq!(state.steps[1].action, ActionStatus::Refused);
+        assert_eq!(state.steps[1].compensation, CompensationStatus::NotNeeded);
+        let (until, at) = events
+            .iter()
+            .find_map(|e| match e {
+                SagaEvent::WaitStarted { step: 1, until, at, .. } => Some((*until, *at)),
+                _ => None,
+            })
+            .expect("WaitStarted");
+        assert_eq!(until - at, chrono::Duration::seconds(60));
+        let waiting = SagaState::from_log(&id(), &d, &events[..3]).unwrap();
+        assert_eq!(waiting.steps[1].waiting_for.as_deref(), Some("approved"));
+        assert_eq!(waiting.retry_at, None, "a signal may end the wait at any time");
+        assert_eq!(
+            decide(&d, &waiting, at),
+            Decision::Await {
+                step: 1,
+                signal: "approved".into(),
+                sequence: 1
+            }
+        );
+        assert_eq!(on_signal(&d, &waiting, 1, None, at), Decision::Wait(until));
+        assert!(matches!(
+            on_signal(&d, &waiting, 1, None, until),
+            Decision::Record(SagaEvent::WaitTimedOut { step: 1, .. })
+        ));
+        // The signal comes while it waits, even at its last moment: its body is the output.
+        let found = FoundSignal {
+            payload: json!({"ref": 7}),
+            by: Some("k".into()),
+        };
+        let Decision::Record(received) = on_signal(&d, &waiting, 1, Some(found.clone()), until) else {
+            panic!("a signal is taken");
+        };
+        let mut s = waiting.clone();
+        s.apply(&d, &received).unwrap();
+        assert_eq!(s.steps[1].action, ActionStatus::Succeeded);
+        assert_eq!(s.steps[1].output, Some(json!({"ref": 7})));
+        assert_eq!(s.steps[1].waiting_for, None);
+        assert!(matches!(decide(&d, &s, until), Decision::Call { step: 2, .. }));
+        // A signal already there when the saga comes: taken without a wait.
+        let fresh = SagaState::from_log(&id(), &d, &events[..2]).unwrap();
+        assert!(matches!(
+            on_signal(&d, &fresh, 1, Some(found), at),
+            Decision::Record(SagaEvent::SignalReceived {
+                step: 1,
+                sequence: 1,
+                ..
+            })
+        ));
+        // A log that does not fit: a signal for a step that does not wait for it, a timeout of
+        // a wait that never started, a second signal.
+        let mut bad = fresh.clone();
+        let wrong = SagaEvent::SignalReceived {
+            step: 1,
+            signal: "other".into(),
+            sequence: 1,
+            payload: json!(null),
+            by: None,
+            at,
+        };
+        assert!(bad.apply(&d, &wrong).is_err());
+        assert!(bad.apply(&d, &SagaEvent::WaitTimedOut { step: 1, at }).is_err());
+        let mut twice = s.clone();
+        assert!(twice.apply(&d, &received).is_err());
     }
 
     #[test]

@@ -7,12 +7,23 @@ pub mod machine;
 pub use concord_kernel::{DERIVED_PREFIX, InvalidSagaId, SagaId};
 pub use definition::{
     Condition, ConditionTest, DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, RetrySpec, SagaDefinition,
-    SagaLimits, SagaSecrets, SecretBinding, StepSpec, TemplateContext, WhenSpec, WhenTest,
+    SagaLimits, SagaSecrets, SecretBinding, StepSpec, TemplateContext, Wait, WaitSpec, WhenSpec, WhenTest,
 };
-pub use machine::{CallOutcome, CallResult, Decision, Op, SagaEvent, SagaState, SagaStatus, decide, on_outcome};
+pub use machine::{
+    ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
+    on_outcome, on_signal,
+};
 
 /// The event-store stream that holds a saga's log.
 #[must_use]
 pub fn log_stream(id: &SagaId) -> String {
     format!("saga-{id}")
+}
+
+/// The stream that keeps the signals of one name sent to a saga, in the order they came (its
+/// versions). `@` is in no saga id and no signal name, so no saga's log has this name; it is in
+/// the `saga` category, which only Concord writes.
+#[must_use]
+pub fn signal_stream(id: &SagaId, signal: &str) -> String {
+    format!("saga-{id}@{signal}")
 }
