@@ -332,6 +332,96 @@ async fn timers_outlive_a_sigkill_of_every_node_on_postgres() {
     let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
 }
 
+/// Sagas waiting for a signal when their only node is SIGKILLed: after a restart, a signal sent
+/// to the new process reaches each waiting saga, which goes on once with the signal's body; the
+/// sagas nobody signals time out and compensate. The wait itself is recorded once.
+async fn waits_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let server = Server::start(node(dir, database_url)).await;
+    let http = reqwest::Client::new();
+    let mut def = p.definition(&["reserve", "confirmed", "ship"], 2000);
+    def["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "paid", "timeout_ms": 8000}});
+    def["steps"][2]["action"]["body"]["ref"] = json!("{{steps.confirmed.output.ref}}");
+    let r = put(&http, &server.url, "/v1/saga-definitions/order", &def)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..20).map(|i| format!("wait-{i:02}")).collect();
+    for id in &ids {
+        let body = json!({"definition": "order", "id": id, "input": {"plan": {}}});
+        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    for id in &ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = get(&http, &server.url, &format!("/v1/sagas/{id}")).await.unwrap();
+            if s["steps"][1]["waiting_for"] == "paid" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} never waited: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut server = server;
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    let server = Server::start(node(dir, database_url)).await;
+    // Half are signalled through the new process.
+    for id in ids.iter().step_by(2) {
+        let r = post(
+            &http,
+            &server.url,
+            &format!("/v1/sagas/{id}/signals/paid"),
+            &json!({"ref": format!("ref-{id}")}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 202, "{id}");
+    }
+    let sagas = settle(&http, &server.url, &ids, Duration::from_secs(60)).await;
+    for saga in &sagas {
+        let id = saga["id"].as_str().unwrap();
+        let i = ids.iter().position(|x| x == id).unwrap();
+        let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}"))
+            .await
+            .unwrap();
+        let events = log["events"].as_array().unwrap();
+        let count = |t: &str| events.iter().filter(|e| e["type"] == t).count();
+        assert_eq!(count("WaitStarted"), 1, "{log}");
+        if i % 2 == 0 {
+            assert_eq!(saga["status"], "completed", "{saga}");
+            assert_eq!(saga["steps"][1]["output"], json!({"ref": format!("ref-{id}")}));
+            assert_eq!(p.attempts(id, "ship", "action"), 1, "{id} shipped once");
+            assert_eq!(count("SignalReceived"), 1, "{log}");
+        } else {
+            assert_eq!(saga["status"], "compensated", "{saga}");
+            assert_eq!(count("WaitTimedOut"), 1, "{log}");
+            assert_eq!(p.effect(id, "ship"), None);
+            assert_eq!(saga["steps"][0]["compensation"], "succeeded", "{saga}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_outlive_a_sigkill_of_every_node_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+    waits_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_outlive_a_sigkill_of_every_node_on_postgres() {
+    let Some(base) = postgres_base() else { return };
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    waits_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {
     let Some(base) = postgres_base() else { return };
