@@ -9,12 +9,11 @@ use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::outbound::OutboundPolicy;
 use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::definition::check_signal_name;
-use crate::domain::saga::machine::ActionStatus;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, FoundSignal, HttpCall, Op, SagaDefinition,
     SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, log_stream, on_outcome,
-    on_signal, signal_stream,
+    on_signal, signal_places, signal_stream,
 };
 use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -73,7 +72,7 @@ pub enum SagaError {
     #[error("{0}")]
     SignalNotExpected(String),
     /// Every wait step for the signal has one already.
-    #[error("saga {id} already has the {taken} signal(s) {signal} its steps wait for")]
+    #[error("saga {id} already has the {taken} signal(s) {signal} its wait steps take")]
     SignalAlreadySent { id: SagaId, signal: String, taken: u64 },
     #[error(transparent)]
     Log(#[from] LogError),
@@ -778,9 +777,23 @@ impl SagaEngine {
                 def.name, def.version
             )));
         }
-        let (state, _) = self.read_log(&row).await?;
+        // How many signals of the name the saga can take: one per wait step for it that took
+        // one or still can (all of them before its log begins).
+        let capacity = match self.read_log(&row).await?.0 {
+            None => slots,
+            Some(s) => {
+                let (taken, open) = signal_places(&def, &s, name);
+                if open == 0 {
+                    return Err(SagaError::SignalNotExpected(format!(
+                        "saga {id} is {} and no step of it waits for signal {name} any more",
+                        s.status.as_str()
+                    )));
+                }
+                taken + open
+            }
+        };
         let stream = StreamName::parse(&signal_stream(id, name))?;
-        // Appended at the version read, so two concurrent senders never both take the last slot.
+        // Appended at the version read, so two concurrent senders never both take the last place.
         for _ in 0..SIGNAL_RACES {
             let sent = match self
                 .events
@@ -791,22 +804,14 @@ impl SagaEngine {
                 Err(StoreError::StreamNotFound(_)) => 0,
                 Err(e) => return Err(e.into()),
             };
-            if sent >= slots {
+            if sent >= capacity {
                 return Err(SagaError::SignalAlreadySent {
                     id: id.clone(),
                     signal: name.to_owned(),
-                    taken: slots,
+                    taken: sent,
                 });
             }
             let sequence = sent + 1;
-            if let Some(s) = &state
-                && !signal_still_awaited(&def, s, name, sequence)
-            {
-                return Err(SagaError::SignalNotExpected(format!(
-                    "saga {id} is {} and its step for signal {name} no longer waits",
-                    s.status.as_str()
-                )));
-            }
             let meta = serde_json::json!({"key": by});
             let event = crate::domain::event::UncheckedEvent {
                 id: None,
@@ -960,20 +965,6 @@ impl SagaEngine {
 
 /// How often a signal is tried again when another sender took its place in the meantime.
 const SIGNAL_RACES: usize = 8;
-
-/// Whether the wait step that takes signal `name` number `sequence` can still take it: the saga
-/// runs and that step has not ended (it may not have been reached yet).
-fn signal_still_awaited(def: &SagaDefinition, state: &SagaState, name: &str, sequence: u64) -> bool {
-    let step = def
-        .steps
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.wait.as_ref().is_some_and(|w| w.signal == name))
-        .nth(usize::try_from(sequence.saturating_sub(1)).unwrap_or(usize::MAX))
-        .map(|(i, _)| i);
-    state.status == SagaStatus::Running
-        && step.is_some_and(|i| state.steps.get(i).is_some_and(|s| s.action == ActionStatus::Pending))
-}
 
 /// True when a JSON value holds U+0000 anywhere (which no store can keep).
 fn has_nul(v: &Value) -> bool {

@@ -739,18 +739,6 @@ impl SagaDefinition {
             .count() as u64
     }
 
-    /// Which signal of its name wait step `step` takes (1: the first sent), in step order.
-    #[must_use]
-    pub fn signal_index(&self, step: usize) -> u64 {
-        let Some(w) = self.steps.get(step).and_then(|s| s.wait.as_ref()) else {
-            return 0;
-        };
-        self.steps[..=step]
-            .iter()
-            .filter(|s| s.wait.as_ref().is_some_and(|x| x.signal == w.signal))
-            .count() as u64
-    }
-
     /// Every call's (step, URL template).
     #[must_use]
     pub fn urls(&self) -> Vec<(&str, &str)> {

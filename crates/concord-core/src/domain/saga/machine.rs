@@ -716,7 +716,7 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
             Some(i) if let Some(wait) = def.steps.get(i).and_then(|d| d.wait.as_ref()) => Decision::Await {
                 step: i,
                 signal: wait.signal.clone(),
-                sequence: def.signal_index(i),
+                sequence: signal_sequence(def, state, i),
             },
             Some(i) => Decision::Call {
                 step: i,
@@ -744,6 +744,44 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
     }
 }
 
+/// Which signal of its name wait step `step` takes (1: the first sent): the one after those the
+/// wait steps before it took. A wait step skipped by its `when` takes none, so the next one for
+/// the name takes its signal.
+#[must_use]
+pub fn signal_sequence(def: &SagaDefinition, state: &SagaState, step: usize) -> u64 {
+    let Some(signal) = def.steps.get(step).and_then(|d| d.wait.as_ref()).map(|w| &w.signal) else {
+        return 0;
+    };
+    let taken = def
+        .steps
+        .iter()
+        .zip(&state.steps)
+        .take(step)
+        .filter(|(d, s)| d.wait.as_ref().is_some_and(|w| &w.signal == signal) && s.action == ActionStatus::Succeeded)
+        .count();
+    taken as u64 + 1
+}
+
+/// Of the wait steps for `signal`: how many took theirs, and how many can still take one (the
+/// saga runs and they have not ended).
+#[must_use]
+pub fn signal_places(def: &SagaDefinition, state: &SagaState, signal: &str) -> (u64, u64) {
+    let waits = def
+        .steps
+        .iter()
+        .zip(&state.steps)
+        .filter(|(d, _)| d.wait.as_ref().is_some_and(|w| w.signal == signal));
+    let (mut taken, mut open) = (0, 0);
+    for (_, s) in waits {
+        match s.action {
+            ActionStatus::Succeeded => taken += 1,
+            ActionStatus::Pending if state.status == SagaStatus::Running => open += 1,
+            _ => {}
+        }
+    }
+    (taken, open)
+}
+
 /// A signal as the caller of [`on_signal`] found it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoundSignal {
@@ -769,7 +807,7 @@ pub fn on_signal(
         return Decision::Record(SagaEvent::SignalReceived {
             step,
             signal: wait.signal.clone(),
-            sequence: def.signal_index(step),
+            sequence: signal_sequence(def, state, step),
             payload: f.payload,
             by: f.by,
             at: now,
@@ -1254,7 +1292,7 @@ mod tests {
             1,
             json!({"wait": {"signal": "approved", "timeout_ms": 60_000}}),
         );
-        assert_eq!((d.signal_slots("approved"), d.signal_index(1)), (1, 1));
+        assert_eq!(d.signal_slots("approved"), 1);
         // Reached without its signal: the wait starts, and nothing is due before its end.
         let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
         assert_eq!(calls, vec![(0, Op::Action), (0, Op::Compensation)]);
@@ -1324,6 +1362,50 @@ mod tests {
         assert!(bad.apply(&d, &SagaEvent::WaitTimedOut { step: 1, at }).is_err());
         let mut twice = s.clone();
         assert!(twice.apply(&d, &received).is_err());
+    }
+
+    #[test]
+    fn a_wait_skipped_by_its_condition_leaves_its_signal_to_the_next_wait_for_the_name() {
+        let base = def(&[("first", false), ("second", false), ("b", true)], 1, 1);
+        let d = with_timer(&base, 0, json!({"wait": {"signal": "ok"}, "when": "{{input.twice}}"}));
+        let d = with_timer(&d, 1, json!({"wait": {"signal": "ok"}}));
+        assert_eq!(d.signal_slots("ok"), 2);
+        let started = |input| SagaState::new(&id(), &d, input, t0());
+        let mut once = started(json!({"twice": false}));
+        assert_eq!(signal_places(&d, &once, "ok"), (0, 2), "not known yet which will run");
+        let Decision::Record(skip) = decide(&d, &once, t0()) else {
+            panic!("the first wait is skipped")
+        };
+        once.apply(&d, &skip).unwrap();
+        assert_eq!(signal_places(&d, &once, "ok"), (0, 1));
+        assert_eq!(
+            decide(&d, &once, t0()),
+            Decision::Await {
+                step: 1,
+                signal: "ok".into(),
+                sequence: 1
+            },
+            "the second wait takes the first signal"
+        );
+        // Both run: the second takes the second signal.
+        let mut twice = started(json!({"twice": true}));
+        let found = FoundSignal {
+            payload: json!(1),
+            by: None,
+        };
+        let Decision::Record(e) = on_signal(&d, &twice, 0, Some(found), t0()) else {
+            panic!("taken")
+        };
+        twice.apply(&d, &e).unwrap();
+        assert_eq!(signal_places(&d, &twice, "ok"), (1, 1));
+        assert!(matches!(
+            decide(&d, &twice, t0()),
+            Decision::Await {
+                step: 1,
+                sequence: 2,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub use definition::{
 };
 pub use machine::{
     ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
-    on_outcome, on_signal,
+    on_outcome, on_signal, signal_places, signal_sequence,
 };
 
 /// The event-store stream that holds a saga's log.
