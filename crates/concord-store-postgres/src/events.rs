@@ -516,17 +516,22 @@ impl EventStore for PostgresStore {
         };
         let mut events = collect_within(read().fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
         if events.is_empty() {
-            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM concord_events WHERE stream = $1 LIMIT 1")
+            let head: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM concord_events WHERE stream = $1")
                 .bind(stream.as_str())
-                .fetch_optional(&self.inner.pool)
+                .fetch_one(&self.inner.pool)
                 .await
                 .map_err(unavailable)?;
-            if exists.is_none() {
-                return Err(StoreError::StreamNotFound(stream.to_string()));
+            match head {
+                None => return Err(StoreError::StreamNotFound(stream.to_string())),
+                // The stream was created, or grew to `from`, between the two reads: read again,
+                // after the check, so a stream is never answered as empty when the check saw
+                // events from `from` on.
+                Some(h) if h >= to_i64(from) => {
+                    events =
+                        collect_within(read().fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
+                }
+                Some(_) => {}
             }
-            // The stream was created between the two reads: read again, after the check, so an
-            // existing stream is never answered as empty when it has events from `from` on.
-            events = collect_within(read().fetch(&self.inner.pool), max_bytes, row_bytes, event_from_row).await?;
         }
         Ok(events)
     }

@@ -536,13 +536,11 @@ impl SagaEngine {
         };
         let mut pending = pending;
         let mut recorded = state.log_version - pending.len() as u64;
-        if resumed && !state.status.is_terminal() {
-            // A claimed saga's first record comes before any call: if the node that held it
-            // before is only slow, not dead, its next record now fails on the log's version.
-            let e = SagaEvent::SagaResumed { at: Utc::now() };
-            state.apply(&def, &e)?;
-            pending.push(e);
-        }
+        // A claimed saga's first record comes before any call or other record: if the node that
+        // held it before is only slow, not dead, its next record then fails on the log's version.
+        // A claim that finds nothing to do yet (a wait woken before its signal, a timer not due)
+        // records nothing.
+        let mut fence = resumed && !state.status.is_terminal();
         let mut on_finished = Some(on_finished);
         loop {
             let now = Utc::now();
@@ -553,6 +551,12 @@ impl SagaEngine {
                 }
                 d => d,
             };
+            if fence && matches!(decision, Decision::Record(_) | Decision::Call { .. }) {
+                let e = SagaEvent::SagaResumed { at: now };
+                state.apply(&def, &e)?;
+                pending.push(e);
+                fence = false;
+            }
             match decision {
                 Decision::Await { .. } => unreachable!("on_signal never answers Await"),
                 Decision::Record(e) => {
@@ -596,8 +600,10 @@ impl SagaEngine {
                     // A signal sent while this node held the saga woke a row that the release
                     // then put back to sleep: look once more, now that the row is free, and wake
                     // it again if the signal is there (a signal sent from now on wakes it itself).
+                    // When the look fails, wake it anyway: a wasted claim costs less than a
+                    // signal left waiting until the timeout.
                     if let Decision::Await { signal, sequence, .. } = decide(&def, &state, Utc::now())
-                        && self.find_signal(&row.id, &signal, sequence).await?.is_some()
+                        && !matches!(self.find_signal(&row.id, &signal, sequence).await, Ok(None))
                     {
                         self.store.wake_saga(&row.id, Utc::now()).await?;
                         return Ok(DriveEnd::Woken);
@@ -748,11 +754,20 @@ impl SagaEngine {
     /// Sends signal `name` with `payload` to saga `id` for the API key `by`: kept until the saga's
     /// wait step for it takes it (one signal per wait step for that name, in step order), and
     /// wakes the saga if it waits. Answers which signal of that name this was (1: the first).
+    /// A send with the `request_key` (its `Idempotency-Key`) of one already kept answers that one
+    /// again and wakes the saga again, so a retry after a failed answer never keeps two.
     ///
     /// # Errors
     /// Unknown saga, a bad name, an oversized payload, a signal no step of the saga waits for
     /// (any more), one more than its wait steps take, or the store.
-    pub async fn signal(&self, id: &SagaId, name: &str, payload: Value, by: Option<&str>) -> Result<u64, SagaError> {
+    pub async fn signal(&self, send: SendSignal<'_>) -> Result<u64, SagaError> {
+        let SendSignal {
+            id,
+            name,
+            payload,
+            by,
+            request_key,
+        } = send;
         check_signal_name(name)?;
         let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
         if size > self.config.limits.max_output_bytes {
@@ -777,22 +792,9 @@ impl SagaEngine {
                 def.name, def.version
             )));
         }
-        // How many signals of the name the saga can take: one per wait step for it that took
-        // one or still can (all of them before its log begins).
-        let capacity = match self.read_log(&row).await?.0 {
-            None => slots,
-            Some(s) => {
-                let (taken, open) = signal_places(&def, &s, name);
-                if open == 0 {
-                    return Err(SagaError::SignalNotExpected(format!(
-                        "saga {id} is {} and no step of it waits for signal {name} any more",
-                        s.status.as_str()
-                    )));
-                }
-                taken + open
-            }
-        };
         let stream = StreamName::parse(&signal_stream(id, name))?;
+        // The same send, retried with its key, is known by its event id.
+        let event_id = request_key.map(|k| signal_event_id(id, name, by, k));
         // Appended at the version read, so two concurrent senders never both take the last place.
         for _ in 0..SIGNAL_RACES {
             let sent = match self
@@ -800,10 +802,18 @@ impl SagaEngine {
                 .read_stream(&stream, 1, usize::try_from(slots).unwrap_or(usize::MAX), usize::MAX)
                 .await
             {
-                Ok(page) => page.last().map_or(0, |e| e.version),
+                Ok(page) => {
+                    if let Some(again) = page.iter().find(|e| Some(e.id) == event_id) {
+                        self.wake(id).await;
+                        return Ok(again.version);
+                    }
+                    page.last().map_or(0, |e| e.version)
+                }
                 Err(StoreError::StreamNotFound(_)) => 0,
                 Err(e) => return Err(e.into()),
             };
+            // Read after the signals, so a step that took one is seen as having taken it.
+            let capacity = self.signal_capacity(&row, &def, name, slots).await?;
             if sent >= capacity {
                 return Err(SagaError::SignalAlreadySent {
                     id: id.clone(),
@@ -811,13 +821,11 @@ impl SagaEngine {
                     taken: sent,
                 });
             }
-            let sequence = sent + 1;
-            let meta = serde_json::json!({"key": by});
             let event = crate::domain::event::UncheckedEvent {
-                id: None,
+                id: event_id,
                 event_type: "SignalSent".to_owned(),
                 data: payload.clone(),
-                metadata: Some(meta),
+                metadata: Some(serde_json::json!({"key": by})),
             };
             let expected = if sent == 0 {
                 ExpectedVersion::NoStream
@@ -827,15 +835,60 @@ impl SagaEngine {
             let request = AppendRequest::new(stream.clone(), expected, vec![event], &self.config.event_limits)?;
             match self.events.append(request).await {
                 Ok(_) => {
-                    self.store.wake_saga(id, Utc::now()).await?;
                     metrics::counter!("concord_saga_signals_total").increment(1);
-                    return Ok(sequence);
+                    self.wake(id).await;
+                    return Ok(sent + 1);
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         Err(SagaError::Busy(id.clone()))
+    }
+
+    /// How many signals of `name` the saga can take: one per wait step for it that took one or
+    /// still can (every one of them before its log begins).
+    ///
+    /// # Errors
+    /// [`SagaError::SignalAlreadySent`] when every wait for the name took its signal,
+    /// [`SagaError::SignalNotExpected`] when none can take one any more, or the store.
+    async fn signal_capacity(
+        &self,
+        row: &SagaRow,
+        def: &SagaDefinition,
+        name: &str,
+        slots: u64,
+    ) -> Result<u64, SagaError> {
+        let Some(state) = self.read_log(row).await?.0 else {
+            return Ok(slots);
+        };
+        let (taken, open) = signal_places(def, &state, name);
+        if open > 0 {
+            return Ok(taken + open);
+        }
+        // Every wait for the name took its signal: this one is one too many, whether the saga
+        // has finished since or not.
+        if taken == slots {
+            return Err(SagaError::SignalAlreadySent {
+                id: row.id.clone(),
+                signal: name.to_owned(),
+                taken,
+            });
+        }
+        Err(SagaError::SignalNotExpected(format!(
+            "saga {} is {} and no step of it waits for signal {name} any more",
+            row.id,
+            state.status.as_str()
+        )))
+    }
+
+    /// Makes a saga due now. The signal that asked for it is kept already, so a failure here
+    /// only delays the saga (to its wait's timeout at worst); it is logged, not answered.
+    async fn wake(&self, id: &SagaId) {
+        if let Err(e) = self.store.wake_saga(id, Utc::now()).await {
+            metrics::counter!("concord_saga_wake_errors_total").increment(1);
+            tracing::warn!(saga.id = %id, error = %e, "waking a saga for its signal failed");
+        }
     }
 
     /// Appends the pending events at the version we expect. False when the log moved on.
@@ -965,6 +1018,32 @@ impl SagaEngine {
 
 /// How often a signal is tried again when another sender took its place in the meantime.
 const SIGNAL_RACES: usize = 8;
+
+/// A signal to send to a saga.
+pub struct SendSignal<'a> {
+    pub id: &'a SagaId,
+    pub name: &'a str,
+    pub payload: Value,
+    /// The API key that sends it.
+    pub by: Option<&'a str>,
+    /// The request's `Idempotency-Key`, if any.
+    pub request_key: Option<&'a str>,
+}
+
+/// The event id of the signal a caller sent with an `Idempotency-Key`: the same for every retry
+/// of that send, different for any other.
+fn signal_event_id(id: &SagaId, name: &str, by: Option<&str>, key: &str) -> Uuid {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [id.as_str(), name, by.unwrap_or(""), key] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
 
 /// True when a JSON value holds U+0000 anywhere (which no store can keep).
 fn has_nul(v: &Value) -> bool {
@@ -1118,6 +1197,164 @@ mod tests {
             id: Some(sid(id)),
             trace: None,
         }
+    }
+
+    fn wait_spec() -> DefinitionSpec {
+        serde_json::from_value(json!({"steps": [
+            {"name": "reserve", "action": {"method": "POST", "url": "http://inv/reserve"}, "timeout_ms": 50},
+            {"name": "paid", "wait": {"signal": "go", "timeout_ms": 60_000}},
+            {"name": "ship", "action": {"method": "POST", "url": "http://ship/{{steps.paid.output.ref}}"}, "timeout_ms": 50}
+        ]}))
+        .unwrap()
+    }
+
+    fn send<'a>(id: &'a SagaId, payload: Value, request_key: Option<&'a str>) -> SendSignal<'a> {
+        SendSignal {
+            id,
+            name: "go",
+            payload,
+            by: Some("k1"),
+            request_key,
+        }
+    }
+
+    /// A saga store that, once armed, lands a signal (kept, row woken) just before the next
+    /// release: the signal of a sender that came while the node held the saga.
+    struct SignalAtRelease {
+        inner: Arc<MemoryStore>,
+        armed: Mutex<Option<SagaId>>,
+    }
+
+    #[async_trait]
+    impl SagaStore for SignalAtRelease {
+        async fn put_definition(&self, n: &str, s: &Value, now: DateTime<Utc>) -> Result<(u32, bool), StoreError> {
+            self.inner.put_definition(n, s, now).await
+        }
+        async fn get_definition(&self, n: &str, v: Option<u32>) -> Result<Option<StoredDefinition>, StoreError> {
+            self.inner.get_definition(n, v).await
+        }
+        async fn create_saga(&self, row: &SagaRow) -> Result<(SagaRow, bool), StoreError> {
+            self.inner.create_saga(row).await
+        }
+        async fn get_saga(&self, id: &SagaId) -> Result<Option<SagaRow>, StoreError> {
+            self.inner.get_saga(id).await
+        }
+        async fn list_sagas(
+            &self,
+            s: Option<SagaStatus>,
+            a: Option<&str>,
+            l: usize,
+        ) -> Result<Vec<SagaRow>, StoreError> {
+            self.inner.list_sagas(s, a, l).await
+        }
+        async fn claim_sagas(
+            &self,
+            o: Uuid,
+            now: DateTime<Utc>,
+            until: DateTime<Utc>,
+            l: usize,
+        ) -> Result<Vec<SagaRow>, StoreError> {
+            self.inner.claim_sagas(o, now, until, l).await
+        }
+        async fn update_saga(&self, u: &SagaUpdate<'_>) -> Result<bool, StoreError> {
+            let armed = self.armed.lock().unwrap().take();
+            if let Some(id) = armed.filter(|_| u.lease.is_none()) {
+                let stream = StreamName::parse(&signal_stream(&id, "go")).unwrap();
+                let event = crate::domain::event::UncheckedEvent {
+                    id: None,
+                    event_type: "SignalSent".into(),
+                    data: json!({"ref": "late"}),
+                    metadata: None,
+                };
+                let req =
+                    AppendRequest::new(stream, ExpectedVersion::NoStream, vec![event], &Limits::default()).unwrap();
+                EventStore::append(self.inner.as_ref(), req).await.unwrap();
+                self.inner.wake_saga(&id, Utc::now()).await.unwrap();
+            }
+            self.inner.update_saga(u).await
+        }
+        async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError> {
+            self.inner.wake_saga(id, now).await
+        }
+        async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+            self.inner.count_sagas().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signal_that_lands_while_the_node_releases_the_saga_is_not_lost() {
+        let inner = Arc::new(MemoryStore::default());
+        let store = Arc::new(SignalAtRelease {
+            inner: inner.clone(),
+            armed: Mutex::new(None),
+        });
+        let p = Arc::new(Scripted {
+            answer: Box::new(|_| CallOutcome::Succeeded(json!({}))),
+            calls: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+        });
+        let config = EngineConfig {
+            lease: Duration::from_millis(10_000),
+            limits: SagaLimits::default(),
+            event_limits: Limits::default(),
+            outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
+            latest_definition_ttl: Duration::from_secs(1),
+            secrets: SagaSecrets::default(),
+        };
+        let e = SagaEngine::new(inner.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
+        e.define("order", wait_spec()).await.unwrap();
+        let (_, held) = e.start(start("w-1")).await.unwrap();
+        *store.armed.lock().unwrap() = Some(sid("w-1"));
+        // The drive saw no signal, released the saga to wait, then found the one that came.
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Woken);
+        let row = inner.get_saga(&sid("w-1")).await.unwrap().unwrap();
+        assert!(row.lease_owner.is_none() && row.next_run_at.is_some_and(|t| t <= Utc::now()));
+        let mut claimed = e.claim(10).await.unwrap();
+        assert_eq!(claimed.len(), 1, "due at once, not at the wait's timeout");
+        let end = e.drive(claimed.pop().unwrap()).await.unwrap();
+        assert_eq!(end, DriveEnd::Finished(SagaStatus::Completed));
+        let (_, state) = e.load(&sid("w-1")).await.unwrap();
+        assert_eq!(state.unwrap().steps[1].output, Some(json!({"ref": "late"})));
+        assert_eq!(p.calls.lock().unwrap().last().unwrap().call.url, "http://ship/late");
+    }
+
+    #[tokio::test]
+    async fn a_signal_retried_with_its_key_is_kept_once_and_a_wake_before_it_records_nothing() {
+        let store = Arc::new(MemoryStore::default());
+        let (e, _) = engine(&store, 10_000, |_| CallOutcome::Succeeded(json!({})));
+        e.define("order", wait_spec()).await.unwrap();
+        let (_, held) = e.start(start("w-2")).await.unwrap();
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
+        let waiting = e.load(&sid("w-2")).await.unwrap().1.unwrap().log_version;
+        // Woken with no signal there (as for a signal of a later step): the claim finds nothing
+        // to do and writes nothing to the log.
+        store.wake_saga(&sid("w-2"), Utc::now()).await.unwrap();
+        let mut claimed = e.claim(10).await.unwrap();
+        assert_eq!(e.drive(claimed.pop().unwrap()).await.unwrap(), DriveEnd::Waiting);
+        assert_eq!(e.load(&sid("w-2")).await.unwrap().1.unwrap().log_version, waiting);
+        // The same send twice (a retry after a lost answer) keeps one signal; another is refused.
+        let id = sid("w-2");
+        assert_eq!(
+            e.signal(send(&id, json!({"ref": "a"}), Some("key-1"))).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            e.signal(send(&id, json!({"ref": "a"}), Some("key-1"))).await.unwrap(),
+            1
+        );
+        let stream = StreamName::parse(&signal_stream(&id, "go")).unwrap();
+        assert_eq!(store.read_stream(&stream, 1, 10, usize::MAX).await.unwrap().len(), 1);
+        assert!(matches!(
+            e.signal(send(&id, json!({"ref": "b"}), Some("key-2"))).await,
+            Err(SagaError::SignalAlreadySent { taken: 1, .. })
+        ));
+        let mut claimed = e.claim(10).await.unwrap();
+        let end = e.drive(claimed.pop().unwrap()).await.unwrap();
+        assert_eq!(end, DriveEnd::Finished(SagaStatus::Completed));
+        assert!(matches!(
+            e.signal(send(&id, json!({}), None)).await,
+            Err(SagaError::SignalAlreadySent { .. })
+        ));
     }
 
     #[tokio::test]

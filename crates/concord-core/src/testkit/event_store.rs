@@ -53,9 +53,11 @@ async fn a_read_racing_a_streams_creation_sees_all_or_nothing<S: EventStore + 's
             }
         })
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for i in 0..STREAMS {
         let name = stream(&format!("race-{i}"));
         loop {
+            assert!(std::time::Instant::now() < deadline, "stream {name} never appeared");
             match s.read_stream(&name, 1, 100, usize::MAX).await {
                 Err(StoreError::StreamNotFound(_)) => tokio::task::yield_now().await,
                 Ok(events) => {

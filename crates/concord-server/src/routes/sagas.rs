@@ -14,7 +14,7 @@ use concord_api::sagas::{
     AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody, StepOut,
 };
 use concord_core::app::auth::{Owned, check_owner, claim_owner};
-use concord_core::app::saga::{SagaError, StartSaga};
+use concord_core::app::saga::{SagaError, SendSignal, StartSaga};
 use concord_core::domain::Principal;
 use concord_core::domain::saga::DERIVED_PREFIX;
 use concord_core::domain::saga::definition::check_definition_name;
@@ -303,17 +303,28 @@ pub struct SignalPath {
         (status = 400, description = "invalid_name, saga_limit_exceeded (over saga_max_output_bytes) or malformed_json"),
         (status = 404, description = "saga_not_found"),
         (status = 409, description = "signal_not_expected or signal_already_sent"),
+        (status = 503, description = "saga_busy: other signals of this name kept coming in at once; retry"),
     ))]
 pub async fn signal(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(path): Path<SignalPath>,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SignalOut>), ApiError> {
     let Json(payload) = body?;
     let id = SagaId::parse(path.id).map_err(|InvalidSagaId(id)| SagaError::NotFound(id))?;
     let by = principal.key_id.to_string();
-    let sequence = state.sagas.signal(&id, &path.signal, payload, &by).await?;
+    let sequence = state
+        .sagas
+        .signal(SendSignal {
+            id: &id,
+            name: &path.signal,
+            payload,
+            by: Some(&by),
+            request_key: idempotency_key(&headers),
+        })
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(SignalOut {

@@ -2,7 +2,7 @@
 //! sagas (retries whose backoff passed, sagas abandoned by a dead node) are claimed from the
 //! database every poll interval. A semaphore bounds how many sagas one node drives at a time.
 
-use concord_core::app::saga::{DriveEnd, Held, SagaEngine, SagaError, StartSaga};
+use concord_core::app::saga::{DriveEnd, Held, SagaEngine, SagaError, SendSignal, StartSaga};
 use concord_core::domain::saga::DefinitionSpec;
 use concord_core::domain::saga::{SagaId, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
@@ -286,19 +286,13 @@ impl SagaRunner {
         self.view(id, None).await
     }
 
-    /// Sends a signal to a saga for the API key `by`, and makes this node look at the saga at
-    /// once (it is due now if it waits). Answers which signal of that name it was.
+    /// Sends a signal to a saga and makes this node look at the saga at once (it is due now if
+    /// it waits). Answers which signal of that name it was.
     ///
     /// # Errors
     /// What [`SagaEngine::signal`] refuses, or a store failure.
-    pub async fn signal(
-        &self,
-        id: &SagaId,
-        name: &str,
-        payload: serde_json::Value,
-        by: &str,
-    ) -> Result<u64, SagaError> {
-        let sequence = self.engine.signal(id, name, payload, Some(by)).await?;
+    pub async fn signal(&self, send: SendSignal<'_>) -> Result<u64, SagaError> {
+        let sequence = self.engine.signal(send).await?;
         self.wake.notify_one();
         Ok(sequence)
     }
