@@ -155,6 +155,12 @@ error_codes! {
     /// The saga already has as many signals of this name as its steps wait for (one per wait
     /// step); this one is not kept.
     SignalAlreadySent = ("signal_already_sent", 409, "Signal already sent"),
+    /// A completion URL this server did not issue, or one past its time.
+    CallbackInvalid = ("callback_invalid", 401, "Invalid completion URL"),
+    /// The attempt the completion URL is for is over: the saga timed it out or went on.
+    CallbackNotExpected = ("callback_not_expected", 409, "Completion not expected"),
+    /// The attempt was completed already, with another result.
+    CallbackAlreadyUsed = ("callback_already_used", 409, "Completion URL already used"),
 
     /// The route exists but not with this method.
     MethodNotAllowed = ("method_not_allowed", 405, "Method not allowed"),

@@ -176,6 +176,41 @@ pub struct WaitIn {
     pub timeout_ms: Option<u64>,
 }
 
+/// The body a participant posts to the completion URL (`Concord-Callback`) of an action it
+/// answered with 202: `{"outcome": "succeeded", "output": ...}`, `{"outcome": "refused",
+/// "error": "..."}` (it took no effect: the saga compensates) or `{"outcome": "failed",
+/// "error": "..."}` (it may work later: the action is tried again under its retry policy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionIn {
+    #[schema(inline)]
+    pub outcome: CompletionOutcome,
+    /// With `succeeded`: the step's output, for later templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::StorableJson>)]
+    pub output: Option<Value>,
+    /// With `refused` or `failed`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How an accepted action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionOutcome {
+    Succeeded,
+    Refused,
+    Failed,
+}
+
+/// The answer of a completion: it is recorded, and the saga goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionOut {
+    pub saga_id: String,
+    pub step: String,
+    pub attempt: u32,
+}
+
 /// The answer of `POST /v1/sagas/{id}/signals/{signal}`: the signal is kept for the saga.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SignalOut {

@@ -152,6 +152,11 @@ pub struct Settings {
     /// How long a node trusts the latest definition version it looked up, milliseconds: a new
     /// version put on another node reaches new sagas here within this time.
     pub saga_definition_cache_ms: u64,
+    /// How participants reach this server (`https://concord.internal:7400`): the base of the
+    /// completion URLs asynchronous actions are given (`Concord-Callback`). Unset: the address
+    /// the server listens on, `https://` with TLS, which only reaches it when that address is
+    /// one participants can route to (not `0.0.0.0`).
+    pub public_url: Option<String>,
     /// Credentials for saga participants by name, used in definitions as `{{secrets.<name>}}`
     /// in header values, each sent only to its hosts (`[saga_secrets.<name>]` in the file, or
     /// `CONCORD_SAGA_SECRETS='{name={value="...",hosts=["payments"]}}'`). Never stored, shown
@@ -331,6 +336,7 @@ impl Default for Settings {
             saga_max_sleep_ms: concord_core::domain::saga::definition::DEFAULT_MAX_SLEEP_MS,
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
+            public_url: None,
             saga_secrets: std::collections::BTreeMap::new(),
             tx_max_participants: 16,
             tx_max_payload_bytes: 64 * 1024,
@@ -421,6 +427,14 @@ impl Settings {
     /// that a live request could outlast (a retry would then run it a second time).
     pub fn check(&self) -> anyhow::Result<()> {
         const MARGIN_MS: u64 = 10_000;
+        if let Some(url) = &self.public_url {
+            anyhow::ensure!(
+                (url.starts_with("http://") || url.starts_with("https://"))
+                    && !url.contains(['?', '#', ' '])
+                    && url.len() <= 512,
+                "configuration: public_url must be an http:// or https:// base URL without query or fragment"
+            );
+        }
         let longest_wait = self.max_wait_ms.max(self.saga_max_wait_ms).max(self.tx_max_timeout_ms);
         anyhow::ensure!(
             self.request_timeout_ms >= longest_wait + MARGIN_MS,

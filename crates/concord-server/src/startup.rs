@@ -128,6 +128,16 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         let tx_outbound = OutboundPolicy::new("tx_allowed_hosts", &settings.tx_allowed_hosts)
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        // The vault first: the saga engine's completion tokens are signed with a key derived
+        // from its master key.
+        let vault = crate::vault::open(&settings, stores.events.clone()).await?;
+        let public_url = match &settings.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", listener.local_addr()?)
+            }
+        };
         let participants = Arc::new(crate::saga::HttpParticipants::new(
             settings.saga_limits().max_output_bytes,
             saga_outbound.clone(),
@@ -145,6 +155,10 @@ impl Application {
                 outbound: saga_outbound,
                 latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
                 secrets: settings.saga_secrets()?,
+                callbacks: Some(concord_core::app::saga::CallbackConfig {
+                    key: concord_core::domain::saga::callback::CallbackKey::new(vault.callback_secret()),
+                    base_url: public_url,
+                }),
             },
         ));
         let sagas = crate::saga::SagaRunner::new(
@@ -189,7 +203,6 @@ impl Application {
             },
             settings.workers,
         );
-        let vault = crate::vault::open(&settings, stores.events.clone()).await?;
         let idempotency_layer =
             crate::idempotency::layer(stores.idempotency.clone(), &settings, &vault.fingerprint_secret()).context(
                 "settings: idempotency_ttl_s must be 1 s to 366 days, idempotency_lock_s 1 s to idempotency_ttl_s",

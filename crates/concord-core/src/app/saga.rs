@@ -7,13 +7,15 @@
 
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
 use crate::domain::outbound::OutboundPolicy;
+use crate::domain::saga::ActionStatus;
+use crate::domain::saga::callback::{CallbackClaim, CallbackError, CallbackKey, Completion};
 use crate::domain::saga::definition::MissingValue;
 use crate::domain::saga::definition::check_signal_name;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, FoundSignal, HttpCall, Op, SagaDefinition,
-    SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, decide, log_stream, on_outcome,
-    on_signal, signal_places, signal_stream,
+    SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, callback_stream, decide,
+    log_stream, on_callback, on_outcome, on_signal, signal_places, signal_stream,
 };
 use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -39,6 +41,9 @@ pub struct ParticipantCall {
     pub idempotency_key: String,
     /// The `traceparent` of the request that started the saga, if any.
     pub origin_trace: Option<String>,
+    /// An action's completion URL (`Concord-Callback`): where the participant posts its result
+    /// if it answers 202.
+    pub callback: Option<String>,
 }
 
 /// Sends participant calls and classifies what came back.
@@ -74,6 +79,14 @@ pub enum SagaError {
     /// Every wait step for the signal has one already.
     #[error("saga {id} already has the {taken} signal(s) {signal} its wait steps take")]
     SignalAlreadySent { id: SagaId, signal: String, taken: u64 },
+    #[error(transparent)]
+    CallbackInvalid(#[from] CallbackError),
+    /// The attempt the token is for is over, or the saga is.
+    #[error("{0}")]
+    CallbackNotExpected(String),
+    /// The attempt was completed already, with another result.
+    #[error("step {step} attempt {attempt} of saga {id} was completed already")]
+    CallbackAlreadyUsed { id: SagaId, step: String, attempt: u32 },
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -113,7 +126,22 @@ pub struct EngineConfig {
     pub latest_definition_ttl: Duration,
     /// Participant credentials, named in definitions as `{{secrets.<name>}}`.
     pub secrets: SagaSecrets,
+    /// Where asynchronous participants post their completions, and the key of the tokens in
+    /// those URLs; none: actions carry no completion URL, and a 202 is a 2xx like any other.
+    pub callbacks: Option<CallbackConfig>,
 }
+
+/// Completion URLs of asynchronous actions: `{base_url}/callbacks/{token}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallbackConfig {
+    pub key: CallbackKey,
+    /// How participants reach this server (`public_url`).
+    pub base_url: String,
+}
+
+/// How long after an accepted attempt's own deadline its completion URL still opens: a
+/// completion that lands then is recorded if the saga has not timed the attempt out yet.
+const CALLBACK_GRACE: chrono::Duration = chrono::Duration::minutes(1);
 
 /// How a drive ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,6 +577,10 @@ impl SagaEngine {
                     let found = self.find_signal(&row.id, &signal, sequence).await?;
                     on_signal(&def, &state, step, found, now)
                 }
+                Decision::AwaitCallback { step, attempt } => {
+                    let found = self.find_completion(&row.id, step, attempt).await?;
+                    on_callback(&def, &state, step, found, now, rand::random::<f64>())
+                }
                 d => d,
             };
             if fence && matches!(decision, Decision::Record(_) | Decision::Call { .. }) {
@@ -558,7 +590,9 @@ impl SagaEngine {
                 fence = false;
             }
             match decision {
-                Decision::Await { .. } => unreachable!("on_signal never answers Await"),
+                Decision::Await { .. } | Decision::AwaitCallback { .. } => {
+                    unreachable!("on_signal and on_callback answer what to do")
+                }
                 Decision::Record(e) => {
                     state.apply(&def, &e)?;
                     pending.push(e);
@@ -602,9 +636,16 @@ impl SagaEngine {
                     // it again if the signal is there (a signal sent from now on wakes it itself).
                     // When the look fails, wake it anyway: a wasted claim costs less than a
                     // signal left waiting until the timeout.
-                    if let Decision::Await { signal, sequence, .. } = decide(&def, &state, Utc::now())
-                        && !matches!(self.find_signal(&row.id, &signal, sequence).await, Ok(None))
-                    {
+                    let arrived = match decide(&def, &state, Utc::now()) {
+                        Decision::Await { signal, sequence, .. } => {
+                            !matches!(self.find_signal(&row.id, &signal, sequence).await, Ok(None))
+                        }
+                        Decision::AwaitCallback { step, attempt } => {
+                            !matches!(self.find_completion(&row.id, step, attempt).await, Ok(None))
+                        }
+                        _ => false,
+                    };
+                    if arrived {
                         self.store.wake_saga(&row.id, Utc::now()).await?;
                         return Ok(DriveEnd::Woken);
                     }
@@ -696,6 +737,19 @@ impl SagaEngine {
         if let Err(why) = self.config.secrets.check_call(template, &call) {
             return CallOutcome::Refused(format!("the call is not allowed: {why}"));
         }
+        let callback = match (op, &self.config.callbacks) {
+            (Op::Action, Some(cb)) => {
+                let expires = Utc::now() + chrono_dur(timeout + s.callback_timeout) + CALLBACK_GRACE;
+                let token = cb.key.mint(&CallbackClaim {
+                    saga_id: state.id.clone(),
+                    step,
+                    attempt,
+                    expires,
+                });
+                Some(format!("{}/callbacks/{token}", cb.base_url.trim_end_matches('/')))
+            }
+            _ => None,
+        };
         let pc = ParticipantCall {
             saga_id: state.id.clone(),
             step: s.name.clone(),
@@ -705,9 +759,16 @@ impl SagaEngine {
             timeout,
             idempotency_key: format!("{}:{}:{}", state.id, s.name, op.as_str()),
             origin_trace: trace.map(str::to_owned),
+            callback,
         };
         let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
         let outcome = self.participants.call(&pc).instrument(span).await;
+        self.keepable(outcome)
+    }
+
+    /// What of a participant's answer can go into the log: secrets it echoes redacted, an
+    /// output over the limit or holding U+0000 unusable.
+    fn keepable(&self, outcome: CallOutcome) -> CallOutcome {
         // Kept in the log and shown to readers: a participant that echoes a secret it was sent
         // must not put it there.
         let secrets = &self.config.secrets;
@@ -716,6 +777,7 @@ impl SagaEngine {
             CallOutcome::Refused(e) => CallOutcome::Refused(secrets.redact(&e)),
             CallOutcome::Transient(e) => CallOutcome::Transient(secrets.redact(&e)),
             CallOutcome::Unusable(e) => CallOutcome::Unusable(secrets.redact(&e)),
+            CallOutcome::Accepted => CallOutcome::Accepted,
         };
         match outcome {
             CallOutcome::Succeeded(v) => {
@@ -735,7 +797,128 @@ impl SagaEngine {
             CallOutcome::Refused(e) => CallOutcome::Refused(scrub(e)),
             CallOutcome::Transient(e) => CallOutcome::Transient(scrub(e)),
             CallOutcome::Unusable(e) => CallOutcome::Unusable(scrub(e)),
+            CallOutcome::Accepted => CallOutcome::Accepted,
         }
+    }
+
+    /// The completion of an accepted attempt, if it has come, as the call's outcome.
+    async fn find_completion(&self, id: &SagaId, step: usize, attempt: u32) -> Result<Option<CallOutcome>, SagaError> {
+        let stream = StreamName::parse(&callback_stream(id, step, attempt))?;
+        match self.events.read_stream(&stream, 1, 1, usize::MAX).await {
+            Ok(page) => Ok(page.into_iter().next().map(|e| {
+                match serde_json::from_value::<Completion>(e.data) {
+                    Ok(c) => self.keepable(c.into_outcome()),
+                    // Checked when it was posted: a record that does not read is a bug, and
+                    // the action's effect is unknown.
+                    Err(err) => CallOutcome::Unusable(format!("the completion does not read: {err}")),
+                }
+            })),
+            Err(StoreError::StreamNotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the completion an asynchronous participant posted with `token`, once, and wakes
+    /// the saga. The same completion posted again answers as the first did.
+    ///
+    /// # Errors
+    /// A token this server did not issue or that expired, an oversized output, an attempt that
+    /// is over (the saga timed it out, or went on), one completed with another result, or the
+    /// store.
+    pub async fn complete(&self, token: &str, completion: Completion) -> Result<(CallbackClaim, String), SagaError> {
+        let claim = self
+            .config
+            .callbacks
+            .as_ref()
+            .ok_or(CallbackError::Invalid)?
+            .key
+            .verify(token, Utc::now())?;
+        let data = serde_json::to_value(&completion).unwrap_or(Value::Null);
+        let size = serde_json::to_vec(&data).map_or(usize::MAX, |v| v.len());
+        if size > self.config.limits.max_output_bytes {
+            return Err(SagaError::SignalTooLarge {
+                size,
+                limit: self.config.limits.max_output_bytes,
+            });
+        }
+        if has_nul(&data) {
+            return Err(ValidationError::NulCharacter(0).into());
+        }
+        let id = &claim.saga_id;
+        let row = self
+            .store
+            .get_saga(id)
+            .await?
+            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        let step_name = def
+            .steps
+            .get(claim.step)
+            .map(|s| s.name.clone())
+            .ok_or(CallbackError::Invalid)?;
+        let stream = StreamName::parse(&callback_stream(id, claim.step, claim.attempt))?;
+        // Posted before: the same completion again (a retry after a lost answer) answers the
+        // same; another is refused.
+        let posted = |first: Vec<crate::domain::RecordedEvent>| {
+            if first.first().map(|e| &e.data) == Some(&data) {
+                Ok((claim.clone(), step_name.clone()))
+            } else {
+                Err(SagaError::CallbackAlreadyUsed {
+                    id: id.clone(),
+                    step: step_name.clone(),
+                    attempt: claim.attempt,
+                })
+            }
+        };
+        match self.events.read_stream(&stream, 1, 1, usize::MAX).await {
+            Ok(first) => {
+                let again = posted(first)?;
+                self.wake(id).await;
+                return Ok(again);
+            }
+            Err(StoreError::StreamNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let (Some(state), _) = self.read_log(&row).await?
+            && let Some(s) = state.steps.get(claim.step)
+        {
+            let started = s.attempts.iter().filter(|a| a.op == Op::Action).count() as u64;
+            let open = state.status == SagaStatus::Running
+                && s.action == ActionStatus::Pending
+                && match s.callback {
+                    Some(cb) => cb.attempt == claim.attempt,
+                    // Not accepted yet: the completion may come before the 202 is recorded.
+                    None => started < u64::from(claim.attempt),
+                };
+            if !open {
+                return Err(SagaError::CallbackNotExpected(format!(
+                    "attempt {} of step {step_name} of saga {id} is over; the saga is {}",
+                    claim.attempt,
+                    state.status.as_str()
+                )));
+            }
+        }
+        let event = crate::domain::event::UncheckedEvent {
+            id: None,
+            event_type: "CompletionPosted".to_owned(),
+            data: data.clone(),
+            metadata: None,
+        };
+        let request = AppendRequest::new(
+            stream.clone(),
+            ExpectedVersion::NoStream,
+            vec![event],
+            &self.config.event_limits,
+        )?;
+        match self.events.append(request).await {
+            Ok(_) => metrics::counter!("concord_saga_completions_total").increment(1),
+            Err(StoreError::WrongExpectedVersion { .. }) => {
+                posted(self.events.read_stream(&stream, 1, 1, usize::MAX).await?)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.wake(id).await;
+        Ok((claim, step_name))
     }
 
     /// Signal number `sequence` of name `signal` sent to saga `id`, if it has come.
@@ -1069,6 +1252,7 @@ fn observe_call(op: Op, outcome: &CallOutcome, started: DateTime<Utc>, finished:
         CallOutcome::Refused(_) => "refused",
         CallOutcome::Transient(_) => "failed",
         CallOutcome::Unusable(_) => "unusable",
+        CallOutcome::Accepted => "accepted",
     };
     let secs = (finished - started).to_std().unwrap_or_default().as_secs_f64();
     metrics::histogram!("concord_saga_step_duration_seconds", "op" => op.as_str(), "outcome" => label).record(secs);
@@ -1131,6 +1315,7 @@ mod tests {
             outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
             latest_definition_ttl: Duration::from_secs(1),
             secrets,
+            callbacks: None,
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
@@ -1300,6 +1485,7 @@ mod tests {
             outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
             latest_definition_ttl: Duration::from_secs(1),
             secrets: SagaSecrets::default(),
+            callbacks: None,
         };
         let e = SagaEngine::new(inner.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         e.define("order", wait_spec()).await.unwrap();
@@ -1546,6 +1732,7 @@ mod tests {
             .unwrap(),
             latest_definition_ttl: Duration::from_secs(1),
             secrets: SagaSecrets::default(),
+            callbacks: None,
         };
         let only_inv = SagaEngine::new(
             store.clone(),

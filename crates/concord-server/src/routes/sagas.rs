@@ -17,6 +17,7 @@ use concord_core::app::auth::{Owned, check_owner, claim_owner};
 use concord_core::app::saga::{SagaError, SendSignal, StartSaga};
 use concord_core::domain::Principal;
 use concord_core::domain::saga::DERIVED_PREFIX;
+use concord_core::domain::saga::callback::Completion;
 use concord_core::domain::saga::definition::check_definition_name;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
@@ -331,6 +332,45 @@ pub async fn signal(
             saga_id: id.to_string(),
             signal: path.signal,
             sequence,
+        }),
+    ))
+}
+
+/// The completion URL of an accepted action, named in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct CallbackPath {
+    /// The token of the `Concord-Callback` URL the action call carried.
+    #[param(pattern = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", max_length = 1024)]
+    pub token: String,
+}
+
+/// Completes an action its participant answered with 202. No API key: the token in the URL is
+/// the capability, bound to one attempt of one step of one saga, good once (the same completion
+/// posted again answers the same), and nothing else.
+#[utoipa::path(post, path = "/callbacks/{token}", tag = "sagas",
+    security(()),
+    params(CallbackPath),
+    request_body = concord_api::sagas::CompletionIn,
+    responses(
+        (status = 202, description = "Recorded: the saga goes on", body = concord_api::sagas::CompletionOut),
+        (status = 400, description = "malformed_json or saga_limit_exceeded (over saga_max_output_bytes)"),
+        (status = 401, description = "callback_invalid: not a URL this server issued, or past its time"),
+        (status = 409, description = "callback_not_expected (the attempt is over) or callback_already_used (completed with another result)"),
+    ))]
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(path): Path<CallbackPath>,
+    body: Result<Json<Completion>, JsonRejection>,
+) -> Result<(StatusCode, Json<concord_api::sagas::CompletionOut>), ApiError> {
+    let Json(completion) = body?;
+    let (claim, step) = state.sagas.complete(&path.token, completion).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(concord_api::sagas::CompletionOut {
+            saga_id: claim.saga_id.to_string(),
+            step,
+            attempt: claim.attempt,
         }),
     ))
 }

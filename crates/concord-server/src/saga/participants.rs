@@ -75,6 +75,15 @@ impl HttpParticipants {
             value.set_sensitive(true);
             req = req.header(k, value);
         }
+        if let Some(url) = &c.callback {
+            // A capability: whoever holds it completes the attempt, so it stays out of header
+            // compression tables and Debug prints like a secret.
+            let Ok(mut value) = reqwest::header::HeaderValue::from_str(url) else {
+                return CallOutcome::Refused("the completion URL cannot be sent as a header".into());
+            };
+            value.set_sensitive(true);
+            req = req.header(concord_core::domain::saga::callback::CALLBACK_HEADER, value);
+        }
         if let Some(body) = &c.call.body {
             req = req.json(body);
         }
@@ -90,6 +99,11 @@ impl HttpParticipants {
             Err(e) => return CallOutcome::Transient(format!("connection error: {}", error_chain(&e))),
         };
         let status = resp.status();
+        // Accepted: the participant finishes later and posts its result to the completion URL
+        // this call carried. Without one, a 202 is a 2xx like any other.
+        if status == StatusCode::ACCEPTED && c.callback.is_some() {
+            return CallOutcome::Accepted;
+        }
         let body = match read_limited(resp, self.max_body).await {
             Ok(b) => b,
             // It took effect, but its answer cannot be kept.

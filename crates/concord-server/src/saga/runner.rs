@@ -297,6 +297,20 @@ impl SagaRunner {
         Ok(sequence)
     }
 
+    /// Records an asynchronous action's completion and makes this node look at the saga at once.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::complete`] refuses, or a store failure.
+    pub async fn complete(
+        &self,
+        token: &str,
+        completion: concord_core::domain::saga::callback::Completion,
+    ) -> Result<(concord_core::domain::saga::callback::CallbackClaim, String), SagaError> {
+        let done = self.engine.complete(token, completion).await?;
+        self.wake.notify_one();
+        Ok(done)
+    }
+
     /// Sagas in id order, after `after`, at most `limit`.
     ///
     /// # Errors

@@ -1130,3 +1130,91 @@ async fn a_wait_that_times_out_compensates_the_saga(b: Backend) {
     assert_problem(r, 400, "saga_limit_exceeded").await;
 }
 both_backends!(a_wait_that_times_out_compensates_the_saga);
+
+async fn an_action_answered_202_finishes_through_its_completion_url(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["reserve", "charge", "ship"], 2000);
+    def["steps"][1]["callback_timeout_ms"] = json!(400);
+    define(&app, "pay", &def).await;
+
+    // Accepted, then completed through the URL: the completion's output is the step's.
+    let saga = run(&app, "pay", "a-1", json!({"charge": "async"})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(saga["steps"][1]["output"], json!({"id": "charge-a-1"}));
+    assert_eq!(check_saga(&p, &saga), None);
+    let log = saga_log(&app, "a-1").await;
+    let types: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    let accepted = types
+        .iter()
+        .position(|t| *t == "ActionAccepted")
+        .expect("ActionAccepted");
+    // The node that took the saga up again fences the log first (SagaResumed), then records.
+    let next = types[accepted + 1..].iter().find(|t| **t != "SagaResumed");
+    assert_eq!(next, Some(&"ActionSucceeded"), "{types:?}");
+    let url = p.ledger.lock().unwrap().callback_urls[&("a-1".to_owned(), "charge".to_owned())].clone();
+    assert!(url.starts_with(&format!("{}/callbacks/", app.address)), "{url}");
+    // The same completion again answers the same; another one, or a changed token, is refused.
+    let post = |url: String, body: Value| reqwest::Client::new().post(url).json(&body).send();
+    let same = json!({"outcome": "succeeded", "output": {"id": "charge-a-1"}});
+    let r = post(url.clone(), same).await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"saga_id": "a-1", "step": "charge", "attempt": 1})
+    );
+    let r = post(url.clone(), json!({"outcome": "refused", "error": "changed my mind"}))
+        .await
+        .unwrap();
+    assert_problem(r, 409, "callback_already_used").await;
+    let (head, sig) = url.rsplit_once('.').unwrap();
+    let flipped = if sig.starts_with('A') { "B" } else { "A" };
+    let r = post(
+        format!("{head}.{flipped}{}", &sig[1..]),
+        json!({"outcome": "succeeded"}),
+    )
+    .await
+    .unwrap();
+    assert_problem(r, 401, "callback_invalid").await;
+    let r = post(
+        format!("{}/callbacks/nonsense", app.address),
+        json!({"outcome": "succeeded"}),
+    )
+    .await
+    .unwrap();
+    assert_problem(r, 401, "callback_invalid").await;
+
+    // Refused through the URL: the saga compensates what came before.
+    let saga = run(&app, "pay", "a-2", json!({"charge": "asyncrefuse"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["action"], "refused");
+    assert_eq!(saga["steps"][1]["error"], "card declined");
+    assert_eq!(check_saga(&p, &saga), None);
+
+    // Completed before the 202 was even answered: kept, and taken once the 202 is recorded.
+    let saga = run(&app, "pay", "a-3", json!({"charge": "asyncfirst"})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(check_saga(&p, &saga), None);
+
+    // Never completed: past its time the action is uncertain (it may have taken effect), so it
+    // is compensated; a completion that comes later is refused.
+    let saga = run(&app, "pay", "a-4", json!({"charge": "asyncsilent"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["action"], "uncertain");
+    assert_eq!(saga["steps"][1]["compensation"], "succeeded");
+    assert_eq!(p.effect("a-4", "charge"), Some(Effect::Undone));
+    assert_eq!(check_saga(&p, &saga), None);
+    let late = p.ledger.lock().unwrap().callback_urls[&("a-4".to_owned(), "charge".to_owned())].clone();
+    let r = post(late, json!({"outcome": "succeeded"})).await.unwrap();
+    assert_problem(r, 409, "callback_not_expected").await;
+    assert!(
+        p.ledger.lock().unwrap().callback_answers.iter().all(|s| *s == 202),
+        "every completion the participant posted was taken"
+    );
+}
+both_backends!(an_action_answered_202_finishes_through_its_completion_url);

@@ -5,7 +5,10 @@
 //! first N attempts), `hang:N` (the first N attempts sleep past the step timeout, then take
 //! effect), `dup:N` (the first N attempts take effect, then answer 500, so the call comes again),
 //! `hangrefuse` (the first attempt sleeps past the timeout, then takes effect; later ones are
-//! refused), `nul` (takes effect and answers an output holding U+0000).
+//! refused), `nul` (takes effect and answers an output holding U+0000). Asynchronous ones answer
+//! 202 and finish through the call's `Concord-Callback` URL: `async` (takes effect, then posts
+//! `succeeded` with its output), `asyncrefuse` (posts `refused`), `asyncsilent` (takes effect and
+//! never posts), `asyncfirst` (takes effect and posts before it answers 202).
 //! Compensation behaviours (`<step>_undo`): `ok`, `cfail:N` (503 for the first N attempts).
 //!
 //! Effects go through a barrier keyed by `Idempotency-Key`, as a real participant's would: a
@@ -45,6 +48,10 @@ pub struct Ledger {
     /// The saga-id header of each call agreed with its idempotency key.
     pub bad_headers: u32,
     pub traceparents: u32,
+    /// The completion URL each asynchronous call carried, by (saga, step), and the status each
+    /// post to one was answered with.
+    pub callback_urls: HashMap<(String, String), String>,
+    pub callback_answers: Vec<u16>,
 }
 
 #[derive(Clone)]
@@ -198,6 +205,9 @@ async fn action(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let c = begin(&ledger, &headers, &step, "action", &step, &body);
+    if c.behaviour.starts_with("async") {
+        return asynchronous(&ledger, &headers, c).await;
+    }
     let answer = if c.behaviour == "refuse" {
         (StatusCode::CONFLICT, json!({"error": "refused by plan"}))
     } else if first_n(&c.behaviour, "flaky:", c.attempt) {
@@ -226,6 +236,62 @@ async fn action(
     };
     end(&ledger, &c);
     (answer.0, Json(answer.1))
+}
+
+/// Posts `completion` to the completion URL and keeps the answer's status.
+async fn post_completion(ledger: &Mutex<Ledger>, url: &str, completion: Value) {
+    let status = match reqwest::Client::new().post(url).json(&completion).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    };
+    ledger.lock().unwrap().callback_answers.push(status);
+}
+
+/// An action that answers 202 and finishes later through its completion URL.
+async fn asynchronous(ledger: &Arc<Mutex<Ledger>>, headers: &HeaderMap, c: Call) -> (StatusCode, Json<Value>) {
+    let Some(url) = headers
+        .get("concord-callback")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        end(ledger, &c);
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "no completion URL"})));
+    };
+    ledger
+        .lock()
+        .unwrap()
+        .callback_urls
+        .insert((c.saga.clone(), c.step.clone()), url.clone());
+    end(ledger, &c);
+    let completion = |ledger: &Mutex<Ledger>, c: &Call| match apply_action(ledger, c) {
+        (StatusCode::OK, v) => json!({"outcome": "succeeded", "output": v}),
+        (_, v) => json!({"outcome": "refused", "error": v.to_string()}),
+    };
+    match c.behaviour.as_str() {
+        "asyncfirst" => {
+            let done = completion(ledger, &c);
+            post_completion(ledger, &url, done).await;
+        }
+        "asyncsilent" => {
+            let _ = apply_action(ledger, &c);
+        }
+        "asyncrefuse" => {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                post_completion(&ledger, &url, json!({"outcome": "refused", "error": "card declined"})).await;
+            });
+        }
+        _ => {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let done = completion(&ledger, &c);
+                post_completion(&ledger, &url, done).await;
+            });
+        }
+    }
+    (StatusCode::ACCEPTED, Json(json!({"accepted": true})))
 }
 
 async fn compensate(

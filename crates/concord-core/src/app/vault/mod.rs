@@ -110,6 +110,7 @@ pub enum VaultFailure {
 struct DerivedKeys {
     fingerprint: SecretKey,
     subject_ref: SecretKey,
+    callback: SecretKey,
 }
 
 /// Entries a node's caches hold at most; past it a cache starts over rather than grow.
@@ -191,6 +192,7 @@ impl Vault {
         let _ = vault.derived.set(DerivedKeys {
             fingerprint: first.derive(b"concord/idempotency/fingerprint"),
             subject_ref: first.derive(b"concord/vault/audit-subject"),
+            callback: first.derive(b"concord/saga/callback"),
         });
         Ok(vault)
     }
@@ -200,6 +202,7 @@ impl Vault {
         self.derived.get_or_init(|| DerivedKeys {
             fingerprint: self.master.derive(b"concord/idempotency/fingerprint"),
             subject_ref: self.master.derive(b"concord/vault/audit-subject"),
+            callback: self.master.derive(b"concord/saga/callback"),
         })
     }
 
@@ -214,6 +217,13 @@ impl Vault {
     #[must_use]
     pub fn fingerprint_secret(&self) -> zeroize::Zeroizing<Vec<u8>> {
         zeroize::Zeroizing::new(self.derived().fingerprint.bytes().to_vec())
+    }
+
+    /// The key of saga completion tokens, derived from the master key like the fingerprint's,
+    /// so every node of a cluster checks the tokens any of them issued.
+    #[must_use]
+    pub fn callback_secret(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(self.derived().callback.bytes().to_vec())
     }
 }
 

@@ -283,6 +283,15 @@ pub struct StepSpec {
     /// the step's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitSpec>,
+    /// How long an action answered with 202 may take to post its result to the completion URL
+    /// it was given (`Concord-Callback`) before the step counts as uncertain and the saga
+    /// compensates (default 1 hour, at most `saga_max_sleep_ms`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    pub callback_timeout_ms: Option<u64>,
 }
 
 /// A wait step as written: the signal it waits for and how long it waits at most.
@@ -506,6 +515,8 @@ pub struct Step {
     pub compensation: Option<HttpCall>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
+    /// How long an action answered with 202 waits for its completion.
+    pub callback_timeout: Duration,
     /// Runs only when this holds (none: always).
     pub when: Option<Condition>,
 }
@@ -523,6 +534,8 @@ pub struct SagaDefinition {
 
 /// Default step timeout when a step sets none.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// Default time an action answered with 202 has to post its completion: 1 hour.
+pub const DEFAULT_CALLBACK_TIMEOUT_MS: u64 = 3_600_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Headers that carry credentials: a new definition fills them from one server-held secret.
@@ -559,6 +572,7 @@ fn is_secret_credential(value: &str) -> bool {
 pub const RESERVED_HEADERS: &[&str] = &[
     "idempotency-key",
     "concord-saga-id",
+    "concord-callback",
     "traceparent",
     "tracestate",
     "host",
@@ -644,6 +658,15 @@ impl SagaDefinition {
                 .map(|p| p.name.as_str())
                 .collect();
             let (sleep, wait) = check_kind(s, &earlier, limits)?;
+            let callback_ms = s
+                .callback_timeout_ms
+                .unwrap_or(DEFAULT_CALLBACK_TIMEOUT_MS.min(limits.max_sleep_ms));
+            if callback_ms == 0 || callback_ms > limits.max_sleep_ms {
+                return Err(DefinitionError::Limit(format!(
+                    "step {}: callback_timeout_ms must be 1 to {}",
+                    s.name, limits.max_sleep_ms
+                )));
+            }
             if let Some(a) = &s.action {
                 check_call(&s.name, a, &earlier)?;
             }
@@ -665,6 +688,7 @@ impl SagaDefinition {
                 compensation: s.compensation.clone(),
                 retry,
                 timeout: Duration::from_millis(timeout_ms),
+                callback_timeout: Duration::from_millis(callback_ms),
                 when,
             });
         }
@@ -771,8 +795,8 @@ fn check_kind(
     if s.action.is_some() {
         return Ok((None, None));
     }
-    if s.compensation.is_some() || s.retry.is_some() || s.timeout_ms.is_some() {
-        return bad("a timer or a wait has no compensation, retry or timeout_ms".into());
+    if s.compensation.is_some() || s.retry.is_some() || s.timeout_ms.is_some() || s.callback_timeout_ms.is_some() {
+        return bad("a timer or a wait has no compensation, retry, timeout_ms or callback_timeout_ms".into());
     }
     if let Some(w) = &s.wait {
         check_signal_name(&w.signal).map_err(|_| DefinitionError::StepKind {

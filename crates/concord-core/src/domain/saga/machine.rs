@@ -83,6 +83,9 @@ pub enum CallOutcome {
     /// 2xx, but the answer cannot be kept (too large, or not storable): the call took effect,
     /// yet later steps could not use its output. An action is then compensated as uncertain.
     Unusable(String),
+    /// 202 to an action that carried a completion URL: the participant finishes later and posts
+    /// its result there.
+    Accepted,
 }
 
 /// One entry of the saga log, stored as an event of the stream `saga-{id}`.
@@ -142,6 +145,15 @@ pub enum SagaEvent {
     },
     /// An operator resumed a `failed` saga: its compensations get a fresh budget.
     SagaRetried {
+        at: DateTime<Utc>,
+    },
+    /// The participant answered the attempt with 202: it posts the result to the attempt's
+    /// completion URL, by `until` at the latest. The saga waits, holding no lease.
+    ActionAccepted {
+        step: usize,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+        until: DateTime<Utc>,
         at: DateTime<Utc>,
     },
     /// A timer step was reached: the saga waits until `until`, holding no lease.
@@ -211,6 +223,7 @@ impl SagaEvent {
             Self::TimerStarted { .. } => "TimerStarted",
             Self::TimerFired { .. } => "TimerFired",
             Self::WaitStarted { .. } => "WaitStarted",
+            Self::ActionAccepted { .. } => "ActionAccepted",
             Self::SignalReceived { .. } => "SignalReceived",
             Self::WaitTimedOut { .. } => "WaitTimedOut",
         }
@@ -272,6 +285,17 @@ pub struct StepState {
     /// The signal it waits for, while it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// An attempt the participant accepted (202) and has not completed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<PendingCallback>,
+}
+
+/// An action attempt answered with 202, waiting for its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCallback {
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub until: DateTime<Utc>,
 }
 
 /// A saga as the log tells it.
@@ -320,6 +344,7 @@ impl SagaState {
                     timer: None,
                     wait_until: None,
                     waiting_for: None,
+                    callback: None,
                 })
                 .collect(),
             started_at: at,
@@ -386,6 +411,7 @@ impl SagaState {
                 let s = self.step_mut(*step)?;
                 s.attempts
                     .push(attempt(Op::Action, *n, *started_at, *at, "succeeded", None));
+                s.callback = None;
                 s.action = ActionStatus::Succeeded;
                 s.output = Some(output.clone());
                 s.error = None;
@@ -413,6 +439,7 @@ impl SagaState {
                 let earlier_unknown = s.attempts.iter().any(|a| a.op == Op::Action && a.outcome == "failed");
                 s.attempts
                     .push(attempt(Op::Action, *n, *started_at, *at, "refused", Some(error)));
+                s.callback = None;
                 if earlier_unknown {
                     s.action = ActionStatus::Uncertain;
                     s.compensation = if has_comp {
@@ -441,6 +468,7 @@ impl SagaState {
                 let s = self.step_mut(*step)?;
                 s.attempts
                     .push(attempt(Op::Action, *n, *started_at, *at, "failed", Some(error)));
+                s.callback = None;
                 s.error = Some(error.clone());
                 if retry_at.is_some() {
                     s.tries += 1;
@@ -521,6 +549,28 @@ impl SagaState {
                 }
                 s.action = ActionStatus::Succeeded;
                 s.compensation = CompensationStatus::NotNeeded;
+                self.retry_at = None;
+            }
+            SagaEvent::ActionAccepted {
+                step,
+                attempt: n,
+                started_at,
+                until,
+                ..
+            } => {
+                self.expect(SagaStatus::Running, e)?;
+                let is_call = def.steps.get(*step).is_some_and(|d| d.action.is_some());
+                let s = self.step_mut(*step)?;
+                if !is_call || s.action != ActionStatus::Pending || s.callback.is_some() {
+                    return Err(LogError(format!(
+                        "ActionAccepted of step {step}, which is no pending call"
+                    )));
+                }
+                s.callback = Some(PendingCallback {
+                    attempt: *n,
+                    started_at: *started_at,
+                    until: *until,
+                });
                 self.retry_at = None;
             }
             SagaEvent::WaitStarted {
@@ -640,6 +690,7 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::TimerStarted { at, .. }
         | SagaEvent::TimerFired { at, .. }
         | SagaEvent::WaitStarted { at, .. }
+        | SagaEvent::ActionAccepted { at, .. }
         | SagaEvent::SignalReceived { at, .. }
         | SagaEvent::WaitTimedOut { at, .. } => *at,
     }
@@ -654,6 +705,9 @@ pub enum Decision {
     Wait(DateTime<Utc>),
     /// Record this event (it skips a step, starts or fires a timer, or ends the saga).
     Record(SagaEvent),
+    /// Step `step`'s attempt `attempt` was accepted (202): look its completion up and ask
+    /// [`on_callback`].
+    AwaitCallback { step: usize, attempt: u32 },
     /// Wait step `step` needs signal `signal` number `sequence`: look it up and ask
     /// [`on_signal`].
     Await { step: usize, signal: String, sequence: u64 },
@@ -681,6 +735,7 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                 if state.steps[i].attempts.is_empty()
                     && state.steps[i].timer.is_none()
                     && state.steps[i].wait_until.is_none()
+                    && state.steps[i].callback.is_none()
                     && def
                         .steps
                         .get(i)
@@ -712,6 +767,11 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                     },
                 }
             }
+            // An accepted call: whether its completion is there is for the caller to look up.
+            Some(i) if let Some(cb) = state.steps[i].callback => Decision::AwaitCallback {
+                step: i,
+                attempt: cb.attempt,
+            },
             // A wait: whether its signal is there is for the caller to look up.
             Some(i) if let Some(wait) = def.steps.get(i).and_then(|d| d.wait.as_ref()) => Decision::Await {
                 step: i,
@@ -831,6 +891,47 @@ pub fn on_signal(
     }
 }
 
+/// What an accepted attempt ([`Decision::AwaitCallback`]) does, given its completion if it has
+/// come: record it as the call's outcome, go on waiting, or, past its time, count the action
+/// as uncertain (it may have taken effect) and compensate. `random` as for [`on_outcome`].
+#[must_use]
+pub fn on_callback(
+    def: &SagaDefinition,
+    state: &SagaState,
+    step: usize,
+    found: Option<CallOutcome>,
+    now: DateTime<Utc>,
+    random: f64,
+) -> Decision {
+    let Some(cb) = state.steps.get(step).and_then(|s| s.callback) else {
+        return Decision::Done;
+    };
+    match found {
+        Some(outcome) => {
+            let call = CallResult {
+                step,
+                op: Op::Action,
+                attempt: cb.attempt,
+                started_at: cb.started_at,
+                outcome,
+            };
+            Decision::Record(on_outcome(def, state, call, now, random))
+        }
+        None if cb.until > now => Decision::Wait(cb.until),
+        None => Decision::Record(SagaEvent::ActionFailed {
+            step,
+            attempt: cb.attempt,
+            started_at: cb.started_at,
+            error: format!(
+                "accepted (202) but no completion came in {} ms",
+                (cb.until - cb.started_at).num_milliseconds()
+            ),
+            retry_at: None,
+            at: now,
+        }),
+    }
+}
+
 /// A call decided by [`decide`], made, and what came of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallResult {
@@ -863,6 +964,23 @@ pub fn on_outcome(
             .then(|| now + chrono::Duration::from_std(policy.delay(tries, random)).unwrap_or(chrono::Duration::zero()))
     };
     match (op, outcome) {
+        (Op::Action, CallOutcome::Accepted) => SagaEvent::ActionAccepted {
+            step,
+            attempt,
+            started_at,
+            until: chrono::Duration::from_std(def.steps[step].callback_timeout)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            at: now,
+        },
+        // A compensation carries no completion URL: a 202 is a 2xx like any other.
+        (Op::Compensation, CallOutcome::Accepted) => SagaEvent::CompensationSucceeded {
+            step,
+            attempt,
+            started_at,
+            at: now,
+        },
         (Op::Action, CallOutcome::Succeeded(output)) => SagaEvent::ActionSucceeded {
             step,
             attempt,
@@ -980,13 +1098,14 @@ mod tests {
         let mut calls = Vec::new();
         for _ in 0..10_000 {
             let decision = match decide(d, &state, now) {
-                // No signal ever comes in this harness: a wait runs out.
+                // No signal or completion ever comes in this harness: a wait runs out.
                 Decision::Await { step, .. } => on_signal(d, &state, step, None, now),
+                Decision::AwaitCallback { step, .. } => on_callback(d, &state, step, None, now, 0.5),
                 other => other,
             };
             match decision {
                 Decision::Done => break,
-                Decision::Await { .. } => unreachable!(),
+                Decision::Await { .. } | Decision::AwaitCallback { .. } => unreachable!(),
                 Decision::Wait(t) => {
                     assert!(t > now);
                     now = t;
@@ -1406,6 +1525,83 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_accepted_action_waits_for_its_completion_then_records_it_or_times_out_as_uncertain() {
+        let d = def(&[("a", true), ("pay", true), ("b", true)], 3, 1);
+        let mut s = SagaState::new(&id(), &d, json!({}), t0());
+        let ok = |step| CallResult {
+            step,
+            op: Op::Action,
+            attempt: 1,
+            started_at: t0(),
+            outcome: CallOutcome::Succeeded(json!({})),
+        };
+        let e = on_outcome(&d, &s, ok(0), t0(), 0.5);
+        s.apply(&d, &e).unwrap();
+        let accepted = on_outcome(
+            &d,
+            &s,
+            CallResult {
+                outcome: CallOutcome::Accepted,
+                ..ok(1)
+            },
+            t0(),
+            0.5,
+        );
+        let SagaEvent::ActionAccepted { until, .. } = accepted else {
+            panic!("202 is accepted: {accepted:?}")
+        };
+        assert_eq!(until - t0(), chrono::Duration::hours(1), "the default callback timeout");
+        s.apply(&d, &accepted).unwrap();
+        assert_eq!(s.steps[1].action, ActionStatus::Pending);
+        assert_eq!(decide(&d, &s, t0()), Decision::AwaitCallback { step: 1, attempt: 1 });
+        assert_eq!(on_callback(&d, &s, 1, None, t0(), 0.5), Decision::Wait(until));
+        // Completed: recorded as the attempt's outcome; a transient one is retried.
+        let done = on_callback(&d, &s, 1, Some(CallOutcome::Succeeded(json!({"x": 1}))), t0(), 0.5);
+        assert!(matches!(
+            done,
+            Decision::Record(SagaEvent::ActionSucceeded {
+                step: 1,
+                attempt: 1,
+                ..
+            })
+        ));
+        let failed = on_callback(&d, &s, 1, Some(CallOutcome::Transient("later".into())), t0(), 0.5);
+        let Decision::Record(failed) = failed else { panic!() };
+        assert!(matches!(failed, SagaEvent::ActionFailed { retry_at: Some(_), .. }));
+        let mut retried = s.clone();
+        retried.apply(&d, &failed).unwrap();
+        assert_eq!(retried.steps[1].callback, None);
+        assert!(matches!(
+            decide(&d, &retried, until),
+            Decision::Call {
+                step: 1,
+                attempt: 2,
+                ..
+            }
+        ));
+        // Past its time with no completion: uncertain, so compensated with the step before.
+        let Decision::Record(timeout) = on_callback(&d, &s, 1, None, until, 0.5) else {
+            panic!("times out")
+        };
+        s.apply(&d, &timeout).unwrap();
+        assert_eq!(s.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(s.status, SagaStatus::Compensating);
+        assert!(matches!(
+            decide(&d, &s, until),
+            Decision::Call {
+                step: 1,
+                op: Op::Compensation,
+                ..
+            }
+        ));
+        // A second accept of the same step does not fit the log.
+        let mut twice = SagaState::new(&id(), &d, json!({}), t0());
+        twice.apply(&d, &e).unwrap();
+        twice.apply(&d, &accepted).unwrap();
+        assert!(twice.apply(&d, &accepted).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Sagas: definitions (validated, versioned, templated HTTP calls) and the pure state machine
 //! that runs them.
 
+pub mod callback;
 pub mod definition;
 pub mod machine;
 
@@ -11,13 +12,20 @@ pub use definition::{
 };
 pub use machine::{
     ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
-    on_outcome, on_signal, signal_places, signal_sequence,
+    on_callback, on_outcome, on_signal, signal_places, signal_sequence,
 };
 
 /// The event-store stream that holds a saga's log.
 #[must_use]
 pub fn log_stream(id: &SagaId) -> String {
     format!("saga-{id}")
+}
+
+/// The stream that keeps the one completion of an asynchronous action's attempt (step index
+/// and attempt: no signal name has a `.`, so it is no signal's stream).
+#[must_use]
+pub fn callback_stream(id: &SagaId, step: usize, attempt: u32) -> String {
+    format!("saga-{id}@{step}.{attempt}")
 }
 
 /// The stream that keeps the signals of one name sent to a saga, in the order they came (its
