@@ -9,7 +9,7 @@ mod participant;
 mod proc;
 
 use participant::{Participant, check_saga};
-use proc::{ADMIN_KEY, Server, bare_serve, within};
+use proc::{ADMIN_KEY, Server, concord, free_addr, within};
 use serde_json::{Value, json};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
@@ -21,8 +21,13 @@ const SAGAS: usize = 200;
 
 /// `concord serve` on `database_url`, with short leases so a dead node's sagas resume quickly.
 fn node(dir: &Path, database_url: &str) -> Command {
-    let mut cmd = bare_serve(dir);
-    cmd.args(["--database-url", database_url])
+    node_at(dir, database_url, "127.0.0.1:0")
+}
+
+/// A node listening on `listen`.
+fn node_at(dir: &Path, database_url: &str, listen: &str) -> Command {
+    let mut cmd = concord(dir);
+    cmd.args(["serve", "--listen", listen, "--database-url", database_url])
         .env("CONCORD_ADMIN_KEY", ADMIN_KEY)
         .env("CONCORD_SAGA_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
         .env("CONCORD_TX_ALLOWED_HOSTS", r#"["127.0.0.1"]"#)
@@ -419,6 +424,89 @@ async fn waits_outlive_a_sigkill_of_every_node_on_postgres() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     waits_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+}
+
+/// Sagas whose action a participant accepted (202) when their only node is SIGKILLed: the
+/// completions posted to the URLs the dead process handed out are taken by the restarted one
+/// (the token's key outlives the process), and each saga goes on once.
+async fn completions_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    // The first node hands out URLs of public_url, where the restarted node will listen.
+    let public = free_addr();
+    let mut first = node(dir, database_url);
+    first.env("CONCORD_PUBLIC_URL", format!("http://{public}"));
+    let mut server = Server::start(first).await;
+    let http = reqwest::Client::new();
+    let mut def = p.definition(&["reserve", "charge", "ship"], 2000);
+    def["steps"][1]["callback_timeout_ms"] = json!(30_000);
+    let r = put(&http, &server.url, "/v1/saga-definitions/order", &def)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..10).map(|i| format!("cb-{i:02}")).collect();
+    for id in &ids {
+        let body = json!({"definition": "order", "id": id, "input": {"plan": {"charge": "asyncsilent"}}});
+        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // Every saga waits for its completion, then the node dies.
+    for id in &ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}")).await;
+            if log.is_some_and(|l| {
+                l["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["type"] == "ActionAccepted")
+            }) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} was never accepted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    let server = Server::start(node_at(dir, database_url, &public)).await;
+    for id in &ids {
+        let url = p.ledger.lock().unwrap().callback_urls[&(id.clone(), "charge".to_owned())].clone();
+        let r = http
+            .post(&url)
+            .json(&json!({"outcome": "succeeded", "output": {"id": format!("charge-{id}")}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{id}: {}", r.text().await.unwrap());
+    }
+    let sagas = settle(&http, &server.url, &ids, Duration::from_secs(60)).await;
+    for saga in &sagas {
+        let id = saga["id"].as_str().unwrap();
+        assert_eq!(saga["status"], "completed", "{saga}");
+        assert_eq!(saga["steps"][1]["output"], json!({"id": format!("charge-{id}")}));
+        assert_eq!(p.attempts(id, "charge", "action"), 1, "{id} charged once");
+        assert_eq!(p.attempts(id, "ship", "action"), 1, "{id} shipped once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_outlive_a_sigkill_of_every_node_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+    completions_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_outlive_a_sigkill_of_every_node_on_postgres() {
+    let Some(base) = postgres_base() else { return };
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    completions_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
     let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
 }
 
