@@ -64,7 +64,8 @@ pub struct StepOut {
     /// A wait step the saga has reached: the signal it waits for, while it waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
-    /// When a reached timer ends, or when a reached wait gives up.
+    /// When a reached timer ends, when a reached wait gives up, or when an accepted (202)
+    /// action's completion is due at the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
 }
@@ -177,9 +178,10 @@ pub struct WaitIn {
 }
 
 /// The body a participant posts to the completion URL (`Concord-Callback`) of an action it
-/// answered with 202: `{"outcome": "succeeded", "output": ...}`, `{"outcome": "refused",
+/// answered with 202: `{"outcome": "succeeded", "output"?: ...}`, `{"outcome": "refused",
 /// "error": "..."}` (it took no effect: the saga compensates) or `{"outcome": "failed",
-/// "error": "..."}` (it may work later: the action is tried again under its retry policy).
+/// "error": "..."}` (whether it took effect is unknown: the step is uncertain and compensated).
+/// `output` goes only with `succeeded`, `error` only with the others.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionIn {

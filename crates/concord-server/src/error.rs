@@ -234,7 +234,7 @@ impl Coded for SagaError {
             Self::NotFound(_) => ErrorCode::SagaNotFound,
             Self::NotFailed(..) => ErrorCode::SagaNotFailed,
             Self::Busy(_) => ErrorCode::SagaBusy,
-            Self::InputTooLarge { .. } | Self::SignalTooLarge { .. } => ErrorCode::SagaLimitExceeded,
+            Self::InputTooLarge { .. } | Self::PayloadTooLarge { .. } => ErrorCode::SagaLimitExceeded,
             Self::SignalNotExpected(_) => ErrorCode::SignalNotExpected,
             Self::SignalAlreadySent { .. } => ErrorCode::SignalAlreadySent,
             Self::CallbackInvalid(_) => ErrorCode::CallbackInvalid,

@@ -131,11 +131,23 @@ impl Application {
         // The vault first: the saga engine's completion tokens are signed with a key derived
         // from its master key.
         let vault = crate::vault::open(&settings, stores.events.clone()).await?;
+        // Where participants post completions: public_url, else the address listened on when
+        // one could reach it. Without either, this node gives asynchronous actions to others.
         let public_url = match &settings.public_url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
+            Some(url) => Some(url.trim_end_matches('/').to_owned()),
             None => {
+                let addr = listener.local_addr()?;
                 let scheme = if tls.is_some() { "https" } else { "http" };
-                format!("{scheme}://{}", listener.local_addr()?)
+                if addr.ip().is_unspecified() {
+                    tracing::warn!(
+                        %addr,
+                        "no public_url, and the listen address reaches no one: this node will not run asynchronous \
+                         actions (steps with callback_timeout_ms); set public_url to how participants reach it"
+                    );
+                    None
+                } else {
+                    Some(format!("{scheme}://{addr}"))
+                }
             }
         };
         let participants = Arc::new(crate::saga::HttpParticipants::new(

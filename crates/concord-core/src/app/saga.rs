@@ -71,8 +71,12 @@ pub enum SagaError {
     Busy(SagaId),
     #[error("input is {size} bytes, over the limit of {limit}")]
     InputTooLarge { size: usize, limit: usize },
-    #[error("signal body is {size} bytes, over the limit of {limit} (saga_max_output_bytes)")]
-    SignalTooLarge { size: usize, limit: usize },
+    #[error("{what} body is {size} bytes, over the limit of {limit} (saga_max_output_bytes)")]
+    PayloadTooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
     /// No step of the saga waits for the signal, or none does any more.
     #[error("{0}")]
     SignalNotExpected(String),
@@ -135,9 +139,13 @@ pub struct EngineConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallbackConfig {
     pub key: CallbackKey,
-    /// How participants reach this server (`public_url`).
-    pub base_url: String,
+    /// How participants reach this server (`public_url`); none: this node checks completion
+    /// URLs but hands none out, leaving asynchronous actions to nodes that can.
+    pub base_url: Option<String>,
 }
+
+/// The event that closes an attempt's completion stream when another result was recorded.
+const COMPLETION_CLOSED: &str = "CompletionClosed";
 
 /// How long after an accepted attempt's own deadline its completion URL still opens: a
 /// completion that lands then is recorded if the saga has not timed the attempt out yet.
@@ -579,7 +587,16 @@ impl SagaEngine {
                 }
                 Decision::AwaitCallback { step, attempt } => {
                     let found = self.find_completion(&row.id, step, attempt).await?;
-                    on_callback(&def, &state, step, found, now, rand::random::<f64>())
+                    let random = rand::random::<f64>();
+                    match on_callback(&def, &state, step, found, now, random) {
+                        // Its time ran out: close the URL first, and take a completion that
+                        // got in before the close.
+                        Decision::Record(SagaEvent::ActionFailed { .. }) => {
+                            let late = self.close_completion(&row.id, step, attempt).await?;
+                            on_callback(&def, &state, step, late, now, random)
+                        }
+                        d => d,
+                    }
                 }
                 d => d,
             };
@@ -737,16 +754,26 @@ impl SagaEngine {
         if let Err(why) = self.config.secrets.check_call(template, &call) {
             return CallOutcome::Refused(format!("the call is not allowed: {why}"));
         }
-        let callback = match (op, &self.config.callbacks) {
-            (Op::Action, Some(cb)) => {
-                let expires = Utc::now() + chrono_dur(timeout + s.callback_timeout) + CALLBACK_GRACE;
+        // An asynchronous action's call carries the URL its participant completes it at.
+        let callback = match (op, s.callback_timeout, &self.config.callbacks) {
+            (Op::Action, Some(wait), Some(cb)) if let Some(base_url) = &cb.base_url => {
+                let expires = chrono::Duration::from_std(timeout + wait)
+                    .ok()
+                    .and_then(|d| Utc::now().checked_add_signed(d + CALLBACK_GRACE))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 let token = cb.key.mint(&CallbackClaim {
                     saga_id: state.id.clone(),
                     step,
                     attempt,
                     expires,
                 });
-                Some(format!("{}/callbacks/{token}", cb.base_url.trim_end_matches('/')))
+                Some(format!("{}/callbacks/{token}", base_url.trim_end_matches('/')))
+            }
+            // This node cannot hand out a completion URL (no public_url): one that can may.
+            (Op::Action, Some(_), _) => {
+                return CallOutcome::Transient(
+                    "this node has no public_url to give an asynchronous action its completion URL".into(),
+                );
             }
             _ => None,
         };
@@ -763,7 +790,43 @@ impl SagaEngine {
         };
         let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
         let outcome = self.participants.call(&pc).instrument(span).await;
-        self.keepable(outcome)
+        let outcome = self.keepable(outcome);
+        // The participant may have posted a completion while the call ran. The completion
+        // stream decides once which result stands: the call's, by closing it, or a completion
+        // kept before, which the participant was told is recorded.
+        if pc.callback.is_some() && outcome != CallOutcome::Accepted {
+            match self.close_completion(&state.id, step, attempt).await {
+                Ok(Some(posted)) => return posted,
+                Ok(None) => {}
+                // Unknown which stands: the step is uncertain, never a second result.
+                Err(e) => return CallOutcome::Unusable(format!("closing the completion URL failed: {e}")),
+            }
+        }
+        outcome
+    }
+
+    /// Closes an attempt's completion URL before a result other than its completion is
+    /// recorded (a synchronous answer, or its time running out): the completion stream's first
+    /// event is either the completion or the close. Returns the completion when it came first.
+    async fn close_completion(&self, id: &SagaId, step: usize, attempt: u32) -> Result<Option<CallOutcome>, SagaError> {
+        let stream = StreamName::parse(&callback_stream(id, step, attempt))?;
+        let event = crate::domain::event::UncheckedEvent {
+            id: None,
+            event_type: COMPLETION_CLOSED.to_owned(),
+            data: Value::Null,
+            metadata: None,
+        };
+        let request = AppendRequest::new(
+            stream,
+            ExpectedVersion::NoStream,
+            vec![event],
+            &self.config.event_limits,
+        )?;
+        match self.events.append(request).await {
+            Ok(_) => Ok(None),
+            Err(StoreError::WrongExpectedVersion { .. }) => self.find_completion(id, step, attempt).await,
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// What of a participant's answer can go into the log: secrets it echoes redacted, an
@@ -805,17 +868,30 @@ impl SagaEngine {
     async fn find_completion(&self, id: &SagaId, step: usize, attempt: u32) -> Result<Option<CallOutcome>, SagaError> {
         let stream = StreamName::parse(&callback_stream(id, step, attempt))?;
         match self.events.read_stream(&stream, 1, 1, usize::MAX).await {
-            Ok(page) => Ok(page.into_iter().next().map(|e| {
-                match serde_json::from_value::<Completion>(e.data) {
-                    Ok(c) => self.keepable(c.into_outcome()),
-                    // Checked when it was posted: a record that does not read is a bug, and
-                    // the action's effect is unknown.
-                    Err(err) => CallOutcome::Unusable(format!("the completion does not read: {err}")),
-                }
-            })),
+            Ok(page) => Ok(page
+                .into_iter()
+                .next()
+                .filter(|e| e.event_type != COMPLETION_CLOSED)
+                .map(|e| {
+                    match serde_json::from_value::<Completion>(e.data) {
+                        Ok(c) => self.keepable(c.into_outcome()),
+                        // Checked when it was posted: a record that does not read is a bug, and
+                        // the action's effect is unknown.
+                        Err(err) => CallOutcome::Unusable(format!("the completion does not read: {err}")),
+                    }
+                })),
             Err(StoreError::StreamNotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The claim of a completion URL's token: checked before anything of the request is read.
+    ///
+    /// # Errors
+    /// [`SagaError::CallbackInvalid`] for a token this cluster did not issue or one past its time.
+    pub fn verify_callback(&self, token: &str) -> Result<CallbackClaim, SagaError> {
+        let key = &self.config.callbacks.as_ref().ok_or(CallbackError::Invalid)?.key;
+        Ok(key.verify(token, Utc::now())?)
     }
 
     /// Records the completion an asynchronous participant posted with `token`, once, and wakes
@@ -825,18 +901,30 @@ impl SagaEngine {
     /// A token this server did not issue or that expired, an oversized output, an attempt that
     /// is over (the saga timed it out, or went on), one completed with another result, or the
     /// store.
-    pub async fn complete(&self, token: &str, completion: Completion) -> Result<(CallbackClaim, String), SagaError> {
-        let claim = self
-            .config
-            .callbacks
-            .as_ref()
-            .ok_or(CallbackError::Invalid)?
-            .key
-            .verify(token, Utc::now())?;
+    pub async fn complete(
+        &self,
+        claim: CallbackClaim,
+        completion: Completion,
+    ) -> Result<(CallbackClaim, String), SagaError> {
+        // Kept as the log would keep it: a secret the participant echoes never reaches the
+        // stream, whoever may read it.
+        let secrets = &self.config.secrets;
+        let completion = match completion {
+            Completion::Succeeded { output } => Completion::Succeeded {
+                output: secrets.redact_json(output),
+            },
+            Completion::Refused { error } => Completion::Refused {
+                error: secrets.redact(&error),
+            },
+            Completion::Failed { error } => Completion::Failed {
+                error: secrets.redact(&error),
+            },
+        };
         let data = serde_json::to_value(&completion).unwrap_or(Value::Null);
         let size = serde_json::to_vec(&data).map_or(usize::MAX, |v| v.len());
         if size > self.config.limits.max_output_bytes {
-            return Err(SagaError::SignalTooLarge {
+            return Err(SagaError::PayloadTooLarge {
+                what: "completion",
                 size,
                 limit: self.config.limits.max_output_bytes,
             });
@@ -860,6 +948,12 @@ impl SagaEngine {
         // Posted before: the same completion again (a retry after a lost answer) answers the
         // same; another is refused.
         let posted = |first: Vec<crate::domain::RecordedEvent>| {
+            if first.first().is_some_and(|e| e.event_type == COMPLETION_CLOSED) {
+                return Err(SagaError::CallbackNotExpected(format!(
+                    "attempt {} of step {step_name} of saga {id} ended without this completion",
+                    claim.attempt
+                )));
+            }
             if first.first().map(|e| &e.data) == Some(&data) {
                 Ok((claim.clone(), step_name.clone()))
             } else {
@@ -954,7 +1048,8 @@ impl SagaEngine {
         check_signal_name(name)?;
         let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
         if size > self.config.limits.max_output_bytes {
-            return Err(SagaError::SignalTooLarge {
+            return Err(SagaError::PayloadTooLarge {
+                what: "signal",
                 size,
                 limit: self.config.limits.max_output_bytes,
             });

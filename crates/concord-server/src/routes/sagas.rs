@@ -361,10 +361,25 @@ pub struct CallbackPath {
 pub async fn complete(
     State(state): State<AppState>,
     Path(path): Path<CallbackPath>,
-    body: Result<Json<Completion>, JsonRejection>,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<concord_api::sagas::CompletionOut>), ApiError> {
-    let Json(completion) = body?;
-    let (claim, step) = state.sagas.complete(&path.token, completion).await?;
+    // No key guards this route: the token is checked before the body is read, and the body is
+    // read only up to what a completion may hold.
+    let claim = state.sagas.verify_callback(&path.token)?;
+    let limit = state.settings.saga_max_output_bytes + COMPLETION_ENVELOPE_BYTES;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::SagaLimitExceeded,
+            format!("a completion is at most {limit} bytes (saga_max_output_bytes and its envelope)"),
+        )
+    })?;
+    let completion: Completion = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::MalformedJson,
+            format!("a completion is {{\"outcome\": \"succeeded\", \"output\"?}}, {{\"outcome\": \"refused\"|\"failed\", \"error\"}}: {e}"),
+        )
+    })?;
+    let (claim, step) = state.sagas.complete(claim, completion).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(concord_api::sagas::CompletionOut {
@@ -374,6 +389,9 @@ pub async fn complete(
         }),
     ))
 }
+
+/// What a completion body holds beside the output: the outcome, an error text.
+const COMPLETION_ENVELOPE_BYTES: usize = 4096;
 
 /// The answer of a saga: its row, then what its log says when it was read.
 fn saga_out(saga: &SagaView) -> SagaOut {
@@ -404,7 +422,10 @@ fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
     out.status = s.status.as_str().to_owned();
     out.updated_at = s.updated_at;
     // A waiting step's end is when the saga runs next unless a signal comes first.
-    let waiting = s.steps.iter().find_map(|st| st.wait_until);
+    let waiting = s
+        .steps
+        .iter()
+        .find_map(|st| st.wait_until.or(st.callback.map(|c| c.until)));
     out.next_attempt_at = s.retry_at.or(waiting).filter(|_| !s.status.is_terminal());
     out.steps = s
         .steps
@@ -434,7 +455,8 @@ fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
             until: st
                 .timer
                 .filter(|_| st.action == ActionStatus::Pending)
-                .or(st.wait_until),
+                .or(st.wait_until)
+                .or(st.callback.map(|c| c.until)),
             attempts: st
                 .attempts
                 .iter()

@@ -297,16 +297,27 @@ impl SagaRunner {
         Ok(sequence)
     }
 
+    /// The claim of a completion URL's token.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::verify_callback`] refuses.
+    pub fn verify_callback(
+        &self,
+        token: &str,
+    ) -> Result<concord_core::domain::saga::callback::CallbackClaim, SagaError> {
+        self.engine.verify_callback(token)
+    }
+
     /// Records an asynchronous action's completion and makes this node look at the saga at once.
     ///
     /// # Errors
     /// What [`SagaEngine::complete`] refuses, or a store failure.
     pub async fn complete(
         &self,
-        token: &str,
+        claim: concord_core::domain::saga::callback::CallbackClaim,
         completion: concord_core::domain::saga::callback::Completion,
     ) -> Result<(concord_core::domain::saga::callback::CallbackClaim, String), SagaError> {
-        let done = self.engine.complete(token, completion).await?;
+        let done = self.engine.complete(claim, completion).await?;
         self.wake.notify_one();
         Ok(done)
     }

@@ -1201,6 +1201,35 @@ async fn an_action_answered_202_finishes_through_its_completion_url(b: Backend) 
     assert_eq!(saga["status"], "completed", "{saga}");
     assert_eq!(check_saga(&p, &saga), None);
 
+    // Completed while the call ran, then the call failed: the completion stands (the
+    // participant was told it is recorded), and the action is not called again.
+    let saga = run(&app, "pay", "a-5", json!({"charge": "postthen503"})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(p.attempts("a-5", "charge", "action"), 1);
+    assert_eq!(check_saga(&p, &saga), None);
+    // Failed: its effect is unknown, so it is compensated, not called again.
+    let saga = run(&app, "pay", "a-6", json!({"charge": "asyncfail"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["action"], "uncertain");
+    assert_eq!(p.attempts("a-6", "charge", "action"), 1);
+    assert_eq!(check_saga(&p, &saga), None);
+    // A step without callback_timeout_ms is not asynchronous: its call carries no URL.
+    let mut plain = p.definition(&["reserve", "charge"], 2000);
+    plain["steps"][1]["action"]["url"] = json!(format!("{}/action/charge", p.url));
+    define(&app, "plain", &plain).await;
+    let saga = run(&app, "plain", "a-7", json!({"charge": "async"})).await;
+    assert_eq!(
+        saga["status"], "compensated",
+        "no completion URL: the participant refuses: {saga}"
+    );
+    assert!(
+        !p.ledger
+            .lock()
+            .unwrap()
+            .callback_urls
+            .contains_key(&("a-7".to_owned(), "charge".to_owned()))
+    );
+
     // Never completed: past its time the action is uncertain (it may have taken effect), so it
     // is compensated; a completion that comes later is refused.
     let saga = run(&app, "pay", "a-4", json!({"charge": "asyncsilent"})).await;

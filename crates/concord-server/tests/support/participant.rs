@@ -8,7 +8,8 @@
 //! refused), `nul` (takes effect and answers an output holding U+0000). Asynchronous ones answer
 //! 202 and finish through the call's `Concord-Callback` URL: `async` (takes effect, then posts
 //! `succeeded` with its output), `asyncrefuse` (posts `refused`), `asyncsilent` (takes effect and
-//! never posts), `asyncfirst` (takes effect and posts before it answers 202).
+//! never posts), `asyncfirst` (takes effect and posts before it answers 202), `asyncfail`
+//! (posts `failed`), `postthen503` (takes effect, posts `succeeded`, then answers 503).
 //! Compensation behaviours (`<step>_undo`): `ok`, `cfail:N` (503 for the first N attempts).
 //!
 //! Effects go through a barrier keyed by `Idempotency-Key`, as a real participant's would: a
@@ -205,7 +206,7 @@ async fn action(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let c = begin(&ledger, &headers, &step, "action", &step, &body);
-    if c.behaviour.starts_with("async") {
+    if c.behaviour.starts_with("async") || c.behaviour == "postthen503" {
         return asynchronous(&ledger, &headers, c).await;
     }
     let answer = if c.behaviour == "refuse" {
@@ -274,6 +275,21 @@ async fn asynchronous(ledger: &Arc<Mutex<Ledger>>, headers: &HeaderMap, c: Call)
         }
         "asyncsilent" => {
             let _ = apply_action(ledger, &c);
+        }
+        "postthen503" => {
+            let done = completion(ledger, &c);
+            post_completion(ledger, &url, done).await;
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "lost the answer"})),
+            );
+        }
+        "asyncfail" => {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                post_completion(&ledger, &url, json!({"outcome": "failed", "error": "provider down"})).await;
+            });
         }
         "asyncrefuse" => {
             let ledger = ledger.clone();

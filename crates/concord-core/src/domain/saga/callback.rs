@@ -26,7 +26,9 @@ pub enum Completion {
     },
     /// It said no, and took no effect: the saga compensates the steps before.
     Refused { error: String },
-    /// It failed in a way that may pass: the action is tried again under its retry policy.
+    /// It failed, and whether it took effect is unknown: the step is uncertain and compensated
+    /// (no retry: a participant that keeps its answers by `Idempotency-Key` would only answer
+    /// the same 202 again).
     Failed { error: String },
 }
 
@@ -37,7 +39,7 @@ impl Completion {
         match self {
             Self::Succeeded { output } => CallOutcome::Succeeded(output),
             Self::Refused { error } => CallOutcome::Refused(error),
-            Self::Failed { error } => CallOutcome::Transient(error),
+            Self::Failed { error } => CallOutcome::Unusable(error),
         }
     }
 }

@@ -283,9 +283,10 @@ pub struct StepSpec {
     /// the step's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitSpec>,
-    /// How long an action answered with 202 may take to post its result to the completion URL
-    /// it was given (`Concord-Callback`) before the step counts as uncertain and the saga
-    /// compensates (default 1 hour, at most `saga_max_sleep_ms`).
+    /// Makes the action asynchronous: its calls carry a completion URL (`Concord-Callback`), and
+    /// a 202 answer means the participant posts its result there within this time, after which
+    /// the step counts as uncertain and the saga compensates (at most `saga_max_sleep_ms`).
+    /// Without it a 202 is a 2xx like any other.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -515,8 +516,8 @@ pub struct Step {
     pub compensation: Option<HttpCall>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
-    /// How long an action answered with 202 waits for its completion.
-    pub callback_timeout: Duration,
+    /// An asynchronous action: how long one answered with 202 waits for its completion.
+    pub callback_timeout: Option<Duration>,
     /// Runs only when this holds (none: always).
     pub when: Option<Condition>,
 }
@@ -534,8 +535,6 @@ pub struct SagaDefinition {
 
 /// Default step timeout when a step sets none.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
-/// Default time an action answered with 202 has to post its completion: 1 hour.
-pub const DEFAULT_CALLBACK_TIMEOUT_MS: u64 = 3_600_000;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Headers that carry credentials: a new definition fills them from one server-held secret.
@@ -658,10 +657,9 @@ impl SagaDefinition {
                 .map(|p| p.name.as_str())
                 .collect();
             let (sleep, wait) = check_kind(s, &earlier, limits)?;
-            let callback_ms = s
-                .callback_timeout_ms
-                .unwrap_or(DEFAULT_CALLBACK_TIMEOUT_MS.min(limits.max_sleep_ms));
-            if callback_ms == 0 || callback_ms > limits.max_sleep_ms {
+            if let Some(ms) = s.callback_timeout_ms
+                && (ms == 0 || ms > limits.max_sleep_ms)
+            {
                 return Err(DefinitionError::Limit(format!(
                     "step {}: callback_timeout_ms must be 1 to {}",
                     s.name, limits.max_sleep_ms
@@ -688,7 +686,7 @@ impl SagaDefinition {
                 compensation: s.compensation.clone(),
                 retry,
                 timeout: Duration::from_millis(timeout_ms),
-                callback_timeout: Duration::from_millis(callback_ms),
+                callback_timeout: s.callback_timeout_ms.map(Duration::from_millis),
                 when,
             });
         }

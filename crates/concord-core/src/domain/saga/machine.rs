@@ -397,6 +397,18 @@ impl SagaState {
             outcome: outcome.to_owned(),
             error: error.cloned(),
         };
+        if let SagaEvent::ActionSucceeded { step, attempt: n, .. }
+        | SagaEvent::ActionRefused { step, attempt: n, .. }
+        | SagaEvent::ActionFailed { step, attempt: n, .. } = e
+            && let Some(cb) = self.steps.get(*step).and_then(|s| s.callback)
+            && cb.attempt != *n
+        {
+            return Err(LogError(format!(
+                "{} of step {step} attempt {n} while attempt {} awaits its completion",
+                e.type_name(),
+                cb.attempt
+            )));
+        }
         match e {
             SagaEvent::SagaStarted { .. } => return Err(LogError("SagaStarted twice".into())),
             SagaEvent::ActionSucceeded {
@@ -523,7 +535,7 @@ impl SagaState {
             SagaEvent::StepSkipped { step, .. } => {
                 self.expect(SagaStatus::Running, e)?;
                 let s = self.step_mut(*step)?;
-                if s.action != ActionStatus::Pending || !s.attempts.is_empty() {
+                if s.action != ActionStatus::Pending || !s.attempts.is_empty() || s.callback.is_some() {
                     return Err(LogError(format!("StepSkipped of step {step}, which was called")));
                 }
                 s.action = ActionStatus::Skipped;
@@ -559,11 +571,12 @@ impl SagaState {
                 ..
             } => {
                 self.expect(SagaStatus::Running, e)?;
-                let is_call = def.steps.get(*step).is_some_and(|d| d.action.is_some());
+                let is_async = def.steps.get(*step).is_some_and(|d| d.callback_timeout.is_some());
                 let s = self.step_mut(*step)?;
-                if !is_call || s.action != ActionStatus::Pending || s.callback.is_some() {
+                let next = s.attempts.iter().filter(|a| a.op == Op::Action).count() as u64 + 1;
+                if !is_async || s.action != ActionStatus::Pending || s.callback.is_some() || u64::from(*n) != next {
                     return Err(LogError(format!(
-                        "ActionAccepted of step {step}, which is no pending call"
+                        "ActionAccepted of step {step} attempt {n}, which is no pending asynchronous call"
                     )));
                 }
                 s.callback = Some(PendingCallback {
@@ -964,14 +977,24 @@ pub fn on_outcome(
             .then(|| now + chrono::Duration::from_std(policy.delay(tries, random)).unwrap_or(chrono::Duration::zero()))
     };
     match (op, outcome) {
-        (Op::Action, CallOutcome::Accepted) => SagaEvent::ActionAccepted {
+        (Op::Action, CallOutcome::Accepted) if let Some(wait) = def.steps[step].callback_timeout => {
+            SagaEvent::ActionAccepted {
+                step,
+                attempt,
+                started_at,
+                until: chrono::Duration::from_std(wait)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC),
+                at: now,
+            }
+        }
+        // Not an asynchronous step: a 202 is a 2xx like any other.
+        (Op::Action, CallOutcome::Accepted) => SagaEvent::ActionSucceeded {
             step,
             attempt,
             started_at,
-            until: chrono::Duration::from_std(def.steps[step].callback_timeout)
-                .ok()
-                .and_then(|d| now.checked_add_signed(d))
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            output: Value::Null,
             at: now,
         },
         // A compensation carries no completion URL: a 202 is a 2xx like any other.
@@ -1529,7 +1552,10 @@ mod tests {
 
     #[test]
     fn an_accepted_action_waits_for_its_completion_then_records_it_or_times_out_as_uncertain() {
-        let d = def(&[("a", true), ("pay", true), ("b", true)], 3, 1);
+        let sync = def(&[("a", true), ("pay", true), ("b", true)], 3, 1);
+        let mut spec = serde_json::to_value(&sync.spec).unwrap();
+        spec["steps"][1]["callback_timeout_ms"] = json!(3_600_000);
+        let d = SagaDefinition::new("t", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap();
         let mut s = SagaState::new(&id(), &d, json!({}), t0());
         let ok = |step| CallResult {
             step,
@@ -1553,7 +1579,19 @@ mod tests {
         let SagaEvent::ActionAccepted { until, .. } = accepted else {
             panic!("202 is accepted: {accepted:?}")
         };
-        assert_eq!(until - t0(), chrono::Duration::hours(1), "the default callback timeout");
+        assert_eq!(until - t0(), chrono::Duration::hours(1), "its callback_timeout_ms");
+        // A step that is not asynchronous takes a 202 as done.
+        let plain = on_outcome(
+            &sync,
+            &s,
+            CallResult {
+                outcome: CallOutcome::Accepted,
+                ..ok(1)
+            },
+            t0(),
+            0.5,
+        );
+        assert!(matches!(plain, SagaEvent::ActionSucceeded { step: 1, .. }), "{plain:?}");
         s.apply(&d, &accepted).unwrap();
         assert_eq!(s.steps[1].action, ActionStatus::Pending);
         assert_eq!(decide(&d, &s, t0()), Decision::AwaitCallback { step: 1, attempt: 1 });
