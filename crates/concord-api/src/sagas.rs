@@ -156,6 +156,23 @@ pub struct StepIn {
     /// signal's body is the step's output. A wait has no compensation, retry or timeout_ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitIn>,
+    /// A parallel group: these calls (two or more, each with its own name) run at once; the
+    /// group succeeds when all do. On a failure the branches that succeeded or are uncertain are
+    /// compensated at once, then the steps before in reverse. A group has only its name and
+    /// its branches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(no_recursion)]
+    pub parallel: Option<Vec<StepIn>>,
+    /// Makes the action asynchronous: its calls carry `Concord-Callback`, and a 202 answer
+    /// means the participant posts its result there within this time (at most
+    /// `saga_max_sleep_ms`); then the step is uncertain and compensated.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
+    #[schema(minimum = 1)]
+    pub callback_timeout_ms: Option<u64>,
 }
 
 /// A wait step: the signal it takes and how long it waits for it.

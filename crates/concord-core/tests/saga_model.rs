@@ -486,6 +486,7 @@ impl Model for SagaModel {
                         s.driver = None;
                     }
                     Decision::Await { .. } | Decision::AwaitCallback { .. } => unreachable!("resolved"),
+                    Decision::CallAll(_) => unreachable!("this definition has no parallel group"),
                 }
             }
             Action::Recheck => {

@@ -15,7 +15,7 @@ use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, FoundSignal, HttpCall, Op, SagaDefinition,
     SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, callback_stream, decide,
-    log_stream, on_callback, on_outcome, on_signal, signal_places, signal_stream,
+    log_stream, on_callback, on_outcome, on_signal, round_order, signal_places, signal_stream,
 };
 use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -668,6 +668,64 @@ impl SagaEngine {
                     }
                     return Ok(DriveEnd::Waiting);
                 }
+                Decision::CallAll(calls) => {
+                    // As for one call: progress is recorded, and the log proved ours, first.
+                    let first = recorded == 0 && pending.len() == 1;
+                    if !first
+                        && !self
+                            .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
+                            .await?
+                    {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    let longest = calls
+                        .iter()
+                        .map(|(s, _, _)| def.steps[*s].timeout)
+                        .max()
+                        .unwrap_or_default();
+                    if !self.keep_lease(&mut row, &state, longest).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    let started_at = Utc::now();
+                    let outcomes = futures::future::join_all(calls.iter().map(|&(step, op, attempt)| {
+                        self.call(
+                            &def,
+                            &state,
+                            step,
+                            op,
+                            attempt,
+                            def.steps[step].timeout,
+                            trace.as_deref(),
+                        )
+                    }))
+                    .await;
+                    let finished = Utc::now();
+                    let mut round: Vec<SagaEvent> = calls
+                        .into_iter()
+                        .zip(outcomes)
+                        .map(|((step, op, attempt), outcome)| {
+                            observe_call(op, &outcome, started_at, finished);
+                            let result = CallResult {
+                                step,
+                                op,
+                                attempt,
+                                started_at,
+                                outcome,
+                            };
+                            on_outcome(&def, &state, result, finished, rand::random::<f64>())
+                        })
+                        .collect();
+                    round.sort_by_key(round_order);
+                    for e in round {
+                        if let SagaEvent::ActionFailed { retry_at: Some(_), .. }
+                        | SagaEvent::CompensationFailed { retry_at: Some(_), .. } = &e
+                        {
+                            metrics::counter!("concord_saga_retries_total", "op" => e_op(&e)).increment(1);
+                        }
+                        state.apply(&def, &e)?;
+                        pending.push(e);
+                    }
+                }
                 Decision::Call { step, op, attempt } => {
                     // Record progress before the next side effect: this also proves the log is
                     // still ours, so no call goes out for a saga another node has moved on. A new
@@ -1291,6 +1349,14 @@ impl SagaEngine {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// The op an outcome event records, for metrics.
+fn e_op(e: &SagaEvent) -> &'static str {
+    match e {
+        SagaEvent::CompensationFailed { .. } | SagaEvent::CompensationSucceeded { .. } => "compensation",
+        _ => "action",
     }
 }
 

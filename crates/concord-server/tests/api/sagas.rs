@@ -1247,3 +1247,103 @@ async fn an_action_answered_202_finishes_through_its_completion_url(b: Backend) 
     );
 }
 both_backends!(an_action_answered_202_finishes_through_its_completion_url);
+
+async fn a_parallel_group_runs_its_branches_at_once_and_compensates_them_together(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let base = p.definition(&["reserve", "east", "west", "ship"], 2000);
+    let mut def = json!({"steps": [
+        base["steps"][0],
+        {"name": "both", "parallel": [base["steps"][1], base["steps"][2]]},
+        base["steps"][3]
+    ], "compensation_retry": base["compensation_retry"]});
+    // The step after the group reads a branch's output.
+    def["steps"][2]["action"]["body"]["east"] = json!("{{steps.east.output.id}}");
+    define(&app, "split", &def).await;
+
+    // Both branches take 300 ms: they overlap, and the saga goes on once both are done.
+    let saga = run(&app, "split", "g-1", json!({"east": "slow:300", "west": "slow:300"})).await;
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(check_saga(&p, &saga), None);
+    assert!(
+        p.ledger.lock().unwrap().overlaps >= 1,
+        "the branches were in flight together"
+    );
+    let names: Vec<&str> = saga["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["reserve", "east", "west", "ship"]);
+    let east = &saga["steps"][1]["attempts"][0];
+    let west = &saga["steps"][2]["attempts"][0];
+    assert_eq!(east["started_at"], west["started_at"], "called in one round");
+
+    // One branch refuses: the other branch and the step before are compensated.
+    let saga = run(&app, "split", "g-2", json!({"east": "slow:100", "west": "refuse"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(saga["steps"][1]["compensation"], "succeeded");
+    assert_eq!(saga["steps"][2]["action"], "refused");
+    assert_eq!(saga["steps"][0]["compensation"], "succeeded");
+    assert_eq!(p.effect("g-2", "ship"), None);
+    assert_eq!(check_saga(&p, &saga), None);
+
+    // One branch fails for good while the other waits for a retry: both are compensated.
+    let saga = run(&app, "split", "g-3", json!({"east": "flaky:1", "west": "flaky:9"})).await;
+    assert_eq!(saga["status"], "compensated", "{saga}");
+    assert_eq!(check_saga(&p, &saga), None);
+
+    // A branch's condition is tested when the group is reached; a skipped branch is never called.
+    let mut cond = def.clone();
+    cond["steps"][1]["parallel"][1]["when"] = json!("{{input.west}}");
+    cond["steps"][2]["action"]["body"] = json!({"plan": "{{input.plan}}"});
+    define(&app, "split", &cond).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas?wait_ms=20000")
+        .json(&json!({"definition": "split", "id": "g-4", "input": {"plan": {}, "west": false}}))
+        .send()
+        .await
+        .unwrap();
+    let saga: Value = r.json().await.unwrap();
+    assert_eq!(saga["status"], "completed", "{saga}");
+    assert_eq!(saga["steps"][2]["action"], "skipped");
+    assert_eq!(p.attempts("g-4", "west", "action"), 0);
+
+    // A group has only its name and two or more calls; names are unique across branches.
+    for group in [
+        json!({"name": "both", "parallel": [base["steps"][1]]}),
+        json!({"name": "both", "parallel": [base["steps"][1], {"name": "w", "sleep_ms": 5}]}),
+        json!({"name": "both", "parallel": [base["steps"][1], base["steps"][2]], "when": "{{input.x}}"}),
+    ] {
+        let mut bad = def.clone();
+        bad["steps"][1] = group;
+        let r = app
+            .admin(Method::PUT, "/v1/saga-definitions/split")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "invalid_step_kind").await;
+    }
+    let mut dup = def.clone();
+    dup["steps"][1]["parallel"][1]["name"] = json!("reserve");
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/split")
+        .json(&dup)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "duplicate_step_name").await;
+    // A branch cannot read its sibling's output.
+    let mut sibling = def.clone();
+    sibling["steps"][1]["parallel"][1]["action"]["body"]["x"] = json!("{{steps.east.output.id}}");
+    let r = app
+        .admin(Method::PUT, "/v1/saga-definitions/split")
+        .json(&sibling)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "unknown_template_variable").await;
+}
+both_backends!(a_parallel_group_runs_its_branches_at_once_and_compensates_them_together);

@@ -4,6 +4,7 @@
 //! sent in the call body. Action behaviours: `ok` (default), `refuse` (409), `flaky:N` (503 for the
 //! first N attempts), `hang:N` (the first N attempts sleep past the step timeout, then take
 //! effect), `dup:N` (the first N attempts take effect, then answer 500, so the call comes again),
+//! `slow:MS` (takes MS ms, then takes effect),
 //! `hangrefuse` (the first attempt sleeps past the timeout, then takes effect; later ones are
 //! refused), `nul` (takes effect and answers an output holding U+0000). Asynchronous ones answer
 //! 202 and finish through the call's `Concord-Callback` URL: `async` (takes effect, then posts
@@ -226,6 +227,10 @@ async fn action(
         tokio::time::sleep(hang).await;
         let (s, v) = apply_action(&ledger, &c);
         return (s, Json(v));
+    } else if let Some(ms) = c.behaviour.strip_prefix("slow:").and_then(|n| n.parse::<u64>().ok()) {
+        // Takes its time while in flight (overlapping calls of one saga are counted).
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        apply_action(&ledger, &c)
     } else if c.behaviour == "nul" {
         let _ = apply_action(&ledger, &c);
         (StatusCode::OK, json!({"id": "a\u{0}b"}))

@@ -283,6 +283,9 @@ pub struct StepSpec {
     /// the step's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<WaitSpec>,
+    /// A parallel group: these steps (calls) run at once; the group succeeds when all do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<Vec<StepSpec>>,
     /// Makes the action asynchronous: its calls carry a completion URL (`Concord-Callback`), and
     /// a 202 answer means the participant posts its result there within this time, after which
     /// the step counts as uncertain and the saga compensates (at most `saga_max_sleep_ms`).
@@ -520,6 +523,8 @@ pub struct Step {
     pub callback_timeout: Option<Duration>,
     /// Runs only when this holds (none: always).
     pub when: Option<Condition>,
+    /// A branch of this parallel group: it runs at once with the group's other branches.
+    pub group: Option<String>,
 }
 
 /// A validated, versioned definition. Instances keep the version they started with.
@@ -636,59 +641,65 @@ impl SagaDefinition {
             .resolve(RetryPolicy::COMPENSATION);
         compensation_retry.validate("compensation_retry", limits)?;
         let mut steps: Vec<Step> = Vec::with_capacity(spec.steps.len());
+        // Every name a template or a reader could mean: steps, branches and groups alike.
+        let mut names = std::collections::BTreeSet::new();
+        let mut claim = |n: &str| -> Result<(), DefinitionError> {
+            check_step_name(n)?;
+            if !names.insert(n.to_owned()) {
+                return Err(DefinitionError::DuplicateStep(n.to_owned()));
+            }
+            Ok(())
+        };
         for s in &spec.steps {
-            check_step_name(&s.name)?;
-            if steps.iter().any(|p| p.name == s.name) {
-                return Err(DefinitionError::DuplicateStep(s.name.clone()));
-            }
-            let retry = s.retry.unwrap_or_default().resolve(RetryPolicy::ACTION);
-            retry.validate(&format!("step {} retry", s.name), limits)?;
-            let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
-            if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
-                return Err(DefinitionError::Limit(format!(
-                    "step {}: timeout_ms must be 1 to {}",
-                    s.name, limits.max_timeout_ms
-                )));
-            }
+            claim(&s.name)?;
             // Only calls and waits have outputs: a timer's name is no variable.
-            let earlier: Vec<&str> = steps
+            let earlier: Vec<String> = steps
                 .iter()
                 .filter(|p| p.action.is_some() || p.wait.is_some())
-                .map(|p| p.name.as_str())
+                .map(|p| p.name.clone())
                 .collect();
-            let (sleep, wait) = check_kind(s, &earlier, limits)?;
-            if let Some(ms) = s.callback_timeout_ms
-                && (ms == 0 || ms > limits.max_sleep_ms)
-            {
-                return Err(DefinitionError::Limit(format!(
-                    "step {}: callback_timeout_ms must be 1 to {}",
-                    s.name, limits.max_sleep_ms
-                )));
+            let earlier: Vec<&str> = earlier.iter().map(String::as_str).collect();
+            let Some(branches) = &s.parallel else {
+                steps.push(build_step(s, &earlier, limits, None)?);
+                continue;
+            };
+            let bad = |reason: &str| DefinitionError::StepKind {
+                step: s.name.clone(),
+                reason: reason.to_owned(),
+            };
+            let alone = s.action.is_none()
+                && s.sleep_ms.is_none()
+                && s.sleep_until.is_none()
+                && s.wait.is_none()
+                && s.compensation.is_none()
+                && s.retry.is_none()
+                && s.timeout_ms.is_none()
+                && s.callback_timeout_ms.is_none()
+                && s.when.is_none();
+            if !alone {
+                return Err(bad("a parallel group has only its name and its branches"));
             }
-            if let Some(a) = &s.action {
-                check_call(&s.name, a, &earlier)?;
+            if branches.len() < 2 {
+                return Err(bad("a parallel group has at least two branches"));
             }
-            if let Some(c) = &s.compensation {
-                // Not its own step's output: a step whose attempts ran out is compensated
-                // without one. The participant knows the call by its Idempotency-Key and saga id.
-                check_call(&s.name, c, &earlier)?;
+            for b in branches {
+                claim(&b.name)?;
+                if b.action.is_none() || b.parallel.is_some() || b.callback_timeout_ms.is_some() {
+                    return Err(DefinitionError::StepKind {
+                        step: b.name.clone(),
+                        reason: "a branch of a parallel group is a call (no timer, wait, group or callback_timeout_ms)"
+                            .into(),
+                    });
+                }
+                // A branch sees what came before its group, not its siblings.
+                steps.push(build_step(b, &earlier, limits, Some(&s.name))?);
             }
-            let when = s
-                .when
-                .as_ref()
-                .map(|w| Condition::new(&s.name, w, &earlier))
-                .transpose()?;
-            steps.push(Step {
-                name: s.name.clone(),
-                action: s.action.clone(),
-                sleep,
-                wait,
-                compensation: s.compensation.clone(),
-                retry,
-                timeout: Duration::from_millis(timeout_ms),
-                callback_timeout: s.callback_timeout_ms.map(Duration::from_millis),
-                when,
-            });
+        }
+        if steps.len() > limits.max_steps {
+            return Err(DefinitionError::Limit(format!(
+                "a definition has 1 to {} steps, branches of parallel groups included",
+                limits.max_steps
+            )));
         }
         Ok(Self {
             name: name.to_owned(),
@@ -766,6 +777,58 @@ impl SagaDefinition {
     pub fn urls(&self) -> Vec<(&str, &str)> {
         self.calls().map(|(step, c)| (step, c.url.as_str())).collect()
     }
+}
+
+/// Validates one step (or one branch of `group`) against what it can see, defaults resolved.
+fn build_step(
+    s: &StepSpec,
+    earlier: &[&str],
+    limits: &SagaLimits,
+    group: Option<&str>,
+) -> Result<Step, DefinitionError> {
+    let retry = s.retry.unwrap_or_default().resolve(RetryPolicy::ACTION);
+    retry.validate(&format!("step {} retry", s.name), limits)?;
+    let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
+        return Err(DefinitionError::Limit(format!(
+            "step {}: timeout_ms must be 1 to {}",
+            s.name, limits.max_timeout_ms
+        )));
+    }
+    let (sleep, wait) = check_kind(s, earlier, limits)?;
+    if let Some(ms) = s.callback_timeout_ms
+        && (ms == 0 || ms > limits.max_sleep_ms)
+    {
+        return Err(DefinitionError::Limit(format!(
+            "step {}: callback_timeout_ms must be 1 to {}",
+            s.name, limits.max_sleep_ms
+        )));
+    }
+    if let Some(a) = &s.action {
+        check_call(&s.name, a, earlier)?;
+    }
+    if let Some(c) = &s.compensation {
+        // Not its own step's output: a step whose attempts ran out is compensated without one.
+        // The participant knows the call by its Idempotency-Key and saga id.
+        check_call(&s.name, c, earlier)?;
+    }
+    let when = s
+        .when
+        .as_ref()
+        .map(|w| Condition::new(&s.name, w, earlier))
+        .transpose()?;
+    Ok(Step {
+        name: s.name.clone(),
+        action: s.action.clone(),
+        sleep,
+        wait,
+        compensation: s.compensation.clone(),
+        retry,
+        timeout: Duration::from_millis(timeout_ms),
+        callback_timeout: s.callback_timeout_ms.map(Duration::from_millis),
+        when,
+        group: group.map(str::to_owned),
+    })
 }
 
 /// A step is one kind: a call, a timer or a wait; a timer or a wait has no compensation, retry

@@ -418,7 +418,7 @@ impl SagaState {
                 output,
                 at,
             } => {
-                self.expect(SagaStatus::Running, e)?;
+                let late_branch = self.late_branch(def, *step, e)?;
                 let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
                 let s = self.step_mut(*step)?;
                 s.attempts
@@ -433,7 +433,9 @@ impl SagaState {
                 } else {
                     CompensationStatus::NotNeeded
                 };
-                self.retry_at = None;
+                if !late_branch {
+                    self.retry_at = None;
+                }
             }
             SagaEvent::ActionRefused {
                 step,
@@ -442,7 +444,7 @@ impl SagaState {
                 error,
                 at,
             } => {
-                self.expect(SagaStatus::Running, e)?;
+                self.late_branch(def, *step, e)?;
                 let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
                 let s = self.step_mut(*step)?;
                 // An earlier attempt that failed or timed out may still land after this refusal,
@@ -466,6 +468,7 @@ impl SagaState {
                 s.tries = 0;
                 self.status = SagaStatus::Compensating;
                 self.retry_at = None;
+                self.branches_in_doubt(def, *step);
             }
             SagaEvent::ActionFailed {
                 step,
@@ -475,15 +478,18 @@ impl SagaState {
                 retry_at,
                 at,
             } => {
-                self.expect(SagaStatus::Running, e)?;
+                let late_branch = self.late_branch(def, *step, e)?;
                 let has_comp = def.steps.get(*step).is_some_and(|d| d.compensation.is_some());
                 let s = self.step_mut(*step)?;
                 s.attempts
                     .push(attempt(Op::Action, *n, *started_at, *at, "failed", Some(error)));
                 s.callback = None;
                 s.error = Some(error.clone());
-                if retry_at.is_some() {
+                // A branch whose sibling already turned the saga to compensating is not tried
+                // again: its effect is unknown, so it is compensated.
+                if retry_at.is_some() && !late_branch {
                     s.tries += 1;
+                    self.retry_at = *retry_at;
                 } else {
                     s.action = ActionStatus::Uncertain;
                     s.tries = 0;
@@ -492,9 +498,12 @@ impl SagaState {
                     } else {
                         CompensationStatus::NotNeeded
                     };
-                    self.status = SagaStatus::Compensating;
+                    if !late_branch {
+                        self.status = SagaStatus::Compensating;
+                        self.retry_at = None;
+                        self.branches_in_doubt(def, *step);
+                    }
                 }
-                self.retry_at = *retry_at;
             }
             SagaEvent::CompensationSucceeded {
                 step,
@@ -674,6 +683,40 @@ impl SagaState {
         Ok(())
     }
 
+    /// Checks an action's outcome may be recorded: the saga runs, or the step is a branch of a
+    /// parallel group whose sibling's result, recorded first in the same round, already turned
+    /// the saga to compensating. Answers whether it is such a late branch.
+    fn late_branch(&self, def: &SagaDefinition, step: usize, e: &SagaEvent) -> Result<bool, LogError> {
+        let branch = def.steps.get(step).is_some_and(|d| d.group.is_some());
+        let pending = self.steps.get(step).is_some_and(|s| s.action == ActionStatus::Pending);
+        if self.status == SagaStatus::Compensating && branch && pending {
+            return Ok(true);
+        }
+        self.expect(SagaStatus::Running, e).map(|()| false)
+    }
+
+    /// The saga turned to compensating at `step`: a branch of its group that failed and waits
+    /// for a retry will not get it, and may have taken effect, so it is compensated too.
+    fn branches_in_doubt(&mut self, def: &SagaDefinition, step: usize) {
+        let Some(group) = def.steps.get(step).and_then(|d| d.group.as_ref()) else {
+            return;
+        };
+        for (d, s) in def.steps.iter().zip(self.steps.iter_mut()) {
+            if d.group.as_ref() == Some(group)
+                && s.action == ActionStatus::Pending
+                && s.attempts.iter().any(|a| a.op == Op::Action && a.outcome == "failed")
+            {
+                s.action = ActionStatus::Uncertain;
+                s.tries = 0;
+                s.compensation = if d.compensation.is_some() {
+                    CompensationStatus::Pending
+                } else {
+                    CompensationStatus::NotNeeded
+                };
+            }
+        }
+    }
+
     fn expect(&self, status: SagaStatus, e: &SagaEvent) -> Result<(), LogError> {
         if self.status == status {
             Ok(())
@@ -714,6 +757,10 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
 pub enum Decision {
     /// Call this step's action or compensation; `attempt` is 1-based over the saga's life.
     Call { step: usize, op: Op, attempt: u32 },
+    /// Call these branches of a parallel group at once (each as [`Decision::Call`]), and record
+    /// their results together once all are back: successes first, then failures that wait for a
+    /// retry, then the rest.
+    CallAll(Vec<(usize, Op, u32)>),
     /// Nothing is due before this time.
     Wait(DateTime<Utc>),
     /// Record this event (it skips a step, starts or fires a timer, or ends the saga).
@@ -780,6 +827,30 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                     },
                 }
             }
+            // A parallel group: its branches' conditions are tested together when the saga
+            // reaches it, then every pending branch is called at once.
+            Some(i) if let Some(group) = def.steps.get(i).and_then(|d| d.group.as_ref()) => {
+                let branches: Vec<usize> = (i..def.steps.len())
+                    .take_while(|&j| def.steps[j].group.as_ref() == Some(group))
+                    .collect();
+                let outputs = state.outputs();
+                if let Some(&j) = branches.iter().find(|&&j| {
+                    state.steps[j].action == ActionStatus::Pending
+                        && state.steps[j].attempts.is_empty()
+                        && def.steps[j]
+                            .when
+                            .as_ref()
+                            .is_some_and(|w| !w.holds(&state.input, &outputs))
+                }) {
+                    return Decision::Record(SagaEvent::StepSkipped { step: j, at: now });
+                }
+                let calls: Vec<(usize, Op, u32)> = branches
+                    .into_iter()
+                    .filter(|&j| state.steps[j].action == ActionStatus::Pending)
+                    .map(|j| (j, Op::Action, attempt_no(j, Op::Action)))
+                    .collect();
+                one_or_all(calls)
+            }
             // An accepted call: whether its completion is there is for the caller to look up.
             Some(i) if let Some(cb) = state.steps[i].callback => Decision::AwaitCallback {
                 step: i,
@@ -805,6 +876,18 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                 .iter()
                 .rposition(|s| s.compensation == CompensationStatus::Pending)
             {
+                // The branches of a group owing a compensation are compensated at once.
+                Some(i) if let Some(group) = def.steps.get(i).and_then(|d| d.group.as_ref()) => one_or_all(
+                    state
+                        .steps
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, s)| {
+                            def.steps[*j].group.as_ref() == Some(group) && s.compensation == CompensationStatus::Pending
+                        })
+                        .map(|(j, _)| (j, Op::Compensation, attempt_no(j, Op::Compensation)))
+                        .collect(),
+                ),
                 Some(i) => Decision::Call {
                     step: i,
                     op: Op::Compensation,
@@ -814,6 +897,30 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
             }
         }
         SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => Decision::Done,
+    }
+}
+
+/// One call as [`Decision::Call`], several as [`Decision::CallAll`].
+fn one_or_all(mut calls: Vec<(usize, Op, u32)>) -> Decision {
+    if calls.len() == 1 {
+        let (step, op, attempt) = calls.remove(0);
+        Decision::Call { step, op, attempt }
+    } else {
+        Decision::CallAll(calls)
+    }
+}
+
+/// The order a parallel round's results are recorded in: successes, then failures that wait for
+/// a retry, then the rest (refusals, failures with no retry left), so the saga turns to
+/// compensating once, after its siblings' results are in.
+#[must_use]
+pub fn round_order(e: &SagaEvent) -> u8 {
+    match e {
+        SagaEvent::ActionSucceeded { .. } | SagaEvent::CompensationSucceeded { .. } => 0,
+        SagaEvent::ActionFailed { retry_at: Some(_), .. } | SagaEvent::CompensationFailed { retry_at: Some(_), .. } => {
+            1
+        }
+        _ => 2,
     }
 }
 
@@ -1129,6 +1236,28 @@ mod tests {
             match decision {
                 Decision::Done => break,
                 Decision::Await { .. } | Decision::AwaitCallback { .. } => unreachable!(),
+                Decision::CallAll(round) => {
+                    now += chrono::Duration::milliseconds(1);
+                    let mut round_events: Vec<SagaEvent> = round
+                        .into_iter()
+                        .map(|(step, op, attempt)| {
+                            calls.push((step, op));
+                            let call = CallResult {
+                                step,
+                                op,
+                                attempt,
+                                started_at: now,
+                                outcome: outcomes(step, op),
+                            };
+                            on_outcome(d, &state, call, now, 0.5)
+                        })
+                        .collect();
+                    round_events.sort_by_key(round_order);
+                    for e in round_events {
+                        state.apply(d, &e).unwrap();
+                        events.push(e);
+                    }
+                }
                 Decision::Wait(t) => {
                     assert!(t > now);
                     now = t;
@@ -1640,6 +1769,94 @@ mod tests {
         twice.apply(&d, &e).unwrap();
         twice.apply(&d, &accepted).unwrap();
         assert!(twice.apply(&d, &accepted).is_err());
+    }
+
+    #[test]
+    fn a_parallel_group_calls_its_branches_in_one_round_and_compensates_them_together() {
+        let flat = def(&[("a", true), ("east", true), ("west", true), ("b", true)], 3, 1);
+        let mut spec = serde_json::to_value(&flat.spec).unwrap();
+        let steps = spec["steps"].as_array().unwrap().clone();
+        spec["steps"] = json!([steps[0], {"name": "both", "parallel": [steps[1], steps[2]]}, steps[3]]);
+        let d = SagaDefinition::new("t", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap();
+        assert_eq!(d.steps.len(), 4, "branches are steps of their own");
+        assert_eq!(d.steps[1].group.as_deref(), Some("both"));
+        // All succeed: one round for the group.
+        let (calls, _, state) = run(&d, |_, _| CallOutcome::Succeeded(json!({})));
+        assert_eq!(state.status, SagaStatus::Completed);
+        assert_eq!(calls.len(), 4);
+        let mut s = SagaState::new(&id(), &d, json!({}), t0());
+        let ok = on_outcome(
+            &d,
+            &s,
+            CallResult {
+                step: 0,
+                op: Op::Action,
+                attempt: 1,
+                started_at: t0(),
+                outcome: CallOutcome::Succeeded(json!({})),
+            },
+            t0(),
+            0.5,
+        );
+        s.apply(&d, &ok).unwrap();
+        assert_eq!(
+            decide(&d, &s, t0()),
+            Decision::CallAll(vec![(1, Op::Action, 1), (2, Op::Action, 1)])
+        );
+        // West refuses while east waits for a retry: east may have taken effect, so both the
+        // group's branch and the step before are compensated, east's and a's in turn.
+        let result = |step, outcome| CallResult {
+            step,
+            op: Op::Action,
+            attempt: 1,
+            started_at: t0(),
+            outcome,
+        };
+        let mut round = vec![
+            on_outcome(&d, &s, result(2, CallOutcome::Refused("no".into())), t0(), 0.5),
+            on_outcome(&d, &s, result(1, CallOutcome::Transient("503".into())), t0(), 0.5),
+        ];
+        round.sort_by_key(round_order);
+        assert!(matches!(round[0], SagaEvent::ActionFailed { step: 1, .. }), "{round:?}");
+        for e in &round {
+            s.apply(&d, e).unwrap();
+        }
+        assert_eq!(s.status, SagaStatus::Compensating);
+        assert_eq!(s.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(s.steps[1].compensation, CompensationStatus::Pending);
+        assert!(matches!(
+            decide(&d, &s, t0()),
+            Decision::Call {
+                step: 1,
+                op: Op::Compensation,
+                ..
+            }
+        ));
+        // Recorded in the other order (a log written so), the late branch is uncertain too.
+        let mut other = SagaState::new(&id(), &d, json!({}), t0());
+        other.apply(&d, &ok).unwrap();
+        for e in round.iter().rev() {
+            other.apply(&d, e).unwrap();
+        }
+        assert_eq!(other.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(other.status, SagaStatus::Compensating);
+        // Both branches owe a compensation: they are compensated in one round.
+        let mut both = SagaState::new(&id(), &d, json!({}), t0());
+        both.apply(&d, &ok).unwrap();
+        let mut round = vec![
+            on_outcome(&d, &both, result(1, CallOutcome::Succeeded(json!({}))), t0(), 0.5),
+            on_outcome(&d, &both, result(2, CallOutcome::Succeeded(json!({}))), t0(), 0.5),
+        ];
+        round.sort_by_key(round_order);
+        for e in &round {
+            both.apply(&d, e).unwrap();
+        }
+        let refused = on_outcome(&d, &both, result(3, CallOutcome::Refused("no".into())), t0(), 0.5);
+        both.apply(&d, &refused).unwrap();
+        assert_eq!(
+            decide(&d, &both, t0()),
+            Decision::CallAll(vec![(1, Op::Compensation, 1), (2, Op::Compensation, 1)])
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub use definition::{
 };
 pub use machine::{
     ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
-    on_callback, on_outcome, on_signal, signal_places, signal_sequence,
+    on_callback, on_outcome, on_signal, round_order, signal_places, signal_sequence,
 };
 
 /// The event-store stream that holds a saga's log.
