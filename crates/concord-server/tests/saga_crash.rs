@@ -510,6 +510,76 @@ async fn completions_outlive_a_sigkill_of_every_node_on_postgres() {
     let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
 }
 
+/// Sagas in the middle of a parallel group's round when their only node is SIGKILLed: the
+/// restarted node runs the round again (the participants' barrier absorbs the repeats) and each
+/// saga ends consistent: completed with every branch standing once, or compensated with none.
+async fn parallel_groups_survive_a_sigkill_mid_round(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let server = Server::start(node(dir, database_url)).await;
+    let http = reqwest::Client::new();
+    let base = p.definition(&["reserve", "east", "west", "ship"], 2000);
+    let def = json!({"steps": [
+        base["steps"][0],
+        {"name": "both", "parallel": [base["steps"][1], base["steps"][2]]},
+        base["steps"][3]
+    ], "compensation_retry": base["compensation_retry"]});
+    let r = put(&http, &server.url, "/v1/saga-definitions/split", &def)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..12).map(|i| format!("par-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        // Every round is slow, so the kill lands while calls are in flight; a third refuse.
+        let plan = if i % 3 == 0 {
+            json!({"east": "slow:400", "west": "refuse"})
+        } else {
+            json!({"east": "slow:400", "west": "slow:400"})
+        };
+        let body = json!({"definition": "split", "id": id, "input": {"plan": plan}});
+        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut server = server;
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    let server = Server::start(node(dir, database_url)).await;
+    let sagas = settle(&http, &server.url, &ids, Duration::from_secs(60)).await;
+    check_all(&p, &sagas);
+    assert!(
+        ids.iter().any(|id| p.attempts(id, "east", "action") > 1),
+        "the kill landed mid-round: some branch was called again"
+    );
+    for (i, saga) in sagas.iter().enumerate() {
+        let id = saga["id"].as_str().unwrap();
+        let expected = if ids.iter().position(|x| x == id).unwrap() % 3 == 0 {
+            "compensated"
+        } else {
+            "completed"
+        };
+        assert_eq!(saga["status"], expected, "{i}: {saga}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_groups_survive_a_sigkill_mid_round_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+    parallel_groups_survive_a_sigkill_mid_round(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_groups_survive_a_sigkill_mid_round_on_postgres() {
+    let Some(base) = postgres_base() else { return };
+    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    parallel_groups_survive_a_sigkill_mid_round(&url, dir.path()).await;
+    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {
     let Some(base) = postgres_base() else { return };
