@@ -407,11 +407,23 @@ async fn events(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> 
     })
 }
 
-/// A participant that answers every call at once, as fast as this process can.
+/// How long the `/slow` participant takes to answer.
+const SLOW_PARTICIPANT: Duration = Duration::from_millis(20);
+
+/// A participant that answers every call at once, as fast as this process can (`/a`, `/b`), or
+/// after [`SLOW_PARTICIPANT`] (`/slow`).
 async fn instant_participant() -> anyhow::Result<String> {
     use axum::routing::post;
     let ok = || async { axum::Json(json!({"ok": true})) };
-    let app = axum::Router::new().route("/a", post(ok)).route("/b", post(ok));
+    // A participant that takes its time: what a parallel group saves.
+    let slow = || async {
+        tokio::time::sleep(SLOW_PARTICIPANT).await;
+        axum::Json(json!({"ok": true}))
+    };
+    let app = axum::Router::new()
+        .route("/a", post(ok))
+        .route("/b", post(ok))
+        .route("/slow", post(slow));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -503,6 +515,7 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
     );
     let ours_one = run_clients(1, short, saga_op(server.client.clone(), not_completed.clone())).await?;
     let baseline_one = run_clients(1, short, direct_op(server.http.clone(), participant.clone())).await?;
+    let parallel = parallel_case(&server, &participant, short).await?;
     let parked = if args.parked > 0 {
         Some(
             parked_case(
@@ -535,6 +548,7 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
             "overhead_per_step_p99_ms": round((ours_one.p99_ms - baseline_one.p99_ms) / STEPS),
         },
         "not_completed": not_completed.load(std::sync::atomic::Ordering::Relaxed),
+        "parallel_group": parallel,
         "parked": parked.map(|(n, start_s, with)| json!({
             "sagas_parked": n,
             "parking_seconds": round(start_s),
@@ -555,6 +569,74 @@ async fn sagas(args: &BenchArgs, database_url: &str) -> anyhow::Result<Report> {
         ratio,
         extra,
     })
+}
+
+/// One client, for `duration` each: a saga whose two steps call a participant that takes 20 ms,
+/// once as a parallel group and once in sequence, and that call made directly. The group's
+/// latency should be near one call's, the sequence's near two.
+async fn parallel_case(
+    server: &BenchServer,
+    participant: &str,
+    duration: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let branch = |name: &str| json!({"name": name, "action": {"method": "POST", "url": format!("{participant}/slow"), "body": {"saga": "{{saga.id}}"}}});
+    let group = json!({"steps": [{"name": "both", "parallel": [branch("east"), branch("west")]}]});
+    let sequence = json!({"steps": [branch("east"), branch("west")]});
+    server.client.put_saga_definition("bench-group", &group).await?;
+    server.client.put_saga_definition("bench-sequence", &sequence).await?;
+    let op = |definition: &'static str| {
+        let client = server.client.clone();
+        move |_: usize, _: usize| {
+            let client = client.clone();
+            async move {
+                let body = concord_api::sagas::StartSagaBody {
+                    definition: definition.into(),
+                    input: json!({}),
+                    id: None,
+                };
+                let saga = client.start_saga(&body, Some(Duration::from_secs(30))).await?;
+                anyhow::ensure!(saga.status == "completed", "saga {}: {}", saga.id, saga.status);
+                Ok(())
+            }
+        }
+    };
+    eprintln!(
+        "bench: one client, a two-branch parallel group, the same two steps in sequence, one direct call, {}s each ...",
+        duration.as_secs()
+    );
+    let grouped = figure(
+        "parallel group of two 20 ms calls",
+        &run_clients(1, duration, op("bench-group")).await?,
+        duration,
+    );
+    let sequenced = figure(
+        "the same two calls in sequence",
+        &run_clients(1, duration, op("bench-sequence")).await?,
+        duration,
+    );
+    let http = server.http.clone();
+    let url = format!("{participant}/slow");
+    let direct = run_clients(1, duration, move |_, _| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http.post(&url).json(&json!({})).send().await?;
+            anyhow::ensure!(r.status().is_success(), "participant answered {}", r.status());
+            r.bytes().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let direct = figure("one 20 ms call, direct", &direct, duration);
+    Ok(json!({
+        "what": "one client; two branches against a participant that takes 20 ms",
+        "group_p50_ms": grouped.p50_ms,
+        "group_p99_ms": grouped.p99_ms,
+        "sequence_p50_ms": sequenced.p50_ms,
+        "sequence_p99_ms": sequenced.p99_ms,
+        "one_call_direct_p50_ms": direct.p50_ms,
+        "ratio_group_to_sequence_p50": round(grouped.p50_ms / sequenced.p50_ms.max(f64::MIN_POSITIVE)),
+    }))
 }
 
 /// Parks `args.parked` sagas on a one-hour timer (32 starts in flight), checks one is parked, then

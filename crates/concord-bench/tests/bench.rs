@@ -164,4 +164,10 @@ fn bench_sagas_on_sqlite_parks_sagas_and_measures_the_others_beside_them() {
     );
     assert!(parked["ratio_to_without"].as_f64().is_some_and(|v| v > 0.0), "{report}");
     assert_eq!(report["extra"]["not_completed"], 0, "{report}");
+    // The parallel-group case ran both shapes and the direct call beside them (figures only:
+    // how close the group comes to one call is for the benchmark to show, not for a test).
+    let group = &report["extra"]["parallel_group"];
+    for field in ["group_p50_ms", "sequence_p50_ms", "one_call_direct_p50_ms"] {
+        assert!(group[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {report}");
+    }
 }

@@ -436,7 +436,12 @@ impl Model for SagaModel {
                 let decision = self.resolve(&mut s, &st);
                 let d = s.driver.as_mut()?;
                 let mut st = st;
-                if d.fence && matches!(decision, Decision::Record(_) | Decision::Call { .. }) {
+                if d.fence
+                    && matches!(
+                        decision,
+                        Decision::Record(_) | Decision::Call { .. } | Decision::CallAll(_)
+                    )
+                {
                     let e = SagaEvent::SagaResumed { at: at(s.now) };
                     st.apply(&self.def, &e).ok()?;
                     d.pending.push(e);

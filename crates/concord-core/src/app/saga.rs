@@ -600,7 +600,12 @@ impl SagaEngine {
                 }
                 d => d,
             };
-            if fence && matches!(decision, Decision::Record(_) | Decision::Call { .. }) {
+            if fence
+                && matches!(
+                    decision,
+                    Decision::Record(_) | Decision::Call { .. } | Decision::CallAll(_)
+                )
+            {
                 let e = SagaEvent::SagaResumed { at: now };
                 state.apply(&def, &e)?;
                 pending.push(e);

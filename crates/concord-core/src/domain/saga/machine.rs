@@ -489,7 +489,9 @@ impl SagaState {
                 // again: its effect is unknown, so it is compensated.
                 if retry_at.is_some() && !late_branch {
                     s.tries += 1;
-                    self.retry_at = *retry_at;
+                    // In a round, the latest backoff: no branch is called before its own (an
+                    // earlier value is one already due).
+                    self.retry_at = self.retry_at.max(*retry_at);
                 } else {
                     s.action = ActionStatus::Uncertain;
                     s.tries = 0;
@@ -511,13 +513,15 @@ impl SagaState {
                 started_at,
                 at,
             } => {
-                self.expect(SagaStatus::Compensating, e)?;
+                let late = self.late_compensation(def, *step, e)?;
                 let s = self.step_mut(*step)?;
                 s.attempts
                     .push(attempt(Op::Compensation, *n, *started_at, *at, "succeeded", None));
                 s.compensation = CompensationStatus::Succeeded;
                 s.tries = 0;
-                self.retry_at = None;
+                if !late {
+                    self.retry_at = None;
+                }
             }
             SagaEvent::CompensationFailed {
                 step,
@@ -527,19 +531,23 @@ impl SagaState {
                 retry_at,
                 at,
             } => {
-                self.expect(SagaStatus::Compensating, e)?;
+                let late = self.late_compensation(def, *step, e)?;
                 let s = self.step_mut(*step)?;
                 s.attempts
                     .push(attempt(Op::Compensation, *n, *started_at, *at, "failed", Some(error)));
                 s.error = Some(error.clone());
                 if retry_at.is_some() {
                     s.tries += 1;
+                    if !late {
+                        // In a round, the latest backoff: no branch is called before its own.
+                        self.retry_at = self.retry_at.max(*retry_at);
+                    }
                 } else {
                     s.compensation = CompensationStatus::GaveUp;
                     s.tries = 0;
                     self.status = SagaStatus::Failed;
+                    self.retry_at = None;
                 }
-                self.retry_at = *retry_at;
             }
             SagaEvent::StepSkipped { step, .. } => {
                 self.expect(SagaStatus::Running, e)?;
@@ -693,6 +701,21 @@ impl SagaState {
             return Ok(true);
         }
         self.expect(SagaStatus::Running, e).map(|()| false)
+    }
+
+    /// Checks a compensation's result may be recorded: the saga compensates, or the step is a
+    /// branch whose sibling's give-up, recorded first in the same round, already made the saga
+    /// `failed`. Answers whether it is such a late branch.
+    fn late_compensation(&self, def: &SagaDefinition, step: usize, e: &SagaEvent) -> Result<bool, LogError> {
+        let branch = def.steps.get(step).is_some_and(|d| d.group.is_some());
+        let owed = self
+            .steps
+            .get(step)
+            .is_some_and(|s| s.compensation == CompensationStatus::Pending);
+        if self.status == SagaStatus::Failed && branch && owed {
+            return Ok(true);
+        }
+        self.expect(SagaStatus::Compensating, e).map(|()| false)
     }
 
     /// The saga turned to compensating at `step`: a branch of its group that failed and waits
@@ -1857,6 +1880,43 @@ mod tests {
             decide(&d, &both, t0()),
             Decision::CallAll(vec![(1, Op::Compensation, 1), (2, Op::Compensation, 1)])
         );
+        // Both compensations give up in the same round, in either order: the saga is failed
+        // once, with both recorded.
+        let undo = |step| CallResult {
+            step,
+            op: Op::Compensation,
+            attempt: 1,
+            started_at: t0(),
+            outcome: CallOutcome::Refused("no".into()),
+        };
+        let gave_up = [
+            on_outcome(&d, &both, undo(1), t0(), 0.5),
+            on_outcome(&d, &both, undo(2), t0(), 0.5),
+        ];
+        for order in [[0, 1], [1, 0]] {
+            let mut s = both.clone();
+            for i in order {
+                s.apply(&d, &gave_up[i]).unwrap();
+            }
+            assert_eq!(s.status, SagaStatus::Failed);
+            assert_eq!(s.steps[1].compensation, CompensationStatus::GaveUp);
+            assert_eq!(s.steps[2].compensation, CompensationStatus::GaveUp);
+        }
+        // Two branches back off differently in one round: the saga waits for the later, so
+        // neither is called before its own backoff.
+        let mut s = SagaState::new(&id(), &d, json!({}), t0());
+        s.apply(&d, &ok).unwrap();
+        let failed = |step, ms| SagaEvent::ActionFailed {
+            step,
+            attempt: 1,
+            started_at: t0(),
+            error: "503".into(),
+            retry_at: Some(t0() + chrono::Duration::milliseconds(ms)),
+            at: t0(),
+        };
+        s.apply(&d, &failed(1, 900)).unwrap();
+        s.apply(&d, &failed(2, 100)).unwrap();
+        assert_eq!(s.retry_at, Some(t0() + chrono::Duration::milliseconds(900)));
     }
 
     #[test]
