@@ -225,13 +225,6 @@ async fn sagas_survive_repeated_sigkill(database_url: &str, dir: &Path) {
     assert!(resumed > 0, "the kills interrupted no saga; the test proved nothing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sagas_survive_repeated_sigkill_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
-    sagas_survive_repeated_sigkill(&url, dir.path()).await;
-}
-
 fn postgres_base() -> Option<String> {
     let url = std::env::var("CONCORD_TEST_POSTGRES_URL").ok();
     if url.is_none() {
@@ -240,16 +233,35 @@ fn postgres_base() -> Option<String> {
     url
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sagas_survive_repeated_sigkill_on_postgres() {
-    let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    sagas_survive_repeated_sigkill(&url, dir.path()).await;
-    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+/// `scenario::sqlite` on a SQLite file, and `scenario::postgres` on a scratch database of
+/// `CONCORD_TEST_POSTGRES_URL` (skipped, saying so, when it is unset).
+macro_rules! on_both_backends {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("concord.db").display());
+                super::$scenario(&url, dir.path()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(base) = super::postgres_base() else {
+                    return;
+                };
+                let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
+                    .await
+                    .unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                super::$scenario(&url, dir.path()).await;
+                let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
+            }
+        }
+    };
 }
+
+on_both_backends!(sagas_survive_repeated_sigkill);
 
 /// Sagas asleep on a durable timer when their only node is SIGKILLed, and still asleep when it
 /// comes back: the restarted node wakes each at its time, never before, and each goes on once.
@@ -319,23 +331,7 @@ async fn timers_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timers_outlive_a_sigkill_of_every_node_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
-    timers_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timers_outlive_a_sigkill_of_every_node_on_postgres() {
-    let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    timers_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
-}
+on_both_backends!(timers_outlive_a_sigkill_of_every_node);
 
 /// Sagas waiting for a signal when their only node is SIGKILLed: after a restart, a signal sent
 /// to the new process reaches each waiting saga, which goes on once with the signal's body; the
@@ -409,23 +405,7 @@ async fn waits_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waits_outlive_a_sigkill_of_every_node_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
-    waits_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waits_outlive_a_sigkill_of_every_node_on_postgres() {
-    let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    waits_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
-}
+on_both_backends!(waits_outlive_a_sigkill_of_every_node);
 
 /// Sagas whose action a participant accepted (202) when their only node is SIGKILLed: the
 /// completions posted to the URLs the dead process handed out are taken by the restarted one
@@ -492,23 +472,7 @@ async fn completions_outlive_a_sigkill_of_every_node(database_url: &str, dir: &P
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completions_outlive_a_sigkill_of_every_node_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
-    completions_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completions_outlive_a_sigkill_of_every_node_on_postgres() {
-    let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    completions_outlive_a_sigkill_of_every_node(&url, dir.path()).await;
-    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
-}
+on_both_backends!(completions_outlive_a_sigkill_of_every_node);
 
 /// Sagas in the middle of a parallel group's round when their only node is SIGKILLed: the
 /// restarted node runs the round again (the participants' barrier absorbs the repeats) and each
@@ -562,23 +526,7 @@ async fn parallel_groups_survive_a_sigkill_mid_round(database_url: &str, dir: &P
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_groups_survive_a_sigkill_mid_round_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("concord.db").display());
-    parallel_groups_survive_a_sigkill_mid_round(&url, dir.path()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_groups_survive_a_sigkill_mid_round_on_postgres() {
-    let Some(base) = postgres_base() else { return };
-    let url = concord_store_postgres::create_scratch_database(&base, "concord_t")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    parallel_groups_survive_a_sigkill_mid_round(&url, dir.path()).await;
-    let _ = concord_store_postgres::drop_scratch_database(&base, &url).await;
-}
+on_both_backends!(parallel_groups_survive_a_sigkill_mid_round);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {

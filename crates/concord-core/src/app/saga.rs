@@ -984,17 +984,7 @@ impl SagaEngine {
             },
         };
         let data = serde_json::to_value(&completion).unwrap_or(Value::Null);
-        let size = serde_json::to_vec(&data).map_or(usize::MAX, |v| v.len());
-        if size > self.config.limits.max_output_bytes {
-            return Err(SagaError::PayloadTooLarge {
-                what: "completion",
-                size,
-                limit: self.config.limits.max_output_bytes,
-            });
-        }
-        if has_nul(&data) {
-            return Err(ValidationError::NulCharacter(0).into());
-        }
+        self.check_storable("completion", &data)?;
         let id = &claim.saga_id;
         let row = self
             .store
@@ -1109,17 +1099,7 @@ impl SagaEngine {
             request_key,
         } = send;
         check_signal_name(name)?;
-        let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
-        if size > self.config.limits.max_output_bytes {
-            return Err(SagaError::PayloadTooLarge {
-                what: "signal",
-                size,
-                limit: self.config.limits.max_output_bytes,
-            });
-        }
-        if has_nul(&payload) {
-            return Err(ValidationError::NulCharacter(0).into());
-        }
+        self.check_storable("signal", &payload)?;
         let row = self
             .store
             .get_saga(id)
@@ -1221,6 +1201,20 @@ impl SagaEngine {
             row.id,
             state.status.as_str()
         )))
+    }
+
+    /// A body that becomes a step's output (a signal's, a completion's) fits the output limit
+    /// and holds nothing a store cannot keep.
+    fn check_storable(&self, what: &'static str, v: &Value) -> Result<(), SagaError> {
+        let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+        let limit = self.config.limits.max_output_bytes;
+        if size > limit {
+            return Err(SagaError::PayloadTooLarge { what, size, limit });
+        }
+        if has_nul(v) {
+            return Err(ValidationError::NulCharacter(0).into());
+        }
+        Ok(())
     }
 
     /// Makes a saga due now. The signal that asked for it is kept already, so a failure here

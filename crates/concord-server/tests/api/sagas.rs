@@ -438,14 +438,7 @@ async fn a_timer_parks_the_saga_and_any_runner_wakes_it_on_time(b: Backend) {
     assert_eq!(parked["steps"][1]["action"], "pending");
     assert!(parked["next_attempt_at"].is_string(), "{parked}");
     assert_eq!(p.effect("z-1", "car"), None);
-    let done: Value = app
-        .admin(Method::GET, "/v1/sagas/z-1?wait_ms=20000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done = finished(&app, "z-1").await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["steps"][1]["action"], "succeeded");
     assert_eq!(done["steps"][1]["attempts"], json!([]));
@@ -614,14 +607,7 @@ async fn an_instance_keeps_the_version_it_started_with(b: Backend) {
     assert_eq!(r.status(), 201);
     // While it waits out its backoff, a new version with a third step is stored.
     define(&app, "order", &p.definition(&["reserve", "charge", "ship"], 2000)).await;
-    let saga: Value = app
-        .admin(Method::GET, "/v1/sagas/v-1?wait_ms=20000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let saga = finished(&app, "v-1").await;
     assert_eq!(saga["status"], "completed");
     assert_eq!(saga["version"], 1);
     assert_eq!(saga["steps"].as_array().unwrap().len(), 2);
@@ -856,6 +842,17 @@ async fn a_keyed_start_gets_an_id_derived_from_its_request(b: Backend) {
 }
 both_backends!(a_keyed_start_gets_an_id_derived_from_its_request);
 
+/// The saga once it finished (waiting up to 20 s).
+async fn finished(app: &TestApp, id: &str) -> Value {
+    app.admin(Method::GET, &format!("/v1/sagas/{id}?wait_ms=20000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn get_saga(app: &TestApp, id: &str) -> Value {
     app.admin(Method::GET, &format!("/v1/sagas/{id}"))
         .send()
@@ -933,14 +930,7 @@ async fn a_wait_step_parks_the_saga_until_its_signal_and_its_body_is_the_output(
         .unwrap();
     assert_problem(r, 409, "signal_already_sent").await;
 
-    let done: Value = app
-        .admin(Method::GET, "/v1/sagas/w-1?wait_ms=20000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done = finished(&app, "w-1").await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["steps"][1]["output"], json!({"ref": "3ds-42"}));
     assert_eq!(done["steps"][1]["waiting_for"], Value::Null);
@@ -993,14 +983,7 @@ async fn a_wait_step_parks_the_saga_until_its_signal_and_its_body_is_the_output(
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let done: Value = app
-        .admin(Method::GET, "/v1/sagas/w-2?wait_ms=20000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done = finished(&app, "w-2").await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["steps"][1]["output"], json!({"ref": "early"}));
     let log = saga_log(&app, "w-2").await;
@@ -1089,14 +1072,7 @@ async fn a_wait_that_times_out_compensates_the_saga(b: Backend) {
         .await
         .unwrap();
     assert_problem(r, 409, "signal_already_sent").await;
-    let done: Value = app
-        .admin(Method::GET, "/v1/sagas/t-2?wait_ms=20000")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done = finished(&app, "t-2").await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         (&done["steps"][0]["output"], &done["steps"][1]["output"]),
