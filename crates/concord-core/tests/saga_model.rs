@@ -22,9 +22,12 @@
 //! `sometimes` properties, and `a_driver_that_...` tests break one rule on purpose and assert the
 //! checker finds it, so the properties cannot pass vacuously.
 //!
-//! Left out: parallel groups (not built yet), and two live drivers at once (a stalled node whose
-//! lease another took over; the log's expected-version fence that stops it is the same one the
-//! two-phase-commit model checks, and `a_node_that_lost_its_lease_records_nothing_more` tests).
+//! A second run takes a definition with a parallel group of two branches between two steps: a
+//! round's calls are answered one by one and recorded together, in the engine's order.
+//!
+//! Left out: two live drivers at once (a stalled node whose lease another took over; the log's
+//! expected-version fence that stops it is the same one the two-phase-commit model checks, and
+//! `a_node_that_lost_its_lease_records_nothing_more` tests).
 //!
 //! `cargo test -p concord-core --test saga_model -- --nocapture` prints the state counts.
 
@@ -36,7 +39,7 @@ use chrono::{DateTime, Utc};
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{
     CallOutcome, CallResult, Decision, FoundSignal, Op, SagaDefinition, SagaEvent, SagaId, SagaLimits, SagaState,
-    SagaStatus, decide, on_callback, on_outcome, on_signal, signal_places,
+    SagaStatus, decide, on_callback, on_outcome, on_signal, round_order, signal_places,
 };
 use serde_json::{Value, json};
 use stateright::{Checker, HasDiscoveries, Model, Property};
@@ -60,6 +63,21 @@ fn definition() -> SagaDefinition {
         {"name": "b", "when": "{{input.express}}", "action": call("b"), "compensation": call("b-undo"), "retry": once},
         {"name": "t", "sleep_ms": 50},
         {"name": "c", "action": call("c"), "compensation": call("c-undo"), "retry": once}
+    ], "compensation_retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}});
+    SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
+}
+
+/// The second definition: a parallel group of two compensable calls between two steps.
+fn group_definition() -> SagaDefinition {
+    let call = |name: &str| json!({"method": "POST", "url": format!("http://p.test/{name}")});
+    let step = |name: &str, attempts: u32| {
+        json!({"name": name, "action": call(name), "compensation": call(&format!("{name}-undo")),
+               "retry": {"max_attempts": attempts, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}})
+    };
+    let spec = json!({"steps": [
+        step("a", 1),
+        {"name": "g", "parallel": [step("x", 2), step("y", 2)]},
+        step("c", 1)
     ], "compensation_retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}});
     SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
 }
@@ -110,7 +128,7 @@ impl Posted {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Phase {
     Deciding,
     /// A participant call in flight; `url`: it carried a completion URL.
@@ -123,6 +141,34 @@ enum Phase {
     },
     /// Parked: released, about to look once more for a signal or completion that came.
     Released,
+    /// A parallel group's round: every call in flight at once; the participant answers them in
+    /// order (the results are recorded together, so the order of answers changes nothing).
+    Round {
+        calls: Vec<(usize, Op, u32)>,
+        done: Vec<SagaEvent>,
+        started: u32,
+    },
+}
+
+impl Phase {
+    /// The call the participant answers next: (step, op, attempt, started, carries a URL).
+    fn current(&self, def: &SagaDefinition) -> Option<(usize, Op, u32, u32, bool)> {
+        match self {
+            Self::Calling {
+                step,
+                op,
+                attempt,
+                started,
+                url,
+            } => Some((*step, *op, *attempt, *started, *url)),
+            Self::Round { calls, done, started } => {
+                let (step, op, attempt) = *calls.get(done.len())?;
+                let url = op == Op::Action && def.steps[step].callback_timeout.is_some();
+                Some((step, op, attempt, *started, url))
+            }
+            Self::Deciding | Self::Released => None,
+        }
+    }
 }
 
 /// A node's drive of the saga (volatile: a crash loses it and its unflushed records).
@@ -205,6 +251,10 @@ enum Bug {
 
 struct SagaModel {
     def: SagaDefinition,
+    /// The steps that are calls, for the properties.
+    calls: Vec<usize>,
+    /// The definition with a parallel group instead of the asynchronous action, wait and timer.
+    group: bool,
     id: SagaId,
     crashes: u8,
     transients: u8,
@@ -215,11 +265,21 @@ impl SagaModel {
     fn new(crashes: u8, transients: u8) -> Self {
         Self {
             def: definition(),
+            calls: CALLS.to_vec(),
+            group: false,
             id: SagaId::parse("s").unwrap(),
             crashes,
             transients,
             bug: None,
         }
+    }
+
+    /// The model over the definition with a parallel group.
+    fn with_group(mut self) -> Self {
+        self.def = group_definition();
+        self.calls = vec![0, 1, 2, 3];
+        self.group = true;
+        self
     }
 
     fn with_bug(mut self, bug: Bug) -> Self {
@@ -370,10 +430,10 @@ impl Model for SagaModel {
                 }
             }
             Some(d) => {
-                match &d.phase {
-                    Phase::Deciding => actions.push(Action::Decide),
-                    Phase::Released => actions.push(Action::Recheck),
-                    Phase::Calling { step, op, .. } => {
+                match d.phase.current(&self.def) {
+                    None if d.phase == Phase::Deciding => actions.push(Action::Decide),
+                    None => actions.push(Action::Recheck),
+                    Some((ref step, ref op, ..)) => {
                         // A participant keeps its first verdict per Idempotency-Key: once the
                         // action took effect a repeat is that success, once it refused a refusal.
                         let (done, refused) = (s.effects[*step] == Effect::Done, s.refused[*step]);
@@ -384,7 +444,7 @@ impl Model for SagaModel {
                             if !done {
                                 actions.push(Action::Answer(Answer::Refuse));
                             }
-                            if *step == A && !refused {
+                            if self.def.steps[*step].callback_timeout.is_some() && !refused {
                                 actions.push(Action::Answer(Answer::Accept));
                             }
                         }
@@ -398,7 +458,7 @@ impl Model for SagaModel {
                 }
                 if s.crashes_left > 0 {
                     actions.push(Action::Crash { effect: false });
-                    if matches!(d.phase, Phase::Calling { op: Op::Action, .. }) {
+                    if matches!(d.phase.current(&self.def), Some((_, Op::Action, ..))) {
                         actions.push(Action::Crash { effect: true });
                     }
                 }
@@ -464,7 +524,7 @@ impl Model for SagaModel {
                         if op == Op::Compensation && (this.action == ActionStatus::Pending || this.callback.is_some()) {
                             s.ghost.compensated_unknown = true;
                         }
-                        let url = op == Op::Action && step == A;
+                        let url = op == Op::Action && self.def.steps[step].callback_timeout.is_some();
                         d.phase = Phase::Calling {
                             step,
                             op,
@@ -491,7 +551,25 @@ impl Model for SagaModel {
                         s.driver = None;
                     }
                     Decision::Await { .. } | Decision::AwaitCallback { .. } => unreachable!("resolved"),
-                    Decision::CallAll(_) => unreachable!("this definition has no parallel group"),
+                    Decision::CallAll(calls) => {
+                        for &(step, op, _) in &calls {
+                            let this = &st.steps[step];
+                            if this.action == ActionStatus::Skipped {
+                                s.ghost.skipped_touched = true;
+                            }
+                            if op == Op::Compensation
+                                && (this.action == ActionStatus::Pending || this.callback.is_some())
+                            {
+                                s.ghost.compensated_unknown = true;
+                            }
+                        }
+                        d.phase = Phase::Round {
+                            calls,
+                            done: Vec::new(),
+                            started: s.now,
+                        };
+                        Self::flush(&mut s);
+                    }
                 }
             }
             Action::Recheck => {
@@ -507,16 +585,7 @@ impl Model for SagaModel {
                 s.driver = None;
             }
             Action::Answer(answer) => {
-                let Phase::Calling {
-                    step,
-                    op,
-                    attempt,
-                    started,
-                    url,
-                } = s.driver.as_ref()?.phase
-                else {
-                    return None;
-                };
+                let (step, op, attempt, started, url) = s.driver.as_ref()?.phase.current(&self.def)?;
                 let mut outcome = match (op, answer) {
                     (Op::Action, Answer::Ok) => {
                         if Self::apply_action(&mut s, step) {
@@ -566,8 +635,22 @@ impl Model for SagaModel {
                 };
                 let e = on_outcome(&self.def, &st, call, at(s.now), 0.5);
                 let d = s.driver.as_mut()?;
-                d.pending.push(e);
-                d.phase = Phase::Deciding;
+                match &mut d.phase {
+                    // A round's results go in together, in the engine's order, once all are back.
+                    Phase::Round { calls, done, .. } => {
+                        done.push(e);
+                        if done.len() == calls.len() {
+                            let mut round = std::mem::take(done);
+                            round.sort_by_key(round_order);
+                            d.pending.extend(round);
+                            d.phase = Phase::Deciding;
+                        }
+                    }
+                    _ => {
+                        d.pending.push(e);
+                        d.phase = Phase::Deciding;
+                    }
+                }
             }
             Action::PostCompletion(kind) => {
                 let (step, attempt) = s.owed?;
@@ -615,7 +698,7 @@ impl Model for SagaModel {
             }
             Action::Crash { effect } => {
                 let d = s.driver.take()?;
-                if effect && let Phase::Calling { step, .. } = d.phase {
+                if effect && let Some((step, ..)) = d.phase.current(&self.def) {
                     // A participant that refused the key keeps refusing it.
                     if s.refused[step] {
                         return None;
@@ -636,7 +719,7 @@ impl Model for SagaModel {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let always = vec![
             Property::always("one terminal record, and nothing after it", |_, s: &State| {
                 let end = s
                     .log
@@ -651,7 +734,7 @@ impl Model for SagaModel {
                     if st.status != SagaStatus::Compensated {
                         return true;
                     }
-                    CALLS.iter().all(|&i| {
+                    m.calls.iter().all(|&i| {
                         let owed = matches!(st.steps[i].action, ActionStatus::Succeeded | ActionStatus::Uncertain);
                         let undone = s
                             .log
@@ -667,7 +750,7 @@ impl Model for SagaModel {
             Property::always("a completed saga's called steps all stand", |m: &Self, s: &State| {
                 let st = m.fold(&s.log);
                 st.status != SagaStatus::Completed
-                    || CALLS
+                    || m.calls
                         .iter()
                         .all(|&i| st.steps[i].action == ActionStatus::Skipped || s.effects[i] == Effect::Done)
             }),
@@ -716,41 +799,71 @@ impl Model for SagaModel {
                     !next.is_empty() || m.terminal(s)
                 },
             ),
-            Property::sometimes("the saga completes after a crash", |m: &Self, s: &State| {
-                s.ghost.crashed && m.fold(&s.log).status == SagaStatus::Completed
-            }),
-            Property::sometimes(
-                "a 202 is completed through its URL and the saga completes",
-                |m: &Self, s: &State| {
-                    s.log.iter().any(|e| matches!(e, SagaEvent::ActionAccepted { .. }))
-                        && m.fold(&s.log).status == SagaStatus::Completed
-                },
-            ),
-            Property::sometimes("a wait times out and the saga compensates", |m: &Self, s: &State| {
-                s.log.iter().any(|e| matches!(e, SagaEvent::WaitTimedOut { .. }))
-                    && m.fold(&s.log).status == SagaStatus::Compensated
-            }),
-            Property::sometimes(
-                "a skipped step, a signal and a timer in one completed saga",
-                |m: &Self, s: &State| {
-                    let has = |f: fn(&SagaEvent) -> bool| s.log.iter().any(f);
-                    has(|e| matches!(e, SagaEvent::StepSkipped { .. }))
-                        && has(|e| matches!(e, SagaEvent::SignalReceived { .. }))
-                        && has(|e| matches!(e, SagaEvent::TimerFired { .. }))
-                        && m.fold(&s.log).status == SagaStatus::Completed
-                },
-            ),
-            Property::sometimes(
-                "an uncertain asynchronous step is compensated",
-                |m: &Self, s: &State| {
-                    let st = m.fold(&s.log);
-                    st.status == SagaStatus::Compensated && st.steps[A].action == ActionStatus::Uncertain
-                },
-            ),
-            Property::sometimes("a completion after the close is refused", |_, s: &State| {
-                s.ghost.late_completion_refused
-            }),
-        ]
+        ];
+        if self.group {
+            return always
+                .into_iter()
+                .chain([
+                    Property::sometimes("a group completes after a crash mid-round", |m: &Self, s: &State| {
+                        s.ghost.crashed && m.fold(&s.log).status == SagaStatus::Completed
+                    }),
+                    Property::sometimes(
+                        "a refused branch's sibling is compensated in the same round as the other",
+                        |m: &Self, s: &State| {
+                            let st = m.fold(&s.log);
+                            st.status == SagaStatus::Compensated
+                                && st.steps[1].compensation == CompensationStatus::Succeeded
+                                && st.steps[2].action == ActionStatus::Refused
+                        },
+                    ),
+                    Property::sometimes("both branches are compensated", |m: &Self, s: &State| {
+                        let st = m.fold(&s.log);
+                        st.status == SagaStatus::Compensated
+                            && st.steps[1].compensation == CompensationStatus::Succeeded
+                            && st.steps[2].compensation == CompensationStatus::Succeeded
+                    }),
+                ])
+                .collect();
+        }
+        always
+            .into_iter()
+            .chain([
+                Property::sometimes("the saga completes after a crash", |m: &Self, s: &State| {
+                    s.ghost.crashed && m.fold(&s.log).status == SagaStatus::Completed
+                }),
+                Property::sometimes(
+                    "a 202 is completed through its URL and the saga completes",
+                    |m: &Self, s: &State| {
+                        s.log.iter().any(|e| matches!(e, SagaEvent::ActionAccepted { .. }))
+                            && m.fold(&s.log).status == SagaStatus::Completed
+                    },
+                ),
+                Property::sometimes("a wait times out and the saga compensates", |m: &Self, s: &State| {
+                    s.log.iter().any(|e| matches!(e, SagaEvent::WaitTimedOut { .. }))
+                        && m.fold(&s.log).status == SagaStatus::Compensated
+                }),
+                Property::sometimes(
+                    "a skipped step, a signal and a timer in one completed saga",
+                    |m: &Self, s: &State| {
+                        let has = |f: fn(&SagaEvent) -> bool| s.log.iter().any(f);
+                        has(|e| matches!(e, SagaEvent::StepSkipped { .. }))
+                            && has(|e| matches!(e, SagaEvent::SignalReceived { .. }))
+                            && has(|e| matches!(e, SagaEvent::TimerFired { .. }))
+                            && m.fold(&s.log).status == SagaStatus::Completed
+                    },
+                ),
+                Property::sometimes(
+                    "an uncertain asynchronous step is compensated",
+                    |m: &Self, s: &State| {
+                        let st = m.fold(&s.log);
+                        st.status == SagaStatus::Compensated && st.steps[A].action == ActionStatus::Uncertain
+                    },
+                ),
+                Property::sometimes("a completion after the close is refused", |_, s: &State| {
+                    s.ghost.late_completion_refused
+                }),
+            ])
+            .collect()
     }
 }
 
@@ -787,6 +900,15 @@ fn every_saga_ends_once_and_compensates_what_may_have_taken_effect_under_crashes
     let states = check(SagaModel::new(2, 1));
     assert!(
         states > 100_000,
+        "only {states} states: the model does not explore what it claims"
+    );
+}
+
+#[test]
+fn a_parallel_group_compensates_its_branches_together_under_crashes_and_faults() {
+    let states = check(SagaModel::new(2, 1).with_group());
+    assert!(
+        states > 10_000,
         "only {states} states: the model does not explore what it claims"
     );
 }
