@@ -128,6 +128,36 @@ async fn settle(http: &reqwest::Client, url: &str, ids: &[String], limit: Durati
     }
 }
 
+/// Starts a saga of `definition` for each id, with the plan `plan(index)`.
+async fn start_all(http: &reqwest::Client, url: &str, definition: &str, ids: &[String], plan: impl Fn(usize) -> Value) {
+    for (i, id) in ids.iter().enumerate() {
+        let body = json!({"definition": definition, "id": id, "input": {"plan": plan(i)}});
+        let r = post(http, url, "/v1/sagas", &body).await.unwrap();
+        assert_eq!(r.status(), 201, "start {id}");
+    }
+}
+
+/// Polls `path(id)` for each id until `reached` holds of what it answers (10 s each).
+async fn until_each(
+    http: &reqwest::Client,
+    url: &str,
+    ids: &[String],
+    path: impl Fn(&str) -> String,
+    reached: impl Fn(&Value) -> bool,
+) {
+    for id in ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = get(http, url, &path(id)).await;
+            if answer.as_ref().is_some_and(&reached) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} never got there: {answer:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 fn check_all(p: &Participant, sagas: &[Value]) {
     let mut by_status = std::collections::BTreeMap::<String, usize>::new();
     for s in sagas {
@@ -276,26 +306,13 @@ async fn timers_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) 
         .unwrap();
     assert_eq!(r.status(), 201);
     let ids: Vec<String> = (0..20).map(|i| format!("sleep-{i:02}")).collect();
-    for id in &ids {
-        let body = json!({"definition": "order", "id": id, "input": {"plan": {}}});
-        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
-        assert_eq!(r.status(), 201);
-    }
+    start_all(&http, &server.url, "order", &ids, |_| json!({})).await;
     // Every saga reaches its timer, then the node dies with all of them asleep.
-    for id in &ids {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = get(&http, &server.url, &format!("/v1/sagas/{id}")).await.unwrap();
-            if s["steps"][0]["action"] == "succeeded" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{id} never reached its timer: {s}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let saga = |id: &str| format!("/v1/sagas/{id}");
+    until_each(&http, &server.url, &ids, saga, |s| {
+        s["steps"][0]["action"] == "succeeded"
+    })
+    .await;
     let mut server = server;
     server.proc.signal("KILL");
     assert_eq!(server.proc.wait().await.signal(), Some(9));
@@ -348,22 +365,12 @@ async fn waits_outlive_a_sigkill_of_every_node(database_url: &str, dir: &Path) {
         .unwrap();
     assert_eq!(r.status(), 201);
     let ids: Vec<String> = (0..20).map(|i| format!("wait-{i:02}")).collect();
-    for id in &ids {
-        let body = json!({"definition": "order", "id": id, "input": {"plan": {}}});
-        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    for id in &ids {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = get(&http, &server.url, &format!("/v1/sagas/{id}")).await.unwrap();
-            if s["steps"][1]["waiting_for"] == "paid" {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{id} never waited: {s}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    start_all(&http, &server.url, "order", &ids, |_| json!({})).await;
+    let saga = |id: &str| format!("/v1/sagas/{id}");
+    until_each(&http, &server.url, &ids, saga, |s| {
+        s["steps"][1]["waiting_for"] == "paid"
+    })
+    .await;
     let mut server = server;
     server.proc.signal("KILL");
     assert_eq!(server.proc.wait().await.signal(), Some(9));
@@ -425,29 +432,17 @@ async fn completions_outlive_a_sigkill_of_every_node(database_url: &str, dir: &P
         .unwrap();
     assert_eq!(r.status(), 201);
     let ids: Vec<String> = (0..10).map(|i| format!("cb-{i:02}")).collect();
-    for id in &ids {
-        let body = json!({"definition": "order", "id": id, "input": {"plan": {"charge": "asyncsilent"}}});
-        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
-        assert_eq!(r.status(), 201);
-    }
+    start_all(&http, &server.url, "order", &ids, |_| json!({"charge": "asyncsilent"})).await;
     // Every saga waits for its completion, then the node dies.
-    for id in &ids {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = get(&http, &server.url, &format!("/v1/streams/saga-{id}")).await;
-            if log.is_some_and(|l| {
-                l["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|e| e["type"] == "ActionAccepted")
-            }) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{id} was never accepted");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let log = |id: &str| format!("/v1/streams/saga-{id}");
+    let accepted = |l: &Value| {
+        l["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "ActionAccepted")
+    };
+    until_each(&http, &server.url, &ids, log, accepted).await;
     server.proc.signal("KILL");
     assert_eq!(server.proc.wait().await.signal(), Some(9));
     drop(server);
@@ -492,17 +487,15 @@ async fn parallel_groups_survive_a_sigkill_mid_round(database_url: &str, dir: &P
         .unwrap();
     assert_eq!(r.status(), 201);
     let ids: Vec<String> = (0..12).map(|i| format!("par-{i:02}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        // Every round is slow, so the kill lands while calls are in flight; a third refuse.
-        let plan = if i % 3 == 0 {
+    // Every round is slow, so the kill lands while calls are in flight; a third refuse.
+    start_all(&http, &server.url, "split", &ids, |i| {
+        if i % 3 == 0 {
             json!({"east": "slow:400", "west": "refuse"})
         } else {
             json!({"east": "slow:400", "west": "slow:400"})
-        };
-        let body = json!({"definition": "split", "id": id, "input": {"plan": plan}});
-        let r = post(&http, &server.url, "/v1/sagas", &body).await.unwrap();
-        assert_eq!(r.status(), 201);
-    }
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     let mut server = server;
     server.proc.signal("KILL");
