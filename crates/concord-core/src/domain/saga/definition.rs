@@ -311,6 +311,28 @@ pub struct WaitSpec {
         deserialize_with = "concord_kernel::json::opt_uint"
     )]
     pub timeout_ms: Option<u64>,
+    /// What the timeout does: `compensate` (the default: the signal was needed) or `continue`
+    /// (a hold: the saga goes on without the signal, the step's output `null`).
+    #[serde(default, skip_serializing_if = "OnTimeout::is_default")]
+    pub on_timeout: OnTimeout,
+}
+
+/// What a wait step's timeout does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The step fails and the saga compensates.
+    #[default]
+    Compensate,
+    /// The step succeeds with no output and the saga goes on: a hold a signal may end early.
+    Continue,
+}
+
+impl OnTimeout {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_default(&self) -> bool {
+        *self == Self::Compensate
+    }
 }
 
 /// A step's condition as written: `"{{x}}"` (x is truthy), or an object naming the value and
@@ -506,6 +528,7 @@ pub enum Sleep {
 pub struct Wait {
     pub signal: String,
     pub timeout: Duration,
+    pub on_timeout: OnTimeout,
 }
 
 /// A validated step with its defaults resolved: a call (`action`), a timer (`sleep`) or a wait
@@ -874,6 +897,7 @@ fn check_kind(
         let wait = Wait {
             signal: w.signal.clone(),
             timeout: Duration::from_millis(ms),
+            on_timeout: w.on_timeout,
         };
         return Ok((None, Some(wait)));
     }

@@ -2,7 +2,7 @@
 //! state and the time, [`decide`] says what to do next; given the outcome of a participant call,
 //! [`on_outcome`] says which event records it. Nothing here does I/O.
 
-use super::definition::{SagaDefinition, timer_end};
+use super::definition::{OnTimeout, SagaDefinition, timer_end};
 use chrono::{DateTime, Utc};
 use concord_kernel::SagaId;
 use serde::{Deserialize, Serialize};
@@ -639,23 +639,28 @@ impl SagaState {
             }
             SagaEvent::WaitTimedOut { step, .. } => {
                 self.expect(SagaStatus::Running, e)?;
-                let signal = def
-                    .steps
-                    .get(*step)
-                    .and_then(|d| d.wait.as_ref())
-                    .map(|w| w.signal.clone());
+                let wait = def.steps.get(*step).and_then(|d| d.wait.as_ref());
                 let s = self.step_mut(*step)?;
-                let (Some(signal), Some(_)) = (signal, s.wait_until) else {
+                let (Some(wait), Some(_)) = (wait, s.wait_until) else {
                     return Err(LogError(format!("WaitTimedOut of step {step}, which was not waiting")));
                 };
                 if s.action != ActionStatus::Pending {
                     return Err(LogError(format!("WaitTimedOut of step {step}, which had ended")));
                 }
-                s.action = ActionStatus::Refused;
-                s.error = Some(format!("no signal {signal} came in time"));
                 s.wait_until = None;
                 s.waiting_for = None;
-                self.status = SagaStatus::Compensating;
+                match wait.on_timeout {
+                    OnTimeout::Continue => {
+                        s.action = ActionStatus::Succeeded;
+                        s.compensation = CompensationStatus::NotNeeded;
+                        s.output = Some(Value::Null);
+                    }
+                    OnTimeout::Compensate => {
+                        s.action = ActionStatus::Refused;
+                        s.error = Some(format!("no signal {} came in time", wait.signal));
+                        self.status = SagaStatus::Compensating;
+                    }
+                }
                 self.retry_at = None;
             }
             SagaEvent::SagaCompleted { .. } => {
@@ -1193,7 +1198,7 @@ pub fn on_outcome(
 
 #[cfg(test)]
 mod tests {
-    use super::super::definition::{DefinitionError, DefinitionSpec, SagaLimits};
+    use super::super::definition::{DefinitionError, DefinitionSpec, SagaLimits, StepSpec};
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -1577,6 +1582,42 @@ mod tests {
             decide(&d, &s, until),
             Decision::Record(SagaEvent::TimerFired { step: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_hold_goes_on_at_its_timeout_and_a_signal_ends_it_early() {
+        let d = with_timer(
+            &def(&[("a", true), ("hold", false), ("b", true)], 1, 1),
+            1,
+            json!({"wait": {"signal": "cleared", "timeout_ms": 60_000, "on_timeout": "continue"}}),
+        );
+        assert_eq!(d.steps[1].wait.as_ref().map(|w| w.on_timeout), Some(OnTimeout::Continue));
+        // No signal: the timeout ends the hold and the saga completes, nothing compensated.
+        let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
+        assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action)]);
+        assert_eq!(state.status, SagaStatus::Completed);
+        assert_eq!(state.steps[1].action, ActionStatus::Succeeded);
+        assert_eq!(state.steps[1].output, Some(Value::Null));
+        assert!(events.iter().any(|e| matches!(e, SagaEvent::WaitTimedOut { step: 1, .. })));
+        // A signal before the end takes the hold's place, its body the output.
+        let waiting = SagaState::from_log(&id(), &d, &events[..3]).unwrap();
+        let found = FoundSignal {
+            payload: json!({"by": "ops"}),
+            by: None,
+        };
+        let Decision::Record(received) = on_signal(&d, &waiting, 1, Some(found), waiting.updated_at) else {
+            panic!("a signal is taken");
+        };
+        let mut s = waiting.clone();
+        s.apply(&d, &received).unwrap();
+        assert_eq!(s.steps[1].output, Some(json!({"by": "ops"})));
+        assert!(matches!(decide(&d, &s, s.updated_at), Decision::Call { step: 2, .. }));
+        // The default, spelled or not, compensates; a value that is neither is refused.
+        let spelled = json!({"wait": {"signal": "s", "on_timeout": "compensate"}});
+        let spec: StepSpec = serde_json::from_value(json!({"name": "w", "wait": spelled["wait"]})).unwrap();
+        assert_eq!(spec.wait.map(|w| w.on_timeout), Some(OnTimeout::Compensate));
+        let wrong = json!({"name": "w", "wait": {"signal": "s", "on_timeout": "skip"}});
+        assert!(serde_json::from_value::<StepSpec>(wrong).is_err());
     }
 
     #[test]
