@@ -1,5 +1,9 @@
-//! The `place-order` saga: open the order → reserve stock → charge payment → confirm the order,
-//! compensated in reverse by refund → release stock → reject the order.
+//! The `place-order` saga: open the order → reserve stock (a split order in both warehouses at
+//! once, a parallel group) → book a courier (express orders only, a `when`) → charge payment (an
+//! asynchronous action the card provider confirms by webhook) → hold for fraud review (large
+//! orders only: a wait that an operator's signal ends early and its timeout ends anyway) →
+//! confirm the order; compensated in reverse by refund → cancel the courier → release stock →
+//! reject the order.
 
 use serde_json::{Value, json};
 
@@ -8,6 +12,9 @@ pub const PLACE_ORDER: &str = "place-order";
 
 /// The saga calls a fault may be asked for on (see [`crate::common::FAULT_HEADER`]).
 pub const FAULT_SLOTS: &[&str] = &["reserve", "release", "charge", "refund"];
+
+/// The signal an operator sends to end an order's fraud-review hold early.
+pub const REVIEW_CLEARED: &str = "review-cleared";
 
 /// The name of the server-held saga secret that is the shop's service token: the definition
 /// names it, so the token itself is never stored in a definition.
@@ -21,11 +28,17 @@ pub struct Participants {
     pub payments_url: String,
     /// Each attempt's timeout, milliseconds.
     pub timeout_ms: u64,
+    /// How long a charge the provider confirms later may take, milliseconds.
+    pub charge_callback_ms: u64,
+    /// How long a fraud-review hold lasts without an operator, milliseconds.
+    pub review_hold_ms: u64,
+    /// The calls carry the demo's fault header, filled from the input.
+    pub faults: bool,
 }
 
-fn call(url: String, fault: Option<&str>, body: Option<Value>) -> Value {
+fn call_with(url: String, fault: Option<&str>, body: Option<Value>, faults: bool) -> Value {
     let mut headers = json!({ "authorization": format!("Bearer {{{{secrets.{TOKEN_SECRET}}}}}") });
-    if let Some(slot) = fault {
+    if let Some(slot) = fault.filter(|_| faults) {
         headers[crate::common::FAULT_HEADER] = Value::String(format!("{{{{input.faults.{slot}}}}}"));
     }
     let mut c = json!({ "method": "POST", "url": url, "headers": headers });
@@ -42,6 +55,8 @@ pub fn definition(p: &Participants) -> Value {
     // fault, few enough that a step whose answers are all lost gives up in seconds.
     let retry = json!({ "max_attempts": 6, "backoff_ms": 200, "max_backoff_ms": 2_000 });
     let id = "{{input.order_id}}";
+    let call = |url, fault, body| call_with(url, fault, body, p.faults);
+    const WAREHOUSES: [&str; 2] = ["north", "south"];
     json!({
         "steps": [
             {
@@ -53,16 +68,36 @@ pub fn definition(p: &Participants) -> Value {
             },
             {
                 "name": "reserve",
-                "action": call(
-                    format!("{}/reservations", p.inventory_url),
+                "parallel": WAREHOUSES.map(|w| {
+                    let mut branch = json!({
+                        "name": format!("reserve-{w}"),
+                        "action": call(
+                            format!("{}/warehouses/{w}/reservations", p.inventory_url),
                             Some("reserve"),
-                    Some(json!({ "order_id": id, "items": "{{input.items}}" })),
-                ),
-                "compensation": call(
-                    format!("{}/reservations/{id}/release", p.inventory_url),
+                            Some(json!({
+                                "order_id": id,
+                                "items": if w == "north" { "{{input.items}}" } else { "{{input.south_items}}" },
+                            })),
+                        ),
+                        "compensation": call(
+                            format!("{}/warehouses/{w}/reservations/{id}/release", p.inventory_url),
                             Some("release"),
-                    None,
-                ),
+                            None,
+                        ),
+                        "retry": retry,
+                        "timeout_ms": p.timeout_ms,
+                    });
+                    if w == "south" {
+                        branch["when"] = json!("{{input.split}}");
+                    }
+                    branch
+                }),
+            },
+            {
+                "name": "courier",
+                "when": "{{input.express}}",
+                "action": call(format!("{}/couriers", p.inventory_url), None, Some(json!({ "order_id": id }))),
+                "compensation": call(format!("{}/couriers/{id}/cancel", p.inventory_url), None, None),
                 "retry": retry,
                 "timeout_ms": p.timeout_ms,
             },
@@ -76,6 +111,13 @@ pub fn definition(p: &Participants) -> Value {
                 "compensation": call(format!("{}/charges/{id}/refund", p.payments_url), Some("refund"), None),
                 "retry": retry,
                 "timeout_ms": p.timeout_ms,
+                // Payments answers 202 and completes the step when the provider's webhook says.
+                "callback_timeout_ms": p.charge_callback_ms,
+            },
+            {
+                "name": "review",
+                "when": "{{input.review}}",
+                "wait": { "signal": REVIEW_CLEARED, "timeout_ms": p.review_hold_ms, "on_timeout": "continue" },
             },
             {
                 "name": "confirm",
@@ -89,4 +131,36 @@ pub fn definition(p: &Participants) -> Value {
         ],
         "compensation_retry": { "max_attempts": 30, "backoff_ms": 100, "max_backoff_ms": 2_000 },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition the Kubernetes overlay puts: the shop's own, for the services' names in
+    /// the cluster, without the demo's fault headers. Regenerate it with
+    /// `CONCORD_SHOP_WRITE_DEFINITION=1 cargo test -p concord-shop --lib saga`.
+    #[test]
+    fn the_kubernetes_overlay_puts_the_shops_definition() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/kubernetes/overlays/shop/place-order.json"
+        );
+        let want = definition(&Participants {
+            orders_url: "http://orders:8080".into(),
+            inventory_url: "http://inventory:8080".into(),
+            payments_url: "http://payments:8080".into(),
+            timeout_ms: 10_000,
+            charge_callback_ms: 600_000,
+            review_hold_ms: 60_000,
+            faults: false,
+        });
+        if std::env::var_os("CONCORD_SHOP_WRITE_DEFINITION").is_some() {
+            let text = serde_json::to_string_pretty(&want).unwrap() + "\n";
+            std::fs::write(path, text).unwrap();
+        }
+        let file: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(file, want, "{path} differs from saga::definition");
+        assert!(!file.to_string().contains(crate::common::FAULT_HEADER));
+    }
 }

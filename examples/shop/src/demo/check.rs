@@ -57,6 +57,15 @@ pub struct Facts {
     pub transfers_aborted: usize,
     /// A saga that was retried or compensated, for the timeline.
     pub sample_saga: Option<concord_sdk::SagaOut>,
+    /// Orders reserved in both warehouses at once (a parallel group).
+    pub reserved_in_both: usize,
+    /// Express orders that booked a courier.
+    pub couriers_booked: usize,
+    /// Review holds ended by the operator's signal, and by their timeout.
+    pub holds_cleared: usize,
+    pub holds_timed_out: usize,
+    /// Charges the provider confirmed later, through the step's completion URL.
+    pub charges_completed_later: usize,
 }
 
 fn verdict(name: &str, problems: &[String], ok_detail: String) -> Invariant {
@@ -173,7 +182,9 @@ pub async fn check(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Vec<Inv
     invariants.push(one_order_per_request(s.plan, &orders));
     invariants.push(stock_conserved(s, &orders).await?);
     invariants.push(money_conserved(s, &orders).await?);
-    invariants.push(sagas_terminal(s, &orders, &twice, &sagas, facts).await?);
+    let details = sagas_terminal(s, &orders, &twice, &sagas, facts).await?;
+    invariants.push(details.0);
+    invariants.push(saga_paths(s, &orders, &details.1, facts).await?);
     invariants.push(no_double_charge(s).await?);
     invariants.push(read_model(s, &orders).await?);
     invariants.push(no_plaintext_card(s).await?);
@@ -225,9 +236,14 @@ async fn stock_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
     }
     // The columns agree with the reservations, and each reservation with its order's fate.
     let mut by_sku: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    for r in rows(s.north, "SELECT order_id, sku, qty, state FROM reservations").await? {
+    for r in [
+        rows(s.north, "SELECT order_id, sku, qty, state, warehouse FROM reservations").await?,
+        rows(s.south, "SELECT order_id, sku, qty, state, warehouse FROM reservations").await?,
+    ]
+    .concat()
+    {
         let (order_id, sku, qty, state) = (text(&r[0]), text(&r[1]), int(&r[2]), text(&r[3]));
-        let e = by_sku.entry(sku).or_default();
+        let e = by_sku.entry(format!("{}.{sku}", text(&r[4]))).or_default();
         match state.as_str() {
             "reserved" => e.0 += qty,
             "shipped" => e.1 += qty,
@@ -242,20 +258,17 @@ async fn stock_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
             problems.push(format!("order {order_id}: reservation {state}, expected {expected}"));
         }
     }
-    for r in rows(
-        s.north,
-        "SELECT sku, reserved, shipped FROM stock WHERE warehouse = 'north'",
-    )
-    .await?
-    {
-        let (reserved, shipped) = by_sku.get(&text(&r[0])).copied().unwrap_or_default();
-        if (reserved, shipped) != (int(&r[1]), int(&r[2])) {
-            problems.push(format!(
-                "{}: columns say {} reserved / {} shipped, reservations {reserved} / {shipped}",
-                text(&r[0]),
-                int(&r[1]),
-                int(&r[2])
-            ));
+    for db in [s.north, s.south] {
+        for r in rows(db, "SELECT warehouse, sku, reserved, shipped FROM stock").await? {
+            let key = format!("{}.{}", text(&r[0]), text(&r[1]));
+            let (reserved, shipped) = by_sku.get(&key).copied().unwrap_or_default();
+            if (reserved, shipped) != (int(&r[2]), int(&r[3])) {
+                problems.push(format!(
+                    "{key}: columns say {} reserved / {} shipped, reservations {reserved} / {shipped}",
+                    int(&r[2]),
+                    int(&r[3])
+                ));
+            }
         }
     }
     let total: i64 = initial.values().sum();
@@ -355,7 +368,7 @@ async fn sagas_terminal(
     twice: &[String],
     sagas: &[concord_sdk::SagaOut],
     facts: &mut Facts,
-) -> anyhow::Result<Invariant> {
+) -> anyhow::Result<(Invariant, Vec<concord_sdk::SagaOut>)> {
     let mut problems: Vec<String> = twice
         .iter()
         .map(|stream| format!("{stream} was both confirmed and rejected, or one of them twice"))
@@ -387,8 +400,10 @@ async fn sagas_terminal(
     facts.sagas_compensated = sagas.iter().filter(|g| g.status == "compensated").count();
     facts.sagas_other = sagas.len() - facts.sagas_completed - facts.sagas_compensated;
     // Attempts per saga: each detail read once.
+    let mut details = Vec::with_capacity(sagas.len());
     for g in sagas {
         let detail = s.admin.saga(&g.id, None).await?;
+        details.push(detail.clone());
         let extra: usize = detail
             .steps
             .iter()
@@ -414,12 +429,102 @@ async fn sagas_terminal(
     {
         facts.sample_saga = Some(s.admin.saga(&g.id, None).await?);
     }
-    Ok(verdict(
+    let verdict = verdict(
         "every saga is terminal and matches its order",
         &problems,
         format!(
             "{} completed = confirmed, {} compensated = rejected",
             facts.sagas_completed, facts.sagas_compensated
+        ),
+    );
+    Ok((verdict, details))
+}
+
+/// Each order's saga took the path its order asks for: both warehouses reserved at once for a
+/// split order and only then, a courier for an express order and only then (and booked exactly
+/// while the order stands), a fraud-review hold for a large order ended by the operator or its
+/// timeout, and no skipped step ever compensated.
+async fn saga_paths(
+    s: &Sources<'_>,
+    orders: &BTreeMap<String, Order>,
+    details: &[concord_sdk::SagaOut],
+    facts: &mut Facts,
+) -> anyhow::Result<Invariant> {
+    let mut problems = Vec::new();
+    let planned: HashMap<String, &super::plan::PlannedOrder> =
+        s.plan.orders.iter().map(|o| (o.order_id(), o)).collect();
+    let couriers: HashMap<String, String> = rows(s.north, "SELECT order_id, state FROM couriers")
+        .await?
+        .into_iter()
+        .map(|r| (text(&r[0]), text(&r[1])))
+        .collect();
+    for g in details {
+        let Some(order_id) = g.id.strip_prefix("order-") else {
+            continue;
+        };
+        let Some(plan) = planned.get(order_id) else {
+            problems.push(format!("saga {} is of no planned order", g.id));
+            continue;
+        };
+        let step = |name: &str| g.steps.iter().find(|st| st.name == name);
+        let completed = g.status == "completed";
+        for (name, runs) in [
+            ("reserve-south", plan.ships_from_both()),
+            ("courier", plan.express),
+            ("review", plan.reviewed()),
+        ] {
+            let Some(st) = step(name) else {
+                problems.push(format!("saga {} has no step {name}", g.id));
+                continue;
+            };
+            let skipped = st.action == "skipped";
+            if skipped && st.compensation != "not_needed" {
+                problems.push(format!(
+                    "saga {}: skipped {name} is compensated ({})",
+                    g.id, st.compensation
+                ));
+            }
+            // A saga that compensated early never reached the later steps: pending is right then.
+            let reached = st.action != "pending";
+            if reached && skipped == runs {
+                problems.push(format!(
+                    "saga {}: {name} {} but the order asks otherwise",
+                    g.id, st.action
+                ));
+            }
+            if completed && runs && st.action != "succeeded" {
+                problems.push(format!("saga {} completed with {name} {}", g.id, st.action));
+            }
+        }
+        if completed && plan.ships_from_both() {
+            facts.reserved_in_both += 1;
+        }
+        if let Some(review) = step("review").filter(|st| completed && st.action == "succeeded") {
+            match &review.output {
+                Some(Value::Null) | None => facts.holds_timed_out += 1,
+                Some(_) => facts.holds_cleared += 1,
+            }
+        }
+        let booked = couriers.get(order_id).map(String::as_str);
+        let expected = match orders.get(order_id).map(|o| o.status) {
+            Some(Status::Confirmed) if plan.express => Some("booked"),
+            _ if !plan.express => None,
+            // A rejected express order: cancelled, or never booked.
+            _ => booked.filter(|b| *b == "cancelled"),
+        };
+        if booked != expected {
+            problems.push(format!("order {order_id}: courier {booked:?}, expected {expected:?}"));
+        }
+        if booked == Some("booked") {
+            facts.couriers_booked += 1;
+        }
+    }
+    Ok(verdict(
+        "each saga took its order's path (parallel reserve, courier, review hold)",
+        &problems,
+        format!(
+            "{} reserved in both warehouses at once, {} couriers booked, review holds: {} cleared by the operator, {} timed out",
+            facts.reserved_in_both, facts.couriers_booked, facts.holds_cleared, facts.holds_timed_out
         ),
     ))
 }

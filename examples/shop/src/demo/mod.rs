@@ -319,6 +319,8 @@ async fn run_in(
                         crate::saga::TOKEN_SECRET
                     ),
                 ),
+                // Where the participants post the results of asynchronous actions.
+                ("CONCORD_PUBLIC_URL".into(), urls.concord.clone()),
                 (
                     "CONCORD_VAULT_MASTER_KEY_FILE".into(),
                     layout.dir.join("vault.key").display().to_string(),
@@ -351,6 +353,12 @@ async fn run_in(
     let inventory_key = key("shop-inventory", &["events:read", "events:write", "tx:read"]).await?;
     let query_key = key("shop-query", &["events:read"]).await?;
     let provider_concord_key = key("card-provider", &["vault:detokenize:card"]).await?;
+    // The fraud team's operator, who may end an order's review hold early and nothing else.
+    let operator = crate::common::concord_client(
+        &urls.concord,
+        &key("fraud-operator", &["sagas:signal"]).await?,
+        &demo_tls,
+    )?;
     admin
         .put_saga_definition(
             crate::saga::PLACE_ORDER,
@@ -359,6 +367,9 @@ async fn run_in(
                 inventory_url: urls.inventory.clone(),
                 payments_url: urls.payments.clone(),
                 timeout_ms: 1_000,
+                charge_callback_ms: 15_000,
+                review_hold_ms: 1_000,
+                faults: true,
             }),
         )
         .await?;
@@ -488,7 +499,7 @@ async fn run_in(
             plan.orders.clone(),
             args.clients.max(1),
             (urls.orders.clone(), urls.query.clone()),
-            token.clone(),
+            (token.clone(), operator),
             demo_tls.clone(),
             Arc::clone(&done),
             progress.clone(),
@@ -638,6 +649,15 @@ async fn run_in(
         ),
         Count::new("transfers committed", facts.transfers_committed as u64),
         Count::new("transfers aborted", facts.transfers_aborted as u64),
+        Count::new("reserved in both warehouses at once", facts.reserved_in_both as u64),
+        Count::new("couriers booked (express)", facts.couriers_booked as u64),
+        Count::new("review holds cleared by the operator", facts.holds_cleared as u64),
+        Count::new("review holds ended by their timeout", facts.holds_timed_out as u64),
+        Count::new("operator signals sent", submissions.cleared),
+        Count::new(
+            "charges confirmed later by webhook",
+            facts.charges_completed_later as u64,
+        ),
     ];
     let timeline = facts.sample_saga.as_ref().map(timeline_of);
     let report = Report {
@@ -706,13 +726,15 @@ async fn run_in(
 struct Submissions {
     retries: u64,
     replayed: u64,
+    /// Review holds the operator's signal was taken for (or kept for).
+    cleared: u64,
 }
 
 async fn place_all(
     orders: Vec<PlannedOrder>,
     clients: usize,
     (url, query_url): (String, String),
-    token: String,
+    (token, operator): (String, Client),
     tls: concord_sdk::ClientTls,
     done: Arc<AtomicUsize>,
     progress: indicatif::ProgressBar,
@@ -721,12 +743,13 @@ async fn place_all(
     let queue = Arc::new(tokio::sync::Mutex::new(orders.into_iter()));
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (queue, http, url, query_url, token, done, progress) = (
+        let (queue, http, url, query_url, token, operator, done, progress) = (
             Arc::clone(&queue),
             http.clone(),
             url.clone(),
             query_url.clone(),
             token.clone(),
+            operator.clone(),
             Arc::clone(&done),
             progress.clone(),
         );
@@ -746,6 +769,21 @@ async fn place_all(
                     seen.retries += r.retries;
                     seen.replayed += u64::from(r.replayed);
                 }
+                // Every second order held for review is cleared by the operator, perhaps before
+                // its saga reaches the hold (the signal is kept), perhaps after it compensated
+                // (refused, 409); the others wait out the hold.
+                if order.reviewed() && order.index % 2 == 0 {
+                    let saga = crate::orders::app::saga_id(&order.order_id());
+                    let body = serde_json::json!({ "cleared_by": "fraud-operator" });
+                    match operator
+                        .signal_saga(&saga, crate::saga::REVIEW_CLEARED, &body, Some(&order.key))
+                        .await
+                    {
+                        Ok(_) => seen.cleared += 1,
+                        Err(e) if e.status() == Some(409) => {}
+                        Err(e) => tracing::warn!(error = %e, saga, "the operator's signal failed"),
+                    }
+                }
                 // A client reads its order back through the query side while the saga still
                 // runs: the cache holds the early state, which its invalidations must replace.
                 let _ = http
@@ -764,6 +802,7 @@ async fn place_all(
         let s = w.await??;
         total.retries += s.retries;
         total.replayed += s.replayed;
+        total.cleared += s.cleared;
     }
     Ok(total)
 }

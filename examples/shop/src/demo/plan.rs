@@ -36,12 +36,39 @@ pub struct PlannedOrder {
     pub duplicate: bool,
     /// Asks for the scarce sku, beyond what may be left of it.
     pub scarce: bool,
+    /// Delivered by courier (the saga's `courier` step runs).
+    pub express: bool,
+    /// Shipped from both warehouses (a parallel group when it has two lines or more).
+    pub split: bool,
 }
 
 impl PlannedOrder {
     #[must_use]
     pub fn body(&self) -> Value {
-        json!({ "customer": self.customer, "items": self.items, "card": self.card })
+        json!({
+            "customer": self.customer,
+            "items": self.items,
+            "card": self.card,
+            "express": self.express,
+            "split": self.split,
+        })
+    }
+
+    /// Held for fraud review: its total reaches [`crate::orders::domain::REVIEW_FROM`].
+    #[must_use]
+    pub fn reviewed(&self) -> bool {
+        let total: i64 = self
+            .items
+            .iter()
+            .map(|l| crate::orders::domain::price(&l.sku).unwrap_or(0) * i64::from(l.qty))
+            .sum();
+        total >= crate::orders::domain::REVIEW_FROM
+    }
+
+    /// Reserved in both warehouses at once.
+    #[must_use]
+    pub fn ships_from_both(&self) -> bool {
+        self.split && self.items.len() > 1
     }
 
     /// The order id the orders service derives from the customer and key.
@@ -120,6 +147,8 @@ impl Plan {
                 faults: Value::Object(faults),
                 duplicate: rng.random_bool(0.1),
                 scarce,
+                express: rng.random_bool(0.2),
+                split: rng.random_bool(0.3),
             });
         }
         let victim = if rng.random_bool(0.5) { "payments" } else { "inventory" };

@@ -1,5 +1,5 @@
 //! The inventory service: stock of two warehouses, each in its own database. Saga participant
-//! (`reserve`, `release`) behind the barrier; every stock change is announced through the
+//! (`reserve-{warehouse}`, `release`, and the express orders' `courier`) behind the barrier; every stock change is announced through the
 //! outbox; a confirmed order's reservation ships when its `OrderConfirmed` event arrives (inbox);
 //! transfers between the warehouses are two-phase commits, one participant per warehouse.
 
@@ -71,13 +71,14 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
         seed: c.seed,
     };
     let shipping = tokio::spawn(ship_orders(
-        north.clone(),
+        [north.clone(), south.clone()],
         EventStoreBroker::new(client.clone()),
         dup,
         stop.clone(),
     ));
     let state = Arc::new(http::Inventory {
         north,
+        south,
         faults: c.faults(),
     });
     let router = http::router(state, participants, c.token()?, c.tx_token()?);
@@ -138,9 +139,9 @@ async fn participant(db: &Db, warehouse: &str, client: &concord_sdk::Client) -> 
 }
 
 /// Follows the orders' streams (the event store as a broker, topic `order`): a confirmed order's
-/// reservation ships, once per event whatever the redeliveries.
+/// reservations ship from each warehouse, once per event whatever the redeliveries.
 async fn ship_orders(
-    db: Db,
+    warehouses: [Db; 2],
     broker: EventStoreBroker,
     dup: DuplicateDeliveries,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -175,18 +176,27 @@ async fn ship_orders(
             for d in dup.apply(confirmed) {
                 {
                     let order_id = d.message.payload["order_id"].as_str().unwrap_or_default().to_owned();
-                    let shipped = match &db {
-                        Db::Sqlite(p) => store::on_sqlite::ship(p, d.message.id, &order_id).await,
-                        Db::Pg(p) => store::on_pg::ship(p, d.message.id, &order_id).await,
-                    };
-                    match shipped {
-                        Ok(true) => {}
-                        Ok(false) => tracing::info!(message = %d.message.id, "duplicate delivery ignored"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "shipping failed; the event comes again");
-                            let _ = consumer.nack(&d, Duration::from_millis(500)).await;
-                            continue;
+                    // Each warehouse's inbox keeps its own record: after a failure half-way the
+                    // redelivery ships only where it had not.
+                    let mut failed = false;
+                    for db in &warehouses {
+                        let shipped = match db {
+                            Db::Sqlite(p) => store::on_sqlite::ship(p, d.message.id, &order_id).await,
+                            Db::Pg(p) => store::on_pg::ship(p, d.message.id, &order_id).await,
+                        };
+                        match shipped {
+                            Ok(true) => {}
+                            Ok(false) => tracing::info!(message = %d.message.id, "duplicate delivery ignored"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "shipping failed; the event comes again");
+                                failed = true;
+                                break;
+                            }
                         }
+                    }
+                    if failed {
+                        let _ = consumer.nack(&d, Duration::from_millis(500)).await;
+                        continue;
                     }
                 }
                 if let Err(e) = consumer.ack(&d).await {

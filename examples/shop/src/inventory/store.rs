@@ -8,8 +8,9 @@ use sqlx::Row as _;
 
 use super::domain::{self, Reserve, STOCK_CHANGED, STOCK_TOPIC, StockLevel};
 
-/// The inventory's tables: stock per warehouse, reservations (north only) and the record of
-/// each transfer side.
+/// The inventory's tables, in each warehouse's database: its stock, its reservations, the
+/// record of each transfer side, and (used in the north's) the couriers booked for express
+/// orders.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS stock (
     warehouse TEXT NOT NULL,
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS transfers (
     direction TEXT NOT NULL,
     state     TEXT NOT NULL,
     PRIMARY KEY (xid, warehouse)
+);
+CREATE TABLE IF NOT EXISTS couriers (
+    order_id TEXT PRIMARY KEY,
+    state    TEXT NOT NULL
 )";
 
 pub use crate::common::StoreError;
@@ -149,8 +154,8 @@ crate::per_backend! {
         Ok(Some(level))
     }
 
-    /// The `reserve` step: holds every line in the north warehouse, or none.
-    pub async fn reserve(pool: &Pool, key: &BarrierKey, cmd: &Reserve) -> Result<Reserved, StoreError> {
+    /// A `reserve-{warehouse}` step: holds every line in the warehouse, or none.
+    pub async fn reserve(pool: &Pool, warehouse: &str, key: &BarrierKey, cmd: &Reserve) -> Result<Reserved, StoreError> {
         let mut tx = begin(pool).await?;
         match barrier::enter(&mut tx, key).await? {
             Enter::Run => {}
@@ -159,19 +164,19 @@ crate::per_backend! {
         }
         let lines = domain::merge_lines(&cmd.items);
         for (sku, qty) in &lines {
-            if change(&mut tx, domain::NORTH, sku, [-qty, *qty, 0, 0]).await?.is_none() {
+            if change(&mut tx, warehouse, sku, [-qty, *qty, 0, 0]).await?.is_none() {
                 tx.rollback().await?;
                 return Ok(Reserved::OutOfStock(sku.clone()));
             }
             sqlx::query("INSERT INTO reservations (order_id, sku, warehouse, qty, state) VALUES ($1, $2, $3, $4, 'reserved')")
                 .bind(&cmd.order_id)
                 .bind(sku)
-                .bind(domain::NORTH)
+                .bind(warehouse)
                 .bind(qty)
                 .execute(&mut *tx)
                 .await?;
         }
-        let output = json!({ "order_id": cmd.order_id, "warehouse": domain::NORTH, "lines": lines.len() });
+        let output = json!({ "order_id": cmd.order_id, "warehouse": warehouse, "lines": lines.len() });
         barrier::save_output(&mut tx, key, &output).await?;
         tx.commit().await?;
         Ok(Reserved::Done(output))
@@ -203,6 +208,40 @@ crate::per_backend! {
             .execute(&mut *conn)
             .await?;
         Ok(i64::try_from(rows.len()).unwrap_or(i64::MAX))
+    }
+
+    /// The `courier` step: books a courier for an express order (once, whatever the retries).
+    pub async fn book_courier(pool: &Pool, key: &BarrierKey, order_id: &str) -> Result<Option<Value>, StoreError> {
+        let mut tx = begin(pool).await?;
+        match barrier::enter(&mut tx, key).await? {
+            Enter::Run => {}
+            Enter::Duplicate { output } => return Ok(Some(output.unwrap_or(Value::Null))),
+            Enter::Refused | Enter::EmptyCompensation => return Ok(None),
+        }
+        sqlx::query("INSERT INTO couriers (order_id, state) VALUES ($1, 'booked') ON CONFLICT DO NOTHING")
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await?;
+        let output = json!({ "order_id": order_id, "courier": format!("courier-{order_id}") });
+        barrier::save_output(&mut tx, key, &output).await?;
+        tx.commit().await?;
+        Ok(Some(output))
+    }
+
+    /// The courier's compensation: cancels the booking, if there is one (a cancel that comes
+    /// first records itself, so the late booking is refused).
+    pub async fn cancel_courier(pool: &Pool, key: &BarrierKey, order_id: &str) -> Result<Value, StoreError> {
+        let mut tx = begin(pool).await?;
+        let cancelled = match barrier::enter(&mut tx, key).await? {
+            Enter::Run => sqlx::query("UPDATE couriers SET state = 'cancelled' WHERE order_id = $1 AND state = 'booked'")
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+            Enter::Duplicate { .. } | Enter::EmptyCompensation | Enter::Refused => 0,
+        };
+        tx.commit().await?;
+        Ok(json!({ "order_id": order_id, "cancelled": cancelled == 1 }))
     }
 
     /// A confirmed order's stock leaves the warehouse: its reservations become shipped. Runs once

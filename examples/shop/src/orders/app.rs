@@ -75,6 +75,8 @@ impl Orders {
             total,
             card_token: token.clone(),
             request,
+            express: cmd.express,
+            split: cmd.split,
         };
         let event = EventInput {
             id: Some(derived_id(&[domain::PLACED, &order_id])),
@@ -91,15 +93,22 @@ impl Orders {
             Err(e) if e.code() == Some(ErrorCode::WrongExpectedVersion) => {
                 // Placed by an earlier try of this request: go on with the stored order.
                 let stored = self.load(&order_id).await?;
-                if stored.placed.items != placed.items {
+                let same = (&stored.placed.items, stored.placed.express, stored.placed.split)
+                    == (&placed.items, placed.express, placed.split);
+                if !same {
                     return Err(OrderError::KeyReused);
                 }
             }
             Err(e) => return Err(e.into()),
         }
+        let (north, south) = domain::lines_by_warehouse(&placed.items, placed.split);
         let input = json!({
             "order_id": order_id,
-            "items": placed.items,
+            "items": north,
+            "south_items": south,
+            "split": !south.is_empty(),
+            "express": placed.express,
+            "review": total >= domain::REVIEW_FROM,
             "total": total,
             "card_token": token,
             "faults": if self.faults_enabled { faults } else { json!({}) },

@@ -35,6 +35,27 @@ pub struct PlaceOrder {
     pub items: Vec<Line>,
     /// The card number; it goes to the vault and nowhere else.
     pub card: String,
+    /// Delivered by courier: the saga books one.
+    #[serde(default)]
+    pub express: bool,
+    /// Shipped from both warehouses: every second line comes from the south.
+    #[serde(default)]
+    pub split: bool,
+}
+
+/// Orders of this total (cents) or more are held for fraud review before they are confirmed.
+pub const REVIEW_FROM: i64 = 1_500;
+
+/// The lines each warehouse ships, `(north, south)`: all from the north unless the order is
+/// split, when every second line comes from the south.
+#[must_use]
+pub fn lines_by_warehouse(items: &[Line], split: bool) -> (Vec<Line>, Vec<Line>) {
+    if !split {
+        return (items.to_vec(), Vec::new());
+    }
+    let (south, north): (Vec<_>, Vec<_>) = items.iter().enumerate().partition(|(i, _)| i % 2 == 1);
+    let lines = |v: Vec<(usize, &Line)>| v.into_iter().map(|(_, l)| l.clone()).collect();
+    (lines(north), lines(south))
 }
 
 /// Why an order was refused at the door.
@@ -102,6 +123,10 @@ pub struct Placed {
     pub card_token: String,
     /// A digest of the client's `Idempotency-Key`, so one key is seen to give one order.
     pub request: String,
+    #[serde(default)]
+    pub express: bool,
+    #[serde(default)]
+    pub split: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,7 +227,23 @@ mod tests {
             customer: "c-1".into(),
             items,
             card: card.into(),
+            express: false,
+            split: false,
         }
+    }
+
+    #[test]
+    fn a_split_order_ships_every_second_line_from_the_south() {
+        let line = |sku: &str| Line {
+            sku: sku.into(),
+            qty: 1,
+        };
+        let items = vec![line("apple"), line("pear"), line("fig")];
+        assert_eq!(lines_by_warehouse(&items, false), (items.clone(), vec![]));
+        let (north, south) = lines_by_warehouse(&items, true);
+        assert_eq!(north, vec![line("apple"), line("fig")]);
+        assert_eq!(south, vec![line("pear")]);
+        assert_eq!(lines_by_warehouse(&items[..1], true), (items[..1].to_vec(), vec![]));
     }
 
     #[test]

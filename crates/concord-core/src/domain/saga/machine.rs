@@ -1591,14 +1591,21 @@ mod tests {
             1,
             json!({"wait": {"signal": "cleared", "timeout_ms": 60_000, "on_timeout": "continue"}}),
         );
-        assert_eq!(d.steps[1].wait.as_ref().map(|w| w.on_timeout), Some(OnTimeout::Continue));
+        assert_eq!(
+            d.steps[1].wait.as_ref().map(|w| w.on_timeout),
+            Some(OnTimeout::Continue)
+        );
         // No signal: the timeout ends the hold and the saga completes, nothing compensated.
         let (calls, events, state) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
         assert_eq!(calls, vec![(0, Op::Action), (2, Op::Action)]);
         assert_eq!(state.status, SagaStatus::Completed);
         assert_eq!(state.steps[1].action, ActionStatus::Succeeded);
         assert_eq!(state.steps[1].output, Some(Value::Null));
-        assert!(events.iter().any(|e| matches!(e, SagaEvent::WaitTimedOut { step: 1, .. })));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SagaEvent::WaitTimedOut { step: 1, .. }))
+        );
         // A signal before the end takes the hold's place, its body the output.
         let waiting = SagaState::from_log(&id(), &d, &events[..3]).unwrap();
         let found = FoundSignal {

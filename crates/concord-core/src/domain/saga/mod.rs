@@ -7,8 +7,9 @@ pub mod machine;
 
 pub use concord_kernel::{DERIVED_PREFIX, InvalidSagaId, SagaId};
 pub use definition::{
-    Condition, ConditionTest, DefinitionError, DefinitionSpec, HttpCall, RetryPolicy, RetrySpec, SagaDefinition,
-    OnTimeout, SagaLimits, SagaSecrets, SecretBinding, StepSpec, TemplateContext, Wait, WaitSpec, WhenSpec, WhenTest,
+    Condition, ConditionTest, DefinitionError, DefinitionSpec, HttpCall, OnTimeout, RetryPolicy, RetrySpec,
+    SagaDefinition, SagaLimits, SagaSecrets, SecretBinding, StepSpec, TemplateContext, Wait, WaitSpec, WhenSpec,
+    WhenTest,
 };
 pub use machine::{
     ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
