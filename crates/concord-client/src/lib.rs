@@ -66,6 +66,7 @@ pub use concord_api::tx::{BeginTxBody, ParticipantIn, ParticipantOut, TxDecision
 pub use concord_api::{ErrorCode, Problem};
 pub use concord_kernel::ExpectedVersion;
 pub use error::ClientError;
+pub use sagas::{CALLBACK_HEADER, complete_action};
 pub use sse::Subscription;
 pub use tls::ClientTls;
 

@@ -6,7 +6,7 @@ use crate::events::IDEMPOTENCY_KEY;
 use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
-use concord_api::sagas::{DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody};
+use concord_api::sagas::{CompletionIn, CompletionOut, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody};
 use reqwest::Method;
 
 impl Client {
@@ -165,4 +165,32 @@ impl Client {
         }
         json(request).await
     }
+}
+
+/// The header the calls of an asynchronous saga action carry (a step with `callback_timeout_ms`):
+/// the URL where the participant that answers 202 posts the result later.
+pub const CALLBACK_HEADER: &str = "concord-callback";
+
+/// `POST {callback_url}`: completes an asynchronous action that this participant answered with
+/// 202. The URL (from [`CALLBACK_HEADER`]) is the capability: no API key is sent, so a
+/// participant needs no key of its own for this. Posting the same completion again is answered
+/// as the first time.
+///
+/// # Errors
+///
+/// `callback_invalid` (401) for a URL this cluster did not issue or one past its time,
+/// `callback_not_expected` (409) when the attempt is over (timed out, or answered otherwise),
+/// `callback_already_used` (409) when another result was posted first; see [`ClientError`].
+pub async fn complete_action(
+    http: &reqwest::Client,
+    callback_url: &str,
+    completion: &CompletionIn,
+) -> Result<CompletionOut, ClientError> {
+    let url = reqwest::Url::parse(callback_url).map_err(|e| ClientError::Config(format!("the completion URL: {e}")))?;
+    let mut request = http.request(Method::POST, url).json(completion);
+    #[cfg(feature = "otel")]
+    if let Some(traceparent) = crate::trace::traceparent() {
+        request = request.header(crate::trace::TRACEPARENT, traceparent);
+    }
+    json(request).await
 }

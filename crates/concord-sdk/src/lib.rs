@@ -85,3 +85,4 @@ pub use concord_client::{
     DefinitionOut, ErrorCode, EventInput, EventOut, EventsPage, ExpectedVersion, Health, ParticipantIn, ParticipantOut,
     Problem, SagaOut, SagaPage, StartSagaBody, StepOut, Subscription, TxDecision, TxOut, TxPage, api, tls::ClientTls,
 };
+pub use concord_client::{CALLBACK_HEADER, complete_action};

@@ -268,6 +268,9 @@ pub async fn require_token(State(token): State<Arc<str>>, request: Request, next
 /// The header by which a saga call asks a participant, run with `--faults`, to misbehave once.
 pub const FAULT_HEADER: &str = "x-shop-fault";
 
+/// The fault by which an asynchronous call's completion is lost ([`Faults::completion_lost`]).
+pub const COMPLETION_LOST: &str = "completion-lost";
+
 /// A misbehaviour injected on a saga call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -306,12 +309,6 @@ impl Faults {
         let fault = match headers.get(FAULT_HEADER).and_then(|v| v.to_str().ok())? {
             "5xx" => Fault::Unavailable,
             "timeout" => Fault::SlowAnswer,
-            // Every answer is lost: the orchestrator runs out of attempts with the step's effect
-            // uncertain, and must compensate it.
-            "timeout-always" => {
-                tracing::info!("fault injected: answer lost");
-                return Some(Fault::SlowAnswer);
-            }
             _ => return None,
         };
         let key = headers
@@ -323,6 +320,14 @@ impl Faults {
             tracing::info!(fault = ?fault, key = %key, "fault injected");
         }
         fresh.then_some(fault)
+    }
+
+    /// Whether this call asks that its asynchronous result be lost: the participant answers 202
+    /// and does the work, but the completion never reaches the saga, which must treat the step
+    /// as uncertain when its `callback_timeout_ms` runs out, and compensate it.
+    #[must_use]
+    pub fn completion_lost(&self, headers: &HeaderMap) -> bool {
+        self.enabled && headers.get(FAULT_HEADER).and_then(|v| v.to_str().ok()) == Some(COMPLETION_LOST)
     }
 
     /// Sleeps past the caller's timeout, for [`Fault::SlowAnswer`].
@@ -488,4 +493,37 @@ impl DuplicateDeliveries {
         }
         out
     }
+}
+
+/// The header in which the card provider signs a webhook: hex HMAC-SHA256 of the body under the
+/// API key the provider and payments share.
+pub const WEBHOOK_SIGNATURE: &str = "provider-signature";
+
+fn webhook_mac(key: &str) -> hmac::Hmac<Sha256> {
+    <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length")
+}
+
+/// The signature of a webhook body.
+#[must_use]
+pub fn sign_webhook(key: &str, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    let mut mac = webhook_mac(key);
+    mac.update(body);
+    hex(&mac.finalize().into_bytes())
+}
+
+/// Whether `signature` (hex) signs `body` under `key`, compared in constant time.
+#[must_use]
+pub fn webhook_signed(key: &str, body: &[u8], signature: &str) -> bool {
+    use hmac::Mac as _;
+    let Some(bytes) = (0..signature.len())
+        .step_by(2)
+        .map(|i| signature.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let mut mac = webhook_mac(key);
+    mac.update(body);
+    mac.verify_slice(&bytes).is_ok()
 }

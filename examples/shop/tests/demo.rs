@@ -90,6 +90,7 @@ fn the_embedded_shop_keeps_every_invariant_under_faults_and_kills() {
         "couriers booked (express)",
         "review holds cleared by the operator",
         "review holds ended by their timeout",
+        "charges confirmed later by webhook",
     ] {
         assert!(count(&run.stdout, what) > 0, "no {what}:\n{}", run.stdout);
     }

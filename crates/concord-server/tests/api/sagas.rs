@@ -1136,18 +1136,23 @@ async fn an_action_answered_202_finishes_through_its_completion_url(b: Backend) 
     let url = p.ledger.lock().unwrap().callback_urls[&("a-1".to_owned(), "charge".to_owned())].clone();
     assert!(url.starts_with(&format!("{}/callbacks/", app.address)), "{url}");
     // The same completion again answers the same; another one, or a changed token, is refused.
+    // Through the sdk, as a participant posts it (no API key).
     let post = |url: String, body: Value| reqwest::Client::new().post(url).json(&body).send();
-    let same = json!({"outcome": "succeeded", "output": {"id": "charge-a-1"}});
-    let r = post(url.clone(), same).await.unwrap();
-    assert_eq!(r.status(), 202);
+    let http = reqwest::Client::new();
+    let same: concord_sdk::api::sagas::CompletionIn =
+        serde_json::from_value(json!({"outcome": "succeeded", "output": {"id": "charge-a-1"}})).unwrap();
+    let taken = concord_sdk::complete_action(&http, &url, &same).await.unwrap();
     assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"saga_id": "a-1", "step": "charge", "attempt": 1})
+        (taken.saga_id.as_str(), taken.step.as_str(), taken.attempt),
+        ("a-1", "charge", 1)
     );
-    let r = post(url.clone(), json!({"outcome": "refused", "error": "changed my mind"}))
-        .await
-        .unwrap();
-    assert_problem(r, 409, "callback_already_used").await;
+    let other = serde_json::from_value(json!({"outcome": "refused", "error": "changed my mind"})).unwrap();
+    let refused = concord_sdk::complete_action(&http, &url, &other).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(concord_sdk::ErrorCode::CallbackAlreadyUsed),
+        "{refused}"
+    );
     let (head, sig) = url.rsplit_once('.').unwrap();
     let flipped = if sig.starts_with('A') { "B" } else { "A" };
     let r = post(

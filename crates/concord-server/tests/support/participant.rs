@@ -256,7 +256,7 @@ async fn post_completion(ledger: &Mutex<Ledger>, url: &str, completion: Value) {
 /// An action that answers 202 and finishes later through its completion URL.
 async fn asynchronous(ledger: &Arc<Mutex<Ledger>>, headers: &HeaderMap, c: Call) -> (StatusCode, Json<Value>) {
     let Some(url) = headers
-        .get("concord-callback")
+        .get(concord_sdk::CALLBACK_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
     else {

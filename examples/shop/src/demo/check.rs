@@ -306,6 +306,20 @@ async fn money_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
     .first()
     .map_or(0, |r| int(&r[0]));
     let mut problems = Vec::new();
+    // Every asynchronous charge was decided and its result taken by payments.
+    for r in rows(
+        s.provider,
+        "SELECT order_id, status, delivered FROM ledger WHERE webhook_url IS NOT NULL AND (status = 'pending' OR delivered = 0)",
+    )
+    .await?
+    {
+        problems.push(format!(
+            "order {}: the provider's charge is still {} (webhook delivered: {})",
+            text(&r[0]),
+            text(&r[1]),
+            int(&r[2])
+        ));
+    }
     // Order by order, so an error on one cannot hide behind an error of the same amount on
     // another.
     let net: HashMap<String, i64> = rows(
@@ -453,6 +467,13 @@ async fn saga_paths(
     let mut problems = Vec::new();
     let planned: HashMap<String, &super::plan::PlannedOrder> =
         s.plan.orders.iter().map(|o| (o.order_id(), o)).collect();
+    facts.charges_completed_later = rows(
+        s.payments,
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM pending_charges WHERE completed = 1",
+    )
+    .await?
+    .first()
+    .map_or(0, |r| usize::try_from(int(&r[0])).unwrap_or(0));
     let couriers: HashMap<String, String> = rows(s.north, "SELECT order_id, state FROM couriers")
         .await?
         .into_iter()

@@ -367,7 +367,7 @@ async fn run_in(
                 inventory_url: urls.inventory.clone(),
                 payments_url: urls.payments.clone(),
                 timeout_ms: 1_000,
-                charge_callback_ms: 15_000,
+                charge_callback_ms: 5_000,
                 review_hold_ms: 1_000,
                 faults: true,
             }),
@@ -455,7 +455,12 @@ async fn run_in(
     broker_args(&mut a.0);
     let mut inventory = Proc::start(layout, &http, spec("inventory", &urls.inventory, a)).await?;
     let mut a = common("payments", &urls.payments, &dbs.payments, "");
-    a.0.extend(["--provider-url".into(), urls.provider.clone()]);
+    a.0.extend([
+        "--provider-url".into(),
+        urls.provider.clone(),
+        "--public-url".into(),
+        urls.payments.clone(),
+    ]);
     if args.sabotage.as_deref() == Some("payments-barrier") {
         a.0.push("--unsafe-skip-barrier".into());
     }
@@ -624,7 +629,7 @@ async fn run_in(
     let injected = vec![
         Count::new("participant 5xx", e5xx as u64),
         Count::new("participant timeouts", timeouts as u64),
-        Count::new("charges with every answer lost", plan.lost_answers() as u64),
+        Count::new("charges whose confirmation is lost", plan.lost_answers() as u64),
         Count::new("card declines", declined as u64),
         Count::new("orders of the scarce sku", scarce as u64),
         Count::new("duplicate client submissions", duplicates as u64),

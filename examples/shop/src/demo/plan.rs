@@ -130,7 +130,7 @@ impl Plan {
                 } else if roll < p5xx + ptimeout {
                     Some("timeout")
                 } else if roll < p5xx + ptimeout + plost {
-                    Some("timeout-always")
+                    Some(crate::common::COMPLETION_LOST)
                 } else {
                     None
                 };
@@ -155,10 +155,13 @@ impl Plan {
         Self { orders, victim }
     }
 
-    /// Charges whose every answer is lost (the saga must refund an uncertain charge).
+    /// Charges whose confirmation is lost (the saga must refund an uncertain charge).
     #[must_use]
     pub fn lost_answers(&self) -> usize {
-        self.orders.iter().map(|o| o.fault_count("timeout-always")).sum()
+        self.orders
+            .iter()
+            .map(|o| o.fault_count(crate::common::COMPLETION_LOST))
+            .sum()
     }
 
     /// Declined cards, scarce orders, duplicates, and faults by kind, as planned.

@@ -214,7 +214,7 @@ fn with_fault_defaults(mut input: Value) -> Value {
         let v = faults
             .get(*step)
             .and_then(Value::as_str)
-            .filter(|v| matches!(*v, "5xx" | "timeout" | "timeout-always"))
+            .filter(|v| matches!(*v, "5xx" | "timeout" | crate::common::COMPLETION_LOST))
             .unwrap_or("none");
         filled.insert((*step).to_owned(), Value::String(v.to_owned()));
     }

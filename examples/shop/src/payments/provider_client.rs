@@ -19,6 +19,8 @@ pub enum Charged {
     Declined,
     /// The order was refunded before this charge reached the provider.
     Voided,
+    /// An asynchronous charge: the result comes to the webhook.
+    Pending,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +57,8 @@ impl ProviderClient {
         Ok((status, body))
     }
 
-    /// Charges the card behind `card_token`; the same `idempotency_key` charges once.
+    /// Charges the card behind `card_token`; the same `idempotency_key` charges once. With a
+    /// `webhook_url` the provider may answer [`Charged::Pending`] and post the result there.
     ///
     /// # Errors
     /// The provider unreachable or failing.
@@ -65,9 +68,14 @@ impl ProviderClient {
         order_id: &str,
         amount: i64,
         card_token: &str,
+        webhook_url: Option<&str>,
     ) -> Result<Charged, ProviderError> {
-        let body = json!({ "order_id": order_id, "amount": amount, "card_token": card_token });
+        let mut body = json!({ "order_id": order_id, "amount": amount, "card_token": card_token });
+        if let Some(url) = webhook_url {
+            body["webhook_url"] = json!(url);
+        }
         match self.post("/v1/charges", idempotency_key, body).await? {
+            (202, _) => Ok(Charged::Pending),
             (200, b) => Ok(Charged::Captured {
                 charge_id: b["charge_id"].as_str().unwrap_or_default().to_owned(),
             }),

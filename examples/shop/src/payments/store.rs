@@ -10,7 +10,31 @@ CREATE TABLE IF NOT EXISTS charges (
     card_token TEXT NOT NULL,
     charge_id  TEXT NOT NULL,
     state      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_charges (
+    order_id     TEXT PRIMARY KEY,
+    saga_id      TEXT NOT NULL,
+    step         TEXT NOT NULL,
+    amount       BIGINT NOT NULL,
+    card_token   TEXT NOT NULL,
+    callback_url TEXT NOT NULL,
+    completed    BIGINT NOT NULL DEFAULT 0,
+    -- A fault asked for: the result is recorded but never posted to the saga (0/1).
+    lost         BIGINT NOT NULL DEFAULT 0
 )";
+
+/// A charge the provider confirms later: where its saga step waits for the result.
+#[derive(Debug, Clone)]
+pub struct PendingCharge {
+    pub order_id: String,
+    pub saga_id: String,
+    pub step: String,
+    pub amount: i64,
+    pub card_token: String,
+    pub callback_url: String,
+    /// The completion is to be lost (a fault the demo asks for).
+    pub lost: bool,
+}
 
 pub use crate::common::StoreError;
 
@@ -85,6 +109,55 @@ crate::per_backend! {
         let mut tx = begin(pool).await?;
         let _recorded = barrier::enter(&mut tx, key).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Keeps where an asynchronous charge's result goes; a later attempt's URL replaces an
+    /// earlier one's.
+    pub async fn save_pending(pool: &Pool, p: &PendingCharge) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO pending_charges (order_id, saga_id, step, amount, card_token, callback_url, lost) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (order_id) DO UPDATE SET callback_url = excluded.callback_url",
+        )
+        .bind(&p.order_id)
+        .bind(&p.saga_id)
+        .bind(&p.step)
+        .bind(p.amount)
+        .bind(&p.card_token)
+        .bind(&p.callback_url)
+        .bind(i64::from(p.lost))
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn pending(pool: &Pool, order_id: &str) -> Result<Option<PendingCharge>, StoreError> {
+        type Row = (String, String, String, i64, String, String, i64);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT order_id, saga_id, step, amount, card_token, callback_url, lost FROM pending_charges WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await?;
+        Ok(row.map(|(order_id, saga_id, step, amount, card_token, callback_url, lost)| PendingCharge {
+            order_id,
+            saga_id,
+            step,
+            amount,
+            card_token,
+            callback_url,
+            lost: lost != 0,
+        }))
+    }
+
+    /// The saga took the result from this URL.
+    pub async fn mark_completed(pool: &Pool, order_id: &str, callback_url: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE pending_charges SET completed = 1 WHERE order_id = $1 AND callback_url = $2")
+            .bind(order_id)
+            .bind(callback_url)
+            .execute(pool)
+            .await?;
         Ok(())
     }
 
