@@ -67,7 +67,8 @@ fn definition() -> SagaDefinition {
     SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
 }
 
-/// The second definition: a parallel group of two compensable calls between two steps.
+/// The second definition: a parallel group of two compensable calls between two steps, and a
+/// hold (a wait that goes on at its timeout) before the last.
 fn group_definition() -> SagaDefinition {
     let call = |name: &str| json!({"method": "POST", "url": format!("http://p.test/{name}")});
     let step = |name: &str, attempts: u32| {
@@ -77,6 +78,7 @@ fn group_definition() -> SagaDefinition {
     let spec = json!({"steps": [
         step("a", 1),
         {"name": "g", "parallel": [step("x", 2), step("y", 2)]},
+        {"name": "h", "wait": {"signal": "go", "timeout_ms": 100, "on_timeout": "continue"}},
         step("c", 1)
     ], "compensation_retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}});
     SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
@@ -277,7 +279,7 @@ impl SagaModel {
     /// The model over the definition with a parallel group.
     fn with_group(mut self) -> Self {
         self.def = group_definition();
-        self.calls = vec![0, 1, 2, 3];
+        self.calls = vec![0, 1, 2, 4];
         self.group = true;
         self
     }
@@ -821,6 +823,27 @@ impl Model for SagaModel {
                         st.status == SagaStatus::Compensated
                             && st.steps[1].compensation == CompensationStatus::Succeeded
                             && st.steps[2].compensation == CompensationStatus::Succeeded
+                    }),
+                    Property::sometimes(
+                        "a hold ends at its timeout and the saga completes",
+                        |m: &Self, s: &State| {
+                            s.log.iter().any(|e| matches!(e, SagaEvent::WaitTimedOut { .. }))
+                                && m.fold(&s.log).status == SagaStatus::Completed
+                        },
+                    ),
+                    Property::sometimes(
+                        "a signal ends a hold early and the saga completes",
+                        |m: &Self, s: &State| {
+                            s.log.iter().any(|e| matches!(e, SagaEvent::SignalReceived { .. }))
+                                && m.fold(&s.log).status == SagaStatus::Completed
+                        },
+                    ),
+                    Property::always("a hold's timeout never turns the saga back", |m: &Self, s: &State| {
+                        let timed_out = s.log.iter().position(|e| matches!(e, SagaEvent::WaitTimedOut { .. }));
+                        timed_out.is_none_or(|i| {
+                            let st = m.fold(&s.log[..=i]);
+                            st.status == SagaStatus::Running && st.steps[3].action == ActionStatus::Succeeded
+                        })
                     }),
                 ])
                 .collect();
