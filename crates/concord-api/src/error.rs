@@ -149,6 +149,10 @@ error_codes! {
     SagaNotFound = ("saga_not_found", 404, "Saga not found"),
     /// Only a `failed` saga can be retried.
     SagaNotFailed = ("saga_not_failed", 409, "Saga is not failed"),
+    /// The operation does not apply to the saga as it is, or will be once the operations asked
+    /// before it are recorded: cancel a saga that is not running, pause a paused one, resume
+    /// one that is not paused, retry-now a paused one, anything on a finished one.
+    SagaOperationRefused = ("saga_operation_refused", 409, "Saga operation does not apply"),
     /// No step of the saga waits for this signal, or none does any more (the saga went past
     /// it, timed out or finished).
     SignalNotExpected = ("signal_not_expected", 409, "Signal not expected"),

@@ -76,7 +76,7 @@ pub struct SagaOut {
     pub id: String,
     pub definition: String,
     pub version: u32,
-    /// `running`, `compensating`, `completed`, `compensated` or `failed`.
+    /// `running`, `compensating`, `completed`, `compensated`, `failed` or `cancelled`.
     pub status: String,
     pub input: Value,
     pub created_at: DateTime<Utc>,
@@ -84,6 +84,10 @@ pub struct SagaOut {
     /// When the next attempt is due, while one waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// An operator paused it: no attempt starts until a resume (its status stays `running` or
+    /// `compensating`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     /// Each step with its attempts (empty in lists).
     #[serde(default)]
     pub steps: Vec<StepOut>,
@@ -228,6 +232,17 @@ pub struct CompletionOut {
     pub saga_id: String,
     pub step: String,
     pub attempt: u32,
+}
+
+/// The answer of an operation on a saga (`POST /v1/sagas/{id}/cancel`, `/pause`, `/resume`,
+/// `/retry-now`): it is kept, and the saga records it in its log before its next attempt starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OperationOut {
+    pub saga_id: String,
+    /// `cancel`, `pause`, `resume` or `retry-now`.
+    pub operation: String,
+    /// Which operation of the saga it is (1: the first).
+    pub sequence: u64,
 }
 
 /// The answer of `POST /v1/sagas/{id}/signals/{signal}`: the signal is kept for the saga.

@@ -6,7 +6,9 @@ use crate::events::IDEMPOTENCY_KEY;
 use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
-use concord_api::sagas::{CompletionIn, CompletionOut, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody};
+use concord_api::sagas::{
+    CompletionIn, CompletionOut, DefinitionOut, OperationOut, SagaOut, SagaPage, SignalOut, StartSagaBody,
+};
 use reqwest::Method;
 
 impl Client {
@@ -139,6 +141,33 @@ impl Client {
         json(self.request(Method::POST, url)).await
     }
 
+    /// `POST /v1/sagas/{id}/{operation}` with `operation` one of `cancel`, `pause`, `resume`
+    /// and `retry-now`: kept at once (202), recorded in the saga's log before its next attempt
+    /// starts. A retry with the same `idempotency_key` answers the first ask again.
+    ///
+    /// # Errors
+    ///
+    /// `saga_not_found` (404), `saga_operation_refused` (409) when it does not apply to the saga
+    /// (a cancel of one that is not running, a resume of one that is not paused, anything on a
+    /// finished one), `invalid_name` for another `operation`; see [`ClientError`].
+    pub async fn operate_saga(
+        &self,
+        id: &str,
+        operation: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<OperationOut, ClientError> {
+        if !matches!(operation, "cancel" | "pause" | "resume" | "retry-now") {
+            return Err(ClientError::Config(format!("no saga operation {operation:?}")));
+        }
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let url = endpoint(&self.base_url, &["v1", "sagas", id, operation])?;
+        let mut request = self.request(Method::POST, url);
+        if let Some(key) = idempotency_key {
+            request = request.header(IDEMPOTENCY_KEY, key);
+        }
+        json(request).await
+    }
+
     /// `POST /v1/sagas/{id}/signals/{signal}`: sends a signal; its body becomes the output of
     /// the wait step that takes it. A retry with the same `idempotency_key` answers the first
     /// send again instead of sending a second signal.
@@ -187,10 +216,11 @@ pub async fn complete_action(
     completion: &CompletionIn,
 ) -> Result<CompletionOut, ClientError> {
     let url = reqwest::Url::parse(callback_url).map_err(|e| ClientError::Config(format!("the completion URL: {e}")))?;
-    let mut request = http.request(Method::POST, url).json(completion);
+    let request = http.request(Method::POST, url).json(completion);
     #[cfg(feature = "otel")]
-    if let Some(traceparent) = crate::trace::traceparent() {
-        request = request.header(crate::trace::TRACEPARENT, traceparent);
-    }
+    let request = match crate::trace::traceparent() {
+        Some(traceparent) => request.header(crate::trace::TRACEPARENT, traceparent),
+        None => request,
+    };
     json(request).await
 }

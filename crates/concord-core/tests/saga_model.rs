@@ -510,6 +510,7 @@ impl Model for SagaModel {
                     d.fence = false;
                 }
                 match decision {
+                    Decision::Park => unreachable!("no operator pauses a saga in this model"),
                     Decision::Record(e) => {
                         if let SagaEvent::StepSkipped { step, .. } = &e
                             && st.steps[*step].action != ActionStatus::Pending

@@ -233,6 +233,7 @@ impl Coded for SagaError {
             Self::DefinitionNotFound(_) => ErrorCode::SagaDefinitionNotFound,
             Self::NotFound(_) => ErrorCode::SagaNotFound,
             Self::NotFailed(..) => ErrorCode::SagaNotFailed,
+            Self::OperationRefused { .. } => ErrorCode::SagaOperationRefused,
             Self::Busy(_) => ErrorCode::SagaBusy,
             Self::InputTooLarge { .. } | Self::PayloadTooLarge { .. } => ErrorCode::SagaLimitExceeded,
             Self::SignalNotExpected(_) => ErrorCode::SignalNotExpected,

@@ -14,8 +14,9 @@ use crate::domain::saga::definition::check_signal_name;
 use crate::domain::saga::machine::LogError;
 use crate::domain::saga::{
     CallOutcome, CallResult, Decision, DefinitionError, DefinitionSpec, FoundSignal, HttpCall, Op, SagaDefinition,
-    SagaEvent, SagaId, SagaLimits, SagaSecrets, SagaState, SagaStatus, TemplateContext, callback_stream, decide,
-    log_stream, on_callback, on_outcome, on_signal, round_order, signal_places, signal_stream,
+    SagaEvent, SagaId, SagaLimits, SagaOperation, SagaSecrets, SagaState, SagaStatus, TemplateContext, callback_stream,
+    decide, log_stream, on_callback, on_outcome, on_signal, operation_event, operations_stream, round_order,
+    signal_places, signal_stream,
 };
 use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName, ValidationError};
 use crate::ports::{EventStore, SagaRow, SagaStore, SagaUpdate, StoreError, StoredDefinition};
@@ -91,6 +92,14 @@ pub enum SagaError {
     /// The attempt was completed already, with another result.
     #[error("step {step} attempt {attempt} of saga {id} was completed already")]
     CallbackAlreadyUsed { id: SagaId, step: String, attempt: u32 },
+    /// The operation does not apply to the saga as it is (or will be, after the operations
+    /// asked of it before).
+    #[error("{operation} of saga {id} does not apply: {reason}")]
+    OperationRefused {
+        id: SagaId,
+        operation: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]
@@ -600,6 +609,21 @@ impl SagaEngine {
                 }
                 d => d,
             };
+            // Before an attempt starts or the saga is put away: what operators asked of it.
+            let operations_due = matches!(
+                decision,
+                Decision::Call { .. } | Decision::CallAll(_) | Decision::Wait(_) | Decision::Park
+            );
+            if operations_due && self.operations_waiting(&row.id, &state).await? {
+                if fence {
+                    let e = SagaEvent::SagaResumed { at: now };
+                    state.apply(&def, &e)?;
+                    pending.push(e);
+                    fence = false;
+                }
+                self.take_operations(&row.id, &def, &mut state, &mut pending).await?;
+                continue;
+            }
             if fence
                 && matches!(
                     decision,
@@ -643,6 +667,25 @@ impl SagaEngine {
                     }
                     return Ok(DriveEnd::Finished(state.status));
                 }
+                Decision::Park => {
+                    if !self
+                        .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
+                        .await?
+                    {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    // Due never: only an operation (a resume, a cancel) wakes it.
+                    if !self.release(&mut row, &state, None).await? {
+                        return Ok(DriveEnd::Lost);
+                    }
+                    tracing::info!("saga paused");
+                    // One asked for while this node held it woke a row the release put away.
+                    if !matches!(self.operations_waiting(&row.id, &state).await, Ok(false)) {
+                        self.store.wake_saga(&row.id, Utc::now()).await?;
+                        return Ok(DriveEnd::Woken);
+                    }
+                    return Ok(DriveEnd::Waiting);
+                }
                 Decision::Wait(until) => {
                     if !self
                         .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
@@ -666,7 +709,7 @@ impl SagaEngine {
                             !matches!(self.find_completion(&row.id, step, attempt).await, Ok(None))
                         }
                         _ => false,
-                    };
+                    } || !matches!(self.operations_waiting(&row.id, &state).await, Ok(false));
                     if arrived {
                         self.store.wake_saga(&row.id, Utc::now()).await?;
                         return Ok(DriveEnd::Woken);
@@ -1203,6 +1246,161 @@ impl SagaEngine {
         )))
     }
 
+    /// The operations asked of the saga that its log has not come to yet, from number `after`
+    /// on (at most a page).
+    async fn operations_after(
+        &self,
+        id: &SagaId,
+        after: u64,
+    ) -> Result<Vec<(u64, SagaOperation, Option<String>, Uuid)>, SagaError> {
+        let stream = StreamName::parse(&operations_stream(id))?;
+        let page = match self.events.read_stream(&stream, after + 1, OPERATIONS_PAGE, usize::MAX).await {
+            Ok(page) => page,
+            Err(StoreError::StreamNotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        page.into_iter()
+            .map(|e| {
+                let op = e.data["operation"]
+                    .as_str()
+                    .and_then(SagaOperation::parse)
+                    .ok_or_else(|| LogError(format!("operation {} of saga {id} does not read", e.version)))?;
+                let by = e.metadata.get("key").and_then(Value::as_str).map(str::to_owned);
+                Ok((e.version, op, by, e.id))
+            })
+            .collect()
+    }
+
+    async fn operations_waiting(&self, id: &SagaId, state: &SagaState) -> Result<bool, SagaError> {
+        Ok(!self.operations_after(id, state.operations).await?.is_empty())
+    }
+
+    /// Records, in order, the operations asked of the saga since its log last came to one. A
+    /// cancel of a saga whose asynchronous action waits for its completion first closes that
+    /// attempt's completion URL and takes a completion that got in before.
+    async fn take_operations(
+        &self,
+        id: &SagaId,
+        def: &SagaDefinition,
+        state: &mut SagaState,
+        pending: &mut Vec<SagaEvent>,
+    ) -> Result<(), SagaError> {
+        for (sequence, op, by, _) in self.operations_after(id, state.operations).await? {
+            let now = Utc::now();
+            if op == SagaOperation::Cancel && op.refusal(state).is_none() {
+                let waiting = state
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, s)| s.callback.map(|c| (i, c.attempt)));
+                if let Some((step, attempt)) = waiting
+                    && let Some(found) = self.close_completion(id, step, attempt).await?
+                    && let Decision::Record(e) = on_callback(def, state, step, Some(found), now, rand::random())
+                {
+                    state.apply(def, &e)?;
+                    pending.push(e);
+                }
+            }
+            let e = operation_event(op, sequence, by, state, now);
+            let result = if matches!(e, SagaEvent::OperationRefused { .. }) {
+                "refused"
+            } else {
+                "applied"
+            };
+            metrics::counter!("concord_saga_operations_total", "operation" => op.as_str(), "result" => result)
+                .increment(1);
+            tracing::info!(operation = op.as_str(), sequence, result, "saga operation");
+            state.apply(def, &e)?;
+            pending.push(e);
+        }
+        Ok(())
+    }
+
+    /// Asks operation `op` of saga `id` for the API key `by`: kept in the saga's operations
+    /// stream, and the saga woken to record it in its log when it comes to it (before its next
+    /// attempt starts; an attempt running now finishes). Refused at once when it does not apply
+    /// to the saga as it will be after the operations asked before it. A retry with the same
+    /// `request_key` (its `Idempotency-Key`) answers the first ask. Answers the operation's
+    /// number.
+    ///
+    /// # Errors
+    /// Unknown saga, an operation that does not apply, or the store.
+    pub async fn operate(
+        &self,
+        id: &SagaId,
+        op: SagaOperation,
+        by: Option<&str>,
+        request_key: Option<&str>,
+    ) -> Result<u64, SagaError> {
+        let row = self
+            .store
+            .get_saga(id)
+            .await?
+            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
+        let def = self.definition(&row.definition, Some(row.version)).await?;
+        let stream = StreamName::parse(&operations_stream(id))?;
+        let event_id = request_key.map(|k| signal_event_id(id, &format!(".{}", op.as_str()), by, k));
+        // Asked before with this key (and perhaps recorded since): that answer again.
+        if let Some(eid) = event_id {
+            let mut after = 0;
+            loop {
+                let asked = self.operations_after(id, after).await?;
+                if let Some(&(sequence, ..)) = asked.iter().find(|a| a.3 == eid) {
+                    self.wake(id).await;
+                    return Ok(sequence);
+                }
+                let Some(&(n, ..)) = asked.last() else { break };
+                after = n;
+            }
+        }
+        for _ in 0..SIGNAL_RACES {
+            let mut state = match self.read_log(&row).await?.0 {
+                Some(s) => s,
+                None => SagaState::new(id, &def, row.input.clone(), row.created_at),
+            };
+            // As the saga will be once it has come to what was asked before.
+            let mut last = state.operations;
+            loop {
+                let asked = self.operations_after(id, last).await?;
+                let Some(&(n, ..)) = asked.last() else { break };
+                for (sequence, earlier, earlier_by, _) in asked {
+                    let e = operation_event(earlier, sequence, earlier_by, &state, Utc::now());
+                    state.apply(&def, &e)?;
+                }
+                last = n;
+            }
+            if let Some(reason) = op.refusal(&state) {
+                return Err(SagaError::OperationRefused {
+                    id: id.clone(),
+                    operation: op.as_str(),
+                    reason,
+                });
+            }
+            let event = crate::domain::event::UncheckedEvent {
+                id: event_id,
+                event_type: "OperationRequested".to_owned(),
+                data: serde_json::json!({ "operation": op.as_str() }),
+                metadata: Some(serde_json::json!({ "key": by })),
+            };
+            let expected = if last == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(last)
+            };
+            let request = AppendRequest::new(stream.clone(), expected, vec![event], &self.config.event_limits)?;
+            match self.events.append(request).await {
+                Ok(_) => {
+                    metrics::counter!("concord_saga_operations_asked_total", "operation" => op.as_str()).increment(1);
+                    self.wake(id).await;
+                    return Ok(last + 1);
+                }
+                Err(StoreError::WrongExpectedVersion { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SagaError::Busy(id.clone()))
+    }
+
     /// A body that becomes a step's output (a signal's, a completion's) fits the output limit
     /// and holds nothing a store cannot keep.
     fn check_storable(&self, what: &'static str, v: &Value) -> Result<(), SagaError> {
@@ -1361,6 +1559,9 @@ fn e_op(e: &SagaEvent) -> &'static str {
 
 /// How often a signal is tried again when another sender took its place in the meantime.
 const SIGNAL_RACES: usize = 8;
+
+/// Operations read at once; more wait for the next look.
+const OPERATIONS_PAGE: usize = 100;
 
 /// A signal to send to a saga.
 pub struct SendSignal<'a> {

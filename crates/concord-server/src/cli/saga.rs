@@ -1,4 +1,5 @@
-//! `concord saga`: define, start, inspect and retry sagas, waiting for them to finish, and
+//! `concord saga`: define, start, inspect, operate (cancel, pause, resume, retry now) and retry
+//! sagas, waiting for them to finish, and
 //! their text output (the timeline of a saga, the list of sagas).
 
 use super::Remote;
@@ -47,7 +48,7 @@ pub enum SagaCommand {
     Show { id: String },
     /// Sagas by id, a page at a time.
     List {
-        /// `running`, `compensating`, `completed`, `compensated` or `failed`.
+        /// `running`, `compensating`, `completed`, `compensated`, `failed` or `cancelled`.
         #[arg(long)]
         status: Option<String>,
         #[arg(long, default_value_t = 100)]
@@ -67,6 +68,14 @@ pub enum SagaCommand {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Cancel a running saga: it compensates what ran and ends `cancelled`.
+    Cancel(OperationArgs),
+    /// Pause a saga: no attempt starts until `resume`.
+    Pause(OperationArgs),
+    /// Resume a paused saga.
+    Resume(OperationArgs),
+    /// Start a saga's next attempt now instead of after its backoff.
+    RetryNow(OperationArgs),
     /// Resume a failed saga.
     Retry {
         id: String,
@@ -74,6 +83,15 @@ pub enum SagaCommand {
         #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
         wait: Option<Duration>,
     },
+}
+
+/// The saga an operation is asked of.
+#[derive(Debug, clap::Args)]
+pub struct OperationArgs {
+    pub id: String,
+    /// Sent as `Idempotency-Key`: a retry with the same key asks nothing twice.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Runs a saga command.
@@ -145,6 +163,10 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
                 println!("{}  signal {} #{} kept", sent.saga_id, sent.signal, sent.sequence);
             }
         }
+        SagaCommand::Cancel(a) => operate(&client, json, "cancel", a).await?,
+        SagaCommand::Pause(a) => operate(&client, json, "pause", a).await?,
+        SagaCommand::Resume(a) => operate(&client, json, "resume", a).await?,
+        SagaCommand::RetryNow(a) => operate(&client, json, "retry-now", a).await?,
         SagaCommand::Retry { id, wait } => {
             let deadline = wait.map(|w| Instant::now() + w);
             let saga = client.retry_saga(&id, wait.map(|w| w.min(WAIT_CHUNK))).await?;
@@ -154,6 +176,18 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
             };
             print_saga(&saga, json)?;
         }
+    }
+    Ok(())
+}
+
+async fn operate(client: &Client, json: bool, operation: &str, a: OperationArgs) -> anyhow::Result<()> {
+    let asked = client
+        .operate_saga(&a.id, operation, a.idempotency_key.as_deref())
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&asked)?);
+    } else {
+        println!("{}  {} #{} kept", asked.saga_id, asked.operation, asked.sequence);
     }
     Ok(())
 }
@@ -213,11 +247,12 @@ fn timeline(saga: &SagaOut) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}  {}@{}  {}  created {}  updated {}",
+        "{}  {}@{}  {}{}  created {}  updated {}",
         saga.id,
         saga.definition,
         saga.version,
         saga.status,
+        if saga.paused { " (paused)" } else { "" },
         stamp(saga.created_at),
         stamp(saga.updated_at)
     );
@@ -360,6 +395,7 @@ mod tests {
             created_at: at(0),
             updated_at: at(2600),
             next_attempt_at: None,
+            paused: false,
             steps: vec![
                 StepOut {
                     name: "reserve".into(),
@@ -425,6 +461,7 @@ attempts:
             created_at: at(0),
             updated_at: at(5),
             next_attempt_at: None,
+            paused: false,
             steps: Vec::new(),
         };
         let page = SagaPage {

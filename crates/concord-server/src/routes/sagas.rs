@@ -11,6 +11,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use concord_api::ErrorCode;
 use concord_api::sagas::{
+    OperationOut,
     AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody, StepOut,
 };
 use concord_core::app::auth::{Owned, check_owner, claim_owner};
@@ -20,7 +21,7 @@ use concord_core::domain::saga::DERIVED_PREFIX;
 use concord_core::domain::saga::callback::Completion;
 use concord_core::domain::saga::definition::check_definition_name;
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
-use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaState, SagaStatus};
+use concord_core::domain::saga::{DefinitionSpec, InvalidSagaId, SagaId, SagaOperation, SagaState, SagaStatus};
 use concord_core::ports::{SagaRow, StoredDefinition};
 use serde::Deserialize;
 use std::time::Duration;
@@ -281,6 +282,110 @@ pub async fn retry(
     Ok(Json(saga_out(&state.sagas.retry(&id, wait).await?)))
 }
 
+/// Asks `op` of the saga: kept at once, recorded in its log before its next attempt starts.
+async fn operate(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    path: SagaPath,
+    op: SagaOperation,
+) -> Result<(StatusCode, Json<OperationOut>), ApiError> {
+    let id = path.id()?;
+    let by = principal.key_id.to_string();
+    let sequence = state
+        .sagas
+        .engine()
+        .operate(&id, op, Some(&by), idempotency_key(headers))
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(OperationOut {
+            saga_id: id.to_string(),
+            operation: op.as_str().to_owned(),
+            sequence,
+        }),
+    ))
+}
+
+/// Cancels a running saga: before its next attempt starts (one running now finishes) it stops,
+/// compensates what ran (a step whose outcome is unknown counts as uncertain) and ends
+/// `cancelled`.
+#[utoipa::path(post, path = "/v1/sagas/{id}/cancel", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(SagaPath),
+    responses(
+        (status = 202, description = "Kept: the saga records it before its next attempt", body = OperationOut),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "saga_operation_refused: it is not running (or will not be)"),
+        (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),
+    ))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Path(path): Path<SagaPath>,
+) -> Result<(StatusCode, Json<OperationOut>), ApiError> {
+    operate(&state, &principal, &headers, path, SagaOperation::Cancel).await
+}
+
+/// Pauses a saga that is running or compensating: no attempt starts (one running now finishes)
+/// until it is resumed; its waits and timers are looked at again then.
+#[utoipa::path(post, path = "/v1/sagas/{id}/pause", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(SagaPath),
+    responses(
+        (status = 202, description = "Kept: the saga records it before its next attempt", body = OperationOut),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "saga_operation_refused: finished, or paused already"),
+        (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),
+    ))]
+pub async fn pause(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Path(path): Path<SagaPath>,
+) -> Result<(StatusCode, Json<OperationOut>), ApiError> {
+    operate(&state, &principal, &headers, path, SagaOperation::Pause).await
+}
+
+/// Resumes a paused saga.
+#[utoipa::path(post, path = "/v1/sagas/{id}/resume", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(SagaPath),
+    responses(
+        (status = 202, description = "Kept: the saga goes on once it records it", body = OperationOut),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "saga_operation_refused: not paused"),
+        (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),
+    ))]
+pub async fn resume(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Path(path): Path<SagaPath>,
+) -> Result<(StatusCode, Json<OperationOut>), ApiError> {
+    operate(&state, &principal, &headers, path, SagaOperation::Resume).await
+}
+
+/// Skips the backoff a saga waits out: its next attempt starts now.
+#[utoipa::path(post, path = "/v1/sagas/{id}/retry-now", tag = "sagas",
+    security(("bearer" = ["sagas:write"])),
+    params(SagaPath),
+    responses(
+        (status = 202, description = "Kept: the next attempt starts once the saga records it", body = OperationOut),
+        (status = 404, description = "saga_not_found"),
+        (status = 409, description = "saga_operation_refused: finished, or paused"),
+        (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),
+    ))]
+pub async fn retry_now(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Path(path): Path<SagaPath>,
+) -> Result<(StatusCode, Json<OperationOut>), ApiError> {
+    operate(&state, &principal, &headers, path, SagaOperation::RetryNow).await
+}
+
 /// A saga and a signal named in the path.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -413,6 +518,7 @@ fn summary(row: &SagaRow) -> SagaOut {
         created_at: row.created_at,
         updated_at: row.updated_at,
         next_attempt_at: None,
+        paused: false,
         steps: Vec::new(),
     }
 }
@@ -421,6 +527,7 @@ fn summary(row: &SagaRow) -> SagaOut {
 fn fill_from_log(out: &mut SagaOut, s: &SagaState) {
     out.status = s.status.as_str().to_owned();
     out.updated_at = s.updated_at;
+    out.paused = s.paused;
     // A waiting step's end is when the saga runs next unless a signal comes first.
     let waiting = s
         .steps

@@ -19,15 +19,18 @@ pub enum SagaStatus {
     Compensated,
     /// A compensation reached its limit: kept for an operator, who may retry it.
     Failed,
+    /// An operator cancelled it, and what ran was compensated.
+    Cancelled,
 }
 
 impl SagaStatus {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Running,
         Self::Compensating,
         Self::Completed,
         Self::Compensated,
         Self::Failed,
+        Self::Cancelled,
     ];
 
     #[must_use]
@@ -38,6 +41,7 @@ impl SagaStatus {
             Self::Completed => "completed",
             Self::Compensated => "compensated",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -49,7 +53,85 @@ impl SagaStatus {
     /// True when nothing more runs on its own (`failed` waits for an operator).
     #[must_use]
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Compensated | Self::Failed)
+        matches!(self, Self::Completed | Self::Compensated | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// The event operation number `sequence` becomes for a saga in `state`: the operation itself,
+/// or its refusal when it no longer applies. (A cancel of a saga whose asynchronous action waits
+/// for its completion needs that completion settled first: see the engine.)
+#[must_use]
+pub fn operation_event(
+    op: SagaOperation,
+    sequence: u64,
+    by: Option<String>,
+    state: &SagaState,
+    at: DateTime<Utc>,
+) -> SagaEvent {
+    if let Some(reason) = op.refusal(state) {
+        return SagaEvent::OperationRefused {
+            sequence,
+            operation: op,
+            reason,
+            by,
+            at,
+        };
+    }
+    match op {
+        SagaOperation::Cancel => SagaEvent::SagaCancelled { sequence, by, at },
+        SagaOperation::Pause => SagaEvent::SagaPaused { sequence, by, at },
+        SagaOperation::Resume => SagaEvent::SagaUnpaused { sequence, by, at },
+        SagaOperation::RetryNow => SagaEvent::RetryNowRequested { sequence, by, at },
+    }
+}
+
+/// What an operator may ask of one saga (`POST /v1/sagas/{id}/{operation}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaOperation {
+    /// Stop: compensate what ran, end `cancelled`.
+    Cancel,
+    /// No new attempt starts (the running one finishes) until a resume.
+    Pause,
+    Resume,
+    /// The next attempt now, not after its backoff.
+    RetryNow,
+}
+
+impl SagaOperation {
+    pub const ALL: [Self; 4] = [Self::Cancel, Self::Pause, Self::Resume, Self::RetryNow];
+
+    /// As in the route: `cancel`, `pause`, `resume`, `retry-now`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancel => "cancel",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::RetryNow => "retry-now",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Why it does not apply to a saga in `state`, if it does not.
+    #[must_use]
+    pub fn refusal(self, state: &SagaState) -> Option<String> {
+        let status = state.status;
+        let reason = match self {
+            _ if status.is_terminal() => format!("the saga is {}", status.as_str()),
+            Self::Cancel if status != SagaStatus::Running => {
+                format!("the saga is {} already: only a running saga is cancelled", status.as_str())
+            }
+            Self::Pause if state.paused => "the saga is paused already".to_owned(),
+            Self::Resume if !state.paused => "the saga is not paused".to_owned(),
+            Self::RetryNow if state.paused => "the saga is paused: resume it".to_owned(),
+            _ => return None,
+        };
+        Some(reason)
     }
 }
 
@@ -202,6 +284,47 @@ pub enum SagaEvent {
     SagaResumed {
         at: DateTime<Utc>,
     },
+    /// An operator's pause (operation `sequence`, sent by key `by`): no attempt starts until an
+    /// unpause.
+    SagaPaused {
+        sequence: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// An operator's resume of a paused saga (named so because `SagaResumed` is a node taking a
+    /// saga over).
+    SagaUnpaused {
+        sequence: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// An operator's cancel: the saga compensates what ran (a step whose outcome is unknown
+    /// counts as uncertain) and ends `cancelled`.
+    SagaCancelled {
+        sequence: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// An operator asked for the next attempt now, not after its backoff.
+    RetryNowRequested {
+        sequence: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// An operation that no longer applied when the saga came to it (it finished meanwhile, or
+    /// an earlier operation changed it).
+    OperationRefused {
+        sequence: u64,
+        operation: SagaOperation,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        at: DateTime<Utc>,
+    },
 }
 
 impl SagaEvent {
@@ -226,6 +349,11 @@ impl SagaEvent {
             Self::ActionAccepted { .. } => "ActionAccepted",
             Self::SignalReceived { .. } => "SignalReceived",
             Self::WaitTimedOut { .. } => "WaitTimedOut",
+            Self::SagaPaused { .. } => "SagaPaused",
+            Self::SagaUnpaused { .. } => "SagaUnpaused",
+            Self::SagaCancelled { .. } => "SagaCancelled",
+            Self::RetryNowRequested { .. } => "RetryNowRequested",
+            Self::OperationRefused { .. } => "OperationRefused",
         }
     }
 }
@@ -313,6 +441,15 @@ pub struct SagaState {
     pub retry_at: Option<DateTime<Utc>>,
     /// How many log events are folded in (the stream version).
     pub log_version: u64,
+    /// An operator paused it: no attempt starts.
+    #[serde(default)]
+    pub paused: bool,
+    /// An operator cancelled it: its compensation ends it `cancelled`.
+    #[serde(default)]
+    pub cancelled: bool,
+    /// How many operator operations it has come to (the operations stream's version).
+    #[serde(default)]
+    pub operations: u64,
 }
 
 /// A log that does not fit the definition: a bug or a tampered stream. The saga stops.
@@ -351,6 +488,9 @@ impl SagaState {
             updated_at: at,
             retry_at: None,
             log_version: 1,
+            paused: false,
+            cancelled: false,
+            operations: 0,
         }
     }
 
@@ -669,7 +809,63 @@ impl SagaState {
             }
             SagaEvent::SagaCompensated { .. } => {
                 self.expect(SagaStatus::Compensating, e)?;
-                self.status = SagaStatus::Compensated;
+                self.status = if self.cancelled {
+                    SagaStatus::Cancelled
+                } else {
+                    SagaStatus::Compensated
+                };
+            }
+            SagaEvent::SagaPaused { sequence, .. } => {
+                self.operation(*sequence, SagaOperation::Pause, e)?;
+                self.paused = true;
+            }
+            SagaEvent::SagaUnpaused { sequence, .. } => {
+                self.operation(*sequence, SagaOperation::Resume, e)?;
+                self.paused = false;
+            }
+            SagaEvent::RetryNowRequested { sequence, .. } => {
+                self.operation(*sequence, SagaOperation::RetryNow, e)?;
+                self.retry_at = None;
+            }
+            SagaEvent::SagaCancelled { sequence, .. } => {
+                self.operation(*sequence, SagaOperation::Cancel, e)?;
+                for (i, s) in self.steps.iter_mut().enumerate() {
+                    if s.action != ActionStatus::Pending {
+                        continue;
+                    }
+                    // Called and not known to have failed cleanly (a transient failure waiting
+                    // for its retry, a 202 whose completion has not come): it may have taken
+                    // effect, so it is compensated. The engine closes a pending completion URL
+                    // before it records the cancel, taking a completion that got in first.
+                    let called = s.callback.is_some() || s.attempts.iter().any(|a| a.op == Op::Action);
+                    if called {
+                        s.action = ActionStatus::Uncertain;
+                        s.tries = 0;
+                        s.compensation = if def.steps.get(i).is_some_and(|d| d.compensation.is_some()) {
+                            CompensationStatus::Pending
+                        } else {
+                            CompensationStatus::NotNeeded
+                        };
+                        s.error = Some("cancelled while its outcome was unknown".into());
+                    }
+                    s.callback = None;
+                    s.timer = None;
+                    s.wait_until = None;
+                    s.waiting_for = None;
+                }
+                self.paused = false;
+                self.cancelled = true;
+                self.status = SagaStatus::Compensating;
+                self.retry_at = None;
+            }
+            SagaEvent::OperationRefused { sequence, .. } => {
+                if *sequence != self.operations + 1 {
+                    return Err(LogError(format!(
+                        "OperationRefused of operation {sequence} after {}",
+                        self.operations
+                    )));
+                }
+                self.operations = *sequence;
             }
             SagaEvent::SagaResumed { .. } => {
                 if self.status.is_terminal() {
@@ -693,6 +889,22 @@ impl SagaState {
         }
         self.updated_at = event_time(e);
         self.log_version += 1;
+        Ok(())
+    }
+
+    /// Checks operation `sequence` is the next one and applies to the saga as it is.
+    fn operation(&mut self, sequence: u64, op: SagaOperation, e: &SagaEvent) -> Result<(), LogError> {
+        if sequence != self.operations + 1 {
+            return Err(LogError(format!(
+                "{} of operation {sequence} after {}",
+                e.type_name(),
+                self.operations
+            )));
+        }
+        if let Some(reason) = op.refusal(self) {
+            return Err(LogError(format!("{}, but {reason}", e.type_name())));
+        }
+        self.operations = sequence;
         Ok(())
     }
 
@@ -770,6 +982,11 @@ fn event_time(e: &SagaEvent) -> DateTime<Utc> {
         | SagaEvent::SagaCompensated { at }
         | SagaEvent::SagaRetried { at }
         | SagaEvent::SagaResumed { at }
+        | SagaEvent::SagaPaused { at, .. }
+        | SagaEvent::SagaUnpaused { at, .. }
+        | SagaEvent::SagaCancelled { at, .. }
+        | SagaEvent::RetryNowRequested { at, .. }
+        | SagaEvent::OperationRefused { at, .. }
         | SagaEvent::StepSkipped { at, .. }
         | SagaEvent::TimerStarted { at, .. }
         | SagaEvent::TimerFired { at, .. }
@@ -799,6 +1016,8 @@ pub enum Decision {
     /// Wait step `step` needs signal `signal` number `sequence`: look it up and ask
     /// [`on_signal`].
     Await { step: usize, signal: String, sequence: u64 },
+    /// Paused by an operator: nothing runs until it is resumed.
+    Park,
     /// Terminal: nothing more to do.
     Done,
 }
@@ -806,6 +1025,9 @@ pub enum Decision {
 /// The next thing to do for a saga of `def` at time `now`.
 #[must_use]
 pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> Decision {
+    if state.paused && !state.status.is_terminal() {
+        return Decision::Park;
+    }
     if let Some(t) = state.retry_at.filter(|t| *t > now)
         && !state.status.is_terminal()
     {
@@ -924,7 +1146,7 @@ pub fn decide(def: &SagaDefinition, state: &SagaState, now: DateTime<Utc>) -> De
                 None => Decision::Record(SagaEvent::SagaCompensated { at: now }),
             }
         }
-        SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => Decision::Done,
+        SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed | SagaStatus::Cancelled => Decision::Done,
     }
 }
 
@@ -1262,7 +1484,8 @@ mod tests {
                 other => other,
             };
             match decision {
-                Decision::Done => break,
+                // Paused: only an operation moves it, which the caller applies.
+                Decision::Done | Decision::Park => break,
                 Decision::Await { .. } | Decision::AwaitCallback { .. } => unreachable!(),
                 Decision::CallAll(round) => {
                     now += chrono::Duration::milliseconds(1);
@@ -1582,6 +1805,112 @@ mod tests {
             decide(&d, &s, until),
             Decision::Record(SagaEvent::TimerFired { step: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_cancel_compensates_what_ran_and_ends_cancelled() {
+        let d = def(&[("a", true), ("b", true), ("c", true)], 3, 1);
+        let (_, events, _) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
+        // After a's success, b failed transiently and waits for its retry: its effect is unknown.
+        let mut s = SagaState::from_log(&id(), &d, &events[..2]).unwrap();
+        let at = s.updated_at;
+        let failed = SagaEvent::ActionFailed {
+            step: 1,
+            attempt: 1,
+            started_at: at,
+            error: "503".into(),
+            retry_at: Some(at + chrono::Duration::seconds(30)),
+            at,
+        };
+        s.apply(&d, &failed).unwrap();
+        assert!(matches!(decide(&d, &s, at), Decision::Wait(_)));
+        let cancel = operation_event(SagaOperation::Cancel, 1, Some("k1".into()), &s, at);
+        assert!(matches!(cancel, SagaEvent::SagaCancelled { sequence: 1, .. }), "{cancel:?}");
+        s.apply(&d, &cancel).unwrap();
+        assert_eq!(s.status, SagaStatus::Compensating);
+        assert_eq!(s.retry_at, None, "compensation starts now, not after b's backoff");
+        assert_eq!(s.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(s.steps[2].action, ActionStatus::Pending, "never called: nothing to undo");
+        // b (uncertain) then a are compensated, and the saga ends cancelled.
+        let mut calls = Vec::new();
+        loop {
+            match decide(&d, &s, at) {
+                Decision::Call { step, op, attempt } => {
+                    calls.push((step, op));
+                    let e = SagaEvent::CompensationSucceeded {
+                        step,
+                        attempt,
+                        started_at: at,
+                        at,
+                    };
+                    assert_eq!(op, Op::Compensation);
+                    s.apply(&d, &e).unwrap();
+                }
+                Decision::Record(e) => s.apply(&d, &e).unwrap(),
+                Decision::Done => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(calls, vec![(1, Op::Compensation), (0, Op::Compensation)]);
+        assert_eq!(s.status, SagaStatus::Cancelled);
+        assert!(s.status.is_terminal());
+        // Anything more is refused, and recorded as refused.
+        let late = operation_event(SagaOperation::Pause, 2, None, &s, at);
+        assert!(matches!(late, SagaEvent::OperationRefused { .. }), "{late:?}");
+        s.apply(&d, &late).unwrap();
+        assert_eq!(s.operations, 2);
+        // The log is the proof: the cancel, out of order or on a finished saga, does not fold.
+        let mut again = s.clone();
+        assert!(again.apply(&d, &SagaEvent::SagaCancelled { sequence: 3, by: None, at }).is_err());
+        assert!(again.apply(&d, &SagaEvent::SagaCancelled { sequence: 9, by: None, at }).is_err());
+    }
+
+    #[test]
+    fn a_paused_saga_starts_nothing_until_resumed_and_retry_now_skips_the_backoff() {
+        let d = def(&[("a", true), ("b", true)], 3, 1);
+        let (_, events, _) = run(&d, |_, _| CallOutcome::Succeeded(json!(null)));
+        let mut s = SagaState::from_log(&id(), &d, &events[..1]).unwrap();
+        let at = s.updated_at;
+        let pause = operation_event(SagaOperation::Pause, 1, None, &s, at);
+        s.apply(&d, &pause).unwrap();
+        assert!(s.paused);
+        assert_eq!(decide(&d, &s, at), Decision::Park);
+        // Paused twice, or retried now while paused: refused.
+        assert!(SagaOperation::Pause.refusal(&s).is_some());
+        assert!(SagaOperation::RetryNow.refusal(&s).is_some());
+        let resume = operation_event(SagaOperation::Resume, 2, None, &s, at);
+        assert!(matches!(resume, SagaEvent::SagaUnpaused { .. }));
+        s.apply(&d, &resume).unwrap();
+        assert!(matches!(decide(&d, &s, at), Decision::Call { step: 0, .. }));
+        // A transient failure's backoff, skipped.
+        let failed = SagaEvent::ActionFailed {
+            step: 0,
+            attempt: 1,
+            started_at: at,
+            error: "503".into(),
+            retry_at: Some(at + chrono::Duration::seconds(30)),
+            at,
+        };
+        s.apply(&d, &failed).unwrap();
+        assert!(matches!(decide(&d, &s, at), Decision::Wait(_)));
+        let now = operation_event(SagaOperation::RetryNow, 3, None, &s, at);
+        s.apply(&d, &now).unwrap();
+        assert!(matches!(
+            decide(&d, &s, at),
+            Decision::Call {
+                step: 0,
+                attempt: 2,
+                ..
+            }
+        ));
+        // Resume of a saga that is not paused: refused.
+        assert!(matches!(
+            operation_event(SagaOperation::Resume, 4, None, &s, at),
+            SagaEvent::OperationRefused { .. }
+        ));
+        for op in SagaOperation::ALL {
+            assert_eq!(SagaOperation::parse(op.as_str()), Some(op));
+        }
     }
 
     #[test]

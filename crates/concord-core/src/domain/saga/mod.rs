@@ -12,9 +12,17 @@ pub use definition::{
     WhenTest,
 };
 pub use machine::{
-    ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaState, SagaStatus, decide,
-    on_callback, on_outcome, on_signal, round_order, signal_places, signal_sequence,
+    ActionStatus, CallOutcome, CallResult, Decision, FoundSignal, Op, SagaEvent, SagaOperation, SagaState, SagaStatus,
+    decide, on_callback, on_outcome, on_signal, operation_event, round_order, signal_places, signal_sequence,
 };
+
+/// The stream that keeps the operations operators asked of a saga, in order (its versions); the
+/// saga records each in its log when it comes to it. No signal name has a `.` and no completion
+/// stream starts with one, so it is neither.
+#[must_use]
+pub fn operations_stream(id: &SagaId) -> String {
+    format!("saga-{id}@.operations")
+}
 
 /// The event-store stream that holds a saga's log.
 #[must_use]
