@@ -213,6 +213,21 @@ where
     F: FnOnce(concord_sdk::barrier::BarrierKey) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
+    saga_call_seeing(faults, headers, op, |key, _| work(key)).await
+}
+
+/// [`saga_call`], telling `work` whether this call's answer will come late, so a participant
+/// that also answers by another way (a completion URL) can make that late too.
+pub async fn saga_call_seeing<F, Fut>(
+    faults: &Faults,
+    headers: &HeaderMap,
+    op: concord_sdk::barrier::BarrierOp,
+    work: F,
+) -> Response
+where
+    F: FnOnce(concord_sdk::barrier::BarrierKey, Option<Duration>) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let key = match saga_key(headers, op) {
         Ok(k) => k,
         Err(r) => return *r,
@@ -221,7 +236,8 @@ where
     if fault == Some(Fault::Unavailable) {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "injected fault");
     }
-    let answer = work(key).await;
+    let late = (fault == Some(Fault::SlowAnswer)).then_some(faults.slow_answer);
+    let answer = work(key, late).await;
     if fault == Some(Fault::SlowAnswer) {
         faults.answer_late().await;
     }

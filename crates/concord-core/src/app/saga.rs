@@ -1254,7 +1254,11 @@ impl SagaEngine {
         after: u64,
     ) -> Result<Vec<(u64, SagaOperation, Option<String>, Uuid)>, SagaError> {
         let stream = StreamName::parse(&operations_stream(id))?;
-        let page = match self.events.read_stream(&stream, after + 1, OPERATIONS_PAGE, usize::MAX).await {
+        let page = match self
+            .events
+            .read_stream(&stream, after + 1, OPERATIONS_PAGE, usize::MAX)
+            .await
+        {
             Ok(page) => page,
             Err(StoreError::StreamNotFound(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),

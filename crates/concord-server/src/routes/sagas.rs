@@ -11,8 +11,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use concord_api::ErrorCode;
 use concord_api::sagas::{
-    OperationOut,
-    AttemptOut, DefinitionIn, DefinitionOut, SagaOut, SagaPage, SignalOut, StartSagaBody, StepOut,
+    AttemptOut, DefinitionIn, DefinitionOut, OperationOut, SagaOut, SagaPage, SignalOut, StartSagaBody, StepOut,
 };
 use concord_core::app::auth::{Owned, check_owner, claim_owner};
 use concord_core::app::saga::{SagaError, SendSignal, StartSaga};

@@ -1329,3 +1329,151 @@ async fn a_parallel_group_runs_its_branches_at_once_and_compensates_them_togethe
     assert_problem(r, 400, "unknown_template_variable").await;
 }
 both_backends!(a_parallel_group_runs_its_branches_at_once_and_compensates_them_together);
+
+/// Polls until the saga satisfies `pred` (`what` names it for the failure).
+async fn until_saga(app: &TestApp, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..400 {
+        let saga = get_saga(app, id).await;
+        if pred(&saga) {
+            return saga;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("saga {id} never {what}: {}", get_saga(app, id).await);
+}
+
+async fn operate(app: &TestApp, key: &str, id: &str, op: &str, idem: Option<&str>) -> reqwest::Response {
+    let mut r = app.request(Method::POST, &format!("/v1/sagas/{id}/{op}"), Some(key));
+    if let Some(k) = idem {
+        r = r.header("Idempotency-Key", k);
+    }
+    r.send().await.unwrap()
+}
+
+async fn operators_pause_resume_retry_now_and_cancel_a_saga(b: Backend) {
+    let Some(app) = spawn_app(b).await else { return };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut def = p.definition(&["reserve", "charge", "ship"], 2000);
+    // A backoff nobody waits out in a test: only retry-now (or a cancel) moves the saga on.
+    def["steps"][1]["retry"] = json!({"max_attempts": 3, "backoff_ms": 600_000, "max_backoff_ms": 600_000});
+    define(&app, "ops", &def).await;
+    let start = |id: &str| {
+        app.admin(Method::POST, "/v1/sagas")
+            .json(&json!({"definition": "ops", "id": id, "input": {"plan": {"charge": "flaky:1"}}}))
+            .send()
+    };
+    let writer = app.create_key(&["sagas:write", "sagas:read"]).await;
+    let reader = app.create_key(&["sagas:read"]).await;
+    let backing_off = |s: &Value| s["steps"][1]["attempts"].as_array().is_some_and(|a| a.len() == 1);
+
+    // Paused while it waits out its backoff: nothing starts, then resume and retry-now.
+    assert_eq!(start("o-1").await.unwrap().status(), 201);
+    until_saga(&app, "o-1", "backed off", backing_off).await;
+    assert_problem(operate(&app, &reader, "o-1", "pause", None).await, 403, "forbidden").await;
+    let r = operate(&app, &writer, "o-1", "pause", Some("p-1")).await;
+    assert_eq!(r.status(), 202);
+    let asked: Value = r.json().await.unwrap();
+    assert_eq!(asked, json!({"saga_id": "o-1", "operation": "pause", "sequence": 1}));
+    // The same ask again answers the first; a second pause or a retry-now of a paused saga is
+    // refused, as the saga will be once it records the first.
+    let again: Value = operate(&app, &writer, "o-1", "pause", Some("p-1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, asked);
+    for op in ["pause", "retry-now"] {
+        assert_problem(
+            operate(&app, &writer, "o-1", op, None).await,
+            409,
+            "saga_operation_refused",
+        )
+        .await;
+    }
+    let paused = until_saga(&app, "o-1", "paused", |s| s["paused"] == true).await;
+    assert_eq!(paused["status"], "running");
+    assert_eq!(p.attempts("o-1", "charge", "action"), 1);
+    let r = operate(&app, &writer, "o-1", "resume", None).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["sequence"], 2);
+    let r = operate(&app, &writer, "o-1", "retry-now", None).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["sequence"], 3);
+    let done = finished(&app, "o-1").await;
+    assert_eq!(done["status"], "completed", "retried now, not in ten minutes: {done}");
+    assert_eq!(done["paused"], Value::Null);
+    assert_eq!(p.attempts("o-1", "charge", "action"), 2);
+    // Each operation is in the log, attributed to the key that asked for it.
+    let log = saga_log(&app, "o-1").await;
+    let events = log["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let at = |t: &str| {
+        types
+            .iter()
+            .position(|x| *x == t)
+            .unwrap_or_else(|| panic!("no {t}: {types:?}"))
+    };
+    assert!(at("SagaPaused") < at("SagaUnpaused") && at("SagaUnpaused") < at("RetryNowRequested"));
+    let paused_by = &events[at("SagaPaused")]["data"]["by"];
+    assert!(paused_by.is_string(), "{log}");
+    assert_eq!(events[at("RetryNowRequested")]["data"]["by"], *paused_by);
+    assert_problem(
+        operate(&app, &writer, "o-1", "cancel", None).await,
+        409,
+        "saga_operation_refused",
+    )
+    .await;
+
+    // Cancelled while it waits out its backoff: what ran is compensated, the step whose
+    // outcome is unknown too, and the saga ends cancelled.
+    assert_eq!(start("o-2").await.unwrap().status(), 201);
+    until_saga(&app, "o-2", "backed off", backing_off).await;
+    let r = operate(&app, &writer, "o-2", "cancel", None).await;
+    assert_eq!(r.status(), 202);
+    let done = finished(&app, "o-2").await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["steps"][0]["compensation"], "succeeded");
+    assert_eq!(done["steps"][1]["action"], "uncertain");
+    assert_eq!(done["steps"][1]["compensation"], "succeeded");
+    assert_eq!(done["steps"][2]["action"], "pending");
+    assert_eq!(p.effect("o-2", "reserve"), Some(Effect::Undone));
+    assert_eq!(p.attempts("o-2", "ship", "action"), 0);
+    let types: Vec<String> = saga_log(&app, "o-2").await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(types.iter().any(|t| t == "SagaCancelled"), "{types:?}");
+    let listed: Value = app
+        .admin(Method::GET, "/v1/sagas?status=cancelled")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["sagas"][0]["id"], "o-2", "{listed}");
+
+    // Cancelled while parked on a wait (no node holds it): woken, compensated, cancelled.
+    let mut waiting = p.definition(&["reserve", "confirmed"], 2000);
+    waiting["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "go", "timeout_ms": 600_000}});
+    define(&app, "ops-wait", &waiting).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "ops-wait", "id": "o-3", "input": {"plan": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    until_waiting(&app, "o-3", 1).await;
+    assert_eq!(operate(&app, &writer, "o-3", "cancel", None).await.status(), 202);
+    let done = finished(&app, "o-3").await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(p.effect("o-3", "reserve"), Some(Effect::Undone));
+    assert_problem(
+        operate(&app, &writer, "nobody", "pause", None).await,
+        404,
+        "saga_not_found",
+    )
+    .await;
+}
+both_backends!(operators_pause_resume_retry_now_and_cancel_a_saga);

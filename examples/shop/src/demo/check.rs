@@ -309,12 +309,12 @@ async fn money_conserved(s: &Sources<'_>, orders: &BTreeMap<String, Order>) -> a
     // Every asynchronous charge was decided and its result taken by payments.
     for r in rows(
         s.provider,
-        "SELECT order_id, status, delivered FROM ledger WHERE webhook_url IS NOT NULL AND (status = 'pending' OR delivered = 0)",
+        "SELECT order_id, status, delivered FROM ledger WHERE webhook_url IS NOT NULL AND (status = 'pending' OR delivered <> 1)",
     )
     .await?
     {
         problems.push(format!(
-            "order {}: the provider's charge is still {} (webhook delivered: {})",
+            "order {}: the provider's charge is {} (webhook delivered: {}; 1 is 2xx)",
             text(&r[0]),
             text(&r[1]),
             int(&r[2])

@@ -568,7 +568,7 @@ async fn run_in(
     let payments_db = Db::connect(&dbs.payments).await?;
     let query_db = Db::connect(&dbs.query).await?;
     let provider_db = Db::connect(&dbs.provider).await?;
-    settle(&admin, &north, &south, &query_db).await?;
+    settle(&admin, &north, &south, &query_db, &provider_db).await?;
     let external_broker = match &args.nats {
         Some(nats) => Some(
             crate::BrokerArgs {
@@ -907,7 +907,7 @@ async fn scalar(db: &Db, sql: &'static str) -> Result<i64, sqlx::Error> {
 /// waiting for its phase 2, the outboxes empty, every completed saga's order shipped, and the
 /// read model holding every finished order. The checker then judges what it left; a system that
 /// never gets there within 120 s is checked as it is.
-async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db) -> anyhow::Result<()> {
+async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db, provider: &Db) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let running = count_sagas(admin, "running").await? + count_sagas(admin, "compensating").await?;
@@ -930,9 +930,28 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db) -> anyhow::R
             "SELECT CAST(COUNT(*) AS BIGINT) FROM orders_view WHERE status <> 'placed'",
         )
         .await?;
+        // Nothing held for an order any more in either warehouse, and every asynchronous
+        // charge's webhook answered.
+        let reserved = scalar(
+            north,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM reservations WHERE state = 'reserved'",
+        )
+        .await?
+            + scalar(
+                south,
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM reservations WHERE state = 'reserved'",
+            )
+            .await?;
+        let webhooks = scalar(
+            provider,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM ledger WHERE webhook_url IS NOT NULL AND delivered = 0",
+        )
+        .await?;
         let done = running == 0
             && in_doubt == 0
             && outbox == 0
+            && reserved == 0
+            && webhooks == 0
             && usize::try_from(shipped).is_ok_and(|n| n == completed)
             && usize::try_from(finished_in_view).is_ok_and(|n| n == completed + compensated);
         if done {
@@ -943,7 +962,8 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db) -> anyhow::R
         if Instant::now() > deadline {
             println!(
                 "the system did not settle within 120 s (running {running}, in doubt {in_doubt}, outbox {outbox}, \
-                 shipped {shipped}/{completed}, read model {finished_in_view}/{}); checking it as it is",
+                 shipped {shipped}/{completed}, still reserved {reserved}, webhooks unanswered {webhooks}, \
+                 read model {finished_in_view}/{}); checking it as it is",
                 completed + compensated
             );
             return Ok(());

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::provider_client::{Charged, ProviderClient};
 use super::store::{self, Gate, PendingCharge};
-use crate::common::{Db, Faults, internal, ok, problem, saga_call};
+use crate::common::{Db, Faults, internal, ok, problem, saga_call, saga_call_seeing};
 
 pub struct Payments {
     pub db: Db,
@@ -76,7 +76,7 @@ async fn charge(State(state): State<Arc<Payments>>, headers: HeaderMap, body: ax
         .get(concord_sdk::CALLBACK_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(|url| (url.to_owned(), state.faults.completion_lost(&headers)));
-    saga_call(&state.faults, &headers, BarrierOp::Action, |key| async move {
+    saga_call_seeing(&state.faults, &headers, BarrierOp::Action, |key, late| async move {
         let Ok(cmd) = serde_json::from_slice::<Charge>(&body) else {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -89,6 +89,12 @@ async fn charge(State(state): State<Arc<Payments>>, headers: HeaderMap, body: ax
         }
         // In a task of its own: an orchestrator that times out and hangs up must not cut the
         // charge off between the provider's answer and its record.
+        // A late answer comes with a late webhook: the step times out and is called again, as
+        // when a provider is slow, rather than completed through its URL meanwhile.
+        let hold_until = late.map_or(0, |late| {
+            chrono::Utc::now().timestamp_millis() + i64::try_from(late.as_millis()).unwrap_or(i64::MAX / 2) + 500
+        });
+        let callback = callback.map(|(url, lost)| (url, lost, hold_until));
         tokio::spawn(async move { charge_once(&task, key, &cmd, callback).await }.in_current_span())
             .await
             .unwrap_or_else(|e| internal("the charge failed", &e))
@@ -96,8 +102,8 @@ async fn charge(State(state): State<Arc<Payments>>, headers: HeaderMap, body: ax
     .await
 }
 
-async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge, callback: Option<(String, bool)>) -> Response {
-    let pending = callback.map(|(callback_url, lost)| PendingCharge {
+async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge, callback: Option<(String, bool, i64)>) -> Response {
+    let pending = callback.map(|(callback_url, lost, hold_until)| PendingCharge {
         order_id: cmd.order_id.clone(),
         saga_id: key.saga_id().to_string(),
         step: key.step().to_owned(),
@@ -105,6 +111,7 @@ async fn charge_once(s: &Payments, key: BarrierKey, cmd: &Charge, callback: Opti
         card_token: cmd.card_token.clone(),
         callback_url,
         lost,
+        hold_until,
     });
     let key = (!s.unsafe_skip_barrier).then_some(key);
     if let Some(key) = &key {
@@ -241,6 +248,10 @@ async fn complete_step(s: &Payments, decided: ChargeDecided) -> Response {
         Ok(None) => return ok(json!({ "order_id": decided.order_id, "taken": false })),
         Err(e) => return internal("reading the charge failed", &e),
     };
+    if chrono::Utc::now().timestamp_millis() < pending.hold_until {
+        // The fault: the webhook is not taken yet; the provider sends it again later.
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "injected_fault", "webhook held back");
+    }
     let key = match BarrierKey::new(pending.saga_id.clone(), pending.step.clone(), BarrierOp::Action) {
         Ok(k) => k,
         Err(e) => return internal("the charge's saga step is not valid", &e),

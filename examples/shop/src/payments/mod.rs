@@ -17,10 +17,9 @@ pub struct PaymentsArgs {
     /// The card provider's base URL.
     #[arg(long)]
     pub provider_url: String,
-    /// How the provider reaches this service, for its webhooks (default: `http://` and the
-    /// listen address).
+    /// How the provider reaches this service, for its webhooks (`http://payments:8080`).
     #[arg(long)]
-    pub public_url: Option<String>,
+    pub public_url: String,
     /// Charge without the barrier and with a new provider idempotency key on every attempt.
     /// Wrong on purpose: it exists to show that the demo's checker catches double charges.
     #[arg(long, hide = true)]
@@ -47,10 +46,7 @@ pub async fn run(args: PaymentsArgs, shutdown: impl Future<Output = ()> + Send +
         provider: provider_client::ProviderClient::new(&args.provider_url, &provider_key)?,
         faults: c.faults(),
         unsafe_skip_barrier: args.unsafe_skip_barrier,
-        public_url: args
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", c.listen)),
+        public_url: args.public_url.clone(),
         webhook_key: provider_key,
         http: crate::common::http_client(std::time::Duration::from_secs(10), &concord_sdk::ClientTls::from_env())?,
     });

@@ -20,7 +20,10 @@ CREATE TABLE IF NOT EXISTS pending_charges (
     callback_url TEXT NOT NULL,
     completed    BIGINT NOT NULL DEFAULT 0,
     -- A fault asked for: the result is recorded but never posted to the saga (0/1).
-    lost         BIGINT NOT NULL DEFAULT 0
+    lost         BIGINT NOT NULL DEFAULT 0,
+    -- A fault asked for: the provider's webhook is not taken before this time (Unix ms), as
+    -- if it came late, after the call's late answer.
+    hold_until   BIGINT NOT NULL DEFAULT 0
 )";
 
 /// A charge the provider confirms later: where its saga step waits for the result.
@@ -34,6 +37,8 @@ pub struct PendingCharge {
     pub callback_url: String,
     /// The completion is to be lost (a fault the demo asks for).
     pub lost: bool,
+    /// The webhook is not taken before this time, Unix milliseconds (a fault the demo asks for).
+    pub hold_until: i64,
 }
 
 pub use crate::common::StoreError;
@@ -116,9 +121,9 @@ crate::per_backend! {
     /// earlier one's.
     pub async fn save_pending(pool: &Pool, p: &PendingCharge) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO pending_charges (order_id, saga_id, step, amount, card_token, callback_url, lost) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (order_id) DO UPDATE SET callback_url = excluded.callback_url",
+            "INSERT INTO pending_charges (order_id, saga_id, step, amount, card_token, callback_url, lost, hold_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (order_id) DO UPDATE SET callback_url = excluded.callback_url, hold_until = excluded.hold_until",
         )
         .bind(&p.order_id)
         .bind(&p.saga_id)
@@ -127,20 +132,22 @@ crate::per_backend! {
         .bind(&p.card_token)
         .bind(&p.callback_url)
         .bind(i64::from(p.lost))
+        .bind(p.hold_until)
         .execute(pool)
         .await?;
         Ok(())
     }
 
     pub async fn pending(pool: &Pool, order_id: &str) -> Result<Option<PendingCharge>, StoreError> {
-        type Row = (String, String, String, i64, String, String, i64);
+        type Row = (String, String, String, i64, String, String, i64, i64);
         let row: Option<Row> = sqlx::query_as(
-            "SELECT order_id, saga_id, step, amount, card_token, callback_url, lost FROM pending_charges WHERE order_id = $1",
+            "SELECT order_id, saga_id, step, amount, card_token, callback_url, lost, hold_until \
+             FROM pending_charges WHERE order_id = $1",
         )
         .bind(order_id)
         .fetch_optional(pool)
         .await?;
-        Ok(row.map(|(order_id, saga_id, step, amount, card_token, callback_url, lost)| PendingCharge {
+        Ok(row.map(|(order_id, saga_id, step, amount, card_token, callback_url, lost, hold_until)| PendingCharge {
             order_id,
             saga_id,
             step,
@@ -148,6 +155,7 @@ crate::per_backend! {
             card_token,
             callback_url,
             lost: lost != 0,
+            hold_until,
         }))
     }
 

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     last4           TEXT NOT NULL,
     status          TEXT NOT NULL,
     -- An asynchronous charge: what its authentication will decide, where its result goes, and
-    -- whether that was answered (0/1).
+    -- whether that was answered (0: not yet, 1: 2xx, 2: refused for good).
     verdict         TEXT,
     webhook_url     TEXT,
     delivered       BIGINT NOT NULL DEFAULT 0
@@ -389,10 +389,19 @@ async fn decide_and_announce(s: &Provider, key: &str) -> anyhow::Result<()> {
         request = request.header("traceparent", tp);
     }
     let answer = request.send().await.map_err(|e| anyhow::anyhow!(e.without_url()))?;
-    anyhow::ensure!(answer.status().is_success(), "the webhook answered {}", answer.status());
+    let status = answer.status();
+    // A refusal that no retry changes (a bad signature, a body it does not read) ends the
+    // deliveries, kept as refused (2), as a real provider's dashboard would show it.
+    let permanent = status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 425 | 429);
+    if permanent {
+        tracing::error!(charge = key, %status, "the webhook was refused for good");
+    } else {
+        anyhow::ensure!(status.is_success(), "the webhook answered {status}");
+    }
     crate::with_db!(&s.db, |p| {
-        sqlx::query("UPDATE ledger SET delivered = 1 WHERE idempotency_key = $1")
+        sqlx::query("UPDATE ledger SET delivered = $2 WHERE idempotency_key = $1")
             .bind(key)
+            .bind(if permanent { 2_i64 } else { 1 })
             .execute(p)
             .await
             .map(drop)?;

@@ -53,7 +53,10 @@ impl SagaStatus {
     /// True when nothing more runs on its own (`failed` waits for an operator).
     #[must_use]
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Compensated | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Compensated | Self::Failed | Self::Cancelled
+        )
     }
 }
 
@@ -124,7 +127,10 @@ impl SagaOperation {
         let reason = match self {
             _ if status.is_terminal() => format!("the saga is {}", status.as_str()),
             Self::Cancel if status != SagaStatus::Running => {
-                format!("the saga is {} already: only a running saga is cancelled", status.as_str())
+                format!(
+                    "the saga is {} already: only a running saga is cancelled",
+                    status.as_str()
+                )
             }
             Self::Pause if state.paused => "the saga is paused already".to_owned(),
             Self::Resume if !state.paused => "the saga is not paused".to_owned(),
@@ -1825,12 +1831,19 @@ mod tests {
         s.apply(&d, &failed).unwrap();
         assert!(matches!(decide(&d, &s, at), Decision::Wait(_)));
         let cancel = operation_event(SagaOperation::Cancel, 1, Some("k1".into()), &s, at);
-        assert!(matches!(cancel, SagaEvent::SagaCancelled { sequence: 1, .. }), "{cancel:?}");
+        assert!(
+            matches!(cancel, SagaEvent::SagaCancelled { sequence: 1, .. }),
+            "{cancel:?}"
+        );
         s.apply(&d, &cancel).unwrap();
         assert_eq!(s.status, SagaStatus::Compensating);
         assert_eq!(s.retry_at, None, "compensation starts now, not after b's backoff");
         assert_eq!(s.steps[1].action, ActionStatus::Uncertain);
-        assert_eq!(s.steps[2].action, ActionStatus::Pending, "never called: nothing to undo");
+        assert_eq!(
+            s.steps[2].action,
+            ActionStatus::Pending,
+            "never called: nothing to undo"
+        );
         // b (uncertain) then a are compensated, and the saga ends cancelled.
         let mut calls = Vec::new();
         loop {
@@ -1861,8 +1874,30 @@ mod tests {
         assert_eq!(s.operations, 2);
         // The log is the proof: the cancel, out of order or on a finished saga, does not fold.
         let mut again = s.clone();
-        assert!(again.apply(&d, &SagaEvent::SagaCancelled { sequence: 3, by: None, at }).is_err());
-        assert!(again.apply(&d, &SagaEvent::SagaCancelled { sequence: 9, by: None, at }).is_err());
+        assert!(
+            again
+                .apply(
+                    &d,
+                    &SagaEvent::SagaCancelled {
+                        sequence: 3,
+                        by: None,
+                        at
+                    }
+                )
+                .is_err()
+        );
+        assert!(
+            again
+                .apply(
+                    &d,
+                    &SagaEvent::SagaCancelled {
+                        sequence: 9,
+                        by: None,
+                        at
+                    }
+                )
+                .is_err()
+        );
     }
 
     #[test]
