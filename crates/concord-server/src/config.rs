@@ -152,6 +152,9 @@ pub struct Settings {
     /// How long a node trusts the latest definition version it looked up, milliseconds: a new
     /// version put on another node reaches new sagas here within this time.
     pub saga_definition_cache_ms: u64,
+    /// How often a node driving a saga looks for operations asked of it (cancel, pause, ...)
+    /// between its calls, milliseconds; always before it puts the saga away to wait.
+    pub saga_operations_poll_ms: u64,
     /// How participants reach this server (`https://concord.internal:7400`): the base of the
     /// completion URLs asynchronous actions are given (`Concord-Callback`). Unset: the address
     /// the server listens on, `https://` with TLS, which only reaches it when that address is
@@ -336,6 +339,7 @@ impl Default for Settings {
             saga_max_sleep_ms: concord_core::domain::saga::definition::DEFAULT_MAX_SLEEP_MS,
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
+            saga_operations_poll_ms: 100,
             public_url: None,
             saga_secrets: std::collections::BTreeMap::new(),
             tx_max_participants: 16,

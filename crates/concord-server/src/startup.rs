@@ -166,6 +166,7 @@ impl Application {
                 event_limits: settings.limits(),
                 outbound: saga_outbound,
                 latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
+                operations_poll: Duration::from_millis(settings.saga_operations_poll_ms),
                 secrets: settings.saga_secrets()?,
                 callbacks: Some(concord_core::app::saga::CallbackConfig {
                     key: concord_core::domain::saga::callback::CallbackKey::new(vault.callback_secret()),

@@ -137,6 +137,9 @@ pub struct EngineConfig {
     /// How long a start trusts the latest version of a definition it looked up: a version put
     /// on another node is used by new sagas here within this time (one put here, at once).
     pub latest_definition_ttl: Duration,
+    /// How often a drive looks for operations asked of its saga between calls (always before
+    /// the saga is put away to wait, and at its first call after a claim).
+    pub operations_poll: Duration,
     /// Participant credentials, named in definitions as `{{secrets.<name>}}`.
     pub secrets: SagaSecrets,
     /// Where asynchronous participants post their completions, and the key of the tokens in
@@ -587,6 +590,9 @@ impl SagaEngine {
         // records nothing.
         let mut fence = resumed && !state.status.is_terminal();
         let mut on_finished = Some(on_finished);
+        // A saga this node has just started has had no time for an operator to ask anything of
+        // it: its first look waits for the poll interval. One claimed looks at once.
+        let mut last_look = (!resumed && state.log_version <= 1).then(std::time::Instant::now);
         loop {
             let now = Utc::now();
             let decision = match decide(&def, &state, now) {
@@ -609,11 +615,18 @@ impl SagaEngine {
                 }
                 d => d,
             };
-            // Before an attempt starts or the saga is put away: what operators asked of it.
-            let operations_due = matches!(
-                decision,
-                Decision::Call { .. } | Decision::CallAll(_) | Decision::Wait(_) | Decision::Park
-            );
+            // Before the saga is put away, and before an attempt starts (at most every
+            // `operations_poll` while it runs on): what operators asked of it.
+            let operations_due = match decision {
+                Decision::Wait(_) | Decision::Park => true,
+                Decision::Call { .. } | Decision::CallAll(_) => {
+                    last_look.is_none_or(|t: std::time::Instant| t.elapsed() >= self.config.operations_poll)
+                }
+                _ => false,
+            };
+            if operations_due {
+                last_look = Some(std::time::Instant::now());
+            }
             if operations_due && self.operations_waiting(&row.id, &state).await? {
                 if fence {
                     let e = SagaEvent::SagaResumed { at: now };
@@ -1679,6 +1692,7 @@ mod tests {
             event_limits: Limits::default(),
             outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
             latest_definition_ttl: Duration::from_secs(1),
+            operations_poll: Duration::from_millis(100),
             secrets,
             callbacks: None,
         };
@@ -1849,6 +1863,7 @@ mod tests {
             event_limits: Limits::default(),
             outbound: OutboundPolicy::public_only("saga_allowed_hosts"),
             latest_definition_ttl: Duration::from_secs(1),
+            operations_poll: Duration::from_millis(100),
             secrets: SagaSecrets::default(),
             callbacks: None,
         };
@@ -2096,6 +2111,7 @@ mod tests {
             )
             .unwrap(),
             latest_definition_ttl: Duration::from_secs(1),
+            operations_poll: Duration::from_millis(100),
             secrets: SagaSecrets::default(),
             callbacks: None,
         };
