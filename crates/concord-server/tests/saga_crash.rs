@@ -109,7 +109,12 @@ async fn settle(http: &reqwest::Client, url: &str, ids: &[String], limit: Durati
         let mut done = Vec::new();
         for id in ids {
             match get(http, url, &format!("/v1/sagas/{id}")).await {
-                Some(s) if matches!(s["status"].as_str(), Some("completed" | "compensated" | "failed")) => {
+                Some(s)
+                    if matches!(
+                        s["status"].as_str(),
+                        Some("completed" | "compensated" | "failed" | "cancelled")
+                    ) =>
+                {
                     done.push(s);
                 }
                 other => open.push((id.clone(), other.map(|s| s["status"].clone()))),
@@ -520,6 +525,75 @@ async fn parallel_groups_survive_a_sigkill_mid_round(database_url: &str, dir: &P
 }
 
 on_both_backends!(parallel_groups_survive_a_sigkill_mid_round);
+
+/// Operations asked while the node is in the middle of the sagas' calls, then a SIGKILL: after a
+/// restart the cancelled sagas compensate what ran and end `cancelled`, the paused ones park
+/// without starting anything more, and a resume finishes them.
+async fn operations_outlive_a_sigkill_mid_call(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let server = Server::start(node(dir, database_url)).await;
+    let http = reqwest::Client::new();
+    let def = p.definition(&["reserve", "charge", "ship"], 2000);
+    let r = put(&http, &server.url, "/v1/saga-definitions/ops", &def).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..10).map(|i| format!("op-{i:02}")).collect();
+    start_all(&http, &server.url, "ops", &ids, |_| json!({"charge": "slow:600"})).await;
+    // Every charge is in flight: the operations are kept, not yet recorded.
+    until_each(
+        &http,
+        &server.url,
+        &ids,
+        |id| format!("/v1/sagas/{id}"),
+        |s| s["steps"][0]["action"] == "succeeded",
+    )
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        let op = if i % 2 == 0 { "cancel" } else { "pause" };
+        let r = post(&http, &server.url, &format!("/v1/sagas/{id}/{op}"), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{op} {id}");
+    }
+    let mut server = server;
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    let server = Server::start(node(dir, database_url)).await;
+    let (cancelled, paused): (Vec<_>, Vec<_>) = ids.iter().cloned().enumerate().partition(|(i, _)| i % 2 == 0);
+    let cancelled: Vec<String> = cancelled.into_iter().map(|(_, id)| id).collect();
+    let paused: Vec<String> = paused.into_iter().map(|(_, id)| id).collect();
+    for saga in settle(&http, &server.url, &cancelled, Duration::from_secs(60)).await {
+        assert_eq!(saga["status"], "cancelled", "{saga}");
+        if let Some(problem) = check_saga(&p, &saga) {
+            panic!("{problem}\n{saga:#}");
+        }
+        let id = saga["id"].as_str().unwrap();
+        assert_eq!(p.attempts(id, "ship", "action"), 0, "{saga}");
+    }
+    until_each(
+        &http,
+        &server.url,
+        &paused,
+        |id| format!("/v1/sagas/{id}"),
+        |s| s["paused"] == true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &paused {
+        assert_eq!(p.attempts(id, "ship", "action"), 0, "{id} started nothing while paused");
+        let r = post(&http, &server.url, &format!("/v1/sagas/{id}/resume"), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "resume {id}");
+    }
+    for saga in settle(&http, &server.url, &paused, Duration::from_secs(60)).await {
+        assert_eq!(saga["status"], "completed", "{saga}");
+        if let Some(problem) = check_saga(&p, &saga) {
+            panic!("{problem}\n{saga:#}");
+        }
+    }
+}
+on_both_backends!(operations_outlive_a_sigkill_mid_call);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {

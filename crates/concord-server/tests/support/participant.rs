@@ -356,7 +356,7 @@ pub fn check_saga(p: &Participant, saga: &Value) -> Option<String> {
         let effect = p.effect(id, name);
         let ok = match status {
             "completed" => effect == Some(Effect::Done),
-            "compensated" => effect != Some(Effect::Done),
+            "compensated" | "cancelled" => effect != Some(Effect::Done),
             other => return Some(format!("{id}: status {other} is not final")),
         };
         if !ok {

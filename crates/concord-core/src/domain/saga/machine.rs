@@ -835,15 +835,32 @@ impl SagaState {
             }
             SagaEvent::SagaCancelled { sequence, .. } => {
                 self.operation(*sequence, SagaOperation::Cancel, e)?;
+                // The step the saga is at (a group's pending branches): it may have been called
+                // with no record of it (a node that died mid-call records nothing of the call),
+                // or called and not known to have failed cleanly (a transient failure waiting
+                // for its retry, a 202 whose completion has not come; the engine closes a
+                // pending completion URL before it records the cancel, taking a completion that
+                // got in first). Either way it may have taken effect, so it is compensated:
+                // behind the barrier, a compensation of a call that never landed is empty and
+                // blocks that call for good. A step its `when` skips was never called.
+                let current = self.steps.iter().position(|s| s.action == ActionStatus::Pending);
+                let group = current.and_then(|i| def.steps.get(i)).and_then(|d| d.group.clone());
+                let outputs = self.outputs();
+                let at_it: Vec<bool> = (0..self.steps.len())
+                    .map(|i| {
+                        let d = def.steps.get(i);
+                        let here = Some(i) == current
+                            || (group.is_some() && d.and_then(|d| d.group.as_ref()) == group.as_ref());
+                        here && d.is_some_and(|d| {
+                            d.action.is_some() && d.when.as_ref().is_none_or(|w| w.holds(&self.input, &outputs))
+                        })
+                    })
+                    .collect();
                 for (i, s) in self.steps.iter_mut().enumerate() {
                     if s.action != ActionStatus::Pending {
                         continue;
                     }
-                    // Called and not known to have failed cleanly (a transient failure waiting
-                    // for its retry, a 202 whose completion has not come): it may have taken
-                    // effect, so it is compensated. The engine closes a pending completion URL
-                    // before it records the cancel, taking a completion that got in first.
-                    let called = s.callback.is_some() || s.attempts.iter().any(|a| a.op == Op::Action);
+                    let called = at_it[i] || s.callback.is_some() || s.attempts.iter().any(|a| a.op == Op::Action);
                     if called {
                         s.action = ActionStatus::Uncertain;
                         s.tries = 0;
@@ -1867,6 +1884,14 @@ mod tests {
         assert_eq!(calls, vec![(1, Op::Compensation), (0, Op::Compensation)]);
         assert_eq!(s.status, SagaStatus::Cancelled);
         assert!(s.status.is_terminal());
+        // Cancelled at a step with no attempt in its log: a node that died mid-call leaves none,
+        // so the step it is at counts as called; the ones after it do not.
+        let mut fresh = SagaState::from_log(&id(), &d, &events[..2]).unwrap();
+        let cancel = operation_event(SagaOperation::Cancel, 1, None, &fresh, at);
+        fresh.apply(&d, &cancel).unwrap();
+        assert_eq!(fresh.steps[1].action, ActionStatus::Uncertain);
+        assert_eq!(fresh.steps[1].compensation, CompensationStatus::Pending);
+        assert_eq!(fresh.steps[2].action, ActionStatus::Pending);
         // Anything more is refused, and recorded as refused.
         let late = operation_event(SagaOperation::Pause, 2, None, &s, at);
         assert!(matches!(late, SagaEvent::OperationRefused { .. }), "{late:?}");
