@@ -38,8 +38,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use concord_core::domain::saga::machine::{ActionStatus, CompensationStatus};
 use concord_core::domain::saga::{
-    CallOutcome, CallResult, Decision, FoundSignal, Op, SagaDefinition, SagaEvent, SagaId, SagaLimits, SagaState,
-    SagaStatus, decide, on_callback, on_outcome, on_signal, round_order, signal_places,
+    CallOutcome, CallResult, Decision, FoundSignal, Op, SagaDefinition, SagaEvent, SagaId, SagaLimits, SagaOperation,
+    SagaState, SagaStatus, decide, on_callback, on_outcome, on_signal, operation_event, round_order, signal_places,
 };
 use serde_json::{Value, json};
 use stateright::{Checker, HasDiscoveries, Model, Property};
@@ -80,6 +80,17 @@ fn group_definition() -> SagaDefinition {
         {"name": "g", "parallel": [step("x", 2), step("y", 2)]},
         {"name": "h", "wait": {"signal": "go", "timeout_ms": 100, "on_timeout": "continue"}},
         step("c", 1)
+    ], "compensation_retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}});
+    SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
+}
+
+/// The third definition, for the operator: an asynchronous action then a plain one.
+fn operator_definition() -> SagaDefinition {
+    let call = |name: &str| json!({"method": "POST", "url": format!("http://p.test/{name}")});
+    let spec = json!({"steps": [
+        {"name": "a", "action": call("a"), "compensation": call("a-undo"), "callback_timeout_ms": 100,
+         "retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}},
+        {"name": "c", "action": call("c"), "compensation": call("c-undo"), "retry": {"max_attempts": 1}}
     ], "compensation_retry": {"max_attempts": 2, "backoff_ms": 10, "max_backoff_ms": 10, "jitter": 0.0}});
     SagaDefinition::new("m", 1, serde_json::from_value(spec).unwrap(), &SagaLimits::default()).unwrap()
 }
@@ -184,6 +195,12 @@ struct Driver {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 struct Ghost {
     compensated_unknown: bool,
+    /// An attempt started while the saga, as its driver saw it, was paused.
+    started_while_paused: bool,
+    /// An action attempt started after the saga recorded its cancel.
+    acted_after_cancel: bool,
+    /// A call started with an operation asked and not yet recorded.
+    blind_call: bool,
     skipped_touched: bool,
     late_completion_refused: bool,
     crashed: bool,
@@ -207,6 +224,8 @@ struct State {
     slots: Vec<((usize, u32), Slot)>,
     /// The participant owes a completion for this attempt (it accepted, or may yet).
     owed: Option<(usize, u32)>,
+    /// The saga's operations stream: what the operator asked, in order.
+    ops: Vec<SagaOperation>,
     crashes_left: u8,
     transients_left: u8,
     ghost: Ghost,
@@ -234,11 +253,18 @@ enum Answer {
 enum Action {
     Claim,
     Decide,
+    /// Decides without looking for operations first: the engine looks at most every
+    /// `operations_poll` between calls, so a call may start with an operation waiting.
+    DecideBlind,
+    /// The operator asks this of the saga.
+    Ask(SagaOperation),
     Recheck,
     Answer(Answer),
     PostCompletion(Posted),
     SendSignal,
-    Crash { effect: bool },
+    Crash {
+        effect: bool,
+    },
     Tick,
 }
 
@@ -261,6 +287,8 @@ struct SagaModel {
     crashes: u8,
     transients: u8,
     bug: Option<Bug>,
+    /// An operator may cancel, pause and resume the saga (each once).
+    operator: bool,
 }
 
 impl SagaModel {
@@ -273,7 +301,61 @@ impl SagaModel {
             crashes,
             transients,
             bug: None,
+            operator: false,
         }
+    }
+
+    /// The model with an operator who may cancel, pause and resume the saga, over the third
+    /// definition.
+    fn with_operator(mut self) -> Self {
+        self.def = operator_definition();
+        self.calls = vec![0, 1];
+        self.operator = true;
+        self
+    }
+
+    /// Operations asked that the log has not come to.
+    fn ops_waiting(s: &State, st: &SagaState) -> bool {
+        s.ops.len() as u64 > st.operations
+    }
+
+    /// The saga as it will be once its log comes to every operation asked (what `operate`
+    /// checks a new one against).
+    fn after_ops(&self, s: &State) -> SagaState {
+        let mut st = self.fold(&s.log);
+        for (i, op) in s.ops.iter().enumerate().skip(st.operations as usize) {
+            let e = operation_event(*op, i as u64 + 1, None, &st, at(s.now));
+            st.apply(&self.def, &e).expect("an operation event always folds");
+        }
+        st
+    }
+
+    /// What `take_operations` does: each operation asked and not yet recorded, in order (a
+    /// cancel first settles a 202 that waits for its completion, closing its stream).
+    fn take_ops(&self, s: &mut State, st: &mut SagaState) -> Option<Vec<SagaEvent>> {
+        let mut events = Vec::new();
+        let asked: Vec<SagaOperation> = s.ops.iter().skip(st.operations as usize).copied().collect();
+        for op in asked {
+            let sequence = st.operations + 1;
+            if op == SagaOperation::Cancel && op.refusal(st).is_none() {
+                let waiting = st
+                    .steps
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, x)| x.callback.map(|c| (i, c.attempt)));
+                if let Some((step, attempt)) = waiting
+                    && let Some(found) = self.close(s, (step, attempt))
+                    && let Decision::Record(e) = on_callback(&self.def, st, step, Some(found), at(s.now), 0.5)
+                {
+                    st.apply(&self.def, &e).ok()?;
+                    events.push(e);
+                }
+            }
+            let e = operation_event(op, sequence, None, st, at(s.now));
+            st.apply(&self.def, &e).ok()?;
+            events.push(e);
+        }
+        Some(events)
     }
 
     /// The model over the definition with a parallel group.
@@ -412,6 +494,7 @@ impl Model for SagaModel {
                 signal: false,
                 slots: Vec::new(),
                 owed: None,
+                ops: Vec::new(),
                 crashes_left: self.crashes,
                 transients_left: self.transients,
                 ghost: Ghost::default(),
@@ -433,7 +516,12 @@ impl Model for SagaModel {
             }
             Some(d) => {
                 match d.phase.current(&self.def) {
-                    None if d.phase == Phase::Deciding => actions.push(Action::Decide),
+                    None if d.phase == Phase::Deciding => {
+                        actions.push(Action::Decide);
+                        if self.operator && Self::ops_waiting(s, &self.seen(s)) {
+                            actions.push(Action::DecideBlind);
+                        }
+                    }
                     None => actions.push(Action::Recheck),
                     Some((ref step, ref op, ..)) => {
                         // A participant keeps its first verdict per Idempotency-Key: once the
@@ -479,6 +567,14 @@ impl Model for SagaModel {
         if !s.signal {
             actions.push(Action::SendSignal);
         }
+        if self.operator {
+            let st = self.after_ops(s);
+            for op in [SagaOperation::Cancel, SagaOperation::Pause, SagaOperation::Resume] {
+                if !s.ops.contains(&op) && op.refusal(&st).is_none() {
+                    actions.push(Action::Ask(op));
+                }
+            }
+        }
     }
 
     fn next_state(&self, last: &State, action: Action) -> Option<State> {
@@ -493,9 +589,38 @@ impl Model for SagaModel {
                 });
             }
             Action::Tick => s.now = s.next_run?,
-            Action::Decide => {
+            Action::Ask(op) => {
+                s.ops.push(op);
+                // `wake_saga`: an unfinished saga is due now (a node holding it looks again
+                // after it lets it go).
+                if !self.fold(&s.log).status.is_terminal() {
+                    s.next_run = Some(s.now);
+                }
+            }
+            Action::Decide | Action::DecideBlind => {
                 let st = self.seen(&s);
                 let decision = self.resolve(&mut s, &st);
+                let due = match decision {
+                    Decision::Wait(_) | Decision::Park => true,
+                    Decision::Call { .. } | Decision::CallAll(_) => action == Action::Decide,
+                    _ => false,
+                };
+                if action == Action::DecideBlind && !matches!(decision, Decision::Call { .. } | Decision::CallAll(_)) {
+                    return None;
+                }
+                if due && Self::ops_waiting(&s, &st) {
+                    let mut st = st;
+                    let d = s.driver.as_mut()?;
+                    if d.fence {
+                        let e = SagaEvent::SagaResumed { at: at(s.now) };
+                        st.apply(&self.def, &e).ok()?;
+                        d.pending.push(e);
+                        d.fence = false;
+                    }
+                    let events = self.take_ops(&mut s, &mut st)?;
+                    s.driver.as_mut()?.pending.extend(events);
+                    return Some(s);
+                }
                 let d = s.driver.as_mut()?;
                 let mut st = st;
                 if d.fence
@@ -509,8 +634,29 @@ impl Model for SagaModel {
                     d.pending.push(e);
                     d.fence = false;
                 }
+                if let Decision::Call { .. } | Decision::CallAll(_) = decision
+                    && st.paused
+                {
+                    s.ghost.started_while_paused = true;
+                }
+                let acts = match &decision {
+                    Decision::Call { op, .. } => *op == Op::Action,
+                    Decision::CallAll(calls) => calls.iter().any(|c| c.1 == Op::Action),
+                    _ => false,
+                };
+                if acts && st.cancelled {
+                    s.ghost.acted_after_cancel = true;
+                }
+                if action == Action::DecideBlind {
+                    s.ghost.blind_call = true;
+                }
                 match decision {
-                    Decision::Park => unreachable!("no operator pauses a saga in this model"),
+                    Decision::Park => {
+                        Self::flush(&mut s);
+                        s.next_run = None;
+                        s.held = false;
+                        s.driver.as_mut()?.phase = Phase::Released;
+                    }
                     Decision::Record(e) => {
                         if let SagaEvent::StepSkipped { step, .. } = &e
                             && st.steps[*step].action != ActionStatus::Pending
@@ -581,7 +727,7 @@ impl Model for SagaModel {
                     Decision::Await { sequence, .. } => s.signal && sequence == 1,
                     Decision::AwaitCallback { step, attempt } => Self::slot(&s, (step, attempt)).is_some(),
                     _ => false,
-                };
+                } || Self::ops_waiting(&s, &st);
                 if arrived {
                     s.next_run = Some(s.now);
                 }
@@ -734,7 +880,7 @@ impl Model for SagaModel {
                 "a compensated saga undid each step that took effect or may have, once",
                 |m: &Self, s: &State| {
                     let st = m.fold(&s.log);
-                    if st.status != SagaStatus::Compensated {
+                    if !matches!(st.status, SagaStatus::Compensated | SagaStatus::Cancelled) {
                         return true;
                     }
                     m.calls.iter().all(|&i| {
@@ -757,6 +903,16 @@ impl Model for SagaModel {
                         .iter()
                         .all(|&i| st.steps[i].action == ActionStatus::Skipped || s.effects[i] == Effect::Done)
             }),
+            Property::always("a paused saga starts no attempt", |_, s: &State| {
+                !s.ghost.started_while_paused
+            }),
+            Property::always(
+                "no action starts once a cancel is recorded, and a cancelled saga never completes",
+                |m: &Self, s: &State| {
+                    let cancelled = s.log.iter().any(|e| matches!(e, SagaEvent::SagaCancelled { .. }));
+                    !s.ghost.acted_after_cancel && !(cancelled && m.fold(&s.log).status == SagaStatus::Completed)
+                },
+            ),
             Property::always(
                 "no compensation starts while its action's outcome is unknown",
                 |_, s: &State| !s.ghost.compensated_unknown,
@@ -797,8 +953,16 @@ impl Model for SagaModel {
                 |m: &Self, s: &State| {
                     let mut next = Vec::new();
                     m.actions(s, &mut next);
-                    // The senders may still knock; the saga itself has nothing left.
-                    next.retain(|a| !matches!(a, Action::SendSignal | Action::PostCompletion(_)));
+                    // The senders may still knock, and the operator may cancel or pause; a paused
+                    // saga waits for its resume, which counts.
+                    next.retain(|a| {
+                        !matches!(
+                            a,
+                            Action::SendSignal
+                                | Action::PostCompletion(_)
+                                | Action::Ask(SagaOperation::Cancel | SagaOperation::Pause)
+                        )
+                    });
                     !next.is_empty() || m.terminal(s)
                 },
             ),
@@ -848,6 +1012,47 @@ impl Model for SagaModel {
                     }),
                 ])
                 .collect();
+        }
+        let operator = if self.operator {
+            vec![
+                Property::sometimes(
+                    "a cancel ends the saga cancelled after compensating a step",
+                    |m: &Self, s: &State| {
+                        m.fold(&s.log).status == SagaStatus::Cancelled
+                            && s.log
+                                .iter()
+                                .any(|e| matches!(e, SagaEvent::CompensationSucceeded { .. }))
+                    },
+                ),
+                Property::sometimes(
+                    "a cancel while a 202 waits for its completion compensates it as uncertain",
+                    |m: &Self, s: &State| {
+                        let st = m.fold(&s.log);
+                        st.status == SagaStatus::Cancelled
+                            && st.steps[A].action == ActionStatus::Uncertain
+                            && st.steps[A].compensation == CompensationStatus::Succeeded
+                    },
+                ),
+                Property::sometimes("a paused saga is resumed and completes", |m: &Self, s: &State| {
+                    s.log.iter().any(|e| matches!(e, SagaEvent::SagaUnpaused { .. }))
+                        && m.fold(&s.log).status == SagaStatus::Completed
+                }),
+                Property::sometimes(
+                    "an operation that came too late is refused in the log",
+                    |_, s: &State| s.log.iter().any(|e| matches!(e, SagaEvent::OperationRefused { .. })),
+                ),
+                Property::sometimes("a call starts with an operation waiting", |_, s: &State| {
+                    s.ghost.blind_call
+                }),
+                Property::sometimes("a cancelled saga survives a crash", |m: &Self, s: &State| {
+                    s.ghost.crashed && m.fold(&s.log).status == SagaStatus::Cancelled
+                }),
+            ]
+        } else {
+            Vec::new()
+        };
+        if self.operator {
+            return always.into_iter().chain(operator).collect();
         }
         always
             .into_iter()
@@ -933,6 +1138,15 @@ fn a_parallel_group_compensates_its_branches_together_under_crashes_and_faults()
     let states = check(SagaModel::new(2, 1).with_group());
     assert!(
         states > 10_000,
+        "only {states} states: the model does not explore what it claims"
+    );
+}
+
+#[test]
+fn an_operator_cancels_pauses_and_resumes_under_crashes_and_faults() {
+    let states = check(SagaModel::new(1, 0).with_operator());
+    assert!(
+        states > 100_000,
         "only {states} states: the model does not explore what it claims"
     );
 }

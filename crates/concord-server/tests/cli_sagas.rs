@@ -303,3 +303,47 @@ async fn defining_an_invalid_file_prints_the_problem_code_and_fails() {
         ran.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_pause_resume_and_cancel_a_waiting_saga_from_the_command_line() {
+    let app = Setup::start().await;
+    let call = |path: &str| json!({"method": "POST", "url": format!("{}{path}", app.participant)});
+    let waits = json!({
+        "name": "held",
+        "steps": [
+            {"name": "reserve", "action": call("/a"), "compensation": call("/a")},
+            {"name": "review", "wait": {"signal": "cleared", "timeout_ms": 600_000}},
+        ]
+    });
+    let file = app.file("held.json", &waits.to_string());
+    app.ok(&["define", file.to_str().unwrap()]).await;
+    app.ok(&["start", "held", "--id", "held:1"]).await;
+
+    assert_eq!(app.ok(&["pause", "held:1"]).await, "held:1  pause #1 kept\n");
+    app.fails_with(&["pause", "held:1"], "saga_operation_refused").await;
+    let mut shown = String::new();
+    for _ in 0..200 {
+        shown = app.ok(&["show", "held:1"]).await;
+        if shown.starts_with("held:1  held@1  running (paused)") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(shown.starts_with("held:1  held@1  running (paused)"), "{shown}");
+    assert_eq!(app.ok(&["resume", "held:1"]).await, "held:1  resume #2 kept\n");
+    assert_eq!(app.ok(&["cancel", "held:1"]).await, "held:1  cancel #3 kept\n");
+    for _ in 0..200 {
+        shown = app.ok(&["show", "held:1"]).await;
+        if shown.starts_with("held:1  held@1  cancelled") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(shown.starts_with("held:1  held@1  cancelled"), "{shown}");
+    assert!(
+        line_with(&shown, "reserve  compensation #1").contains("succeeded"),
+        "{shown}"
+    );
+    app.fails_with(&["cancel", "held:1"], "saga_operation_refused").await;
+    app.fails_with(&["retry-now", "nope"], "saga_not_found").await;
+}
