@@ -910,7 +910,8 @@ impl Model for SagaModel {
                 "no action starts once a cancel is recorded, and a cancelled saga never completes",
                 |m: &Self, s: &State| {
                     let cancelled = s.log.iter().any(|e| matches!(e, SagaEvent::SagaCancelled { .. }));
-                    !s.ghost.acted_after_cancel && !(cancelled && m.fold(&s.log).status == SagaStatus::Completed)
+                    let completed = m.fold(&s.log).status == SagaStatus::Completed;
+                    !s.ghost.acted_after_cancel && (!cancelled || !completed)
                 },
             ),
             Property::always(
