@@ -153,6 +153,8 @@ error_codes! {
     /// before it are recorded: cancel a saga that is not running, pause a paused one, resume
     /// one that is not paused, retry-now a paused one, anything on a finished one.
     SagaOperationRefused = ("saga_operation_refused", 409, "Saga operation does not apply"),
+    /// No saga batch with that id.
+    SagaBatchNotFound = ("saga_batch_not_found", 404, "Saga batch not found"),
     /// No step of the saga waits for this signal, or none does any more (the saga went past
     /// it, timed out or finished).
     SignalNotExpected = ("signal_not_expected", 409, "Signal not expected"),

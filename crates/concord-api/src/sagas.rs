@@ -245,6 +245,63 @@ pub struct OperationOut {
     pub sequence: u64,
 }
 
+/// Which sagas a batch acts on; every field given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchFilterIn {
+    /// `running`, `compensating`, `completed`, `compensated`, `failed` or `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// A definition's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
+    /// Started before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_before: Option<DateTime<Utc>>,
+    /// Started after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_after: Option<DateTime<Utc>>,
+}
+
+/// The body of `POST /v1/saga-batches`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchIn {
+    #[serde(default)]
+    pub filter: BatchFilterIn,
+    /// `cancel`, `pause`, `resume` or `retry`.
+    pub action: String,
+    /// Only count the sagas the filter matches now.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// A dry run's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchCountOut {
+    pub matched: u64,
+}
+
+/// A batch and how far it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchOut {
+    pub id: String,
+    pub action: String,
+    pub filter: BatchFilterIn,
+    /// `running` or `finished`.
+    pub status: String,
+    /// Sagas matched so far; of them, those the action applied to and those it did not apply
+    /// to (finished meanwhile, or not in a state it applies to).
+    pub matched: u64,
+    pub applied: u64,
+    pub refused: u64,
+    /// The last saga id done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// The answer of `POST /v1/sagas/{id}/signals/{signal}`: the signal is kept for the saga.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SignalOut {

@@ -155,6 +155,13 @@ pub struct Settings {
     /// How often a node driving a saga looks for operations asked of it (cancel, pause, ...)
     /// between its calls, milliseconds; always before it puts the saga away to wait.
     pub saga_operations_poll_ms: u64,
+    /// Sagas a bulk operation (`/v1/saga-batches`) does per page, each page recorded.
+    pub saga_batch_page: usize,
+    /// How often a node looks for a batch whose node stopped (nothing recorded for `lease_ms`)
+    /// to take it over, milliseconds.
+    pub saga_batch_resume_ms: u64,
+    /// At most this many sagas a second per batch (0: no limit).
+    pub saga_batch_per_s: u32,
     /// How participants reach this server (`https://concord.internal:7400`): the base of the
     /// completion URLs asynchronous actions are given (`Concord-Callback`). Unset: the address
     /// the server listens on, `https://` with TLS, which only reaches it when that address is
@@ -340,6 +347,9 @@ impl Default for Settings {
             saga_allowed_hosts: Vec::new(),
             saga_definition_cache_ms: 1000,
             saga_operations_poll_ms: 100,
+            saga_batch_page: 100,
+            saga_batch_resume_ms: 5_000,
+            saga_batch_per_s: 1_000,
             public_url: None,
             saga_secrets: std::collections::BTreeMap::new(),
             tx_max_participants: 16,

@@ -227,6 +227,14 @@ impl Application {
             vault.clone(),
             settings.limits(),
         ));
+        let batches = crate::saga::batch::SagaBatches::new(
+            sagas.clone(),
+            stores.events.clone(),
+            settings.limits(),
+            settings.saga_batch_page,
+            Duration::from_millis(settings.lease_ms),
+            settings.saga_batch_per_s,
+        );
         let state = AppState {
             appender,
             idempotency_layer,
@@ -234,6 +242,7 @@ impl Application {
             route_scopes: Arc::new(route_scopes),
             vault,
             sagas,
+            batches,
             transactions,
             events: stores.events,
             checkpoints: stores.checkpoints,
@@ -296,6 +305,10 @@ impl Application {
         spawn_vault_purge(&state);
         let runner = state.settings.workers.then(|| {
             let sagas = tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace));
+            tokio::spawn(state.batches.clone().watch(
+                Duration::from_millis(state.settings.saga_batch_resume_ms.max(1)),
+                state.shutdown.clone(),
+            ));
             let transactions = tokio::spawn(state.transactions.clone().run(state.shutdown.clone(), grace));
             async move {
                 let _ = sagas.await;

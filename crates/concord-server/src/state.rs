@@ -27,6 +27,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub key_cache: Arc<concord_core::app::auth::KeyCache>,
     pub sagas: Arc<crate::saga::SagaRunner>,
+    /// Bulk operations on sagas (`/v1/saga-batches`).
+    pub batches: Arc<crate::saga::batch::SagaBatches>,
     pub transactions: Arc<crate::tx::TxRunner>,
     pub vault: Arc<concord_core::app::vault::Vault>,
     /// The append use case: write policy, tokenized fields, validation, the store, metrics.

@@ -595,6 +595,89 @@ async fn operations_outlive_a_sigkill_mid_call(database_url: &str, dir: &Path) {
 }
 on_both_backends!(operations_outlive_a_sigkill_mid_call);
 
+/// A batch cancelling 60 parked sagas, five a page, and a SIGKILL of its node while it runs:
+/// the restarted node takes the batch over from its last recorded page and finishes it; every
+/// saga ends cancelled, once.
+async fn a_batch_outlives_a_sigkill_of_its_node(database_url: &str, dir: &Path) {
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let with_batches = |mut cmd: Command| {
+        cmd.env("CONCORD_SAGA_BATCH_PAGE", "5")
+            .env("CONCORD_SAGA_BATCH_RESUME_MS", "200")
+            .env("CONCORD_SAGA_BATCH_PER_S", "20");
+        cmd
+    };
+    let server = Server::start(with_batches(node(dir, database_url))).await;
+    let http = reqwest::Client::new();
+    let mut def = p.definition(&["reserve", "confirmed"], 2000);
+    def["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "go", "timeout_ms": 600_000}});
+    let r = put(&http, &server.url, "/v1/saga-definitions/parked", &def)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids: Vec<String> = (0..60).map(|i| format!("bk-{i:02}")).collect();
+    start_all(&http, &server.url, "parked", &ids, |_| json!({})).await;
+    until_each(
+        &http,
+        &server.url,
+        &ids,
+        |id| format!("/v1/sagas/{id}"),
+        |s| s["steps"][1]["waiting_for"] == "go",
+    )
+    .await;
+    let r = post(
+        &http,
+        &server.url,
+        "/v1/saga-batches",
+        &json!({"filter": {"definition": "parked"}, "action": "cancel"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+    let batch: Value = r.json().await.unwrap();
+    let path = format!("/v1/saga-batches/{}", batch["id"].as_str().unwrap());
+    // Killed once it recorded its first page, before it could finish.
+    until_each(
+        &http,
+        &server.url,
+        &[String::new()],
+        |_| path.clone(),
+        |b| b["matched"].as_u64().is_some_and(|n| n >= 5),
+    )
+    .await;
+    let before = get(&http, &server.url, &path).await.unwrap();
+    assert_eq!(before["status"], "running", "killed mid-batch: {before}");
+    let mut server = server;
+    server.proc.signal("KILL");
+    assert_eq!(server.proc.wait().await.signal(), Some(9));
+    drop(server);
+    let server = Server::start(with_batches(node(dir, database_url))).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let b = get(&http, &server.url, &path).await.unwrap();
+        if b["status"] == "finished" {
+            break b;
+        }
+        assert!(std::time::Instant::now() < deadline, "the batch never finished: {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["matched"].as_u64(), Some(60), "{done}");
+    let sagas = settle(&http, &server.url, &ids, Duration::from_secs(60)).await;
+    for saga in &sagas {
+        assert_eq!(saga["status"], "cancelled", "{saga}");
+        if let Some(problem) = check_saga(&p, saga) {
+            panic!("{problem}\n{saga:#}");
+        }
+        let cancels = saga["steps"][0]["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["op"] == "compensation")
+            .count();
+        assert_eq!(cancels, 1, "compensated once: {saga}");
+    }
+}
+on_both_backends!(a_batch_outlives_a_sigkill_of_its_node);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_share_sagas_and_never_run_one_at_once() {
     let Some(base) = postgres_base() else { return };

@@ -1,6 +1,7 @@
 //! The HTTP routes, each declared once, and the router that joins them with auth, idempotency
 //! and telemetry.
 
+pub mod batches;
 pub mod events;
 pub mod keys;
 pub mod sagas;
@@ -45,6 +46,8 @@ fn declared() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .routes(routes!(sagas::resume))
         .routes(routes!(sagas::retry_now))
         .routes(routes!(sagas::signal))
+        .routes(routes!(batches::create))
+        .routes(routes!(batches::get))
         .routes(routes!(tx::begin, tx::list))
         .routes(routes!(tx::get))
         .routes(routes!(vault::tokenize))

@@ -244,7 +244,10 @@ pub async fn list(
         .as_deref()
         .map(|s| {
             SagaStatus::parse(s).ok_or_else(|| {
-                ApiError::parameter("status", "one of running, compensating, completed, compensated, failed")
+                ApiError::parameter(
+                    "status",
+                    "one of running, compensating, completed, compensated, failed, cancelled",
+                )
             })
         })
         .transpose()?;
@@ -293,7 +296,6 @@ async fn operate(
     let by = principal.key_id.to_string();
     let sequence = state
         .sagas
-        .engine()
         .operate(&id, op, Some(&by), idempotency_key(headers))
         .await?;
     Ok((

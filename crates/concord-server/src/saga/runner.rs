@@ -297,6 +297,22 @@ impl SagaRunner {
         Ok(sequence)
     }
 
+    /// Asks an operation of a saga and makes this node look at the saga at once.
+    ///
+    /// # Errors
+    /// What [`SagaEngine::operate`] refuses, or a store failure.
+    pub async fn operate(
+        &self,
+        id: &SagaId,
+        op: concord_core::domain::saga::SagaOperation,
+        by: Option<&str>,
+        request_key: Option<&str>,
+    ) -> Result<u64, SagaError> {
+        let sequence = self.engine.operate(id, op, by, request_key).await?;
+        self.wake.notify_one();
+        Ok(sequence)
+    }
+
     /// The claim of a completion URL's token.
     ///
     /// # Errors

@@ -1477,3 +1477,136 @@ async fn operators_pause_resume_retry_now_and_cancel_a_saga(b: Backend) {
     .await;
 }
 both_backends!(operators_pause_resume_retry_now_and_cancel_a_saga);
+
+async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
+    // Pages of three: every page is recorded.
+    let Some(app) = crate::helpers::spawn_app_with(b, |s| s.saga_batch_page = 3).await else {
+        return;
+    };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    let mut waiting = p.definition(&["reserve", "confirmed"], 2000);
+    waiting["steps"][1] = json!({"name": "confirmed", "wait": {"signal": "go", "timeout_ms": 600_000}});
+    define(&app, "parked", &waiting).await;
+    define(&app, "other", &waiting).await;
+    let start = |definition: &'static str, id: String| {
+        app.admin(Method::POST, "/v1/sagas")
+            .json(&json!({"definition": definition, "id": id, "input": {"plan": {}}}))
+            .send()
+    };
+    // Seven of the one definition, two of the other.
+    let ids: Vec<String> = (0..7).map(|i| format!("bt-{i}")).collect();
+    for id in &ids {
+        assert_eq!(start("parked", id.clone()).await.unwrap().status(), 201);
+    }
+    for id in ["bo-1", "bo-2"] {
+        assert_eq!(start("other", id.to_owned()).await.unwrap().status(), 201);
+    }
+    for id in ids.iter().chain([&"bo-1".to_owned(), &"bo-2".to_owned()]) {
+        until_waiting(&app, id, 1).await;
+    }
+    let batch = |body: Value| app.admin(Method::POST, "/v1/saga-batches").json(&body).send();
+    // A dry run counts; a bad action or status is refused.
+    let r =
+        batch(json!({"filter": {"definition": "parked", "status": "running"}, "action": "cancel", "dry_run": true}))
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"matched": 7}));
+    let r = batch(json!({"filter": {}, "action": "explode"})).await.unwrap();
+    assert_problem(r, 400, "invalid_parameter").await;
+    let r = batch(json!({"filter": {"status": "sleepy"}, "action": "cancel"}))
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_parameter").await;
+    let reader = app.create_key(&["sagas:read"]).await;
+    let r = app
+        .request(Method::POST, "/v1/saga-batches", Some(&reader))
+        .json(&json!({"filter": {}, "action": "cancel"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403, "forbidden").await;
+
+    let r = batch(json!({"filter": {"definition": "parked"}, "action": "cancel"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started: Value = r.json().await.unwrap();
+    let id = started["id"].as_str().unwrap().to_owned();
+    assert_eq!(started["action"], "cancel");
+    let mut done = Value::Null;
+    for _ in 0..400 {
+        done = app
+            .admin(Method::GET, &format!("/v1/saga-batches/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done["status"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(done["status"], "finished", "{done}");
+    assert_eq!(
+        (done["matched"].as_u64(), done["applied"].as_u64()),
+        (Some(7), Some(7)),
+        "{done}"
+    );
+    for saga_id in &ids {
+        let saga = finished(&app, saga_id).await;
+        assert_eq!(saga["status"], "cancelled", "{saga}");
+        assert_eq!(p.effect(saga_id, "reserve"), Some(Effect::Undone));
+    }
+    let pages: Vec<String> = app
+        .admin(Method::GET, &format!("/v1/streams/saga-@batch-{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    // Nine sagas in pages of three: a record per page, the last one when a page comes short.
+    assert_eq!(pages.first().map(String::as_str), Some("BatchStarted"), "{pages:?}");
+    assert_eq!(pages.last().map(String::as_str), Some("BatchFinished"), "{pages:?}");
+    assert!(pages.iter().filter(|t| *t == "BatchProgress").count() >= 2, "{pages:?}");
+    for other in ["bo-1", "bo-2"] {
+        let saga = get_saga(&app, other).await;
+        assert_eq!(saga["status"], "running", "outside the filter: {saga}");
+    }
+    // Run again, it finds them finished: matched, none applied.
+    let r = batch(json!({"filter": {"definition": "parked"}, "action": "cancel"}))
+        .await
+        .unwrap();
+    let again = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut seen = Value::Null;
+    for _ in 0..400 {
+        seen = app
+            .admin(Method::GET, &format!("/v1/saga-batches/{again}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if seen["status"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        (seen["matched"].as_u64(), seen["refused"].as_u64()),
+        (Some(7), Some(7)),
+        "{seen}"
+    );
+    let r = app.admin(Method::GET, "/v1/saga-batches/nope").send().await.unwrap();
+    assert_problem(r, 404, "saga_batch_not_found").await;
+}
+both_backends!(a_batch_cancels_the_sagas_its_filter_matches_server_side);
