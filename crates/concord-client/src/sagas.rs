@@ -7,7 +7,8 @@ use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
 use concord_api::sagas::{
-    CompletionIn, CompletionOut, DefinitionOut, OperationOut, SagaOut, SagaPage, SignalOut, StartSagaBody,
+    BatchCountOut, BatchIn, BatchOut, CompletionIn, CompletionOut, DefinitionOut, OperationOut, SagaOut, SagaPage,
+    SignalOut, StartSagaBody,
 };
 use reqwest::Method;
 
@@ -166,6 +167,42 @@ impl Client {
             request = request.header(IDEMPOTENCY_KEY, key);
         }
         json(request).await
+    }
+
+    /// `POST /v1/saga-batches` with `dry_run`: how many sagas `body.filter` matches now.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_parameter` (400) for an unknown action or status; see [`ClientError`].
+    pub async fn count_saga_batch(&self, body: &BatchIn) -> Result<BatchCountOut, ClientError> {
+        let mut body = body.clone();
+        body.dry_run = true;
+        let url = endpoint(&self.base_url, &["v1", "saga-batches"])?;
+        json(self.request(Method::POST, url).json(&body)).await
+    }
+
+    /// `POST /v1/saga-batches`: starts a batch that applies `body.action` to every saga
+    /// `body.filter` matches, server-side; follow it with [`Self::saga_batch`].
+    ///
+    /// # Errors
+    ///
+    /// `invalid_parameter` (400) for an unknown action or status; see [`ClientError`].
+    pub async fn start_saga_batch(&self, body: &BatchIn) -> Result<BatchOut, ClientError> {
+        let mut body = body.clone();
+        body.dry_run = false;
+        let url = endpoint(&self.base_url, &["v1", "saga-batches"])?;
+        json(self.request(Method::POST, url).json(&body)).await
+    }
+
+    /// `GET /v1/saga-batches/{id}`: a batch and how far it got.
+    ///
+    /// # Errors
+    ///
+    /// `saga_batch_not_found` (404); see [`ClientError`].
+    pub async fn saga_batch(&self, id: &str) -> Result<BatchOut, ClientError> {
+        let id = segment(id, ErrorCode::InvalidName)?;
+        let url = endpoint(&self.base_url, &["v1", "saga-batches", id])?;
+        json(self.request(Method::GET, url)).await
     }
 
     /// `POST /v1/sagas/{id}/signals/{signal}`: sends a signal; its body becomes the output of

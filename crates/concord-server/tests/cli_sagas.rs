@@ -346,4 +346,41 @@ async fn operators_pause_resume_and_cancel_a_waiting_saga_from_the_command_line(
     );
     app.fails_with(&["cancel", "held:1"], "saga_operation_refused").await;
     app.fails_with(&["retry-now", "nope"], "saga_not_found").await;
+
+    // A batch over the others: counted, then cancelled server-side.
+    for id in ["held:2", "held:3"] {
+        app.ok(&["start", "held", "--id", id]).await;
+    }
+    assert_eq!(
+        app.ok(&[
+            "batch",
+            "cancel",
+            "--definition",
+            "held",
+            "--status",
+            "running",
+            "--dry-run"
+        ])
+        .await,
+        "2 sagas match\n"
+    );
+    let ran = app
+        .ok(&[
+            "batch",
+            "cancel",
+            "--definition",
+            "held",
+            "--status",
+            "running",
+            "--wait",
+            "20",
+        ])
+        .await;
+    assert!(
+        ran.contains("  cancel  finished  matched 2  applied 2  refused 0"),
+        "{ran}"
+    );
+    let id = ran.split_whitespace().next().unwrap();
+    assert!(app.ok(&["batch-show", id]).await.starts_with(id));
+    app.fails_with(&["batch", "explode"], "invalid_parameter").await;
 }

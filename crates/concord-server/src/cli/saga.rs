@@ -6,7 +6,7 @@ use super::Remote;
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
-use concord_api::sagas::{SagaOut, SagaPage, StartSagaBody};
+use concord_api::sagas::{BatchFilterIn, BatchIn, BatchOut, SagaOut, SagaPage, StartSagaBody};
 use concord_core::domain::saga::SagaStatus;
 use concord_sdk::Client;
 use serde_json::Value;
@@ -76,6 +76,29 @@ pub enum SagaCommand {
     Resume(OperationArgs),
     /// Start a saga's next attempt now instead of after its backoff.
     RetryNow(OperationArgs),
+    /// Apply `cancel`, `pause`, `resume` or `retry` to every saga a filter matches, server-side.
+    Batch {
+        action: String,
+        /// `running`, `compensating`, `completed`, `compensated`, `failed` or `cancelled`.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        definition: Option<String>,
+        /// RFC 3339.
+        #[arg(long)]
+        started_before: Option<DateTime<Utc>>,
+        /// RFC 3339.
+        #[arg(long)]
+        started_after: Option<DateTime<Utc>>,
+        /// Only count the sagas it matches now.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait up to this many seconds for the batch to finish.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
+        wait: Option<Duration>,
+    },
+    /// A batch and how far it got.
+    BatchShow { id: String },
     /// Resume a failed saga.
     Retry {
         id: String,
@@ -167,6 +190,45 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
         SagaCommand::Pause(a) => operate(&client, json, "pause", a).await?,
         SagaCommand::Resume(a) => operate(&client, json, "resume", a).await?,
         SagaCommand::RetryNow(a) => operate(&client, json, "retry-now", a).await?,
+        SagaCommand::Batch {
+            action,
+            status,
+            definition,
+            started_before,
+            started_after,
+            dry_run,
+            wait,
+        } => {
+            let body = BatchIn {
+                filter: BatchFilterIn {
+                    status,
+                    definition,
+                    started_before,
+                    started_after,
+                },
+                action,
+                dry_run,
+            };
+            if dry_run {
+                let counted = client.count_saga_batch(&body).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&counted)?);
+                } else {
+                    println!("{} sagas match", counted.matched);
+                }
+                return Ok(());
+            }
+            let mut batch = client.start_saga_batch(&body).await?;
+            if let Some(w) = wait {
+                let deadline = Instant::now() + w;
+                while batch.status != "finished" && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    batch = client.saga_batch(&batch.id).await?;
+                }
+            }
+            print_batch(&batch, json)?;
+        }
+        SagaCommand::BatchShow { id } => print_batch(&client.saga_batch(&id).await?, json)?,
         SagaCommand::Retry { id, wait } => {
             let deadline = wait.map(|w| Instant::now() + w);
             let saga = client.retry_saga(&id, wait.map(|w| w.min(WAIT_CHUNK))).await?;
@@ -188,6 +250,18 @@ async fn operate(client: &Client, json: bool, operation: &str, a: OperationArgs)
         println!("{}", serde_json::to_string_pretty(&asked)?);
     } else {
         println!("{}  {} #{} kept", asked.saga_id, asked.operation, asked.sequence);
+    }
+    Ok(())
+}
+
+fn print_batch(batch: &BatchOut, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(batch)?);
+    } else {
+        println!(
+            "{}  {}  {}  matched {}  applied {}  refused {}",
+            batch.id, batch.action, batch.status, batch.matched, batch.applied, batch.refused
+        );
     }
     Ok(())
 }
