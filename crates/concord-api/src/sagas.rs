@@ -85,7 +85,7 @@ pub struct SagaOut {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// An operator paused it: no attempt starts until a resume (its status stays `running` or
-    /// `compensating`).
+    /// `compensating`). Shown by `GET /v1/sagas/{id}`; lists, which read no log, leave it out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
     /// Each step with its attempts (empty in lists).
@@ -235,7 +235,7 @@ pub struct CompletionOut {
 }
 
 /// The answer of an operation on a saga (`POST /v1/sagas/{id}/cancel`, `/pause`, `/resume`,
-/// `/retry-now`): it is kept, and the saga records it in its log before its next attempt starts.
+/// `/retry-now`): it is kept, and the saga records it in its log at its next look for operations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OperationOut {
     pub saga_id: String,

@@ -143,8 +143,8 @@ impl Client {
     }
 
     /// `POST /v1/sagas/{id}/{operation}` with `operation` one of `cancel`, `pause`, `resume`
-    /// and `retry-now`: kept at once (202), recorded in the saga's log before its next attempt
-    /// starts. A retry with the same `idempotency_key` answers the first ask again.
+    /// and `retry-now`: kept at once (202), recorded in the saga's log at its next look for
+    /// operations. A retry with the same `idempotency_key` answers the first ask again.
     ///
     /// # Errors
     ///

@@ -510,10 +510,25 @@ impl SagaEngine {
                 pending: Vec::new(),
             });
         }
+        // Operations asked while it failed are refused first: a pause asked of the saga that
+        // then failed does not stop the retry that came after it.
+        let mut events = Vec::new();
+        for (sequence, op, by, _) in self.operations_after(id, state.operations).await? {
+            let e = SagaEvent::OperationRefused {
+                sequence,
+                operation: op,
+                reason: "the saga had failed; a retry came after it".into(),
+                by,
+                at: now,
+            };
+            state.apply(&def, &e)?;
+            events.push(e);
+        }
         let retried = SagaEvent::SagaRetried { at: now };
-        self.append(id, state.log_version, std::slice::from_ref(&retried), None)
-            .await?;
         state.apply(&def, &retried)?;
+        events.push(retried);
+        self.append(id, state.log_version - events.len() as u64, &events, None)
+            .await?;
         metrics::counter!("concord_saga_operator_retries_total").increment(1);
         Ok(Held {
             row,
@@ -687,8 +702,10 @@ impl SagaEngine {
                     {
                         return Ok(DriveEnd::Lost);
                     }
-                    // Due never: only an operation (a resume, a cancel) wakes it.
-                    if !self.release(&mut row, &state, None).await? {
+                    // Woken by an operation (a resume, a cancel); and looked at again after
+                    // PARKED_LOOK whatever happens, so a wake that failed delays it, never strands it.
+                    let again = Utc::now() + chrono_dur(PARKED_LOOK);
+                    if !self.release(&mut row, &state, Some(again)).await? {
                         return Ok(DriveEnd::Lost);
                     }
                     tracing::info!("saga paused");
@@ -1406,10 +1423,11 @@ impl SagaEngine {
             };
             let request = AppendRequest::new(stream.clone(), expected, vec![event], &self.config.event_limits)?;
             match self.events.append(request).await {
-                Ok(_) => {
+                // A concurrent ask with the same key may have kept it first: its number, then.
+                Ok(kept) => {
                     metrics::counter!("concord_saga_operations_asked_total", "operation" => op.as_str()).increment(1);
                     self.wake(id).await;
-                    return Ok(last + 1);
+                    return Ok(kept.first_version);
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -1432,8 +1450,9 @@ impl SagaEngine {
         Ok(())
     }
 
-    /// Makes a saga due now. The signal that asked for it is kept already, so a failure here
-    /// only delays the saga (to its wait's timeout at worst); it is logged, not answered.
+    /// Makes a saga due now. The signal or operation that asked for it is kept already, so a
+    /// failure here only delays the saga (to its wait's timeout, or `PARKED_LOOK` for a paused
+    /// one, at worst); it is logged, not answered.
     async fn wake(&self, id: &SagaId) {
         if let Err(e) = self.store.wake_saga(id, Utc::now()).await {
             metrics::counter!("concord_saga_wake_errors_total").increment(1);
@@ -1576,6 +1595,10 @@ fn e_op(e: &SagaEvent) -> &'static str {
 
 /// How often a signal is tried again when another sender took its place in the meantime.
 const SIGNAL_RACES: usize = 8;
+
+/// How long a paused saga is left before its node looks again for the operation that resumes
+/// or cancels it, should the wake that operation asked for have failed.
+const PARKED_LOOK: Duration = Duration::from_secs(60);
 
 /// Operations read at once; more wait for the next look.
 const OPERATIONS_PAGE: usize = 100;

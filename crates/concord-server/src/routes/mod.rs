@@ -151,7 +151,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 29, "every operation of the API");
+        assert_eq!(count, 35, "every operation of the API");
     }
 
     #[test]

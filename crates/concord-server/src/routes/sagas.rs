@@ -284,7 +284,7 @@ pub async fn retry(
     Ok(Json(saga_out(&state.sagas.retry(&id, wait).await?)))
 }
 
-/// Asks `op` of the saga: kept at once, recorded in its log before its next attempt starts.
+/// Asks `op` of the saga: kept at once, recorded in its log at its next look for operations.
 async fn operate(
     state: &AppState,
     principal: &Principal,
@@ -308,14 +308,14 @@ async fn operate(
     ))
 }
 
-/// Cancels a running saga: before its next attempt starts (one running now finishes) it stops,
+/// Cancels a running saga: at its next look for operations (a call running now finishes) it stops,
 /// compensates what ran (a step whose outcome is unknown counts as uncertain) and ends
 /// `cancelled`.
 #[utoipa::path(post, path = "/v1/sagas/{id}/cancel", tag = "sagas",
     security(("bearer" = ["sagas:write"])),
     params(SagaPath),
     responses(
-        (status = 202, description = "Kept: the saga records it before its next attempt", body = OperationOut),
+        (status = 202, description = "Kept: the saga records it at its next look", body = OperationOut),
         (status = 404, description = "saga_not_found"),
         (status = 409, description = "saga_operation_refused: it is not running (or will not be)"),
         (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),
@@ -335,7 +335,7 @@ pub async fn cancel(
     security(("bearer" = ["sagas:write"])),
     params(SagaPath),
     responses(
-        (status = 202, description = "Kept: the saga records it before its next attempt", body = OperationOut),
+        (status = 202, description = "Kept: the saga records it at its next look", body = OperationOut),
         (status = 404, description = "saga_not_found"),
         (status = 409, description = "saga_operation_refused: finished, or paused already"),
         (status = 503, description = "saga_busy: other operations kept coming in at once; retry"),

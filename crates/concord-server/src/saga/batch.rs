@@ -143,6 +143,8 @@ pub struct SagaBatches {
     /// At most this many sagas a second per batch (0: no limit), so a bulk operation over a
     /// million sagas does not crowd out the rest.
     pub per_s: u32,
+    /// The batches this node runs now: never taken over by itself.
+    running: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl SagaBatches {
@@ -162,7 +164,23 @@ impl SagaBatches {
             page: page.max(1),
             stale,
             per_s,
+            running: std::sync::Mutex::default(),
         })
+    }
+
+    /// How long a batch may record nothing before it counts as stopped: `stale`, or twice the
+    /// time a page takes at the rate limit if that is longer.
+    fn stale_after(&self) -> Duration {
+        let page = if self.per_s > 0 {
+            Duration::from_secs_f64(self.page as f64 / f64::from(self.per_s))
+        } else {
+            Duration::ZERO
+        };
+        self.stale.max(page * 2)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Uuid>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn append(&self, stream: &str, expected: ExpectedVersion, e: &BatchEvent) -> Result<(), BatchError> {
@@ -211,12 +229,8 @@ impl SagaBatches {
         by: Option<String>,
     ) -> Result<Batch, BatchError> {
         let id = Uuid::now_v7();
-        self.append(
-            &stream(&id),
-            ExpectedVersion::NoStream,
-            &BatchEvent::BatchStarted { filter, action, by },
-        )
-        .await?;
+        // Listed first: a batch whose record a crash cut off is an id with no stream there,
+        // which the takeover passes over; never a batch nobody would take over.
         let index = UncheckedEvent {
             id: None,
             event_type: "BatchCreated".into(),
@@ -231,6 +245,12 @@ impl SagaBatches {
         )
         .map_err(SagaError::from)?;
         self.events.append(request).await?;
+        self.append(
+            &stream(&id),
+            ExpectedVersion::NoStream,
+            &BatchEvent::BatchStarted { filter, action, by },
+        )
+        .await?;
         let batch = self.get(&id).await?;
         let me = Arc::clone(self);
         tokio::spawn(async move { me.run(id).await });
@@ -302,7 +322,12 @@ impl SagaBatches {
     /// Runs a batch from its last recorded page until it finishes, or another node records
     /// first (it then has the batch), or a store failure (a node takes it over later).
     async fn run(&self, id: Uuid) {
-        match self.run_inner(id).await {
+        if !self.running().insert(id) {
+            return;
+        }
+        let ran = self.run_inner(id).await;
+        self.running().remove(&id);
+        match ran {
             Ok(()) => {}
             Err(BatchError::Store(StoreError::WrongExpectedVersion { .. })) => {
                 tracing::info!(batch = %id, "another node runs this batch");
@@ -367,15 +392,26 @@ impl SagaBatches {
             BatchAction::Retry => {
                 return match self.runner.retry(id, None).await {
                     Ok(_) => Ok(true),
-                    Err(SagaError::NotFailed(..) | SagaError::NotFound(_) | SagaError::Busy(_)) => Ok(false),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Self::not_applied(id, e),
                 };
             }
         };
         match self.runner.operate(id, op, by, Some(key)).await {
             Ok(_) => Ok(true),
-            Err(SagaError::OperationRefused { .. } | SagaError::NotFound(_)) => Ok(false),
-            Err(e) => Err(e.into()),
+            Err(e) => Self::not_applied(id, e),
+        }
+    }
+
+    /// A saga the action did not apply to counts as refused, and the batch goes on; only a
+    /// store failure stops it (a node takes it over later).
+    fn not_applied(id: &SagaId, e: SagaError) -> Result<bool, BatchError> {
+        match e {
+            SagaError::Store(e) => Err(e.into()),
+            SagaError::OperationRefused { .. } | SagaError::NotFound(_) | SagaError::NotFailed(..) => Ok(false),
+            other => {
+                tracing::warn!(saga.id = %id, error = %other, "the batch passes over a saga it cannot act on");
+                Ok(false)
+            }
         }
     }
 
@@ -390,14 +426,19 @@ impl SagaBatches {
             Err(StoreError::StreamNotFound(_)) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        let stale = chrono::Duration::from_std(self.stale).unwrap_or(chrono::Duration::MAX);
+        let stale = chrono::Duration::from_std(self.stale_after()).unwrap_or(chrono::Duration::MAX);
         let mut taken = 0;
         for e in listed {
             let Some(id) = e.data["id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
                 continue;
             };
-            let b = self.get(&id).await?;
-            if !b.finished && Utc::now() - b.updated_at >= stale {
+            let b = match self.get(&id).await {
+                Ok(b) => b,
+                Err(BatchError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let here = self.running().contains(&id);
+            if !b.finished && !here && Utc::now() - b.updated_at >= stale {
                 tracing::info!(batch = %id, "taking over a batch whose node stopped");
                 taken += 1;
                 let me = Arc::clone(self);
