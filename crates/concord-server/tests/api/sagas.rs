@@ -1478,6 +1478,26 @@ async fn operators_pause_resume_retry_now_and_cancel_a_saga(b: Backend) {
 }
 both_backends!(operators_pause_resume_retry_now_and_cancel_a_saga);
 
+/// Polls a batch until it has finished.
+async fn batch_finished(app: &TestApp, id: &str) -> Value {
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = app
+            .admin(Method::GET, &format!("/v1/saga-batches/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if batch["status"] == "finished" {
+            return batch;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("batch {id} never finished: {batch}");
+}
+
 async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
     // Pages of three: every page is recorded.
     let Some(app) = crate::helpers::spawn_app_with(b, |s| s.saga_batch_page = 3).await else {
@@ -1534,22 +1554,7 @@ async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
     let started: Value = r.json().await.unwrap();
     let id = started["id"].as_str().unwrap().to_owned();
     assert_eq!(started["action"], "cancel");
-    let mut done = Value::Null;
-    for _ in 0..400 {
-        done = app
-            .admin(Method::GET, &format!("/v1/saga-batches/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if done["status"] == "finished" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(done["status"], "finished", "{done}");
+    let done = batch_finished(&app, &id).await;
     assert_eq!(
         (done["matched"].as_u64(), done["applied"].as_u64()),
         (Some(7), Some(7)),
@@ -1586,21 +1591,7 @@ async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
         .await
         .unwrap();
     let again = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let mut seen = Value::Null;
-    for _ in 0..400 {
-        seen = app
-            .admin(Method::GET, &format!("/v1/saga-batches/{again}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if seen["status"] == "finished" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let seen = batch_finished(&app, &again).await;
     assert_eq!(
         (seen["matched"].as_u64(), seen["refused"].as_u64()),
         (Some(7), Some(7)),
