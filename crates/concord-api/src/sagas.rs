@@ -245,13 +245,82 @@ pub struct OperationOut {
     pub sequence: u64,
 }
 
+/// A saga's status, as a batch filters by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatusIn {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
+    Cancelled,
+}
+
+impl SagaStatusIn {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Compensating => "compensating",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Compensating,
+            Self::Completed,
+            Self::Compensated,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+/// What a batch does to each saga it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchActionIn {
+    Cancel,
+    Pause,
+    Resume,
+    /// As `POST /v1/sagas/{id}/retry`: a failed saga's compensations run again.
+    Retry,
+}
+
+impl BatchActionIn {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancel => "cancel",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Retry => "retry",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Cancel, Self::Pause, Self::Resume, Self::Retry]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
 /// Which sagas a batch acts on; every field given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchFilterIn {
-    /// `running`, `compensating`, `completed`, `compensated`, `failed` or `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<SagaStatusIn>,
     /// A definition's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<String>,
@@ -269,8 +338,7 @@ pub struct BatchFilterIn {
 pub struct BatchIn {
     #[serde(default)]
     pub filter: BatchFilterIn,
-    /// `cancel`, `pause`, `resume` or `retry`.
-    pub action: String,
+    pub action: BatchActionIn,
     /// Only count the sagas the filter matches now.
     #[serde(default)]
     pub dry_run: bool,
@@ -286,7 +354,7 @@ pub struct BatchCountOut {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BatchOut {
     pub id: String,
-    pub action: String,
+    pub action: BatchActionIn,
     pub filter: BatchFilterIn,
     /// `running` or `finished`.
     pub status: String,

@@ -6,7 +6,9 @@ use super::Remote;
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
-use concord_api::sagas::{BatchFilterIn, BatchIn, BatchOut, SagaOut, SagaPage, StartSagaBody};
+use concord_api::sagas::{
+    BatchActionIn, BatchFilterIn, BatchIn, BatchOut, SagaOut, SagaPage, SagaStatusIn, StartSagaBody,
+};
 use concord_core::domain::saga::SagaStatus;
 use concord_sdk::Client;
 use serde_json::Value;
@@ -199,6 +201,15 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
             dry_run,
             wait,
         } => {
+            let action = BatchActionIn::parse(&action)
+                .with_context(|| format!("no batch action {action:?}: cancel, pause, resume or retry"))?;
+            let status = status
+                .map(|s| {
+                    SagaStatusIn::parse(&s).with_context(|| {
+                        format!("no status {s:?}: running, compensating, completed, compensated, failed or cancelled")
+                    })
+                })
+                .transpose()?;
             let body = BatchIn {
                 filter: BatchFilterIn {
                     status,
@@ -260,7 +271,12 @@ fn print_batch(batch: &BatchOut, json: bool) -> anyhow::Result<()> {
     } else {
         println!(
             "{}  {}  {}  matched {}  applied {}  refused {}",
-            batch.id, batch.action, batch.status, batch.matched, batch.applied, batch.refused
+            batch.id,
+            batch.action.as_str(),
+            batch.status,
+            batch.matched,
+            batch.applied,
+            batch.refused
         );
     }
     Ok(())

@@ -9,7 +9,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use concord_api::ErrorCode;
-use concord_api::sagas::{BatchCountOut, BatchFilterIn, BatchIn, BatchOut};
+use concord_api::sagas::{BatchActionIn, BatchCountOut, BatchFilterIn, BatchIn, BatchOut, SagaStatusIn};
 use concord_core::domain::Principal;
 use concord_core::domain::saga::SagaStatus;
 use serde::Deserialize;
@@ -25,7 +25,7 @@ fn batch_error(e: BatchError) -> ApiError {
 
 fn filter_in(f: &BatchFilter) -> BatchFilterIn {
     BatchFilterIn {
-        status: f.status.map(|s| s.as_str().to_owned()),
+        status: f.status.and_then(|s| SagaStatusIn::parse(s.as_str())),
         definition: f.definition.clone(),
         started_before: f.started_before,
         started_after: f.started_after,
@@ -35,7 +35,12 @@ fn filter_in(f: &BatchFilter) -> BatchFilterIn {
 fn batch_out(b: &Batch) -> BatchOut {
     BatchOut {
         id: b.id.to_string(),
-        action: b.action.as_str().to_owned(),
+        action: match b.action {
+            BatchAction::Cancel => BatchActionIn::Cancel,
+            BatchAction::Pause => BatchActionIn::Pause,
+            BatchAction::Resume => BatchActionIn::Resume,
+            BatchAction::Retry => BatchActionIn::Retry,
+        },
         filter: filter_in(&b.filter),
         status: if b.finished { "finished" } else { "running" }.to_owned(),
         matched: b.matched,
@@ -55,7 +60,7 @@ fn batch_out(b: &Batch) -> BatchOut {
     responses(
         (status = 200, description = "A dry run: how many sagas the filter matches now", body = BatchCountOut),
         (status = 202, description = "The batch is recorded and runs; follow it at GET /v1/saga-batches/{id}", body = BatchOut),
-        (status = 400, description = "invalid_parameter (action, status) or malformed_json"),
+        (status = 400, description = "malformed_json: not JSON, or an action or status outside the lists"),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -63,26 +68,13 @@ pub async fn create(
     body: Result<Json<BatchIn>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
-    let action = match body.action.as_str() {
-        "cancel" => BatchAction::Cancel,
-        "pause" => BatchAction::Pause,
-        "resume" => BatchAction::Resume,
-        "retry" => BatchAction::Retry,
-        _ => return Err(ApiError::parameter("action", "one of cancel, pause, resume, retry")),
+    let action = match body.action {
+        BatchActionIn::Cancel => BatchAction::Cancel,
+        BatchActionIn::Pause => BatchAction::Pause,
+        BatchActionIn::Resume => BatchAction::Resume,
+        BatchActionIn::Retry => BatchAction::Retry,
     };
-    let status = body
-        .filter
-        .status
-        .as_deref()
-        .map(|s| {
-            SagaStatus::parse(s).ok_or_else(|| {
-                ApiError::parameter(
-                    "filter.status",
-                    "one of running, compensating, completed, compensated, failed, cancelled",
-                )
-            })
-        })
-        .transpose()?;
+    let status = body.filter.status.and_then(|s| SagaStatus::parse(s.as_str()));
     let filter = BatchFilter {
         status,
         definition: body.filter.definition,

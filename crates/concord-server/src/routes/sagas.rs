@@ -224,6 +224,7 @@ enum SagaStatusParam {
     Completed,
     Compensated,
     Failed,
+    Cancelled,
 }
 
 /// Sagas in id order.

@@ -1533,11 +1533,11 @@ async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"matched": 7}));
     let r = batch(json!({"filter": {}, "action": "explode"})).await.unwrap();
-    assert_problem(r, 400, "invalid_parameter").await;
+    assert_problem(r, 400, "malformed_json").await;
     let r = batch(json!({"filter": {"status": "sleepy"}, "action": "cancel"}))
         .await
         .unwrap();
-    assert_problem(r, 400, "invalid_parameter").await;
+    assert_problem(r, 400, "malformed_json").await;
     let reader = app.create_key(&["sagas:read"]).await;
     let r = app
         .request(Method::POST, "/v1/saga-batches", Some(&reader))
