@@ -2026,11 +2026,29 @@ mod tests {
         assert_eq!(undo.call.url, "http://inv/release/o-3");
         assert_eq!(undo.idempotency_key, "o-3:reserve:compensation");
         undo_ok.store(true, Ordering::SeqCst);
+        // A pause asked just before it failed, kept and never recorded: the retry refuses it,
+        // so it does not park the retried saga.
+        assert!(matches!(
+            e.operate(&sid("o-3"), SagaOperation::Pause, None, None).await,
+            Err(SagaError::OperationRefused { .. })
+        ));
+        let asked = crate::domain::event::UncheckedEvent {
+            id: None,
+            event_type: "OperationRequested".into(),
+            data: json!({"operation": "pause"}),
+            metadata: None,
+        };
+        let stream = StreamName::parse(&operations_stream(&sid("o-3"))).unwrap();
+        let request = AppendRequest::new(stream, ExpectedVersion::NoStream, vec![asked], &Limits::default()).unwrap();
+        crate::ports::EventStore::append(store.as_ref(), request).await.unwrap();
         let held = e.retry(&sid("o-3")).await.unwrap();
         assert_eq!(
             e.drive(held).await.unwrap(),
             DriveEnd::Finished(SagaStatus::Compensated)
         );
+        let (_, state) = e.load(&sid("o-3")).await.unwrap();
+        let state = state.unwrap();
+        assert_eq!((state.operations, state.paused), (1, false));
         assert!(matches!(e.retry(&sid("o-3")).await, Err(SagaError::NotFailed(..))));
         assert!(matches!(e.retry(&sid("nope")).await, Err(SagaError::NotFound(_))));
     }
