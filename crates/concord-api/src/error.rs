@@ -155,6 +155,10 @@ error_codes! {
     SagaOperationRefused = ("saga_operation_refused", 409, "Saga operation does not apply"),
     /// No saga batch with that id.
     SagaBatchNotFound = ("saga_batch_not_found", 404, "Saga batch not found"),
+    /// A participant host written otherwise than allow-lists write it (`name` or `name:port`).
+    InvalidParticipantHost = ("invalid_participant_host", 400, "Invalid participant host"),
+    /// A participant limit of zero or past its bound.
+    InvalidParticipantLimits = ("invalid_participant_limits", 400, "Invalid participant limits"),
     /// No step of the saga waits for this signal, or none does any more (the saga went past
     /// it, timed out or finished).
     SignalNotExpected = ("signal_not_expected", 409, "Signal not expected"),

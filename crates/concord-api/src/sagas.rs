@@ -91,6 +91,58 @@ pub struct SagaOut {
     /// Each step with its attempts (empty in lists).
     #[serde(default)]
     pub steps: Vec<StepOut>,
+    /// The participant host the saga waits for, spending no attempt, while that host's breaker
+    /// is not closed: its limits and breaker. Shown by `GET /v1/sagas/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_host: Option<ParticipantOut>,
+}
+
+/// The body of `PUT /v1/participant-limits/{host}`: what every node together sends the host.
+/// A limit left out (or null) is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParticipantLimitsIn {
+    /// Calls out at once, from all nodes together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub max_concurrency: Option<u32>,
+    /// Calls started per second, from all nodes together, spaced evenly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 1_000_000)]
+    pub max_per_s: Option<f64>,
+}
+
+/// A participant host's flow control: its limits, its `Retry-After` hold and its breaker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ParticipantOut {
+    /// As allow-lists write it: `payments` (every port) or `payments:8082`.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_s: Option<f64>,
+    /// `closed`, `open` or `half_open` (one probe is out).
+    pub breaker: String,
+    /// Consecutive failures counted toward the breaker.
+    pub failures: u32,
+    /// How many times the breaker opened.
+    pub opened: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When the open breaker lets a probe out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_until: Option<DateTime<Utc>>,
+    /// No call before this: the host answered `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<DateTime<Utc>>,
+    /// Calls out now, counted while a concurrency limit is set (or a probe is out).
+    pub in_flight: u32,
+}
+
+/// `GET /v1/participant-limits`: every host with limits or breaker state, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ParticipantPage {
+    pub participants: Vec<ParticipantOut>,
 }
 
 /// A page of `GET /v1/sagas`; pass `next` as `after` for the following page.

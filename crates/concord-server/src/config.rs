@@ -162,6 +162,21 @@ pub struct Settings {
     pub saga_batch_resume_ms: u64,
     /// At most this many sagas a second per batch (0: no limit).
     pub saga_batch_per_s: u32,
+    /// Consecutive failures of a participant host (connection errors, timeouts, 5xx) that open
+    /// its circuit breaker: sagas that call it then wait, spending no attempt, until a probe
+    /// succeeds.
+    pub participant_breaker_failures: u32,
+    /// How long a participant's breaker stays open before one call probes, milliseconds.
+    pub participant_breaker_open_ms: u64,
+    /// The longest hold a participant's `Retry-After` may ask for, milliseconds.
+    pub participant_max_hold_ms: u64,
+    /// How old a node's copy of the participant hosts' state may be, milliseconds: a limit set
+    /// or a breaker opened on another node applies here within this time (a host with a limit,
+    /// or a breaker not closed, is asked of the database on every call).
+    pub participant_refresh_ms: u64,
+    /// How long a saga held back by a host's concurrency limit waits before asking again,
+    /// milliseconds.
+    pub participant_slot_wait_ms: u64,
     /// How participants reach this server (`https://concord.internal:7400`): the base of the
     /// completion URLs asynchronous actions are given (`Concord-Callback`). Unset: the address
     /// the server listens on, `https://` with TLS, which only reaches it when that address is
@@ -350,6 +365,11 @@ impl Default for Settings {
             saga_batch_page: 100,
             saga_batch_resume_ms: 5_000,
             saga_batch_per_s: 1_000,
+            participant_breaker_failures: 5,
+            participant_breaker_open_ms: 5_000,
+            participant_max_hold_ms: 300_000,
+            participant_refresh_ms: 500,
+            participant_slot_wait_ms: 100,
             public_url: None,
             saga_secrets: std::collections::BTreeMap::new(),
             tx_max_participants: 16,
@@ -520,6 +540,22 @@ impl Settings {
             (name.clone(), s.value.expose().to_owned(), binding)
         }))
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    /// Flow control of participant hosts.
+    #[must_use]
+    pub fn gate_settings(&self) -> concord_core::app::flow::GateSettings {
+        let ms = |v: u64| chrono::Duration::milliseconds(i64::try_from(v).unwrap_or(i64::MAX));
+        concord_core::app::flow::GateSettings {
+            breaker: concord_core::domain::flow::BreakerSettings {
+                failures: self.participant_breaker_failures.max(1),
+                open_for: ms(self.participant_breaker_open_ms.max(1)),
+                max_hold: ms(self.participant_max_hold_ms),
+            },
+            refresh: std::time::Duration::from_millis(self.participant_refresh_ms),
+            slot_wait: std::time::Duration::from_millis(self.participant_slot_wait_ms.max(1)),
+            ..concord_core::app::flow::GateSettings::default()
+        }
     }
 
     #[must_use]

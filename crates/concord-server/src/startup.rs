@@ -9,7 +9,7 @@ use concord_core::app::group_commit::GroupCommitLimits;
 use concord_core::app::saga::{EngineConfig, SagaEngine};
 use concord_core::app::tx::{TxConfig, TxCoordinator};
 use concord_core::domain::outbound::OutboundPolicy;
-use concord_core::ports::{CheckpointStore, EventStore, IdempotencyStore, KeyStore, SagaStore, TxStore};
+use concord_core::ports::{CheckpointStore, EventStore, HostStore, IdempotencyStore, KeyStore, SagaStore, TxStore};
 use concord_sdk::idempotency;
 use concord_store_postgres::{PostgresConfig, PostgresStore};
 use concord_store_sqlite::{SqliteConfig, SqliteStore};
@@ -26,13 +26,14 @@ pub struct Stores {
     pub events: Arc<dyn EventStore>,
     pub txs: Arc<dyn TxStore>,
     pub sagas: Arc<dyn SagaStore>,
+    pub hosts: Arc<dyn HostStore>,
     pub checkpoints: Arc<dyn CheckpointStore>,
     pub keys: Arc<dyn KeyStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
 }
 
 impl Stores {
-    fn from<S: EventStore + CheckpointStore + KeyStore + SagaStore + TxStore>(
+    fn from<S: EventStore + CheckpointStore + KeyStore + SagaStore + TxStore + HostStore>(
         s: S,
         idempotency: Arc<dyn IdempotencyStore>,
     ) -> Self {
@@ -41,6 +42,7 @@ impl Stores {
             events: s.clone(),
             txs: s.clone(),
             sagas: s.clone(),
+            hosts: s.clone(),
             checkpoints: s.clone(),
             keys: s,
             idempotency,
@@ -155,25 +157,32 @@ impl Application {
             saga_outbound.clone(),
             &client_tls,
         )?);
-        let engine = Arc::new(SagaEngine::new(
-            stores.events.clone(),
-            stores.sagas.clone(),
-            participants,
-            uuid::Uuid::now_v7(),
-            EngineConfig {
-                lease: Duration::from_millis(settings.lease_ms),
-                limits: settings.saga_limits(),
-                event_limits: settings.limits(),
-                outbound: saga_outbound,
-                latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
-                operations_poll: Duration::from_millis(settings.saga_operations_poll_ms),
-                secrets: settings.saga_secrets()?,
-                callbacks: Some(concord_core::app::saga::CallbackConfig {
-                    key: concord_core::domain::saga::callback::CallbackKey::new(vault.callback_secret()),
-                    base_url: public_url,
-                }),
-            },
+        let gate = Arc::new(concord_core::app::flow::HostGate::new(
+            stores.hosts.clone(),
+            settings.gate_settings(),
         ));
+        let engine = Arc::new(
+            SagaEngine::new(
+                stores.events.clone(),
+                stores.sagas.clone(),
+                participants,
+                uuid::Uuid::now_v7(),
+                EngineConfig {
+                    lease: Duration::from_millis(settings.lease_ms),
+                    limits: settings.saga_limits(),
+                    event_limits: settings.limits(),
+                    outbound: saga_outbound,
+                    latest_definition_ttl: Duration::from_millis(settings.saga_definition_cache_ms),
+                    operations_poll: Duration::from_millis(settings.saga_operations_poll_ms),
+                    secrets: settings.saga_secrets()?,
+                    callbacks: Some(concord_core::app::saga::CallbackConfig {
+                        key: concord_core::domain::saga::callback::CallbackKey::new(vault.callback_secret()),
+                        base_url: public_url,
+                    }),
+                },
+            )
+            .with_gate(gate),
+        );
         let sagas = crate::saga::SagaRunner::new(
             engine,
             crate::saga::runner::RunnerConfig {

@@ -3,6 +3,7 @@
 //! wake-ups from LISTEN/NOTIFY, and every claim is a statement the database arbitrates.
 
 mod events;
+mod hosts;
 mod keys;
 mod sagas;
 mod sql;
@@ -125,6 +126,7 @@ fn migrator() -> Migrator {
         migration(2, "sagas", include_str!("../migrations/0002_sagas.sql")),
         migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
         migration(4, "owners", include_str!("../migrations/0004_owners.sql")),
+        migration(5, "hosts", include_str!("../migrations/0005_hosts.sql")),
     ]);
     m.set_ignore_missing(true);
     m

@@ -46,6 +46,12 @@ async fn postgres_passes_the_tx_store_suite() {
 }
 
 #[tokio::test]
+async fn postgres_passes_the_host_store_suite() {
+    let Some(base) = base_url() else { return };
+    testkit::host_store_suite(fresh(&base).await).await;
+}
+
+#[tokio::test]
 async fn a_second_node_on_the_same_database_is_woken_by_notify() {
     use concord_core::domain::ExpectedVersion;
     use concord_core::ports::EventStore;

@@ -4,6 +4,7 @@
 //! a busy lock); a small pool reads concurrently thanks to WAL mode.
 
 mod events;
+mod hosts;
 mod keys;
 mod sagas;
 mod sql;
@@ -96,6 +97,7 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0004_idempotency.sql"),
         ),
         migration(5, "owners", include_str!("../migrations/0005_owners.sql")),
+        migration(6, "hosts", include_str!("../migrations/0006_hosts.sql")),
     ]);
     m.set_ignore_missing(true);
     m

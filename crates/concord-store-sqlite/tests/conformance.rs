@@ -35,6 +35,12 @@ async fn sqlite_passes_the_tx_store_suite() {
 }
 
 #[tokio::test]
+async fn sqlite_passes_the_host_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::host_store_suite(fresh(&dir).await).await;
+}
+
+#[tokio::test]
 async fn events_survive_reopening_the_file() {
     use concord_core::domain::ExpectedVersion;
     use concord_core::ports::EventStore;

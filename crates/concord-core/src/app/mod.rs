@@ -3,6 +3,7 @@
 pub mod append;
 pub mod auth;
 pub mod events;
+pub mod flow;
 pub mod group_commit;
 mod log;
 pub mod saga;

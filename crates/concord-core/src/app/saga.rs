@@ -5,7 +5,9 @@
 //! lease, and every log append names the version it expects, so a node that lost its lease (paused,
 //! partitioned) cannot record anything once another node has moved the saga on.
 
+use crate::app::flow::{Blocked, HostGate, Pass};
 use crate::app::log::{self, AppendError, LEASE_MARGIN, chrono_dur};
+use crate::domain::flow::{BlockReason, HostSignal};
 use crate::domain::outbound::OutboundPolicy;
 use crate::domain::saga::ActionStatus;
 use crate::domain::saga::callback::{CallbackClaim, CallbackError, CallbackKey, Completion};
@@ -47,10 +49,29 @@ pub struct ParticipantCall {
     pub callback: Option<String>,
 }
 
+/// What a participant call came to: its outcome for the saga, and what it told about the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub outcome: CallOutcome,
+    pub host: HostSignal,
+}
+
+impl From<CallOutcome> for Answer {
+    /// The host signal an outcome implies when nothing more is known: a transient failure counts
+    /// against the host, anything else says it is up.
+    fn from(outcome: CallOutcome) -> Self {
+        let host = match outcome {
+            CallOutcome::Transient(_) => HostSignal::Failing,
+            _ => HostSignal::Healthy,
+        };
+        Self { outcome, host }
+    }
+}
+
 /// Sends participant calls and classifies what came back.
 #[async_trait]
 pub trait Participants: Send + Sync + 'static {
-    async fn call(&self, call: &ParticipantCall) -> CallOutcome;
+    async fn call(&self, call: &ParticipantCall) -> Answer;
 }
 
 /// What can go wrong for a caller of the saga use cases.
@@ -197,6 +218,8 @@ pub struct SagaEngine {
     events: Arc<dyn EventStore>,
     store: Arc<dyn SagaStore>,
     participants: Arc<dyn Participants>,
+    /// Flow control per participant host; none: every call goes out.
+    gate: Option<Arc<HostGate>>,
     node: Uuid,
     config: EngineConfig,
     /// Validated definitions by (name, version); versions never change once stored.
@@ -228,11 +251,25 @@ impl SagaEngine {
             events,
             store,
             participants,
+            gate: None,
             node,
             config,
             definitions: Mutex::new(HashMap::new()),
             latest: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Passes every participant call through `gate` first.
+    #[must_use]
+    pub fn with_gate(mut self, gate: Arc<HostGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The flow control of participant hosts, if any.
+    #[must_use]
+    pub fn gate(&self) -> Option<&Arc<HostGate>> {
+        self.gate.as_ref()
     }
 
     /// This node's id, the owner of its leases.
@@ -652,6 +689,45 @@ impl SagaEngine {
                 self.take_operations(&row.id, &def, &mut state, &mut pending).await?;
                 continue;
             }
+            // The participant's host lets the calls through, or the saga waits without
+            // spending an attempt or recording anything (a claimed saga's fence included).
+            let mut decision = decision;
+            let mut passes: Vec<Option<Pass>> = Vec::new();
+            match &decision {
+                Decision::Call { step, op, .. } => match self.admit(&def, &state, *step, *op).await? {
+                    Ok(p) => passes.push(p),
+                    Err(b) => {
+                        return self
+                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
+                            .await;
+                    }
+                },
+                Decision::CallAll(calls) => {
+                    let mut through = Vec::new();
+                    let mut first: Option<Blocked> = None;
+                    for &(step, op, attempt) in calls {
+                        match self.admit(&def, &state, step, op).await? {
+                            Ok(p) => {
+                                through.push((step, op, attempt));
+                                passes.push(p);
+                            }
+                            Err(b) => {
+                                if first.as_ref().is_none_or(|f| b.until < f.until) {
+                                    first = Some(b);
+                                }
+                            }
+                        }
+                    }
+                    if let (true, Some(b)) = (through.is_empty(), first) {
+                        return self
+                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
+                            .await;
+                    }
+                    // The calls held back come round again once these are recorded.
+                    decision = Decision::CallAll(through);
+                }
+                _ => {}
+            }
             if fence
                 && matches!(
                     decision,
@@ -754,6 +830,7 @@ impl SagaEngine {
                             .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
                             .await?
                     {
+                        self.unused(passes).await;
                         return Ok(DriveEnd::Lost);
                     }
                     let longest = calls
@@ -762,21 +839,24 @@ impl SagaEngine {
                         .max()
                         .unwrap_or_default();
                     if !self.keep_lease(&mut row, &state, longest).await? {
+                        self.unused(passes).await;
                         return Ok(DriveEnd::Lost);
                     }
                     let started_at = Utc::now();
-                    let outcomes = futures::future::join_all(calls.iter().map(|&(step, op, attempt)| {
-                        self.call(
-                            &def,
-                            &state,
-                            step,
-                            op,
-                            attempt,
-                            def.steps[step].timeout,
-                            trace.as_deref(),
-                        )
-                    }))
-                    .await;
+                    let outcomes =
+                        futures::future::join_all(calls.iter().zip(passes).map(|(&(step, op, attempt), pass)| {
+                            self.call(
+                                &def,
+                                &state,
+                                step,
+                                op,
+                                attempt,
+                                def.steps[step].timeout,
+                                trace.as_deref(),
+                                pass,
+                            )
+                        }))
+                        .await;
                     let finished = Utc::now();
                     let mut round: Vec<SagaEvent> = calls
                         .into_iter()
@@ -814,15 +894,18 @@ impl SagaEngine {
                             .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
                             .await?
                     {
+                        self.unused(passes).await;
                         return Ok(DriveEnd::Lost);
                     }
                     let timeout = def.steps[step].timeout;
                     if !self.keep_lease(&mut row, &state, timeout).await? {
+                        self.unused(passes).await;
                         return Ok(DriveEnd::Lost);
                     }
                     let started_at = Utc::now();
+                    let pass = passes.pop().flatten();
                     let outcome = self
-                        .call(&def, &state, step, op, attempt, timeout, trace.as_deref())
+                        .call(&def, &state, step, op, attempt, timeout, trace.as_deref(), pass)
                         .await;
                     let finished = Utc::now();
                     observe_call(op, &outcome, started_at, finished);
@@ -846,6 +929,105 @@ impl SagaEngine {
         }
     }
 
+    /// Asks the gate whether a step's call may go out now. None: no gate, or nothing it counts
+    /// (a call that cannot be rendered fails on its own, never reaching a host).
+    async fn admit(
+        &self,
+        def: &SagaDefinition,
+        state: &SagaState,
+        step: usize,
+        op: Op,
+    ) -> Result<Result<Option<Pass>, Blocked>, SagaError> {
+        let Some(gate) = &self.gate else {
+            return Ok(Ok(None));
+        };
+        let s = &def.steps[step];
+        let template = match op {
+            Op::Action => s.action.as_ref(),
+            Op::Compensation => s.compensation.as_ref(),
+        };
+        let Some(template) = template else {
+            return Ok(Ok(None));
+        };
+        let outputs = state.outputs();
+        let ctx = TemplateContext {
+            saga_id: &state.id,
+            input: &state.input,
+            outputs: &outputs,
+            secrets: &self.config.secrets,
+        };
+        let Ok(call) = ctx.render_call(template) else {
+            return Ok(Ok(None));
+        };
+        let Some((host, port)) = url::Url::parse(&call.url)
+            .ok()
+            .and_then(|u| Some((u.host_str()?.to_owned(), u.port_or_known_default()?)))
+        else {
+            return Ok(Ok(None));
+        };
+        Ok(gate.admit(&host, port, s.timeout).await?.map(Some))
+    }
+
+    /// Gives back the places of calls let through but never made (the drive stopped first).
+    async fn unused(&self, passes: Vec<Option<Pass>>) {
+        if let Some(gate) = &self.gate {
+            for p in passes.into_iter().flatten() {
+                gate.report(p, HostSignal::NotSent).await;
+            }
+        }
+    }
+
+    /// Puts a saga away whose call the gate held back: due again when the gate says, or, for a
+    /// host that is down, when its probe may go out or as soon as it comes back, whichever is
+    /// first. Nothing is recorded in its log and no attempt is spent.
+    async fn hold_back(
+        &self,
+        row: &mut SagaRow,
+        recorded: &mut u64,
+        pending: &mut Vec<SagaEvent>,
+        state: &SagaState,
+        trace: Option<&str>,
+        blocked: Blocked,
+    ) -> Result<DriveEnd, SagaError> {
+        if !self.flush(row, recorded, pending, state, trace).await? {
+            return Ok(DriveEnd::Lost);
+        }
+        let Some(gate) = &self.gate else {
+            return Ok(DriveEnd::Waiting);
+        };
+        let now = Utc::now();
+        let recovery = blocked.reason.waits_for_recovery();
+        let until = match blocked.reason {
+            // Places free up as calls report; a short wait, spread so the sagas do not come back
+            // together.
+            BlockReason::Concurrency => {
+                let wait = gate.settings().slot_wait;
+                blocked.until.min(now + chrono_dur(wait)) + chrono_dur(wait.mul_f64(rand::random::<f64>() / 2.0))
+            }
+            // Spread over a second, so one probe goes out first instead of every saga at once.
+            _ if recovery => blocked.until + chrono::Duration::milliseconds(rand::random_range(0..1000)),
+            _ => blocked.until,
+        }
+        .max(now);
+        if recovery {
+            gate.park(&blocked.key, &row.id).await?;
+        }
+        if !self.release(row, state, Some(until)).await? {
+            return Ok(DriveEnd::Lost);
+        }
+        metrics::counter!("concord_saga_calls_held_total", "reason" => blocked.reason.as_str()).increment(1);
+        tracing::debug!(host = %blocked.key, reason = blocked.reason.as_str(), %until, "saga call held back");
+        // The host came back, or an operator asked something, while this node put the saga away:
+        // the wake that meant to reach it found it still held.
+        let back = recovery && matches!(gate.still_down(&blocked.key).await, Ok(false));
+        if back || !matches!(self.operations_waiting(&row.id, state).await, Ok(false)) {
+            self.store.wake_saga(&row.id, Utc::now()).await?;
+            return Ok(DriveEnd::Woken);
+        }
+        Ok(DriveEnd::Waiting)
+    }
+
+    /// Makes a call the gate let through (`pass`), and tells the gate what it said of its host.
     #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
@@ -856,16 +1038,36 @@ impl SagaEngine {
         attempt: u32,
         timeout: Duration,
         trace: Option<&str>,
+        pass: Option<Pass>,
     ) -> CallOutcome {
+        let (outcome, signal) = self.call_inner(def, state, step, op, attempt, timeout, trace).await;
+        if let (Some(gate), Some(pass)) = (&self.gate, pass) {
+            gate.report(pass, signal).await;
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_inner(
+        &self,
+        def: &SagaDefinition,
+        state: &SagaState,
+        step: usize,
+        op: Op,
+        attempt: u32,
+        timeout: Duration,
+        trace: Option<&str>,
+    ) -> (CallOutcome, HostSignal) {
+        let not_sent = |o: CallOutcome| (o, HostSignal::NotSent);
         let s = &def.steps[step];
         let template = match op {
             Op::Action => match &s.action {
                 Some(a) => a,
-                None => return CallOutcome::Refused("a timer step makes no call".into()),
+                None => return not_sent(CallOutcome::Refused("a timer step makes no call".into())),
             },
             Op::Compensation => match &s.compensation {
                 Some(c) => c,
-                None => return CallOutcome::Succeeded(Value::Null),
+                None => return not_sent(CallOutcome::Succeeded(Value::Null)),
             },
         };
         let outputs = state.outputs();
@@ -879,16 +1081,16 @@ impl SagaEngine {
             Ok(c) => c,
             // This node lacks a secret another node put the definition with: one that has it
             // (or this one, reconfigured) can still make the call.
-            Err(e @ MissingValue::Secret(_)) => return CallOutcome::Transient(e.to_string()),
+            Err(e @ MissingValue::Secret(_)) => return not_sent(CallOutcome::Transient(e.to_string())),
             // The data a call needs is not there: no retry will bring it.
-            Err(e) => return CallOutcome::Refused(e.to_string()),
+            Err(e) => return not_sent(CallOutcome::Refused(e.to_string())),
         };
         // Checked again here: the list may have changed since the definition was put.
         if let Err(refused) = self.config.outbound.check(&call.url) {
-            return CallOutcome::Refused(format!("the call is not allowed: {refused}"));
+            return not_sent(CallOutcome::Refused(format!("the call is not allowed: {refused}")));
         }
         if let Err(why) = self.config.secrets.check_call(template, &call) {
-            return CallOutcome::Refused(format!("the call is not allowed: {why}"));
+            return not_sent(CallOutcome::Refused(format!("the call is not allowed: {why}")));
         }
         // An asynchronous action's call carries the URL its participant completes it at.
         let callback = match (op, s.callback_timeout, &self.config.callbacks) {
@@ -907,9 +1109,9 @@ impl SagaEngine {
             }
             // This node cannot hand out a completion URL (no public_url): one that can may.
             (Op::Action, Some(_), _) => {
-                return CallOutcome::Transient(
+                return not_sent(CallOutcome::Transient(
                     "this node has no public_url to give an asynchronous action its completion URL".into(),
-                );
+                ));
             }
             _ => None,
         };
@@ -925,20 +1127,26 @@ impl SagaEngine {
             callback,
         };
         let span = tracing::info_span!("saga.step", step = %s.name, op = op.as_str(), attempt);
-        let outcome = self.participants.call(&pc).instrument(span).await;
-        let outcome = self.keepable(outcome);
+        let answer = self.participants.call(&pc).instrument(span).await;
+        let signal = answer.host;
+        let outcome = self.keepable(answer.outcome);
         // The participant may have posted a completion while the call ran. The completion
         // stream decides once which result stands: the call's, by closing it, or a completion
         // kept before, which the participant was told is recorded.
         if pc.callback.is_some() && outcome != CallOutcome::Accepted {
             match self.close_completion(&state.id, step, attempt).await {
-                Ok(Some(posted)) => return posted,
+                Ok(Some(posted)) => return (posted, signal),
                 Ok(None) => {}
                 // Unknown which stands: the step is uncertain, never a second result.
-                Err(e) => return CallOutcome::Unusable(format!("closing the completion URL failed: {e}")),
+                Err(e) => {
+                    return (
+                        CallOutcome::Unusable(format!("closing the completion URL failed: {e}")),
+                        signal,
+                    );
+                }
             }
         }
-        outcome
+        (outcome, signal)
     }
 
     /// Closes an attempt's completion URL before a result other than its completion is
@@ -1683,10 +1891,10 @@ mod tests {
 
     #[async_trait]
     impl Participants for Scripted {
-        async fn call(&self, call: &ParticipantCall) -> CallOutcome {
+        async fn call(&self, call: &ParticipantCall) -> Answer {
             self.count.fetch_add(1, Ordering::SeqCst);
             self.calls.lock().unwrap().push(call.clone());
-            (self.answer)(call)
+            (self.answer)(call).into()
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod event;
+pub mod flow;
 pub mod idempotency;
 pub mod limits;
 pub mod outbound;

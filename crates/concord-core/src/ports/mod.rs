@@ -3,12 +3,14 @@
 //! port, each with the rows it stores; every item is re-exported here, so `ports::X` names it.
 
 mod events;
+mod hosts;
 mod keys;
 mod sagas;
 mod txs;
 mod vault;
 
 pub use events::{CheckpointStore, EventStore, LogQuery, collect_within};
+pub use hosts::{HostChange, HostStore};
 pub use keys::KeyStore;
 pub use sagas::{SagaRow, SagaStore, SagaUpdate, StoredDefinition};
 pub use txs::{TxRow, TxStore, TxUpdate};

@@ -27,6 +27,8 @@ struct MemState {
     definitions: Vec<StoredDefinition>,
     sagas: std::collections::BTreeMap<SagaId, SagaRow>,
     txs: std::collections::BTreeMap<Xid, TxRow>,
+    hosts: std::collections::BTreeMap<String, crate::domain::flow::HostState>,
+    parked: std::collections::BTreeMap<(String, SagaId), DateTime<Utc>>,
 }
 
 #[derive(Clone)]
@@ -502,11 +504,61 @@ impl TxStore for MemoryStore {
     }
 }
 
+#[async_trait]
+impl crate::ports::HostStore for MemoryStore {
+    async fn change_host(
+        &self,
+        host: &str,
+        change: crate::ports::HostChange<'_>,
+    ) -> Result<crate::domain::flow::HostState, StoreError> {
+        let mut st = self.lock();
+        let mut state = st.hosts.get(host).cloned().unwrap_or_default();
+        if change(&mut state) {
+            st.hosts.insert(host.to_owned(), state.clone());
+        }
+        Ok(state)
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<(String, crate::domain::flow::HostState)>, StoreError> {
+        Ok(self.lock().hosts.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn park_saga(&self, host: &str, id: &SagaId, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.lock().parked.insert((host.to_owned(), id.clone()), now);
+        Ok(())
+    }
+
+    async fn wake_parked(&self, host: &str, now: DateTime<Utc>, limit: usize) -> Result<usize, StoreError> {
+        let mut st = self.lock();
+        let mut ids: Vec<(DateTime<Utc>, SagaId)> = st
+            .parked
+            .iter()
+            .filter(|((h, _), _)| h == host)
+            .map(|((_, id), at)| (*at, id.clone()))
+            .collect();
+        ids.sort();
+        ids.truncate(limit);
+        for (_, id) in &ids {
+            st.parked.remove(&(host.to_owned(), id.clone()));
+            if let Some(row) = st.sagas.get_mut(id)
+                && row.next_run_at.is_some_and(|t| t > now)
+            {
+                row.next_run_at = Some(now);
+            }
+        }
+        Ok(ids.len())
+    }
+
+    async fn parked_on(&self, id: &SagaId) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().parked.keys().find(|(_, s)| s == id).map(|(h, _)| h.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkit::{
-        event_store_suite, idempotency_store_suite, key_store_suite, saga_store_suite, tx_store_suite,
+        event_store_suite, host_store_suite, idempotency_store_suite, key_store_suite, saga_store_suite, tx_store_suite,
     };
 
     #[tokio::test]
@@ -522,6 +574,11 @@ mod tests {
     #[tokio::test]
     async fn the_memory_store_passes_the_saga_store_suite() {
         saga_store_suite(MemoryStore::default()).await;
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_passes_the_host_store_suite() {
+        host_store_suite(MemoryStore::default()).await;
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use serde_json::json;
 
 mod broker;
 mod event_store;
+mod host_store;
 mod idempotency_store;
 mod key_store;
 mod memory;
@@ -21,6 +22,7 @@ mod tx_store;
 mod vault;
 pub use broker::{broker_suite, fresh_topic, message};
 pub use event_store::event_store_suite;
+pub use host_store::host_store_suite;
 pub use idempotency_store::idempotency_store_suite;
 pub use key_store::key_store_suite;
 pub use memory::MemoryStore;

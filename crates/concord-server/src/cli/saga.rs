@@ -486,6 +486,7 @@ mod tests {
             updated_at: at(2600),
             next_attempt_at: None,
             paused: false,
+            waiting_for_host: None,
             steps: vec![
                 StepOut {
                     name: "reserve".into(),
@@ -552,6 +553,7 @@ attempts:
             updated_at: at(5),
             next_attempt_at: None,
             paused: false,
+            waiting_for_host: None,
             steps: Vec::new(),
         };
         let page = SagaPage {

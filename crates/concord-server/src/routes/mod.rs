@@ -4,6 +4,7 @@
 pub mod batches;
 pub mod events;
 pub mod keys;
+pub mod participants;
 pub mod sagas;
 pub mod subscriptions;
 pub mod system;
@@ -48,6 +49,8 @@ fn declared() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .routes(routes!(sagas::signal))
         .routes(routes!(batches::create))
         .routes(routes!(batches::get))
+        .routes(routes!(participants::put, participants::get))
+        .routes(routes!(participants::list))
         .routes(routes!(tx::begin, tx::list))
         .routes(routes!(tx::get))
         .routes(routes!(vault::tokenize))
@@ -151,7 +154,7 @@ mod tests {
                 count += 1;
             }
         }
-        assert_eq!(count, 35, "every operation of the API");
+        assert_eq!(count, 38, "every operation of the API");
     }
 
     #[test]

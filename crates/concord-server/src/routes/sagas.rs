@@ -198,7 +198,16 @@ pub async fn get(
     let Query(p) = params?;
     let wait = wait_of(&p, &state)?;
     let id = path.id()?;
-    Ok(Json(saga_out(&state.sagas.view(&id, wait).await?)))
+    let mut out = saga_out(&state.sagas.view(&id, wait).await?);
+    // A saga parked on a host shows that host while its breaker is not closed.
+    if let Some(gate) = state.sagas.engine().gate()
+        && !concord_core::domain::saga::SagaStatus::parse(&out.status).is_some_and(|s| s.is_terminal())
+        && let Some((host, h)) = gate.parked(&id).await?
+        && h.breaker != concord_core::domain::flow::Breaker::Closed
+    {
+        out.waiting_for_host = Some(super::participants::participant_out(&host, &h));
+    }
+    Ok(Json(out))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -522,6 +531,7 @@ fn summary(row: &SagaRow) -> SagaOut {
         next_attempt_at: None,
         paused: false,
         steps: Vec::new(),
+        waiting_for_host: None,
     }
 }
 

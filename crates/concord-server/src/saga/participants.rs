@@ -4,7 +4,8 @@
 
 use crate::outbound::{Outbound, refusal};
 use async_trait::async_trait;
-use concord_core::app::saga::{ParticipantCall, Participants};
+use concord_core::app::saga::{Answer, ParticipantCall, Participants};
+use concord_core::domain::flow::HostSignal;
 use concord_core::domain::outbound::OutboundPolicy;
 use concord_core::domain::saga::CallOutcome;
 use concord_sdk::trace;
@@ -33,7 +34,7 @@ const ERROR_SNIPPET: usize = 300;
 
 #[async_trait]
 impl Participants for HttpParticipants {
-    async fn call(&self, c: &ParticipantCall) -> CallOutcome {
+    async fn call(&self, c: &ParticipantCall) -> Answer {
         // A client span in the trace of the request that started the saga (kept in the saga log,
         // so recovery on another node continues it too): the participant's own spans nest under
         // it instead of hanging from a span id no process recorded.
@@ -53,13 +54,21 @@ impl Participants for HttpParticipants {
 }
 
 impl HttpParticipants {
-    async fn send(&self, c: &ParticipantCall) -> CallOutcome {
+    async fn send(&self, c: &ParticipantCall) -> Answer {
+        let not_sent = |outcome| Answer {
+            outcome,
+            host: HostSignal::NotSent,
+        };
+        let failing = |outcome| Answer {
+            outcome,
+            host: HostSignal::Failing,
+        };
         let Ok(method) = reqwest::Method::from_bytes(c.call.method.as_bytes()) else {
-            return CallOutcome::Refused(format!("unsupported method {}", c.call.method));
+            return not_sent(CallOutcome::Refused(format!("unsupported method {}", c.call.method)));
         };
         let req = match self.client.request(method, &c.call.url) {
             Ok(r) => r,
-            Err(refused) => return CallOutcome::Refused(format!("the call is not allowed: {refused}")),
+            Err(refused) => return not_sent(CallOutcome::Refused(format!("the call is not allowed: {refused}"))),
         };
         let mut req = req
             .timeout(c.timeout)
@@ -70,7 +79,9 @@ impl HttpParticipants {
             // A definition's headers may carry a secret: kept out of HTTP/2 header compression
             // tables and out of any Debug print of the request.
             let Ok(mut value) = reqwest::header::HeaderValue::from_str(v) else {
-                return CallOutcome::Refused(format!("header {k} has a value that cannot be sent"));
+                return not_sent(CallOutcome::Refused(format!(
+                    "header {k} has a value that cannot be sent"
+                )));
             };
             value.set_sensitive(true);
             req = req.header(k, value);
@@ -79,7 +90,9 @@ impl HttpParticipants {
             // A capability: whoever holds it completes the attempt, so it stays out of header
             // compression tables and Debug prints like a secret.
             let Ok(mut value) = reqwest::header::HeaderValue::from_str(url) else {
-                return CallOutcome::Refused("the completion URL cannot be sent as a header".into());
+                return not_sent(CallOutcome::Refused(
+                    "the completion URL cannot be sent as a header".into(),
+                ));
             };
             value.set_sensitive(true);
             req = req.header(concord_core::domain::saga::callback::CALLBACK_HEADER, value);
@@ -89,34 +102,51 @@ impl HttpParticipants {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) if e.is_builder() => return CallOutcome::Refused(format!("the call cannot be made: {e}")),
+            Err(e) if e.is_builder() => return not_sent(CallOutcome::Refused(format!("the call cannot be made: {e}"))),
             Err(e) if let Some(refused) = refusal(&e) => {
-                return CallOutcome::Refused(format!("the call is not allowed: {refused}"));
+                return not_sent(CallOutcome::Refused(format!("the call is not allowed: {refused}")));
             }
             Err(e) if e.is_timeout() => {
-                return CallOutcome::Transient(format!("timed out after {} ms", c.timeout.as_millis()));
+                return failing(CallOutcome::Transient(format!(
+                    "timed out after {} ms",
+                    c.timeout.as_millis()
+                )));
             }
-            Err(e) => return CallOutcome::Transient(format!("connection error: {}", error_chain(&e))),
+            Err(e) => return failing(CallOutcome::Transient(format!("connection error: {}", error_chain(&e)))),
         };
         let status = resp.status();
+        let retry_after = retry_after(resp.headers(), chrono::Utc::now());
+        let host = host_signal(status, retry_after);
         // Accepted: the participant finishes later and posts its result to the completion URL
         // this call carried. Without one, a 202 is a 2xx like any other.
         if status == StatusCode::ACCEPTED && c.callback.is_some() {
-            return CallOutcome::Accepted;
+            return Answer {
+                outcome: CallOutcome::Accepted,
+                host,
+            };
         }
         let body = match read_limited(resp, self.max_body).await {
             Ok(b) => b,
             // It took effect, but its answer cannot be kept.
             Err(Read::TooLarge) if status.is_success() => {
-                return CallOutcome::Unusable(format!("answer over the limit of {} bytes", self.max_body));
+                return Answer {
+                    outcome: CallOutcome::Unusable(format!("answer over the limit of {} bytes", self.max_body)),
+                    host,
+                };
             }
             Err(Read::TooLarge) => Vec::new(),
             Err(Read::Failed(e)) if e.is_timeout() => {
-                return CallOutcome::Transient(format!("timed out after {} ms", c.timeout.as_millis()));
+                return failing(CallOutcome::Transient(format!(
+                    "timed out after {} ms",
+                    c.timeout.as_millis()
+                )));
             }
-            Err(Read::Failed(e)) => return CallOutcome::Transient(format!("reading the answer: {e}")),
+            Err(Read::Failed(e)) => return failing(CallOutcome::Transient(format!("reading the answer: {e}"))),
         };
-        classify(status, &body)
+        Answer {
+            outcome: classify(status, &body),
+            host,
+        }
     }
 }
 
@@ -146,6 +176,33 @@ fn classify(status: StatusCode, body: &[u8]) -> CallOutcome {
         300..=399 => CallOutcome::Transient(format!("{error} (redirects are not followed)")),
         _ => CallOutcome::Transient(error),
     }
+}
+
+/// What an answer tells of its host: a 429, or a 503 with `Retry-After`, asks callers to slow
+/// down (a hold for every saga's calls to it, not a failure); any other 5xx counts toward its
+/// breaker; anything else says it is up.
+fn host_signal(status: StatusCode, retry_after: Option<std::time::Duration>) -> HostSignal {
+    match status.as_u16() {
+        429 => HostSignal::Throttled(retry_after),
+        503 if retry_after.is_some() => HostSignal::Throttled(retry_after),
+        500..=599 => HostSignal::Failing,
+        _ => HostSignal::Healthy,
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date (RFC 9110 10.2.3); none when absent or neither.
+fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v)
+        .ok()?
+        .with_timezone(&chrono::Utc);
+    Some((at - now).to_std().unwrap_or_default())
 }
 
 /// A 409 whose problem code says the same `Idempotency-Key` is still being processed.
@@ -204,5 +261,30 @@ mod tests {
         assert!(matches!(ok(302, b""), CallOutcome::Transient(_)));
         let busy = br#"{"code": "idempotency_key_in_flight", "status": 409}"#;
         assert!(matches!(ok(409, busy), CallOutcome::Transient(_)));
+    }
+
+    #[test]
+    fn answers_tell_whether_the_host_is_down_or_only_busy() {
+        let s = |c: u16| StatusCode::from_u16(c).unwrap();
+        let two = Some(std::time::Duration::from_secs(2));
+        assert_eq!(host_signal(s(429), two), HostSignal::Throttled(two));
+        assert_eq!(host_signal(s(429), None), HostSignal::Throttled(None));
+        assert_eq!(host_signal(s(503), two), HostSignal::Throttled(two));
+        assert_eq!(host_signal(s(503), None), HostSignal::Failing);
+        assert_eq!(host_signal(s(500), two), HostSignal::Failing);
+        for ok in [200, 202, 404, 409, 408] {
+            assert_eq!(host_signal(s(ok), None), HostSignal::Healthy, "{ok}");
+        }
+        let mut h = reqwest::header::HeaderMap::new();
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-08T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h, now), two);
+        h.insert("retry-after", "Tue, 08 Dec 2026 00:00:03 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h, now), Some(std::time::Duration::from_secs(3)));
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h, now), None);
     }
 }

@@ -19,6 +19,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub state: AppState,
     pub database_url: String,
+    /// The vault master key, for another node on the same database.
+    pub master_key: String,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -68,9 +70,31 @@ pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
 }
 
 pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> Option<TestApp> {
-    init_crypto();
     let (database_url, dir) = fresh_database(backend).await?;
     let admin_key = format!("test-admin-{}", uuid::Uuid::now_v7());
+    Some(spawn_node(database_url, admin_key, test_master_key(), dir, tweak).await)
+}
+
+/// Another node on the database of `first`, with the same admin key.
+pub async fn spawn_second_node(first: &TestApp, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_node(
+        first.database_url.clone(),
+        first.admin_key.clone(),
+        first.master_key.clone(),
+        None,
+        tweak,
+    )
+    .await
+}
+
+async fn spawn_node(
+    database_url: String,
+    admin_key: String,
+    master_key: String,
+    dir: Option<tempfile::TempDir>,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
+    init_crypto();
     let mut settings = Settings {
         listen: "127.0.0.1:0".into(),
         // The participants are on loopback, which the outbound policy refuses unless named.
@@ -78,7 +102,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
         tx_allowed_hosts: vec!["127.0.0.1".into()],
         database_url: database_url.clone(),
         admin_key: Some(admin_key.clone().into()),
-        vault_master_key: Some(test_master_key().into()),
+        vault_master_key: Some(master_key.clone().into()),
         db_connections: 4,
         ..Settings::default()
     };
@@ -90,15 +114,16 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
     tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
-    Some(TestApp {
+    TestApp {
         address,
         admin_key,
         http: reqwest::Client::new(),
         state,
         database_url,
+        master_key,
         _dir: dir,
         stop: Some(stop),
-    })
+    }
 }
 
 impl TestApp {

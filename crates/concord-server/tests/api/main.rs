@@ -14,6 +14,7 @@ mod idempotency;
 mod limits;
 mod outbound;
 mod ownership;
+mod participants;
 mod saga_logs;
 mod sagas;
 mod subscriptions;

@@ -1,0 +1,316 @@
+//! The gate every saga call to a participant passes: the host's limits, its `Retry-After` hold
+//! and its circuit breaker, shared by every node through the [`HostStore`].
+//!
+//! A host with no limit, nothing held and no failure counted (nearly every host, nearly all the
+//! time) costs nothing: its state is read from a copy of the host table each node refreshes
+//! every `refresh`, and only a failure writes. A host with a limit or a breaker that is not
+//! closed goes through the store on every call, under the host's lock, so nodes share one count.
+
+use crate::domain::flow::{
+    Admission, BlockReason, Breaker, BreakerSettings, CallLease, HostLimits, HostSignal, HostState, Transition,
+    host_key,
+};
+use crate::domain::saga::SagaId;
+use crate::ports::{HostStore, StoreError};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Settings of the gate, all configurable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateSettings {
+    pub breaker: BreakerSettings,
+    /// How old this node's copy of the host table may be: a limit set, or a breaker opened, on
+    /// another node applies here within this time.
+    pub refresh: Duration,
+    /// How long a saga held back by a concurrency limit waits before it asks again.
+    pub slot_wait: Duration,
+    /// Sagas woken per statement when a host comes back.
+    pub wake_batch: usize,
+    /// How long past its call's timeout a call keeps its place, should its node die mid-call.
+    pub lease_grace: Duration,
+}
+
+impl Default for GateSettings {
+    fn default() -> Self {
+        Self {
+            breaker: BreakerSettings::default(),
+            refresh: Duration::from_millis(500),
+            slot_wait: Duration::from_millis(100),
+            wake_batch: 500,
+            lease_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A call let through: report what it told about its host with [`HostGate::report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pass {
+    pub key: String,
+    lease: Option<Uuid>,
+}
+
+/// A call held back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The host it was counted under.
+    pub key: String,
+    /// When to ask again: a moment the saga knows (a rate, a hold), or for a breaker, when the
+    /// probe may go out (the saga is woken sooner if the host comes back).
+    pub until: DateTime<Utc>,
+    pub reason: BlockReason,
+}
+
+struct Snapshot {
+    hosts: HashMap<String, HostState>,
+    read: Option<Instant>,
+}
+
+/// Flow control per participant host.
+pub struct HostGate {
+    store: Arc<dyn HostStore>,
+    settings: GateSettings,
+    copy: Mutex<Snapshot>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl HostGate {
+    #[must_use]
+    pub fn new(store: Arc<dyn HostStore>, settings: GateSettings) -> Self {
+        Self {
+            store,
+            settings,
+            copy: Mutex::new(Snapshot {
+                hosts: HashMap::new(),
+                read: None,
+            }),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    #[must_use]
+    pub fn settings(&self) -> &GateSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.copy.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn refresh_if_old(&self) -> Result<(), StoreError> {
+        let fresh = |c: &Snapshot| c.read.is_some_and(|t| t.elapsed() < self.settings.refresh);
+        if fresh(&self.lock()) {
+            return Ok(());
+        }
+        let _one = self.refreshing.lock().await;
+        if fresh(&self.lock()) {
+            return Ok(());
+        }
+        let hosts: HashMap<String, HostState> = self.store.list_hosts().await?.into_iter().collect();
+        publish(&hosts);
+        let mut c = self.lock();
+        c.hosts = hosts;
+        c.read = Some(Instant::now());
+        Ok(())
+    }
+
+    fn remember(&self, key: &str, state: &HostState) {
+        self.lock().hosts.insert(key.to_owned(), state.clone());
+        publish_one(key, state);
+    }
+
+    /// Asks whether a call to `host` on `port` that may run `timeout` can go out now.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn admit(&self, host: &str, port: u16, timeout: Duration) -> Result<Result<Pass, Blocked>, StoreError> {
+        self.refresh_if_old().await?;
+        let now = Utc::now();
+        let (key, free) = {
+            let c = self.lock();
+            let key = host_key(host, port, |k| c.hosts.get(k).is_some_and(|h| !h.limits.is_none()));
+            let free = c.hosts.get(&key).is_none_or(|h| h.is_free(now));
+            (key, free)
+        };
+        if free {
+            return Ok(Ok(Pass { key, lease: None }));
+        }
+        let lease = CallLease {
+            id: Uuid::now_v7(),
+            until: now + crate::app::log::chrono_dur(timeout + self.settings.lease_grace),
+        };
+        let mut admission = None;
+        let state = self
+            .store
+            .change_host(&key, &mut |h| {
+                let a = h.admit(Utc::now(), lease);
+                admission = Some(a);
+                // Nothing changes when the call is held back.
+                matches!(a, Admission::Admitted { .. })
+            })
+            .await?;
+        self.remember(&key, &state);
+        match admission {
+            Some(Admission::Admitted { tracked, .. }) => Ok(Ok(Pass {
+                key,
+                lease: tracked.then_some(lease.id),
+            })),
+            Some(Admission::Blocked { until, reason }) => {
+                metrics::counter!("concord_participant_calls_held_total", "host" => key.clone(), "reason" => reason.as_str())
+                    .increment(1);
+                Ok(Err(Blocked { key, until, reason }))
+            }
+            None => Ok(Ok(Pass { key, lease: None })),
+        }
+    }
+
+    /// Records what a call told about its host: frees its place, counts a failure (which may open
+    /// the breaker), holds the host for a `Retry-After`, and, when a success closes the breaker,
+    /// wakes every saga parked on the host at once. A failure here is logged: the call's place
+    /// is freed when its lease passes, and the next report counts again.
+    pub async fn report(&self, pass: Pass, signal: HostSignal) {
+        let now = Utc::now();
+        let untouched = {
+            let c = self.lock();
+            let state = c.hosts.get(&pass.key);
+            pass.lease.is_none()
+                && match signal {
+                    HostSignal::NotSent => true,
+                    HostSignal::Healthy => state.is_none_or(|h| h.failures == 0 && h.breaker == Breaker::Closed),
+                    HostSignal::Failing | HostSignal::Throttled(_) => false,
+                }
+        };
+        if untouched {
+            return;
+        }
+        let mut transition = None;
+        let settings = self.settings.breaker;
+        let changed = self
+            .store
+            .change_host(&pass.key, &mut |h| {
+                let before = h.clone();
+                transition = h.report(now, pass.lease, signal, &settings);
+                *h != before
+            })
+            .await;
+        let state = match changed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(host = %pass.key, error = %e, "recording a call's outcome for its host failed");
+                return;
+            }
+        };
+        self.remember(&pass.key, &state);
+        match transition {
+            Some(Transition::Opened) => {
+                metrics::counter!("concord_participant_breaker_opened_total", "host" => pass.key.clone()).increment(1);
+                tracing::warn!(host = %pass.key, failures = state.failures, "participant breaker opened; sagas that call it wait");
+            }
+            Some(Transition::Closed) => {
+                tracing::info!(host = %pass.key, "participant breaker closed; releasing the sagas parked on it");
+                self.wake_parked(&pass.key).await;
+            }
+            None => {}
+        }
+    }
+
+    async fn wake_parked(&self, key: &str) {
+        loop {
+            match self.store.wake_parked(key, Utc::now(), self.settings.wake_batch).await {
+                Ok(n) if n >= self.settings.wake_batch => {}
+                Ok(n) => {
+                    if n > 0 {
+                        metrics::counter!("concord_participant_sagas_released_total", "host" => key.to_owned())
+                            .increment(n as u64);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // They still come back when their own time passes.
+                    tracing::warn!(host = %key, error = %e, "waking the sagas parked on a host failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Notes that a saga waits for a host to come back.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn park(&self, key: &str, id: &SagaId) -> Result<(), StoreError> {
+        self.store.park_saga(key, id, Utc::now()).await
+    }
+
+    /// Whether the host still holds calls back for a reason the saga waits out (read from the
+    /// store, not the copy): a saga that parked just as the host came back is woken instead.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn still_down(&self, key: &str) -> Result<bool, StoreError> {
+        let state = self.store.change_host(key, &mut |_| false).await?;
+        Ok(state.breaker != Breaker::Closed)
+    }
+
+    /// Sets a host's limits (none of either: no limit), keeping its breaker and calls out.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn set_limits(&self, key: &str, limits: HostLimits) -> Result<HostState, StoreError> {
+        let state = self
+            .store
+            .change_host(key, &mut |h| {
+                h.set_limits(limits);
+                true
+            })
+            .await?;
+        self.remember(key, &state);
+        Ok(state)
+    }
+
+    /// A host's state as the store has it.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn host(&self, key: &str) -> Result<HostState, StoreError> {
+        self.store.change_host(key, &mut |_| false).await
+    }
+
+    /// Every host with a state.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn hosts(&self) -> Result<Vec<(String, HostState)>, StoreError> {
+        self.store.list_hosts().await
+    }
+
+    /// The host a saga is parked on, with its state.
+    ///
+    /// # Errors
+    /// The store.
+    pub async fn parked(&self, id: &SagaId) -> Result<Option<(String, HostState)>, StoreError> {
+        match self.store.parked_on(id).await? {
+            Some(key) => Ok(Some((key.clone(), self.host(&key).await?))),
+            None => Ok(None),
+        }
+    }
+}
+
+fn publish(hosts: &HashMap<String, HostState>) {
+    for (k, h) in hosts {
+        publish_one(k, h);
+    }
+}
+
+fn publish_one(key: &str, h: &HostState) {
+    let open = match h.breaker {
+        Breaker::Closed => 0.0,
+        Breaker::HalfOpen => 0.5,
+        Breaker::Open => 1.0,
+    };
+    metrics::gauge!("concord_participant_breaker_open", "host" => key.to_owned()).set(open);
+    #[allow(clippy::cast_precision_loss)]
+    metrics::gauge!("concord_participant_in_flight", "host" => key.to_owned()).set(h.in_flight.len() as f64);
+}
