@@ -162,6 +162,17 @@ pub struct Settings {
     pub saga_batch_resume_ms: u64,
     /// At most this many sagas a second per batch (0: no limit).
     pub saga_batch_per_s: u32,
+    /// How long the row of a saga that finished for good (`completed`, `compensated`,
+    /// `cancelled`) stays in the work table, seconds; 0 keeps it forever. Its log stays: the saga
+    /// is still shown by `GET /v1/sagas/{id}` and a start with its id still finds it, but lists
+    /// and batches no longer see it.
+    pub saga_retention_s: u64,
+    /// The same for decided transactions with nothing left to do, seconds; 0 keeps them.
+    pub tx_retention_s: u64,
+    /// How often a node removes rows past their retention, milliseconds.
+    pub retention_sweep_ms: u64,
+    /// Rows removed per statement; a sweep repeats until fewer are left.
+    pub retention_batch: usize,
     /// Consecutive failures of a participant host (connection errors, timeouts, 5xx) that open
     /// its circuit breaker: sagas that call it then wait, spending no attempt, until a probe
     /// succeeds.
@@ -365,6 +376,10 @@ impl Default for Settings {
             saga_batch_page: 100,
             saga_batch_resume_ms: 5_000,
             saga_batch_per_s: 1_000,
+            saga_retention_s: 30 * 86_400,
+            tx_retention_s: 30 * 86_400,
+            retention_sweep_ms: 60_000,
+            retention_batch: 1_000,
             participant_breaker_failures: 5,
             participant_breaker_open_ms: 5_000,
             participant_max_hold_ms: 300_000,

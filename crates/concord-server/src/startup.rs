@@ -179,6 +179,7 @@ impl Application {
                         key: concord_core::domain::saga::callback::CallbackKey::new(vault.callback_secret()),
                         base_url: public_url,
                     }),
+                    retention: settings.saga_retention_s > 0,
                 },
             )
             .with_gate(gate),
@@ -312,6 +313,7 @@ impl Application {
         let grace = Duration::from_secs(state.settings.shutdown_grace_s);
         spawn_idempotency_purge(&state);
         spawn_vault_purge(&state);
+        spawn_retention(&state);
         let runner = state.settings.workers.then(|| {
             let sagas = tokio::spawn(state.sagas.clone().run(state.shutdown.clone(), grace));
             tokio::spawn(state.batches.clone().watch(
@@ -354,7 +356,7 @@ impl Application {
 
 fn spawn_idempotency_purge(state: &AppState) {
     let store = state.idempotency.clone();
-    spawn_purge(state, "concord_idempotency_purged_total", move || {
+    spawn_purge(state, "concord_idempotency_purged_total", PURGE_EVERY, move || {
         let store = store.clone();
         async move { store.purge_expired(chrono::Utc::now()).await.map_err(|e| e.to_string()) }
     });
@@ -364,7 +366,7 @@ fn spawn_idempotency_purge(state: &AppState) {
 fn spawn_vault_purge(state: &AppState) {
     const PAGE: usize = 1000;
     let vault = state.vault.clone();
-    spawn_purge(state, "concord_vault_tokens_purged_total", move || {
+    spawn_purge(state, "concord_vault_tokens_purged_total", PURGE_EVERY, move || {
         let vault = vault.clone();
         async move {
             let mut total = 0;
@@ -379,8 +381,55 @@ fn spawn_vault_purge(state: &AppState) {
     });
 }
 
-/// Runs `purge` once a minute until shutdown, counting what it deleted in `metric`.
-fn spawn_purge<F, Fut>(state: &AppState, metric: &'static str, purge: F)
+/// How often expired idempotency records and vault tokens are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Removes the rows of sagas and transactions past their retention from the work tables, a batch
+/// at a time, every `retention_sweep_ms`. Every node sweeps; a row goes once.
+fn spawn_retention(state: &AppState) {
+    let every = Duration::from_millis(state.settings.retention_sweep_ms.max(1));
+    let batch = state.settings.retention_batch.max(1);
+    let keep = |s: u64| (s > 0).then(|| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX)));
+    if let Some(keep) = keep(state.settings.saga_retention_s) {
+        let store = state.sagas.engine().store().clone();
+        spawn_purge(state, "concord_saga_rows_purged_total", every, move || {
+            let store = store.clone();
+            async move {
+                let before = chrono::Utc::now() - keep;
+                drain(|| store.purge_sagas(before, batch), batch).await
+            }
+        });
+    }
+    if let Some(keep) = keep(state.settings.tx_retention_s) {
+        let store = state.transactions.coordinator().store().clone();
+        spawn_purge(state, "concord_tx_rows_purged_total", every, move || {
+            let store = store.clone();
+            async move {
+                let before = chrono::Utc::now() - keep;
+                drain(|| store.purge_txs(before, batch), batch).await
+            }
+        });
+    }
+}
+
+/// Runs a batch delete until a batch comes back short; answers the total.
+async fn drain<F, Fut>(mut once: F, batch: usize) -> Result<u64, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, concord_core::ports::StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let n = once().await.map_err(|e| e.to_string())?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Runs `purge` every `every` until shutdown, counting what it deleted in `metric`.
+fn spawn_purge<F, Fut>(state: &AppState, metric: &'static str, every: Duration, purge: F)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = Result<u64, String>> + Send,
@@ -389,7 +438,7 @@ where
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                () = tokio::time::sleep(every) => {}
                 _ = stopping.wait_for(|s| *s) => return,
             }
             match purge().await {

@@ -127,6 +127,7 @@ fn migrator() -> Migrator {
         migration(3, "transactions", include_str!("../migrations/0003_transactions.sql")),
         migration(4, "owners", include_str!("../migrations/0004_owners.sql")),
         migration(5, "hosts", include_str!("../migrations/0005_hosts.sql")),
+        migration(6, "retention", include_str!("../migrations/0006_retention.sql")),
     ]);
     m.set_ignore_missing(true);
     m

@@ -235,6 +235,22 @@ impl SagaStore for PostgresStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn purge_sagas(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        // SKIP LOCKED: a row a runner holds right now is left for the next round.
+        let done = sqlx::query(
+            "DELETE FROM concord_sagas WHERE id IN (SELECT id FROM concord_sagas WHERE next_run_at IS NULL \
+             AND updated_at < $1 AND status IN ('completed', 'compensated', 'cancelled') \
+             AND lease_owner IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before)
+        .bind(sql_limit(limit))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM concord_sagas GROUP BY status ORDER BY status")
             .fetch_all(&self.inner.pool)

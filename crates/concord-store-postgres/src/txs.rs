@@ -151,6 +151,21 @@ impl TxStore for PostgresStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn purge_txs(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM concord_transactions WHERE xid IN (SELECT xid FROM concord_transactions \
+             WHERE next_run_at IS NULL AND updated_at < $1 AND outcome IS NOT NULL AND NOT pending \
+             AND lease_owner IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(before)
+        .bind(sql_limit(limit))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
     async fn pending_txs(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
         let row =
             sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM concord_transactions WHERE pending")

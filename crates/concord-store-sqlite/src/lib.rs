@@ -98,6 +98,7 @@ fn migrator() -> Migrator {
         ),
         migration(5, "owners", include_str!("../migrations/0005_owners.sql")),
         migration(6, "hosts", include_str!("../migrations/0006_hosts.sql")),
+        migration(7, "retention", include_str!("../migrations/0007_retention.sql")),
     ]);
     m.set_ignore_missing(true);
     m

@@ -225,6 +225,21 @@ impl SagaStore for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn purge_sagas(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        // `next_run_at IS NULL` as the partial index says it (see the migration).
+        let done = sqlx::query(
+            "DELETE FROM sagas WHERE id IN (SELECT id FROM sagas WHERE next_run_at IS NULL AND updated_at < ? \
+             AND status IN ('completed', 'compensated', 'cancelled') AND lease_owner IS NULL LIMIT ?)",
+        )
+        .bind(micros(before))
+        .bind(sql_limit(limit))
+        .execute(&self.inner.write)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sagas GROUP BY status ORDER BY status")
             .fetch_all(&self.inner.read)

@@ -162,6 +162,20 @@ impl TxStore for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn purge_txs(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM transactions WHERE xid IN (SELECT xid FROM transactions WHERE next_run_at IS NULL \
+             AND updated_at < ? AND outcome IS NOT NULL AND pending = 0 AND lease_owner IS NULL LIMIT ?)",
+        )
+        .bind(micros(before))
+        .bind(sql_limit(limit))
+        .execute(&self.inner.write)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
     async fn pending_txs(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {
         // `WHERE pending` as the partial index says it (see the migration).
         let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM transactions WHERE pending")

@@ -166,6 +166,10 @@ pub struct EngineConfig {
     /// Where asynchronous participants post their completions, and the key of the tokens in
     /// those URLs; none: actions carry no completion URL, and a 202 is a 2xx like any other.
     pub callbacks: Option<CallbackConfig>,
+    /// Rows of finished sagas may have been removed (retention): a start with a caller's id
+    /// looks for the saga's log before it counts as new, and a saga without a row is read from
+    /// its log.
+    pub retention: bool,
 }
 
 /// Completion URLs of asynchronous actions: `{base_url}/callbacks/{token}`.
@@ -384,6 +388,7 @@ impl SagaEngine {
     /// # Errors
     /// Unknown definition, oversized input, or the store.
     pub async fn start(&self, req: StartSaga) -> Result<(SagaRow, Option<Held>), SagaError> {
+        let given = req.id.is_some();
         let id = req.id.unwrap_or_else(SagaId::generate);
         let size = serde_json::to_vec(&req.input).map_or(usize::MAX, |v| v.len());
         if size > self.config.limits.max_input_bytes {
@@ -415,6 +420,34 @@ impl SagaEngine {
         let (row, created) = self.store.create_saga(&row).await?;
         if !created {
             return Ok((row, None));
+        }
+        // The saga may have run and finished before, its row since removed by retention: it is
+        // that saga, put back from its log, not a new one.
+        if given
+            && self.config.retention
+            && let Some((mut old, state)) = self.row_from_log(&id).await?
+        {
+            let done = state.status.is_terminal();
+            let now = Utc::now();
+            let restored = self
+                .store
+                .update_saga(&SagaUpdate {
+                    id: &id,
+                    holder: row.lease_owner,
+                    status: state.status,
+                    next_run_at: (!done).then_some(now),
+                    lease: None,
+                    log_version: state.log_version,
+                    now,
+                })
+                .await?;
+            if !restored {
+                return Err(SagaError::Store(StoreError::Unavailable(format!(
+                    "saga {id} was put back from its log by another node meanwhile; ask again"
+                ))));
+            }
+            old.next_run_at = (!done).then_some(now);
+            return Ok((old, None));
         }
         metrics::counter!("concord_sagas_started_total").increment(1);
         // The row is durable, so the saga will run; its log starts with the first record the
@@ -471,13 +504,64 @@ impl SagaEngine {
     /// # Errors
     /// Unknown saga, a log that does not fit its definition, or the store.
     pub async fn load(&self, id: &SagaId) -> Result<(SagaRow, Option<SagaState>), SagaError> {
-        let row = self
-            .store
-            .get_saga(id)
-            .await?
-            .ok_or_else(|| SagaError::NotFound(id.to_string()))?;
+        let Some(row) = self.store.get_saga(id).await? else {
+            // Its row may have been removed by retention: its log still tells it.
+            if self.config.retention
+                && let Some((row, state)) = self.row_from_log(id).await?
+            {
+                return Ok((row, Some(state)));
+            }
+            return Err(SagaError::NotFound(id.to_string()));
+        };
         let (state, _) = self.read_log(&row).await?;
         Ok((row, state))
+    }
+
+    /// A saga read from its log alone, with the row its log implies (held by nobody, due never
+    /// when it is finished); none when it has no log.
+    async fn row_from_log(&self, id: &SagaId) -> Result<Option<(SagaRow, SagaState)>, SagaError> {
+        let first = match self
+            .events
+            .read_stream(&stream_name(id)?, 1, 1, 2 * self.config.event_limits.max_event_bytes)
+            .await
+        {
+            Ok(events) => events,
+            Err(StoreError::StreamNotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(first) = first.into_iter().next() else {
+            return Ok(None);
+        };
+        let SagaEvent::SagaStarted {
+            definition,
+            version,
+            input,
+            at,
+        } = serde_json::from_value::<SagaEvent>(first.data)
+            .map_err(|e| LogError(format!("the first event of saga {id}: {e}")))?
+        else {
+            return Err(LogError(format!("the log of saga {id} does not start with SagaStarted")).into());
+        };
+        let mut row = SagaRow {
+            id: id.clone(),
+            definition,
+            version,
+            input,
+            status: SagaStatus::Running,
+            next_run_at: None,
+            lease_owner: None,
+            lease_until: None,
+            log_version: 0,
+            created_at: at,
+            updated_at: at,
+        };
+        let (Some(state), _) = self.read_log(&row).await? else {
+            return Ok(None);
+        };
+        row.status = state.status;
+        row.log_version = state.log_version;
+        row.updated_at = state.updated_at;
+        Ok(Some((row, state)))
     }
 
     async fn read_log(&self, row: &SagaRow) -> Result<(Option<SagaState>, Option<String>), SagaError> {
@@ -1926,6 +2010,7 @@ mod tests {
             operations_poll: Duration::from_millis(100),
             secrets,
             callbacks: None,
+            retention: true,
         };
         let e = SagaEngine::new(store.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         (e, p)
@@ -2074,6 +2159,9 @@ mod tests {
         async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
             self.inner.count_sagas().await
         }
+        async fn purge_sagas(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+            self.inner.purge_sagas(before, limit).await
+        }
     }
 
     #[tokio::test]
@@ -2097,6 +2185,7 @@ mod tests {
             operations_poll: Duration::from_millis(100),
             secrets: SagaSecrets::default(),
             callbacks: None,
+            retention: true,
         };
         let e = SagaEngine::new(inner.clone(), store.clone(), p.clone(), Uuid::now_v7(), config);
         e.define("order", wait_spec()).await.unwrap();
@@ -2363,6 +2452,7 @@ mod tests {
             operations_poll: Duration::from_millis(100),
             secrets: SagaSecrets::default(),
             callbacks: None,
+            retention: true,
         };
         let only_inv = SagaEngine::new(
             store.clone(),

@@ -92,4 +92,8 @@ pub trait SagaStore: Send + Sync + 'static {
     async fn wake_saga(&self, id: &SagaId, now: DateTime<Utc>) -> Result<bool, StoreError>;
     /// How many rows have each status.
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError>;
+    /// Removes up to `limit` rows of sagas that finished for good (`completed`, `compensated`,
+    /// `cancelled`; not `failed`, which waits for an operator), held by nobody and last changed
+    /// before `before`. Their logs stay. Answers how many it removed.
+    async fn purge_sagas(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError>;
 }

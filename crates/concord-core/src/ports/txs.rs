@@ -70,4 +70,7 @@ pub trait TxStore: Send + Sync + 'static {
     async fn update_tx(&self, update: &TxUpdate<'_>) -> Result<bool, StoreError>;
     /// Pending rows: how many, and when the oldest was created (for the in-doubt metrics).
     async fn pending_txs(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError>;
+    /// Removes up to `limit` rows of transactions that are decided with nothing left to do,
+    /// held by nobody and last changed before `before`. Their logs stay. Answers how many.
+    async fn purge_txs(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError>;
 }

@@ -410,6 +410,28 @@ impl SagaStore for MemoryStore {
         }
     }
 
+    async fn purge_sagas(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let gone: Vec<SagaId> = st
+            .sagas
+            .values()
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Cancelled
+                ) && r.lease_owner.is_none()
+                    && r.next_run_at.is_none()
+                    && r.updated_at < before
+            })
+            .map(|r| r.id.clone())
+            .take(limit)
+            .collect();
+        for id in &gone {
+            st.sagas.remove(id);
+        }
+        Ok(gone.len() as u64)
+    }
+
     async fn count_sagas(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         let st = self.lock();
         Ok(SagaStatus::ALL
@@ -495,6 +517,27 @@ impl TxStore for MemoryStore {
         r.log_version = u.log_version;
         r.updated_at = u.now;
         Ok(true)
+    }
+
+    async fn purge_txs(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let gone: Vec<Xid> = st
+            .txs
+            .values()
+            .filter(|r| {
+                r.outcome.is_some()
+                    && !r.pending
+                    && r.lease_owner.is_none()
+                    && r.next_run_at.is_none()
+                    && r.updated_at < before
+            })
+            .map(|r| r.xid.clone())
+            .take(limit)
+            .collect();
+        for xid in &gone {
+            st.txs.remove(xid);
+        }
+        Ok(gone.len() as u64)
     }
 
     async fn pending_txs(&self) -> Result<(u64, Option<DateTime<Utc>>), StoreError> {

@@ -216,4 +216,52 @@ pub async fn saga_store_suite<S: SagaStore>(s: S) {
     }
     // The 60 new rows plus s-2 (due at +60 s); s-1 is held by node a until +40 s, so it is free too.
     assert_eq!(seen.len(), 62);
+
+    // Retention: only sagas finished for good, held by nobody, changed before the cut, go; a
+    // failed one waits for its operator, a running one for its runner.
+    let done_at = now + secs(500);
+    for (id, status) in [
+        ("p-done", SagaStatus::Completed),
+        ("p-undone", SagaStatus::Compensated),
+        ("p-cancel", SagaStatus::Cancelled),
+        ("p-failed", SagaStatus::Failed),
+    ] {
+        let (row, _) = s.create_saga(&saga_row(id, now)).await.unwrap();
+        let update = SagaUpdate {
+            id: &row.id,
+            holder: None,
+            status,
+            next_run_at: None,
+            lease: None,
+            log_version: 3,
+            now: done_at,
+        };
+        assert!(s.update_saga(&update).await.unwrap());
+    }
+    // Rows the checks above finished go first; these four changed at the cut, not before it.
+    s.purge_sagas(done_at, 1000).await.unwrap();
+    for id in ["p-done", "p-undone", "p-cancel", "p-failed"] {
+        assert!(
+            s.get_saga(&saga_id(id)).await.unwrap().is_some(),
+            "{id} went before its time"
+        );
+    }
+    assert_eq!(
+        s.purge_sagas(done_at + secs(1), 2).await.unwrap(),
+        2,
+        "at most the limit"
+    );
+    assert_eq!(s.purge_sagas(done_at + secs(1), 100).await.unwrap(), 1);
+    for (id, kept) in [
+        ("p-done", false),
+        ("p-undone", false),
+        ("p-cancel", false),
+        ("p-failed", true),
+    ] {
+        assert_eq!(s.get_saga(&saga_id(id)).await.unwrap().is_some(), kept, "{id}");
+    }
+    assert!(
+        s.get_saga(&saga_id("c-000")).await.unwrap().is_some(),
+        "a running saga stays"
+    );
 }

@@ -183,4 +183,39 @@ pub async fn tx_store_suite<S: TxStore>(s: S) {
         }
     }
     assert_eq!(seen.len(), 41, "the 40 new rows and x-2");
+
+    // Retention: only decided transactions with nothing left to do, held by nobody, changed
+    // before the cut, go.
+    let done_at = now + secs(500);
+    for (xid, outcome, pending) in [
+        ("p-commit", Some(Outcome::Committed), false),
+        ("p-abort", Some(Outcome::Aborted), false),
+        ("p-doubt", Some(Outcome::Committed), true),
+    ] {
+        s.create_tx(&tx_row(xid, now)).await.unwrap();
+        let update = TxUpdate {
+            xid: &tx_id(xid),
+            holder: None,
+            outcome,
+            pending,
+            next_run_at: if pending { Some(done_at + secs(60)) } else { None },
+            lease: None,
+            log_version: 2,
+            now: done_at,
+        };
+        assert!(s.update_tx(&update).await.unwrap());
+    }
+    // Rows the checks above decided go first; these three changed at the cut, not before it.
+    s.purge_txs(done_at, 1000).await.unwrap();
+    for xid in ["p-commit", "p-abort", "p-doubt"] {
+        assert!(
+            s.get_tx(&tx_id(xid)).await.unwrap().is_some(),
+            "{xid} went before its time"
+        );
+    }
+    assert_eq!(s.purge_txs(done_at + secs(1), 1).await.unwrap(), 1, "at most the limit");
+    assert_eq!(s.purge_txs(done_at + secs(1), 100).await.unwrap(), 1);
+    for (xid, kept) in [("p-commit", false), ("p-abort", false), ("p-doubt", true)] {
+        assert_eq!(s.get_tx(&tx_id(xid)).await.unwrap().is_some(), kept, "{xid}");
+    }
 }

@@ -87,6 +87,23 @@ pub async fn get(State(state): State<AppState>, Path(raw): Path<String>) -> Resu
     Ok(Json(match (row, log) {
         (Some(row), Some(log)) => full(&row, &log),
         (Some(row), None) => summary(&row),
+        // Retention removed the row of a decided transaction with nothing left to do: its log
+        // still tells the outcome, which must never read as a presumed abort.
+        (None, Some(log)) if log.decision.is_some() => {
+            let done = log.completed_at.or(log.decided_at).unwrap_or(log.started_at);
+            let row = TxRow {
+                xid: log.xid.clone(),
+                outcome: log.decision,
+                pending: false,
+                next_run_at: None,
+                lease_owner: None,
+                lease_until: None,
+                log_version: log.log_version,
+                created_at: log.started_at,
+                updated_at: done,
+            };
+            full(&row, &log)
+        }
         // Presumed abort: the coordinator has no record, so it never decided to commit.
         (None, _) => TxOut {
             xid: raw,

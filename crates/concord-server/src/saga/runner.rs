@@ -258,11 +258,11 @@ impl SagaRunner {
     /// # Errors
     /// [`SagaError::NotFound`], or a store failure.
     pub async fn view(&self, id: &SagaId, wait: Option<Duration>) -> Result<SagaView, SagaError> {
-        if let Some(w) = wait {
-            // An unknown saga is answered at once, with no waiter to leave behind.
-            if self.engine.store().get_saga(id).await?.is_none() {
-                return Err(SagaError::NotFound(id.to_string()));
-            }
+        // An unknown saga is answered at once, with no waiter to leave behind; so is one whose
+        // row retention removed, which finished long ago.
+        if let Some(w) = wait
+            && self.engine.store().get_saga(id).await?.is_some()
+        {
             self.wait_finished(id, w).await;
         }
         let (row, state) = self.engine.load(id).await?;

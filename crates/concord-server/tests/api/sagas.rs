@@ -1,7 +1,7 @@
 //! Sagas through the HTTP API against a scripted participant server.
 
 use crate::both_backends;
-use crate::helpers::{Backend, TestApp, assert_problem, spawn_app};
+use crate::helpers::{Backend, TestApp, assert_problem, spawn_app, spawn_app_with};
 use crate::participant::{Effect, Participant, check_saga};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -1601,3 +1601,78 @@ async fn a_batch_cancels_the_sagas_its_filter_matches_server_side(b: Backend) {
     assert_problem(r, 404, "saga_batch_not_found").await;
 }
 both_backends!(a_batch_cancels_the_sagas_its_filter_matches_server_side);
+
+async fn finished_sagas_leave_the_work_table_and_their_logs_still_answer_for_them(b: Backend) {
+    let Some(app) = spawn_app_with(b, |s| {
+        s.saga_retention_s = 1;
+        s.retention_sweep_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    let p = Participant::start(Duration::from_millis(10)).await;
+    define(&app, "keep", &p.definition(&["reserve", "charge"], 2000)).await;
+    let done = run(&app, "keep", "old-1", json!({})).await;
+    assert_eq!(done["status"], "completed");
+    let undone = run(&app, "keep", "old-2", json!({"charge": "refuse"})).await;
+    assert_eq!(undone["status"], "compensated");
+    // A saga that has not finished stays whatever its age.
+    let waiting = json!({"steps": [{"name": "hold", "wait": {"signal": "go", "timeout_ms": 60_000}}]});
+    define(&app, "hold", &waiting).await;
+    let r = app
+        .admin(Method::POST, "/v1/sagas")
+        .json(&json!({"definition": "hold", "id": "live-1", "input": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let ids = |page: &Value| -> Vec<String> {
+        page["sagas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        let page: Value = app
+            .admin(Method::GET, "/v1/sagas?limit=1000")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        left = ids(&page);
+        if left == ["live-1"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, ["live-1"], "finished rows outlived their retention");
+    // Read from the log: the same saga, steps and all.
+    let again = get_saga(&app, "old-2").await;
+    assert_eq!(again["status"], "compensated");
+    assert_eq!(again["steps"], undone["steps"]);
+    // A start with its id finds it, and nothing runs twice.
+    let calls = p.attempts("old-1", "reserve", "action");
+    let r = app
+        .admin(Method::POST, "/v1/sagas?wait_ms=5000")
+        .json(&json!({"definition": "keep", "id": "old-1", "input": {"plan": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "an old saga, not a new one");
+    let found: Value = r.json().await.unwrap();
+    assert_eq!(found["status"], "completed", "{found}");
+    assert_eq!(p.attempts("old-1", "reserve", "action"), calls);
+    // And the row it was put back with is finished: nothing claims it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_saga(&app, "old-1").await["status"], "completed");
+    assert_eq!(p.attempts("old-1", "reserve", "action"), calls);
+    let r = app.admin(Method::GET, "/v1/sagas/never-was").send().await.unwrap();
+    assert_problem(r, 404, "saga_not_found").await;
+}
+both_backends!(finished_sagas_leave_the_work_table_and_their_logs_still_answer_for_them);

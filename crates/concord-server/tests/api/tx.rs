@@ -1,7 +1,7 @@
 //! Two-phase commit through the HTTP API, against in-process participants.
 
 use crate::both_backends;
-use crate::helpers::{Backend, TestApp, assert_problem, spawn_app};
+use crate::helpers::{Backend, TestApp, assert_problem, spawn_app, spawn_app_with};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -338,3 +338,62 @@ async fn transaction_logs_are_guarded_and_begin_honours_idempotency_keys(b: Back
     );
 }
 both_backends!(transaction_logs_are_guarded_and_begin_honours_idempotency_keys);
+
+async fn a_decided_transaction_leaves_the_work_table_and_its_log_still_tells_its_outcome(b: Backend) {
+    let Some(app) = spawn_app_with(b, |s| {
+        s.tx_retention_s = 1;
+        s.retention_sweep_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    let (url, seen) = participant().await;
+    let body =
+        json!({"participants": [{"name": "wh-a", "url": url, "payload": {"vote": "commit"}}], "timeout_ms": 1000});
+    let d: Value = begin(&app, body).await.json().await.unwrap();
+    assert_eq!(d["outcome"], "committed");
+    let xid = d["xid"].as_str().unwrap().to_owned();
+    settled(&app, &xid).await;
+    let listed = |page: &Value| {
+        page["transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["xid"] == xid.as_str())
+    };
+    let mut gone = false;
+    for _ in 0..200 {
+        let page: Value = app
+            .admin(Method::GET, "/v1/transactions?limit=1000")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !listed(&page) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the row of {xid} outlived its retention");
+    // Never a presumed abort: the log still tells it was committed.
+    let t: Value = app
+        .admin(Method::GET, &format!("/v1/transactions/{xid}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&t["outcome"], &t["presumed"], &t["pending"]),
+        (&json!("committed"), &json!(false), &json!(false)),
+        "{t}"
+    );
+    assert!(t["completed_at"].is_string(), "{t}");
+    assert_eq!(seen.lock().unwrap().finished, [(xid.clone(), "commit".to_owned())]);
+}
+both_backends!(a_decided_transaction_leaves_the_work_table_and_its_log_still_tells_its_outcome);
