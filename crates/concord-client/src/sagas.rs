@@ -7,8 +7,8 @@ use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
 use concord_api::sagas::{
-    BatchCountOut, BatchIn, BatchOut, CompletionIn, CompletionOut, DefinitionOut, OperationOut, SagaOut, SagaPage,
-    SignalOut, StartSagaBody,
+    BatchCountOut, BatchIn, BatchOut, CompletionIn, CompletionOut, DefinitionOut, OperationOut, ParticipantLimitsIn,
+    ParticipantOut, ParticipantPage, SagaOut, SagaPage, SignalOut, StartSagaBody,
 };
 use reqwest::Method;
 
@@ -202,6 +202,44 @@ impl Client {
     pub async fn saga_batch(&self, id: &str) -> Result<BatchOut, ClientError> {
         let id = segment(id, ErrorCode::InvalidName)?;
         let url = endpoint(&self.base_url, &["v1", "saga-batches", id])?;
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `PUT /v1/participant-limits/{host}`: how many calls at once and a second every node
+    /// together sends a host (`payments` or `payments:8082`); both none: no limit.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_participant_host` or `invalid_participant_limits` (400), `forbidden` (403)
+    /// without `admin`; see [`ClientError`].
+    pub async fn set_participant_limits(
+        &self,
+        host: &str,
+        limits: &ParticipantLimitsIn,
+    ) -> Result<ParticipantOut, ClientError> {
+        let host = segment(host, ErrorCode::InvalidParticipantHost)?;
+        let url = endpoint(&self.base_url, &["v1", "participant-limits", host])?;
+        json(self.request(Method::PUT, url).json(limits)).await
+    }
+
+    /// `GET /v1/participant-limits/{host}`: a host's limits, hold and breaker.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_participant_host` (400); see [`ClientError`].
+    pub async fn participant(&self, host: &str) -> Result<ParticipantOut, ClientError> {
+        let host = segment(host, ErrorCode::InvalidParticipantHost)?;
+        let url = endpoint(&self.base_url, &["v1", "participant-limits", host])?;
+        json(self.request(Method::GET, url)).await
+    }
+
+    /// `GET /v1/participant-limits`: every host with limits, a hold or breaker state.
+    ///
+    /// # Errors
+    ///
+    /// See [`ClientError`].
+    pub async fn participants(&self) -> Result<ParticipantPage, ClientError> {
+        let url = endpoint(&self.base_url, &["v1", "participant-limits"])?;
         json(self.request(Method::GET, url)).await
     }
 

@@ -385,3 +385,27 @@ async fn operators_pause_resume_and_cancel_a_waiting_saga_from_the_command_line(
     let bad = app.saga(&["batch", "explode"]).await;
     assert!(!bad.success && bad.stderr.contains("no batch action"), "{}", bad.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_set_and_read_participant_limits_from_the_command_line() {
+    let app = Setup::start().await;
+    let set = app
+        .ok(&["limit", "Payments:8082", "--max-concurrency", "3", "--max-per-s", "2.5"])
+        .await;
+    assert!(
+        set.starts_with("payments:8082  max_concurrency 3  max_per_s 2.5  in_flight 0  breaker closed"),
+        "{set}"
+    );
+    app.ok(&["limit", "inventory", "--max-per-s", "40"]).await;
+    let all = app.ok(&["hosts"]).await;
+    let hosts: Vec<&str> = all.lines().map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(hosts, ["inventory", "payments:8082"], "{all}");
+    let one = app.ok(&["hosts", "inventory"]).await;
+    assert!(one.contains("max_concurrency -  max_per_s 40"), "{one}");
+    app.fails_with(
+        &["limit", "payments", "--max-concurrency", "0"],
+        "invalid_participant_limits",
+    )
+    .await;
+    app.fails_with(&["hosts", "x:0"], "invalid_participant_host").await;
+}

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
 use concord_api::sagas::{
-    BatchActionIn, BatchFilterIn, BatchIn, BatchOut, SagaOut, SagaPage, SagaStatusIn, StartSagaBody,
+    BatchActionIn, BatchFilterIn, BatchIn, BatchOut, ParticipantLimitsIn, ParticipantOut, SagaOut, SagaPage,
+    SagaStatusIn, StartSagaBody,
 };
 use concord_core::domain::saga::SagaStatus;
 use concord_sdk::Client;
@@ -101,6 +102,18 @@ pub enum SagaCommand {
     },
     /// A batch and how far it got.
     BatchShow { id: String },
+    /// Set how many calls at once, and a second, every node together sends a participant host
+    /// (`payments`: every port of it, or `payments:8082`); neither: no limit.
+    Limit {
+        host: String,
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        #[arg(long)]
+        max_per_s: Option<f64>,
+    },
+    /// Participant hosts' limits, `Retry-After` holds and breakers: one host, or every host with
+    /// a state.
+    Hosts { host: Option<String> },
     /// Resume a failed saga.
     Retry {
         id: String,
@@ -240,6 +253,25 @@ pub async fn run_saga(remote: &Remote, json: bool, command: SagaCommand) -> anyh
             print_batch(&batch, json)?;
         }
         SagaCommand::BatchShow { id } => print_batch(&client.saga_batch(&id).await?, json)?,
+        SagaCommand::Limit {
+            host,
+            max_concurrency,
+            max_per_s,
+        } => {
+            let limits = ParticipantLimitsIn {
+                max_concurrency,
+                max_per_s,
+            };
+            let out = client.set_participant_limits(&host, &limits).await?;
+            print_hosts(std::slice::from_ref(&out), json)?;
+        }
+        SagaCommand::Hosts { host } => {
+            let hosts = match host {
+                Some(h) => vec![client.participant(&h).await?],
+                None => client.participants().await?.participants,
+            };
+            print_hosts(&hosts, json)?;
+        }
         SagaCommand::Retry { id, wait } => {
             let deadline = wait.map(|w| Instant::now() + w);
             let saga = client.retry_saga(&id, wait.map(|w| w.min(WAIT_CHUNK))).await?;
@@ -280,6 +312,39 @@ fn print_batch(batch: &BatchOut, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_hosts(hosts: &[ParticipantOut], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(hosts)?);
+        return Ok(());
+    }
+    for h in hosts {
+        println!("{}", host_line(h));
+    }
+    Ok(())
+}
+
+/// One line per host: limits, calls out, breaker, hold.
+fn host_line(h: &ParticipantOut) -> String {
+    let limit = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    let mut line = format!(
+        "{}  max_concurrency {}  max_per_s {}  in_flight {}  breaker {} ({} failures, opened {}x)",
+        h.host,
+        limit(h.max_concurrency.map(|n| n.to_string())),
+        limit(h.max_per_s.map(|r| r.to_string())),
+        h.in_flight,
+        h.breaker,
+        h.failures,
+        h.opened
+    );
+    if let Some(until) = h.open_until.filter(|_| h.breaker != "closed") {
+        let _ = write!(line, "  probe at {}", until.to_rfc3339());
+    }
+    if let Some(until) = h.held_until {
+        let _ = write!(line, "  held until {}", until.to_rfc3339());
+    }
+    line
 }
 
 fn print_saga(saga: &SagaOut, json: bool) -> anyhow::Result<()> {
@@ -349,6 +414,9 @@ fn timeline(saga: &SagaOut) -> String {
     let _ = writeln!(out, "  input {}", shown(&compact(&saga.input)));
     if let Some(at) = saga.next_attempt_at {
         let _ = writeln!(out, "  next attempt at {}", stamp(at));
+    }
+    if let Some(host) = &saga.waiting_for_host {
+        let _ = writeln!(out, "  waiting for its host, spending no attempt: {}", host_line(host));
     }
     if saga.steps.is_empty() {
         return out;
