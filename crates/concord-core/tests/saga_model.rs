@@ -23,7 +23,14 @@
 //! checker finds it, so the properties cannot pass vacuously.
 //!
 //! A second run takes a definition with a parallel group of two branches between two steps: a
-//! round's calls are answered one by one and recorded together, in the engine's order.
+//! round's calls are answered one by one and recorded together, in the engine's order. A third
+//! lets an operator cancel, pause and resume. A fourth gives the participant host a circuit
+//! breaker that opens at any moment: the driver asks it before anything is recorded for a call,
+//! holds the saga back (parked, due at the probe's time) while it is open, lets one call probe
+//! past that time, and a success (the saga's own probe, or another saga's) closes it and wakes
+//! the sagas parked on the host; `IgnoresBreaker` checks the property can fail. Parking and
+//! releasing are one step here; the engine closes the gap between them by asking the host again
+//! after the release (`still_down`), which the model's `Recheck` mirrors.
 //!
 //! Left out: two live drivers at once (a stalled node whose lease another took over; the log's
 //! expected-version fence that stops it is the same one the two-phase-commit model checks, and
@@ -204,6 +211,14 @@ struct Ghost {
     skipped_touched: bool,
     late_completion_refused: bool,
     crashed: bool,
+    /// A call started while its host's breaker was open, before the probe's time.
+    called_while_open: bool,
+    /// The breaker held a call of the saga back.
+    held_back: bool,
+    /// The host came back while the saga waited for it, which woke it before its probe time.
+    woken_by_recovery: bool,
+    /// A failed probe opened the breaker again.
+    reopened: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -226,6 +241,13 @@ struct State {
     owed: Option<(usize, u32)>,
     /// The saga's operations stream: what the operator asked, in order.
     ops: Vec<SagaOperation>,
+    /// The participant host's breaker: open until then (the probe's time).
+    open_until: Option<u32>,
+    /// This saga's call is the half-open probe.
+    probe: bool,
+    /// The saga is noted as waiting for its host (woken when the host comes back).
+    parked: bool,
+    trips_left: u8,
     crashes_left: u8,
     transients_left: u8,
     ghost: Ghost,
@@ -266,6 +288,10 @@ enum Action {
         effect: bool,
     },
     Tick,
+    /// Calls of other sagas failed: the host's breaker opens.
+    Trip,
+    /// Another saga's probe succeeded: the breaker closes and wakes the sagas parked on it.
+    Recover,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +301,8 @@ enum Bug {
     /// A synchronous answer to a call that carried a completion URL is recorded without closing
     /// the attempt's completion stream.
     NoCloseBeforeSyncResult,
+    /// The driver calls without asking the host's breaker.
+    IgnoresBreaker,
 }
 
 struct SagaModel {
@@ -289,6 +317,8 @@ struct SagaModel {
     bug: Option<Bug>,
     /// An operator may cancel, pause and resume the saga (each once).
     operator: bool,
+    /// The participant host has a circuit breaker that may open (once).
+    breaker: bool,
 }
 
 impl SagaModel {
@@ -302,7 +332,35 @@ impl SagaModel {
             transients,
             bug: None,
             operator: false,
+            breaker: false,
         }
+    }
+
+    /// The model with the participant host's circuit breaker, over the third definition: it
+    /// opens at any moment (other sagas' calls failed), holds this saga's calls back until its
+    /// probe time, lets one call probe, and closes on the probe's success (this saga's or
+    /// another's, which wakes the sagas parked on the host).
+    fn with_breaker(mut self) -> Self {
+        self.def = operator_definition();
+        self.calls = vec![0, 1];
+        self.breaker = true;
+        self
+    }
+
+    /// Wakes the saga if it is parked on the host: `wake_parked` makes a row due now unless it
+    /// is held or due already, and forgets the parking either way.
+    fn wake_parked(s: &mut State) -> bool {
+        if !std::mem::take(&mut s.parked) {
+            return false;
+        }
+        if !s.held
+            && let Some(t) = s.next_run
+            && t > s.now
+        {
+            s.next_run = Some(s.now);
+            return true;
+        }
+        false
     }
 
     /// The model with an operator who may cancel, pause and resume the saga, over the third
@@ -495,6 +553,10 @@ impl Model for SagaModel {
                 slots: Vec::new(),
                 owed: None,
                 ops: Vec::new(),
+                open_until: None,
+                probe: false,
+                parked: false,
+                trips_left: u8::from(self.breaker),
                 crashes_left: self.crashes,
                 transients_left: self.transients,
                 ghost: Ghost::default(),
@@ -567,6 +629,12 @@ impl Model for SagaModel {
         if !s.signal {
             actions.push(Action::SendSignal);
         }
+        if s.trips_left > 0 && s.open_until.is_none() {
+            actions.push(Action::Trip);
+        }
+        if s.open_until.is_some() && !s.probe {
+            actions.push(Action::Recover);
+        }
         if self.operator {
             let st = self.after_ops(s);
             for op in [SagaOperation::Cancel, SagaOperation::Pause, SagaOperation::Resume] {
@@ -620,6 +688,33 @@ impl Model for SagaModel {
                     let events = self.take_ops(&mut s, &mut st)?;
                     s.driver.as_mut()?.pending.extend(events);
                     return Some(s);
+                }
+                // The host's breaker, asked before anything is recorded for the call: open, it
+                // holds the saga back (what was pending is flushed, nothing more); past its probe
+                // time, this call is the probe.
+                if self.breaker
+                    && self.bug != Some(Bug::IgnoresBreaker)
+                    && matches!(decision, Decision::Call { .. } | Decision::CallAll(_))
+                    && let Some(until) = s.open_until
+                {
+                    if s.now < until {
+                        Self::flush(&mut s);
+                        s.next_run = Some(until);
+                        s.held = false;
+                        s.parked = true;
+                        s.ghost.held_back = true;
+                        s.driver.as_mut()?.phase = Phase::Released;
+                        return Some(s);
+                    }
+                    if s.probe {
+                        return None;
+                    }
+                    s.probe = true;
+                }
+                if matches!(decision, Decision::Call { .. } | Decision::CallAll(_))
+                    && s.open_until.is_some_and(|until| s.now < until)
+                {
+                    s.ghost.called_while_open = true;
                 }
                 let d = s.driver.as_mut()?;
                 let mut st = st;
@@ -727,7 +822,9 @@ impl Model for SagaModel {
                     Decision::Await { sequence, .. } => s.signal && sequence == 1,
                     Decision::AwaitCallback { step, attempt } => Self::slot(&s, (step, attempt)).is_some(),
                     _ => false,
-                } || Self::ops_waiting(&s, &st);
+                } || Self::ops_waiting(&s, &st)
+                    // Parked as the host came back: `still_down` says so, and it wakes itself.
+                    || (s.parked && s.open_until.is_none());
                 if arrived {
                     s.next_run = Some(s.now);
                 }
@@ -772,6 +869,15 @@ impl Model for SagaModel {
                         && let Some(posted) = self.close(&mut s, (step, attempt))
                     {
                         outcome = posted;
+                    }
+                }
+                if std::mem::take(&mut s.probe) {
+                    if matches!(outcome, CallOutcome::Transient(_)) {
+                        s.open_until = Some(s.now + 20);
+                        s.ghost.reopened = true;
+                    } else {
+                        s.open_until = None;
+                        Self::wake_parked(&mut s);
                     }
                 }
                 let st = self.seen(&s);
@@ -845,6 +951,16 @@ impl Model for SagaModel {
                 s.signal = true;
                 s.next_run = Some(s.now);
             }
+            Action::Trip => {
+                s.trips_left -= 1;
+                s.open_until = Some(s.now + 20);
+            }
+            Action::Recover => {
+                s.open_until = None;
+                if Self::wake_parked(&mut s) {
+                    s.ghost.woken_by_recovery = true;
+                }
+            }
             Action::Crash { effect } => {
                 let d = s.driver.take()?;
                 if effect && let Some((step, ..)) = d.phase.current(&self.def) {
@@ -856,6 +972,8 @@ impl Model for SagaModel {
                 }
                 s.crashes_left -= 1;
                 s.ghost.crashed = true;
+                // A probe whose node died: its place runs out and another call probes.
+                s.probe = false;
                 // The lease runs out; the row is due again.
                 s.held = false;
                 s.next_run = Some(s.next_run.map_or(s.now, |t| t.min(s.now)));
@@ -915,6 +1033,10 @@ impl Model for SagaModel {
                 },
             ),
             Property::always(
+                "no attempt starts while its host's breaker is open, before the probe's time",
+                |_, s: &State| !s.ghost.called_while_open,
+            ),
+            Property::always(
                 "no compensation starts while its action's outcome is unknown",
                 |_, s: &State| !s.ghost.compensated_unknown,
             ),
@@ -962,6 +1084,8 @@ impl Model for SagaModel {
                             Action::SendSignal
                                 | Action::PostCompletion(_)
                                 | Action::Ask(SagaOperation::Cancel | SagaOperation::Pause)
+                                | Action::Trip
+                                | Action::Recover
                         )
                     });
                     !next.is_empty() || m.terminal(s)
@@ -1054,6 +1178,31 @@ impl Model for SagaModel {
         };
         if self.operator {
             return always.into_iter().chain(operator).collect();
+        }
+        if self.breaker {
+            return always
+                .into_iter()
+                .chain([
+                    Property::sometimes(
+                        "a saga held back by an open breaker completes",
+                        |m: &Self, s: &State| s.ghost.held_back && m.fold(&s.log).status == SagaStatus::Completed,
+                    ),
+                    Property::sometimes(
+                        "a parked saga is woken when its host comes back, before its probe time",
+                        |_, s: &State| s.ghost.woken_by_recovery,
+                    ),
+                    Property::sometimes(
+                        "a failed probe opens the breaker again and the saga still completes",
+                        |m: &Self, s: &State| s.ghost.reopened && m.fold(&s.log).status == SagaStatus::Completed,
+                    ),
+                    Property::sometimes(
+                        "a saga held back compensates after a refusal",
+                        |m: &Self, s: &State| {
+                            s.ghost.held_back && m.fold(&s.log).status == SagaStatus::Compensated
+                        },
+                    ),
+                ])
+                .collect();
         }
         always
             .into_iter()
@@ -1150,6 +1299,24 @@ fn an_operator_cancels_pauses_and_resumes_under_crashes_and_faults() {
         states > 100_000,
         "only {states} states: the model does not explore what it claims"
     );
+}
+
+#[test]
+fn an_open_breaker_holds_calls_back_without_spending_attempts_under_crashes_and_faults() {
+    let states = check(SagaModel::new(1, 1).with_breaker());
+    assert!(
+        states > 10_000,
+        "only {states} states: the model does not explore what it claims"
+    );
+}
+
+#[test]
+fn a_driver_that_calls_past_an_open_breaker_is_caught() {
+    let path = counterexample(
+        SagaModel::new(0, 0).with_breaker().with_bug(Bug::IgnoresBreaker),
+        "no attempt starts while its host's breaker is open, before the probe's time",
+    );
+    assert!(path.contains(&Action::Trip), "{path:?}");
 }
 
 #[test]
