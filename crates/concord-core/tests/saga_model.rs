@@ -1195,12 +1195,9 @@ impl Model for SagaModel {
                         "a failed probe opens the breaker again and the saga still completes",
                         |m: &Self, s: &State| s.ghost.reopened && m.fold(&s.log).status == SagaStatus::Completed,
                     ),
-                    Property::sometimes(
-                        "a saga held back compensates after a refusal",
-                        |m: &Self, s: &State| {
-                            s.ghost.held_back && m.fold(&s.log).status == SagaStatus::Compensated
-                        },
-                    ),
+                    Property::sometimes("a saga held back compensates after a refusal", |m: &Self, s: &State| {
+                        s.ghost.held_back && m.fold(&s.log).status == SagaStatus::Compensated
+                    }),
                 ])
                 .collect();
         }

@@ -177,9 +177,10 @@ pub struct Settings {
     /// its circuit breaker: sagas that call it then wait, spending no attempt, until a probe
     /// succeeds.
     pub participant_breaker_failures: u32,
-    /// How long a participant's breaker stays open before one call probes, milliseconds.
+    /// How long a participant's breaker stays open before one call probes, milliseconds (at
+    /// most a day).
     pub participant_breaker_open_ms: u64,
-    /// The longest hold a participant's `Retry-After` may ask for, milliseconds.
+    /// The longest hold a participant's `Retry-After` may ask for, milliseconds (at most a day).
     pub participant_max_hold_ms: u64,
     /// How old a node's copy of the participant hosts' state may be, milliseconds: a limit set
     /// or a breaker opened on another node applies here within this time (a host with a limit,
@@ -560,7 +561,8 @@ impl Settings {
     /// Flow control of participant hosts.
     #[must_use]
     pub fn gate_settings(&self) -> concord_core::app::flow::GateSettings {
-        let ms = |v: u64| chrono::Duration::milliseconds(i64::try_from(v).unwrap_or(i64::MAX));
+        // At most a day: longer is no flow control, and the sums stay far inside the calendar.
+        let ms = |v: u64| chrono::Duration::milliseconds(i64::try_from(v.min(86_400_000)).unwrap_or(86_400_000));
         concord_core::app::flow::GateSettings {
             breaker: concord_core::domain::flow::BreakerSettings {
                 failures: self.participant_breaker_failures.max(1),

@@ -68,20 +68,34 @@ impl HostStore for PostgresStore {
         Ok(state)
     }
 
+    async fn get_host(&self, host: &str) -> Result<Option<HostState>, StoreError> {
+        let state: Option<Json<HostState>> =
+            sqlx::query_scalar("SELECT state FROM concord_participant_hosts WHERE host = $1")
+                .bind(host)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(state.map(|s| s.0))
+    }
+
     async fn list_hosts(&self) -> Result<Vec<(String, HostState)>, StoreError> {
         // Byte order, whatever the database's collation: the order every adapter answers.
         let rows = sqlx::query("SELECT host, state FROM concord_participant_hosts ORDER BY host COLLATE \"C\"")
             .fetch_all(&self.inner.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("host").map_err(unavailable)?,
-                    row.try_get::<Json<HostState>, _>("state").map_err(unavailable)?.0,
-                ))
-            })
-            .collect()
+        let mut hosts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let host: String = row.try_get("host").map_err(unavailable)?;
+            // One row this version cannot read must not stop flow control for every host.
+            match row.try_get::<Json<HostState>, _>("state") {
+                Ok(state) => hosts.push((host, state.0)),
+                Err(e) => {
+                    tracing::warn!(host = %host, error = %e, "a participant host's state cannot be read; skipped")
+                }
+            }
+        }
+        Ok(hosts)
     }
 
     #[tracing::instrument(skip_all, fields(host, saga = %id))]

@@ -99,21 +99,30 @@ impl HostGate {
         self.copy.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn refresh_if_old(&self) -> Result<(), StoreError> {
+    /// Reads the host table again once this node's copy is `refresh` old. When the read fails
+    /// the old copy is kept (and read again at the next call).
+    async fn refresh_if_old(&self) {
         let fresh = |c: &Snapshot| c.read.is_some_and(|t| t.elapsed() < self.settings.refresh);
         if fresh(&self.lock()) {
-            return Ok(());
+            return;
         }
         let _one = self.refreshing.lock().await;
         if fresh(&self.lock()) {
-            return Ok(());
+            return;
         }
-        let hosts: HashMap<String, HostState> = self.store.list_hosts().await?.into_iter().collect();
-        publish(&hosts);
-        let mut c = self.lock();
-        c.hosts = hosts;
-        c.read = Some(Instant::now());
-        Ok(())
+        match self.store.list_hosts().await {
+            Ok(hosts) => {
+                let hosts: HashMap<String, HostState> = hosts.into_iter().collect();
+                publish(&hosts);
+                let mut c = self.lock();
+                c.hosts = hosts;
+                c.read = Some(Instant::now());
+            }
+            Err(e) => {
+                metrics::counter!("concord_participant_gate_errors_total").increment(1);
+                tracing::warn!(error = %e, "reading the participant hosts failed; keeping this node's copy");
+            }
+        }
     }
 
     fn remember(&self, key: &str, state: &HostState) {
@@ -121,12 +130,11 @@ impl HostGate {
         publish_one(key, state);
     }
 
-    /// Asks whether a call to `host` on `port` that may run `timeout` can go out now.
-    ///
-    /// # Errors
-    /// The store.
-    pub async fn admit(&self, host: &str, port: u16, timeout: Duration) -> Result<Result<Pass, Blocked>, StoreError> {
-        self.refresh_if_old().await?;
+    /// Asks whether a call to `host` on `port` that may run `timeout` can go out now. When the
+    /// store cannot be asked, the call goes out (uncounted): flow control protects participants,
+    /// it must not stop every saga because its own table is unreachable.
+    pub async fn admit(&self, host: &str, port: u16, timeout: Duration) -> Result<Pass, Blocked> {
+        self.refresh_if_old().await;
         let now = Utc::now();
         let (key, free) = {
             let c = self.lock();
@@ -135,34 +143,40 @@ impl HostGate {
             (key, free)
         };
         if free {
-            return Ok(Ok(Pass { key, lease: None }));
+            return Ok(Pass { key, lease: None });
         }
         let lease = CallLease {
             id: Uuid::now_v7(),
             until: now + crate::app::log::chrono_dur(timeout + self.settings.lease_grace),
         };
         let mut admission = None;
-        let state = self
+        let changed = self
             .store
             .change_host(&key, &mut |h| {
-                let a = h.admit(Utc::now(), lease);
-                admission = Some(a);
-                // Nothing changes when the call is held back.
-                matches!(a, Admission::Admitted { .. })
+                let before = h.clone();
+                admission = Some(h.admit(Utc::now(), lease));
+                *h != before
             })
-            .await?;
-        self.remember(&key, &state);
+            .await;
+        match changed {
+            Ok(state) => self.remember(&key, &state),
+            Err(e) => {
+                metrics::counter!("concord_participant_gate_errors_total").increment(1);
+                tracing::warn!(host = %key, error = %e, "the participant's flow control could not be asked; the call goes out");
+                return Ok(Pass { key, lease: None });
+            }
+        }
         match admission {
-            Some(Admission::Admitted { tracked, .. }) => Ok(Ok(Pass {
+            Some(Admission::Admitted { tracked, .. }) => Ok(Pass {
                 key,
                 lease: tracked.then_some(lease.id),
-            })),
+            }),
             Some(Admission::Blocked { until, reason }) => {
                 metrics::counter!("concord_participant_calls_held_total", "host" => key.clone(), "reason" => reason.as_str())
                     .increment(1);
-                Ok(Err(Blocked { key, until, reason }))
+                Err(Blocked { key, until, reason })
             }
-            None => Ok(Ok(Pass { key, lease: None })),
+            None => Ok(Pass { key, lease: None }),
         }
     }
 
@@ -210,16 +224,22 @@ impl HostGate {
             }
             Some(Transition::Closed) => {
                 tracing::info!(host = %pass.key, "participant breaker closed; releasing the sagas parked on it");
-                self.wake_parked(&pass.key).await;
+                // In the background: the probe's own saga records its result meanwhile, within
+                // its lease.
+                let (store, key, batch) = (self.store.clone(), pass.key.clone(), self.settings.wake_batch);
+                tokio::spawn(async move { wake_parked(store.as_ref(), &key, batch).await });
             }
             None => {}
         }
     }
+}
 
-    async fn wake_parked(&self, key: &str) {
+/// Makes every saga parked on a host due now, a batch at a time.
+async fn wake_parked(store: &dyn HostStore, key: &str, batch: usize) {
+    {
         loop {
-            match self.store.wake_parked(key, Utc::now(), self.settings.wake_batch).await {
-                Ok(n) if n >= self.settings.wake_batch => {}
+            match store.wake_parked(key, Utc::now(), batch).await {
+                Ok(n) if n >= batch => {}
                 Ok(n) => {
                     if n > 0 {
                         metrics::counter!("concord_participant_sagas_released_total", "host" => key.to_owned())
@@ -235,7 +255,9 @@ impl HostGate {
             }
         }
     }
+}
 
+impl HostGate {
     /// Notes that a saga waits for a host to come back.
     ///
     /// # Errors
@@ -250,7 +272,7 @@ impl HostGate {
     /// # Errors
     /// The store.
     pub async fn still_down(&self, key: &str) -> Result<bool, StoreError> {
-        let state = self.store.change_host(key, &mut |_| false).await?;
+        let state = self.store.get_host(key).await?.unwrap_or_default();
         Ok(state.breaker != Breaker::Closed)
     }
 
@@ -275,7 +297,7 @@ impl HostGate {
     /// # Errors
     /// The store.
     pub async fn host(&self, key: &str) -> Result<HostState, StoreError> {
-        self.store.change_host(key, &mut |_| false).await
+        Ok(self.store.get_host(key).await?.unwrap_or_default())
     }
 
     /// Every host with a state.

@@ -778,7 +778,7 @@ impl SagaEngine {
             let mut decision = decision;
             let mut passes: Vec<Option<Pass>> = Vec::new();
             match &decision {
-                Decision::Call { step, op, .. } => match self.admit(&def, &state, *step, *op).await? {
+                Decision::Call { step, op, .. } => match self.admit(&def, &state, *step, *op).await {
                     Ok(p) => passes.push(p),
                     Err(b) => {
                         return self
@@ -790,7 +790,7 @@ impl SagaEngine {
                     let mut through = Vec::new();
                     let mut first: Option<Blocked> = None;
                     for &(step, op, attempt) in calls {
-                        match self.admit(&def, &state, step, op).await? {
+                        match self.admit(&def, &state, step, op).await {
                             Ok(p) => {
                                 through.push((step, op, attempt));
                                 passes.push(p);
@@ -909,22 +909,37 @@ impl SagaEngine {
                 Decision::CallAll(calls) => {
                     // As for one call: progress is recorded, and the log proved ours, first.
                     let first = recorded == 0 && pending.len() == 1;
-                    if !first
-                        && !self
+                    if !first {
+                        match self
                             .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
-                            .await?
-                    {
-                        self.unused(passes).await;
-                        return Ok(DriveEnd::Lost);
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.unused(passes).await;
+                                return Ok(DriveEnd::Lost);
+                            }
+                            Err(e) => {
+                                self.unused(passes).await;
+                                return Err(e);
+                            }
+                        }
                     }
                     let longest = calls
                         .iter()
                         .map(|(s, _, _)| def.steps[*s].timeout)
                         .max()
                         .unwrap_or_default();
-                    if !self.keep_lease(&mut row, &state, longest).await? {
-                        self.unused(passes).await;
-                        return Ok(DriveEnd::Lost);
+                    match self.keep_lease(&mut row, &state, longest).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.unused(passes).await;
+                            return Ok(DriveEnd::Lost);
+                        }
+                        Err(e) => {
+                            self.unused(passes).await;
+                            return Err(e);
+                        }
                     }
                     let started_at = Utc::now();
                     let outcomes =
@@ -973,18 +988,33 @@ impl SagaEngine {
                     // still ours, so no call goes out for a saga another node has moved on. A new
                     // saga's first record waits for its first call's result instead.
                     let first = recorded == 0 && pending.len() == 1;
-                    if !first
-                        && !self
+                    if !first {
+                        match self
                             .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
-                            .await?
-                    {
-                        self.unused(passes).await;
-                        return Ok(DriveEnd::Lost);
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.unused(passes).await;
+                                return Ok(DriveEnd::Lost);
+                            }
+                            Err(e) => {
+                                self.unused(passes).await;
+                                return Err(e);
+                            }
+                        }
                     }
                     let timeout = def.steps[step].timeout;
-                    if !self.keep_lease(&mut row, &state, timeout).await? {
-                        self.unused(passes).await;
-                        return Ok(DriveEnd::Lost);
+                    match self.keep_lease(&mut row, &state, timeout).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.unused(passes).await;
+                            return Ok(DriveEnd::Lost);
+                        }
+                        Err(e) => {
+                            self.unused(passes).await;
+                            return Err(e);
+                        }
                     }
                     let started_at = Utc::now();
                     let pass = passes.pop().flatten();
@@ -1021,9 +1051,9 @@ impl SagaEngine {
         state: &SagaState,
         step: usize,
         op: Op,
-    ) -> Result<Result<Option<Pass>, Blocked>, SagaError> {
+    ) -> Result<Option<Pass>, Blocked> {
         let Some(gate) = &self.gate else {
-            return Ok(Ok(None));
+            return Ok(None);
         };
         let s = &def.steps[step];
         let template = match op {
@@ -1031,7 +1061,7 @@ impl SagaEngine {
             Op::Compensation => s.compensation.as_ref(),
         };
         let Some(template) = template else {
-            return Ok(Ok(None));
+            return Ok(None);
         };
         let outputs = state.outputs();
         let ctx = TemplateContext {
@@ -1041,15 +1071,15 @@ impl SagaEngine {
             secrets: &self.config.secrets,
         };
         let Ok(call) = ctx.render_call(template) else {
-            return Ok(Ok(None));
+            return Ok(None);
         };
         let Some((host, port)) = url::Url::parse(&call.url)
             .ok()
             .and_then(|u| Some((u.host_str()?.to_owned(), u.port_or_known_default()?)))
         else {
-            return Ok(Ok(None));
+            return Ok(None);
         };
-        Ok(gate.admit(&host, port, s.timeout).await?.map(Some))
+        gate.admit(&host, port, s.timeout).await.map(Some)
     }
 
     /// Gives back the places of calls let through but never made (the drive stopped first).
@@ -1077,7 +1107,12 @@ impl SagaEngine {
             return Ok(DriveEnd::Lost);
         }
         let Some(gate) = &self.gate else {
-            return Ok(DriveEnd::Waiting);
+            // Never reached (only a gate holds calls back); the saga is due again at once.
+            return Ok(if self.release(row, state, Some(Utc::now())).await? {
+                DriveEnd::Waiting
+            } else {
+                DriveEnd::Lost
+            });
         };
         let now = Utc::now();
         let recovery = blocked.reason.waits_for_recovery();
@@ -1090,6 +1125,9 @@ impl SagaEngine {
             }
             // Spread over a second, so one probe goes out first instead of every saga at once.
             _ if recovery => blocked.until + chrono::Duration::milliseconds(rand::random_range(0..1000)),
+            // Spread over half a second: the participant asked for less, not for a burst later.
+            BlockReason::RetryAfter => blocked.until + chrono::Duration::milliseconds(rand::random_range(0..500)),
+            // Each one held back by a rate has a moment of its own.
             _ => blocked.until,
         }
         .max(now);
@@ -2301,6 +2339,102 @@ mod tests {
         let end = e.drive(claimed.pop().unwrap()).await.unwrap();
         assert_eq!(end, DriveEnd::Finished(SagaStatus::Completed));
         assert_eq!(p.count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_parks_the_saga_without_an_attempt_and_a_wake_resumes_it() {
+        use crate::domain::flow::{BreakerSettings, HostSignal};
+        use crate::ports::HostStore as _;
+        let store = Arc::new(MemoryStore::default());
+        let (e, p) = engine(&store, 10_000, |_| CallOutcome::Succeeded(json!({"id": "r"})));
+        let gate = Arc::new(crate::app::flow::HostGate::new(store.clone(), Default::default()));
+        let e = e.with_gate(gate);
+        let settings = BreakerSettings {
+            failures: 1,
+            ..BreakerSettings::default()
+        };
+        store
+            .change_host("pay:80", &mut |h| {
+                h.report(Utc::now(), None, HostSignal::Failing, &settings);
+                true
+            })
+            .await
+            .unwrap();
+        e.define("order", spec()).await.unwrap();
+        let (_, held) = e.start(start("o-9")).await.unwrap();
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
+        assert_eq!(p.count.load(Ordering::SeqCst), 1, "only the step before the open host ran");
+        let row = store.get_saga(&sid("o-9")).await.unwrap().unwrap();
+        assert!(row.next_run_at.unwrap() > Utc::now() + chrono::Duration::seconds(3), "{row:?}");
+        assert_eq!(store.parked_on(&sid("o-9")).await.unwrap().as_deref(), Some("pay:80"));
+        let (_, state) = e.load(&sid("o-9")).await.unwrap();
+        assert!(state.unwrap().steps[1].attempts.is_empty(), "held back, it spent no attempt");
+        // Another saga's probe succeeded: the breaker closes and the parked saga is due now.
+        store
+            .change_host("pay:80", &mut |h| {
+                h.report(Utc::now(), None, HostSignal::Healthy, &settings);
+                true
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.wake_parked("pay:80", Utc::now(), 10).await.unwrap(), 1);
+        let mut claimed = e.claim(10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let end = e.drive(claimed.pop().unwrap()).await.unwrap();
+        assert_eq!(end, DriveEnd::Finished(SagaStatus::Completed));
+        assert_eq!(p.count.load(Ordering::SeqCst), 2);
+        let (_, state) = e.load(&sid("o-9")).await.unwrap();
+        assert_eq!(state.unwrap().steps[1].attempts.len(), 1);
+    }
+
+    /// A host table that cannot be read or written.
+    struct BrokenHosts;
+
+    #[async_trait]
+    impl crate::ports::HostStore for BrokenHosts {
+        async fn change_host(
+            &self,
+            _: &str,
+            _: crate::ports::HostChange<'_>,
+        ) -> Result<crate::domain::flow::HostState, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn get_host(&self, _: &str) -> Result<Option<crate::domain::flow::HostState>, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn list_hosts(&self) -> Result<Vec<(String, crate::domain::flow::HostState)>, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn park_saga(&self, _: &str, _: &SagaId, _: DateTime<Utc>) -> Result<(), StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn wake_parked(&self, _: &str, _: DateTime<Utc>, _: usize) -> Result<usize, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn parked_on(&self, _: &SagaId) -> Result<Option<String>, StoreError> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_go_out_when_the_host_table_cannot_be_read() {
+        let store = Arc::new(MemoryStore::default());
+        let (e, p) = engine(&store, 10_000, |c| {
+            if c.step == "charge" {
+                CallOutcome::Transient("503".into())
+            } else {
+                CallOutcome::Succeeded(json!({"id": "r"}))
+            }
+        });
+        let e = e.with_gate(Arc::new(crate::app::flow::HostGate::new(
+            Arc::new(BrokenHosts),
+            Default::default(),
+        )));
+        e.define("order", spec()).await.unwrap();
+        let (_, held) = e.start(start("o-10")).await.unwrap();
+        // The failure it reports cannot be counted either; the saga goes its own way.
+        assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
+        assert_eq!(p.count.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

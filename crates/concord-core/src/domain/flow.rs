@@ -12,6 +12,8 @@ use uuid::Uuid;
 pub const MAX_CONCURRENCY: u32 = 100_000;
 /// The highest rate a limit may allow, per second.
 pub const MAX_PER_S: f64 = 1_000_000.0;
+/// The lowest: one call in 1,000 s. A lower rate would push calls out of any useful time.
+pub const MIN_PER_S: f64 = 0.001;
 
 /// What an operator set for a host; none of either: no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -30,9 +32,9 @@ impl HostLimits {
             return Err(format!("max_concurrency must be between 1 and {MAX_CONCURRENCY}"));
         }
         if let Some(r) = max_per_s
-            && !(r.is_finite() && r > 0.0 && r <= MAX_PER_S)
+            && !(r.is_finite() && (MIN_PER_S..=MAX_PER_S).contains(&r))
         {
-            return Err(format!("max_per_s must be above 0 and at most {MAX_PER_S}"));
+            return Err(format!("max_per_s must be between {MIN_PER_S} and {MAX_PER_S}"));
         }
         Ok(Self {
             max_concurrency,
@@ -46,12 +48,31 @@ impl HostLimits {
     }
 }
 
-/// A host as allow-lists write it: `payments` (every port) or `payments:8082`. Lower case.
+/// A host as allow-lists write it: `payments` (every port) or `payments:8082`, an IPv6 address
+/// in brackets (`[::1]:9000`). Lower case.
 ///
 /// # Errors
 /// Anything else: empty, a scheme or path, a bad port, characters a host name does not have.
 pub fn parse_host(s: &str) -> Result<String, String> {
     let s = s.trim().to_ascii_lowercase();
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?} opens a bracket it does not close"))?;
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{s:?} is not an IPv6 address in brackets"));
+        }
+        return match after {
+            "" => Ok(s),
+            p if p
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) =>
+            {
+                Ok(s)
+            }
+            _ => Err(format!("{s:?} has a port that is not 1-65535")),
+        };
+    }
     let (name, port) = match s.rsplit_once(':') {
         Some((n, p)) if !n.contains(':') => (n, Some(p)),
         _ => (s.as_str(), None),
@@ -138,6 +159,10 @@ pub struct HostState {
     /// The rate limit's next free moment (the theoretical arrival time of a cell rate).
     #[serde(default)]
     pub next_free_at: Option<DateTime<Utc>>,
+    /// The last moment handed to a call the rate held back: each one held back is given its own
+    /// moment, one interval after the previous, so they do not all come back at once.
+    #[serde(default)]
+    pub rate_tail: Option<DateTime<Utc>>,
     /// No call before this: the host asked for it with `Retry-After`.
     #[serde(default)]
     pub hold_until: Option<DateTime<Utc>>,
@@ -277,12 +302,14 @@ impl HostState {
             let interval = interval(rate);
             let next = self.next_free_at.unwrap_or(now);
             if next > now {
+                let slot = self.rate_tail.filter(|t| *t > next).unwrap_or(next);
+                self.rate_tail = Some(later(slot, interval));
                 return Admission::Blocked {
-                    until: next,
+                    until: slot,
                     reason: BlockReason::Rate,
                 };
             }
-            self.next_free_at = Some(next.max(now) + interval);
+            self.next_free_at = Some(later(next.max(now), interval));
         }
         let tracked = self.limits.max_concurrency.is_some();
         if tracked {
@@ -326,7 +353,7 @@ impl HostState {
                     let after = Duration::from_std(after)
                         .unwrap_or(settings.max_hold)
                         .min(settings.max_hold);
-                    let until = now + after;
+                    let until = later(now, after);
                     self.hold_until = Some(self.hold_until.map_or(until, |h| h.max(until)));
                 }
                 self.close()
@@ -338,7 +365,7 @@ impl HostState {
                 if reopen || trip {
                     self.breaker = Breaker::Open;
                     self.opened_at = Some(now);
-                    self.open_until = Some(now + settings.open_for);
+                    self.open_until = Some(later(now, settings.open_for));
                     self.probe = None;
                     self.opened += 1;
                     return trip.then_some(Transition::Opened);
@@ -358,17 +385,23 @@ impl HostState {
         Some(Transition::Closed)
     }
 
-    /// Replaces the limits; calls out now keep their places.
+    /// Replaces the limits; calls out now keep their places. A new rate starts afresh.
     pub fn set_limits(&mut self, limits: HostLimits) {
-        self.limits = limits;
-        if limits.max_per_s.is_none() {
+        if limits.max_per_s != self.limits.max_per_s {
             self.next_free_at = None;
+            self.rate_tail = None;
         }
+        self.limits = limits;
         if limits.max_concurrency.is_none() {
             let probe = self.probe.map(|p| p.id);
             self.in_flight.retain(|l| Some(l.id) == probe);
         }
     }
+}
+
+/// `t + d`, or the latest time there is.
+fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 fn interval(rate: f64) -> Duration {
@@ -418,7 +451,13 @@ mod tests {
         assert!(HostLimits::new(Some(0), None).is_err());
         assert!(HostLimits::new(None, Some(0.0)).is_err());
         assert!(HostLimits::new(None, Some(f64::NAN)).is_err());
+        assert!(HostLimits::new(None, Some(1e-9)).is_err());
         assert!(HostLimits::new(Some(3), Some(2.5)).is_ok());
+        assert_eq!(parse_host("[::1]:9000").unwrap(), "[::1]:9000");
+        assert_eq!(parse_host("[FE80::1]").unwrap(), "[fe80::1]");
+        for bad in ["[::1", "[nope]:1", "[::1]:0", "[::1]x"] {
+            assert!(parse_host(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -463,7 +502,16 @@ mod tests {
                 reason: BlockReason::Rate
             }
         );
+        // The next one held back is given the moment after, not the same one.
+        assert_eq!(
+            s.admit(at(60), lease(3, 0)),
+            Admission::Blocked {
+                until: at(200),
+                reason: BlockReason::Rate
+            }
+        );
         assert!(matches!(s.admit(at(100), lease(2, 0)), Admission::Admitted { .. }));
+        assert!(matches!(s.admit(at(200), lease(3, 0)), Admission::Admitted { .. }));
         // Idle time is not saved up into a burst.
         assert!(matches!(s.admit(at(5000), lease(3, 0)), Admission::Admitted { .. }));
         assert!(matches!(s.admit(at(5001), lease(4, 0)), Admission::Blocked { .. }));

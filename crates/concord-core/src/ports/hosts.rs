@@ -17,6 +17,8 @@ pub trait HostStore: Send + Sync + 'static {
     /// if it says so, as one transaction that holds the host's row: concurrent changes to one
     /// host, from any node, apply one after the other. Answers the state as left.
     async fn change_host(&self, host: &str, change: HostChange<'_>) -> Result<HostState, StoreError>;
+    /// A host's state as stored, without locking it; none when it has none.
+    async fn get_host(&self, host: &str) -> Result<Option<HostState>, StoreError>;
     /// Every host with a state, in name order.
     async fn list_hosts(&self) -> Result<Vec<(String, HostState)>, StoreError>;
     /// Notes that a saga waits for a host to come back.

@@ -28,6 +28,8 @@ pub async fn host_store_suite<S: HostStore + SagaStore>(s: S) {
         s.list_hosts().await.unwrap(),
         vec![("payments".to_owned(), set.clone())]
     );
+    assert_eq!(s.get_host("payments").await.unwrap(), Some(set.clone()));
+    assert_eq!(s.get_host("shipping").await.unwrap(), None);
 
     // Concurrent changes to one host apply one after the other: none is lost.
     let changes: Vec<_> = (0..16)
@@ -71,16 +73,38 @@ pub async fn host_store_suite<S: HostStore + SagaStore>(s: S) {
         );
         s.park_saga("payments", &row.id, now).await.unwrap();
     }
+    // One due already and one finished are woken to nothing: they keep their time.
+    let (due, _) = s.create_saga(&saga_row("host-due", now)).await.unwrap();
+    s.park_saga("payments", &due.id, now).await.unwrap();
+    let (done, _) = s.create_saga(&saga_row("host-done", now)).await.unwrap();
+    assert!(
+        s.update_saga(&SagaUpdate {
+            id: &done.id,
+            holder: None,
+            status: crate::domain::saga::SagaStatus::Completed,
+            next_run_at: None,
+            lease: None,
+            log_version: 1,
+            now,
+        })
+        .await
+        .unwrap()
+    );
+    s.park_saga("payments", &done.id, now).await.unwrap();
     let a = super::saga_id("host-a");
     assert_eq!(s.parked_on(&a).await.unwrap().as_deref(), Some("payments"));
     assert_eq!(s.parked_on(&super::saga_id("nobody")).await.unwrap(), None);
     assert_eq!(s.wake_parked("inventory:8081", now, 10).await.unwrap(), 0);
-    assert_eq!(s.wake_parked("payments", now, 2).await.unwrap(), 2);
-    assert_eq!(s.wake_parked("payments", now, 10).await.unwrap(), 1);
+    let woken = now + ChronoDuration::seconds(1);
+    assert_eq!(s.wake_parked("payments", woken, 2).await.unwrap(), 2);
+    assert_eq!(s.wake_parked("payments", woken, 10).await.unwrap(), 3);
     assert_eq!(s.wake_parked("payments", now, 10).await.unwrap(), 0);
     for id in ["host-a", "host-b", "host-c"] {
         let row = s.get_saga(&super::saga_id(id)).await.unwrap().unwrap();
-        assert_eq!(row.next_run_at, Some(now), "{id} was not woken");
+        assert_eq!(row.next_run_at, Some(woken), "{id} was not woken");
         assert_eq!(s.parked_on(&row.id).await.unwrap(), None);
     }
+    assert_eq!(s.get_saga(&due.id).await.unwrap().unwrap().next_run_at, Some(now));
+    assert_eq!(s.get_saga(&done.id).await.unwrap().unwrap().next_run_at, None);
+    assert_eq!(s.parked_on(&done.id).await.unwrap(), None);
 }

@@ -562,6 +562,10 @@ impl crate::ports::HostStore for MemoryStore {
         Ok(state)
     }
 
+    async fn get_host(&self, host: &str) -> Result<Option<crate::domain::flow::HostState>, StoreError> {
+        Ok(self.lock().hosts.get(host).cloned())
+    }
+
     async fn list_hosts(&self) -> Result<Vec<(String, crate::domain::flow::HostState)>, StoreError> {
         Ok(self.lock().hosts.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
