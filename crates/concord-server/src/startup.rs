@@ -157,10 +157,10 @@ impl Application {
             saga_outbound.clone(),
             &client_tls,
         )?);
-        let gate = Arc::new(concord_core::app::flow::HostGate::new(
-            stores.hosts.clone(),
-            settings.gate_settings(),
-        ));
+        let gate = Arc::new(
+            concord_core::app::flow::HostGate::new(stores.hosts.clone(), settings.gate_settings())
+                .with_journal(stores.events.clone(), settings.limits()),
+        );
         let engine = Arc::new(
             SagaEngine::new(
                 stores.events.clone(),

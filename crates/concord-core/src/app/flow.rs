@@ -11,7 +11,8 @@ use crate::domain::flow::{
     host_key,
 };
 use crate::domain::saga::SagaId;
-use crate::ports::{HostStore, StoreError};
+use crate::domain::{AppendRequest, ExpectedVersion, Limits, StreamName};
+use crate::ports::{EventStore, HostStore, StoreError};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,9 +69,14 @@ struct Snapshot {
     read: Option<Instant>,
 }
 
+/// The stream every breaker change is recorded in: `BreakerOpened {host, at, until, failures}`
+/// and `BreakerClosed {host, at}`, an audit of when each host was shut off.
+pub const BREAKER_JOURNAL: &str = "saga-@breakers";
+
 /// Flow control per participant host.
 pub struct HostGate {
     store: Arc<dyn HostStore>,
+    journal: Option<(Arc<dyn EventStore>, Limits)>,
     settings: GateSettings,
     copy: Mutex<Snapshot>,
     refreshing: tokio::sync::Mutex<()>,
@@ -81,6 +87,7 @@ impl HostGate {
     pub fn new(store: Arc<dyn HostStore>, settings: GateSettings) -> Self {
         Self {
             store,
+            journal: None,
             settings,
             copy: Mutex::new(Snapshot {
                 hosts: HashMap::new(),
@@ -88,6 +95,39 @@ impl HostGate {
             }),
             refreshing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Records every breaker change in [`BREAKER_JOURNAL`].
+    #[must_use]
+    pub fn with_journal(mut self, events: Arc<dyn EventStore>, limits: Limits) -> Self {
+        self.journal = Some((events, limits));
+        self
+    }
+
+    /// Appends a breaker change to the journal in the background; a failure is logged (the
+    /// change itself is in the host's state either way).
+    fn record(&self, event_type: &'static str, data: serde_json::Value) {
+        let Some((events, limits)) = self.journal.clone() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let event = crate::domain::event::UncheckedEvent {
+                id: None,
+                event_type: event_type.to_owned(),
+                data,
+                metadata: None,
+            };
+            let appended = match StreamName::parse(BREAKER_JOURNAL) {
+                Ok(stream) => match AppendRequest::new(stream, ExpectedVersion::Any, vec![event], &limits) {
+                    Ok(request) => events.append(request).await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = appended {
+                tracing::warn!(error = %e, "recording a breaker change failed");
+            }
+        });
     }
 
     #[must_use]
@@ -221,8 +261,18 @@ impl HostGate {
             Some(Transition::Opened) => {
                 metrics::counter!("concord_participant_breaker_opened_total", "host" => pass.key.clone()).increment(1);
                 tracing::warn!(host = %pass.key, failures = state.failures, "participant breaker opened; sagas that call it wait");
+                self.record(
+                    "BreakerOpened",
+                    serde_json::json!({
+                        "host": pass.key,
+                        "at": state.opened_at,
+                        "until": state.open_until,
+                        "failures": state.failures,
+                    }),
+                );
             }
             Some(Transition::Closed) => {
+                self.record("BreakerClosed", serde_json::json!({ "host": pass.key, "at": now }));
                 tracing::info!(host = %pass.key, "participant breaker closed; releasing the sagas parked on it");
                 // In the background: the probe's own saga records its result meanwhile, within
                 // its lease.

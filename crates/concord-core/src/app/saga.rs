@@ -2363,12 +2363,22 @@ mod tests {
         e.define("order", spec()).await.unwrap();
         let (_, held) = e.start(start("o-9")).await.unwrap();
         assert_eq!(e.drive(held.unwrap()).await.unwrap(), DriveEnd::Waiting);
-        assert_eq!(p.count.load(Ordering::SeqCst), 1, "only the step before the open host ran");
+        assert_eq!(
+            p.count.load(Ordering::SeqCst),
+            1,
+            "only the step before the open host ran"
+        );
         let row = store.get_saga(&sid("o-9")).await.unwrap().unwrap();
-        assert!(row.next_run_at.unwrap() > Utc::now() + chrono::Duration::seconds(3), "{row:?}");
+        assert!(
+            row.next_run_at.unwrap() > Utc::now() + chrono::Duration::seconds(3),
+            "{row:?}"
+        );
         assert_eq!(store.parked_on(&sid("o-9")).await.unwrap().as_deref(), Some("pay:80"));
         let (_, state) = e.load(&sid("o-9")).await.unwrap();
-        assert!(state.unwrap().steps[1].attempts.is_empty(), "held back, it spent no attempt");
+        assert!(
+            state.unwrap().steps[1].attempts.is_empty(),
+            "held back, it spent no attempt"
+        );
         // Another saga's probe succeeded: the breaker closes and the parked saga is due now.
         store
             .change_host("pay:80", &mut |h| {

@@ -236,7 +236,8 @@ pub enum HostSignal {
     NotSent,
 }
 
-/// A change of a breaker's state, for logs and metrics.
+/// A change of a breaker's state (a failed probe opens it again: `Opened` too), for logs,
+/// metrics and the breaker journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     Opened,
@@ -368,7 +369,7 @@ impl HostState {
                     self.open_until = Some(later(now, settings.open_for));
                     self.probe = None;
                     self.opened += 1;
-                    return trip.then_some(Transition::Opened);
+                    return Some(Transition::Opened);
                 }
                 None
             }

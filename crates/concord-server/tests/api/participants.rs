@@ -308,6 +308,30 @@ async fn an_open_breaker_parks_sagas_without_spending_attempts_and_releases_them
         (&json!("closed"), &json!(0)),
         "{shown}"
     );
+    // Each change is in the breaker journal: opened (and opened again by failed probes), then
+    // closed.
+    let mut journal = Vec::new();
+    for _ in 0..100 {
+        journal = get(&app, "/v1/streams/saga-@breakers").await["events"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if journal.last().is_some_and(|e| e["type"] == "BreakerClosed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let types: Vec<&str> = journal.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(
+        types.len() >= 3 && types[..types.len() - 1].iter().all(|t| *t == "BreakerOpened"),
+        "{types:?}"
+    );
+    assert_eq!(types.last(), Some(&"BreakerClosed"), "{types:?}");
+    assert!(
+        journal.iter().all(|e| e["data"]["host"] == authority.as_str()),
+        "{journal:?}"
+    );
+    assert!(journal[0]["data"]["until"].is_string(), "{journal:?}");
 }
 both_backends!(an_open_breaker_parks_sagas_without_spending_attempts_and_releases_them_when_a_probe_succeeds);
 
