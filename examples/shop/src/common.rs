@@ -543,3 +543,71 @@ pub fn webhook_signed(key: &str, body: &[u8], signature: &str) -> bool {
     mac.update(body);
     mac.verify_slice(&bytes).is_ok()
 }
+
+/// The log line a service writes each time more saga calls are in at once than ever before in
+/// this process, with `peak=N`: the demo's checker reads the highest against the host's limit.
+pub const SAGA_CALLS_PEAK: &str = "saga calls in at once, a new peak";
+
+/// Counts the saga calls (requests carrying `Concord-Saga-Id`) in at once, as the participant
+/// sees them. A call counts from its arrival until it is answered, or until `window` has passed
+/// (the caller's timeout, less the network: past it the caller has given up and no longer holds
+/// its place), or until the connection drops it.
+pub struct SagaCallCounter {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    window: Option<Duration>,
+}
+
+impl SagaCallCounter {
+    #[must_use]
+    pub fn new(window: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self {
+            now: std::sync::atomic::AtomicUsize::new(0),
+            peak: std::sync::atomic::AtomicUsize::new(0),
+            window,
+        })
+    }
+}
+
+/// One counted call: uncounted once, whichever comes first.
+struct Counted(Arc<SagaCallCounter>, std::sync::atomic::AtomicBool);
+
+impl Counted {
+    fn end(&self) {
+        if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// The middleware of [`SagaCallCounter`].
+pub async fn count_saga_calls(State(c): State<Arc<SagaCallCounter>>, req: Request, next: Next) -> Response {
+    use std::sync::atomic::Ordering;
+    if !req.headers().contains_key("concord-saga-id") {
+        return next.run(req).await;
+    }
+    let n = c.now.fetch_add(1, Ordering::SeqCst) + 1;
+    if c.peak.fetch_max(n, Ordering::SeqCst) < n {
+        tracing::info!(peak = n, "{SAGA_CALLS_PEAK}");
+    }
+    let counted = Arc::new(Counted(c.clone(), std::sync::atomic::AtomicBool::new(false)));
+    let timer = c.window.map(|w| {
+        let counted = Arc::clone(&counted);
+        tokio::spawn(async move {
+            tokio::time::sleep(w).await;
+            counted.end();
+        })
+    });
+    let response = next.run(req).await;
+    counted.end();
+    if let Some(t) = timer {
+        t.abort();
+    }
+    response
+}

@@ -60,11 +60,11 @@ fn invariant_lines(stdout: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The run exited 0 with all 9 invariants PASS.
+/// The run exited 0 with all 10 invariants PASS.
 fn assert_every_invariant_holds(run: &Run) {
     assert_eq!(run.code, Some(0), "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     let lines = invariant_lines(&run.stdout);
-    assert_eq!(lines.len(), 9, "{}", run.stdout);
+    assert_eq!(lines.len(), 10, "{}", run.stdout);
     assert!(
         lines.iter().all(|l| l.trim_start().starts_with("PASS")),
         "{}",

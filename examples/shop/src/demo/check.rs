@@ -40,6 +40,12 @@ pub struct Sources<'a> {
     /// Redis and the cache's key prefix.
     pub redis: Option<(String, String)>,
     pub plan: &'a Plan,
+    /// The host each step of the saga calls, as the breaker journal names hosts.
+    pub step_hosts: HashMap<String, String>,
+    /// The saga calls at once the inventory service may get, from all of Concord.
+    pub inventory_limit: u32,
+    /// The host the run took down long enough to open its breaker, if it did.
+    pub outage_host: Option<String>,
 }
 
 /// What the run ended with, beside the verdicts.
@@ -66,6 +72,11 @@ pub struct Facts {
     pub holds_timed_out: usize,
     /// Charges the provider confirmed later, through the step's completion URL.
     pub charges_completed_later: usize,
+    pub sagas_cancelled: usize,
+    /// Breaker openings in the journal (failed probes included).
+    pub breaker_openings: usize,
+    /// The most saga calls the inventory service saw in at once.
+    pub inventory_peak: usize,
 }
 
 fn verdict(name: &str, problems: &[String], ok_detail: String) -> Invariant {
@@ -189,6 +200,7 @@ pub async fn check(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<Vec<Inv
     invariants.push(read_model(s, &orders).await?);
     invariants.push(no_plaintext_card(s).await?);
     invariants.push(transfers_atomic(s, facts).await?);
+    invariants.push(flow_control(s, &details.1, facts).await?);
     Ok(invariants)
 }
 
@@ -396,7 +408,8 @@ async fn sagas_terminal(
         };
         let expected = match saga.status.as_str() {
             "completed" => Status::Confirmed,
-            "compensated" => Status::Rejected,
+            // Cancelled by support: compensated like a refusal, the order rejected.
+            "compensated" | "cancelled" => Status::Rejected,
             other => {
                 problems.push(format!("saga {saga_id} is {other}"));
                 continue;
@@ -412,7 +425,8 @@ async fn sagas_terminal(
     }
     facts.sagas_completed = sagas.iter().filter(|g| g.status == "completed").count();
     facts.sagas_compensated = sagas.iter().filter(|g| g.status == "compensated").count();
-    facts.sagas_other = sagas.len() - facts.sagas_completed - facts.sagas_compensated;
+    facts.sagas_cancelled = sagas.iter().filter(|g| g.status == "cancelled").count();
+    facts.sagas_other = sagas.len() - facts.sagas_completed - facts.sagas_compensated - facts.sagas_cancelled;
     // Attempts per saga: each detail read once.
     let mut details = Vec::with_capacity(sagas.len());
     for g in sagas {
@@ -447,8 +461,8 @@ async fn sagas_terminal(
         "every saga is terminal and matches its order",
         &problems,
         format!(
-            "{} completed = confirmed, {} compensated = rejected",
-            facts.sagas_completed, facts.sagas_compensated
+            "{} completed = confirmed, {} compensated and {} cancelled = rejected",
+            facts.sagas_completed, facts.sagas_compensated, facts.sagas_cancelled
         ),
     );
     Ok((verdict, details))
@@ -840,6 +854,105 @@ async fn transfers_atomic(s: &Sources<'_>, facts: &mut Facts) -> anyhow::Result<
         format!(
             "{} committed on both sides, {} aborted on neither",
             facts.transfers_committed, facts.transfers_aborted
+        ),
+    ))
+}
+
+/// Concord's breaker journal: a `BreakerOpened {host, at, until}` each time a participant host's
+/// breaker opens (README, "Flow control per participant host").
+const BREAKER_JOURNAL: &str = "saga-@breakers";
+
+/// How long after a breaker opened a call may still start that was let through just before:
+/// the gate's answer and the attempt's recorded start are a few store round trips apart.
+const ADMITTED_BEFORE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(500);
+
+/// Flow control held: no attempt started at a host while its breaker was open (from the breaker
+/// journal, against every attempt in the sagas' logs), and the inventory service never saw more
+/// saga calls at once than its limit (its own count, from its log).
+async fn flow_control(
+    s: &Sources<'_>,
+    details: &[concord_sdk::SagaOut],
+    facts: &mut Facts,
+) -> anyhow::Result<Invariant> {
+    use chrono::{DateTime, Utc};
+    let mut problems = Vec::new();
+    let mut openings: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = match s.admin.read_stream(BREAKER_JOURNAL, from, 1000).await {
+            Ok(p) => p,
+            // No breaker ever changed: the stream was never written.
+            Err(e) if e.status() == Some(404) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(last) = page.events.last() else { break };
+        from = last.version + 1;
+        for e in page.events.iter().filter(|e| e.event_type == "BreakerOpened") {
+            let time = |k: &str| e.data[k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            match (e.data["host"].as_str(), time("at"), time("until")) {
+                (Some(host), Some(at), Some(until)) => openings.push((host.to_owned(), at, until)),
+                _ => problems.push(format!("a breaker journal entry cannot be read: {}", e.data)),
+            }
+        }
+    }
+    facts.breaker_openings = openings.len();
+    if let Some(host) = &s.outage_host
+        && !openings.iter().any(|(h, ..)| h == host)
+    {
+        problems.push(format!("{host} was down, but its breaker never opened"));
+    }
+    for g in details {
+        for st in &g.steps {
+            let Some(host) = s.step_hosts.get(&st.name) else {
+                continue;
+            };
+            for a in &st.attempts {
+                for (h, at, until) in &openings {
+                    if h == host && a.started_at > *at + ADMITTED_BEFORE && a.started_at < *until {
+                        problems.push(format!(
+                            "saga {} {} {} attempt {} started at {} while {host}'s breaker was open ({at} to {until})",
+                            g.id, st.name, a.op, a.attempt, a.started_at
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // The participant's own count of calls in at once, from every log it wrote (restarts too).
+    let peak = s
+        .files
+        .iter()
+        .filter(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("inventory") && n.ends_with(".log"))
+        })
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.contains(crate::common::SAGA_CALLS_PEAK))
+                .filter_map(|l| {
+                    let rest = &l[l.find("peak=")? + 5..];
+                    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0);
+    facts.inventory_peak = peak;
+    if peak > s.inventory_limit as usize {
+        problems.push(format!(
+            "the inventory service saw {peak} saga calls at once, over its limit of {}",
+            s.inventory_limit
+        ));
+    }
+    Ok(verdict(
+        "flow control held (no attempt while a breaker was open, no participant over its limit)",
+        &problems,
+        format!(
+            "the breaker opened {} times and no attempt started while it was open; the inventory service saw at most {peak} saga calls at once (limit {})",
+            openings.len(),
+            s.inventory_limit
         ),
     ))
 }

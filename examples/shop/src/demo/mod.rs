@@ -83,6 +83,25 @@ fn secret() -> String {
     crate::common::hex(&h.finalize())
 }
 
+/// How many saga calls at once every node together may send the inventory service: the limit
+/// the demo sets, and the checker holds the participant's own count to.
+pub const INVENTORY_LIMIT: u32 = 4;
+
+/// The payments outage lasts until its breaker opens (at most this long), then this much more.
+const OUTAGE_MAX: Duration = Duration::from_secs(10);
+const OUTAGE_AFTER_OPEN: Duration = Duration::from_millis(1500);
+
+/// Every how many orders one is cancelled by support through the API.
+const CANCEL_EVERY: usize = 20;
+
+/// The host a service's URL names, as the participant limits and the breaker journal write it.
+fn host_key(url: &str) -> String {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 /// The trace id the demo gives an order's request.
 #[must_use]
 pub fn trace_id(order: &PlannedOrder) -> String {
@@ -321,6 +340,10 @@ async fn run_in(
                 ),
                 // Where the participants post the results of asynchronous actions.
                 ("CONCORD_PUBLIC_URL".into(), urls.concord.clone()),
+                // A participant that fails five times running is shut off for a second, then
+                // probed (the outage below opens it).
+                ("CONCORD_PARTICIPANT_BREAKER_FAILURES".into(), "5".into()),
+                ("CONCORD_PARTICIPANT_BREAKER_OPEN_MS".into(), "1000".into()),
                 (
                     "CONCORD_VAULT_MASTER_KEY_FILE".into(),
                     layout.dir.join("vault.key").display().to_string(),
@@ -359,6 +382,22 @@ async fn run_in(
         &key("fraud-operator", &["sagas:signal"]).await?,
         &demo_tls,
     )?;
+    // Support, who cancels orders customers withdraw.
+    let support = crate::common::concord_client(
+        &urls.concord,
+        &key("support", &["sagas:read", "sagas:write"]).await?,
+        &demo_tls,
+    )?;
+    // The inventory service takes this many saga calls at once from all of Concord.
+    admin
+        .set_participant_limits(
+            &host_key(&urls.inventory),
+            &concord_sdk::api::sagas::ParticipantLimitsIn {
+                max_concurrency: Some(INVENTORY_LIMIT),
+                max_per_s: None,
+            },
+        )
+        .await?;
     admin
         .put_saga_definition(
             crate::saga::PLACE_ORDER,
@@ -451,6 +490,9 @@ async fn run_in(
         dbs.south.clone(),
         "--duplicate-deliveries".into(),
         "10".into(),
+        // A saga call counts until answered or until Concord's 1 s timeout (less the network).
+        "--saga-call-window-ms".into(),
+        "950".into(),
     ]);
     broker_args(&mut a.0);
     let mut inventory = Proc::start(layout, &http, spec("inventory", &urls.inventory, a)).await?;
@@ -504,7 +546,7 @@ async fn run_in(
             plan.orders.clone(),
             args.clients.max(1),
             (urls.orders.clone(), urls.query.clone()),
-            (token.clone(), operator),
+            (token.clone(), operator, support),
             demo_tls.clone(),
             Arc::clone(&done),
             progress.clone(),
@@ -544,6 +586,22 @@ async fn run_in(
     }
     wait_for(0.5).await;
     let transfers = run_transfers(&admin, &urls.inventory).await;
+    wait_for(0.6).await;
+    // Support withdraws the orders placed in the last 300 ms that are still running, in one
+    // batch run server-side.
+    let now = chrono::Utc::now();
+    let batch = admin
+        .start_saga_batch(&concord_sdk::api::sagas::BatchIn {
+            filter: concord_sdk::api::sagas::BatchFilterIn {
+                status: Some(concord_sdk::api::sagas::SagaStatusIn::Running),
+                definition: Some(crate::saga::PLACE_ORDER.to_owned()),
+                started_before: Some(now),
+                started_after: Some(now - chrono::TimeDelta::milliseconds(300)),
+            },
+            action: concord_sdk::api::sagas::BatchActionIn::Cancel,
+            dry_run: false,
+        })
+        .await?;
     wait_for(0.65).await;
     if !args.no_kill {
         progress.set_message(format!("SIGKILL: {}", plan.victim));
@@ -558,7 +616,30 @@ async fn run_in(
         kills.push(plan.victim);
         progress.set_message("");
     }
+    wait_for(0.75).await;
+    let mut outage = None;
+    if !args.no_kill {
+        // Down until the sagas charging meanwhile have opened the payments breaker, and a while
+        // more: they wait, spending no attempt, and go on at once when a probe finds it back.
+        progress.set_message("outage: payments down");
+        let down = Instant::now();
+        payments.kill();
+        let host = host_key(&urls.payments);
+        while down.elapsed() < OUTAGE_MAX {
+            match admin.participant(&host).await {
+                Ok(p) if p.breaker != "closed" => break,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the payments breaker failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(OUTAGE_AFTER_OPEN).await;
+        payments.restart(layout, &http).await?;
+        outage = Some((host, down.elapsed()));
+        progress.set_message("");
+    }
     let submissions = load.await??;
+    let batch = wait_batch(&admin, &batch.id).await?;
     progress.finish_and_clear();
     let load_seconds = load_started.elapsed().as_secs_f64();
 
@@ -615,6 +696,19 @@ async fn run_in(
             .map(|url| (url, format!("DEMO_{run_id}_{}", crate::inventory::domain::STOCK_TOPIC))),
         redis: args.redis.clone().map(|r| (r, redis_prefix.clone())),
         plan: &plan,
+        step_hosts: [
+            ("open", &urls.orders),
+            ("confirm", &urls.orders),
+            ("reserve-north", &urls.inventory),
+            ("reserve-south", &urls.inventory),
+            ("courier", &urls.inventory),
+            ("charge", &urls.payments),
+        ]
+        .into_iter()
+        .map(|(step, url)| (step.to_owned(), host_key(url)))
+        .collect(),
+        inventory_limit: INVENTORY_LIMIT,
+        outage_host: outage.as_ref().map(|(h, _)| h.clone()),
     };
     let invariants = check::check(&sources, &mut facts).await?;
 
@@ -638,6 +732,12 @@ async fn run_in(
             logs("fault injected: duplicate delivery"),
         ),
         Count::new("SIGKILL + restart", kills.len() as u64),
+        Count::new(
+            "payments outage until its breaker opened, ms",
+            outage
+                .as_ref()
+                .map_or(0, |(_, d)| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        ),
         Count::new("2PC transfers (one refused)", transfers.len() as u64),
     ];
     let outcomes = vec![
@@ -659,6 +759,15 @@ async fn run_in(
         Count::new("review holds cleared by the operator", facts.holds_cleared as u64),
         Count::new("review holds ended by their timeout", facts.holds_timed_out as u64),
         Count::new("operator signals sent", submissions.cleared),
+        Count::new("cancelled (support: API and batch)", facts.sagas_cancelled as u64),
+        Count::new("cancels asked through the API", submissions.cancelled),
+        Count::new("running sagas the batch matched", batch.matched),
+        Count::new("cancels the batch asked (kept)", batch.applied),
+        Count::new("breaker openings (journal)", facts.breaker_openings as u64),
+        Count::new(
+            format!("inventory saga calls at once, peak (limit {INVENTORY_LIMIT})"),
+            facts.inventory_peak as u64,
+        ),
         Count::new(
             "charges confirmed later by webhook",
             facts.charges_completed_later as u64,
@@ -733,13 +842,15 @@ struct Submissions {
     replayed: u64,
     /// Review holds the operator's signal was taken for (or kept for).
     cleared: u64,
+    /// Cancels support asked that were kept (the others came after the saga finished).
+    cancelled: u64,
 }
 
 async fn place_all(
     orders: Vec<PlannedOrder>,
     clients: usize,
     (url, query_url): (String, String),
-    (token, operator): (String, Client),
+    (token, operator, support): (String, Client, Client),
     tls: concord_sdk::ClientTls,
     done: Arc<AtomicUsize>,
     progress: indicatif::ProgressBar,
@@ -748,13 +859,14 @@ async fn place_all(
     let queue = Arc::new(tokio::sync::Mutex::new(orders.into_iter()));
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (queue, http, url, query_url, token, operator, done, progress) = (
+        let (queue, http, url, query_url, token, operator, support, done, progress) = (
             Arc::clone(&queue),
             http.clone(),
             url.clone(),
             query_url.clone(),
             token.clone(),
             operator.clone(),
+            support.clone(),
             Arc::clone(&done),
             progress.clone(),
         );
@@ -789,6 +901,17 @@ async fn place_all(
                         Err(e) => tracing::warn!(error = %e, saga, "the operator's signal failed"),
                     }
                 }
+                // A customer withdraws every twentieth order: support cancels its saga (kept
+                // once per key; refused, 409, when the saga already finished).
+                if order.index % CANCEL_EVERY == 7 {
+                    let saga = crate::orders::app::saga_id(&order.order_id());
+                    let key = format!("cancel-{}", order.key);
+                    match support.operate_saga(&saga, "cancel", Some(&key)).await {
+                        Ok(_) => seen.cancelled += 1,
+                        Err(e) if e.status() == Some(409) => {}
+                        Err(e) => tracing::warn!(error = %e, saga, "support's cancel failed"),
+                    }
+                }
                 // A client reads its order back through the query side while the saga still
                 // runs: the cache holds the early state, which its invalidations must replace.
                 let _ = http
@@ -808,6 +931,7 @@ async fn place_all(
         total.retries += s.retries;
         total.replayed += s.replayed;
         total.cleared += s.cleared;
+        total.cancelled += s.cancelled;
     }
     Ok(total)
 }
@@ -885,6 +1009,18 @@ async fn run_transfers(admin: &Client, inventory: &str) -> Vec<String> {
     xids
 }
 
+/// Waits for a batch to finish (up to 60 s) and answers it as it is then.
+async fn wait_batch(admin: &Client, id: &str) -> anyhow::Result<concord_sdk::api::sagas::BatchOut> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let batch = admin.saga_batch(id).await?;
+        if batch.status == "finished" || Instant::now() > deadline {
+            return Ok(batch);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// How many sagas are in `status`.
 async fn count_sagas(admin: &Client, status: &str) -> anyhow::Result<usize> {
     let mut n = 0;
@@ -911,6 +1047,7 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db, provider: &D
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let running = count_sagas(admin, "running").await? + count_sagas(admin, "compensating").await?;
+        let cancelled = count_sagas(admin, "cancelled").await?;
         let in_doubt = admin
             .list_transactions(None, Some(true), None, 1)
             .await?
@@ -953,7 +1090,7 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db, provider: &D
             && reserved == 0
             && webhooks == 0
             && usize::try_from(shipped).is_ok_and(|n| n == completed)
-            && usize::try_from(finished_in_view).is_ok_and(|n| n == completed + compensated);
+            && usize::try_from(finished_in_view).is_ok_and(|n| n == completed + compensated + cancelled);
         if done {
             // The stock consumer may still be applying the last messages the relay published.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -964,7 +1101,7 @@ async fn settle(admin: &Client, north: &Db, south: &Db, query: &Db, provider: &D
                 "the system did not settle within 120 s (running {running}, in doubt {in_doubt}, outbox {outbox}, \
                  shipped {shipped}/{completed}, still reserved {reserved}, webhooks unanswered {webhooks}, \
                  read model {finished_in_view}/{}); checking it as it is",
-                completed + compensated
+                completed + compensated + cancelled
             );
             return Ok(());
         }

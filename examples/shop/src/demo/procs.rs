@@ -166,6 +166,14 @@ impl Proc {
     ) -> anyhow::Result<()> {
         self.kill();
         tokio::time::sleep(down_for).await;
+        self.restart(layout, http).await
+    }
+
+    /// Starts a killed process again on the same settings, and waits until it is healthy.
+    ///
+    /// # Errors
+    /// As [`Proc::start`].
+    pub async fn restart(&mut self, layout: &Layout, http: &reqwest::Client) -> anyhow::Result<()> {
         self.child = spawn_child(layout, &self.spec)?;
         self.restarts += 1;
         self.healthy(layout, http).await

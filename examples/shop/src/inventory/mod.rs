@@ -30,6 +30,10 @@ pub struct InventoryArgs {
     /// Hands this percentage of order events to the shipping consumer twice (a fault).
     #[arg(long, default_value_t = 0)]
     pub duplicate_deliveries: u8,
+    /// Counts the saga calls in at once and logs each new peak; a call counts until it is
+    /// answered or this many milliseconds have passed (0: until it is answered).
+    #[arg(long, default_value_t = 0)]
+    pub saga_call_window_ms: u64,
 }
 
 /// Runs the service until `shutdown`.
@@ -81,7 +85,12 @@ pub async fn run(args: InventoryArgs, shutdown: impl Future<Output = ()> + Send 
         south,
         faults: c.faults(),
     });
-    let router = http::router(state, participants, c.token()?, c.tx_token()?);
+    let counter = crate::common::SagaCallCounter::new(
+        (args.saga_call_window_ms > 0).then(|| Duration::from_millis(args.saga_call_window_ms)),
+    );
+    let router = http::router(state, participants, c.token()?, c.tx_token()?).layer(
+        axum::middleware::from_fn_with_state(counter, crate::common::count_saga_calls),
+    );
     let listener = tokio::net::TcpListener::bind(&c.listen).await?;
     let served = crate::common::serve("inventory", listener, router, shutdown).await;
     let _ = stop_tx.send(true);
