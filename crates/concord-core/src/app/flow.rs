@@ -51,6 +51,8 @@ impl Default for GateSettings {
 pub struct Pass {
     pub key: String,
     lease: Option<Uuid>,
+    /// The half-open probe: the one call that goes out while the breaker is not closed.
+    probe: bool,
 }
 
 /// A call held back.
@@ -65,6 +67,8 @@ pub struct Blocked {
 }
 
 struct Snapshot {
+    /// Each host's state as this node last saw it: a copy replaces it only if it is as new
+    /// (its `version`), whatever order the answers of concurrent changes arrive in.
     hosts: HashMap<String, HostState>,
     read: Option<Instant>,
 }
@@ -152,10 +156,18 @@ impl HostGate {
         }
         match self.store.list_hosts().await {
             Ok(hosts) => {
-                let hosts: HashMap<String, HostState> = hosts.into_iter().collect();
-                publish(&hosts);
                 let mut c = self.lock();
-                c.hosts = hosts;
+                let mut fresh: HashMap<String, HostState> = hosts.into_iter().collect();
+                // What this node wrote while the read ran is newer than the read.
+                for (k, h) in &c.hosts {
+                    if fresh.get(k).is_none_or(|read| read.version < h.version) {
+                        fresh.insert(k.clone(), h.clone());
+                    }
+                }
+                for (k, h) in &fresh {
+                    publish_one(k, h);
+                }
+                c.hosts = fresh;
                 c.read = Some(Instant::now());
             }
             Err(e) => {
@@ -166,8 +178,47 @@ impl HostGate {
     }
 
     fn remember(&self, key: &str, state: &HostState) {
-        self.lock().hosts.insert(key.to_owned(), state.clone());
+        let mut c = self.lock();
+        if c.hosts.get(key).is_some_and(|h| h.version > state.version) {
+            return;
+        }
+        c.hosts.insert(key.to_owned(), state.clone());
         publish_one(key, state);
+    }
+
+    /// Asks again, of this node's copy, just before a call let through goes out: a breaker that
+    /// opened (or a hold that began) since the call was let through holds it back after all,
+    /// unless it is the probe. The copy is updated the moment this node changes a host, so on
+    /// one node no call starts after the breaker opened; another node learns within `refresh`.
+    #[must_use]
+    pub fn recheck(&self, pass: &Pass) -> Option<Blocked> {
+        if pass.probe {
+            return None;
+        }
+        let now = Utc::now();
+        let c = self.lock();
+        let h = c.hosts.get(&pass.key)?;
+        let blocked = |until, reason| {
+            Some(Blocked {
+                key: pass.key.clone(),
+                until,
+                reason,
+            })
+        };
+        match h.breaker {
+            Breaker::Open => {
+                return blocked(h.open_until.unwrap_or(now).max(now), BlockReason::BreakerOpen);
+            }
+            Breaker::HalfOpen => {
+                let until = h.probe.map_or(now, |p| p.until).max(now);
+                return blocked(until, BlockReason::Probing);
+            }
+            Breaker::Closed => {}
+        }
+        match h.hold_until {
+            Some(until) if until > now => blocked(until, BlockReason::RetryAfter),
+            _ => None,
+        }
     }
 
     /// Asks whether a call to `host` on `port` that may run `timeout` can go out now. When the
@@ -183,7 +234,11 @@ impl HostGate {
             (key, free)
         };
         if free {
-            return Ok(Pass { key, lease: None });
+            return Ok(Pass {
+                key,
+                lease: None,
+                probe: false,
+            });
         }
         let lease = CallLease {
             id: Uuid::now_v7(),
@@ -195,7 +250,7 @@ impl HostGate {
             .change_host(&key, &mut |h| {
                 let before = h.clone();
                 admission = Some(h.admit(Utc::now(), lease));
-                *h != before
+                written(h, &before)
             })
             .await;
         match changed {
@@ -203,20 +258,29 @@ impl HostGate {
             Err(e) => {
                 metrics::counter!("concord_participant_gate_errors_total").increment(1);
                 tracing::warn!(host = %key, error = %e, "the participant's flow control could not be asked; the call goes out");
-                return Ok(Pass { key, lease: None });
+                return Ok(Pass {
+                    key,
+                    lease: None,
+                    probe: false,
+                });
             }
         }
         match admission {
-            Some(Admission::Admitted { tracked, .. }) => Ok(Pass {
+            Some(Admission::Admitted { tracked, probe }) => Ok(Pass {
                 key,
                 lease: tracked.then_some(lease.id),
+                probe,
             }),
             Some(Admission::Blocked { until, reason }) => {
                 metrics::counter!("concord_participant_calls_held_total", "host" => key.clone(), "reason" => reason.as_str())
                     .increment(1);
                 Err(Blocked { key, until, reason })
             }
-            None => Ok(Pass { key, lease: None }),
+            None => Ok(Pass {
+                key,
+                lease: None,
+                probe: false,
+            }),
         }
     }
 
@@ -246,7 +310,7 @@ impl HostGate {
             .change_host(&pass.key, &mut |h| {
                 let before = h.clone();
                 transition = h.report(now, pass.lease, signal, &settings);
-                *h != before
+                written(h, &before)
             })
             .await;
         let state = match changed {
@@ -261,11 +325,13 @@ impl HostGate {
             Some(Transition::Opened) => {
                 metrics::counter!("concord_participant_breaker_opened_total", "host" => pass.key.clone()).increment(1);
                 tracing::warn!(host = %pass.key, failures = state.failures, "participant breaker opened; sagas that call it wait");
+                // From the moment this node knows: calls it lets through check its copy, which
+                // holds the open breaker from now on.
                 self.record(
                     "BreakerOpened",
                     serde_json::json!({
                         "host": pass.key,
-                        "at": state.opened_at,
+                        "at": Utc::now(),
                         "until": state.open_until,
                         "failures": state.failures,
                     }),
@@ -335,6 +401,7 @@ impl HostGate {
             .store
             .change_host(key, &mut |h| {
                 h.set_limits(limits);
+                h.version += 1;
                 true
             })
             .await?;
@@ -370,10 +437,13 @@ impl HostGate {
     }
 }
 
-fn publish(hosts: &HashMap<String, HostState>) {
-    for (k, h) in hosts {
-        publish_one(k, h);
+/// Whether a change wrote anything; if it did, the state counts one more write.
+fn written(h: &mut HostState, before: &HostState) -> bool {
+    if *h == *before {
+        return false;
     }
+    h.version += 1;
+    true
 }
 
 fn publish_one(key: &str, h: &HostState) {

@@ -941,6 +941,19 @@ impl SagaEngine {
                             return Err(e);
                         }
                     }
+                    let held = self.gate.as_ref().and_then(|gate| {
+                        passes
+                            .iter()
+                            .flatten()
+                            .filter_map(|p| gate.recheck(p))
+                            .min_by_key(|b| b.until)
+                    });
+                    if let Some(b) = held {
+                        self.unused(passes).await;
+                        return self
+                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
+                            .await;
+                    }
                     let started_at = Utc::now();
                     let outcomes =
                         futures::future::join_all(calls.iter().zip(passes).map(|(&(step, op, attempt), pass)| {
@@ -1016,8 +1029,16 @@ impl SagaEngine {
                             return Err(e);
                         }
                     }
-                    let started_at = Utc::now();
                     let pass = passes.pop().flatten();
+                    if let (Some(gate), Some(p)) = (&self.gate, &pass)
+                        && let Some(b) = gate.recheck(p)
+                    {
+                        self.unused(vec![pass]).await;
+                        return self
+                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
+                            .await;
+                    }
+                    let started_at = Utc::now();
                     let outcome = self
                         .call(&def, &state, step, op, attempt, timeout, trace.as_deref(), pass)
                         .await;

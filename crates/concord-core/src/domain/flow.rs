@@ -181,6 +181,9 @@ pub struct HostState {
     /// How many times the breaker opened, ever.
     #[serde(default)]
     pub opened: u64,
+    /// Counts the writes of this state: of two copies, the higher is the newer.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Why a call may not go out yet.
