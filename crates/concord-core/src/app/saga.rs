@@ -908,52 +908,26 @@ impl SagaEngine {
                 }
                 Decision::CallAll(calls) => {
                     // As for one call: progress is recorded, and the log proved ours, first.
-                    let first = recorded == 0 && pending.len() == 1;
-                    if !first {
-                        match self
-                            .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
-                            .await
-                        {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                self.unused(passes).await;
-                                return Ok(DriveEnd::Lost);
-                            }
-                            Err(e) => {
-                                self.unused(passes).await;
-                                return Err(e);
-                            }
-                        }
-                    }
                     let longest = calls
                         .iter()
                         .map(|(s, _, _)| def.steps[*s].timeout)
                         .max()
                         .unwrap_or_default();
-                    match self.keep_lease(&mut row, &state, longest).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.unused(passes).await;
-                            return Ok(DriveEnd::Lost);
-                        }
-                        Err(e) => {
-                            self.unused(passes).await;
-                            return Err(e);
-                        }
-                    }
-                    let held = self.gate.as_ref().and_then(|gate| {
-                        passes
-                            .iter()
-                            .flatten()
-                            .filter_map(|p| gate.recheck(p))
-                            .min_by_key(|b| b.until)
-                    });
-                    if let Some(b) = held {
-                        self.unused(passes).await;
-                        return self
-                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
-                            .await;
-                    }
+                    let passes = match self
+                        .ready_to_call(
+                            &mut row,
+                            &mut recorded,
+                            &mut pending,
+                            &state,
+                            trace.as_deref(),
+                            longest,
+                            passes,
+                        )
+                        .await?
+                    {
+                        Ok(passes) => passes,
+                        Err(end) => return Ok(end),
+                    };
                     let started_at = Utc::now();
                     let outcomes =
                         futures::future::join_all(calls.iter().zip(passes).map(|(&(step, op, attempt), pass)| {
@@ -1000,44 +974,22 @@ impl SagaEngine {
                     // Record progress before the next side effect: this also proves the log is
                     // still ours, so no call goes out for a saga another node has moved on. A new
                     // saga's first record waits for its first call's result instead.
-                    let first = recorded == 0 && pending.len() == 1;
-                    if !first {
-                        match self
-                            .flush(&row, &mut recorded, &mut pending, &state, trace.as_deref())
-                            .await
-                        {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                self.unused(passes).await;
-                                return Ok(DriveEnd::Lost);
-                            }
-                            Err(e) => {
-                                self.unused(passes).await;
-                                return Err(e);
-                            }
-                        }
-                    }
                     let timeout = def.steps[step].timeout;
-                    match self.keep_lease(&mut row, &state, timeout).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            self.unused(passes).await;
-                            return Ok(DriveEnd::Lost);
-                        }
-                        Err(e) => {
-                            self.unused(passes).await;
-                            return Err(e);
-                        }
-                    }
-                    let pass = passes.pop().flatten();
-                    if let (Some(gate), Some(p)) = (&self.gate, &pass)
-                        && let Some(b) = gate.recheck(p)
+                    let pass = match self
+                        .ready_to_call(
+                            &mut row,
+                            &mut recorded,
+                            &mut pending,
+                            &state,
+                            trace.as_deref(),
+                            timeout,
+                            passes,
+                        )
+                        .await?
                     {
-                        self.unused(vec![pass]).await;
-                        return self
-                            .hold_back(&mut row, &mut recorded, &mut pending, &state, trace.as_deref(), b)
-                            .await;
-                    }
+                        Ok(mut passes) => passes.pop().flatten(),
+                        Err(end) => return Ok(end),
+                    };
                     let started_at = Utc::now();
                     let outcome = self
                         .call(&def, &state, step, op, attempt, timeout, trace.as_deref(), pass)
@@ -1062,6 +1014,57 @@ impl SagaEngine {
                 }
             }
         }
+    }
+
+    /// Before calls go out: the saga's progress recorded (which also proves the log is still
+    /// this node's; a new saga's first record waits for its first call's result instead), its
+    /// lease long enough for `timeout`, and the gate asked once more of its copy. Answers the
+    /// passes to call with, or how the drive ends (lost, or held back); passes of calls not made
+    /// are given back.
+    #[allow(clippy::too_many_arguments)]
+    async fn ready_to_call(
+        &self,
+        row: &mut SagaRow,
+        recorded: &mut u64,
+        pending: &mut Vec<SagaEvent>,
+        state: &SagaState,
+        trace: Option<&str>,
+        timeout: Duration,
+        passes: Vec<Option<Pass>>,
+    ) -> Result<Result<Vec<Option<Pass>>, DriveEnd>, SagaError> {
+        let first = *recorded == 0 && pending.len() == 1;
+        let kept = if first {
+            Ok(true)
+        } else {
+            self.flush(row, recorded, pending, state, trace).await
+        };
+        let kept = match kept {
+            Ok(true) => self.keep_lease(row, state, timeout).await,
+            other => other,
+        };
+        match kept {
+            Ok(true) => {}
+            Ok(false) => {
+                self.unused(passes).await;
+                return Ok(Err(DriveEnd::Lost));
+            }
+            Err(e) => {
+                self.unused(passes).await;
+                return Err(e);
+            }
+        }
+        let held = self.gate.as_ref().and_then(|gate| {
+            passes
+                .iter()
+                .flatten()
+                .filter_map(|p| gate.recheck(p))
+                .min_by_key(|b| b.until)
+        });
+        if let Some(b) = held {
+            self.unused(passes).await;
+            return self.hold_back(row, recorded, pending, state, trace, b).await.map(Err);
+        }
+        Ok(Ok(passes))
     }
 
     /// Asks the gate whether a step's call may go out now. None: no gate, or nothing it counts
