@@ -597,11 +597,14 @@ pub async fn count_saga_calls(State(c): State<Arc<SagaCallCounter>>, req: Reques
         tracing::info!(peak = n, "{SAGA_CALLS_PEAK}");
     }
     let counted = Arc::new(Counted(c.clone(), std::sync::atomic::AtomicBool::new(false)));
+    // The timer holds the call weakly: a call the connection drops is uncounted at once.
     let timer = c.window.map(|w| {
-        let counted = Arc::clone(&counted);
+        let counted = Arc::downgrade(&counted);
         tokio::spawn(async move {
             tokio::time::sleep(w).await;
-            counted.end();
+            if let Some(c) = counted.upgrade() {
+                c.end();
+            }
         })
     });
     let response = next.run(req).await;

@@ -67,9 +67,11 @@ pub struct Blocked {
 }
 
 struct Snapshot {
-    /// Each host's state as this node last saw it: a copy replaces it only if it is as new
-    /// (its `version`), whatever order the answers of concurrent changes arrive in.
-    hosts: HashMap<String, HostState>,
+    /// Each host's state as this node last saw it, and when it got it. Of two answers of changes
+    /// that ran at about the same time, the one with the higher `version` stands, whatever order
+    /// they arrive in; an older entry (a row reset or removed since) gives way to what the store
+    /// says.
+    hosts: HashMap<String, (HostState, Instant)>,
     read: Option<Instant>,
 }
 
@@ -108,30 +110,38 @@ impl HostGate {
         self
     }
 
-    /// Appends a breaker change to the journal in the background; a failure is logged (the
-    /// change itself is in the host's state either way).
-    fn record(&self, event_type: &'static str, data: serde_json::Value) {
-        let Some((events, limits)) = self.journal.clone() else {
+    /// Appends a breaker change to the journal before the call that caused it is recorded,
+    /// trying three times; a failure after that is logged and counted
+    /// (`concord_participant_journal_errors_total`): the change itself is in the host's state
+    /// either way, and the journal is an audit, not the state.
+    async fn record(&self, event_type: &'static str, data: serde_json::Value) {
+        let Some((events, limits)) = &self.journal else {
             return;
         };
-        tokio::spawn(async move {
-            let event = crate::domain::event::UncheckedEvent {
-                id: None,
-                event_type: event_type.to_owned(),
-                data,
-                metadata: None,
-            };
+        let event = crate::domain::event::UncheckedEvent {
+            // One id for every try: a retried append that did land is not recorded twice.
+            id: Some(Uuid::now_v7()),
+            event_type: event_type.to_owned(),
+            data,
+            metadata: None,
+        };
+        let mut last = String::new();
+        for attempt in 0..3u64 {
             let appended = match StreamName::parse(BREAKER_JOURNAL) {
-                Ok(stream) => match AppendRequest::new(stream, ExpectedVersion::Any, vec![event], &limits) {
+                Ok(stream) => match AppendRequest::new(stream, ExpectedVersion::Any, vec![event.clone()], limits) {
                     Ok(request) => events.append(request).await.map(|_| ()).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 },
                 Err(e) => Err(e.to_string()),
             };
-            if let Err(e) = appended {
-                tracing::warn!(error = %e, "recording a breaker change failed");
+            match appended {
+                Ok(()) => return,
+                Err(e) => last = e,
             }
-        });
+            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+        }
+        metrics::counter!("concord_participant_journal_errors_total").increment(1);
+        tracing::warn!(error = %last, "recording a breaker change failed");
     }
 
     #[must_use]
@@ -154,21 +164,24 @@ impl HostGate {
         if fresh(&self.lock()) {
             return;
         }
+        let began = Instant::now();
         match self.store.list_hosts().await {
             Ok(hosts) => {
                 let mut c = self.lock();
-                let mut fresh: HashMap<String, HostState> = hosts.into_iter().collect();
-                // What this node wrote while the read ran is newer than the read.
-                for (k, h) in &c.hosts {
-                    if fresh.get(k).is_none_or(|read| read.version < h.version) {
-                        fresh.insert(k.clone(), h.clone());
+                let now = Instant::now();
+                let mut fresh: HashMap<String, (HostState, Instant)> =
+                    hosts.into_iter().map(|(k, h)| (k, (h, now))).collect();
+                // What this node got while the read ran, and newer than the read, stands.
+                for (k, (h, got)) in &c.hosts {
+                    if *got >= began && fresh.get(k).is_none_or(|(read, _)| read.version < h.version) {
+                        fresh.insert(k.clone(), (h.clone(), *got));
                     }
                 }
-                for (k, h) in &fresh {
+                for (k, (h, _)) in &fresh {
                     publish_one(k, h);
                 }
                 c.hosts = fresh;
-                c.read = Some(Instant::now());
+                c.read = Some(now);
             }
             Err(e) => {
                 metrics::counter!("concord_participant_gate_errors_total").increment(1);
@@ -179,10 +192,16 @@ impl HostGate {
 
     fn remember(&self, key: &str, state: &HostState) {
         let mut c = self.lock();
-        if c.hosts.get(key).is_some_and(|h| h.version > state.version) {
+        let refresh = self.settings.refresh;
+        // A higher version got within the last `refresh` is newer; an older entry is not
+        // trusted over the store (its row may have been reset).
+        if c.hosts
+            .get(key)
+            .is_some_and(|(h, got)| h.version > state.version && got.elapsed() < refresh)
+        {
             return;
         }
-        c.hosts.insert(key.to_owned(), state.clone());
+        c.hosts.insert(key.to_owned(), (state.clone(), Instant::now()));
         publish_one(key, state);
     }
 
@@ -197,7 +216,7 @@ impl HostGate {
         }
         let now = Utc::now();
         let c = self.lock();
-        let h = c.hosts.get(&pass.key)?;
+        let (h, _) = c.hosts.get(&pass.key)?;
         let blocked = |until, reason| {
             Some(Blocked {
                 key: pass.key.clone(),
@@ -206,9 +225,11 @@ impl HostGate {
             })
         };
         match h.breaker {
-            Breaker::Open => {
-                return blocked(h.open_until.unwrap_or(now).max(now), BlockReason::BreakerOpen);
+            // Past its probe time the store decides who probes (the call asked it already).
+            Breaker::Open if h.open_until.is_some_and(|t| t > now) => {
+                return blocked(h.open_until.unwrap_or(now), BlockReason::BreakerOpen);
             }
+            Breaker::Open => {}
             Breaker::HalfOpen => {
                 let until = h.probe.map_or(now, |p| p.until).max(now);
                 return blocked(until, BlockReason::Probing);
@@ -229,8 +250,8 @@ impl HostGate {
         let now = Utc::now();
         let (key, free) = {
             let c = self.lock();
-            let key = host_key(host, port, |k| c.hosts.get(k).is_some_and(|h| !h.limits.is_none()));
-            let free = c.hosts.get(&key).is_none_or(|h| h.is_free(now));
+            let key = host_key(host, port, |k| c.hosts.get(k).is_some_and(|(h, _)| !h.limits.is_none()));
+            let free = c.hosts.get(&key).is_none_or(|(h, _)| h.is_free(now));
             (key, free)
         };
         if free {
@@ -292,7 +313,7 @@ impl HostGate {
         let now = Utc::now();
         let untouched = {
             let c = self.lock();
-            let state = c.hosts.get(&pass.key);
+            let state = c.hosts.get(&pass.key).map(|(h, _)| h);
             pass.lease.is_none()
                 && match signal {
                     HostSignal::NotSent => true,
@@ -334,11 +355,18 @@ impl HostGate {
                         "at": Utc::now(),
                         "until": state.open_until,
                         "failures": state.failures,
+                        "version": state.version,
                     }),
-                );
+                )
+                .await;
             }
             Some(Transition::Closed) => {
-                self.record("BreakerClosed", serde_json::json!({ "host": pass.key, "at": now }));
+                self.record(
+                    "BreakerClosed",
+                    // From before the change was written: calls may go out from then on.
+                    serde_json::json!({ "host": pass.key, "at": now, "version": state.version }),
+                )
+                .await;
                 tracing::info!(host = %pass.key, "participant breaker closed; releasing the sagas parked on it");
                 // In the background: the probe's own saga records its result meanwhile, within
                 // its lease.

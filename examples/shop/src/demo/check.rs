@@ -877,8 +877,10 @@ async fn flow_control(
 ) -> anyhow::Result<Invariant> {
     use chrono::{DateTime, Utc};
     let mut problems = Vec::new();
-    let mut openings: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
-    let mut closings: Vec<(String, DateTime<Utc>)> = Vec::new();
+    // (host, at, until, version) and (host, at, version): the version is the host state's write
+    // count, which orders the changes of one host whatever order their entries landed in.
+    let mut openings: Vec<(String, DateTime<Utc>, DateTime<Utc>, u64)> = Vec::new();
+    let mut closings: Vec<(String, DateTime<Utc>, u64)> = Vec::new();
     let mut from = 1;
     loop {
         let page = match s.admin.read_stream(BREAKER_JOURNAL, from, 1000).await {
@@ -891,24 +893,29 @@ async fn flow_control(
         from = last.version + 1;
         for e in &page.events {
             let time = |k: &str| e.data[k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
-            match (e.event_type.as_str(), e.data["host"].as_str(), time("at")) {
-                ("BreakerOpened", Some(host), Some(at)) => match time("until") {
-                    Some(until) => openings.push((host.to_owned(), at, until)),
+            let version = e.data["version"].as_u64();
+            match (e.event_type.as_str(), e.data["host"].as_str(), time("at"), version) {
+                ("BreakerOpened", Some(host), Some(at), Some(v)) => match time("until") {
+                    Some(until) => openings.push((host.to_owned(), at, until, v)),
                     None => problems.push(format!("a breaker journal entry cannot be read: {}", e.data)),
                 },
-                ("BreakerClosed", Some(host), Some(at)) => closings.push((host.to_owned(), at)),
+                ("BreakerClosed", Some(host), Some(at), Some(v)) => closings.push((host.to_owned(), at, v)),
                 _ => problems.push(format!("a breaker journal entry cannot be read: {}", e.data)),
             }
         }
     }
     // Any success closes it (a probe's, or a call's let through before it opened): the host is
-    // up, and calls go out from then on. Entries are appended as they happen but not strictly in
-    // order, so an opening ends at the first closing after it by time.
-    for (h, opened, until) in &mut openings {
-        for (host, at) in &closings {
-            if host == h && *opened <= *at && *at < *until {
-                *until = *at;
-            }
+    // up, and calls go out from then on. An opening ends at the first closing after it (by the
+    // host's version), if that comes before its probe time.
+    for (h, _, until, v) in &mut openings {
+        let next = closings
+            .iter()
+            .filter(|(host, _, cv)| host == h && *cv > *v)
+            .min_by_key(|(_, _, cv)| *cv);
+        if let Some((_, at, _)) = next
+            && *at < *until
+        {
+            *until = *at;
         }
     }
     facts.breaker_openings = openings.len();
@@ -923,7 +930,7 @@ async fn flow_control(
                 continue;
             };
             for a in &st.attempts {
-                for (h, at, until) in &openings {
+                for (h, at, until, _) in &openings {
                     if h == host && a.started_at > *at + ADMITTED_BEFORE && a.started_at < *until {
                         problems.push(format!(
                             "saga {} {} {} attempt {} started at {} while {host}'s breaker was open ({at} until its probe or close at {until})",
@@ -956,6 +963,15 @@ async fn flow_control(
         .max()
         .unwrap_or(0);
     facts.inventory_peak = peak;
+    let inventory = s.step_hosts.get("reserve-north");
+    let called = details.iter().any(|g| {
+        g.steps
+            .iter()
+            .any(|st| s.step_hosts.get(&st.name) == inventory && !st.attempts.is_empty())
+    });
+    if called && peak == 0 {
+        problems.push("the inventory service took saga calls but its log counts none (no peak line read)".into());
+    }
     if peak > s.inventory_limit as usize {
         problems.push(format!(
             "the inventory service saw {peak} saga calls at once, over its limit of {}",

@@ -490,9 +490,10 @@ async fn run_in(
         dbs.south.clone(),
         "--duplicate-deliveries".into(),
         "10".into(),
-        // A saga call counts until answered or until Concord's 1 s timeout (less the network).
+        // A saga call counts until answered or 700 ms: Concord's 1 s timeout less what the
+        // network and a busy machine may take before the call arrives.
         "--saga-call-window-ms".into(),
-        "950".into(),
+        "700".into(),
     ]);
     broker_args(&mut a.0);
     let mut inventory = Proc::start(layout, &http, spec("inventory", &urls.inventory, a)).await?;
@@ -616,7 +617,7 @@ async fn run_in(
         kills.push(plan.victim);
         progress.set_message("");
     }
-    wait_for(0.75).await;
+    wait_for(0.7).await;
     let mut outage = None;
     if !args.no_kill {
         // Down until the sagas charging meanwhile have opened the payments breaker, and a while
