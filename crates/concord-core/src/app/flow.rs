@@ -248,11 +248,17 @@ impl HostGate {
     pub async fn admit(&self, host: &str, port: u16, timeout: Duration) -> Result<Pass, Blocked> {
         self.refresh_if_old().await;
         let now = Utc::now();
-        let (key, free) = {
+        let (key, free, held) = {
             let c = self.lock();
             let key = host_key(host, port, |k| c.hosts.get(k).is_some_and(|(h, _)| !h.limits.is_none()));
-            let free = c.hosts.get(&key).is_none_or(|(h, _)| h.is_free(now));
-            (key, free)
+            let known = c.hosts.get(&key).map(|(h, _)| h);
+            let free = known.is_none_or(|h| h.is_free(now));
+            // Held back on what this node knows, without asking the store: while a breaker is
+            // open, every saga that needs the host would otherwise queue on its row's lock. A
+            // copy that is behind only delays a saga to the probe time it names (a close wakes
+            // the parked ones anyway).
+            let held = known.and_then(|h| local_block(&key, h, now));
+            (key, free, held)
         };
         if free {
             return Ok(Pass {
@@ -260,6 +266,24 @@ impl HostGate {
                 lease: None,
                 probe: false,
             });
+        }
+        if let Some(b) = held {
+            // Confirmed by a plain read, which waits on no lock: another node may have closed
+            // the breaker since this node's copy was read (and woken this very saga).
+            let confirmed = match self.store.get_host(&key).await {
+                Ok(Some(state)) => {
+                    let still = local_block(&key, &state, Utc::now());
+                    self.remember(&key, &state);
+                    still
+                }
+                Ok(None) => None,
+                Err(_) => Some(b),
+            };
+            if let Some(b) = confirmed {
+                metrics::counter!("concord_participant_calls_held_total", "host" => key.clone(), "reason" => b.reason.as_str())
+                    .increment(1);
+                return Err(b);
+            }
         }
         let lease = CallLease {
             id: Uuid::now_v7(),
@@ -472,6 +496,27 @@ fn written(h: &mut HostState, before: &HostState) -> bool {
     }
     h.version += 1;
     true
+}
+
+/// What a copy of a host's state holds a call back for without the store: an open breaker before
+/// its probe time, a probe out, a `Retry-After` hold. Limits are the store's to count.
+fn local_block(key: &str, h: &HostState, now: DateTime<Utc>) -> Option<Blocked> {
+    let blocked = |until, reason| {
+        Some(Blocked {
+            key: key.to_owned(),
+            until,
+            reason,
+        })
+    };
+    match (h.breaker, h.open_until, h.probe) {
+        (Breaker::Open, Some(until), _) if until > now => return blocked(until, BlockReason::BreakerOpen),
+        (Breaker::HalfOpen, _, Some(p)) if p.until > now => return blocked(p.until, BlockReason::Probing),
+        _ => {}
+    }
+    match h.hold_until {
+        Some(until) if until > now => blocked(until, BlockReason::RetryAfter),
+        _ => None,
+    }
 }
 
 fn publish_one(key: &str, h: &HostState) {
