@@ -94,7 +94,7 @@ pub struct SagaOut {
     /// The participant host the saga waits for, spending no attempt, while that host's breaker
     /// is not closed: its limits and breaker. Shown by `GET /v1/sagas/{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting_for_host: Option<ParticipantOut>,
+    pub waiting_for_host: Option<ParticipantHostOut>,
 }
 
 /// The body of `PUT /v1/participant-limits/{host}`: what every node together sends the host.
@@ -103,18 +103,22 @@ pub struct SagaOut {
 #[serde(deny_unknown_fields)]
 pub struct ParticipantLimitsIn {
     /// Calls out at once, from all nodes together.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "concord_kernel::json::opt_uint"
+    )]
     #[schema(minimum = 1, maximum = 100_000)]
     pub max_concurrency: Option<u32>,
     /// Calls started per second, from all nodes together, spaced evenly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(exclusive_minimum = 0, maximum = 1_000_000)]
+    #[schema(minimum = 0.001, maximum = 1_000_000)]
     pub max_per_s: Option<f64>,
 }
 
 /// A participant host's flow control: its limits, its `Retry-After` hold and its breaker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ParticipantOut {
+pub struct ParticipantHostOut {
     /// As allow-lists write it: `payments` (every port) or `payments:8082`.
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,8 +145,8 @@ pub struct ParticipantOut {
 
 /// `GET /v1/participant-limits`: every host with limits or breaker state, by name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ParticipantPage {
-    pub participants: Vec<ParticipantOut>,
+pub struct ParticipantHostPage {
+    pub participants: Vec<ParticipantHostOut>,
 }
 
 /// A page of `GET /v1/sagas`; pass `next` as `after` for the following page.

@@ -7,8 +7,8 @@ use crate::transport::{append_wait, created, endpoint, json, segment};
 use crate::{Client, ClientError, Created};
 use concord_api::ErrorCode;
 use concord_api::sagas::{
-    BatchCountOut, BatchIn, BatchOut, CompletionIn, CompletionOut, DefinitionOut, OperationOut, ParticipantLimitsIn,
-    ParticipantOut, ParticipantPage, SagaOut, SagaPage, SignalOut, StartSagaBody,
+    BatchCountOut, BatchIn, BatchOut, CompletionIn, CompletionOut, DefinitionOut, OperationOut, ParticipantHostOut,
+    ParticipantHostPage, ParticipantLimitsIn, SagaOut, SagaPage, SignalOut, StartSagaBody,
 };
 use reqwest::Method;
 
@@ -216,7 +216,7 @@ impl Client {
         &self,
         host: &str,
         limits: &ParticipantLimitsIn,
-    ) -> Result<ParticipantOut, ClientError> {
+    ) -> Result<ParticipantHostOut, ClientError> {
         let host = segment(host, ErrorCode::InvalidParticipantHost)?;
         let url = endpoint(&self.base_url, &["v1", "participant-limits", host])?;
         json(self.request(Method::PUT, url).json(limits)).await
@@ -227,7 +227,7 @@ impl Client {
     /// # Errors
     ///
     /// `invalid_participant_host` (400); see [`ClientError`].
-    pub async fn participant(&self, host: &str) -> Result<ParticipantOut, ClientError> {
+    pub async fn participant(&self, host: &str) -> Result<ParticipantHostOut, ClientError> {
         let host = segment(host, ErrorCode::InvalidParticipantHost)?;
         let url = endpoint(&self.base_url, &["v1", "participant-limits", host])?;
         json(self.request(Method::GET, url)).await
@@ -238,7 +238,7 @@ impl Client {
     /// # Errors
     ///
     /// See [`ClientError`].
-    pub async fn participants(&self) -> Result<ParticipantPage, ClientError> {
+    pub async fn participants(&self) -> Result<ParticipantHostPage, ClientError> {
         let url = endpoint(&self.base_url, &["v1", "participant-limits"])?;
         json(self.request(Method::GET, url)).await
     }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
 use concord_api::sagas::{
-    BatchActionIn, BatchFilterIn, BatchIn, BatchOut, ParticipantLimitsIn, ParticipantOut, SagaOut, SagaPage,
+    BatchActionIn, BatchFilterIn, BatchIn, BatchOut, ParticipantHostOut, ParticipantLimitsIn, SagaOut, SagaPage,
     SagaStatusIn, StartSagaBody,
 };
 use concord_core::domain::saga::SagaStatus;
@@ -314,7 +314,7 @@ fn print_batch(batch: &BatchOut, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_hosts(hosts: &[ParticipantOut], json: bool) -> anyhow::Result<()> {
+fn print_hosts(hosts: &[ParticipantHostOut], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(hosts)?);
         return Ok(());
@@ -326,7 +326,7 @@ fn print_hosts(hosts: &[ParticipantOut], json: bool) -> anyhow::Result<()> {
 }
 
 /// One line per host: limits, calls out, breaker, hold.
-fn host_line(h: &ParticipantOut) -> String {
+fn host_line(h: &ParticipantHostOut) -> String {
     let limit = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     let mut line = format!(
         "{}  max_concurrency {}  max_per_s {}  in_flight {}  breaker {} ({} failures, opened {}x)",

@@ -6,16 +6,16 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use concord_api::ErrorCode;
-use concord_api::sagas::{ParticipantLimitsIn, ParticipantOut, ParticipantPage};
+use concord_api::sagas::{ParticipantHostOut, ParticipantHostPage, ParticipantLimitsIn};
 use concord_core::domain::flow::{HostLimits, HostState, parse_host};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 /// A host's state as the API shows it.
 #[must_use]
-pub fn participant_out(host: &str, h: &HostState) -> ParticipantOut {
+pub fn participant_out(host: &str, h: &HostState) -> ParticipantHostOut {
     let now = chrono::Utc::now();
-    ParticipantOut {
+    ParticipantHostOut {
         host: host.to_owned(),
         max_concurrency: h.limits.max_concurrency,
         max_per_s: h.limits.max_per_s,
@@ -44,7 +44,9 @@ fn gate(state: &AppState) -> Result<&concord_core::app::flow::HostGate, ApiError
 pub struct HostPath {
     /// As allow-lists write it: `payments` (every port of it) or `payments:8082` (that port,
     /// which then counts apart from the name's entry).
-    #[param(pattern = r"^[A-Za-z0-9._-]{1,253}(:[0-9]{1,5})?$")]
+    #[param(
+        pattern = r"^[A-Za-z0-9._-]{1,253}(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?$"
+    )]
     pub host: String,
 }
 
@@ -62,14 +64,14 @@ impl HostPath {
     params(HostPath),
     request_body = ParticipantLimitsIn,
     responses(
-        (status = 200, description = "The host's limits and breaker", body = ParticipantOut),
+        (status = 200, description = "The host's limits and breaker", body = ParticipantHostOut),
         (status = 400, description = "invalid_participant_host, invalid_participant_limits or malformed_json"),
     ))]
 pub async fn put(
     State(state): State<AppState>,
     Path(path): Path<HostPath>,
     body: Result<Json<ParticipantLimitsIn>, JsonRejection>,
-) -> Result<Json<ParticipantOut>, ApiError> {
+) -> Result<Json<ParticipantHostOut>, ApiError> {
     let host = path.host()?;
     let Json(body) = body?;
     let limits = HostLimits::new(body.max_concurrency, body.max_per_s)
@@ -85,10 +87,13 @@ pub async fn put(
     security(("bearer" = ["sagas:read"])),
     params(HostPath),
     responses(
-        (status = 200, description = "The host's limits and breaker", body = ParticipantOut),
+        (status = 200, description = "The host's limits and breaker", body = ParticipantHostOut),
         (status = 400, description = "invalid_participant_host"),
     ))]
-pub async fn get(State(state): State<AppState>, Path(path): Path<HostPath>) -> Result<Json<ParticipantOut>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(path): Path<HostPath>,
+) -> Result<Json<ParticipantHostOut>, ApiError> {
     let host = path.host()?;
     let h = gate(&state)?.host(&host).await?;
     Ok(Json(participant_out(&host, &h)))
@@ -98,11 +103,11 @@ pub async fn get(State(state): State<AppState>, Path(path): Path<HostPath>) -> R
 #[utoipa::path(get, path = "/v1/participant-limits", tag = "sagas",
     security(("bearer" = ["sagas:read"])),
     responses(
-        (status = 200, description = "Every host with a state", body = ParticipantPage),
+        (status = 200, description = "Every host with a state", body = ParticipantHostPage),
     ))]
-pub async fn list(State(state): State<AppState>) -> Result<Json<ParticipantPage>, ApiError> {
+pub async fn list(State(state): State<AppState>) -> Result<Json<ParticipantHostPage>, ApiError> {
     let hosts = gate(&state)?.hosts().await?;
-    Ok(Json(ParticipantPage {
+    Ok(Json(ParticipantHostPage {
         participants: hosts.iter().map(|(k, h)| participant_out(k, h)).collect(),
     }))
 }
