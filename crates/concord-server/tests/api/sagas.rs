@@ -232,9 +232,10 @@ async fn a_saga_completes_and_shows_its_timeline(b: Backend) {
         assert_eq!(l.bad_headers, 0, "Idempotency-Key and Concord-Saga-Id on every call");
         assert_eq!(l.traceparents, 4, "traceparent on every call");
     }
-    // The same id again returns the saga and runs nothing.
+    // The same id again returns the saga and runs nothing (with a wait, so the answer is read
+    // from the log: the row may still be a moment behind the log that said it finished).
     let r = app
-        .admin(Method::POST, "/v1/sagas")
+        .admin(Method::POST, "/v1/sagas?wait_ms=5000")
         .json(&json!({"definition": "order", "id": "o-1", "input": {}}))
         .send()
         .await
