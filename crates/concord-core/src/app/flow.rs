@@ -217,29 +217,17 @@ impl HostGate {
         let now = Utc::now();
         let c = self.lock();
         let (h, _) = c.hosts.get(&pass.key)?;
-        let blocked = |until, reason| {
-            Some(Blocked {
+        // Half open with its probe's place lapsed: not this call's to probe (the store let it
+        // through before), so it asks again at once.
+        if h.breaker == Breaker::HalfOpen && h.probe.is_none_or(|p| p.until <= now) {
+            return Some(Blocked {
                 key: pass.key.clone(),
-                until,
-                reason,
-            })
-        };
-        match h.breaker {
-            // Past its probe time the store decides who probes (the call asked it already).
-            Breaker::Open if h.open_until.is_some_and(|t| t > now) => {
-                return blocked(h.open_until.unwrap_or(now), BlockReason::BreakerOpen);
-            }
-            Breaker::Open => {}
-            Breaker::HalfOpen => {
-                let until = h.probe.map_or(now, |p| p.until).max(now);
-                return blocked(until, BlockReason::Probing);
-            }
-            Breaker::Closed => {}
+                until: now,
+                reason: BlockReason::Probing,
+            });
         }
-        match h.hold_until {
-            Some(until) if until > now => blocked(until, BlockReason::RetryAfter),
-            _ => None,
-        }
+        // Past an open breaker's probe time the store decides who probes (the call asked it).
+        local_block(&pass.key, h, now)
     }
 
     /// Asks whether a call to `host` on `port` that may run `timeout` can go out now. When the

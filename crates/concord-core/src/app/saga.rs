@@ -1094,10 +1094,11 @@ impl SagaEngine {
             outputs: &outputs,
             secrets: &self.config.secrets,
         };
-        let Ok(call) = ctx.render_call(template) else {
+        // Only the URL: the headers (and their secrets) are rendered once, for the call itself.
+        let Ok(url) = ctx.render_str(&template.url, true) else {
             return Ok(None);
         };
-        let Some((host, port)) = url::Url::parse(&call.url)
+        let Some((host, port)) = url::Url::parse(&url)
             .ok()
             .and_then(|u| Some((u.host_str()?.to_owned(), u.port_or_known_default()?)))
         else {
